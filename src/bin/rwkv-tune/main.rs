@@ -1,0 +1,36 @@
+//! `rwkv-tune`: the command-line tool. Thin: parse arguments, call the
+//! library, print. One file per subcommand.
+mod eval;
+mod generate;
+mod wkv7;
+
+use clap::{Parser, Subcommand};
+
+/// RWKV-7 ("Goose", x070) kernels, models and state tuning, without Python.
+#[derive(Parser)]
+#[command(name = "rwkv-tune", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the WKV-7 kernels on tensors from a safetensors file (forward, and
+    /// backward when `dy` is present) and write the results to another file.
+    Wkv7(wkv7::Wkv7Args),
+    /// Generate text from a model (optionally starting from a tuned state).
+    Generate(generate::GenerateArgs),
+    /// Evaluate a model on a dataset: loss, bits per byte, perplexity,
+    /// LAMBADA-style last-word accuracy.
+    Eval(eval::EvalArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Wkv7(a) => wkv7::run(a),
+        Cmd::Generate(a) => generate::run(a),
+        Cmd::Eval(a) => eval::run(a),
+    }
+}

@@ -1,0 +1,65 @@
+//! I/O element types of the kernels: f32 and bf16 (state and accumulation are
+//! always f32).
+use half::bf16;
+
+/// The kernels' I/O dtypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+}
+
+impl DType {
+    /// Name used in kernel symbols (`wkv7_fwd_v1_<name>_n64`).
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kernel_name())
+    }
+}
+
+/// An element type the kernels read and write.
+pub trait IoType:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + 'static
+    + std::fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+{
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widen to f32.
+    fn to_f32(self) -> f32;
+    /// Narrow from f32 (round to nearest even for bf16).
+    fn from_f32(x: f32) -> Self;
+}
+
+impl IoType for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl IoType for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}

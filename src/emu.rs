@@ -1,0 +1,86 @@
+//! Entry points of the kernels compiled for the CPU under
+//! `kernels/emu/cuda_emu.h` (see build.rs), looked up by kernel name.
+//!
+//! Each entry runs a whole grid (one block at a time, one OS thread per CUDA
+//! thread) and returns 0, or non-zero when the watchdog fired, a barrier
+//! diverged or the launch geometry was invalid.
+use crate::error::{Error, Result};
+use crate::params::Wkv7Params;
+
+/// Signature of an emulated kernel entry: grid xyz, block xyz, dynamic shared memory, params.
+pub type EmuFn<P> = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const P) -> i32;
+
+macro_rules! emu_table {
+    ($table:ident, $P:ty; $($kernel:literal => $sym:ident),* $(,)?) => {
+        extern "C" {
+            $( fn $sym(gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, smem: u32, p: *const $P) -> i32; )*
+        }
+        static $table: &[(&str, EmuFn<$P>)] = &[ $( ($kernel, $sym) ),* ];
+    };
+}
+
+emu_table!(WKV7_V1, Wkv7Params;
+    "wkv7_fwd_v1_f32_n32" => emu_wkv7_fwd_v1_f32_n32,
+    "wkv7_fwd_v1_f32_n64" => emu_wkv7_fwd_v1_f32_n64,
+    "wkv7_fwd_v1_f32_n128" => emu_wkv7_fwd_v1_f32_n128,
+    "wkv7_fwd_v1_bf16_n32" => emu_wkv7_fwd_v1_bf16_n32,
+    "wkv7_fwd_v1_bf16_n64" => emu_wkv7_fwd_v1_bf16_n64,
+    "wkv7_fwd_v1_bf16_n128" => emu_wkv7_fwd_v1_bf16_n128,
+    "wkv7_bwd_v1_f32_n32" => emu_wkv7_bwd_v1_f32_n32,
+    "wkv7_bwd_v1_f32_n64" => emu_wkv7_bwd_v1_f32_n64,
+    "wkv7_bwd_v1_f32_n128" => emu_wkv7_bwd_v1_f32_n128,
+    "wkv7_bwd_v1_bf16_n32" => emu_wkv7_bwd_v1_bf16_n32,
+    "wkv7_bwd_v1_bf16_n64" => emu_wkv7_bwd_v1_bf16_n64,
+    "wkv7_bwd_v1_bf16_n128" => emu_wkv7_bwd_v1_bf16_n128,
+);
+
+extern "C" {
+    fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
+}
+
+/// Sets how long an emulated barrier may wait before the launch is aborted
+/// (default 20 s, or env `RWKV_EMU_WATCHDOG_MS`).
+pub fn set_watchdog_ms(ms: u32) {
+    // SAFETY: stores into an atomic inside the emulator; no other effect.
+    unsafe { emu_set_watchdog_ms(ms.max(1) as std::os::raw::c_long) }
+}
+
+/// Runs the emulated WKV-7 kernel `kernel` over `grid` × `block`.
+///
+/// # Safety
+/// Every non-null pointer in `p` must point to host memory of the size its
+/// field documents in `kernels/params.h` for the sizes in `p`, valid for the
+/// duration of the call, with output buffers not aliased by anything else.
+pub unsafe fn launch_wkv7(
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    p: &Wkv7Params,
+) -> Result<()> {
+    let f = WKV7_V1
+        .iter()
+        .find(|(n, _)| *n == kernel)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| Error::Emu {
+            kernel: kernel.to_string(),
+            reason: "no such emulated kernel".into(),
+        })?;
+    // SAFETY: the caller guarantees the buffers behind `p`; `p` itself is a
+    // valid reference that outlives the synchronous call.
+    let rc = unsafe { f(grid.0, grid.1, grid.2, block.0, block.1, block.2, 0, p) };
+    match rc {
+        0 => Ok(()),
+        1 => Err(Error::Emu {
+            kernel: kernel.into(),
+            reason: "watchdog: a barrier timed out or diverged (kernel hang)".into(),
+        }),
+        2 => Err(Error::Emu {
+            kernel: kernel.into(),
+            reason: "invalid launch configuration".into(),
+        }),
+        c => Err(Error::Emu {
+            kernel: kernel.into(),
+            reason: format!("kernel raised an exception (code {c})"),
+        }),
+    }
+}

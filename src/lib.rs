@@ -1,0 +1,22 @@
+//! rwkv-tune: RWKV-7 ("Goose", x070) WKV kernels, models and state tuning,
+//! with hand-written CUDA kernels that also run on the CPU under emulation.
+//!
+//! Module map (one job each):
+//! - [`wkv7`]: the WKV-7 recurrence — API with shape checks, CPU reference,
+//!   emulated kernels, CUDA kernels.
+//! - [`params`]: kernel parameter structs generated from `kernels/params.h`.
+//! - [`cuda`]: the CUDA device (driver check, context, stream, modules).
+//! - [`emu`]: the CPU-emulated kernel entry points.
+//! - [`dtype`]: the I/O element types (f32, bf16).
+//! - [`rng`]: a small seeded RNG for tests, benches and initialisation.
+//! - [`tensors`]: reading and writing f32 safetensors maps.
+pub mod cuda;
+pub mod dtype;
+pub mod emu;
+pub mod error;
+pub mod params;
+pub mod rng;
+pub mod tensors;
+pub mod wkv7;
+
+pub use error::{Error, Result};

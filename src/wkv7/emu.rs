@@ -1,0 +1,91 @@
+//! WKV-7 on the emulated backend: the CUDA kernels of `kernels/wkv7_v1.cu`
+//! compiled for the CPU, run on host buffers.
+use super::{
+    base_params, kernel_name, launch_dims, n_chunks, Dims, Dir, GradInputs, Grads, Inputs, Outputs,
+};
+use crate::dtype::IoType;
+use crate::error::Result;
+use crate::params::WKV7_V1_CHUNK;
+
+fn addr<T>(s: &[T]) -> u64 {
+    s.as_ptr() as u64
+}
+fn addr_mut<T>(s: &mut [T]) -> u64 {
+    s.as_mut_ptr() as u64
+}
+
+/// Forward on host buffers (lengths already checked by the caller).
+pub fn forward<X: IoType>(d: &Dims, x: &Inputs<X>) -> Result<Outputs<X>> {
+    let name = kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
+    let mut y = vec![X::default(); d.seq_len()];
+    let mut h_t = vec![0f32; d.state_len()];
+    let mut p = base_params(d);
+    set_inputs(&mut p, x);
+    p.y = addr_mut(&mut y);
+    p.h_t = addr_mut(&mut h_t);
+    let (g, b) = launch_dims(d);
+    // SAFETY: every pointer in `p` refers to a live Vec/slice of the length
+    // params.h documents for these sizes (inputs checked by the caller,
+    // outputs allocated above); ckpt and scratch are null (not used).
+    unsafe { crate::emu::launch_wkv7(&name, g, b, &p)? };
+    Ok(Outputs { y, h_t })
+}
+
+/// Forward (saving chunk states) then backward, on host buffers.
+pub fn forward_backward<X: IoType>(
+    d: &Dims,
+    x: &Inputs<X>,
+    gi: &GradInputs<X>,
+) -> Result<(Outputs<X>, Grads<X>)> {
+    let fwd = kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
+    let bwd = kernel_name(Dir::Bwd, X::DTYPE, d.n)?;
+    let (nn, sl) = (d.n * d.n, d.seq_len());
+    let mut y = vec![X::default(); sl];
+    let mut h_t = vec![0f32; d.state_len()];
+    let mut ckpt = vec![0f32; d.b * d.h * n_chunks(d) * nn];
+    let mut scratch = vec![0f32; d.b * d.h * (WKV7_V1_CHUNK + 1) * nn];
+    let z = || vec![X::default(); sl];
+    let mut g = Grads {
+        dr: z(),
+        dw: z(),
+        dk: z(),
+        dv: z(),
+        da: z(),
+        db: z(),
+        dh0: vec![0f32; d.state_len()],
+    };
+    let mut p = base_params(d);
+    set_inputs(&mut p, x);
+    p.y = addr_mut(&mut y);
+    p.h_t = addr_mut(&mut h_t);
+    p.ckpt = addr_mut(&mut ckpt);
+    p.dy = addr(gi.dy);
+    p.dh_t = gi.dh_t.map_or(0, addr);
+    p.dr = addr_mut(&mut g.dr);
+    p.dw = addr_mut(&mut g.dw);
+    p.dk = addr_mut(&mut g.dk);
+    p.dv = addr_mut(&mut g.dv);
+    p.da = addr_mut(&mut g.da);
+    p.db = addr_mut(&mut g.db);
+    p.dh0 = addr_mut(&mut g.dh0);
+    p.scratch = addr_mut(&mut scratch);
+    let (gd, bd) = launch_dims(d);
+    // SAFETY: as in `forward`; additionally ckpt `[B,H,n_chunks,N,N]`,
+    // scratch `[B,H,chunk+1,N,N]` and every gradient buffer are allocated
+    // above with exactly the documented sizes, and dy / dh_t were checked.
+    unsafe {
+        crate::emu::launch_wkv7(&fwd, gd, bd, &p)?;
+        crate::emu::launch_wkv7(&bwd, gd, bd, &p)?;
+    }
+    Ok((Outputs { y, h_t }, g))
+}
+
+fn set_inputs<X>(p: &mut crate::params::Wkv7Params, x: &Inputs<X>) {
+    p.r = addr(x.r);
+    p.w = addr(x.w);
+    p.k = addr(x.k);
+    p.v = addr(x.v);
+    p.a = addr(x.a);
+    p.b = addr(x.b);
+    p.h0 = x.h0.map_or(0, addr);
+}

@@ -1,0 +1,319 @@
+//! The WKV-7 recurrence: the public API with its shape checks, and one
+//! implementation per backend.
+//!
+//! | backend | module | what runs |
+//! |---|---|---|
+//! | [`Backend::Cpu`] | [`reference`] | Rust loops (f32 here; f64 available for tests) |
+//! | [`Backend::Emu`] | [`emu`] | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
+//! | [`Backend::Cuda`] | [`cuda`] | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
+//!
+//! Shapes and layouts (every backend):
+//!
+//! ```text
+//! r, w, k, v, a, b, y, dy, dr, dw, dk, dv, da, db : [B, T, H, N]  dtype X (f32 | bf16)
+//! h0, h_t, dh_t, dh0                              : [B, H, N, N]  f32, value-major
+//!                                                   (row = value index i, column = key index j)
+//! S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_tᵀ + v_t k_tᵀ,   y_t = S_t r_t
+//! ```
+//!
+//! w is the per-step decay in (0, 1] (not a log or logit). The v1 kernels and
+//! the reference never divide by w, so no lower bound on w is needed.
+pub mod cuda;
+pub mod emu;
+pub mod reference;
+pub mod testdata;
+
+use crate::dtype::IoType;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Problem sizes: batch B, sequence length T, heads H, head size N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub n: usize,
+}
+
+impl Dims {
+    /// `[B, T, H, N]`
+    pub fn seq_shape(&self) -> Vec<usize> {
+        vec![self.b, self.t, self.h, self.n]
+    }
+    /// `[B, H, N, N]`
+    pub fn state_shape(&self) -> Vec<usize> {
+        vec![self.b, self.h, self.n, self.n]
+    }
+    /// Elements of a `[B, T, H, N]` tensor.
+    pub fn seq_len(&self) -> usize {
+        self.b * self.t * self.h * self.n
+    }
+    /// Elements of a `[B, H, N, N]` tensor.
+    pub fn state_len(&self) -> usize {
+        self.b * self.h * self.n * self.n
+    }
+    /// All sizes ≥ 1 and small enough for the kernels' 32-bit sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.b == 0 || self.t == 0 || self.h == 0 || self.n == 0 {
+            return Err(Error::Invalid(format!(
+                "WKV-7 sizes must all be at least 1, got B={} T={} H={} N={}",
+                self.b, self.t, self.h, self.n
+            )));
+        }
+        let big = [self.b, self.t, self.h, self.n]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x));
+        match big {
+            Some(e)
+                if e <= (1usize << 40)
+                    && self.t <= i32::MAX as usize
+                    && self.b * self.h <= 65535 * 65535 =>
+            {
+                Ok(())
+            }
+            _ => Err(Error::Invalid(format!(
+                "WKV-7 problem too large: B={} T={} H={} N={}",
+                self.b, self.t, self.h, self.n
+            ))),
+        }
+    }
+}
+
+/// Checks that `data` has exactly the elements of `shape`, naming the tensor.
+pub(crate) fn check_len<T>(name: &str, data: &[T], shape: &[usize]) -> Result<()> {
+    let want: usize = shape.iter().product();
+    if data.len() != want {
+        return Err(Error::Shape {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            got: vec![data.len()],
+        });
+    }
+    Ok(())
+}
+
+/// Forward inputs. r … b `[B, T, H, N]`; h0 `[B, H, N, N]` (None = zero state).
+#[derive(Clone, Copy)]
+pub struct Inputs<'a, X> {
+    pub r: &'a [X],
+    pub w: &'a [X],
+    pub k: &'a [X],
+    pub v: &'a [X],
+    pub a: &'a [X],
+    pub b: &'a [X],
+    pub h0: Option<&'a [f32]>,
+}
+
+impl<X> Inputs<'_, X> {
+    /// Checks every length against `d`, naming the first tensor that is wrong.
+    pub fn check(&self, d: &Dims) -> Result<()> {
+        d.validate()?;
+        let s = d.seq_shape();
+        for (name, t) in [
+            ("r", self.r),
+            ("w", self.w),
+            ("k", self.k),
+            ("v", self.v),
+            ("a", self.a),
+            ("b", self.b),
+        ] {
+            check_len(name, t, &s)?;
+        }
+        if let Some(h0) = self.h0 {
+            check_len("h0", h0, &d.state_shape())?;
+        }
+        Ok(())
+    }
+}
+
+/// Backward inputs: dy `[B, T, H, N]`; dh_t `[B, H, N, N]` (None = zero).
+#[derive(Clone, Copy)]
+pub struct GradInputs<'a, X> {
+    pub dy: &'a [X],
+    pub dh_t: Option<&'a [f32]>,
+}
+
+impl<X> GradInputs<'_, X> {
+    /// Checks every length against `d`.
+    pub fn check(&self, d: &Dims) -> Result<()> {
+        check_len("dy", self.dy, &d.seq_shape())?;
+        if let Some(g) = self.dh_t {
+            check_len("dh_t", g, &d.state_shape())?;
+        }
+        Ok(())
+    }
+}
+
+/// Forward outputs: y `[B, T, H, N]`, h_t `[B, H, N, N]`.
+#[derive(Clone, Debug)]
+pub struct Outputs<X> {
+    pub y: Vec<X>,
+    pub h_t: Vec<f32>,
+}
+
+/// Gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]`.
+#[derive(Clone, Debug)]
+pub struct Grads<X> {
+    pub dr: Vec<X>,
+    pub dw: Vec<X>,
+    pub dk: Vec<X>,
+    pub dv: Vec<X>,
+    pub da: Vec<X>,
+    pub db: Vec<X>,
+    pub dh0: Vec<f32>,
+}
+
+/// Where the recurrence runs.
+#[derive(Clone)]
+pub enum Backend {
+    /// The Rust reference in f32 (multi-threaded over (b, h)).
+    Cpu,
+    /// The CUDA kernel source run on the CPU under the emulation header.
+    Emu,
+    /// The CUDA kernels on a GPU.
+    Cuda(Arc<crate::cuda::Gpu>),
+}
+
+impl Backend {
+    /// Parses `cpu`, `emu` or `cuda` (GPU 0).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "cpu" => Ok(Backend::Cpu),
+            "emu" => Ok(Backend::Emu),
+            "cuda" => Ok(Backend::Cuda(Arc::new(crate::cuda::Gpu::new(0)?))),
+            other => Err(Error::Invalid(format!(
+                "unknown backend `{other}` (expected cpu, emu or cuda)"
+            ))),
+        }
+    }
+
+    /// Short name of the backend.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Emu => "emu",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Forward pass on host data.
+    pub fn forward<X: IoType>(&self, d: &Dims, x: &Inputs<X>) -> Result<Outputs<X>> {
+        x.check(d)?;
+        match self {
+            Backend::Cpu => {
+                let f = widen(x);
+                let (y, h_t) = reference::forward(d, &f.as_ref());
+                Ok(Outputs {
+                    y: y.into_iter().map(X::from_f32).collect(),
+                    h_t,
+                })
+            }
+            Backend::Emu => emu::forward(d, x),
+            Backend::Cuda(gpu) => cuda::forward_host(gpu, d, x),
+        }
+    }
+
+    /// Forward and backward on host data.
+    pub fn forward_backward<X: IoType>(
+        &self,
+        d: &Dims,
+        x: &Inputs<X>,
+        g: &GradInputs<X>,
+    ) -> Result<(Outputs<X>, Grads<X>)> {
+        x.check(d)?;
+        g.check(d)?;
+        match self {
+            Backend::Cpu => {
+                let f = widen(x);
+                let fr = f.as_ref();
+                let (y, h_t) = reference::forward(d, &fr);
+                let dy: Vec<f32> = g.dy.iter().map(|e| e.to_f32()).collect();
+                let gr = reference::backward(d, &fr, &dy, g.dh_t);
+                let n = |v: Vec<f32>| v.into_iter().map(X::from_f32).collect::<Vec<X>>();
+                Ok((
+                    Outputs { y: n(y), h_t },
+                    Grads {
+                        dr: n(gr.dr),
+                        dw: n(gr.dw),
+                        dk: n(gr.dk),
+                        dv: n(gr.dv),
+                        da: n(gr.da),
+                        db: n(gr.db),
+                        dh0: gr.dh0,
+                    },
+                ))
+            }
+            Backend::Emu => emu::forward_backward(d, x, g),
+            Backend::Cuda(gpu) => cuda::forward_backward_host(gpu, d, x, g),
+        }
+    }
+}
+
+/// f32 copies of the inputs, for the reference.
+struct Widened<'a> {
+    t: [Vec<f32>; 6],
+    h0: Option<&'a [f32]>,
+}
+impl Widened<'_> {
+    fn as_ref(&self) -> reference::RefInputs<'_, f32> {
+        reference::RefInputs {
+            r: &self.t[0],
+            w: &self.t[1],
+            k: &self.t[2],
+            v: &self.t[3],
+            a: &self.t[4],
+            b: &self.t[5],
+            h0: self.h0,
+        }
+    }
+}
+fn widen<'a, X: IoType>(x: &Inputs<'a, X>) -> Widened<'a> {
+    let f = |s: &[X]| s.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
+    Widened {
+        t: [f(x.r), f(x.w), f(x.k), f(x.v), f(x.a), f(x.b)],
+        h0: x.h0,
+    }
+}
+
+/// Which kernel: forward or backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    Fwd,
+    Bwd,
+}
+
+/// Kernel symbol for a direction, dtype and head size: `wkv7_fwd_v1_bf16_n64`.
+pub fn kernel_name(dir: Dir, dtype: crate::dtype::DType, n: usize) -> Result<String> {
+    if !matches!(n, 32 | 64 | 128) {
+        return Err(Error::UnsupportedHeadSize(n));
+    }
+    let d = match dir {
+        Dir::Fwd => "fwd",
+        Dir::Bwd => "bwd",
+    };
+    Ok(format!("wkv7_{d}_v1_{}_n{n}", dtype.kernel_name()))
+}
+
+/// Launch geometry of the v1 kernels: grid (H, B), block N.
+pub fn launch_dims(d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((d.h as u32, d.b as u32, 1), (d.n as u32, 1, 1))
+}
+
+/// Number of saved states (chunks of [`crate::params::WKV7_V1_CHUNK`] tokens).
+pub fn n_chunks(d: &Dims) -> usize {
+    d.t.div_ceil(crate::params::WKV7_V1_CHUNK)
+}
+
+/// Parameters with sizes filled in and all pointers null.
+pub fn base_params(d: &Dims) -> crate::params::Wkv7Params {
+    crate::params::Wkv7Params {
+        B: d.b as i32,
+        T: d.t as i32,
+        H: d.h as i32,
+        N: d.n as i32,
+        chunk: crate::params::WKV7_V1_CHUNK as i32,
+        n_chunks: n_chunks(d) as i32,
+        ..Default::default()
+    }
+}
