@@ -62,3 +62,13 @@ typedef struct Wkv7Params {
  *   dh0             [B, H, N, N] f32  gradient of the initial state
  *   scratch         [B, H, chunk + 1, N, N] f32  backward workspace
  */
+
+/* Self-test kernels of the emulator (kernels/emu_selftest.cu). */
+typedef struct EmuTestParams {
+  int32_t n;
+  int32_t mode;
+  const float* x;
+  float* out;
+} EmuTestParams;
+/*   x    [n] f32 input;  out [3] f32: sum of x (shuffle + shared + atomics),
+ *        max of x (shuffle), and the block-0 sum computed with __shfl_down_sync. */

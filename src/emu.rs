@@ -5,7 +5,7 @@
 //! thread) and returns 0, or non-zero when the watchdog fired, a barrier
 //! diverged or the launch geometry was invalid.
 use crate::error::{Error, Result};
-use crate::params::Wkv7Params;
+use crate::params::{EmuTestParams, Wkv7Params};
 
 /// Signature of an emulated kernel entry: grid xyz, block xyz, dynamic shared memory, params.
 pub type EmuFn<P> = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const P) -> i32;
@@ -34,6 +34,11 @@ emu_table!(WKV7_V1, Wkv7Params;
     "wkv7_bwd_v1_bf16_n128" => emu_wkv7_bwd_v1_bf16_n128,
 );
 
+emu_table!(SELFTEST, EmuTestParams;
+    "emu_selftest_reduce" => emu_emu_selftest_reduce,
+    "emu_selftest_divergent" => emu_emu_selftest_divergent,
+);
+
 extern "C" {
     fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
 }
@@ -57,7 +62,34 @@ pub unsafe fn launch_wkv7(
     block: (u32, u32, u32),
     p: &Wkv7Params,
 ) -> Result<()> {
-    let f = WKV7_V1
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(WKV7_V1, kernel, grid, block, p) }
+}
+
+/// Runs an emulator self-test kernel (`kernels/emu_selftest.cu`).
+///
+/// # Safety
+/// As for [`launch_wkv7`]: `p.x` must hold `p.n` floats and `p.out` 3 floats.
+pub unsafe fn launch_selftest(
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    p: &EmuTestParams,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(SELFTEST, kernel, grid, block, p) }
+}
+
+/// # Safety
+/// The buffers behind `p` must match what `kernel` reads and writes.
+unsafe fn launch<P>(
+    table: &[(&str, EmuFn<P>)],
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    p: &P,
+) -> Result<()> {
+    let f = table
         .iter()
         .find(|(n, _)| *n == kernel)
         .map(|(_, f)| *f)

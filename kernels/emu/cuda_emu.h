@@ -189,7 +189,8 @@ inline T shfl_exchange(T v, int src_lane) {
 
 }  // namespace emu
 
-extern "C" inline void emu_set_watchdog_ms(long ms) { emu::g_watchdog_ms.store(ms); }
+// `used`: emitted (as a COMDAT) in every kernel object, so Rust can link it.
+extern "C" __attribute__((used)) inline void emu_set_watchdog_ms(long ms) { emu::g_watchdog_ms.store(ms); }
 
 // ---- the CUDA vocabulary, mapped onto the emulator ----------------------
 #define __global__
