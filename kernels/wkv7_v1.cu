@@ -116,13 +116,14 @@ __device__ void wkv7_bwd_v1(const Wkv7Params p) {
     const int t1 = (t0 + L < T) ? t0 + L : T;
 
     // 1. Recompute the chunk's states from its checkpoint (thread i: row i).
+    //    Rows live in `scratch` only (each thread re-reads its own row), so
+    //    dSr/dSc are the only NN-float register arrays: no spills at N = 64.
     __syncthreads();  // the previous chunk's sweep is done reading scratch
-    float S[NN];
-    const float* ck = p.ckpt + ((bh * p.n_chunks + c) * NN + i) * NN;
-#pragma unroll
-    for (int j = 0; j < NN; ++j) {
-      S[j] = ck[j];
-      scr[i * NN + j] = S[j];
+    {
+      const float* ck = p.ckpt + ((bh * p.n_chunks + c) * NN + i) * NN;
+      float* row0 = scr + (long)i * NN;
+#pragma unroll 8
+      for (int j = 0; j < NN; ++j) row0[j] = ck[j];
     }
     for (int t = t0; t < t1; ++t) {
       const long x = (((long)b * T + t) * H + h) * NN + i;
@@ -133,16 +134,14 @@ __device__ void wkv7_bwd_v1(const Wkv7Params p) {
       b_s[i] = ld(bb, x);
       const float vi = ld(v, x);
       __syncthreads();
+      const float* prev = scr + ((long)(t - t0) * NN + i) * NN;  // own row of S_{t-1}
+      float* out = scr + ((long)(t - t0 + 1) * NN + i) * NN;     // own row of S_t
       float sa = 0.f;
-#pragma unroll
-      for (int j = 0; j < NN; ++j) sa += S[j] * a_s[j];
+#pragma unroll 8
+      for (int j = 0; j < NN; ++j) sa += prev[j] * a_s[j];
       sa_s[t - t0][i] = sa;
-      float* out = scr + ((long)(t - t0 + 1) * NN + i) * NN;
-#pragma unroll
-      for (int j = 0; j < NN; ++j) {
-        S[j] = S[j] * w_s[j] + sa * b_s[j] + vi * k_s[j];
-        out[j] = S[j];
-      }
+#pragma unroll 8
+      for (int j = 0; j < NN; ++j) out[j] = prev[j] * w_s[j] + sa * b_s[j] + vi * k_s[j];
     }
 
     // 2. Sweep the chunk backwards.
