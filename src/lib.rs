@@ -2,6 +2,7 @@
 //! with hand-written CUDA kernels that also run on the CPU under emulation.
 //!
 //! Module map (one job each):
+//! - [`bench`]: the WKV-7 benchmark suite (bytes, FLOPs, timing, tables).
 //! - [`wkv7`]: the WKV-7 recurrence — API with shape checks, CPU reference,
 //!   emulated kernels, CUDA kernels.
 //! - [`params`]: kernel parameter structs generated from `kernels/params.h`.
@@ -10,13 +11,17 @@
 //! - [`dtype`]: the I/O element types (f32, bf16).
 //! - [`rng`]: a small seeded RNG for tests, benches and initialisation.
 //! - [`tensors`]: reading and writing f32 safetensors maps.
+pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod emu;
 pub mod error;
+pub mod model;
 pub mod params;
 pub mod rng;
 pub mod tensors;
 pub mod wkv7;
 
 pub use error::{Error, Result};
+pub mod ops;
+pub mod tune;

@@ -331,3 +331,79 @@ pub fn forward_backward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
         },
     ))
 }
+
+/// Times `pass` on the GPU with CUDA events (per repetition, after `warmup`
+/// untimed runs), with every buffer allocated and uploaded beforehand.
+/// Returns milliseconds per repetition.
+#[allow(clippy::too_many_arguments)]
+pub fn time_device<X: IoType>(
+    gpu: &Gpu,
+    d: &Dims,
+    x: [&[X]; 6],
+    h0: &[f32],
+    dy: &[X],
+    dh_t: &[f32],
+    pass: crate::bench::Pass,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    use crate::bench::Pass;
+    use cudarc::driver::sys::CUevent_flags;
+    let xs = Inputs {
+        r: x[0],
+        w: x[1],
+        k: x[2],
+        v: x[3],
+        a: x[4],
+        b: x[5],
+        h0: Some(h0),
+    };
+    xs.check(d)?;
+    let u = upload(gpu, &xs)?;
+    let xi = u.inputs();
+    let sl = d.seq_len();
+    let mut y = zeros::<X>(gpu, sl)?;
+    let mut h_t = zeros::<f32>(gpu, d.state_len())?;
+    let mut ckpt = zeros::<f32>(gpu, ckpt_len(d))?;
+    let dyd = up(gpu, dy)?;
+    let dhd = up(gpu, dh_t)?;
+    let mut g = DevGrads {
+        dr: zeros(gpu, sl)?,
+        dw: zeros(gpu, sl)?,
+        dk: zeros(gpu, sl)?,
+        dv: zeros(gpu, sl)?,
+        da: zeros(gpu, sl)?,
+        db: zeros(gpu, sl)?,
+        dh0: zeros(gpu, d.state_len())?,
+    };
+    let mut scratch = zeros::<f32>(gpu, scratch_len(d))?;
+    if pass == Pass::Backward {
+        forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..warmup + reps {
+        let start = gpu
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err)?;
+        match pass {
+            Pass::Forward => forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), None)?,
+            Pass::Backward => {
+                backward_dev(gpu, d, &xi, &ckpt, &dyd, Some(&dhd), &mut g, &mut scratch)?
+            }
+            Pass::ForwardBackward => {
+                forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
+                backward_dev(gpu, d, &xi, &ckpt, &dyd, Some(&dhd), &mut g, &mut scratch)?;
+            }
+        }
+        let end = gpu
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err)?;
+        let ms = start.elapsed_ms(&end).map_err(cuda_err)? as f64;
+        if i >= warmup {
+            times.push(ms);
+        }
+    }
+    Ok(times)
+}

@@ -1,7 +1,9 @@
 //! `rwkv-tune`: the command-line tool. Thin: parse arguments, call the
 //! library, print. One file per subcommand.
+mod bench;
 mod eval;
 mod generate;
+mod tune;
 mod wkv7;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,12 @@ enum Cmd {
     /// Evaluate a model on a dataset: loss, bits per byte, perplexity,
     /// LAMBADA-style last-word accuracy.
     Eval(eval::EvalArgs),
+    /// Benchmark the WKV-7 kernels over a table of shapes (GPU when present,
+    /// else the CPU paths) and write JSON.
+    Bench(bench::BenchArgs),
+    /// State tuning: train only the initial recurrent state of each layer of
+    /// a frozen model (try `rwkv-tune tune --demo`).
+    Tune(tune::TuneArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +40,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Wkv7(a) => wkv7::run(a),
         Cmd::Generate(a) => generate::run(a),
         Cmd::Eval(a) => eval::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Tune(a) => tune::run(a),
     }
 }

@@ -1,0 +1,242 @@
+//! WKV-7 benchmark suite shared by `rwkv-tune bench` and `benches/wkv7.rs`:
+//! byte and FLOP accounting (docs/kernels.md, after §5 of the math notes),
+//! timing on every backend (CUDA events on a GPU, wall clock on the CPU),
+//! median over repeats after warm-up, on random (never zero) inputs.
+use crate::dtype::{DType, IoType};
+use crate::error::Result;
+use crate::wkv7::testdata::random_problem;
+use crate::wkv7::{Backend, Dims, GradInputs, Inputs};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Pass {
+    #[serde(rename = "forward")]
+    Forward,
+    #[serde(rename = "backward")]
+    Backward,
+    #[serde(rename = "forward+backward")]
+    ForwardBackward,
+}
+
+impl Pass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::Backward => "backward",
+            Pass::ForwardBackward => "forward+backward",
+        }
+    }
+}
+
+/// Bytes that must cross memory for `pass` (token·head I/O of the tensors
+/// plus the fp32 states in and out), not counting saved checkpoints:
+/// forward 6 inputs + y; backward 7 inputs (r,w,k,v,a,b,dy) + 6 gradients;
+/// h0, h_t, dh_t, dh0 at 4 B per element.
+pub fn bytes_moved(d: &Dims, dtype: DType, pass: Pass) -> f64 {
+    let s = match dtype {
+        DType::F32 => 4.0,
+        DType::BF16 => 2.0,
+    };
+    let th = (d.b * d.t * d.h) as f64 * d.n as f64 * s;
+    let state = d.state_len() as f64 * 4.0;
+    let fwd = 7.0 * th + 2.0 * state;
+    let bwd = 13.0 * th + 2.0 * state;
+    match pass {
+        Pass::Forward => fwd,
+        Pass::Backward => bwd,
+        Pass::ForwardBackward => fwd + bwd,
+    }
+}
+
+/// FLOPs of the recurrent algorithm per token·head: forward ≈ 9N², backward
+/// ≈ 30N² (counted as in the math notes §5).
+pub fn flops(d: &Dims, pass: Pass) -> f64 {
+    let th = (d.b * d.t * d.h) as f64;
+    let n2 = (d.n * d.n) as f64;
+    match pass {
+        Pass::Forward => 9.0 * n2 * th,
+        Pass::Backward => 30.0 * n2 * th,
+        Pass::ForwardBackward => 39.0 * n2 * th,
+    }
+}
+
+/// One row of the benchmark table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub backend: String,
+    pub device: String,
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub n: usize,
+    pub dtype: String,
+    pub pass: Pass,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub reps: usize,
+    pub gb_per_s: f64,
+    pub tflop_per_s: f64,
+    /// Percent of the memory roofline at `peak_gb_per_s`, when known.
+    pub pct_roofline: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `pass` of the WKV-7 op on `backend` for dims `d` and dtype X:
+/// `warmup` untimed runs, then `reps` timed ones; returns per-run ms.
+pub fn time_wkv7<X: IoType>(
+    backend: &Backend,
+    d: &Dims,
+    pass: Pass,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    let p = random_problem(*d, 0x5eed, 0.55, 1.0);
+    let c = |v: &[f32]| v.iter().map(|&e| X::from_f32(e)).collect::<Vec<X>>();
+    let (r, w, k, v, a, b, dy) = (
+        c(&p.r),
+        c(&p.w),
+        c(&p.k),
+        c(&p.v),
+        c(&p.a),
+        c(&p.b),
+        c(&p.dy),
+    );
+    if let Backend::Cuda(gpu) = backend {
+        return crate::wkv7::cuda::time_device::<X>(
+            gpu,
+            d,
+            [&r, &w, &k, &v, &a, &b],
+            &p.h0,
+            &dy,
+            &p.dh_t,
+            pass,
+            warmup,
+            reps,
+        );
+    }
+    let x = Inputs {
+        r: &r,
+        w: &w,
+        k: &k,
+        v: &v,
+        a: &a,
+        b: &b,
+        h0: Some(&p.h0),
+    };
+    let g = GradInputs {
+        dy: &dy,
+        dh_t: Some(&p.dh_t),
+    };
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..warmup + reps {
+        let t0 = Instant::now();
+        match pass {
+            Pass::Forward => {
+                std::hint::black_box(backend.forward(d, &x)?);
+            }
+            // On host backends the backward needs the forward's saved states,
+            // so "backward" is reported as (forward+backward) − forward.
+            Pass::Backward | Pass::ForwardBackward => {
+                std::hint::black_box(backend.forward_backward(d, &x, &g)?);
+            }
+        }
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
+
+/// Runs every (shape, dtype, pass) on `backend` and returns the table rows.
+/// `peak_gb_per_s` sets the roofline (e.g. 3000 for an H100); None = unknown.
+pub fn run_suite(
+    backend: &Backend,
+    shapes: &[(Dims, DType)],
+    warmup: usize,
+    reps: usize,
+    peak_gb_per_s: Option<f64>,
+) -> Result<Vec<Row>> {
+    let device = match backend {
+        Backend::Cuda(gpu) => gpu.describe(),
+        _ => format!("CPU ({} threads)", rayon::current_num_threads()),
+    };
+    let mut rows = Vec::new();
+    for (d, dtype) in shapes {
+        let mut medians = std::collections::HashMap::new();
+        for pass in [Pass::Forward, Pass::ForwardBackward, Pass::Backward] {
+            let host_bwd = pass == Pass::Backward && !matches!(backend, Backend::Cuda(_));
+            let (med, min) = if host_bwd {
+                let fb: f64 = medians[&Pass::ForwardBackward];
+                let f: f64 = medians[&Pass::Forward];
+                ((fb - f).max(0.0), (fb - f).max(0.0))
+            } else {
+                let t = match dtype {
+                    DType::F32 => time_wkv7::<f32>(backend, d, pass, warmup, reps)?,
+                    DType::BF16 => time_wkv7::<half::bf16>(backend, d, pass, warmup, reps)?,
+                };
+                let min = t.iter().cloned().fold(f64::MAX, f64::min);
+                (median(t), min)
+            };
+            medians.insert(pass, med);
+            let bytes = bytes_moved(d, *dtype, pass);
+            let gbs = if med > 0.0 {
+                bytes / (med * 1e-3) / 1e9
+            } else {
+                0.0
+            };
+            rows.push(Row {
+                backend: backend.name().into(),
+                device: device.clone(),
+                b: d.b,
+                t: d.t,
+                h: d.h,
+                n: d.n,
+                dtype: dtype.to_string(),
+                pass,
+                median_ms: med,
+                min_ms: min,
+                reps,
+                gb_per_s: gbs,
+                tflop_per_s: if med > 0.0 {
+                    flops(d, pass) / (med * 1e-3) / 1e12
+                } else {
+                    0.0
+                },
+                pct_roofline: peak_gb_per_s.map(|p| 100.0 * gbs / p),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Formats rows as an aligned text table.
+pub fn format_table(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<8} {:>3} {:>6} {:>4} {:>4} {:>5} {:<17} {:>10} {:>9} {:>9} {:>8}\n",
+        "backend", "B", "T", "H", "N", "dtype", "pass", "median ms", "GB/s", "TFLOP/s", "%roof"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<8} {:>3} {:>6} {:>4} {:>4} {:>5} {:<17} {:>10.3} {:>9.2} {:>9.3} {:>8}\n",
+            r.backend,
+            r.b,
+            r.t,
+            r.h,
+            r.n,
+            r.dtype,
+            r.pass.name(),
+            r.median_ms,
+            r.gb_per_s,
+            r.tflop_per_s,
+            r.pct_roofline
+                .map_or("n/a".to_string(), |p| format!("{p:.1}"))
+        );
+    }
+    s
+}

@@ -1,0 +1,111 @@
+//! `rwkv-tune bench`: time the WKV-7 op over a table of shapes and passes,
+//! print median ms, GB/s, TFLOP/s and % of the memory roofline, write JSON.
+use anyhow::{bail, Context, Result};
+use rwkv_tune::bench::{format_table, run_suite};
+use rwkv_tune::dtype::DType;
+use rwkv_tune::wkv7::{Backend, Dims};
+use std::path::PathBuf;
+
+/// Benchmark the WKV-7 kernels.
+///
+/// With a GPU (`--backend cuda`, the default when one is present) it times
+/// the CUDA kernels with CUDA events; without one it benchmarks the CPU
+/// paths (the Rust reference, and the emulated kernels with --backend emu)
+/// and says so. Bytes are the tensors' I/O plus fp32 states (docs/kernels.md);
+/// the roofline defaults to 3000 GB/s on a GPU (H100 copy bandwidth measured
+/// on the project's GPU machines) and is unknown on the CPU.
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct BenchArgs {
+    /// cpu | emu | cuda | auto (cuda when available, else cpu)
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// shapes as B,T,H,N[,dtype] separated by spaces/semicolons
+    /// (default: the target shape 8,4096,64,64,bf16 and smaller ones on a GPU;
+    /// small shapes on the CPU)
+    #[arg(long)]
+    shapes: Option<String>,
+    /// timed repetitions per measurement (median reported)
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// untimed warm-up runs
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// memory bandwidth (GB/s) for the roofline column
+    #[arg(long)]
+    peak_gbs: Option<f64>,
+    /// write the rows as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_shapes(s: &str) -> Result<Vec<(Dims, DType)>> {
+    let mut out = Vec::new();
+    for item in s.split([';', ' ']).map(str::trim).filter(|x| !x.is_empty()) {
+        let f: Vec<&str> = item.split(',').collect();
+        if f.len() != 4 && f.len() != 5 {
+            bail!("shape `{item}`: expected B,T,H,N[,f32|bf16]");
+        }
+        let num = |i: usize| {
+            f[i].parse::<usize>()
+                .with_context(|| format!("shape `{item}`: `{}` is not a number", f[i]))
+        };
+        let dtype = match f.get(4).copied().unwrap_or("bf16") {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            o => bail!("shape `{item}`: dtype `{o}` (expected f32 or bf16)"),
+        };
+        let d = Dims {
+            b: num(0)?,
+            t: num(1)?,
+            h: num(2)?,
+            n: num(3)?,
+        };
+        d.validate()?;
+        out.push((d, dtype));
+    }
+    Ok(out)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let backend = match a.backend.as_str() {
+        "auto" => match Backend::from_name("cuda") {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("no GPU ({e}); benchmarking the CPU reference instead");
+                Backend::Cpu
+            }
+        },
+        other => Backend::from_name(other)?,
+    };
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let gpu = matches!(backend, Backend::Cuda(_));
+    let shapes = match &a.shapes {
+        Some(s) => parse_shapes(s)?,
+        None if gpu => parse_shapes(
+            "8,4096,64,64,bf16; 8,4096,64,64,f32; 8,4096,12,64,bf16; 1,4096,64,64,bf16",
+        )?,
+        None if backend.name() == "emu" => parse_shapes("1,64,2,64,f32; 1,64,2,64,bf16")?,
+        None => parse_shapes("1,1024,4,64,f32; 1,1024,4,64,bf16; 2,4096,2,64,f32")?,
+    };
+    if !gpu {
+        eprintln!(
+            "note: timing the {} backend on the CPU — these are not GPU kernel timings",
+            backend.name()
+        );
+    }
+    let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
+    let rows = run_suite(&backend, &shapes, a.warmup, a.reps, peak)?;
+    if let Some(r) = rows.first() {
+        println!("device: {}", r.device);
+    }
+    print!("{}", format_table(&rows));
+    if let Some(p) = &a.json {
+        let js = serde_json::to_string_pretty(&rows)?;
+        rwkv_tune::tensors::write_atomic(p, js.as_bytes())?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
