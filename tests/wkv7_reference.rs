@@ -17,7 +17,7 @@ fn objective(d: &Dims, t: &[Vec<f64>; 7], dy: &[f64], dht: &[f64]) -> f64 {
         b: &t[5],
         h0: Some(&t[6]),
     };
-    let (y, ht) = forward(d, &x);
+    let (y, ht) = forward(d, &x).unwrap();
     y.iter().zip(dy).map(|(a, b)| a * b).sum::<f64>()
         + ht.iter().zip(dht).map(|(a, b)| a * b).sum::<f64>()
 }
@@ -67,7 +67,7 @@ fn reference_gradients_match_finite_differences() {
             b: &t[5],
             h0: Some(&t[6]),
         };
-        let g = backward(&d, &x, &dy, Some(&dht));
+        let g = backward(&d, &x, &dy, Some(&dht)).unwrap();
         let grads = [&g.dr, &g.dw, &g.dk, &g.dv, &g.da, &g.db, &g.dh0];
         let names = ["dr", "dw", "dk", "dv", "da", "db", "dh0"];
         let mut rng = rwkv_tune::rng::Rng::new(seed);
@@ -132,8 +132,8 @@ fn reference_f32_close_to_f64() {
         b: &t[5],
         h0: Some(&t[6]),
     };
-    let (y32, _) = forward(&d, &x32);
-    let (y64, _) = forward(&d, &x64);
+    let (y32, _) = forward(&d, &x32).unwrap();
+    let (y64, _) = forward(&d, &x64).unwrap();
     let m = y64.iter().fold(0f64, |a, b| a.max(b.abs()));
     let e = y32
         .iter()
@@ -141,4 +141,37 @@ fn reference_f32_close_to_f64() {
         .fold(0f64, |a, (p, q)| a.max((*p as f64 - q).abs()))
         / m;
     assert!(e < 1e-5, "f32 reference deviates from f64 by {e:e}");
+}
+
+#[test]
+fn reference_rejects_bad_lengths() {
+    let d = Dims {
+        b: 1,
+        t: 3,
+        h: 1,
+        n: 4,
+    };
+    let p = random_problem(d, 1, 0.5, 1.0);
+    let x = RefInputs {
+        r: &p.r,
+        w: &p.w[..5],
+        k: &p.k,
+        v: &p.v,
+        a: &p.a,
+        b: &p.b,
+        h0: None,
+    };
+    let e = forward(&d, &x).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("[1, 3, 1, 4]"), "{e}");
+    let x = RefInputs {
+        r: &p.r,
+        w: &p.w,
+        k: &p.k,
+        v: &p.v,
+        a: &p.a,
+        b: &p.b,
+        h0: None,
+    };
+    let e = backward(&d, &x, &p.dy[..2], None).unwrap_err().to_string();
+    assert!(e.contains("`dy`"), "{e}");
 }

@@ -22,6 +22,7 @@ pub mod cuda;
 pub mod emu;
 pub mod reference;
 pub mod testdata;
+pub mod v2;
 
 use crate::dtype::IoType;
 use crate::error::{Error, Result};
@@ -203,7 +204,7 @@ impl Backend {
         match self {
             Backend::Cpu => {
                 let f = widen(x);
-                let (y, h_t) = reference::forward(d, &f.as_ref());
+                let (y, h_t) = reference::forward(d, &f.as_ref())?;
                 Ok(Outputs {
                     y: y.into_iter().map(X::from_f32).collect(),
                     h_t,
@@ -227,9 +228,9 @@ impl Backend {
             Backend::Cpu => {
                 let f = widen(x);
                 let fr = f.as_ref();
-                let (y, h_t) = reference::forward(d, &fr);
+                let (y, h_t) = reference::forward(d, &fr)?;
                 let dy: Vec<f32> = g.dy.iter().map(|e| e.to_f32()).collect();
-                let gr = reference::backward(d, &fr, &dy, g.dh_t);
+                let gr = reference::backward(d, &fr, &dy, g.dh_t)?;
                 let n = |v: Vec<f32>| v.into_iter().map(X::from_f32).collect::<Vec<X>>();
                 Ok((
                     Outputs { y: n(y), h_t },
@@ -273,6 +274,82 @@ fn widen<'a, X: IoType>(x: &Inputs<'a, X>) -> Widened<'a> {
     Widened {
         t: [f(x.r), f(x.w), f(x.k), f(x.v), f(x.a), f(x.b)],
         h0: x.h0,
+    }
+}
+
+/// Kernel version for the emu / cuda backends (the cpu backend ignores it).
+///
+/// `V1`: FMA kernels, any w in (0, 1]. `V2`: chunked tensor-core kernels
+/// ([`v2`]), used when the head size is 32/64 and every w ≥ [`v2::W_MIN`]
+/// (checked on the host data); otherwise V1 runs (see [`Version::effective`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Version {
+    #[default]
+    V1,
+    V2,
+}
+
+impl Version {
+    /// `RWKV_WKV7_VERSION` = `1` / `v1` / `2` / `v2`; unset = V1.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("RWKV_WKV7_VERSION") {
+            Err(_) => Ok(Version::V1),
+            Ok(s) => match s.trim() {
+                "" | "1" | "v1" => Ok(Version::V1),
+                "2" | "v2" => Ok(Version::V2),
+                other => Err(Error::Invalid(format!(
+                    "RWKV_WKV7_VERSION={other} (expected 1 or 2)"
+                ))),
+            },
+        }
+    }
+
+    /// The version that actually runs for these inputs: V2 falls back to V1
+    /// when v2 cannot run them (head size, or a decay below the bound).
+    pub fn effective<X: IoType>(self, d: &Dims, w: &[X]) -> Version {
+        match self {
+            Version::V2 if v2::supports(d, w) => Version::V2,
+            _ => Version::V1,
+        }
+    }
+}
+
+impl Backend {
+    /// [`Backend::forward`] with a kernel version (emu and cuda backends).
+    pub fn forward_v<X: IoType>(
+        &self,
+        version: Version,
+        d: &Dims,
+        x: &Inputs<X>,
+    ) -> Result<Outputs<X>> {
+        x.check(d)?;
+        match (self, version.effective(d, x.w)) {
+            (Backend::Emu, Version::V2) => v2::emu::forward(d, x),
+            (Backend::Cuda(gpu), Version::V2) => Ok(v2::cuda::run_host(gpu, d, x, None)?.0),
+            _ => self.forward(d, x),
+        }
+    }
+
+    /// [`Backend::forward_backward`] with a kernel version (emu and cuda backends).
+    pub fn forward_backward_v<X: IoType>(
+        &self,
+        version: Version,
+        d: &Dims,
+        x: &Inputs<X>,
+        g: &GradInputs<X>,
+    ) -> Result<(Outputs<X>, Grads<X>)> {
+        x.check(d)?;
+        g.check(d)?;
+        match (self, version.effective(d, x.w)) {
+            (Backend::Emu, Version::V2) => v2::emu::forward_backward(d, x, g),
+            (Backend::Cuda(gpu), Version::V2) => {
+                let (o, gr) = v2::cuda::run_host(gpu, d, x, Some(g))?;
+                let gr =
+                    gr.ok_or_else(|| Error::Invalid("v2 backward produced no grads".into()))?;
+                Ok((o, gr))
+            }
+            _ => self.forward_backward(d, x, g),
+        }
     }
 }
 

@@ -20,7 +20,8 @@
 //! dw_t  = colsum(dS_t ⊙ S_{t-1}) da_t = S_{t-1}ᵀ dsa
 //! dS_{t-1} = dS_t diag(w_t) + dsa a_tᵀ
 //! ```
-use super::Dims;
+use super::{check_len, Dims};
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// The float types the reference runs in.
@@ -143,9 +144,29 @@ fn fwd_one<F: Real>(
     (y, states, sas)
 }
 
+impl<F> RefInputs<'_, F> {
+    /// Checks every length against `d`, naming the first tensor that is wrong.
+    pub fn check(&self, d: &Dims) -> Result<()> {
+        super::Inputs {
+            r: self.r,
+            w: self.w,
+            k: self.k,
+            v: self.v,
+            a: self.a,
+            b: self.b,
+            h0: None,
+        }
+        .check(d)?;
+        if let Some(h0) = self.h0 {
+            check_len("h0", h0, &d.state_shape())?;
+        }
+        Ok(())
+    }
+}
+
 /// Forward: returns y `[B, T, H, N]` and the final state h_t `[B, H, N, N]`.
-/// Lengths must already be checked (see [`super::Inputs::check`]).
-pub fn forward<F: Real>(d: &Dims, x: &RefInputs<F>) -> (Vec<F>, Vec<F>) {
+pub fn forward<F: Real>(d: &Dims, x: &RefInputs<F>) -> Result<(Vec<F>, Vec<F>)> {
+    x.check(d)?;
     let n = d.n;
     let per: Vec<(Vec<F>, Vec<F>)> = (0..d.b * d.h)
         .into_par_iter()
@@ -164,12 +185,22 @@ pub fn forward<F: Real>(d: &Dims, x: &RefInputs<F>) -> (Vec<F>, Vec<F>) {
         }
         h_t[bh * n * n..(bh + 1) * n * n].copy_from_slice(&s);
     }
-    (y, h_t)
+    Ok((y, h_t))
 }
 
 /// Backward: gradients of `Σ dy⊙y + Σ dh_t⊙h_t` with respect to every input
 /// and the initial state. dy `[B, T, H, N]`, dh_t `[B, H, N, N]` (None = 0).
-pub fn backward<F: Real>(d: &Dims, x: &RefInputs<F>, dy: &[F], dh_t: Option<&[F]>) -> RefGrads<F> {
+pub fn backward<F: Real>(
+    d: &Dims,
+    x: &RefInputs<F>,
+    dy: &[F],
+    dh_t: Option<&[F]>,
+) -> Result<RefGrads<F>> {
+    x.check(d)?;
+    check_len("dy", dy, &d.seq_shape())?;
+    if let Some(g) = dh_t {
+        check_len("dh_t", g, &d.state_shape())?;
+    }
     let n = d.n;
     type One<F> = (Vec<[F; 6]>, Vec<F>);
     let per: Vec<One<F>> = (0..d.b * d.h)
@@ -269,5 +300,5 @@ pub fn backward<F: Real>(d: &Dims, x: &RefInputs<F>, dy: &[F], dh_t: Option<&[F]
         }
         out.dh0[bh * n * n..(bh + 1) * n * n].copy_from_slice(&ds);
     }
-    out
+    Ok(out)
 }
