@@ -72,3 +72,119 @@ typedef struct EmuTestParams {
 } EmuTestParams;
 /*   x    [n] f32 input;  out [3] f32: sum of x (shuffle + shared + atomics),
  *        max of x (shuffle), and the block-0 sum computed with __shfl_down_sync. */
+
+/* Model element-wise / normalisation kernels (kernels/model_ops.cu), f32.
+ * Activations are row-major [rows, C] with C = H * N. */
+#define OPS_ACT_TANH 0
+#define OPS_ACT_SIGMOID 1
+#define OPS_ACT_RELU_SQ 2
+#define OPS_ACT_DECAY 3
+
+typedef struct LayerNormParams {
+  int32_t rows;
+  int32_t C;
+  float eps;
+  const float* x;
+  const float* weight;
+  const float* bias;
+  float* y;
+} LayerNormParams;
+/*   x, y [rows, C] (y may equal x); weight, bias [C]. */
+
+typedef struct GroupNormParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  float eps;
+  const float* x;
+  const float* weight;
+  const float* bias;
+  const float* r;
+  const float* k;
+  const float* v;
+  const float* r_k;
+  const float* g;
+  float* y;
+} GroupNormParams;
+/*   x, y, r, k, v, g [rows, H*N] (y may equal x); weight, bias, r_k [H*N].
+ *   y = (GroupNorm_h(x) * weight + bias + (sum_j r k r_k) * v) * g;
+ *   r (with k, v, r_k) NULL = no bonus term, g NULL = no gate. */
+
+typedef struct KkPrepParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  const float* k;
+  const float* da;
+  const float* a0;
+  const float* k_k;
+  const float* k_a;
+  float* k_out;
+  float* a;
+  float* b;
+} KkPrepParams;
+/*   k, da, k_out, a, b [rows, H*N] (k_out may equal k); a0, k_k, k_a [H*N].
+ *   alpha = sigmoid(a0 + da), kh = L2normalize_head(k * k_k),
+ *   a = -kh, b = kh * alpha, k_out = k * (1 + (alpha - 1) * k_a). */
+
+typedef struct TokenShiftParams {
+  int32_t T;
+  int32_t C;
+  int32_t n_mix;
+  const float* x;
+  float* state;
+  const float* mu;
+  float* out;
+} TokenShiftParams;
+/*   x [T, C]; state [C] (x_{-1} in, x_{T-1} out); mu [n_mix, C];
+ *   out [T, n_mix, C] = x + (shift(x) - x) * mu[m]. */
+
+typedef struct ActParams {
+  int32_t n;
+  int32_t C;
+  int32_t mode;
+  float* x;
+  const float* bias;
+} ActParams;
+/*   x [n] in place, n a multiple of C; bias [C] or NULL;
+ *   x = f_mode(x + bias), mode one of OPS_ACT_*. */
+
+typedef struct ValueResidualParams {
+  int32_t rows;
+  int32_t C;
+  float* v;
+  const float* v_first;
+  const float* v0;
+  const float* dv;
+} ValueResidualParams;
+/*   v, v_first, dv [rows, C]; v0 [C].  v += (v_first - v) * sigmoid(v0 + dv). */
+
+typedef struct AddParams {
+  int32_t n;
+  float* x;
+  const float* y;
+} AddParams;
+/*   x, y [n]; x += y. */
+
+typedef struct EmbedParams {
+  int32_t T;
+  int32_t C;
+  const void* tokens;
+  const float* table;
+  float* out;
+} EmbedParams;
+/*   tokens [T] int32 (each < rows of table); table [V, C]; out [T, C]. */
+
+/* Self-test of the tensor-core helpers in kernels/mma.cuh (kernels/mma_selftest.cu). */
+typedef struct MmaTestParams {
+  int32_t mode;
+  const float* a;
+  const float* b;
+  const float* c;
+  float* out;
+} MmaTestParams;
+/*   one warp (block 32).  mode 0: out[16x8] = a[16x16] b[16x8] + c[16x8], one
+ *   bf16 MMA (a, b must be bf16-exact).  mode 1: the same with fp32 a, b via
+ *   the hi/lo split (mma3).  mode 2: out[16x8] = (a[16x16] b[16x16]) b2[16x8]
+ *   + c, where b2 = b + 256, the inner product kept in C fragments and fed
+ *   back as an A operand (C -> A reuse), both products split.  Row-major. */

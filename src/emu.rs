@@ -5,7 +5,7 @@
 //! thread) and returns 0, or non-zero when the watchdog fired, a barrier
 //! diverged or the launch geometry was invalid.
 use crate::error::{Error, Result};
-use crate::params::{EmuTestParams, Wkv7Params};
+use crate::params::{EmuTestParams, MmaTestParams, Wkv7Params};
 
 /// Signature of an emulated kernel entry: grid xyz, block xyz, dynamic shared memory, params.
 pub type EmuFn<P> = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const P) -> i32;
@@ -32,6 +32,21 @@ emu_table!(WKV7_V1, Wkv7Params;
     "wkv7_bwd_v1_bf16_n32" => emu_wkv7_bwd_v1_bf16_n32,
     "wkv7_bwd_v1_bf16_n64" => emu_wkv7_bwd_v1_bf16_n64,
     "wkv7_bwd_v1_bf16_n128" => emu_wkv7_bwd_v1_bf16_n128,
+);
+
+emu_table!(WKV7_V2, Wkv7Params;
+    "wkv7_fwd_v2_f32_n32" => emu_wkv7_fwd_v2_f32_n32,
+    "wkv7_fwd_v2_f32_n64" => emu_wkv7_fwd_v2_f32_n64,
+    "wkv7_fwd_v2_bf16_n32" => emu_wkv7_fwd_v2_bf16_n32,
+    "wkv7_fwd_v2_bf16_n64" => emu_wkv7_fwd_v2_bf16_n64,
+    "wkv7_bwd_v2_f32_n32" => emu_wkv7_bwd_v2_f32_n32,
+    "wkv7_bwd_v2_f32_n64" => emu_wkv7_bwd_v2_f32_n64,
+    "wkv7_bwd_v2_bf16_n32" => emu_wkv7_bwd_v2_bf16_n32,
+    "wkv7_bwd_v2_bf16_n64" => emu_wkv7_bwd_v2_bf16_n64,
+);
+
+emu_table!(MMA_SELFTEST, MmaTestParams;
+    "mma_selftest" => emu_mma_selftest,
 );
 
 emu_table!(SELFTEST, EmuTestParams;
@@ -62,8 +77,24 @@ pub unsafe fn launch_wkv7(
     block: (u32, u32, u32),
     p: &Wkv7Params,
 ) -> Result<()> {
+    let table = if kernel.contains("_v2_") {
+        WKV7_V2
+    } else {
+        WKV7_V1
+    };
     // SAFETY: forwarded from the caller.
-    unsafe { launch(WKV7_V1, kernel, grid, block, p) }
+    unsafe { launch(table, kernel, grid, block, p) }
+}
+
+/// Runs the tensor-core helper self-test kernel (`kernels/mma_selftest.cu`)
+/// on one warp.
+///
+/// # Safety
+/// `p.a` must hold 256 floats, `p.b` 128 (modes 0, 1) or 384 (mode 2),
+/// `p.c` and `p.out` 128 floats each, alive for the call.
+pub unsafe fn launch_mma_selftest(p: &MmaTestParams) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(MMA_SELFTEST, "mma_selftest", (1, 1, 1), (32, 1, 1), p) }
 }
 
 /// Runs an emulator self-test kernel (`kernels/emu_selftest.cu`).
@@ -115,4 +146,57 @@ unsafe fn launch<P>(
             reason: format!("kernel raised an exception (code {c})"),
         }),
     }
+}
+
+// ---- model element-wise / normalisation kernels (kernels/model_ops.cu) ----
+
+/// A kernel parameter struct whose emulated kernels are listed in a table.
+pub trait EmuParams: Sized + 'static {
+    /// (kernel name, emulated entry) for every kernel taking `Self`.
+    fn table() -> &'static [(&'static str, EmuFn<Self>)];
+}
+
+macro_rules! emu_ops_table {
+    ($table:ident, $P:ty; $($kernel:literal => $sym:ident),* $(,)?) => {
+        emu_table!($table, $P; $($kernel => $sym),*);
+        impl EmuParams for $P {
+            fn table() -> &'static [(&'static str, EmuFn<Self>)] {
+                $table
+            }
+        }
+    };
+}
+
+emu_ops_table!(OPS_LAYER_NORM, crate::params::LayerNormParams;
+    "ops_layer_norm_f32" => emu_ops_layer_norm_f32);
+emu_ops_table!(OPS_GROUP_NORM, crate::params::GroupNormParams;
+    "ops_group_norm_f32" => emu_ops_group_norm_f32);
+emu_ops_table!(OPS_KK_PREP, crate::params::KkPrepParams;
+    "ops_kk_prep_f32" => emu_ops_kk_prep_f32);
+emu_ops_table!(OPS_TOKEN_SHIFT, crate::params::TokenShiftParams;
+    "ops_token_shift_f32" => emu_ops_token_shift_f32);
+emu_ops_table!(OPS_ACT, crate::params::ActParams;
+    "ops_act_f32" => emu_ops_act_f32);
+emu_ops_table!(OPS_VALUE_RESIDUAL, crate::params::ValueResidualParams;
+    "ops_value_residual_f32" => emu_ops_value_residual_f32);
+emu_ops_table!(OPS_ADD, crate::params::AddParams;
+    "ops_add_f32" => emu_ops_add_f32);
+emu_ops_table!(OPS_EMBED, crate::params::EmbedParams;
+    "ops_embed_f32" => emu_ops_embed_f32);
+
+/// Runs the emulated model-op kernel `kernel` (kernels/model_ops.cu) over
+/// `grid` × `block`.
+///
+/// # Safety
+/// Every non-null pointer in `p` must point to host memory of the size its
+/// field documents in `kernels/params.h` for the sizes in `p`, valid for the
+/// duration of the call; outputs may alias only where params.h allows it.
+pub unsafe fn launch_ops<P: EmuParams>(
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    p: &P,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(P::table(), kernel, grid, block, p) }
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod params;
 pub mod rng;
 pub mod tensors;
+pub mod tokenizer;
 pub mod wkv7;
 
 pub use error::{Error, Result};

@@ -41,7 +41,12 @@ impl TensorSpec {
 }
 
 fn vec_spec(name: String, c: usize, optional: bool) -> TensorSpec {
-    TensorSpec { name, shape: vec![1, 1, c], kind: Kind::Vector, optional }
+    TensorSpec {
+        name,
+        shape: vec![1, 1, c],
+        kind: Kind::Vector,
+        optional,
+    }
 }
 
 fn ln_specs(prefix: &str, c: usize, out: &mut Vec<TensorSpec>) {
@@ -56,7 +61,12 @@ fn ln_specs(prefix: &str, c: usize, out: &mut Vec<TensorSpec>) {
 }
 
 fn mat_spec(name: String, shape: [usize; 2], optional: bool) -> TensorSpec {
-    TensorSpec { name, shape: shape.to_vec(), kind: Kind::Matrix, optional }
+    TensorSpec {
+        name,
+        shape: shape.to_vec(),
+        kind: Kind::Matrix,
+        optional,
+    }
 }
 
 impl Config {
@@ -102,7 +112,9 @@ impl Config {
             ln_specs(&format!("{p}.ln1"), c, &mut s);
             ln_specs(&format!("{p}.ln2"), c, &mut s);
             let a = format!("{p}.att");
-            for m in ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"] {
+            for m in [
+                "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a",
+            ] {
                 s.push(vec_spec(format!("{a}.{m}"), c, false));
             }
             let v_opt = l == 0;
@@ -117,14 +129,26 @@ impl Config {
             s.push(mat_spec(format!("{a}.a2"), [self.d_a, c], false));
             s.push(mat_spec(format!("{a}.g1"), [c, self.d_g], false));
             s.push(mat_spec(format!("{a}.g2"), [self.d_g, c], false));
-            s.push(mat_spec(format!("{a}.r_k"), [self.n_head, self.head_size], false));
+            s.push(mat_spec(
+                format!("{a}.r_k"),
+                [self.n_head, self.head_size],
+                false,
+            ));
             for m in ["receptance", "key", "value", "output"] {
                 s.push(mat_spec(format!("{a}.{m}.weight"), [c, c], false));
             }
             ln_specs(&format!("{a}.ln_x"), c, &mut s);
             s.push(vec_spec(format!("{p}.ffn.x_k"), c, false));
-            s.push(mat_spec(format!("{p}.ffn.key.weight"), [self.d_ffn, c], false));
-            s.push(mat_spec(format!("{p}.ffn.value.weight"), [c, self.d_ffn], false));
+            s.push(mat_spec(
+                format!("{p}.ffn.key.weight"),
+                [self.d_ffn, c],
+                false,
+            ));
+            s.push(mat_spec(
+                format!("{p}.ffn.value.weight"),
+                [c, self.d_ffn],
+                false,
+            ));
         }
         ln_specs("ln_out", c, &mut s);
         s.push(mat_spec("head.weight".into(), [self.vocab, c], false));
@@ -137,7 +161,9 @@ impl Config {
     /// one more than the largest `blocks.N` index).
     pub fn from_shapes(shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
         let get = |name: &str| -> Result<&Vec<usize>> {
-            shapes.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))
+            shapes
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor(name.to_string()))
         };
         let dim2 = |name: &str| -> Result<[usize; 2]> {
             let s = get(name)?;
@@ -176,7 +202,18 @@ impl Config {
             0
         };
         let d_ffn = dim2("blocks.0.ffn.key.weight")?[0];
-        let cfg = Config { n_layer, n_embd, n_head, head_size, vocab, d_w, d_a, d_v, d_g, d_ffn };
+        let cfg = Config {
+            n_layer,
+            n_embd,
+            n_head,
+            head_size,
+            vocab,
+            d_w,
+            d_a,
+            d_v,
+            d_g,
+            d_ffn,
+        };
         cfg.validate()?;
         Ok(cfg)
     }

@@ -57,7 +57,10 @@ impl Weights {
         let c = config.n_embd;
         let f = config.d_ffn;
         let sc = 1.0 / (c as f32).sqrt();
-        let ln = |r: &mut SplitMix64| LayerNorm { weight: r.vec(c, 0.8, 1.2), bias: r.sym(c, 0.1) };
+        let ln = |r: &mut SplitMix64| LayerNorm {
+            weight: r.vec(c, 0.8, 1.2),
+            bias: r.sym(c, 0.1),
+        };
         let lora = |r: &mut SplitMix64, d: usize| (r.sym(c * d, 0.3 * sc), r.sym(d * c, 0.3));
         let mut blocks = Vec::with_capacity(config.n_layer);
         for l in 0..config.n_layer {
@@ -99,19 +102,34 @@ impl Weights {
                 key: r.sym(c * c, 1.7 * sc),
                 value: r.sym(c * c, 1.7 * sc),
                 output: r.sym(c * c, 0.5 * sc),
-                ln_x: LayerNorm { weight: r.vec(c, 0.5, 1.5), bias: r.sym(c, 0.1) },
+                ln_x: LayerNorm {
+                    weight: r.vec(c, 0.5, 1.5),
+                    bias: r.sym(c, 0.1),
+                },
             };
             let ffn = ChannelMix {
                 x_k: r.vec(c, 0.05, 0.95),
                 key: r.sym(f * c, 1.7 * sc),
                 value: r.sym(c * f, 0.5 / (f as f32).sqrt()),
             };
-            blocks.push(Block { ln0, ln1, ln2, att, ffn });
+            blocks.push(Block {
+                ln0,
+                ln1,
+                ln2,
+                att,
+                ffn,
+            });
         }
         let emb = r.sym(config.vocab * c, 1.0);
         let ln_out = ln(&mut r);
         let head = r.sym(config.vocab * c, 1.7 * sc);
-        Ok(Weights { config: config.clone(), emb, blocks, ln_out, head })
+        Ok(Weights {
+            config: config.clone(),
+            emb,
+            blocks,
+            ln_out,
+            head,
+        })
     }
 }
 

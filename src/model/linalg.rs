@@ -6,6 +6,7 @@
 //! `panel p = W[k][p*NR .. p*NR+NR]` for `k = 0..K`, contiguous, zero-padded
 //! at the right edge. The micro-kernel keeps an `MR × NR` tile of outputs in
 //! registers and streams one panel, so both operands are read sequentially.
+#![allow(clippy::needless_range_loop)]
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -35,7 +36,8 @@ pub(crate) fn isa() -> Isa {
             let has512 = std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma");
-            let has2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            let has2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
             let want = std::env::var("RWKV_TUNE_CPU").unwrap_or_default();
             match want.as_str() {
                 "generic" => Isa::Generic,
@@ -56,12 +58,15 @@ pub(crate) fn isa() -> Isa {
 /// implementation `$imp::<FMA>` compiled three times.
 macro_rules! dispatch {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) => $imp:ident) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn v512($($arg: $ty),*) { $imp::<true>($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn v2($($arg: $ty),*) { $imp::<true>($($arg),*) }
                 match isa() {
                     // SAFETY: `isa()` returns Avx512 only when the CPU reports
@@ -171,6 +176,7 @@ fn tile<const R: usize, const FMA: bool>(
 #[allow(clippy::too_many_arguments)]
 fn gemm_impl<const FMA: bool>(
     x: &[f32],
+    ldx: usize,
     m: usize,
     w: &Packed,
     p0: usize,
@@ -185,43 +191,56 @@ fn gemm_impl<const FMA: bool>(
         let yc = (p - p0) * NR;
         let mut r = 0;
         while r + MR <= m {
-            tile::<MR, FMA>(&x[r * k..], k, k, panel, &mut y[r * ldy + yc..], ldy, ncols);
+            tile::<MR, FMA>(
+                &x[r * ldx..],
+                ldx,
+                k,
+                panel,
+                &mut y[r * ldy + yc..],
+                ldy,
+                ncols,
+            );
             r += MR;
         }
-        let (xs, ys) = (&x[r * k..], &mut y[r * ldy + yc..]);
+        if r == m {
+            continue;
+        }
+        let (xs, ys) = (&x[r * ldx..], &mut y[r * ldy + yc..]);
         match m - r {
-            1 => tile::<1, FMA>(xs, k, k, panel, ys, ldy, ncols),
-            2 => tile::<2, FMA>(xs, k, k, panel, ys, ldy, ncols),
-            3 => tile::<3, FMA>(xs, k, k, panel, ys, ldy, ncols),
-            4 => tile::<4, FMA>(xs, k, k, panel, ys, ldy, ncols),
-            5 => tile::<5, FMA>(xs, k, k, panel, ys, ldy, ncols),
+            1 => tile::<1, FMA>(xs, ldx, k, panel, ys, ldy, ncols),
+            2 => tile::<2, FMA>(xs, ldx, k, panel, ys, ldy, ncols),
+            3 => tile::<3, FMA>(xs, ldx, k, panel, ys, ldy, ncols),
+            4 => tile::<4, FMA>(xs, ldx, k, panel, ys, ldy, ncols),
+            5 => tile::<5, FMA>(xs, ldx, k, panel, ys, ldy, ncols),
             _ => {}
         }
     }
 }
 
-dispatch!(fn gemm_serial(x: &[f32], m: usize, w: &Packed, p0: usize, p1: usize, y: &mut [f32], ldy: usize) => gemm_impl);
+dispatch!(fn gemm_serial(x: &[f32], ldx: usize, m: usize, w: &Packed, p0: usize, p1: usize, y: &mut [f32], ldy: usize) => gemm_impl);
 
-/// `y[m, n] = x[m, k] · W`, multi-threaded over row blocks (or over column
-/// panels when there are few rows and the matrix is large).
-pub(crate) fn matmul(x: &[f32], m: usize, w: &Packed, y: &mut [f32]) {
+/// `y[m, n] = x[m, k] · W` where row `i` of x starts at `i * ldx`;
+/// multi-threaded over row blocks (or over column panels when there are few
+/// rows and the matrix is large).
+pub(crate) fn matmul(x: &[f32], ldx: usize, m: usize, w: &Packed, y: &mut [f32]) {
     let (k, n) = (w.k, w.n);
-    debug_assert!(x.len() >= m * k && y.len() >= m * n);
+    debug_assert!(m == 0 || (x.len() >= (m - 1) * ldx + k && y.len() >= m * n));
     let work = m * k * n;
     let threads = rayon::current_num_threads();
     if work < PAR_MIN_WORK || threads == 1 || m == 0 {
-        gemm_serial(x, m, w, 0, w.panels(), y, n);
+        gemm_serial(x, ldx, m, w, 0, w.panels(), y, n);
         return;
     }
     if m >= 4 * MR * threads.min(8) {
         // Row blocks: a multiple of MR rows, about 4 blocks per thread.
         let per = m.div_ceil(threads * 4).div_ceil(MR) * MR;
-        y[..m * n].par_chunks_mut(per * n).zip(x[..m * k].par_chunks(per * k)).for_each(
-            |(yb, xb)| {
-                let rows = xb.len() / k;
-                gemm_serial(xb, rows, w, 0, w.panels(), yb, n);
-            },
-        );
+        y[..m * n]
+            .par_chunks_mut(per * n)
+            .enumerate()
+            .for_each(|(i, yb)| {
+                let rows = yb.len() / n;
+                gemm_serial(&x[i * per * ldx..], ldx, rows, w, 0, w.panels(), yb, n);
+            });
         return;
     }
     // Few rows: split the column panels; each task writes a private block.
@@ -234,7 +253,7 @@ pub(crate) fn matmul(x: &[f32], m: usize, w: &Packed, y: &mut [f32]) {
             let p1 = (p0 + per).min(panels);
             let cols = (p1 - p0) * NR;
             let mut buf = vec![0.0; m * cols];
-            gemm_serial(x, m, w, p0, p1, &mut buf, cols);
+            gemm_serial(x, ldx, m, w, p0, p1, &mut buf, cols);
             (p0, buf)
         })
         .collect();
@@ -273,15 +292,106 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + s
 }
 
-/// Per-token inputs of the WKV recurrence, each `[T, C]` row-major.
+/// Per-token inputs of the WKV recurrence: one row of `6C` per token holding
+/// `r | w | k | v | a | b`, each `[C]`.
 #[derive(Clone, Copy)]
 pub(crate) struct WkvIn<'a> {
-    pub r: &'a [f32],
-    pub w: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub a: &'a [f32],
-    pub b: &'a [f32],
+    pub buf: &'a [f32],
+}
+
+/// Rows of the state advanced together: the state block is kept transposed
+/// (`[N][R]`, key-major) so every product is a broadcast multiply-add over
+/// the `R` value rows, with no horizontal sums.
+const WKV_R: usize = 16;
+
+/// `R` state rows `i0..i0+R` of one head (head size `N` known at compile
+/// time), kept in a local transposed block across all tokens. `s` holds the
+/// rows (value-major), `y` is `[t, ldy]` with these rows at column `ycol`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn wkv_group<const N: usize, const R: usize, const FMA: bool>(
+    buf: &[f32],
+    t: usize,
+    c: usize,
+    h0: usize,
+    i0: usize,
+    s: &mut [f32],
+    y: &mut [f32],
+    ldy: usize,
+    ycol: usize,
+) {
+    let mut st = [[0.0f32; R]; N];
+    for r in 0..R {
+        for j in 0..N {
+            st[j][r] = s[r * N + j];
+        }
+    }
+    let ld = 6 * c;
+    for tt in 0..t {
+        let row = &buf[tt * ld..(tt + 1) * ld];
+        let rt: &[f32; N] = row[h0..h0 + N].try_into().unwrap();
+        let wt: &[f32; N] = row[c + h0..c + h0 + N].try_into().unwrap();
+        let kt: &[f32; N] = row[2 * c + h0..2 * c + h0 + N].try_into().unwrap();
+        let vt: &[f32; R] = row[3 * c + h0 + i0..3 * c + h0 + i0 + R]
+            .try_into()
+            .unwrap();
+        let at: &[f32; N] = row[4 * c + h0..4 * c + h0 + N].try_into().unwrap();
+        let bt: &[f32; N] = row[5 * c + h0..5 * c + h0 + N].try_into().unwrap();
+        let mut sa = [0.0f32; R];
+        for j in 0..N {
+            let aj = at[j];
+            for r in 0..R {
+                sa[r] = fmadd::<FMA>(st[j][r], aj, sa[r]);
+            }
+        }
+        let mut yv = [0.0f32; R];
+        for j in 0..N {
+            let (wj, bj, kj, rj) = (wt[j], bt[j], kt[j], rt[j]);
+            for r in 0..R {
+                let v = fmadd::<FMA>(st[j][r], wj, fmadd::<FMA>(sa[r], bj, vt[r] * kj));
+                st[j][r] = v;
+                yv[r] = fmadd::<FMA>(v, rj, yv[r]);
+            }
+        }
+        y[tt * ldy + ycol..tt * ldy + ycol + R].copy_from_slice(&yv);
+    }
+    for r in 0..R {
+        for j in 0..N {
+            s[r * N + j] = st[j][r];
+        }
+    }
+}
+
+/// Any head size: rows one at a time, state in place.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn wkv_row_dyn<const FMA: bool>(
+    buf: &[f32],
+    t: usize,
+    c: usize,
+    n: usize,
+    h0: usize,
+    i: usize,
+    srow: &mut [f32],
+    y: &mut [f32],
+    ldy: usize,
+    ycol: usize,
+) {
+    let ld = 6 * c;
+    for tt in 0..t {
+        let row = &buf[tt * ld..(tt + 1) * ld];
+        let rt = &row[h0..h0 + n];
+        let wt = &row[c + h0..c + h0 + n];
+        let kt = &row[2 * c + h0..2 * c + h0 + n];
+        let vi = row[3 * c + h0 + i];
+        let at = &row[4 * c + h0..4 * c + h0 + n];
+        let bt = &row[5 * c + h0..5 * c + h0 + n];
+        let sa = dot::<FMA>(srow, at);
+        for j in 0..n {
+            srow[j] = fmadd::<FMA>(srow[j], wt[j], fmadd::<FMA>(sa, bt[j], vi * kt[j]));
+        }
+        y[tt * ldy + ycol] = dot::<FMA>(srow, rt);
+    }
 }
 
 /// Runs the recurrence for state rows `row0..row0+rows` (global row index
@@ -299,30 +409,26 @@ fn wkv_rows_impl<const FMA: bool>(
     y: &mut [f32],
 ) {
     let rows = s.len() / n;
-    for tt in 0..t {
-        let base = tt * c;
-        let mut done = 0;
-        while done < rows {
-            let gr = row0 + done;
-            let h0 = (gr / n) * n;
-            let at = &inp.a[base + h0..base + h0 + n];
-            let bt = &inp.b[base + h0..base + h0 + n];
-            let wt = &inp.w[base + h0..base + h0 + n];
-            let kt = &inp.k[base + h0..base + h0 + n];
-            let rt = &inp.r[base + h0..base + h0 + n];
-            // Rows of this head handled in this pass.
-            let end = (rows).min(done + (h0 + n - gr));
-            for lr in done..end {
-                let vi = inp.v[base + row0 + lr];
-                let srow = &mut s[lr * n..lr * n + n];
-                let sa = dot::<FMA>(srow, at);
-                for j in 0..n {
-                    srow[j] = fmadd::<FMA>(srow[j], wt[j], fmadd::<FMA>(sa, bt[j], vi * kt[j]));
-                }
-                y[tt * rows + lr] = dot::<FMA>(srow, rt);
-            }
-            done = end;
+    let buf = inp.buf;
+    let mut lr = 0;
+    while lr < rows {
+        let gr = row0 + lr;
+        let (h0, i) = ((gr / n) * n, gr % n);
+        let left_in_head = n - i;
+        let fixed = matches!(n, 32 | 64 | 128);
+        let take = if fixed && left_in_head >= WKV_R && rows - lr >= WKV_R {
+            WKV_R
+        } else {
+            1
+        };
+        let sr = &mut s[lr * n..(lr + take) * n];
+        match (n, take) {
+            (32, WKV_R) => wkv_group::<32, WKV_R, FMA>(buf, t, c, h0, i, sr, y, rows, lr),
+            (64, WKV_R) => wkv_group::<64, WKV_R, FMA>(buf, t, c, h0, i, sr, y, rows, lr),
+            (128, WKV_R) => wkv_group::<128, WKV_R, FMA>(buf, t, c, h0, i, sr, y, rows, lr),
+            _ => wkv_row_dyn::<FMA>(buf, t, c, n, h0, i, sr, y, rows, lr),
         }
+        lr += take;
     }
 }
 
@@ -334,12 +440,10 @@ pub(crate) fn wkv(inp: &WkvIn<'_>, t: usize, c: usize, n: usize, state: &mut [f3
     let threads = rayon::current_num_threads();
     let work = t * c * n;
     if work < PAR_MIN_WORK / 2 || threads == 1 {
-        let mut yb = vec![0.0; t * c];
-        wkv_rows(inp, t, c, n, 0, state, &mut yb);
-        y[..t * c].copy_from_slice(&yb);
+        wkv_rows(inp, t, c, n, 0, state, &mut y[..t * c]);
         return;
     }
-    let per = c.div_ceil(threads).max(1);
+    let per = c.div_ceil(threads).div_ceil(WKV_R).max(1) * WKV_R;
     let parts: Vec<(usize, Vec<f32>)> = state
         .par_chunks_mut(per * n)
         .enumerate()
@@ -353,7 +457,8 @@ pub(crate) fn wkv(inp: &WkvIn<'_>, t: usize, c: usize, n: usize, state: &mut [f3
     for (row0, yb) in parts {
         let rows = yb.len() / t.max(1);
         for tt in 0..t {
-            y[tt * c + row0..tt * c + row0 + rows].copy_from_slice(&yb[tt * rows..tt * rows + rows]);
+            y[tt * c + row0..tt * c + row0 + rows]
+                .copy_from_slice(&yb[tt * rows..tt * rows + rows]);
         }
     }
 }

@@ -8,7 +8,7 @@
 //! unexpected or mis-shaped tensor, a truncated file or a corrupt header is a
 //! typed error that names the tensor or the byte offset.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -40,7 +40,9 @@ impl std::str::FromStr for StoreDType {
             "f32" | "float32" | "fp32" => Ok(StoreDType::F32),
             "f16" | "float16" | "fp16" => Ok(StoreDType::F16),
             "bf16" | "bfloat16" => Ok(StoreDType::BF16),
-            _ => Err(Error::Invalid(format!("unknown dtype `{s}` (use f32, f16 or bf16)"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown dtype `{s}` (use f32, f16 or bf16)"
+            ))),
         }
     }
 }
@@ -54,7 +56,10 @@ pub struct F32Tensor {
 }
 
 fn st_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::SafeTensors { path: path.to_path_buf(), msg: msg.into() }
+    Error::SafeTensors {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Reads a whole file, mapping I/O errors to [`Error::Io`].
@@ -118,7 +123,13 @@ fn diagnose(bytes: &[u8], path: &Path, fallback: String) -> Error {
             }
         }
     }
-    st_err(path, format!("{fallback} (header is bytes 8..{}, file {len} bytes)", 8 + n))
+    st_err(
+        path,
+        format!(
+            "{fallback} (header is bytes 8..{}, file {len} bytes)",
+            8 + n
+        ),
+    )
 }
 
 fn to_f32(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
@@ -155,7 +166,7 @@ fn to_f32(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Parses a safetensors buffer into f32 tensors (in file order), converting
+/// Parses a safetensors buffer into f32 tensors (sorted by name), converting
 /// f16 / bf16 / f64. `path` is only used in error messages.
 pub fn read_f32_tensors(bytes: &[u8], path: &Path) -> Result<Vec<F32Tensor>> {
     let st = match SafeTensors::deserialize(bytes) {
@@ -165,8 +176,13 @@ pub fn read_f32_tensors(bytes: &[u8], path: &Path) -> Result<Vec<F32Tensor>> {
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.iter() {
         let data = to_f32(&view, name)?;
-        out.push(F32Tensor { name: name.to_string(), shape: view.shape().to_vec(), data });
+        out.push(F32Tensor {
+            name: name.to_string(),
+            shape: view.shape().to_vec(),
+            data,
+        });
     }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
@@ -189,12 +205,16 @@ pub fn write_f32_tensors(
         .map(|t| {
             let bytes: Vec<u8> = match dtype {
                 StoreDType::F32 => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                StoreDType::F16 => {
-                    t.data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
-                }
-                StoreDType::BF16 => {
-                    t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
-                }
+                StoreDType::F16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                StoreDType::BF16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
             };
             (t.name.clone(), t.shape.clone(), bytes)
         })
@@ -206,9 +226,8 @@ pub fn write_f32_tensors(
     };
     let mut views = Vec::with_capacity(encoded.len());
     for (name, shape, bytes) in &encoded {
-        let v = TensorView::new(st_dtype, shape.clone(), bytes).map_err(|e| {
-            Error::Invalid(format!("tensor `{name}` with shape {shape:?}: {e}"))
-        })?;
+        let v = TensorView::new(st_dtype, shape.clone(), bytes)
+            .map_err(|e| Error::Invalid(format!("tensor `{name}` with shape {shape:?}: {e}")))?;
         views.push((name.clone(), v));
     }
     safetensors::serialize(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
@@ -219,7 +238,12 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
-const LORAS: [(&str, char); 4] = [("w_lora", 'w'), ("a_lora", 'a'), ("v_lora", 'v'), ("g_lora", 'g')];
+const LORAS: [(&str, char); 4] = [
+    ("w_lora", 'w'),
+    ("a_lora", 'a'),
+    ("v_lora", 'v'),
+    ("g_lora", 'g'),
+];
 
 /// Maps an fla / HF name to (official name, transpose?). `None` = unknown.
 fn fla_to_official(name: &str) -> Option<(String, bool)> {
@@ -234,7 +258,11 @@ fn fla_to_official(name: &str) -> Option<(String, bool)> {
     let (l, rest) = rest.split_once('.')?;
     let l: usize = l.parse().ok()?;
     let p = format!("blocks.{l}");
-    for (fla, off) in [("pre_norm", "ln0"), ("attn_norm", "ln1"), ("ffn_norm", "ln2")] {
+    for (fla, off) in [
+        ("pre_norm", "ln0"),
+        ("attn_norm", "ln1"),
+        ("ffn_norm", "ln2"),
+    ] {
         if let Some(part) = rest.strip_prefix(fla).and_then(|r| r.strip_prefix('.')) {
             if part == "weight" || part == "bias" {
                 return Some((format!("{p}.{off}.{part}"), false));
@@ -243,9 +271,12 @@ fn fla_to_official(name: &str) -> Option<(String, bool)> {
         }
     }
     if let Some(a) = rest.strip_prefix("attn.") {
-        for (fla, off) in
-            [("r_proj", "receptance"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "output")]
-        {
+        for (fla, off) in [
+            ("r_proj", "receptance"),
+            ("k_proj", "key"),
+            ("v_proj", "value"),
+            ("o_proj", "output"),
+        ] {
             if a == format!("{fla}.weight") {
                 return Some((format!("{p}.att.{off}.weight"), false));
             }
@@ -263,7 +294,11 @@ fn fla_to_official(name: &str) -> Option<(String, bool)> {
                 };
             }
         }
-        if ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k"].contains(&a) {
+        if [
+            "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k",
+        ]
+        .contains(&a)
+        {
             return Some((format!("{p}.att.{a}"), false));
         }
         return None;
@@ -288,15 +323,22 @@ fn official_to_fla(name: &str) -> (String, bool, bool) {
     let (l, rest) = rest.split_once('.').unwrap_or((rest, ""));
     let p = format!("model.layers.{l}");
     let map = |s: &str| format!("{p}.{s}");
-    for (off, fla) in [("ln0.", "pre_norm."), ("ln1.", "attn_norm."), ("ln2.", "ffn_norm.")] {
+    for (off, fla) in [
+        ("ln0.", "pre_norm."),
+        ("ln1.", "attn_norm."),
+        ("ln2.", "ffn_norm."),
+    ] {
         if let Some(part) = rest.strip_prefix(off) {
             return (map(&format!("{fla}{part}")), false, false);
         }
     }
     if let Some(a) = rest.strip_prefix("att.") {
-        for (off, fla) in
-            [("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj")]
-        {
+        for (off, fla) in [
+            ("receptance", "r_proj"),
+            ("key", "k_proj"),
+            ("value", "v_proj"),
+            ("output", "o_proj"),
+        ] {
             if a == format!("{off}.weight") {
                 return (map(&format!("attn.{fla}.weight")), false, false);
             }
@@ -371,7 +413,10 @@ impl Weights {
             let (name, tr) = match naming {
                 Naming::Official => (t.name.clone(), false),
                 Naming::Fla => fla_to_official(&t.name).ok_or_else(|| {
-                    Error::Model(format!("unexpected tensor `{}` (not an fla RWKV-7 name)", t.name))
+                    Error::Model(format!(
+                        "unexpected tensor `{}` (not an fla RWKV-7 name)",
+                        t.name
+                    ))
                 })?,
             };
             let (shape, data) = if tr {
@@ -382,11 +427,23 @@ impl Weights {
                         got: t.shape.clone(),
                     });
                 }
-                (vec![t.shape[1], t.shape[0]], transpose(&t.data, t.shape[0], t.shape[1]))
+                (
+                    vec![t.shape[1], t.shape[0]],
+                    transpose(&t.data, t.shape[0], t.shape[1]),
+                )
             } else {
                 (t.shape.clone(), t.data)
             };
-            if map.insert(name.clone(), Entry { shape, data, file_name: t.name.clone() }).is_some()
+            if map
+                .insert(
+                    name.clone(),
+                    Entry {
+                        shape,
+                        data,
+                        file_name: t.name.clone(),
+                    },
+                )
+                .is_some()
             {
                 return Err(Error::Model(format!(
                     "tensor `{}` maps to `{name}`, which appears twice",
@@ -394,8 +451,10 @@ impl Weights {
                 )));
             }
         }
-        let shapes: HashMap<String, Vec<usize>> =
-            map.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+        let shapes: HashMap<String, Vec<usize>> = map
+            .iter()
+            .map(|(k, e)| (k.clone(), e.shape.clone()))
+            .collect();
         let config = Config::from_shapes(&shapes)?;
         let specs = config.tensor_specs();
         let mut taken: HashMap<String, Vec<f32>> = HashMap::with_capacity(specs.len());
@@ -412,14 +471,20 @@ impl Weights {
                 Some(e) => {
                     if !spec.accepts(&e.shape) {
                         let expected = match (naming, official_to_fla(&spec.name)) {
-                            (Naming::Fla, (_, true, _)) => spec.shape.iter().rev().copied().collect(),
+                            (Naming::Fla, (_, true, _)) => {
+                                spec.shape.iter().rev().copied().collect()
+                            }
                             _ => spec.shape.clone(),
                         };
                         let got = match (naming, official_to_fla(&spec.name)) {
                             (Naming::Fla, (_, true, _)) => e.shape.iter().rev().copied().collect(),
                             _ => e.shape.clone(),
                         };
-                        return Err(Error::Shape { name: e.file_name, expected, got });
+                        return Err(Error::Shape {
+                            name: e.file_name,
+                            expected,
+                            got,
+                        });
                     }
                     taken.insert(spec.name.clone(), e.data);
                 }
@@ -440,7 +505,9 @@ impl Weights {
         let mut out = Vec::new();
         let cfg = &self.config;
         for spec in cfg.tensor_specs() {
-            let Some(data) = self.get(&spec.name) else { continue };
+            let Some(data) = self.get(&spec.name) else {
+                continue;
+            };
             let (name, shape, data) = match naming {
                 Naming::Official => (spec.name.clone(), spec.shape.clone(), data.to_vec()),
                 Naming::Fla => {
@@ -505,13 +572,13 @@ impl Weights {
 
     /// The tensor with this official name, if the model has it.
     pub fn get(&self, name: &str) -> Option<&[f32]> {
-        let ln = |l: &LayerNorm, part: &str| -> Option<&[f32]> {
+        fn ln<'a>(l: &'a LayerNorm, part: &str) -> Option<&'a [f32]> {
             match part {
                 "weight" => Some(&l.weight),
                 "bias" => Some(&l.bias),
                 _ => None,
             }
-        };
+        }
         match name {
             "emb.weight" => return Some(&self.emb),
             "head.weight" => return Some(&self.head),
@@ -578,12 +645,21 @@ fn assemble(config: Config, mut t: HashMap<String, Vec<f32>>) -> Weights {
     for l in 0..config.n_layer {
         let mut g = |s: &str| take(&format!("blocks.{l}.{s}"));
         let ln0 = if l == 0 {
-            Some(LayerNorm { weight: g("ln0.weight"), bias: g("ln0.bias") })
+            Some(LayerNorm {
+                weight: g("ln0.weight"),
+                bias: g("ln0.bias"),
+            })
         } else {
             None
         };
-        let ln1 = LayerNorm { weight: g("ln1.weight"), bias: g("ln1.bias") };
-        let ln2 = LayerNorm { weight: g("ln2.weight"), bias: g("ln2.bias") };
+        let ln1 = LayerNorm {
+            weight: g("ln1.weight"),
+            bias: g("ln1.bias"),
+        };
+        let ln2 = LayerNorm {
+            weight: g("ln2.weight"),
+            bias: g("ln2.bias"),
+        };
         let opt = |v: Vec<f32>| if v.is_empty() { None } else { Some(v) };
         let att = TimeMix {
             x_r: g("att.x_r"),
@@ -610,22 +686,35 @@ fn assemble(config: Config, mut t: HashMap<String, Vec<f32>>) -> Weights {
             key: g("att.key.weight"),
             value: g("att.value.weight"),
             output: g("att.output.weight"),
-            ln_x: LayerNorm { weight: g("att.ln_x.weight"), bias: g("att.ln_x.bias") },
+            ln_x: LayerNorm {
+                weight: g("att.ln_x.weight"),
+                bias: g("att.ln_x.bias"),
+            },
         };
         let ffn = ChannelMix {
             x_k: g("ffn.x_k"),
             key: g("ffn.key.weight"),
             value: g("ffn.value.weight"),
         };
-        blocks.push(Block { ln0, ln1, ln2, att, ffn });
+        blocks.push(Block {
+            ln0,
+            ln1,
+            ln2,
+            att,
+            ffn,
+        });
     }
     let emb = take("emb.weight");
     let head = take("head.weight");
-    let ln_out = LayerNorm { weight: take("ln_out.weight"), bias: take("ln_out.bias") };
-    Weights { config, emb, blocks, ln_out, head }
-}
-
-/// Path helper for error messages when no file is involved.
-pub(crate) fn mem_path() -> PathBuf {
-    PathBuf::from("<memory>")
+    let ln_out = LayerNorm {
+        weight: take("ln_out.weight"),
+        bias: take("ln_out.bias"),
+    };
+    Weights {
+        config,
+        emb,
+        blocks,
+        ln_out,
+        head,
+    }
 }

@@ -16,6 +16,7 @@
 //! - [`sample`]: temperature / top-p sampling and greedy argmax.
 //! - `linalg` (private): the packed f32 GEMM/GEMV and small vector helpers.
 pub mod config;
+pub mod device;
 pub mod forward;
 pub mod init;
 pub mod load;

@@ -1,7 +1,118 @@
-//! `rwkv-tune generate` (placeholder until the model module lands).
-#[derive(clap::Args)]
-pub struct GenerateArgs {}
+//! `rwkv-tune generate`: stream text from a model, optionally starting from a
+//! tuned state file.
+use std::io::Write;
+use std::path::PathBuf;
 
-pub fn run(_a: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`generate` is not implemented yet")
+use anyhow::{bail, Context};
+use rwkv_tune::model::{Logits, Model, Sampler, State};
+use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// Multi-threaded CPU (rayon; set RAYON_NUM_THREADS to limit threads).
+    Cpu,
+    /// NVIDIA GPU (not supported by these commands yet).
+    Cuda,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    rwkv-tune generate --model rwkv7-tiny-834k.safetensors --prompt 'The ' --max-tokens 200\n  \
+    rwkv-tune generate --model rwkv7-g1-0.1b.safetensors --tokenizer world:rwkv_vocab_v20230424.txt \\\n      \
+    --state tuned.safetensors --prompt 'User: hi\\n\\nAssistant:' --temperature 1.0 --top-p 0.3")]
+pub struct GenerateArgs {
+    /// Model checkpoint (.safetensors; official BlinkDL x070 or fla/HF names; f32/f16/bf16).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Initial WKV state (`blocks.N.att.time_state` [H,N,N] safetensors, e.g. from state tuning).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 0.85)]
+    pub top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// Tokenizer: `world:PATH` (rwkv_vocab_v20230424.txt), `hf:PATH` (tokenizer.json) or
+    /// `bytes`. Default: `bytes` when the model's vocab is 256, otherwise required.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+}
+
+/// Picks the tokenizer from `--tokenizer` or the model's vocabulary size.
+pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokenizer> {
+    match spec {
+        Some(s) => Ok(Tokenizer::from_spec(s)?),
+        None if vocab == 256 => Ok(Tokenizer::from_spec("bytes")?),
+        None => bail!(
+            "the model has a vocabulary of {vocab}; pass --tokenizer world:PATH, hf:PATH or bytes"
+        ),
+    }
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if a.device == Device::Cuda {
+        bail!("--device cuda is not yet supported for generate; use --device cpu");
+    }
+    let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let cfg = model.config().clone();
+    let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
+    let mut state = match &a.state {
+        Some(p) => State::load(p, &cfg).with_context(|| format!("loading {}", p.display()))?,
+        None => model.new_state(),
+    };
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
+    let prompt = tok.encode(&a.prompt)?;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab) {
+        bail!(
+            "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
+            cfg.vocab
+        );
+    }
+    let mut logits = if prompt.is_empty() {
+        // No prompt: start from the end-of-text token 0.
+        model.forward(&[0], &mut state, Logits::Last)?
+    } else {
+        model.forward(&prompt, &mut state, Logits::Last)?
+    };
+    let stop_at_zero = matches!(tok, Tokenizer::World(_));
+    let mut out = std::io::stdout().lock();
+    let mut dec = StreamDecoder::new();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    for _ in 0..a.max_tokens {
+        let next = sampler.sample(&logits);
+        if stop_at_zero && next == 0 {
+            break;
+        }
+        n += 1;
+        let text = dec.push(&tok, next)?;
+        if !text.is_empty() {
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        logits = model.step(next, &mut state)?;
+    }
+    out.write_all(dec.finish().as_bytes())?;
+    writeln!(out)?;
+    out.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{n} tokens in {secs:.2} s, {:.1} tokens/s]",
+        n as f64 / secs.max(1e-9)
+    );
+    Ok(())
 }

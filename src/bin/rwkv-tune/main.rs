@@ -1,6 +1,7 @@
 //! `rwkv-tune`: the command-line tool. Thin: parse arguments, call the
 //! library, print. One file per subcommand.
 mod bench;
+mod compare;
 mod eval;
 mod generate;
 mod tune;
@@ -32,6 +33,9 @@ enum Cmd {
     /// State tuning: train only the initial recurrent state of each layer of
     /// a frozen model (try `rwkv-tune tune --demo`).
     Tune(tune::TuneArgs),
+    /// Compare plain / DBP / kernel-upscaled / observer state tuning on one
+    /// task at the same budget and write a markdown table.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Eval(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Tune(a) => tune::run(a),
+        Cmd::Compare(a) => compare::run(a),
     }
 }

@@ -1,0 +1,424 @@
+//! `rwkv-tune tune`: state tuning of a frozen RWKV-7 (train only the
+//! per-layer initial WKV states), with the bundled demo.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rwkv_tune::model::{Model, State, Weights};
+use rwkv_tune::tokenizer::Tokenizer;
+use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
+use rwkv_tune::tune::demo;
+use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
+use rwkv_tune::tune::train::{self, EvalResult, Observer, SoftTargets, TrainConfig};
+
+/// Which demo to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoKind {
+    /// A seeded random RWKV-7 (built in code) and a synthetic prompt→response
+    /// task; needs nothing outside the repository (~1 minute on 2 cores).
+    Synthetic,
+    /// The real tiny model (rwkv7-tiny-834k) on tinyshakespeare, from
+    /// ../shared; reports validation bits per byte.
+    Shakespeare,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// Train only the initial recurrent (WKV) state of each layer of a frozen
+/// RWKV-7 — "state tuning" — and export it as an ai00 / web-rwkv state file
+/// (`blocks.N.att.time_state` [H,N,N] f32) for `rwkv-tune generate --state`.
+///
+/// Quick start (no files needed): `rwkv-tune tune --demo`.
+///
+/// Data: JSONL with {"text"} (loss on all tokens) or {"prompt","response"}
+/// (loss on the response only; input/output and question/answer also work),
+/// or a plain-text file (cut into --ctx windows). Defaults follow the
+/// RWKV-PEFT recipe: Adam, lr 1 → 0.01 with 10 warm-up steps, short context.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    rwkv-tune tune --demo\n  \
+    rwkv-tune tune --demo shakespeare --steps 300\n  \
+    rwkv-tune tune --model m.safetensors --data train.jsonl --valid valid.jsonl \\\n      \
+    --out state.safetensors --steps 500 --metrics m.jsonl --plot loss.png\n  \
+    rwkv-tune tune ... --checkpoint-every 50     # then, after a crash:  rwkv-tune tune ... --resume")]
+pub struct TuneArgs {
+    /// Run a bundled demo instead of --model/--data (default: synthetic).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "synthetic")]
+    pub demo: Option<DemoKind>,
+    /// Model checkpoint (safetensors, official x070 or fla/HF names).
+    #[arg(long, required_unless_present = "demo")]
+    pub model: Option<PathBuf>,
+    /// Training data: .jsonl ({"text"} or {"prompt","response"}) or plain text.
+    #[arg(long, required_unless_present = "demo")]
+    pub data: Option<PathBuf>,
+    /// Validation data (same formats). Without it, --valid-frac of the
+    /// training data is held out.
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Fraction of the training data held out for validation when --valid is
+    /// not given (0 = no validation).
+    #[arg(long, default_value_t = 0.05)]
+    pub valid_frac: f64,
+    /// Tokenizer: world:PATH, hf:PATH or bytes (default: bytes for
+    /// vocab-256 models).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Output state file (ai00 / web-rwkv layout).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Start from this state file instead of zeros.
+    #[arg(long)]
+    pub init_state: Option<PathBuf>,
+    /// Optimiser steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Examples per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Longest example, in tokens (RWKV-PEFT uses 512 or less).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Peak learning rate (after warm-up).
+    #[arg(long, default_value_t = 1.0)]
+    pub lr: f64,
+    /// Learning rate at the last step.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr_final: f64,
+    /// Warm-up steps (lr ramps from 1% to 100%).
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// Decay after warm-up: exp (RWKV-LM), linear or cosine.
+    #[arg(long, default_value = "exp")]
+    pub decay: String,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// AdamW decoupled weight decay (0 = Adam).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.99)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// Seed of the data order (and of the demo task).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (0 = only at the end). Checkpoints
+    /// are written atomically and hold state, Adam moments, step and data
+    /// position, so --resume continues exactly.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Checkpoint file (default: <out>.ckpt).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint if it exists (same arguments required).
+    #[arg(long)]
+    pub resume: bool,
+    /// JSON-lines metrics log (one object per step: step, loss, lr,
+    /// grad_norm, tokens_per_s; plus validation lines).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// PNG loss curve.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Validate every N steps (0 = only before and after).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// At most this many validation examples (0 = all).
+    #[arg(long)]
+    pub eval_max: Option<usize>,
+    /// Tokens per recomputation chunk of the gradient engine.
+    #[arg(long, default_value_t = 64)]
+    pub chunk: usize,
+    /// Decorrelated backpropagation on the tuned state (arXiv 2504.05097;
+    /// docs/dbp.md): train S′ with S = S′·R, R decorrelating the key-space
+    /// inputs the state reads.
+    #[arg(long)]
+    pub dbp: bool,
+    /// DBP learning rate η of the decorrelation rule.
+    #[arg(long, default_value_t = 0.05)]
+    pub dbp_eta: f64,
+    /// DBP whitening weight κ ∈ [0, 1] (0 = decorrelate only).
+    #[arg(long, default_value_t = 0.0)]
+    pub dbp_kappa: f64,
+    /// Kernel upscaling of the state to M×M per head (arXiv 2504.05097).
+    #[arg(long, value_name = "M")]
+    pub upscale: Option<usize>,
+    /// Observer (teacher) model: add λ·KL(teacher ‖ student) on the response
+    /// tokens; the teacher must share the vocabulary.
+    #[arg(long, value_name = "BIG.safetensors")]
+    pub observer: Option<PathBuf>,
+    /// λ, the weight of the observer's KL term.
+    #[arg(long, default_value_t = 1.0)]
+    pub observer_weight: f32,
+    /// Temperature of the observer's distribution.
+    #[arg(long, default_value_t = 1.0)]
+    pub observer_temp: f32,
+    /// Where to run: cpu (default) or cuda.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Sleep after every step (testing interrupted runs).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub throttle_ms: u64,
+}
+
+fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> {
+    let tok = match spec {
+        Some(s) => Tokenizer::from_spec(s)?,
+        None if vocab == 256 => Tokenizer::Bytes(rwkv_tune::tokenizer::ByteTokenizer),
+        None => bail!(
+            "the model has a vocabulary of {vocab}: pass --tokenizer world:rwkv_vocab_v20230424.txt \
+             (RWKV world models) or --tokenizer hf:tokenizer.json"
+        ),
+    };
+    if tok.vocab_size() > vocab {
+        bail!(
+            "the tokenizer produces ids up to {} but the model's vocabulary is {vocab}",
+            tok.vocab_size() - 1
+        );
+    }
+    Ok(Box::new(tok))
+}
+
+fn print_eval(label: &str, r: &EvalResult, unit: &str) {
+    println!("  {label:<7} {}", r.summary(unit));
+}
+
+pub fn run(a: TuneArgs) -> Result<()> {
+    if a.device == Device::Cuda {
+        bail!("CUDA state tuning not yet available; use --device cpu");
+    }
+    if let Some(m) = a.upscale {
+        bail!(
+            "--upscale {m}: not available in `tune` yet — an upscaled state has an extra N×M \
+             memory per head that ai00 / web-rwkv state files (and `generate --state`) cannot \
+             hold; try it with `rwkv-tune compare`"
+        );
+    }
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .context("setting the thread count")?;
+    }
+    let t0 = Instant::now();
+    let decay: Decay = a.decay.parse()?;
+
+    // Model, tokenizer, data.
+    let (weights, train_ds, valid_ds, defaults, unit) = match a.demo {
+        Some(DemoKind::Synthetic) => {
+            let w = demo::demo_weights(demo::DEMO_MODEL_SEED)?;
+            let (tr, va) =
+                demo::synthetic_datasets(512, 128, a.seed.wrapping_add(1), &ByteTokenizer)?;
+            println!(
+                "demo: seeded random RWKV-7 ({} layers, width {}, {} heads × {}, byte vocab; {} \
+                 params, built in code) on a synthetic task: prompts `Q: <words>?|!|.` must be \
+                 answered ` Yes.` / ` Wow!` / ` Ok.` by the punctuation",
+                w.config.n_layer,
+                w.config.n_embd,
+                w.config.n_head,
+                w.config.head_size,
+                w.config.n_params(),
+            );
+            (w, tr, Some(va), (300u64, 16usize, 64usize, 0usize), "byte")
+        }
+        Some(DemoKind::Shakespeare) => {
+            let Some((m, t)) = demo::shakespeare_paths() else {
+                bail!(
+                    "--demo shakespeare needs ../shared/fixtures/rwkv7-tiny-834k and \
+                     ../shared/datasets/tinyshakespeare.txt next to the crate"
+                )
+            };
+            let w = Weights::load(&m).with_context(|| format!("loading {}", m.display()))?;
+            let ctx = a.ctx.unwrap_or(128);
+            let recs = data::read_records(&t, &ByteTokenizer)?;
+            let (tr, va) = data::split_records(recs, 0.05, 0);
+            println!(
+                "demo: {} on {} (last 5% held out)",
+                m.display(),
+                t.display()
+            );
+            (
+                w,
+                Dataset::from_records(&tr, ctx)?,
+                Some(Dataset::from_records(&va, ctx)?),
+                (200, 8, ctx, 64),
+                "byte",
+            )
+        }
+        None => {
+            let m = a.model.clone().context("--model is required")?;
+            let d = a.data.clone().context("--data is required")?;
+            let w = Weights::load(&m).with_context(|| format!("loading {}", m.display()))?;
+            let tok = tokenizer_for(a.tokenizer.as_deref(), w.config.vocab)?;
+            let ctx = a.ctx.unwrap_or(256);
+            let (tr, va) = if let Some(v) = &a.valid {
+                (
+                    data::load_dataset(&d, tok.as_ref(), ctx)?,
+                    Some(data::load_dataset(v, tok.as_ref(), ctx)?),
+                )
+            } else {
+                let recs = data::read_records(&d, tok.as_ref())?;
+                if a.valid_frac > 0.0 {
+                    let (tr, va) = data::split_records(recs, a.valid_frac, a.seed);
+                    (
+                        Dataset::from_records(&tr, ctx)?,
+                        Some(Dataset::from_records(&va, ctx)?),
+                    )
+                } else {
+                    (Dataset::from_records(&recs, ctx)?, None)
+                }
+            };
+            let unit = if w.config.vocab == 256 {
+                "byte"
+            } else {
+                "token"
+            };
+            (w, tr, va, (200, 4, ctx, 0), unit)
+        }
+    };
+    let (def_steps, def_batch, _, def_eval_max) = defaults;
+    if train_ds.examples.is_empty() {
+        bail!("the training data gave no examples");
+    }
+    let cfg_m = weights.config.clone();
+    let model = Model::new(weights)?;
+
+    let observer = match &a.observer {
+        Some(p) => {
+            let om = Model::load(p).with_context(|| format!("loading observer {}", p.display()))?;
+            if om.config().vocab != cfg_m.vocab {
+                bail!(
+                    "the observer's vocabulary ({}) differs from the model's ({})",
+                    om.config().vocab,
+                    cfg_m.vocab
+                );
+            }
+            Some(Observer {
+                model: om,
+                temperature: a.observer_temp,
+            })
+        }
+        None => None,
+    };
+
+    let steps = a.steps.unwrap_or(def_steps);
+    let mut tc = TrainConfig::new(steps);
+    tc.batch = a.batch.unwrap_or(def_batch);
+    tc.schedule = Schedule {
+        lr: a.lr,
+        lr_final: a.lr_final,
+        warmup: a.warmup,
+        total: steps,
+        decay,
+    };
+    tc.adam = AdamConfig {
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.adam_eps,
+        weight_decay: a.weight_decay,
+    };
+    tc.clip = a.clip;
+    tc.seed = a.seed;
+    tc.checkpoint_every = a.checkpoint_every;
+    tc.checkpoint = match (&a.checkpoint, &a.out) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(o)) => Some(append_ext(o, "ckpt")),
+        (None, None) => None,
+    };
+    if (a.resume || a.checkpoint_every > 0) && tc.checkpoint.is_none() {
+        bail!("--resume and --checkpoint-every need --out or --checkpoint");
+    }
+    tc.resume = a.resume;
+    tc.metrics = a.metrics.clone();
+    tc.plot = a.plot.clone();
+    tc.eval_every = a.eval_every;
+    tc.eval_max = a.eval_max.unwrap_or(def_eval_max);
+    tc.grad.chunk = a.chunk.max(1);
+    tc.grad.observer_weight = if observer.is_some() {
+        a.observer_weight
+    } else {
+        0.0
+    };
+    tc.verbose = !a.quiet;
+    tc.throttle_ms = a.throttle_ms;
+    tc.tag = format!("demo={:?}", a.demo);
+    if a.dbp {
+        tc.dbp = Some((a.dbp_eta, a.dbp_kappa));
+    }
+    let init = match &a.init_state {
+        Some(p) => {
+            let st = State::load(p, &cfg_m)
+                .with_context(|| format!("loading initial state {}", p.display()))?;
+            Some(train::from_model_state(&cfg_m, &st, false)?)
+        }
+        None => None,
+    };
+    if init.is_some() {
+        tc.tag += &format!("; init={:?}", a.init_state);
+    }
+
+    println!(
+        "tuning {} state parameters over {} layers: {} train examples ({} target tokens), {} \
+         steps × batch {}, lr {} → {} (warm-up {}, {:?})",
+        cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * cfg_m.head_size,
+        cfg_m.n_layer,
+        train_ds.examples.len(),
+        train_ds.n_target_tokens,
+        steps,
+        tc.batch,
+        a.lr,
+        a.lr_final,
+        a.warmup,
+        decay
+    );
+    let obs = observer.as_ref().map(|o| o as &dyn SoftTargets);
+    let rep = train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, init)?;
+    if let Some(s) = rep.resumed_from {
+        println!("resumed from step {s}");
+    }
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}",
+        rep.steps,
+        rep.seconds,
+        rep.tokens_per_sec,
+        rep.history.last().copied().unwrap_or(f32::NAN)
+    );
+    if let (Some(b), Some(f)) = (&rep.before, &rep.after) {
+        println!("validation ({} tokens):", b.n_tokens);
+        print_eval("before", b, unit);
+        print_eval("after", f, unit);
+    }
+    if let Some(o) = &a.out {
+        train::export_state(o, &cfg_m, &rep.state)?;
+        println!(
+            "wrote {} (use: rwkv-tune generate --state {})",
+            o.display(),
+            o.display()
+        );
+    }
+    if let Some(p) = &a.plot {
+        println!("wrote {}", p.display());
+    }
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn append_ext(p: &Path, ext: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}

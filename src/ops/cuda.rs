@@ -1,0 +1,487 @@
+//! The operations on an NVIDIA GPU: `kernels/model_ops.cu` launched through
+//! cudarc on the [`Gpu`]'s stream, GEMMs through cuBLAS (f32 `sgemm`), the WKV
+//! recurrence through [`crate::wkv7::cuda::forward_dev`].
+use std::sync::Arc;
+
+use super::{
+    check, check_group_norm, check_token_shift, check_value_residual, need, Act, BonusBufs,
+    DeviceOps, Geom,
+};
+use crate::cuda::{cuda_err, Gpu};
+use crate::error::{Error, Result};
+use crate::params::{
+    ActParams, AddParams, EmbedParams, GroupNormParams, KkPrepParams, LayerNormParams,
+    TokenShiftParams, ValueResidualParams,
+};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+// SAFETY (all eight): #[repr(C)] plain-old-data structs generated from
+// kernels/params.h (i32, f32 and u64 fields only), matching the C structs the
+// kernels take by value; any bit pattern is valid.
+unsafe impl DeviceRepr for LayerNormParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for GroupNormParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for KkPrepParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TokenShiftParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ActParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ValueResidualParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AddParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for EmbedParams {}
+
+fn addr<G>(o: &Option<(u64, G)>) -> u64 {
+    o.as_ref().map_or(0, |(q, _)| *q)
+}
+
+/// The GPU backend of [`DeviceOps`].
+pub struct CudaOps {
+    gpu: Arc<Gpu>,
+    blas: CudaBlas,
+    /// Launch geometry of the `model_ops` kernels (default [`Geom::GPU`]).
+    pub geom: Geom,
+}
+
+impl CudaOps {
+    /// Opens cuBLAS on the GPU's stream. Errors (never panics) when the
+    /// cuBLAS library is missing.
+    pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
+        // SAFETY: only tries to dlopen libcublas under its known names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable(
+                "the cuBLAS library (libcublas.so) was not found".into(),
+            ));
+        }
+        let blas = CudaBlas::new(gpu.stream.clone()).map_err(cuda_err)?;
+        Ok(CudaOps {
+            gpu,
+            blas,
+            geom: Geom::GPU,
+        })
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// # Safety
+    /// The device addresses in `p` must satisfy what kernels/params.h
+    /// documents for `P` at its sizes.
+    unsafe fn launch<P: DeviceRepr>(
+        &self,
+        name: &str,
+        g: ((u32, u32, u32), (u32, u32, u32)),
+        p: &P,
+    ) -> Result<()> {
+        let f = self.gpu.function("model_ops", name)?;
+        let cfg = LaunchConfig {
+            grid_dim: g.0,
+            block_dim: g.1,
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(p);
+        // SAFETY: forwarded from the caller; the geometry comes from `Geom`,
+        // which the grid-stride kernels accept in any shape.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        Ok(())
+    }
+}
+
+const F32_BYTES: u64 = 4;
+
+impl DeviceOps for CudaOps {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn len(&self, b: &CudaSlice<f32>) -> usize {
+        b.len()
+    }
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.gpu
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda_err)
+    }
+    fn upload(&self, h: &[f32]) -> Result<CudaSlice<f32>> {
+        if h.is_empty() {
+            return self.zeros(0);
+        }
+        self.gpu.stream.clone_htod(h).map_err(cuda_err)
+    }
+    fn download(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.gpu.stream.clone_dtoh(b).map_err(cuda_err)
+    }
+    fn write(&self, h: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        need("dst", dst.len(), 0, h.len())?;
+        if h.is_empty() {
+            return Ok(());
+        }
+        self.gpu
+            .stream
+            .memcpy_htod(h, &mut dst.slice_mut(..h.len()))
+            .map_err(cuda_err)
+    }
+    fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        src_off: usize,
+        dst: &mut CudaSlice<f32>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        need("src", src.len(), src_off, n)?;
+        need("dst", dst.len(), dst_off, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.gpu
+            .stream
+            .memcpy_dtod(
+                &src.slice(src_off..src_off + n),
+                &mut dst.slice_mut(dst_off..dst_off + n),
+            )
+            .map_err(cuda_err)
+    }
+    fn sync(&self) -> Result<()> {
+        self.gpu.sync()
+    }
+
+    fn embed(
+        &self,
+        tokens: &[u32],
+        table: &CudaSlice<f32>,
+        c: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::embed(tokens, table.len(), c, out.len())?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let st = &self.gpu.stream;
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let tok = st.clone_htod(&tok).map_err(cuda_err)?;
+        let (tp, _g1) = tok.device_ptr(st);
+        let (tb, _g2) = table.device_ptr(st);
+        let (op, _g3) = out.device_ptr_mut(st);
+        let p = EmbedParams {
+            T: tokens.len() as i32,
+            C: c as i32,
+            tokens: tp,
+            table: tb,
+            out: op,
+        };
+        // SAFETY: device buffers of checked lengths (ids in range of the
+        // table); the guards keep them alive until the launch is queued.
+        unsafe { self.launch("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major y[m, n] = x[m, k] · wᵀ is column-major
+        // y_cm[n, m] = (w_cm[k, n])ᵀ · x_cm[k, m]: op(A) = Aᵀ with A = w
+        // (lda = k), B = x (ldb = ldx), C = y (ldc = n).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: ldx as i32,
+            beta: 0.0f32,
+            ldc: n as i32,
+        };
+        let xv = x.slice(x_off..);
+        // SAFETY: the sizes were checked above: w holds n·k floats, x from
+        // x_off holds (m−1)·ldx + k, y holds m·n; all on this stream.
+        unsafe { self.blas.gemm(cfg, w, &xv, y) }.map_err(cuda_err)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        eps: f32,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
+        let st = &self.gpu.stream;
+        let (xp, _g1) = x.device_ptr(st);
+        let (wp, _g2) = weight.device_ptr(st);
+        let (bp, _g3) = bias.device_ptr(st);
+        let (yp, _g4) = y.device_ptr_mut(st);
+        let p = LayerNormParams {
+            rows: rows as i32,
+            C: c as i32,
+            eps,
+            x: xp + x_off as u64 * F32_BYTES,
+            weight: wp,
+            bias: bp,
+            y: yp,
+        };
+        // SAFETY: lengths checked above; guards alive until queued.
+        unsafe { self.launch("ops_layer_norm_f32", self.geom.rows(rows), &p) }
+    }
+
+    fn group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        bonus: Option<BonusBufs<'_, CudaSlice<f32>>>,
+        g: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        check_group_norm(
+            rows,
+            h,
+            n,
+            x.len(),
+            weight.len(),
+            bias.len(),
+            &bonus,
+            g,
+            |b| b.len(),
+        )?;
+        let st = &self.gpu.stream;
+        let (wp, _g1) = weight.device_ptr(st);
+        let (bp, _g2) = bias.device_ptr(st);
+        let r = bonus.as_ref().map(|b| b.r.device_ptr(st));
+        let k = bonus.as_ref().map(|b| b.k.device_ptr(st));
+        let v = bonus.as_ref().map(|b| b.v.device_ptr(st));
+        let rk = bonus.as_ref().map(|b| b.r_k.device_ptr(st));
+        let gp = g.map(|b| b.device_ptr(st));
+        let (xp, _g3) = x.device_ptr_mut(st);
+        let p = GroupNormParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            eps,
+            x: xp,
+            weight: wp,
+            bias: bp,
+            r: addr(&r),
+            k: addr(&k),
+            v: addr(&v),
+            r_k: addr(&rk),
+            g: addr(&gp),
+            y: xp,
+        };
+        // SAFETY: lengths checked above; y = x is allowed by the kernel.
+        unsafe { self.launch("ops_group_norm_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &CudaSlice<f32>,
+        da: &CudaSlice<f32>,
+        a0: &CudaSlice<f32>,
+        k_k: &CudaSlice<f32>,
+        k_a: &CudaSlice<f32>,
+        k_out: &mut CudaSlice<f32>,
+        a: &mut CudaSlice<f32>,
+        b: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep",
+            rows,
+            h,
+            n,
+            &[
+                ("k", k.len()),
+                ("da", da.len()),
+                ("k_out", k_out.len()),
+                ("a", a.len()),
+                ("b", b.len()),
+            ],
+            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
+        )?;
+        let st = &self.gpu.stream;
+        let (kp, _g1) = k.device_ptr(st);
+        let (dap, _g2) = da.device_ptr(st);
+        let (a0p, _g3) = a0.device_ptr(st);
+        let (kkp, _g4) = k_k.device_ptr(st);
+        let (kap, _g5) = k_a.device_ptr(st);
+        let (kop, _g6) = k_out.device_ptr_mut(st);
+        let (ap, _g7) = a.device_ptr_mut(st);
+        let (bp, _g8) = b.device_ptr_mut(st);
+        let p = KkPrepParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: kp,
+            da: dap,
+            a0: a0p,
+            k_k: kkp,
+            k_a: kap,
+            k_out: kop,
+            a: ap,
+            b: bp,
+        };
+        // SAFETY: lengths checked above; outputs are distinct buffers.
+        unsafe { self.launch("ops_kk_prep_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn token_shift(
+        &self,
+        t: usize,
+        c: usize,
+        x: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        mu: &CudaSlice<f32>,
+        n_mix: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
+        let st = &self.gpu.stream;
+        let (xp, _g1) = x.device_ptr(st);
+        let (mp, _g2) = mu.device_ptr(st);
+        let (sp, _g3) = state.device_ptr_mut(st);
+        let (op, _g4) = out.device_ptr_mut(st);
+        let p = TokenShiftParams {
+            T: t as i32,
+            C: c as i32,
+            n_mix: n_mix as i32,
+            x: xp,
+            state: sp,
+            mu: mp,
+            out: op,
+        };
+        // SAFETY: lengths checked above; state and out are distinct buffers.
+        unsafe { self.launch("ops_token_shift_f32", self.geom.elems(c), &p) }
+    }
+
+    fn act(
+        &self,
+        mode: Act,
+        x: &mut CudaSlice<f32>,
+        c: usize,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        check::per_channel("act", x.len(), c)?;
+        if let Some(b) = bias {
+            need("bias", b.len(), 0, c)?;
+        }
+        let st = &self.gpu.stream;
+        let n = x.len();
+        let bp = bias.map(|b| b.device_ptr(st));
+        let (xp, _g1) = x.device_ptr_mut(st);
+        let p = ActParams {
+            n: n as i32,
+            C: c as i32,
+            mode: mode.code(),
+            x: xp,
+            bias: addr(&bp),
+        };
+        // SAFETY: x holds n floats, bias ≥ C (checked).
+        unsafe { self.launch("ops_act_f32", self.geom.elems(n), &p) }
+    }
+
+    fn value_residual(
+        &self,
+        c: usize,
+        v: &mut CudaSlice<f32>,
+        v_first: &CudaSlice<f32>,
+        v0: &CudaSlice<f32>,
+        dv: &CudaSlice<f32>,
+    ) -> Result<()> {
+        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
+        let st = &self.gpu.stream;
+        let n = v.len();
+        let (fp, _g1) = v_first.device_ptr(st);
+        let (v0p, _g2) = v0.device_ptr(st);
+        let (dvp, _g3) = dv.device_ptr(st);
+        let (vp, _g4) = v.device_ptr_mut(st);
+        let p = ValueResidualParams {
+            rows: (n / c) as i32,
+            C: c as i32,
+            v: vp,
+            v_first: fp,
+            v0: v0p,
+            dv: dvp,
+        };
+        // SAFETY: lengths checked above.
+        unsafe { self.launch("ops_value_residual_f32", self.geom.elems(n), &p) }
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        need("y", y.len(), 0, x.len())?;
+        super::fits_i32("add", &[x.len()])?;
+        let st = &self.gpu.stream;
+        let n = x.len();
+        let (yp, _g1) = y.device_ptr(st);
+        let (xp, _g2) = x.device_ptr_mut(st);
+        let p = AddParams {
+            n: n as i32,
+            x: xp,
+            y: yp,
+        };
+        // SAFETY: x holds n floats, y at least n (checked).
+        unsafe { self.launch("ops_add_f32", self.geom.elems(n), &p) }
+    }
+
+    fn wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&CudaSlice<f32>; 6],
+        state: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b: 1, t, h, n };
+        let [r, w, k, v, a, b] = rwkvab;
+        let mut h_t = self.zeros(d.state_len())?;
+        crate::wkv7::cuda::forward_dev(
+            &self.gpu,
+            &d,
+            &crate::wkv7::cuda::DevInputs {
+                r,
+                w,
+                k,
+                v,
+                a,
+                b,
+                h0: Some(state),
+            },
+            y,
+            Some(&mut h_t),
+            None,
+        )?;
+        std::mem::swap(state, &mut h_t);
+        Ok(())
+    }
+}

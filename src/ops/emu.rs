@@ -1,0 +1,316 @@
+//! The operations on the CPU emulator: `kernels/model_ops.cu` compiled for
+//! the CPU (see `crate::emu`), on host `Vec<f32>` buffers. GEMMs run in Rust
+//! ([`super::reference::matmul`]); the WKV recurrence runs the emulated
+//! `kernels/wkv7_v1.cu`.
+use super::{
+    check, check_group_norm, check_token_shift, check_value_residual, host_copy, host_matmul,
+    host_wkv, need, Act, BonusBufs, DeviceOps, Geom,
+};
+use crate::emu::{launch_ops, EmuParams};
+use crate::error::Result;
+use crate::params::{
+    ActParams, AddParams, EmbedParams, GroupNormParams, KkPrepParams, LayerNormParams,
+    TokenShiftParams, ValueResidualParams,
+};
+
+/// The emulated backend. `geom` picks the launch geometry (default
+/// [`Geom::EMU`]: one small block; [`Geom::GPU`] runs the GPU geometry).
+#[derive(Clone, Copy, Debug)]
+pub struct EmuOps {
+    pub geom: Geom,
+}
+
+impl Default for EmuOps {
+    fn default() -> Self {
+        EmuOps { geom: Geom::EMU }
+    }
+}
+
+impl EmuOps {
+    /// With an explicit launch geometry.
+    pub fn with_geom(geom: Geom) -> Self {
+        EmuOps { geom }
+    }
+}
+
+fn ptr(s: &[f32]) -> u64 {
+    s.as_ptr() as u64
+}
+fn ptr_mut(s: &mut [f32]) -> u64 {
+    s.as_mut_ptr() as u64
+}
+fn opt(s: Option<&Vec<f32>>) -> u64 {
+    s.map_or(0, |v| ptr(v))
+}
+
+type Dims3 = (u32, u32, u32);
+
+/// # Safety
+/// The pointers in `p` must satisfy what `kernels/params.h` documents for
+/// `P` at its sizes (the callers check every length first).
+unsafe fn run<P: EmuParams>(name: &str, g: (Dims3, Dims3), p: &P) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch_ops(name, g.0, g.1, p) }
+}
+
+impl DeviceOps for EmuOps {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+    fn len(&self, b: &Vec<f32>) -> usize {
+        b.len()
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
+        Ok(h.to_vec())
+    }
+    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(b.clone())
+    }
+    fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+        host_copy(h, 0, dst, 0, h.len())
+    }
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        host_copy(src, src_off, dst, dst_off, n)
+    }
+
+    fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
+        check::embed(tokens, table.len(), c, out.len())?;
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let p = EmbedParams {
+            T: tokens.len() as i32,
+            C: c as i32,
+            tokens: tok.as_ptr() as u64,
+            table: ptr(table),
+            out: ptr_mut(out),
+        };
+        // SAFETY: tokens holds T in-range ids (checked), table V·C floats,
+        // out ≥ T·C floats (checked); all alive for the synchronous call.
+        unsafe { run("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Vec<f32>,
+        n: usize,
+        k: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_matmul(x, x_off, ldx, m, w, n, k, y)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        eps: f32,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
+        let p = LayerNormParams {
+            rows: rows as i32,
+            C: c as i32,
+            eps,
+            x: ptr(&x[x_off..]),
+            weight: ptr(weight),
+            bias: ptr(bias),
+            y: ptr_mut(y),
+        };
+        // SAFETY: lengths checked above (x from x_off, weight/bias ≥ C, y ≥ rows·C).
+        unsafe { run("ops_layer_norm_f32", self.geom.rows(rows), &p) }
+    }
+
+    fn group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        bonus: Option<BonusBufs<'_, Vec<f32>>>,
+        g: Option<&Vec<f32>>,
+    ) -> Result<()> {
+        check_group_norm(
+            rows,
+            h,
+            n,
+            x.len(),
+            weight.len(),
+            bias.len(),
+            &bonus,
+            g,
+            |b| b.len(),
+        )?;
+        let xp = ptr_mut(x);
+        let p = GroupNormParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            eps,
+            x: xp,
+            weight: ptr(weight),
+            bias: ptr(bias),
+            r: opt(bonus.as_ref().map(|b| b.r)),
+            k: opt(bonus.as_ref().map(|b| b.k)),
+            v: opt(bonus.as_ref().map(|b| b.v)),
+            r_k: opt(bonus.as_ref().map(|b| b.r_k)),
+            g: opt(g),
+            y: xp,
+        };
+        // SAFETY: every tensor was checked to hold rows·H·N (or H·N)
+        // floats; y = x is allowed (each lane rewrites only what it read).
+        unsafe { run("ops_group_norm_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &Vec<f32>,
+        da: &Vec<f32>,
+        a0: &Vec<f32>,
+        k_k: &Vec<f32>,
+        k_a: &Vec<f32>,
+        k_out: &mut Vec<f32>,
+        a: &mut Vec<f32>,
+        b: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep",
+            rows,
+            h,
+            n,
+            &[
+                ("k", k.len()),
+                ("da", da.len()),
+                ("k_out", k_out.len()),
+                ("a", a.len()),
+                ("b", b.len()),
+            ],
+            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
+        )?;
+        let p = KkPrepParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: ptr(k),
+            da: ptr(da),
+            a0: ptr(a0),
+            k_k: ptr(k_k),
+            k_a: ptr(k_a),
+            k_out: ptr_mut(k_out),
+            a: ptr_mut(a),
+            b: ptr_mut(b),
+        };
+        // SAFETY: lengths checked above; the three outputs are distinct
+        // &mut borrows, so they do not alias each other or the inputs.
+        unsafe { run("ops_kk_prep_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn token_shift(
+        &self,
+        t: usize,
+        c: usize,
+        x: &Vec<f32>,
+        state: &mut Vec<f32>,
+        mu: &Vec<f32>,
+        n_mix: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
+        let p = TokenShiftParams {
+            T: t as i32,
+            C: c as i32,
+            n_mix: n_mix as i32,
+            x: ptr(x),
+            state: ptr_mut(state),
+            mu: ptr(mu),
+            out: ptr_mut(out),
+        };
+        // SAFETY: lengths checked above; state and out are distinct &mut borrows.
+        unsafe { run("ops_token_shift_f32", self.geom.elems(c), &p) }
+    }
+
+    fn act(&self, mode: Act, x: &mut Vec<f32>, c: usize, bias: Option<&Vec<f32>>) -> Result<()> {
+        check::per_channel("act", x.len(), c)?;
+        if let Some(b) = bias {
+            need("bias", b.len(), 0, c)?;
+        }
+        let p = ActParams {
+            n: x.len() as i32,
+            C: c as i32,
+            mode: mode.code(),
+            x: ptr_mut(x),
+            bias: opt(bias),
+        };
+        // SAFETY: x holds n floats, bias (if any) ≥ C floats (checked).
+        unsafe { run("ops_act_f32", self.geom.elems(x.len()), &p) }
+    }
+
+    fn value_residual(
+        &self,
+        c: usize,
+        v: &mut Vec<f32>,
+        v_first: &Vec<f32>,
+        v0: &Vec<f32>,
+        dv: &Vec<f32>,
+    ) -> Result<()> {
+        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
+        let p = ValueResidualParams {
+            rows: (v.len() / c) as i32,
+            C: c as i32,
+            v: ptr_mut(v),
+            v_first: ptr(v_first),
+            v0: ptr(v0),
+            dv: ptr(dv),
+        };
+        // SAFETY: lengths checked above.
+        unsafe { run("ops_value_residual_f32", self.geom.elems(v.len()), &p) }
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        need("y", y.len(), 0, x.len())?;
+        super::fits_i32("add", &[x.len()])?;
+        let p = AddParams {
+            n: x.len() as i32,
+            x: ptr_mut(x),
+            y: ptr(y),
+        };
+        // SAFETY: x holds n floats and y at least n (checked).
+        unsafe { run("ops_add_f32", self.geom.elems(x.len()), &p) }
+    }
+
+    fn wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        state: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_wkv(&crate::wkv7::Backend::Emu, t, h, n, rwkvab, state, y)
+    }
+}

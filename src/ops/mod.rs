@@ -1,0 +1,670 @@
+//! The element-wise and normalisation operations of the RWKV-7 forward pass
+//! (everything but the GEMMs and the WKV recurrence, which have their own
+//! modules), behind one small device trait, [`DeviceOps`], with three
+//! implementations that run the same calls:
+//!
+//! | impl | buffers | element-wise ops | GEMM | WKV |
+//! |---|---|---|---|---|
+//! | [`CpuOps`] | `Vec<f32>` | [`reference`] (Rust twins) | [`reference::matmul`] | `wkv7` Cpu |
+//! | [`emu::EmuOps`] | `Vec<f32>` | `kernels/model_ops.cu` on the CPU emulator | [`reference::matmul`] | `wkv7` Emu |
+//! | [`cuda::CudaOps`] | `CudaSlice<f32>` | `kernels/model_ops.cu` on the GPU | cuBLAS sgemm | `wkv7::cuda::forward_dev` |
+//!
+//! The device forward (`model::device`) is written once, generic over
+//! [`DeviceOps`].
+//!
+//! Conventions (all ops, f32): activations are row-major `[rows, C]` with
+//! `C = H · N`; per-channel parameters are `[C]`; matrices are `[out, in]`
+//! (`nn.Linear`), applied as `y = x Wᵀ`. A buffer may be longer than what an
+//! op touches (the check is `len ≥ offset + needed`); a shorter one is an
+//! [`Error::Shape`] naming the argument. Ops marked "in place" overwrite
+//! their first buffer argument.
+pub mod cuda;
+pub mod emu;
+pub mod reference;
+
+use crate::error::{Error, Result};
+
+/// `e^{-1/2}`: the x070 decay is `w = exp(−e^{−1/2} · σ(d))`.
+pub const DECAY_SCALE: f32 = 0.606_530_66;
+/// LayerNorm epsilon (GroupNorm uses `LN_EPS · N`).
+pub const LN_EPS: f32 = 1e-5;
+
+/// Element-wise activations of [`DeviceOps::act`], applied to `x + bias`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// `tanh`
+    Tanh,
+    /// `σ(x) = 1 / (1 + e^{−x})`
+    Sigmoid,
+    /// `max(x, 0)²`
+    ReluSq,
+    /// the x070 decay `exp(−e^{−1/2} σ(x))`, in (0.545, 1)
+    Decay,
+}
+
+impl Act {
+    /// The `OPS_ACT_*` code of kernels/params.h.
+    pub fn code(self) -> i32 {
+        match self {
+            Act::Tanh => 0,
+            Act::Sigmoid => 1,
+            Act::ReluSq => 2,
+            Act::Decay => 3,
+        }
+    }
+}
+
+/// Launch geometry policy of the `model_ops` kernels. Every kernel is
+/// written with grid-stride loops, so any policy gives the same results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geom {
+    /// Threads per block of the element-wise kernels (a multiple of 32).
+    pub elem_block: u32,
+    /// Upper bound on the number of blocks of every kernel.
+    pub max_blocks: u32,
+    /// Warps (rows) per block of the row kernels (LayerNorm, GroupNorm, L2 norm).
+    pub rows_per_block: u32,
+}
+
+impl Geom {
+    /// For the GPU: 256-thread element-wise blocks, 4 rows (128 threads) per row block.
+    pub const GPU: Geom = Geom {
+        elem_block: 256,
+        max_blocks: 8192,
+        rows_per_block: 4,
+    };
+    /// For the CPU emulator (one OS thread per CUDA thread, one block at a
+    /// time): one block of 64 threads, looping over everything.
+    pub const EMU: Geom = Geom {
+        elem_block: 64,
+        max_blocks: 1,
+        rows_per_block: 2,
+    };
+
+    /// Grid and block for `n` independent elements.
+    pub fn elems(&self, n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let b = self.elem_block.max(32);
+        let g = n
+            .div_ceil(b as usize)
+            .clamp(1, self.max_blocks.max(1) as usize) as u32;
+        ((g, 1, 1), (b, 1, 1))
+    }
+
+    /// Grid and block for `rows` rows, one warp each.
+    pub fn rows(&self, rows: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let w = self.rows_per_block.clamp(1, 8);
+        let g = rows
+            .div_ceil(w as usize)
+            .clamp(1, self.max_blocks.max(1) as usize) as u32;
+        ((g, 1, 1), (32, w, 1))
+    }
+}
+
+/// Checks that buffer `name` (length `len`) holds `off + need` elements.
+pub fn need(name: &str, len: usize, off: usize, need: usize) -> Result<()> {
+    if len < off + need {
+        return Err(Error::Shape {
+            name: name.to_string(),
+            expected: vec![off + need],
+            got: vec![len],
+        });
+    }
+    Ok(())
+}
+
+/// Checks that every size fits the kernels' `int32` fields.
+pub fn fits_i32(what: &str, sizes: &[usize]) -> Result<()> {
+    let total = sizes
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s.max(1)));
+    match total {
+        Some(t) if t <= i32::MAX as usize => Ok(()),
+        _ => Err(Error::Invalid(format!(
+            "{what}: sizes {sizes:?} too large for the kernels (2^31 elements)"
+        ))),
+    }
+}
+
+/// Head layout `(H, N)` check: both ≥ 1.
+pub fn check_heads(h: usize, n: usize) -> Result<()> {
+    if h == 0 || n == 0 {
+        return Err(Error::Invalid(format!(
+            "heads H={h} and head size N={n} must both be at least 1"
+        )));
+    }
+    Ok(())
+}
+
+/// The r_k bonus inputs of [`DeviceOps::group_norm`]: r, k̃, v `[rows, C]`, r_k `[C]`.
+pub struct BonusBufs<'a, B> {
+    pub r: &'a B,
+    pub k: &'a B,
+    pub v: &'a B,
+    pub r_k: &'a B,
+}
+
+/// A device that runs the forward-pass operations on its own buffers.
+/// All sizes are checked (typed [`Error`]s, never a panic or an
+/// out-of-bounds access); see the module docs for layouts.
+#[allow(clippy::too_many_arguments)]
+pub trait DeviceOps {
+    /// An f32 buffer on the device.
+    type Buf;
+
+    /// Short name (`cpu`, `emu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// Elements of a buffer.
+    fn len(&self, b: &Self::Buf) -> usize;
+    /// A zeroed buffer of `n` elements.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of `h`.
+    fn upload(&self, h: &[f32]) -> Result<Self::Buf>;
+    /// The whole buffer, copied to the host.
+    fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
+    /// `dst[..h.len()] = h`.
+    fn write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()>;
+    /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]`.
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Waits for queued work (no-op on the CPU backends).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// `out[t, :] = table[tokens[t], :]`; table `[V, C]`, out `[T, C]`.
+    fn embed(&self, tokens: &[u32], table: &Self::Buf, c: usize, out: &mut Self::Buf)
+        -> Result<()>;
+    /// `y[m, n] = x[m, k] · wᵀ`, w `[n, k]`, row i of x at `x_off + i·ldx`.
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// LayerNorm of `rows` rows of `C` starting at `x_off`, into `y[..rows·C]`.
+    fn layer_norm(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        eps: f32,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// In place on x `[rows, H·N]`: per-head GroupNorm + affine, optional
+    /// r_k bonus `(Σ r k̃ r_k)·v`, optional gate `· g`.
+    fn group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        bonus: Option<BonusBufs<'_, Self::Buf>>,
+        g: Option<&Self::Buf>,
+    ) -> Result<()>;
+    /// α = σ(a0 + da), κ̂ = L2-normalize per head (k ⊙ k_k); writes
+    /// `k_out = k ⊙ (1 + (α − 1) ⊙ k_a)`, `a = −κ̂`, `b = κ̂ ⊙ α`.
+    fn kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &Self::Buf,
+        da: &Self::Buf,
+        a0: &Self::Buf,
+        k_k: &Self::Buf,
+        k_a: &Self::Buf,
+        k_out: &mut Self::Buf,
+        a: &mut Self::Buf,
+        b: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Token shift + lerp for `n_mix` coefficient rows `mu [n_mix, C]`:
+    /// `out [T, n_mix, C]`; `state [C]` is x_{−1} in and x_{T−1} out.
+    fn token_shift(
+        &self,
+        t: usize,
+        c: usize,
+        x: &Self::Buf,
+        state: &mut Self::Buf,
+        mu: &Self::Buf,
+        n_mix: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// In place on all of x (a multiple of C): `x = f(x + bias)`.
+    fn act(&self, mode: Act, x: &mut Self::Buf, c: usize, bias: Option<&Self::Buf>) -> Result<()>;
+    /// In place on all of v (a multiple of C): `v += (v_first − v) ⊙ σ(v0 + dv)`.
+    fn value_residual(
+        &self,
+        c: usize,
+        v: &mut Self::Buf,
+        v_first: &Self::Buf,
+        v0: &Self::Buf,
+        dv: &Self::Buf,
+    ) -> Result<()>;
+    /// In place on all of x: `x += y`.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    /// The WKV-7 recurrence for one sequence of `t` tokens: r … b, y
+    /// `[T, H, N]` (exact lengths), `state [H, N, N]` value-major, updated.
+    fn wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        state: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+}
+
+// ---- shape checks shared by the implementations ---------------------------
+
+pub(crate) mod check {
+    use super::{check_heads, fits_i32, need};
+    use crate::error::{Error, Result};
+
+    pub fn embed(tokens: &[u32], table: usize, c: usize, out: usize) -> Result<()> {
+        if c == 0 {
+            return Err(Error::Invalid("embed: C must be at least 1".into()));
+        }
+        let v = table / c;
+        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= v) {
+            return Err(Error::Invalid(format!(
+                "token {t} at position {i} is out of range (table has {v} rows)"
+            )));
+        }
+        fits_i32("embed", &[tokens.len(), c])?;
+        need("out", out, 0, tokens.len() * c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        x: usize,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: usize,
+        n: usize,
+        k: usize,
+        y: usize,
+    ) -> Result<()> {
+        if ldx < k {
+            return Err(Error::Invalid(format!("matmul: ldx {ldx} < k {k}")));
+        }
+        fits_i32("matmul", &[m, ldx])?;
+        fits_i32("matmul", &[n, k])?;
+        fits_i32("matmul", &[m, n])?;
+        if m > 0 {
+            need("x", x, x_off, (m - 1) * ldx + k)?;
+        }
+        need("w", w, 0, n * k)?;
+        need("y", y, 0, m * n)
+    }
+
+    pub fn layer_norm(
+        x: usize,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        wb: [usize; 2],
+        y: usize,
+    ) -> Result<()> {
+        if c == 0 {
+            return Err(Error::Invalid("layer_norm: C must be at least 1".into()));
+        }
+        fits_i32("layer_norm", &[rows, c])?;
+        need("x", x, x_off, rows * c)?;
+        need("weight", wb[0], 0, c)?;
+        need("bias", wb[1], 0, c)?;
+        need("y", y, 0, rows * c)
+    }
+
+    /// `rows_c` lengths of [rows, C] tensors, `c_vecs` lengths of [C] vectors.
+    pub fn rows_heads(
+        what: &str,
+        rows: usize,
+        h: usize,
+        n: usize,
+        rows_c: &[(&str, usize)],
+        c_vecs: &[(&str, usize)],
+    ) -> Result<()> {
+        check_heads(h, n)?;
+        fits_i32(what, &[rows, h, n])?;
+        let c = h * n;
+        for (name, len) in rows_c {
+            need(name, *len, 0, rows * c)?;
+        }
+        for (name, len) in c_vecs {
+            need(name, *len, 0, c)?;
+        }
+        Ok(())
+    }
+
+    pub fn per_channel(what: &str, n: usize, c: usize) -> Result<()> {
+        if c == 0 || n % c != 0 {
+            return Err(Error::Invalid(format!(
+                "{what}: length {n} is not a multiple of C = {c}"
+            )));
+        }
+        fits_i32(what, &[n])
+    }
+}
+
+// ---- the CPU implementation (the Rust twins) -------------------------------
+
+/// The operations on the CPU: [`reference`] functions on `Vec<f32>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOps;
+
+/// Shared by the two host-memory backends (cpu, emu).
+pub(crate) fn host_copy(
+    src: &[f32],
+    src_off: usize,
+    dst: &mut [f32],
+    dst_off: usize,
+    n: usize,
+) -> Result<()> {
+    need("src", src.len(), src_off, n)?;
+    need("dst", dst.len(), dst_off, n)?;
+    dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn host_matmul(
+    x: &[f32],
+    x_off: usize,
+    ldx: usize,
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
+    if m > 0 {
+        reference::matmul(&x[x_off..], ldx, m, w, n, k, y);
+    }
+    Ok(())
+}
+
+/// WKV on host buffers through a `wkv7` backend (Cpu or Emu).
+pub(crate) fn host_wkv(
+    be: &crate::wkv7::Backend,
+    t: usize,
+    h: usize,
+    n: usize,
+    x: [&Vec<f32>; 6],
+    state: &mut Vec<f32>,
+    y: &mut Vec<f32>,
+) -> Result<()> {
+    let d = crate::wkv7::Dims { b: 1, t, h, n };
+    crate::wkv7::check_len("y", y, &d.seq_shape())?;
+    let out = be.forward(
+        &d,
+        &crate::wkv7::Inputs {
+            r: x[0],
+            w: x[1],
+            k: x[2],
+            v: x[3],
+            a: x[4],
+            b: x[5],
+            h0: Some(state),
+        },
+    )?;
+    *y = out.y;
+    *state = out.h_t;
+    Ok(())
+}
+
+impl DeviceOps for CpuOps {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn len(&self, b: &Vec<f32>) -> usize {
+        b.len()
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
+        Ok(h.to_vec())
+    }
+    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(b.clone())
+    }
+    fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+        host_copy(h, 0, dst, 0, h.len())
+    }
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        host_copy(src, src_off, dst, dst_off, n)
+    }
+    fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
+        check::embed(tokens, table.len(), c, out.len())?;
+        reference::embed(tokens, table, c, out);
+        Ok(())
+    }
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Vec<f32>,
+        n: usize,
+        k: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_matmul(x, x_off, ldx, m, w, n, k, y)
+    }
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        eps: f32,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
+        reference::layer_norm(&x[x_off..], rows, c, weight, bias, eps, y);
+        Ok(())
+    }
+    fn group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        bonus: Option<BonusBufs<'_, Vec<f32>>>,
+        g: Option<&Vec<f32>>,
+    ) -> Result<()> {
+        check_group_norm(
+            rows,
+            h,
+            n,
+            x.len(),
+            weight.len(),
+            bias.len(),
+            &bonus,
+            g,
+            |b| b.len(),
+        )?;
+        let bonus = bonus.map(|b| reference::Bonus {
+            r: b.r,
+            k: b.k,
+            v: b.v,
+            r_k: b.r_k,
+        });
+        reference::group_norm(x, rows, h, n, eps, weight, bias, bonus, g.map(|v| &v[..]));
+        Ok(())
+    }
+    fn kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &Vec<f32>,
+        da: &Vec<f32>,
+        a0: &Vec<f32>,
+        k_k: &Vec<f32>,
+        k_a: &Vec<f32>,
+        k_out: &mut Vec<f32>,
+        a: &mut Vec<f32>,
+        b: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep",
+            rows,
+            h,
+            n,
+            &[
+                ("k", k.len()),
+                ("da", da.len()),
+                ("k_out", k_out.len()),
+                ("a", a.len()),
+                ("b", b.len()),
+            ],
+            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
+        )?;
+        reference::kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b);
+        Ok(())
+    }
+    fn token_shift(
+        &self,
+        t: usize,
+        c: usize,
+        x: &Vec<f32>,
+        state: &mut Vec<f32>,
+        mu: &Vec<f32>,
+        n_mix: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
+        reference::token_shift(t, c, x, state, mu, n_mix, out);
+        Ok(())
+    }
+    fn act(&self, mode: Act, x: &mut Vec<f32>, c: usize, bias: Option<&Vec<f32>>) -> Result<()> {
+        check::per_channel("act", x.len(), c)?;
+        if let Some(b) = bias {
+            need("bias", b.len(), 0, c)?;
+        }
+        reference::act(mode, x, c, bias.map(|b| &b[..]));
+        Ok(())
+    }
+    fn value_residual(
+        &self,
+        c: usize,
+        v: &mut Vec<f32>,
+        v_first: &Vec<f32>,
+        v0: &Vec<f32>,
+        dv: &Vec<f32>,
+    ) -> Result<()> {
+        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
+        reference::value_residual(c, v, v_first, v0, dv);
+        Ok(())
+    }
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        need("y", y.len(), 0, x.len())?;
+        reference::add(x, y);
+        Ok(())
+    }
+    fn wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        state: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_wkv(&crate::wkv7::Backend::Cpu, t, h, n, rwkvab, state, y)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_group_norm<B>(
+    rows: usize,
+    h: usize,
+    n: usize,
+    x: usize,
+    w: usize,
+    b: usize,
+    bonus: &Option<BonusBufs<'_, B>>,
+    g: Option<&B>,
+    len: impl Fn(&B) -> usize,
+) -> Result<()> {
+    let mut rc = vec![("x", x)];
+    let mut cv = vec![("weight", w), ("bias", b)];
+    if let Some(bb) = bonus {
+        rc.extend([("r", len(bb.r)), ("k", len(bb.k)), ("v", len(bb.v))]);
+        cv.push(("r_k", len(bb.r_k)));
+    }
+    if let Some(g) = g {
+        rc.push(("g", len(g)));
+    }
+    check::rows_heads("group_norm", rows, h, n, &rc, &cv)
+}
+
+pub(crate) fn check_token_shift(
+    t: usize,
+    c: usize,
+    x: usize,
+    state: usize,
+    mu: usize,
+    n_mix: usize,
+    out: usize,
+) -> Result<()> {
+    if c == 0 || n_mix == 0 {
+        return Err(Error::Invalid(
+            "token_shift: C and n_mix must be at least 1".into(),
+        ));
+    }
+    fits_i32("token_shift", &[t, n_mix, c])?;
+    need("x", x, 0, t * c)?;
+    need("state", state, 0, c)?;
+    need("mu", mu, 0, n_mix * c)?;
+    need("out", out, 0, t * n_mix * c)
+}
+
+pub(crate) fn check_value_residual(
+    c: usize,
+    v: usize,
+    v_first: usize,
+    v0: usize,
+    dv: usize,
+) -> Result<()> {
+    check::per_channel("value_residual", v, c)?;
+    need("v_first", v_first, 0, v)?;
+    need("dv", dv, 0, v)?;
+    need("v0", v0, 0, c)
+}

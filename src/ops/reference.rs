@@ -1,0 +1,255 @@
+//! CPU twins of the kernels in `kernels/model_ops.cu` (plain Rust, f32, the
+//! same formulas in the same order as the CPU model in `model::forward`), and
+//! the CPU GEMM used by the CPU and emulated op backends.
+//!
+//! Every function assumes its slices were length-checked by the caller
+//! ([`super::DeviceOps`] implementations do it); row-major `[rows, C]`
+//! layouts with `C = H * N`.
+use super::{Act, DECAY_SCALE};
+use rayon::prelude::*;
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// LayerNorm of each row of `C`: `y = (x − mean)/√(var + eps) · weight + bias`.
+pub fn layer_norm(
+    x: &[f32],
+    rows: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
+    for r in 0..rows {
+        let xr = &x[r * c..(r + 1) * c];
+        let yr = &mut y[r * c..(r + 1) * c];
+        let n = c as f32;
+        let mean = xr.iter().sum::<f32>() / n;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for j in 0..c {
+            yr[j] = (xr[j] - mean) * inv * weight[j] + bias[j];
+        }
+    }
+}
+
+/// The r_k bonus inputs of [`group_norm`]: r, k̃, v `[rows, C]` and r_k `[C]`.
+#[derive(Clone, Copy)]
+pub struct Bonus<'a> {
+    pub r: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub r_k: &'a [f32],
+}
+
+/// In place, per (token, head) group of `n`: GroupNorm (eps), affine, plus
+/// `(Σ_j r_j k_j r_k[h,j]) · v` when `bonus` is given, times `g` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &mut [f32],
+    rows: usize,
+    h: usize,
+    n: usize,
+    eps: f32,
+    weight: &[f32],
+    bias: &[f32],
+    bonus: Option<Bonus<'_>>,
+    g: Option<&[f32]>,
+) {
+    let c = h * n;
+    for t in 0..rows {
+        for h0 in (0..c).step_by(n) {
+            let base = t * c + h0;
+            let yh = &mut x[base..base + n];
+            let mean = yh.iter().sum::<f32>() / n as f32;
+            let var = yh.iter().map(|z| (z - mean) * (z - mean)).sum::<f32>() / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            let bs = bonus.map(|b| {
+                let mut s = 0.0f32;
+                for j in 0..n {
+                    s += b.r[base + j] * b.k[base + j] * b.r_k[h0 + j];
+                }
+                s
+            });
+            for j in 0..n {
+                let q = h0 + j;
+                let mut z = (yh[j] - mean) * inv * weight[q] + bias[q];
+                if let (Some(b), Some(s)) = (bonus, bs) {
+                    z += s * b.v[base + j];
+                }
+                if let Some(g) = g {
+                    z *= g[base + j];
+                }
+                yh[j] = z;
+            }
+        }
+    }
+}
+
+/// Per (token, head): α = σ(a0 + da), κ̂ = normalize(k ⊙ k_k),
+/// `a = −κ̂`, `b = κ̂ ⊙ α`, `k_out = k ⊙ (1 + (α − 1) ⊙ k_a)`.
+#[allow(clippy::too_many_arguments)]
+pub fn kk_prep(
+    rows: usize,
+    h: usize,
+    n: usize,
+    k: &[f32],
+    da: &[f32],
+    a0: &[f32],
+    k_k: &[f32],
+    k_a: &[f32],
+    k_out: &mut [f32],
+    a: &mut [f32],
+    b: &mut [f32],
+) {
+    let c = h * n;
+    for t in 0..rows {
+        for h0 in (0..c).step_by(n) {
+            let base = t * c + h0;
+            let mut ss = 0.0f32;
+            for j in 0..n {
+                let q = k[base + j] * k_k[h0 + j];
+                ss += q * q;
+            }
+            let inv = 1.0 / ss.sqrt().max(1e-12);
+            for j in 0..n {
+                let (i, q) = (base + j, h0 + j);
+                let al = sigmoid(a0[q] + da[i]);
+                let kh = k[i] * k_k[q] * inv;
+                a[i] = -kh;
+                b[i] = kh * al;
+                k_out[i] = k[i] * (1.0 + (al - 1.0) * k_a[q]);
+            }
+        }
+    }
+}
+
+/// Token shift + lerp: `out[t, m, :] = x_t + (x_{t−1} − x_t) ⊙ mu[m]` with
+/// `x_{−1} = state`; then `state = x_{T−1}`.
+pub fn token_shift(
+    t: usize,
+    c: usize,
+    x: &[f32],
+    state: &mut [f32],
+    mu: &[f32],
+    n_mix: usize,
+    out: &mut [f32],
+) {
+    if t == 0 {
+        return;
+    }
+    for tt in 0..t {
+        let cur = &x[tt * c..(tt + 1) * c];
+        let prev = if tt == 0 {
+            &state[..c]
+        } else {
+            &x[(tt - 1) * c..tt * c]
+        };
+        for m in 0..n_mix {
+            let mu = &mu[m * c..(m + 1) * c];
+            let o = &mut out[(tt * n_mix + m) * c..(tt * n_mix + m + 1) * c];
+            for j in 0..c {
+                o[j] = cur[j] + (prev[j] - cur[j]) * mu[j];
+            }
+        }
+    }
+    state[..c].copy_from_slice(&x[(t - 1) * c..t * c]);
+}
+
+/// In place: `x = f(bias + x)` (bias `[C]` broadcast over rows, or none).
+pub fn act(mode: Act, x: &mut [f32], c: usize, bias: Option<&[f32]>) {
+    for (i, z) in x.iter_mut().enumerate() {
+        let v = match bias {
+            Some(b) => b[i % c] + *z,
+            None => *z,
+        };
+        *z = match mode {
+            Act::Tanh => v.tanh(),
+            Act::Sigmoid => sigmoid(v),
+            Act::ReluSq => {
+                let q = v.max(0.0);
+                q * q
+            }
+            Act::Decay => (-DECAY_SCALE * sigmoid(v)).exp(),
+        };
+    }
+}
+
+/// Value residual, in place: `v += (v_first − v) ⊙ σ(v0 + dv)`.
+pub fn value_residual(c: usize, v: &mut [f32], v_first: &[f32], v0: &[f32], dv: &[f32]) {
+    for (i, vv) in v.iter_mut().enumerate() {
+        *vv += (v_first[i] - *vv) * sigmoid(v0[i % c] + dv[i]);
+    }
+}
+
+/// Residual add, in place: `x += y`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Embedding gather: `out[t, :] = table[tokens[t], :]`.
+pub fn embed(tokens: &[u32], table: &[f32], c: usize, out: &mut [f32]) {
+    for (row, &tok) in out.chunks_mut(c).zip(tokens) {
+        let e = tok as usize * c;
+        row.copy_from_slice(&table[e..e + c]);
+    }
+}
+
+/// `y[m, n] = x[m, k] · wᵀ` with `w` stored `[n, k]` (`nn.Linear` layout) and
+/// row `i` of x starting at `i * ldx`. Rayon-parallel over output rows.
+pub fn matmul(x: &[f32], ldx: usize, m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    let row = |i: usize, yr: &mut [f32]| {
+        let xr = &x[i * ldx..i * ldx + k];
+        for (o, yo) in yr.iter_mut().enumerate() {
+            *yo = dot(xr, &w[o * k..(o + 1) * k]);
+        }
+    };
+    if m * n * k < 1 << 16 {
+        y[..m * n]
+            .chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(i, yr)| row(i, yr));
+    } else if m >= rayon::current_num_threads() * 2 {
+        y[..m * n]
+            .par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(i, yr)| row(i, yr));
+    } else {
+        // few rows (one-token mode): split the output columns instead
+        for i in 0..m {
+            let xr = &x[i * ldx..i * ldx + k];
+            y[i * n..(i + 1) * n]
+                .par_chunks_mut(64)
+                .enumerate()
+                .for_each(|(cb, yc)| {
+                    for (o, yo) in yc.iter_mut().enumerate() {
+                        let o = cb * 64 + o;
+                        *yo = dot(xr, &w[o * k..(o + 1) * k]);
+                    }
+                });
+        }
+    }
+}
+
+/// Dot product with 8 independent partial sums.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
+}

@@ -1,0 +1,695 @@
+//! The comparison behind `rwkv-tune compare`: plain state tuning, DBP,
+//! the kernel-upscaled state and the observer (soft targets from a stronger
+//! model) on ONE task at the same budget — same steps, batch, lr schedule,
+//! data order and seed — reporting the held-out loss curve, the steps to
+//! reach a target held-out loss, the final held-out loss and the exact-match
+//! accuracy of the response.
+//!
+//! The task is the bundled synthetic "punctuation persona" task on the
+//! seeded random demo RWKV-7 ([`super::demo`]); everything is deterministic
+//! from the seed and needs no download. The observer is the same family with
+//! more layers ([`CompareConfig::observer_layers`], its own seeded weights),
+//! whose initial state is first state-tuned on the same training data (a
+//! random model is not stronger at anything until it has seen the task);
+//! its cost is reported separately and not charged to the student's budget.
+use std::time::Instant;
+
+use super::data::{pad_batch, ByteTokenizer, Dataset, Loader};
+use super::dbp::Dbp;
+use super::demo;
+use super::grad::{self, Example, GradOpts, HeadVector, TunedState};
+use super::observer::fill_soft_targets;
+use super::optim::{clip_global_norm, Adam, AdamConfig, Schedule};
+use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
+use crate::error::{Error, Result};
+use crate::model::weights::{Config, Weights};
+
+/// The four methods compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Plain state tuning: Adam on the per-layer WKV initial states.
+    Plain,
+    /// DBP: `S = S′R`, Adam on `S′`, `R` by the decorrelation rule.
+    Dbp,
+    /// Plain state plus the kernel-upscaled read-out `U φ(r)`.
+    Upscaled,
+    /// Plain state with the observer's KL term (soft targets).
+    Observer,
+}
+
+impl Method {
+    /// All four, in table order.
+    pub const ALL: [Method; 4] = [
+        Method::Plain,
+        Method::Dbp,
+        Method::Upscaled,
+        Method::Observer,
+    ];
+
+    /// The row label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Plain => "plain",
+            Method::Dbp => "DBP",
+            Method::Upscaled => "upscaled",
+            Method::Observer => "observer",
+        }
+    }
+}
+
+/// Settings of a comparison (all methods share them).
+#[derive(Clone, Debug)]
+pub struct CompareConfig {
+    /// Optimiser steps per method.
+    pub steps: u64,
+    /// Examples per step.
+    pub batch: usize,
+    /// Seed of the task data, the data order and the kernel fitting.
+    pub seed: u64,
+    /// Training / held-out examples of the synthetic task.
+    pub n_train: usize,
+    pub n_valid: usize,
+    /// Held-out evaluation every this many steps (≥ 1).
+    pub eval_every: u64,
+    /// Learning-rate schedule (RWKV-PEFT: lr 1 → 0.01, 10 warm-up steps).
+    pub schedule: Schedule,
+    /// Global-norm gradient clipping (0 = off).
+    pub clip: f64,
+    /// Target held-out loss for "steps to reach"; `None`: the plain method's
+    /// final held-out loss.
+    pub target: Option<f64>,
+    /// DBP learning rate η and whitening κ.
+    pub dbp_eta: f64,
+    pub dbp_kappa: f64,
+    /// Support vectors per head of the upscaled state (M), and which head
+    /// vectors k-means places them on.
+    pub upscale_m: usize,
+    pub upscale_source: HeadVector,
+    /// Observer: layers of the stronger model, KL weight λ, temperature, and
+    /// the steps its own state is tuned for before it teaches.
+    pub observer_layers: usize,
+    pub observer_weight: f32,
+    pub observer_temperature: f32,
+    pub observer_steps: u64,
+}
+
+impl CompareConfig {
+    /// The defaults of `rwkv-tune compare` for `steps` steps.
+    pub fn new(steps: u64) -> CompareConfig {
+        CompareConfig {
+            steps,
+            batch: 8,
+            seed: 0,
+            n_train: 256,
+            n_valid: 64,
+            eval_every: 5,
+            schedule: Schedule::rwkv_peft(steps),
+            clip: 1.0,
+            target: None,
+            dbp_eta: 0.05,
+            dbp_kappa: 0.0,
+            upscale_m: 128,
+            upscale_source: HeadVector::Receptance,
+            observer_layers: 4,
+            observer_weight: 1.0,
+            observer_temperature: 1.0,
+            observer_steps: steps,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.steps == 0 || self.batch == 0 || self.eval_every == 0 {
+            return Err(Error::Tune(
+                "compare: steps, batch and eval_every must be at least 1".into(),
+            ));
+        }
+        if self.n_train == 0 || self.n_valid == 0 {
+            return Err(Error::Tune(
+                "compare: n_train and n_valid must be at least 1".into(),
+            ));
+        }
+        if self.observer_layers == 0 || self.upscale_m == 0 {
+            return Err(Error::Tune(
+                "compare: observer_layers and upscale_m must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One method's result.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub method: Method,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Held-out loss (nats/token) at step 0 and every `eval_every` steps and
+    /// at the end: `(step, loss)`.
+    pub curve: Vec<(u64, f64)>,
+    /// Held-out loss after the last step.
+    pub final_loss: f64,
+    /// First evaluated step whose held-out loss is ≤ the target (`None`:
+    /// not reached).
+    pub steps_to_target: Option<u64>,
+    /// Exact-match accuracy of the response on the held-out tasks.
+    pub accuracy: Option<f64>,
+    /// Mean training loss over the last 10 steps.
+    pub train_loss: f64,
+    /// Wall time of the training steps and evaluations.
+    pub seconds: f64,
+}
+
+/// The comparison's result.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub config: CompareConfig,
+    /// Task and model description.
+    pub task: String,
+    /// What the observer was.
+    pub observer: String,
+    /// Held-out loss and accuracy of the untuned (zero-state) model.
+    pub base_loss: f64,
+    pub base_accuracy: Option<f64>,
+    /// The observer's own held-out loss and accuracy (after its tuning), and
+    /// the seconds spent preparing it.
+    pub observer_loss: f64,
+    pub observer_accuracy: Option<f64>,
+    pub observer_seconds: f64,
+    /// The target used for "steps to reach".
+    pub target: f64,
+    pub rows: Vec<Row>,
+}
+
+/// A trained state of any method (for evaluation).
+enum Trained<'a> {
+    State(TunedState),
+    Up(&'a Kernel, UpscaledState),
+}
+
+impl Trained<'_> {
+    fn logits(&self, w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Trained::State(s) => grad::forward_logits(w, s, tokens),
+            Trained::Up(k, s) => upscale::forward_logits_upscaled(w, k, s, tokens),
+        }
+    }
+    fn loss(&self, w: &Weights, ds: &[Example]) -> Result<f64> {
+        let o = GradOpts::default();
+        let (l, n) = match self {
+            Trained::State(s) => grad::loss_only_with(w, s, ds, &o)?,
+            Trained::Up(k, s) => upscale::loss_only_upscaled(w, k, s, ds, &o)?,
+        };
+        Ok(if n > 0.0 { l / n } else { 0.0 })
+    }
+}
+
+/// Mean held-out cross-entropy (nats per target token).
+fn held_out_loss(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<f64> {
+    let refs: Vec<&Example> = valid.examples.iter().collect();
+    let b: Vec<Example> = pad_batch(&refs)
+        .into_iter()
+        .map(|mut e| {
+            e.soft = None;
+            e
+        })
+        .collect();
+    t.loss(w, &b)
+}
+
+/// Exact match of the teacher-forced greedy response (every response
+/// position's argmax is the reference token, i.e. greedy decoding
+/// reproduces it).
+fn accuracy(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<Option<f64>> {
+    if valid.tasks.is_empty() {
+        return Ok(None);
+    }
+    let v = w.config.vocab;
+    let mut hits = 0usize;
+    for task in &valid.tasks {
+        if task.prompt.is_empty() || task.response.is_empty() {
+            continue;
+        }
+        let seq: Vec<u32> = task
+            .prompt
+            .iter()
+            .chain(&task.response[..task.response.len() - 1])
+            .copied()
+            .collect();
+        let lg = t.logits(w, &seq)?;
+        let p = task.prompt.len();
+        let ok = task.response.iter().enumerate().all(|(j, &r)| {
+            let row = &lg[(p - 1 + j) * v..(p + j) * v];
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            best == r as usize
+        });
+        hits += ok as usize;
+    }
+    Ok(Some(hits as f64 / valid.tasks.len() as f64))
+}
+
+/// Scales every gradient tensor by `1/n` and clips to the global norm.
+fn mean_and_clip(grads: &mut [Vec<f32>], n: f64, clip: f64) {
+    let inv = (1.0 / n.max(1.0)) as f32;
+    for g in grads.iter_mut() {
+        g.iter_mut().for_each(|x| *x *= inv);
+    }
+    let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
+    clip_global_norm(&mut refs, clip);
+}
+
+/// What a method's parameters mean for evaluation.
+fn snapshot<'k>(
+    st: &TunedState,
+    ups: &Option<(&'k Kernel, UpscaledState)>,
+    dbp: &Option<Dbp>,
+) -> Result<Trained<'k>> {
+    Ok(match (ups, dbp) {
+        (Some((k, u)), _) => Trained::Up(k, u.clone()),
+        (None, Some(d)) => Trained::State(d.effective_state(st)?),
+        (None, None) => Trained::State(st.clone()),
+    })
+}
+
+fn to_vecs(p: Vec<&[f32]>) -> Vec<Vec<f32>> {
+    p.into_iter().map(|x| x.to_vec()).collect()
+}
+
+/// Trains one method; returns its row (without `steps_to_target`) and the
+/// trained plain state (for methods that have one).
+#[allow(clippy::too_many_arguments)]
+fn train_method(
+    method: Method,
+    w: &Weights,
+    train: &[Example],
+    valid: &Dataset,
+    kernel: Option<&Kernel>,
+    cc: &CompareConfig,
+    steps: u64,
+    schedule: &Schedule,
+    observer_weight: f32,
+) -> Result<(Row, TunedState)> {
+    let cfg = &w.config;
+    let t0 = Instant::now();
+    let mut st = TunedState::zeros(cfg, false);
+    let mut ups = match (method, kernel) {
+        (Method::Upscaled, Some(k)) => Some((k, UpscaledState::new(st.clone(), k))),
+        (Method::Upscaled, None) => {
+            return Err(Error::Tune(
+                "compare: upscaled method without a kernel".into(),
+            ))
+        }
+        _ => None,
+    };
+    let mut dbp = match method {
+        Method::Dbp => Some(Dbp::new(cfg, cc.dbp_eta, cc.dbp_kappa)?),
+        _ => None,
+    };
+    let sizes: Vec<usize> = match &ups {
+        Some((_, u)) => u.params().iter().map(|p| p.len()).collect(),
+        None => st.params().iter().map(|p| p.len()).collect(),
+    };
+    let params = sizes.iter().sum();
+    let mut adam = Adam::new(AdamConfig::default(), &sizes);
+    let opts = GradOpts {
+        observer_weight: if method == Method::Observer {
+            observer_weight
+        } else {
+            0.0
+        },
+        ..GradOpts::default()
+    };
+    let mut loader = Loader::new(train.len(), cc.seed);
+    let mut curve = vec![(0, held_out_loss(w, &snapshot(&st, &ups, &dbp)?, valid)?)];
+    let mut hist = Vec::with_capacity(steps as usize);
+    for step in 0..steps {
+        let idx = loader.next_batch(cc.batch);
+        let refs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+        let mut batch = pad_batch(&refs);
+        let v = cfg.vocab;
+        for e in batch.iter_mut() {
+            if method != Method::Observer {
+                e.soft = None;
+            } else if let Some(p) = e.soft.as_mut() {
+                // pad_batch pads tokens, not the soft targets (mask 0 there)
+                p.resize(e.tokens.len() * v, 0.0);
+            }
+        }
+        let lr = schedule.lr_at(step);
+        let (loss, n) = match (&mut ups, &mut dbp) {
+            (Some((k, u)), _) => {
+                let o = upscale::loss_and_grad_upscaled(w, k, u, &batch, &opts)?;
+                let mut g = to_vecs(o.grad.params());
+                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+                adam.step(&mut u.params_mut(), &gr, lr)?;
+                (o.loss, o.n_tokens)
+            }
+            (None, Some(d)) => {
+                let s = d.effective_state(&st)?;
+                let o = grad::loss_and_grad_dbp(w, &s, &batch, &opts)?;
+                let gp = d.grad_to_prime(&o.grad)?;
+                let mut g = to_vecs(gp.params());
+                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+                adam.step(&mut st.params_mut(), &gr, lr)?;
+                if let Some(stats) = &o.dbp_stats {
+                    d.update_keep_state(stats, &mut st)?;
+                }
+                (o.loss, o.n_tokens)
+            }
+            (None, None) => {
+                let o = grad::loss_and_grad(w, &st, &batch, &opts)?;
+                let mut g = to_vecs(o.grad.params());
+                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+                adam.step(&mut st.params_mut(), &gr, lr)?;
+                (o.loss, o.n_tokens)
+            }
+        };
+        let l = loss / n.max(1.0);
+        if !l.is_finite() {
+            return Err(Error::Tune(format!(
+                "compare: {} loss is {l} at step {}",
+                method.name(),
+                step + 1
+            )));
+        }
+        hist.push(l);
+        let done = step + 1;
+        if done % cc.eval_every == 0 || done == steps {
+            curve.push((done, held_out_loss(w, &snapshot(&st, &ups, &dbp)?, valid)?));
+        }
+    }
+    let fin = snapshot(&st, &ups, &dbp)?;
+    let acc = accuracy(w, &fin, valid)?;
+    let final_state = match &fin {
+        Trained::State(s) => s.clone(),
+        Trained::Up(_, u) => u.state.clone(),
+    };
+    let tail = &hist[hist.len().saturating_sub(10)..];
+    Ok((
+        Row {
+            method,
+            params,
+            final_loss: curve.last().map_or(f64::NAN, |c| c.1),
+            curve,
+            steps_to_target: None,
+            accuracy: acc,
+            train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+        final_state,
+    ))
+}
+
+/// The observer's model: the demo family with `layers` layers.
+pub fn observer_config(layers: usize) -> Config {
+    let d = demo::demo_config();
+    Config::with_defaults(layers, d.n_embd, d.head_size, d.vocab)
+}
+
+/// Runs the comparison (see the module docs). `progress` receives one line
+/// per finished phase.
+pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Result<Comparison> {
+    cc.check()?;
+    let w = demo::demo_weights(demo::DEMO_MODEL_SEED)?;
+    let cfg = w.config.clone();
+    let (train_ds, valid) = demo::synthetic_datasets(
+        cc.n_train,
+        cc.n_valid,
+        cc.seed.wrapping_add(1),
+        &ByteTokenizer,
+    )?;
+    if train_ds.examples.is_empty() || valid.examples.is_empty() {
+        return Err(Error::Tune("compare: empty synthetic data set".into()));
+    }
+    let task = format!(
+        "synthetic punctuation-persona task ({} train / {} held-out prompt→response pairs, \
+         loss on the response bytes) on the seeded random demo RWKV-7 ({} layers, width {}, \
+         {} heads × {}, byte vocab {}, seed {})",
+        train_ds.examples.len(),
+        valid.examples.len(),
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.head_size,
+        cfg.vocab,
+        demo::DEMO_MODEL_SEED
+    );
+    let zero = Trained::State(TunedState::zeros(&cfg, false));
+    let base_loss = held_out_loss(&w, &zero, &valid)?;
+    let base_accuracy = accuracy(&w, &zero, &valid)?;
+    progress(&format!("untuned: held-out loss {base_loss:.4}"));
+
+    // Observer: deeper model of the same family, its state tuned first.
+    let t_obs = Instant::now();
+    let ocfg = observer_config(cc.observer_layers);
+    let ow = Weights::random(&ocfg, demo::DEMO_MODEL_SEED.wrapping_add(1))?;
+    let (orow, ostate) = train_method(
+        Method::Plain,
+        &ow,
+        &train_ds.examples,
+        &valid,
+        None,
+        cc,
+        cc.observer_steps,
+        &Schedule {
+            total: cc.observer_steps,
+            ..cc.schedule
+        },
+        0.0,
+    )?;
+    let mut soft_train = train_ds.examples.clone();
+    fill_soft_targets(&ow, Some(&ostate), &mut soft_train, cc.observer_temperature)?;
+    let observer_seconds = t_obs.elapsed().as_secs_f64();
+    let observer = format!(
+        "the same family with {} layers (width {}, seeded random weights, seed {}), its \
+         initial state first plain-tuned on the same training data for {} steps (not charged \
+         to the student's budget); soft targets softmax(logits/{}) with λ = {}",
+        ocfg.n_layer,
+        ocfg.n_embd,
+        demo::DEMO_MODEL_SEED.wrapping_add(1),
+        cc.observer_steps,
+        cc.observer_temperature,
+        cc.observer_weight
+    );
+    progress(&format!(
+        "observer ready: held-out loss {:.4} ({:.1} s)",
+        orow.final_loss, observer_seconds
+    ));
+
+    let kernel = Kernel::fit(
+        &w,
+        &TunedState::zeros(&cfg, false),
+        &train_ds.examples,
+        &UpscaleConfig {
+            m: cc.upscale_m,
+            source: cc.upscale_source,
+            seed: cc.seed,
+            ..UpscaleConfig::new(cfg.head_size)
+        },
+    )?;
+
+    let mut rows = Vec::new();
+    for m in Method::ALL {
+        let data = if m == Method::Observer {
+            &soft_train
+        } else {
+            &train_ds.examples
+        };
+        let (row, _) = train_method(
+            m,
+            &w,
+            data,
+            &valid,
+            Some(&kernel),
+            cc,
+            cc.steps,
+            &cc.schedule,
+            cc.observer_weight,
+        )?;
+        progress(&format!(
+            "{}: held-out loss {:.4}, accuracy {} ({:.1} s)",
+            m.name(),
+            row.final_loss,
+            row.accuracy
+                .map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a)),
+            row.seconds
+        ));
+        rows.push(row);
+    }
+    let target = cc.target.unwrap_or(rows[0].final_loss);
+    for r in rows.iter_mut() {
+        r.steps_to_target = r
+            .curve
+            .iter()
+            .find(|(_, l)| *l <= target + 1e-12)
+            .map(|c| c.0);
+    }
+    Ok(Comparison {
+        config: cc.clone(),
+        task,
+        observer,
+        base_loss,
+        base_accuracy,
+        observer_loss: orow.final_loss,
+        observer_accuracy: orow.accuracy,
+        observer_seconds,
+        target,
+        rows,
+    })
+}
+
+fn pct(a: Option<f64>) -> String {
+    a.map_or("–".into(), |a| format!("{:.1}%", 100.0 * a))
+}
+
+impl Comparison {
+    /// The results table (markdown): one row per method.
+    pub fn table(&self) -> String {
+        let mut s = String::from(
+            "| method | trainable params | steps to held-out loss ≤ target | final held-out loss (nats/byte) | exact match | train objective, last 10 steps (observer: CE + λ·KL) | wall s |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {} | {} | {:.4} | {} | {:.4} | {:.1} |\n",
+                r.method.name(),
+                r.params,
+                r.steps_to_target
+                    .map_or(format!("not reached in {}", self.config.steps), |k| k
+                        .to_string()),
+                r.final_loss,
+                pct(r.accuracy),
+                r.train_loss,
+                r.seconds
+            );
+        }
+        s
+    }
+
+    /// Held-out loss at every evaluated step, one column per method.
+    pub fn curves(&self) -> String {
+        let mut s = String::from("| step |");
+        for r in &self.rows {
+            s += &format!(" {} |", r.method.name());
+        }
+        s += "\n|---:|";
+        s += &"---:|".repeat(self.rows.len());
+        s += "\n";
+        let steps: Vec<u64> = self.rows[0].curve.iter().map(|c| c.0).collect();
+        for (i, st) in steps.iter().enumerate() {
+            s += &format!("| {st} |");
+            for r in &self.rows {
+                match r.curve.get(i) {
+                    Some(c) => s += &format!(" {:.4} |", c.1),
+                    None => s += " – |",
+                }
+            }
+            s += "\n";
+        }
+        s
+    }
+
+    /// Automatic one-line verdicts against the plain method.
+    pub fn verdicts(&self) -> Vec<String> {
+        let plain = &self.rows[0];
+        self.rows[1..]
+            .iter()
+            .map(|r| {
+                let d = r.final_loss - plain.final_loss;
+                let speed = match (r.steps_to_target, plain.steps_to_target) {
+                    (Some(a), Some(b)) => format!("reaches the target at step {a} (plain: {b})"),
+                    (None, _) => "does not reach the target".to_string(),
+                    (Some(a), None) => format!("reaches the target at step {a}"),
+                };
+                format!(
+                    "{} vs plain: final held-out loss {:+.4} nats/byte ({}), {}; exact match {} vs {}.",
+                    r.method.name(),
+                    d,
+                    if d < -0.005 {
+                        "better"
+                    } else if d > 0.005 {
+                        "worse"
+                    } else {
+                        "same within 0.005"
+                    },
+                    speed,
+                    pct(r.accuracy),
+                    pct(plain.accuracy)
+                )
+            })
+            .collect()
+    }
+
+    /// The whole report (markdown) with a header describing how it was made.
+    pub fn to_markdown(&self, command: &str, machine: &str, date: &str) -> String {
+        let c = &self.config;
+        let mut s = String::from("# State-tuning methods compared on one task\n\n");
+        s += &format!(
+            "Generated by `{command}` on {date} ({machine}). Re-run the same command to \
+             reproduce it; everything is deterministic from the seed (timings aside).\n\n"
+        );
+        s += &format!("- Task: {}.\n", self.task);
+        s += &format!(
+            "- Budget, identical for every method: {} steps, batch {}, Adam (β 0.9/0.99, ε 1e-8), \
+             lr {} → {} with {} warm-up steps ({:?} decay), gradient clipping at global norm {}, \
+             data order seed {}, held-out evaluation every {} steps.\n",
+            c.steps,
+            c.batch,
+            c.schedule.lr,
+            c.schedule.lr_final,
+            c.schedule.warmup,
+            c.schedule.decay,
+            c.clip,
+            c.seed,
+            c.eval_every
+        );
+        s += &format!(
+            "- plain: the per-layer WKV initial states. DBP: S = S′R with η = {}, κ = {} \
+             (`update_keep_state` after every step). upscaled: plain plus the kernel read-out \
+             U φ(r), M = {} support vectors per head (k-means on the {}, see docs/upscale.md). \
+             observer: plain plus λ·KL(teacher ‖ student).\n",
+            c.dbp_eta,
+            c.dbp_kappa,
+            c.upscale_m,
+            match c.upscale_source {
+                HeadVector::Key => "keys k̃_t",
+                HeadVector::Receptance => "receptances r_t",
+            }
+        );
+        s += &format!("- Observer: {}.\n", self.observer);
+        s += &format!(
+            "- Untuned model: held-out loss {:.4}, exact match {}. Observer after its own \
+             tuning: held-out loss {:.4}, exact match {} ({:.1} s to prepare).\n",
+            self.base_loss,
+            pct(self.base_accuracy),
+            self.observer_loss,
+            pct(self.observer_accuracy),
+            self.observer_seconds
+        );
+        s += &format!(
+            "- Target held-out loss: {:.4} nats/byte ({}).\n\n",
+            self.target,
+            if c.target.is_some() {
+                "given"
+            } else {
+                "the plain method's final held-out loss"
+            }
+        );
+        s += "## Results\n\n";
+        s += &self.table();
+        s += "\n## Held-out loss during training\n\n";
+        s += &self.curves();
+        s += "\n## Verdicts (automatic)\n\n";
+        for v in self.verdicts() {
+            s += &format!("- {v}\n");
+        }
+        s
+    }
+}

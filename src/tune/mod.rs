@@ -1,0 +1,27 @@
+//! State tuning (arXiv 2504.05097): train only the per-layer initial states of
+//! a frozen RWKV-7.
+//!
+//! - [`grad`]: the gradient engine (loss and gradient w.r.t. the initial states).
+//! - [`dbp`]: decorrelated backpropagation for the tuned states.
+//! - [`data`]: JSONL / plain-text data, tokenising, examples, seeded batches.
+//! - [`optim`]: Adam / AdamW, the lr schedule (RWKV-PEFT recipe), clipping.
+//! - [`train`]: the tuning loop, validation, metrics, checkpoints, export.
+//! - [`checkpoint`]: atomic, exactly resumable checkpoints.
+//! - [`plot`]: PNG loss curves without image dependencies.
+//! - [`demo`]: the self-contained demo (a seeded random RWKV-7 and a
+//!   synthetic task) and the tiny-model tinyshakespeare run.
+//! - [`upscale`]: the kernel-upscaled state (RBF read-out over M support vectors).
+//! - [`observer`]: soft targets from a stronger frozen model.
+//! - [`compare`]: plain / DBP / upscaled / observer on one task, one budget.
+pub mod grad;
+
+pub mod checkpoint;
+pub mod compare;
+pub mod data;
+pub mod dbp;
+pub mod demo;
+pub mod observer;
+pub mod optim;
+pub mod plot;
+pub mod train;
+pub mod upscale;

@@ -1,0 +1,699 @@
+//! The state-tuning loop: batches from a [`Loader`], gradients from
+//! [`grad::loss_and_grad`], Adam with the warm-up/decay schedule and global
+//! norm clipping, validation before and after (loss, bits per token, and
+//! exact-match accuracy of the greedy response where the data has
+//! prompt/response pairs), a JSON-lines metrics log, a PNG loss curve,
+//! atomic checkpoints and exact resume.
+//!
+//! Exactness of resume: a step depends only on the tuned parameters, Adam's
+//! moments and update count, the step number (learning rate) and the loader
+//! position (which examples). All of them are in the checkpoint, stored
+//! bit-exactly as f32, so a resumed run computes the same steps as an
+//! uninterrupted one.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::checkpoint::{remove_stale_temps, Checkpoint};
+use super::data::{pad_batch, Dataset, Loader};
+use super::dbp::Dbp;
+use super::grad::{self, Example, GradOpts, TunedState};
+use super::optim::{clip_global_norm, Adam, AdamConfig, Schedule};
+use super::plot::write_loss_png;
+use crate::error::{Error, Result};
+use crate::model::{Config, Logits, Model, State, StoreDType};
+
+/// Everything that controls a tuning run.
+pub struct TrainConfig {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Examples per step.
+    pub batch: usize,
+    /// Learning-rate schedule (its `total` should equal `steps`).
+    pub schedule: Schedule,
+    pub adam: AdamConfig,
+    /// Clip gradients to this global norm (0 = no clipping).
+    pub clip: f64,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Also tune the token-shift states (not part of the ai00 state file).
+    pub with_shift: bool,
+    /// Checkpoint file (written atomically every `checkpoint_every` steps and
+    /// at the end); `None` disables checkpoints.
+    pub checkpoint: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    /// Continue from `checkpoint` if it exists.
+    pub resume: bool,
+    /// JSON-lines metrics log.
+    pub metrics: Option<PathBuf>,
+    /// PNG loss curve, rewritten at each checkpoint and at the end.
+    pub plot: Option<PathBuf>,
+    /// Validate every this many steps (0 = only before and after).
+    pub eval_every: u64,
+    /// At most this many validation examples per evaluation (0 = all).
+    pub eval_max: usize,
+    /// Options passed to the gradient engine.
+    pub grad: GradOpts,
+    /// Show a progress bar and print progress messages to stderr.
+    pub verbose: bool,
+    /// Sleep this long after every step (for tests that interrupt a run).
+    pub throttle_ms: u64,
+    /// Extra text mixed into the run fingerprint (e.g. data file names).
+    pub tag: String,
+    /// Decorrelated backpropagation `(eta, kappa)` (see [`super::dbp`]): the
+    /// optimiser trains `S′` with `S = S′·R` and `R` follows the DBP rule.
+    pub dbp: Option<(f64, f64)>,
+}
+
+impl TrainConfig {
+    /// Defaults: the RWKV-PEFT recipe (lr 1 → 0.01, 10 warm-up steps), batch
+    /// 4, clipping at 1, no checkpoints, quiet.
+    pub fn new(steps: u64) -> TrainConfig {
+        TrainConfig {
+            steps,
+            batch: 4,
+            schedule: Schedule::rwkv_peft(steps),
+            adam: AdamConfig::default(),
+            clip: 1.0,
+            seed: 0,
+            with_shift: false,
+            checkpoint: None,
+            checkpoint_every: 0,
+            resume: false,
+            metrics: None,
+            plot: None,
+            eval_every: 0,
+            eval_max: 0,
+            grad: default_grad_opts(),
+            verbose: false,
+            throttle_ms: 0,
+            tag: String::new(),
+            dbp: None,
+        }
+    }
+}
+
+/// The gradient options used when none are given.
+pub fn default_grad_opts() -> GradOpts {
+    GradOpts::default()
+}
+
+/// Fills `Example::soft` (per-position next-token probabilities `[T, V]`)
+/// for observer / distillation training.
+pub trait SoftTargets: Sync {
+    fn fill(&self, batch: &mut [Example]) -> Result<()>;
+}
+
+/// A frozen (usually larger) model whose next-token distribution is the soft
+/// target: the "observer" of arXiv 2504.05097 as read in
+/// docs/state-tuning.md. Its vocabulary must equal the tuned model's.
+pub struct Observer {
+    pub model: Model,
+    /// Softmax temperature applied to the observer's logits.
+    pub temperature: f32,
+}
+
+impl SoftTargets for Observer {
+    fn fill(&self, batch: &mut [Example]) -> Result<()> {
+        let v = self.model.config().vocab;
+        let t_inv = 1.0 / self.temperature.max(1e-6);
+        batch.par_iter_mut().try_for_each(|e| -> Result<()> {
+            let mut st = self.model.new_state();
+            let mut logits = self.model.forward(&e.tokens, &mut st, Logits::All)?;
+            for row in logits.chunks_mut(v) {
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut s = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = ((*x - m) * t_inv).exp();
+                    s += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= s);
+            }
+            e.soft = Some(logits);
+            Ok(())
+        })
+    }
+}
+
+/// Validation results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalResult {
+    /// Mean cross-entropy per target token, in nats.
+    pub loss: f64,
+    /// Number of target tokens.
+    pub n_tokens: f64,
+    /// (exact matches, tasks) for prompt/response data.
+    pub exact: Option<(usize, usize)>,
+}
+
+impl EvalResult {
+    /// Bits per target token (= bits per byte for byte-level models).
+    pub fn bits_per_token(&self) -> f64 {
+        self.loss / std::f64::consts::LN_2
+    }
+    /// Exact-match accuracy in [0, 1].
+    pub fn accuracy(&self) -> Option<f64> {
+        self.exact
+            .map(|(k, n)| if n == 0 { 0.0 } else { k as f64 / n as f64 })
+    }
+    /// `loss 1.234 (1.780 bits/token), exact match 12/40` style summary.
+    pub fn summary(&self, unit: &str) -> String {
+        let mut s = format!(
+            "loss {:.4} ({:.4} bits/{unit})",
+            self.loss,
+            self.bits_per_token()
+        );
+        if let Some((k, n)) = self.exact {
+            s += &format!(
+                ", exact match {k}/{n} ({:.1}%)",
+                100.0 * k as f64 / n.max(1) as f64
+            );
+        }
+        s
+    }
+}
+
+/// Result of a run.
+pub struct TrainReport {
+    pub state: TunedState,
+    /// Validation on the zero state and after tuning (when a valid set is given).
+    pub before: Option<EvalResult>,
+    pub after: Option<EvalResult>,
+    /// Steps done in total, and the step the run resumed from.
+    pub steps: u64,
+    pub resumed_from: Option<u64>,
+    /// Train loss per step (all steps, including those before a resume).
+    pub history: Vec<f32>,
+    /// Validation losses `(step, loss)`.
+    pub valid_history: Vec<(u64, f64)>,
+    /// Wall time of this invocation's training steps, and token throughput.
+    pub seconds: f64,
+    pub tokens_per_sec: f64,
+}
+
+/// The model state (for inference) that a tuned state describes: its WKV
+/// states, and its token-shift states when tuned (zeros otherwise).
+pub fn to_model_state(cfg: &Config, s: &TunedState) -> State {
+    let mut st = State::zeros(cfg);
+    for (l, ls) in st.layers.iter_mut().enumerate() {
+        ls.wkv.copy_from_slice(&s.wkv[l]);
+        if let Some(a) = &s.shift_att {
+            ls.att_x.copy_from_slice(&a[l]);
+        }
+        if let Some(f) = &s.shift_ffn {
+            ls.ffn_x.copy_from_slice(&f[l]);
+        }
+    }
+    st
+}
+
+/// A tuned state that starts from a state file's WKV states.
+pub fn from_model_state(cfg: &Config, st: &State, with_shift: bool) -> Result<TunedState> {
+    st.check(cfg)?;
+    let mut s = TunedState::zeros(cfg, with_shift);
+    for (l, ls) in st.layers.iter().enumerate() {
+        s.wkv[l].copy_from_slice(&ls.wkv);
+    }
+    Ok(s)
+}
+
+/// Writes the WKV part of a tuned state as an ai00 / web-rwkv state file
+/// (`blocks.N.att.time_state` `[H, N, N]` f32), atomically.
+pub fn export_state(path: &Path, cfg: &Config, s: &TunedState) -> Result<()> {
+    let bytes = to_model_state(cfg, s).to_safetensors_bytes(cfg, StoreDType::F32)?;
+    crate::tensors::write_atomic(path, &bytes)
+}
+
+fn log_softmax_at(row: &[f32], target: usize) -> f64 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    row[target] as f64 - m - s.ln()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Validation: mean masked cross-entropy over `ds` (first `max` examples; 0
+/// = all) from state `s`, and the exact-match rate of the greedy response
+/// on its prompt/response tasks (a response matches when the argmax at every
+/// response position, teacher-forced, is the reference token — the same as
+/// greedy decoding reproducing it).
+pub fn evaluate(model: &Model, s: &TunedState, ds: &Dataset, max: usize) -> Result<EvalResult> {
+    let cfg = model.config();
+    let v = cfg.vocab;
+    let start = to_model_state(cfg, s);
+    let take = |n: usize| if max == 0 { n } else { n.min(max) };
+    let sums = ds.examples[..take(ds.examples.len())]
+        .par_iter()
+        .map(|e| -> Result<(f64, f64)> {
+            let mut st = start.clone();
+            let logits = model.forward(&e.tokens, &mut st, Logits::All)?;
+            let mut sum = 0.0;
+            let mut n = 0.0;
+            for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
+                if m > 0.0 {
+                    sum -= m as f64 * log_softmax_at(&logits[i * v..(i + 1) * v], tgt as usize);
+                    n += m as f64;
+                }
+            }
+            Ok((sum, n))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (sum, n) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let tasks = &ds.tasks[..take(ds.tasks.len())];
+    let exact = if tasks.is_empty() {
+        None
+    } else {
+        let hits = tasks
+            .par_iter()
+            .map(|t| -> Result<bool> {
+                let mut st = start.clone();
+                let seq: Vec<u32> = t
+                    .prompt
+                    .iter()
+                    .chain(&t.response[..t.response.len() - 1])
+                    .copied()
+                    .collect();
+                let logits = model.forward(&seq, &mut st, Logits::All)?;
+                let p = t.prompt.len();
+                Ok(t.response
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &r)| argmax(&logits[(p - 1 + j) * v..(p + j) * v]) == r as usize))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some((hits.iter().filter(|&&h| h).count(), tasks.len()))
+    };
+    Ok(EvalResult {
+        loss: if n > 0.0 { sum / n } else { 0.0 },
+        n_tokens: n,
+        exact,
+    })
+}
+
+/// FNV-1a over the training data, the model shape and the hyper-parameters,
+/// so a resume with different inputs is refused.
+fn fingerprint(model: &Model, train: &Dataset, cfg: &TrainConfig) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for e in &train.examples {
+        eat(e.tokens.len() as u64);
+        e.tokens.iter().for_each(|&t| eat(t as u64));
+        e.targets.iter().for_each(|&t| eat(t as u64));
+        e.mask.iter().for_each(|&m| eat(m.to_bits() as u64));
+    }
+    let s = &cfg.schedule;
+    format!(
+        "model={:?}; data={h:016x}/{}; steps={}; batch={}; lr={}->{} warmup={} {:?}; adam={:?}; \
+         clip={}; seed={}; shift={}; observer_weight={}; dbp={:?}; {}",
+        model.config(),
+        train.examples.len(),
+        cfg.steps,
+        cfg.batch,
+        s.lr,
+        s.lr_final,
+        s.warmup,
+        s.decay,
+        cfg.adam,
+        cfg.clip,
+        cfg.seed,
+        cfg.with_shift,
+        cfg.grad.observer_weight,
+        cfg.dbp,
+        cfg.tag
+    )
+}
+
+/// The state the model sees: `S′·R` with DBP, the parameters otherwise.
+fn effective(dbp: &Option<Dbp>, s: &TunedState) -> Result<TunedState> {
+    match dbp {
+        Some(d) => d.effective_state(s),
+        None => Ok(s.clone()),
+    }
+}
+
+/// Keeps the metrics lines of steps `<= step` (dropping those a killed run
+/// wrote after its last checkpoint), rewriting the file atomically.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::tensors::write_atomic(path, kept.as_bytes())
+}
+
+struct Metrics(Option<std::fs::File>, Option<PathBuf>);
+
+impl Metrics {
+    fn line(&mut self, v: serde_json::Value) -> Result<()> {
+        if let (Some(f), Some(p)) = (self.0.as_mut(), self.1.as_ref()) {
+            writeln!(f, "{v}").map_err(|e| Error::io(p, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs state tuning from the zero state. `observer` fills soft targets
+/// when `cfg.grad.observer_weight > 0`.
+pub fn train(
+    model: &Model,
+    train: &Dataset,
+    valid: Option<&Dataset>,
+    cfg: &TrainConfig,
+    observer: Option<&dyn SoftTargets>,
+) -> Result<TrainReport> {
+    train_from(model, train, valid, cfg, observer, None)
+}
+
+/// Runs state tuning from `init` (zeros when `None`; a checkpoint, when
+/// resuming, takes precedence).
+pub fn train_from(
+    model: &Model,
+    train: &Dataset,
+    valid: Option<&Dataset>,
+    cfg: &TrainConfig,
+    observer: Option<&dyn SoftTargets>,
+    init: Option<TunedState>,
+) -> Result<TrainReport> {
+    let mcfg = model.config().clone();
+    if train.examples.is_empty() {
+        return Err(Error::Tune("the training set is empty".into()));
+    }
+    if cfg.batch == 0 {
+        return Err(Error::Tune("batch must be at least 1".into()));
+    }
+    if cfg.grad.observer_weight > 0.0 && observer.is_none() {
+        return Err(Error::Tune(
+            "observer_weight > 0 needs an observer model".into(),
+        ));
+    }
+    let fp = fingerprint(model, train, cfg);
+    let say = |pb: &indicatif::ProgressBar, m: String| {
+        if cfg.verbose {
+            pb.suspend(|| eprintln!("{m}"));
+        }
+    };
+    let hidden = indicatif::ProgressBar::hidden();
+
+    // Start or resume.
+    let init = match init {
+        Some(s) => {
+            s.check(&mcfg)?;
+            s
+        }
+        None => TunedState::zeros(&mcfg, cfg.with_shift),
+    };
+    let mut state = init.clone();
+    let sizes: Vec<usize> = state.params().iter().map(|p| p.len()).collect();
+    let mut adam = Adam::new(cfg.adam, &sizes);
+    let mut loader = Loader::new(train.examples.len(), cfg.seed);
+    let mut history: Vec<f32> = Vec::new();
+    let mut step0 = 0u64;
+    let mut resumed_from = None;
+    let mut dbp = match cfg.dbp {
+        Some((eta, kappa)) => Some(Dbp::new(&mcfg, eta, kappa)?),
+        None => None,
+    };
+    if let Some(ck_path) = &cfg.checkpoint {
+        for p in remove_stale_temps(ck_path) {
+            say(
+                &hidden,
+                format!("removed a partial checkpoint write: {}", p.display()),
+            );
+        }
+        if cfg.resume && ck_path.exists() {
+            let ck = Checkpoint::load(ck_path)?;
+            if ck.fingerprint != fp {
+                return Err(Error::Tune(format!(
+                    "checkpoint {} belongs to a different run (model, data or hyper-parameters \
+                     differ); delete it or run without --resume.\n  checkpoint: {}\n  this run:   {}",
+                    ck_path.display(),
+                    ck.fingerprint,
+                    fp
+                )));
+            }
+            if ck.params.len() != sizes.len()
+                || ck.params.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
+                || ck.adam_m.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
+                || ck.adam_v.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
+            {
+                return Err(Error::Tune(format!(
+                    "checkpoint {} has tensors of the wrong sizes",
+                    ck_path.display()
+                )));
+            }
+            for (dst, src) in state.params_mut().into_iter().zip(&ck.params) {
+                dst.copy_from_slice(src);
+            }
+            adam.m = ck.adam_m;
+            adam.v = ck.adam_v;
+            adam.t = ck.adam_t;
+            loader = Loader::at(train.examples.len(), cfg.seed, ck.loader);
+            history = ck.history;
+            step0 = ck.step;
+            if let Some(d) = dbp.as_mut() {
+                match ck.dbp_r {
+                    Some(r) if r.len() == d.r.len() => d.r = r,
+                    _ => {
+                        return Err(Error::Tune(format!(
+                            "checkpoint {} lacks the DBP matrices of this run",
+                            ck_path.display()
+                        )))
+                    }
+                }
+            }
+            resumed_from = Some(ck.step);
+            say(
+                &hidden,
+                format!(
+                    "resuming from checkpoint {} at step {}",
+                    ck_path.display(),
+                    ck.step
+                ),
+            );
+        } else if cfg.resume {
+            say(
+                &hidden,
+                format!(
+                    "no checkpoint at {}: starting from step 0",
+                    ck_path.display()
+                ),
+            );
+        }
+    } else if cfg.resume {
+        return Err(Error::Tune("--resume needs a checkpoint path".into()));
+    }
+
+    // Metrics log.
+    let mut metrics = Metrics(None, cfg.metrics.clone());
+    if let Some(p) = &cfg.metrics {
+        if resumed_from.is_some() {
+            truncate_metrics(p, step0)?;
+        } else {
+            crate::tensors::write_atomic(p, b"")?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .map_err(|e| Error::io(p, e))?;
+        metrics.0 = Some(f);
+    }
+
+    let mut valid_history = Vec::new();
+    let before = match valid {
+        Some(v) if !v.examples.is_empty() => {
+            let r = evaluate(model, &init, v, cfg.eval_max)?;
+            if resumed_from.is_none() {
+                metrics.line(serde_json::json!({
+                    "type": "valid", "step": 0, "valid_loss": r.loss,
+                    "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
+                }))?;
+            }
+            valid_history.push((0u64, r.loss));
+            Some(r)
+        }
+        _ => None,
+    };
+
+    let pb = if cfg.verbose {
+        let pb = indicatif::ProgressBar::new(cfg.steps);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(step0);
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let save_ck = |state: &TunedState,
+                   adam: &Adam,
+                   loader: &Loader,
+                   history: &[f32],
+                   dbp: &Option<Dbp>,
+                   step: u64| {
+        if let Some(p) = &cfg.checkpoint {
+            Checkpoint {
+                step,
+                params: state.params().iter().map(|p| p.to_vec()).collect(),
+                adam_m: adam.m.clone(),
+                adam_v: adam.v.clone(),
+                adam_t: adam.t,
+                loader: loader.pos(),
+                history: history.to_vec(),
+                fingerprint: fp.clone(),
+                dbp_r: dbp.as_ref().map(|d| d.r.clone()),
+            }
+            .save(p)?;
+        }
+        if let Some(p) = &cfg.plot {
+            write_loss_png(p, history, &[])?;
+        }
+        Ok::<(), Error>(())
+    };
+
+    let t_start = Instant::now();
+    let mut tokens_done = 0f64;
+    let mut smooth: Option<f64> = None;
+    for step in step0..cfg.steps {
+        let idx = loader.next_batch(cfg.batch);
+        let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
+        let mut batch = pad_batch(&refs);
+        if cfg.grad.observer_weight > 0.0 {
+            if let Some(o) = observer {
+                o.fill(&mut batch)?;
+            }
+        }
+        let n_real: usize = refs.iter().map(|e| e.tokens.len()).sum();
+        let mut dbp_stats = None;
+        let (out_loss, out_n, mut g) = match &dbp {
+            Some(d) => {
+                let eff = d.effective_state(&state)?;
+                let o = grad::loss_and_grad_dbp(model.weights(), &eff, &batch, &cfg.grad)?;
+                let g = d.grad_to_prime(&o.grad)?;
+                dbp_stats = o.dbp_stats;
+                (o.loss, o.n_tokens, g)
+            }
+            None => {
+                let o = grad::loss_and_grad(model.weights(), &state, &batch, &cfg.grad)?;
+                (o.loss, o.n_tokens, o.grad)
+            }
+        };
+        let n_tok = out_n.max(1.0);
+        let loss = out_loss / n_tok;
+        if !loss.is_finite() {
+            return Err(Error::Tune(format!("loss is {loss} at step {}", step + 1)));
+        }
+        let inv = (1.0 / n_tok) as f32;
+        let mut gm = g.params_mut();
+        for t in gm.iter_mut() {
+            t.iter_mut().for_each(|x| *x *= inv);
+        }
+        let gnorm = clip_global_norm(&mut gm, cfg.clip);
+        let lr = cfg.schedule.lr_at(step);
+        {
+            let grads: Vec<&[f32]> = gm.iter().map(|t| &**t).collect();
+            let mut params = state.params_mut();
+            adam.step(&mut params, &grads, lr)?;
+        }
+        if let (Some(d), Some(st)) = (dbp.as_mut(), dbp_stats.as_ref()) {
+            d.update_keep_state(st, &mut state)?;
+        }
+        history.push(loss as f32);
+        tokens_done += n_real as f64;
+        let el = t_start.elapsed().as_secs_f64().max(1e-9);
+        let tps = tokens_done / el;
+        let done = step + 1;
+        metrics.line(serde_json::json!({
+            "type": "train", "step": done, "loss": loss, "lr": lr, "grad_norm": gnorm,
+            "tokens": n_real, "target_tokens": out_n, "tokens_per_s": tps,
+            "elapsed_s": el,
+        }))?;
+        let sm = smooth.map_or(loss, |s| 0.9 * s + 0.1 * loss);
+        smooth = Some(sm);
+        pb.set_message(format!(
+            "loss {loss:.4} (avg {sm:.4}) lr {lr:.3e} {tps:.0} tok/s"
+        ));
+        pb.set_position(done);
+
+        if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done < cfg.steps {
+            if let Some(v) = valid.filter(|v| !v.examples.is_empty()) {
+                let r = evaluate(model, &effective(&dbp, &state)?, v, cfg.eval_max)?;
+                metrics.line(serde_json::json!({
+                    "type": "valid", "step": done, "valid_loss": r.loss,
+                    "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
+                }))?;
+                valid_history.push((done, r.loss));
+                say(&pb, format!("step {done}: valid {}", r.summary("token")));
+            }
+        }
+        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < cfg.steps {
+            save_ck(&state, &adam, &loader, &history, &dbp, done)?;
+        }
+        if cfg.throttle_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(cfg.throttle_ms));
+        }
+    }
+    pb.finish_and_clear();
+    let seconds = t_start.elapsed().as_secs_f64();
+    let steps_done = cfg.steps.max(step0);
+    save_ck(&state, &adam, &loader, &history, &dbp, steps_done)?;
+
+    let state = effective(&dbp, &state)?;
+    let after = match valid {
+        Some(v) if !v.examples.is_empty() => {
+            let r = evaluate(model, &state, v, cfg.eval_max)?;
+            metrics.line(serde_json::json!({
+                "type": "valid", "step": steps_done, "valid_loss": r.loss,
+                "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
+            }))?;
+            valid_history.push((steps_done, r.loss));
+            Some(r)
+        }
+        _ => None,
+    };
+    if let Some(p) = &cfg.plot {
+        write_loss_png(p, &history, &valid_history)?;
+    }
+    Ok(TrainReport {
+        state,
+        before,
+        after,
+        steps: steps_done,
+        resumed_from,
+        history,
+        valid_history,
+        seconds,
+        tokens_per_sec: if seconds > 0.0 {
+            tokens_done / seconds
+        } else {
+            0.0
+        },
+    })
+}
