@@ -70,10 +70,17 @@ impl Checkpoint {
             vec![self.history.len()],
             to_bytes(&self.history),
         ));
+        let n_f32 = named.len();
+        if let Some(r) = &self.dbp_r {
+            let b: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
+            named.push(("dbp.r".into(), vec![r.len()], b));
+        }
         let views = named
             .iter()
-            .map(|(n, s, b)| {
-                TensorView::new(Dtype::F32, s.clone(), b)
+            .enumerate()
+            .map(|(i, (n, s, b))| {
+                let dt = if i < n_f32 { Dtype::F32 } else { Dtype::F64 };
+                TensorView::new(dt, s.clone(), b)
                     .map(|v| (n.clone(), v))
                     .map_err(|e| st_err(path, format!("tensor `{n}`: {e}")))
             })

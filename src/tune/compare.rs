@@ -523,7 +523,9 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         ));
         rows.push(row);
     }
-    let target = cc.target.unwrap_or(rows[0].final_loss);
+    let target = cc
+        .target
+        .unwrap_or(rows.first().map_or(f64::NAN, |r| r.final_loss));
     for r in rows.iter_mut() {
         r.steps_to_target = r
             .curve
@@ -582,7 +584,12 @@ impl Comparison {
         s += "\n|---:|";
         s += &"---:|".repeat(self.rows.len());
         s += "\n";
-        let steps: Vec<u64> = self.rows[0].curve.iter().map(|c| c.0).collect();
+        let steps: Vec<u64> = self
+            .rows
+            .iter()
+            .max_by_key(|r| r.curve.len())
+            .map(|r| r.curve.iter().map(|c| c.0).collect())
+            .unwrap_or_default();
         for (i, st) in steps.iter().enumerate() {
             s += &format!("| {st} |");
             for r in &self.rows {
@@ -598,8 +605,10 @@ impl Comparison {
 
     /// Automatic one-line verdicts against the plain method.
     pub fn verdicts(&self) -> Vec<String> {
-        let plain = &self.rows[0];
-        self.rows[1..]
+        let Some((plain, rest)) = self.rows.split_first() else {
+            return Vec::new();
+        };
+        rest
             .iter()
             .map(|r| {
                 let d = r.final_loss - plain.final_loss;

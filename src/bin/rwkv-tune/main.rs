@@ -32,7 +32,7 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// State tuning: train only the initial recurrent state of each layer of
     /// a frozen model (try `rwkv-tune tune --demo`).
-    Tune(tune::TuneArgs),
+    Tune(Box<tune::TuneArgs>),
     /// Compare plain / DBP / kernel-upscaled / observer state tuning on one
     /// task at the same budget and write a markdown table.
     Compare(compare::CompareArgs),
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Generate(a) => generate::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
-        Cmd::Tune(a) => tune::run(a),
+        Cmd::Tune(a) => tune::run(*a),
         Cmd::Compare(a) => compare::run(a),
     }
 }

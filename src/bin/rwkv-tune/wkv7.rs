@@ -121,6 +121,9 @@ pub fn run(a: Wkv7Args) -> Result<()> {
     Ok(())
 }
 
+/// Receives each output tensor: (name, shape, data).
+type Sink<'a> = dyn FnMut(&str, &[usize], Vec<f32>) + 'a;
+
 fn run_typed<X: rwkv_tune::dtype::IoType>(
     backend: &Backend,
     d: &Dims,
@@ -128,7 +131,7 @@ fn run_typed<X: rwkv_tune::dtype::IoType>(
     h0: Option<&[f32]>,
     dy: Option<&[f32]>,
     dht: Option<&[f32]>,
-    put: &mut dyn FnMut(&str, &[usize], Vec<f32>),
+    put: &mut Sink,
 ) -> Result<()> {
     let c = |s: &[f32]| s.iter().map(|&e| X::from_f32(e)).collect::<Vec<X>>();
     let back = |s: Vec<X>| s.into_iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
