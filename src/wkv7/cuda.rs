@@ -1,16 +1,15 @@
-//! WKV-7 on a GPU through cudarc: `kernels/wkv7_v1.cu` launched on the
-//! [`Gpu`]'s stream. Three levels of API:
+//! WKV-7 on a GPU through cudarc: `kernels/wkv7_v*.cu` launched on the
+//! [`Gpu`]'s stream. Three levels of API (the plain names run v1; the `_v`
+//! forms take a [`Version`]):
 //! - [`forward_host`] / [`forward_backward_host`]: host slices in and out;
 //! - [`forward_dev`] / [`backward_dev`]: device buffers (`CudaSlice`), no copies;
 //! - [`launch_raw`]: a filled [`Wkv7Params`] with raw device addresses, for
 //!   runtimes that manage their own memory.
-use super::{
-    base_params, kernel_name, launch_dims, n_chunks, Dims, Dir, GradInputs, Grads, Inputs, Outputs,
-};
+use super::{Dims, Dir, GradInputs, Grads, Inputs, Outputs, Version};
 use crate::cuda::{cuda_err, Gpu};
 use crate::dtype::{DType, IoType};
 use crate::error::{Error, Result};
-use crate::params::{Wkv7Params, WKV7_V1_CHUNK};
+use crate::params::Wkv7Params;
 use cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
@@ -37,6 +36,11 @@ pub struct DevGrads<X> {
     pub dh0: CudaSlice<f32>,
 }
 
+/// `[B, H, ceil(T / chunk), N, N]`
+fn ckpt_shape(ver: Version, d: &Dims) -> Vec<usize> {
+    vec![d.b, d.h, d.t.div_ceil(ver.chunk()), d.n, d.n]
+}
+
 fn check_dev<T>(name: &str, s: &CudaSlice<T>, shape: Vec<usize>) -> Result<()> {
     let want: usize = shape.iter().product();
     if s.len() != want {
@@ -52,12 +56,12 @@ fn check_dev<T>(name: &str, s: &CudaSlice<T>, shape: Vec<usize>) -> Result<()> {
 /// Elements of the checkpoint buffer the forward writes for the backward:
 /// `[B, H, ceil(T / 16), N, N]` f32.
 pub fn ckpt_len(d: &Dims) -> usize {
-    d.b * d.h * n_chunks(d) * d.n * d.n
+    Version::V1.ckpt_len(d)
 }
 
 /// Elements of the backward workspace: `[B, H, 17, N, N]` f32.
 pub fn scratch_len(d: &Dims) -> usize {
-    d.b * d.h * (WKV7_V1_CHUNK + 1) * d.n * d.n
+    Version::V1.scratch_len(d)
 }
 
 /// Launches the v1 kernel for `dir` with parameters whose pointers are raw
@@ -68,6 +72,22 @@ pub fn scratch_len(d: &Dims) -> usize {
 /// context, of the size `kernels/params.h` documents for the sizes in `p`,
 /// not written by other work while the kernel runs.
 pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch_raw_v(gpu, Version::V1, dir, dtype, p) }
+}
+
+/// [`launch_raw`] for a kernel version. For [`Version::V2`] every w must
+/// also be ≥ [`super::v2::W_MIN`] (not checked here).
+///
+/// # Safety
+/// As for [`launch_raw`], with the buffer sizes of `ver`.
+pub unsafe fn launch_raw_v(
+    gpu: &Gpu,
+    ver: Version,
+    dir: Dir,
+    dtype: DType,
+    p: &Wkv7Params,
+) -> Result<()> {
     let d = Dims {
         b: p.B.max(0) as usize,
         t: p.T.max(0) as usize,
@@ -75,13 +95,14 @@ pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> R
         n: p.N.max(0) as usize,
     };
     d.validate()?;
-    if p.chunk != WKV7_V1_CHUNK as i32 || p.n_chunks != n_chunks(&d) as i32 {
-        return Err(Error::Invalid(
-            "Wkv7Params: chunk / n_chunks do not match the v1 kernels".into(),
-        ));
+    let want = ver.base_params(&d);
+    if p.chunk != want.chunk || p.n_chunks != want.n_chunks {
+        return Err(Error::Invalid(format!(
+            "Wkv7Params: chunk / n_chunks do not match the {ver:?} kernels"
+        )));
     }
-    let f = gpu.function("wkv7_v1", &kernel_name(dir, dtype, d.n)?)?;
-    let (grid_dim, block_dim) = launch_dims(&d);
+    let f = gpu.function(ver.stem(), &ver.kernel_name(dir, dtype, d.n)?)?;
+    let (grid_dim, block_dim) = ver.launch_dims(&d);
     let cfg = LaunchConfig {
         grid_dim,
         block_dim,
@@ -90,7 +111,7 @@ pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> R
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(p);
     // SAFETY: the caller guarantees the memory behind `p`; the geometry is
-    // the one the kernel is written for (grid (H, B), block N).
+    // the one the kernel version is written for (Version::launch_dims).
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     Ok(())
 }
@@ -99,6 +120,20 @@ pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> R
 /// (needed by [`backward_dev`]); `h_t` `[B, H, N, N]` when given.
 pub fn forward_dev<X: IoType + DeviceRepr>(
     gpu: &Gpu,
+    d: &Dims,
+    x: &DevInputs<X>,
+    y: &mut CudaSlice<X>,
+    h_t: Option<&mut CudaSlice<f32>>,
+    ckpt: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    forward_dev_v(gpu, Version::V1, d, x, y, h_t, ckpt)
+}
+
+/// [`forward_dev`] for a kernel version (v2: every w must be ≥
+/// [`super::v2::W_MIN`]; use [`Version::effective`] on host data to check).
+pub fn forward_dev_v<X: IoType + DeviceRepr>(
+    gpu: &Gpu,
+    ver: Version,
     d: &Dims,
     x: &DevInputs<X>,
     y: &mut CudaSlice<X>,
@@ -121,7 +156,7 @@ pub fn forward_dev<X: IoType + DeviceRepr>(
         check_dev("h0", h0, d.state_shape())?;
     }
     let st = &gpu.stream;
-    let mut p = base_params(d);
+    let mut p = ver.base_params(d);
     let (r, _g1) = x.r.device_ptr(st);
     let (w, _g2) = x.w.device_ptr(st);
     let (k, _g3) = x.k.device_ptr(st);
@@ -142,10 +177,10 @@ pub fn forward_dev<X: IoType + DeviceRepr>(
     p.h_t = ht.as_ref().map_or(0, |(q, _)| *q);
     let ck = match ckpt {
         Some(s) => {
-            if s.len() != ckpt_len(d) {
+            if s.len() != ver.ckpt_len(d) {
                 return Err(Error::Shape {
                     name: "ckpt".into(),
-                    expected: vec![d.b, d.h, n_chunks(d), d.n, d.n],
+                    expected: ckpt_shape(ver, d),
                     got: vec![s.len()],
                 });
             }
@@ -156,13 +191,30 @@ pub fn forward_dev<X: IoType + DeviceRepr>(
     p.ckpt = ck.as_ref().map_or(0, |(q, _)| *q);
     // SAFETY: every address comes from a CudaSlice on this context whose
     // length was checked above; the guards keep them alive until queued.
-    unsafe { launch_raw(gpu, Dir::Fwd, X::DTYPE, &p) }
+    unsafe { launch_raw_v(gpu, ver, Dir::Fwd, X::DTYPE, &p) }
 }
 
 /// Backward on device buffers, after [`forward_dev`] filled `ckpt`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_dev<X: IoType + DeviceRepr>(
     gpu: &Gpu,
+    d: &Dims,
+    x: &DevInputs<X>,
+    ckpt: &CudaSlice<f32>,
+    dy: &CudaSlice<X>,
+    dh_t: Option<&CudaSlice<f32>>,
+    g: &mut DevGrads<X>,
+    scratch: &mut CudaSlice<f32>,
+) -> Result<()> {
+    backward_dev_v(gpu, Version::V1, d, x, ckpt, dy, dh_t, g, scratch)
+}
+
+/// [`backward_dev`] for a kernel version, after [`forward_dev_v`] with the
+/// same version filled `ckpt`; `scratch` has [`Version::scratch_len`] elements.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dev_v<X: IoType + DeviceRepr>(
+    gpu: &Gpu,
+    ver: Version,
     d: &Dims,
     x: &DevInputs<X>,
     ckpt: &CudaSlice<f32>,
@@ -194,17 +246,19 @@ pub fn backward_dev<X: IoType + DeviceRepr>(
         check_dev(n, s, d.seq_shape())?;
     }
     check_dev("dh0", &g.dh0, d.state_shape())?;
-    check_dev("ckpt", ckpt, vec![d.b, d.h, n_chunks(d), d.n, d.n])?;
-    check_dev(
-        "scratch",
-        scratch,
-        vec![d.b, d.h, WKV7_V1_CHUNK + 1, d.n, d.n],
-    )?;
+    check_dev("ckpt", ckpt, ckpt_shape(ver, d))?;
+    if scratch.len() != ver.scratch_len(d) {
+        return Err(Error::Shape {
+            name: "scratch".into(),
+            expected: vec![ver.scratch_len(d)],
+            got: vec![scratch.len()],
+        });
+    }
     if let Some(s) = dh_t {
         check_dev("dh_t", s, d.state_shape())?;
     }
     let st = &gpu.stream;
-    let mut p = base_params(d);
+    let mut p = ver.base_params(d);
     let (r, _g1) = x.r.device_ptr(st);
     let (w, _g2) = x.w.device_ptr(st);
     let (k, _g3) = x.k.device_ptr(st);
@@ -228,7 +282,7 @@ pub fn backward_dev<X: IoType + DeviceRepr>(
     (p.dr, p.dw, p.dk, p.dv, p.da, p.db, p.dh0, p.scratch) = (dr, dw, dk, dv, da, db, dh0, sc);
     // SAFETY: every address comes from a CudaSlice on this context whose
     // length was checked above; the guards keep them alive until queued.
-    unsafe { launch_raw(gpu, Dir::Bwd, X::DTYPE, &p) }
+    unsafe { launch_raw_v(gpu, ver, Dir::Bwd, X::DTYPE, &p) }
 }
 
 fn up<T: DeviceRepr>(gpu: &Gpu, s: &[T]) -> Result<CudaSlice<T>> {
@@ -272,16 +326,18 @@ fn upload<X: IoType + DeviceRepr>(gpu: &Gpu, x: &Inputs<X>) -> Result<Uploaded<X
     })
 }
 
-/// Forward with host data in and out.
+/// Forward with host data in and out (kernel version `ver`; for v2 the
+/// caller checked the decay bound, see [`Version::effective`]).
 pub fn forward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
     gpu: &Gpu,
+    ver: Version,
     d: &Dims,
     x: &Inputs<X>,
 ) -> Result<Outputs<X>> {
     let u = upload(gpu, x)?;
     let mut y = zeros::<X>(gpu, d.seq_len())?;
     let mut h_t = zeros::<f32>(gpu, d.state_len())?;
-    forward_dev(gpu, d, &u.inputs(), &mut y, Some(&mut h_t), None)?;
+    forward_dev_v(gpu, ver, d, &u.inputs(), &mut y, Some(&mut h_t), None)?;
     Ok(Outputs {
         y: down(gpu, &y)?,
         h_t: down(gpu, &h_t)?,
@@ -291,6 +347,7 @@ pub fn forward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
 /// Forward and backward with host data in and out.
 pub fn forward_backward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
     gpu: &Gpu,
+    ver: Version,
     d: &Dims,
     x: &Inputs<X>,
     gi: &GradInputs<X>,
@@ -299,8 +356,8 @@ pub fn forward_backward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
     let xi = u.inputs();
     let mut y = zeros::<X>(gpu, d.seq_len())?;
     let mut h_t = zeros::<f32>(gpu, d.state_len())?;
-    let mut ckpt = zeros::<f32>(gpu, ckpt_len(d))?;
-    forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
+    let mut ckpt = zeros::<f32>(gpu, ver.ckpt_len(d))?;
+    forward_dev_v(gpu, ver, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
     let dy = up(gpu, gi.dy)?;
     let dh_t = gi.dh_t.map(|h| up(gpu, h)).transpose()?;
     let sl = d.seq_len();
@@ -313,8 +370,18 @@ pub fn forward_backward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
         db: zeros(gpu, sl)?,
         dh0: zeros(gpu, d.state_len())?,
     };
-    let mut scratch = zeros::<f32>(gpu, scratch_len(d))?;
-    backward_dev(gpu, d, &xi, &ckpt, &dy, dh_t.as_ref(), &mut g, &mut scratch)?;
+    let mut scratch = zeros::<f32>(gpu, ver.scratch_len(d))?;
+    backward_dev_v(
+        gpu,
+        ver,
+        d,
+        &xi,
+        &ckpt,
+        &dy,
+        dh_t.as_ref(),
+        &mut g,
+        &mut scratch,
+    )?;
     Ok((
         Outputs {
             y: down(gpu, &y)?,

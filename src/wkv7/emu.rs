@@ -1,11 +1,8 @@
-//! WKV-7 on the emulated backend: the CUDA kernels of `kernels/wkv7_v1.cu`
-//! compiled for the CPU, run on host buffers.
-use super::{
-    base_params, kernel_name, launch_dims, n_chunks, Dims, Dir, GradInputs, Grads, Inputs, Outputs,
-};
+//! WKV-7 on the emulated backend: the CUDA kernels of `kernels/wkv7_v*.cu`
+//! compiled for the CPU, run on host buffers (any [`Version`]).
+use super::{Dims, Dir, GradInputs, Grads, Inputs, Outputs, Version};
 use crate::dtype::IoType;
 use crate::error::Result;
-use crate::params::WKV7_V1_CHUNK;
 
 fn addr<T>(s: &[T]) -> u64 {
     s.as_ptr() as u64
@@ -15,15 +12,15 @@ fn addr_mut<T>(s: &mut [T]) -> u64 {
 }
 
 /// Forward on host buffers (lengths already checked by the caller).
-pub fn forward<X: IoType>(d: &Dims, x: &Inputs<X>) -> Result<Outputs<X>> {
-    let name = kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
+pub fn forward<X: IoType>(ver: Version, d: &Dims, x: &Inputs<X>) -> Result<Outputs<X>> {
+    let name = ver.kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
     let mut y = vec![X::default(); d.seq_len()];
     let mut h_t = vec![0f32; d.state_len()];
-    let mut p = base_params(d);
+    let mut p = ver.base_params(d);
     set_inputs(&mut p, x);
     p.y = addr_mut(&mut y);
     p.h_t = addr_mut(&mut h_t);
-    let (g, b) = launch_dims(d);
+    let (g, b) = ver.launch_dims(d);
     // SAFETY: every pointer in `p` refers to a live Vec/slice of the length
     // params.h documents for these sizes (inputs checked by the caller,
     // outputs allocated above); ckpt and scratch are null (not used).
@@ -33,17 +30,18 @@ pub fn forward<X: IoType>(d: &Dims, x: &Inputs<X>) -> Result<Outputs<X>> {
 
 /// Forward (saving chunk states) then backward, on host buffers.
 pub fn forward_backward<X: IoType>(
+    ver: Version,
     d: &Dims,
     x: &Inputs<X>,
     gi: &GradInputs<X>,
 ) -> Result<(Outputs<X>, Grads<X>)> {
-    let fwd = kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
-    let bwd = kernel_name(Dir::Bwd, X::DTYPE, d.n)?;
-    let (nn, sl) = (d.n * d.n, d.seq_len());
+    let fwd = ver.kernel_name(Dir::Fwd, X::DTYPE, d.n)?;
+    let bwd = ver.kernel_name(Dir::Bwd, X::DTYPE, d.n)?;
+    let sl = d.seq_len();
     let mut y = vec![X::default(); sl];
     let mut h_t = vec![0f32; d.state_len()];
-    let mut ckpt = vec![0f32; d.b * d.h * n_chunks(d) * nn];
-    let mut scratch = vec![0f32; d.b * d.h * (WKV7_V1_CHUNK + 1) * nn];
+    let mut ckpt = vec![0f32; ver.ckpt_len(d)];
+    let mut scratch = vec![0f32; ver.scratch_len(d)];
     let z = || vec![X::default(); sl];
     let mut g = Grads {
         dr: z(),
@@ -54,7 +52,7 @@ pub fn forward_backward<X: IoType>(
         db: z(),
         dh0: vec![0f32; d.state_len()],
     };
-    let mut p = base_params(d);
+    let mut p = ver.base_params(d);
     set_inputs(&mut p, x);
     p.y = addr_mut(&mut y);
     p.h_t = addr_mut(&mut h_t);
@@ -69,9 +67,9 @@ pub fn forward_backward<X: IoType>(
     p.db = addr_mut(&mut g.db);
     p.dh0 = addr_mut(&mut g.dh0);
     p.scratch = addr_mut(&mut scratch);
-    let (gd, bd) = launch_dims(d);
-    // SAFETY: as in `forward`; additionally ckpt `[B,H,n_chunks,N,N]`,
-    // scratch `[B,H,chunk+1,N,N]` and every gradient buffer are allocated
+    let (gd, bd) = ver.launch_dims(d);
+    // SAFETY: as in `forward`; additionally ckpt and scratch (lengths from
+    // `ver`, as params.h documents for that version) and every gradient buffer are allocated
     // above with exactly the documented sizes, and dy / dh_t were checked.
     unsafe {
         crate::emu::launch_wkv7(&fwd, gd, bd, &p)?;

@@ -210,8 +210,8 @@ impl Backend {
                     h_t,
                 })
             }
-            Backend::Emu => emu::forward(d, x),
-            Backend::Cuda(gpu) => cuda::forward_host(gpu, d, x),
+            Backend::Emu => emu::forward(Version::V1, d, x),
+            Backend::Cuda(gpu) => cuda::forward_host(gpu, Version::V1, d, x),
         }
     }
 
@@ -245,8 +245,8 @@ impl Backend {
                     },
                 ))
             }
-            Backend::Emu => emu::forward_backward(d, x, g),
-            Backend::Cuda(gpu) => cuda::forward_backward_host(gpu, d, x, g),
+            Backend::Emu => emu::forward_backward(Version::V1, d, x, g),
+            Backend::Cuda(gpu) => cuda::forward_backward_host(gpu, Version::V1, d, x, g),
         }
     }
 }
@@ -304,6 +304,65 @@ impl Version {
         }
     }
 
+    /// Kernel file stem (`kernels/<stem>.cu`).
+    pub fn stem(self) -> &'static str {
+        match self {
+            Version::V1 => "wkv7_v1",
+            Version::V2 => "wkv7_v2",
+        }
+    }
+
+    /// Kernel symbol for a direction, dtype and head size.
+    pub fn kernel_name(self, dir: Dir, dtype: crate::dtype::DType, n: usize) -> Result<String> {
+        match self {
+            Version::V1 => kernel_name(dir, dtype, n),
+            Version::V2 => v2::kernel_name(dir, dtype, n),
+        }
+    }
+
+    /// Launch geometry: grid (H, B); block N (v1) or 2N (v2).
+    pub fn launch_dims(self, d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
+        match self {
+            Version::V1 => launch_dims(d),
+            Version::V2 => v2::launch_dims(d),
+        }
+    }
+
+    /// Elements of the backward workspace: `[B, H, 17, N, N]` (v1) or
+    /// `[B, H, N, N]` (v2) f32.
+    pub fn scratch_len(self, d: &Dims) -> usize {
+        match self {
+            Version::V1 => d.b * d.h * (crate::params::WKV7_V1_CHUNK + 1) * d.n * d.n,
+            Version::V2 => v2::scratch_len(d),
+        }
+    }
+
+    /// Tokens per saved state (both versions save fp32 states every 16 tokens).
+    pub fn chunk(self) -> usize {
+        match self {
+            Version::V1 => crate::params::WKV7_V1_CHUNK,
+            Version::V2 => v2::CHUNK,
+        }
+    }
+
+    /// Parameters with sizes filled in and all pointers null.
+    pub fn base_params(self, d: &Dims) -> crate::params::Wkv7Params {
+        crate::params::Wkv7Params {
+            B: d.b as i32,
+            T: d.t as i32,
+            H: d.h as i32,
+            N: d.n as i32,
+            chunk: self.chunk() as i32,
+            n_chunks: d.t.div_ceil(self.chunk()) as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Elements of the checkpoint buffer `[B, H, ceil(T / chunk), N, N]` f32.
+    pub fn ckpt_len(self, d: &Dims) -> usize {
+        d.b * d.h * d.t.div_ceil(self.chunk()) * d.n * d.n
+    }
+
     /// The version that actually runs for these inputs: V2 falls back to V1
     /// when v2 cannot run them (head size, or a decay below the bound).
     pub fn effective<X: IoType>(self, d: &Dims, w: &[X]) -> Version {
@@ -324,8 +383,8 @@ impl Backend {
     ) -> Result<Outputs<X>> {
         x.check(d)?;
         match (self, version.effective(d, x.w)) {
-            (Backend::Emu, Version::V2) => v2::emu::forward(d, x),
-            (Backend::Cuda(gpu), Version::V2) => Ok(v2::cuda::run_host(gpu, d, x, None)?.0),
+            (Backend::Emu, Version::V2) => emu::forward(Version::V2, d, x),
+            (Backend::Cuda(gpu), Version::V2) => cuda::forward_host(gpu, Version::V2, d, x),
             _ => self.forward(d, x),
         }
     }
@@ -341,12 +400,9 @@ impl Backend {
         x.check(d)?;
         g.check(d)?;
         match (self, version.effective(d, x.w)) {
-            (Backend::Emu, Version::V2) => v2::emu::forward_backward(d, x, g),
+            (Backend::Emu, Version::V2) => emu::forward_backward(Version::V2, d, x, g),
             (Backend::Cuda(gpu), Version::V2) => {
-                let (o, gr) = v2::cuda::run_host(gpu, d, x, Some(g))?;
-                let gr =
-                    gr.ok_or_else(|| Error::Invalid("v2 backward produced no grads".into()))?;
-                Ok((o, gr))
+                cuda::forward_backward_host(gpu, Version::V2, d, x, g)
             }
             _ => self.forward_backward(d, x, g),
         }
@@ -384,13 +440,5 @@ pub fn n_chunks(d: &Dims) -> usize {
 
 /// Parameters with sizes filled in and all pointers null.
 pub fn base_params(d: &Dims) -> crate::params::Wkv7Params {
-    crate::params::Wkv7Params {
-        B: d.b as i32,
-        T: d.t as i32,
-        H: d.h as i32,
-        N: d.n as i32,
-        chunk: crate::params::WKV7_V1_CHUNK as i32,
-        n_chunks: n_chunks(d) as i32,
-        ..Default::default()
-    }
+    Version::V1.base_params(d)
 }
