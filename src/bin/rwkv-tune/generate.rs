@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Logits, Model, Sampler, State};
+use rwkv_tune::ops::{cuda::CudaOps, emu::EmuOps};
 use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Where the model runs.
@@ -12,8 +14,62 @@ use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
 pub enum Device {
     /// Multi-threaded CPU (rayon; set RAYON_NUM_THREADS to limit threads).
     Cpu,
-    /// NVIDIA GPU (not supported by these commands yet).
+    /// NVIDIA GPU: weights on the device, cuBLAS GEMMs, the project's kernels.
     Cuda,
+    /// The GPU code path with the CUDA kernels emulated on the CPU (slow; for
+    /// checking the device path without a GPU).
+    Emu,
+}
+
+/// The model on the chosen device (the same forward math on each).
+pub enum Runner {
+    Cpu(Model),
+    Emu(DeviceModel<EmuOps>),
+    Cuda(DeviceModel<CudaOps>),
+}
+
+impl Runner {
+    /// Loads `path` onto `device`.
+    pub fn load(
+        path: &std::path::Path,
+        device: Device,
+    ) -> anyhow::Result<(Runner, rwkv_tune::model::Config)> {
+        let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+        let cfg = model.config().clone();
+        let r = match device {
+            Device::Cpu => Runner::Cpu(model),
+            Device::Emu => Runner::Emu(DeviceModel::new(EmuOps::default(), model.weights())?),
+            Device::Cuda => {
+                let gpu = std::sync::Arc::new(rwkv_tune::cuda::Gpu::new(0)?);
+                eprintln!("device: {}", gpu.describe());
+                Runner::Cuda(DeviceModel::new(CudaOps::new(gpu)?, model.weights())?)
+            }
+        };
+        Ok((r, cfg))
+    }
+
+    /// Runs `tokens` from `state` (updated), returning the requested logits.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut State,
+        which: Logits,
+    ) -> anyhow::Result<Vec<f32>> {
+        Ok(match self {
+            Runner::Cpu(m) => m.forward(tokens, state, which)?,
+            Runner::Emu(m) => m.forward(tokens, state, which)?,
+            Runner::Cuda(m) => m.forward(tokens, state, which)?,
+        })
+    }
+
+    /// One token (the RNN step), returning its logits.
+    pub fn step(&self, token: u32, state: &mut State) -> anyhow::Result<Vec<f32>> {
+        Ok(match self {
+            Runner::Cpu(m) => m.step(token, state)?,
+            Runner::Emu(m) => m.step(token, state)?,
+            Runner::Cuda(m) => m.step(token, state)?,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -64,15 +120,11 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    if a.device == Device::Cuda {
-        bail!("--device cuda is not yet supported for generate; use --device cpu");
-    }
-    let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let cfg = model.config().clone();
+    let (model, cfg) = Runner::load(&a.model, a.device)?;
     let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
     let mut state = match &a.state {
         Some(p) => State::load(p, &cfg).with_context(|| format!("loading {}", p.display()))?,
-        None => model.new_state(),
+        None => State::zeros(&cfg),
     };
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
     let prompt = tok.encode(&a.prompt)?;
