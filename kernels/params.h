@@ -60,7 +60,7 @@ typedef struct Wkv7Params {
  *   dh_t            [B, H, N, N] f32  gradient of the final state, NULL = zero
  *   dr dw dk dv da db [B, T, H, N] X  gradients of the inputs
  *   dh0             [B, H, N, N] f32  gradient of the initial state
- *   scratch         [B, H, chunk + 1, N, N] f32  backward workspace
+ *   scratch         [B, H, chunk + 2, N, N] f32  backward workspace (v1)
  */
 
 /* Self-test kernels of the emulator (kernels/emu_selftest.cu). */

@@ -90,25 +90,36 @@ __device__ void wkv7_bwd_v1(const Wkv7Params p) {
   const X* bb = (const X*)p.b;
   const X* dy = (const X*)p.dy;
   const long bh = (long)b * H + h;
-  // scratch[s] = S after s tokens of the chunk, s = 0..L: [L + 1][NN][NN]
-  float* scr = p.scratch + bh * (long)(L + 1) * NN * NN;
+  // scratch[s] = S after s tokens of the chunk, s = 0..L, then one slot of
+  // dS rows (used when the column copy of dS does not fit in registers):
+  // [L + 2][NN][NN]
+  float* scr = p.scratch + bh * (long)(L + 2) * NN * NN;
+  float* dscr = scr + (long)(L + 1) * NN * NN;
+  // N <= 64: both dS copies in registers. N = 128: 2 x 128 floats per thread
+  // would spill, so the key side reads dS columns from `dscr` instead.
+  constexpr bool kRegCols = NN <= 64;
 
   __shared__ float r_s[NN], w_s[NN], k_s[NN], v_s[NN], a_s[NN], b_s[NN], dy_s[NN];
   __shared__ float dsa_s[NN];
   __shared__ float sa_s[WKV7_V1_CHUNK][NN];
 
   float dSr[NN];  // dS[i][j], j = 0..NN-1 (row i)
-  float dSc[NN];  // dS[m][i], m = 0..NN-1 (column i)
+  float dSc[kRegCols ? NN : 1];  // dS[m][i], m = 0..NN-1 (column i)
   if (p.dh_t) {
     const float* g = p.dh_t + bh * NN * NN;
 #pragma unroll
-    for (int j = 0; j < NN; ++j) {
-      dSr[j] = g[i * NN + j];
-      dSc[j] = g[j * NN + i];
+    for (int j = 0; j < NN; ++j) dSr[j] = g[i * NN + j];
+    if constexpr (kRegCols) {
+#pragma unroll
+      for (int j = 0; j < NN; ++j) dSc[j] = g[j * NN + i];
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < NN; ++j) dSr[j] = dSc[j] = 0.f;
+    for (int j = 0; j < NN; ++j) dSr[j] = 0.f;
+    if constexpr (kRegCols) {
+#pragma unroll
+      for (int j = 0; j < NN; ++j) dSc[j] = 0.f;
+    }
   }
 
   for (int c = p.n_chunks - 1; c >= 0; --c) {
@@ -117,7 +128,7 @@ __device__ void wkv7_bwd_v1(const Wkv7Params p) {
 
     // 1. Recompute the chunk's states from its checkpoint (thread i: row i).
     //    Rows live in `scratch` only (each thread re-reads its own row), so
-    //    dSr/dSc are the only NN-float register arrays: no spills at N = 64.
+    //    dSr/dSc are the only NN-float register arrays: no spills.
     __syncthreads();  // the previous chunk's sweep is done reading scratch
     {
       const float* ck = p.ckpt + ((bh * p.n_chunks + c) * NN + i) * NN;
@@ -170,24 +181,40 @@ __device__ void wkv7_bwd_v1(const Wkv7Params p) {
         dsai += dSr[j] * b_s[j];
       }
       dsa_s[i] = dsai;
+      if constexpr (!kRegCols) {
+#pragma unroll
+        for (int j = 0; j < NN; ++j) dscr[(long)i * NN + j] = dSr[j];
+      }
 
       // key side (column i): dr_i, dk_i, db_i, dw_i
       float dri = 0.f, dki = 0.f, dbi = 0.f, dwi = 0.f;
+      if constexpr (kRegCols) {
 #pragma unroll
-      for (int m = 0; m < NN; ++m) {
-        dSc[m] += dy_s[m] * ri;
-        dri += dy_s[m] * S_cur[m * NN + i];
-        dki += dSc[m] * v_s[m];
-        dbi += dSc[m] * sa_s[s][m];
-        dwi += dSc[m] * S_prev[m * NN + i];
+        for (int m = 0; m < NN; ++m) {
+          dSc[m] += dy_s[m] * ri;
+          dri += dy_s[m] * S_cur[m * NN + i];
+          dki += dSc[m] * v_s[m];
+          dbi += dSc[m] * sa_s[s][m];
+          dwi += dSc[m] * S_prev[m * NN + i];
+        }
       }
-      __syncthreads();  // dsa_s complete
+      __syncthreads();  // dsa_s (and dscr) complete
+      if constexpr (!kRegCols) {
+#pragma unroll 8
+        for (int m = 0; m < NN; ++m) {
+          const float g = dscr[(long)m * NN + i];  // dS_t[m][i], dy r^T included
+          dri += dy_s[m] * S_cur[m * NN + i];
+          dki += g * v_s[m];
+          dbi += g * sa_s[s][m];
+          dwi += g * S_prev[m * NN + i];
+        }
+      }
       float dai = 0.f;
       const float wi = w_s[i], ai = a_s[i];
 #pragma unroll
       for (int m = 0; m < NN; ++m) {
         dai += dsa_s[m] * S_prev[m * NN + i];
-        dSc[m] = dSc[m] * wi + dsa_s[m] * ai;
+        if constexpr (kRegCols) dSc[m] = dSc[m] * wi + dsa_s[m] * ai;
       }
 #pragma unroll
       for (int j = 0; j < NN; ++j) dSr[j] = dSr[j] * w_s[j] + dsai * a_s[j];

@@ -59,7 +59,7 @@ pub fn ckpt_len(d: &Dims) -> usize {
     Version::V1.ckpt_len(d)
 }
 
-/// Elements of the backward workspace: `[B, H, 17, N, N]` f32.
+/// Elements of the v1 backward workspace: `[B, H, 18, N, N]` f32.
 pub fn scratch_len(d: &Dims) -> usize {
     Version::V1.scratch_len(d)
 }

@@ -328,11 +328,11 @@ impl Version {
         }
     }
 
-    /// Elements of the backward workspace: `[B, H, 17, N, N]` (v1) or
-    /// `[B, H, N, N]` (v2) f32.
+    /// Elements of the backward workspace: `[B, H, 18, N, N]` (v1: 17 states
+    /// of a chunk + one slot of dS rows) or `[B, H, N, N]` (v2) f32.
     pub fn scratch_len(self, d: &Dims) -> usize {
         match self {
-            Version::V1 => d.b * d.h * (crate::params::WKV7_V1_CHUNK + 1) * d.n * d.n,
+            Version::V1 => d.b * d.h * (crate::params::WKV7_V1_CHUNK + 2) * d.n * d.n,
             Version::V2 => v2::scratch_len(d),
         }
     }
