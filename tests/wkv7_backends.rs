@@ -6,28 +6,14 @@
 //! Tolerances (per tensor, `err = ‖x − ref‖∞ / ‖ref‖∞`):
 //! - f32 I/O: err ≤ 1e-5;
 //! - bf16 I/O: relative Frobenius error ‖x − ref‖₂ / ‖ref‖₂ ≤ 1e-2.
+mod common;
+
+use common::{cast, rel_fro, rel_inf, to64};
 use half::bf16;
 use rwkv_tune::dtype::IoType;
 use rwkv_tune::wkv7::reference::{self, RefInputs};
 use rwkv_tune::wkv7::testdata::{random_problem, Problem};
 use rwkv_tune::wkv7::{Backend, Dims, GradInputs, Inputs};
-
-fn rel_inf(x: &[f64], r: &[f64]) -> f64 {
-    let m = r.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
-    x.iter().zip(r).fold(0f64, |a, (p, q)| a.max((p - q).abs())) / m
-}
-fn rel_fro(x: &[f64], r: &[f64]) -> f64 {
-    let num: f64 = x.iter().zip(r).map(|(p, q)| (p - q) * (p - q)).sum();
-    let den: f64 = r.iter().map(|q| q * q).sum::<f64>().max(1e-60);
-    (num / den).sqrt()
-}
-
-fn to64<X: IoType>(v: &[X]) -> Vec<f64> {
-    v.iter().map(|e| e.to_f32() as f64).collect()
-}
-fn cast<X: IoType>(v: &[f32]) -> Vec<X> {
-    v.iter().map(|&e| X::from_f32(e)).collect()
-}
 
 /// Runs `backend` in dtype X on `p` and checks y, h_t and all gradients.
 fn check_backend<X: IoType>(backend: &Backend, p: &Problem, with_h0: bool, tol: f64, fro: bool) {
