@@ -4,7 +4,7 @@
 //! the timed region). `cargo test --benches` runs each once as a smoke test.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rwkv_tune::bench::{time_wkv7, Pass};
-use rwkv_tune::wkv7::{Backend, Dims};
+use rwkv_tune::wkv7::{Backend, Dims, Version};
 use std::time::Duration;
 
 fn bench_backend(c: &mut Criterion, group: &str, backend: &Backend, shapes: &[Dims]) {
@@ -21,8 +21,9 @@ fn bench_backend(c: &mut Criterion, group: &str, backend: &Backend, shapes: &[Di
             );
             g.bench_function(id, |bch| {
                 bch.iter_custom(|iters| {
-                    let ms = time_wkv7::<half::bf16>(backend, d, pass, 0, iters as usize)
-                        .expect("wkv7 run");
+                    let ms =
+                        time_wkv7::<half::bf16>(backend, Version::V1, d, pass, 0, iters as usize)
+                            .expect("wkv7 run");
                     Duration::from_secs_f64(ms.iter().sum::<f64>() / 1e3)
                 })
             });

@@ -410,6 +410,7 @@ pub fn time_device<X: IoType>(
     h0: &[f32],
     dy: &[X],
     dh_t: &[f32],
+    version: Version,
     pass: crate::bench::Pass,
     warmup: usize,
     reps: usize,
@@ -426,12 +427,13 @@ pub fn time_device<X: IoType>(
         h0: Some(h0),
     };
     xs.check(d)?;
+    let ver = version.effective(d, xs.w);
     let u = upload(gpu, &xs)?;
     let xi = u.inputs();
     let sl = d.seq_len();
     let mut y = zeros::<X>(gpu, sl)?;
     let mut h_t = zeros::<f32>(gpu, d.state_len())?;
-    let mut ckpt = zeros::<f32>(gpu, ckpt_len(d))?;
+    let mut ckpt = zeros::<f32>(gpu, ver.ckpt_len(d))?;
     let dyd = up(gpu, dy)?;
     let dhd = up(gpu, dh_t)?;
     let mut g = DevGrads {
@@ -443,9 +445,9 @@ pub fn time_device<X: IoType>(
         db: zeros(gpu, sl)?,
         dh0: zeros(gpu, d.state_len())?,
     };
-    let mut scratch = zeros::<f32>(gpu, scratch_len(d))?;
+    let mut scratch = zeros::<f32>(gpu, ver.scratch_len(d))?;
     if pass == Pass::Backward {
-        forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
+        forward_dev_v(gpu, ver, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
     }
     let mut times = Vec::with_capacity(reps);
     for i in 0..warmup + reps {
@@ -454,13 +456,31 @@ pub fn time_device<X: IoType>(
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cuda_err)?;
         match pass {
-            Pass::Forward => forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), None)?,
-            Pass::Backward => {
-                backward_dev(gpu, d, &xi, &ckpt, &dyd, Some(&dhd), &mut g, &mut scratch)?
-            }
+            Pass::Forward => forward_dev_v(gpu, ver, d, &xi, &mut y, Some(&mut h_t), None)?,
+            Pass::Backward => backward_dev_v(
+                gpu,
+                ver,
+                d,
+                &xi,
+                &ckpt,
+                &dyd,
+                Some(&dhd),
+                &mut g,
+                &mut scratch,
+            )?,
             Pass::ForwardBackward => {
-                forward_dev(gpu, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
-                backward_dev(gpu, d, &xi, &ckpt, &dyd, Some(&dhd), &mut g, &mut scratch)?;
+                forward_dev_v(gpu, ver, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
+                backward_dev_v(
+                    gpu,
+                    ver,
+                    d,
+                    &xi,
+                    &ckpt,
+                    &dyd,
+                    Some(&dhd),
+                    &mut g,
+                    &mut scratch,
+                )?;
             }
         }
         let end = gpu

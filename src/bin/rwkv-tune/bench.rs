@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use rwkv_tune::bench::{format_table, run_suite};
 use rwkv_tune::dtype::DType;
-use rwkv_tune::wkv7::{Backend, Dims};
+use rwkv_tune::wkv7::{Backend, Dims, Version};
 use std::path::PathBuf;
 
 /// Benchmark the WKV-7 kernels.
@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// small shapes on the CPU)
     #[arg(long)]
     shapes: Option<String>,
+    /// kernel version: v1 (FMA, any decay) or v2 (tensor cores, N = 32/64,
+    /// decays ≥ 0.5 — the benchmark's random decays are in [0.55, 1))
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    kernel: String,
     /// timed repetitions per measurement (median reported)
     #[arg(long, default_value_t = 10)]
     reps: usize,
@@ -97,7 +101,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
-    let rows = run_suite(&backend, &shapes, a.warmup, a.reps, peak)?;
+    let version = if a.kernel == "v2" {
+        Version::V2
+    } else {
+        Version::V1
+    };
+    let rows = run_suite(&backend, version, &shapes, a.warmup, a.reps, peak)?;
     if let Some(r) = rows.first() {
         println!("device: {}", r.device);
     }
