@@ -1,7 +1,8 @@
 // kernels/model_ops.cu — the element-wise and normalisation kernels of the
 // RWKV-7 (x070) forward pass (everything but the GEMMs and the WKV
-// recurrence). f32 I/O. CPU twins: src/ops/reference.rs; launchers:
-// src/ops/{emu,cuda}.rs; test: tests/ops_backends.rs.
+// recurrence). f32 I/O, except ops_f32_to_bf16 (the bf16 GEMM operand).
+// CPU twins: src/ops/reference.rs; launchers: src/ops/{emu,cuda}.rs; tests:
+// tests/ops_backends.rs, tests/model_device_bf16.rs.
 //
 // Two launch shapes (chosen in src/ops/mod.rs, `Geom`):
 //  * element-wise kernels: 1-D grid-stride loops over elements (or columns);
@@ -189,3 +190,18 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 EMU_ENTRY(ops_embed_f32, EmbedParams)
+
+// Activation operand of the bf16 GEMMs: y[r, j] = bf16_rn(x[r * ld + j]) for
+// j < cols, y dense [rows, cols] (round to nearest even, like
+// half::bf16::from_f32 in the CPU twin).
+extern "C" __global__ void __launch_bounds__(256)
+    ops_f32_to_bf16(const __grid_constant__ F32ToBf16Params p) {
+  const int cols = p.cols;
+  const long ld = p.ld;
+  bf16* y = (bf16*)p.y;
+  ELEM_LOOP(i, (long)p.rows * cols) {
+    const long r = i / cols, j = i % cols;
+    st(y, i, p.x[r * ld + j]);
+  }
+}
+EMU_ENTRY(ops_f32_to_bf16, F32ToBf16Params)

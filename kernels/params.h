@@ -175,6 +175,17 @@ typedef struct EmbedParams {
 } EmbedParams;
 /*   tokens [T] int32 (each < rows of table); table [V, C]; out [T, C]. */
 
+typedef struct F32ToBf16Params {
+  int32_t rows;
+  int32_t cols;
+  int32_t ld;
+  const float* x;
+  void* y;
+} F32ToBf16Params;
+/*   x [rows, ld] f32 (row r at x + r * ld, ld >= cols); y [rows, cols] bf16,
+ *   dense.  y = bf16(x[:, :cols]), round to nearest even (NaN stays NaN):
+ *   the activation operand of the bf16 GEMMs. */
+
 /* Self-test of the tensor-core helpers in kernels/mma.cuh (kernels/mma_selftest.cu). */
 typedef struct MmaTestParams {
   int32_t mode;

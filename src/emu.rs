@@ -183,6 +183,8 @@ emu_ops_table!(OPS_ADD, crate::params::AddParams;
     "ops_add_f32" => emu_ops_add_f32);
 emu_ops_table!(OPS_EMBED, crate::params::EmbedParams;
     "ops_embed_f32" => emu_ops_embed_f32);
+emu_ops_table!(OPS_F32_TO_BF16, crate::params::F32ToBf16Params;
+    "ops_f32_to_bf16" => emu_ops_f32_to_bf16);
 
 /// Runs the emulated model-op kernel `kernel` (kernels/model_ops.cu) over
 /// `grid` × `block`.

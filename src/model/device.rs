@@ -10,7 +10,12 @@
 //! - `DeviceModel<CpuOps>`: the Rust twins (a third, independent check).
 //!
 //! The math is the one of [`super::Model`] (same formulas, same order of
-//! element-wise operations); results agree to float rounding.
+//! element-wise operations); results agree to float rounding. The weight
+//! matrices (projections, LoRA factors, head) go through
+//! [`DeviceOps::upload_mat`] / [`DeviceOps::matmul_w`], so the backend's
+//! [`crate::ops::GemmPrecision`] applies: with bf16 (emu, cuda) they are
+//! stored as bf16 and multiplied with bf16-rounded activations, accumulating
+//! in f32 (logits then differ from the f32 model by a few 1e-3 relative).
 use super::forward::Logits;
 use super::state::{LayerState, State};
 use super::weights::{Config, Weights};
@@ -20,7 +25,7 @@ use crate::ops::{Act, BonusBufs, DeviceOps, LN_EPS};
 /// Longest run of tokens processed at once (the state carries over).
 const SEQ_CHUNK: usize = 512;
 
-struct DevLayer<B> {
+struct DevLayer<B, M> {
     ln1: (B, B),
     ln2: (B, B),
     /// `[6, C]`: x_r | x_w | x_k | x_v | x_a | x_g
@@ -28,26 +33,26 @@ struct DevLayer<B> {
     w0: B,
     a0: B,
     /// v0, v1ᵀ `[d_v, C]`, v2ᵀ `[C, d_v]` (layers ≥ 1 only)
-    vres: Option<(B, B, B)>,
+    vres: Option<(B, M, M)>,
     k_k: B,
     k_a: B,
     r_k: B,
     ln_x: (B, B),
     /// `[out, in]` matrices: receptance, key, value, output.
-    r: B,
-    k: B,
-    v: B,
-    o: B,
+    r: M,
+    k: M,
+    v: M,
+    o: M,
     /// LoRA factors transposed to `[out, in]`.
-    w1: B,
-    w2: B,
-    a1: B,
-    a2: B,
-    g1: B,
-    g2: B,
+    w1: M,
+    w2: M,
+    a1: M,
+    a2: M,
+    g1: M,
+    g2: M,
     ffn_mu: B,
-    fk: B,
-    fv: B,
+    fk: M,
+    fv: M,
 }
 
 /// The recurrent state on the device, per layer: att_x `[C]`, ffn_x `[C]`,
@@ -62,9 +67,9 @@ pub struct DeviceModel<D: DeviceOps> {
     cfg: Config,
     /// `ln0(emb)`, `[V, C]`
     emb_ln: D::Buf,
-    layers: Vec<DevLayer<D::Buf>>,
+    layers: Vec<DevLayer<D::Buf, D::Mat>>,
     ln_out: (D::Buf, D::Buf),
-    head: D::Buf,
+    head: D::Mat,
 }
 
 /// `w [k, n]` (input-major) → `[n, k]` (output-major).
@@ -85,6 +90,7 @@ impl<D: DeviceOps> DeviceModel<D> {
         let cfg = w.config.clone();
         let c = cfg.n_embd;
         let up = |v: &[f32]| ops.upload(v);
+        let upm = |v: &[f32]| ops.upload_mat(v);
         let ln0 = w.blocks[0]
             .ln0
             .as_ref()
@@ -112,8 +118,8 @@ impl<D: DeviceOps> DeviceModel<D> {
             let vres = match (l, &a.v0, &a.v1, &a.v2) {
                 (1.., Some(v0), Some(v1), Some(v2)) => Some((
                     up(v0)?,
-                    up(&transpose(v1, c, cfg.d_v))?,
-                    up(&transpose(v2, cfg.d_v, c))?,
+                    upm(&transpose(v1, c, cfg.d_v))?,
+                    upm(&transpose(v2, cfg.d_v, c))?,
                 )),
                 _ => None,
             };
@@ -128,23 +134,23 @@ impl<D: DeviceOps> DeviceModel<D> {
                 k_a: up(&a.k_a)?,
                 r_k: up(&a.r_k)?,
                 ln_x: (up(&a.ln_x.weight)?, up(&a.ln_x.bias)?),
-                r: up(&a.receptance)?,
-                k: up(&a.key)?,
-                v: up(&a.value)?,
-                o: up(&a.output)?,
-                w1: up(&transpose(&a.w1, c, cfg.d_w))?,
-                w2: up(&transpose(&a.w2, cfg.d_w, c))?,
-                a1: up(&transpose(&a.a1, c, cfg.d_a))?,
-                a2: up(&transpose(&a.a2, cfg.d_a, c))?,
-                g1: up(&transpose(&a.g1, c, cfg.d_g))?,
-                g2: up(&transpose(&a.g2, cfg.d_g, c))?,
+                r: upm(&a.receptance)?,
+                k: upm(&a.key)?,
+                v: upm(&a.value)?,
+                o: upm(&a.output)?,
+                w1: upm(&transpose(&a.w1, c, cfg.d_w))?,
+                w2: upm(&transpose(&a.w2, cfg.d_w, c))?,
+                a1: upm(&transpose(&a.a1, c, cfg.d_a))?,
+                a2: upm(&transpose(&a.a2, cfg.d_a, c))?,
+                g1: upm(&transpose(&a.g1, c, cfg.d_g))?,
+                g2: upm(&transpose(&a.g2, cfg.d_g, c))?,
                 ffn_mu: up(&b.ffn.x_k)?,
-                fk: up(&b.ffn.key)?,
-                fv: up(&b.ffn.value)?,
+                fk: upm(&b.ffn.key)?,
+                fv: upm(&b.ffn.value)?,
             });
         }
         let ln_out = (up(&w.ln_out.weight)?, up(&w.ln_out.bias)?);
-        let head = up(&w.head)?;
+        let head = upm(&w.head)?;
         ops.sync()?;
         Ok(DeviceModel {
             ops,
@@ -159,6 +165,11 @@ impl<D: DeviceOps> DeviceModel<D> {
     /// The backend.
     pub fn ops(&self) -> &D {
         &self.ops
+    }
+
+    /// The precision of the weight GEMMs (the backend's, at upload).
+    pub fn gemm_precision(&self) -> crate::ops::GemmPrecision {
+        self.ops.gemm_precision()
     }
 
     /// The hyper-parameters.
@@ -301,7 +312,7 @@ impl<D: DeviceOps> DeviceModel<D> {
             &mut xn,
         )?;
         let mut y = o.zeros(rows * v)?;
-        o.matmul(&xn, 0, c, rows, &self.head, v, c, &mut y)?;
+        o.matmul_w(&xn, 0, c, rows, &self.head, v, c, &mut y)?;
         let mut h = o.download(&y)?;
         h.truncate(rows * v);
         Ok(h)
@@ -326,9 +337,9 @@ impl<D: DeviceOps> DeviceModel<D> {
             o.token_shift(t, c, &xa, att_x, &ly.mu6, 6, &mut mix)?;
             drop(xa);
             let ld = 6 * c;
-            let mm = |off: usize, ldx: usize, src: &D::Buf, w: &D::Buf, nout: usize, k: usize| {
+            let mm = |off: usize, ldx: usize, src: &D::Buf, w: &D::Mat, nout: usize, k: usize| {
                 let mut y = o.zeros(t * nout)?;
-                o.matmul(src, off, ldx, t, w, nout, k, &mut y)?;
+                o.matmul_w(src, off, ldx, t, w, nout, k, &mut y)?;
                 Ok::<_, Error>(y)
             };
             let r = mm(0, ld, &mix, &ly.r, c, c)?;

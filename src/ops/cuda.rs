@@ -1,22 +1,29 @@
 //! The operations on an NVIDIA GPU: `kernels/model_ops.cu` launched through
-//! cudarc on the [`Gpu`]'s stream, GEMMs through cuBLAS (f32 `sgemm`), the WKV
-//! recurrence through [`crate::wkv7::cuda::forward_dev`].
+//! cudarc on the [`Gpu`]'s stream, GEMMs through cuBLAS (f32 `sgemm`, or for
+//! [`GemmPrecision::Bf16`] weights `cublasGemmEx` with bf16 A/B, f32 C and
+//! `CUBLAS_COMPUTE_32F`), the WKV recurrence through
+//! [`crate::wkv7::cuda::forward_dev`].
 use std::sync::Arc;
 
 use super::{
     check, check_group_norm, check_token_shift, check_value_residual, need, Act, BonusBufs,
-    DeviceOps, Geom,
+    DeviceOps, GemmPrecision, Geom,
 };
 use crate::cuda::{cuda_err, Gpu};
 use crate::error::{Error, Result};
 use crate::params::{
-    ActParams, AddParams, EmbedParams, GroupNormParams, KkPrepParams, LayerNormParams,
-    TokenShiftParams, ValueResidualParams,
+    ActParams, AddParams, EmbedParams, F32ToBf16Params, GroupNormParams, KkPrepParams,
+    LayerNormParams, TokenShiftParams, ValueResidualParams,
 };
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{
+    result::gemm_ex,
+    sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t},
+    CudaBlas, Gemm, GemmConfig,
+};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
 
-// SAFETY (all eight): #[repr(C)] plain-old-data structs generated from
+// SAFETY (all nine): #[repr(C)] plain-old-data structs generated from
 // kernels/params.h (i32, f32 and u64 fields only), matching the C structs the
 // kernels take by value; any bit pattern is valid.
 unsafe impl DeviceRepr for LayerNormParams {}
@@ -34,9 +41,31 @@ unsafe impl DeviceRepr for ValueResidualParams {}
 unsafe impl DeviceRepr for AddParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for EmbedParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for F32ToBf16Params {}
 
 fn addr<G>(o: &Option<(u64, G)>) -> u64 {
     o.as_ref().map_or(0, |(q, _)| *q)
+}
+
+/// A weight matrix on the GPU ([`DeviceOps::Mat`] of [`CudaOps`]).
+pub enum DevMat {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl DevMat {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            DevMat::F32(v) => v.len(),
+            DevMat::Bf16(v) => v.len(),
+        }
+    }
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The GPU backend of [`DeviceOps`].
@@ -45,6 +74,9 @@ pub struct CudaOps {
     blas: CudaBlas,
     /// Launch geometry of the `model_ops` kernels (default [`Geom::GPU`]).
     pub geom: Geom,
+    /// Precision [`DeviceOps::upload_mat`] stores matrices in (default f32;
+    /// [`DeviceOps::matmul_w`] follows the matrix it is given).
+    pub gemm: GemmPrecision,
 }
 
 impl CudaOps {
@@ -62,7 +94,57 @@ impl CudaOps {
             gpu,
             blas,
             geom: Geom::GPU,
+            gemm: GemmPrecision::F32,
         })
+    }
+
+    /// The same backend with weight GEMMs in precision `gemm`.
+    pub fn with_gemm(mut self, gemm: GemmPrecision) -> Self {
+        self.gemm = gemm;
+        self
+    }
+
+    /// `ops_f32_to_bf16` on the GPU: rows `x[x_off + r·ld ..][..cols]`,
+    /// `r < rows`, rounded to bf16 into a new dense `[rows, cols]` buffer.
+    pub fn f32_to_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        ld: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<bf16>> {
+        if ld < cols {
+            return Err(Error::Invalid(format!(
+                "f32_to_bf16: ld {ld} < cols {cols}"
+            )));
+        }
+        super::fits_i32("f32_to_bf16", &[rows, ld])?;
+        if rows > 0 && cols > 0 {
+            need("x", x.len(), x_off, (rows - 1) * ld + cols)?;
+        }
+        let st = &self.gpu.stream;
+        let mut y = st
+            .alloc_zeros::<bf16>((rows * cols).max(1))
+            .map_err(cuda_err)?;
+        if rows == 0 || cols == 0 {
+            return Ok(y);
+        }
+        {
+            let (xp, _g1) = x.device_ptr(st);
+            let (yp, _g2) = y.device_ptr_mut(st);
+            let p = F32ToBf16Params {
+                rows: rows as i32,
+                cols: cols as i32,
+                ld: ld as i32,
+                x: xp + x_off as u64 * F32_BYTES,
+                y: yp,
+            };
+            // SAFETY: x from x_off holds (rows−1)·ld + cols floats (checked),
+            // y rows·cols bf16 (allocated above); guards alive until queued.
+            unsafe { self.launch("ops_f32_to_bf16", self.geom.elems(rows * cols), &p)? };
+        }
+        Ok(y)
     }
 
     /// The GPU.
@@ -218,6 +300,81 @@ impl DeviceOps for CudaOps {
         // SAFETY: the sizes were checked above: w holds n·k floats, x from
         // x_off holds (m−1)·ldx + k, y holds m·n; all on this stream.
         unsafe { self.blas.gemm(cfg, w, &xv, y) }.map_err(cuda_err)
+    }
+
+    type Mat = DevMat;
+    fn gemm_precision(&self) -> GemmPrecision {
+        self.gemm
+    }
+    fn upload_mat(&self, h: &[f32]) -> Result<DevMat> {
+        Ok(match self.gemm {
+            GemmPrecision::F32 => DevMat::F32(self.upload(h)?),
+            GemmPrecision::Bf16 => {
+                let hb: Vec<bf16> = h.iter().map(|&v| bf16::from_f32(v)).collect();
+                let st = &self.gpu.stream;
+                DevMat::Bf16(if hb.is_empty() {
+                    st.alloc_zeros::<bf16>(1).map_err(cuda_err)?
+                } else {
+                    st.clone_htod(&hb).map_err(cuda_err)?
+                })
+            }
+        })
+    }
+    fn matmul_w(
+        &self,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &DevMat,
+        n: usize,
+        k: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let w = match w {
+            DevMat::F32(w) => return self.matmul(x, x_off, ldx, m, w, n, k, y),
+            DevMat::Bf16(w) => w,
+        };
+        check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // x rows → dense bf16 [m, k] (ldb = k); then the column-major mapping
+        // of `matmul`: C[n, m] = Aᵀ B with A = w (lda = k), C = y (ldc = n).
+        let xb = self.f32_to_bf16(x, x_off, ldx, m, k)?;
+        let st = &self.gpu.stream;
+        let (wp, _g1) = w.device_ptr(st);
+        let (xp, _g2) = xb.device_ptr(st);
+        let (yp, _g3) = y.device_ptr_mut(st);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: w holds n·k bf16, xb m·k bf16, y ≥ m·n f32 (checked above),
+        // all on the stream the cuBLAS handle uses; alpha/beta are host f32
+        // as CUBLAS_COMPUTE_32F requires; the guards keep the buffers alive
+        // until the GEMM is queued.
+        unsafe {
+            gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                xp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(cuda_err)
     }
 
     fn layer_norm(

@@ -1,35 +1,85 @@
 //! The operations on the CPU emulator: `kernels/model_ops.cu` compiled for
 //! the CPU (see `crate::emu`), on host `Vec<f32>` buffers. GEMMs run in Rust
-//! ([`super::reference::matmul`]); the WKV recurrence runs the emulated
+//! ([`super::reference::matmul`], or with [`GemmPrecision::Bf16`] the
+//! emulated `ops_f32_to_bf16` rounding of the activations and
+//! [`super::reference::matmul_bf16`]); the WKV recurrence runs the emulated
 //! `kernels/wkv7_v1.cu`.
 use super::{
     check, check_group_norm, check_token_shift, check_value_residual, host_copy, host_matmul,
-    host_wkv, need, Act, BonusBufs, DeviceOps, Geom,
+    host_matmul_w, host_wkv, need, Act, BonusBufs, DeviceOps, GemmPrecision, Geom, HostMat,
 };
 use crate::emu::{launch_ops, EmuParams};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::params::{
-    ActParams, AddParams, EmbedParams, GroupNormParams, KkPrepParams, LayerNormParams,
-    TokenShiftParams, ValueResidualParams,
+    ActParams, AddParams, EmbedParams, F32ToBf16Params, GroupNormParams, KkPrepParams,
+    LayerNormParams, TokenShiftParams, ValueResidualParams,
 };
 
 /// The emulated backend. `geom` picks the launch geometry (default
-/// [`Geom::EMU`]: one small block; [`Geom::GPU`] runs the GPU geometry).
+/// [`Geom::EMU`]: one small block; [`Geom::GPU`] runs the GPU geometry);
+/// `gemm` the precision of the weight GEMMs (default f32).
 #[derive(Clone, Copy, Debug)]
 pub struct EmuOps {
     pub geom: Geom,
+    /// Precision [`DeviceOps::upload_mat`] stores matrices in
+    /// ([`DeviceOps::matmul_w`] follows the matrix it is given).
+    pub gemm: GemmPrecision,
 }
 
 impl Default for EmuOps {
     fn default() -> Self {
-        EmuOps { geom: Geom::EMU }
+        EmuOps {
+            geom: Geom::EMU,
+            gemm: GemmPrecision::F32,
+        }
     }
 }
 
 impl EmuOps {
-    /// With an explicit launch geometry.
+    /// With an explicit launch geometry (f32 GEMMs).
     pub fn with_geom(geom: Geom) -> Self {
-        EmuOps { geom }
+        EmuOps {
+            geom,
+            gemm: GemmPrecision::F32,
+        }
+    }
+
+    /// The same backend with weight GEMMs in precision `gemm`.
+    pub fn with_gemm(self, gemm: GemmPrecision) -> Self {
+        EmuOps { gemm, ..self }
+    }
+
+    /// The emulated `ops_f32_to_bf16`: rows `x[r·ld .. r·ld + cols]` for
+    /// `r < rows`, rounded to bf16 (nearest even) into a dense `[rows, cols]`.
+    pub fn f32_to_bf16(
+        &self,
+        x: &[f32],
+        ld: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<half::bf16>> {
+        if ld < cols {
+            return Err(Error::Invalid(format!(
+                "f32_to_bf16: ld {ld} < cols {cols}"
+            )));
+        }
+        super::fits_i32("f32_to_bf16", &[rows, ld])?;
+        if rows == 0 || cols == 0 {
+            return Ok(Vec::new());
+        }
+        need("x", x.len(), 0, (rows - 1) * ld + cols)?;
+        let mut y = vec![half::bf16::ZERO; rows * cols];
+        let p = F32ToBf16Params {
+            rows: rows as i32,
+            cols: cols as i32,
+            ld: ld as i32,
+            x: ptr(x),
+            y: y.as_mut_ptr() as u64,
+        };
+        // SAFETY: x holds (rows−1)·ld + cols floats (checked), y rows·cols
+        // bf16 (allocated above, not aliased); both alive for the call.
+        unsafe { run("ops_f32_to_bf16", self.geom.elems(rows * cols), &p)? };
+        Ok(y)
     }
 }
 
@@ -112,6 +162,29 @@ impl DeviceOps for EmuOps {
         y: &mut Vec<f32>,
     ) -> Result<()> {
         host_matmul(x, x_off, ldx, m, w, n, k, y)
+    }
+
+    type Mat = HostMat;
+    fn gemm_precision(&self) -> GemmPrecision {
+        self.gemm
+    }
+    fn upload_mat(&self, h: &[f32]) -> Result<HostMat> {
+        Ok(HostMat::new(h, self.gemm))
+    }
+    fn matmul_w(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &HostMat,
+        n: usize,
+        k: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_matmul_w(x, x_off, ldx, m, w, n, k, y, |xs, ld, rows, cols| {
+            self.f32_to_bf16(xs, ld, rows, cols)
+        })
     }
 
     fn layer_norm(

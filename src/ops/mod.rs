@@ -6,11 +6,19 @@
 //! | impl | buffers | element-wise ops | GEMM | WKV |
 //! |---|---|---|---|---|
 //! | [`CpuOps`] | `Vec<f32>` | [`reference`] (Rust twins) | [`reference::matmul`] | `wkv7` Cpu |
-//! | [`emu::EmuOps`] | `Vec<f32>` | `kernels/model_ops.cu` on the CPU emulator | [`reference::matmul`] | `wkv7` Emu |
-//! | [`cuda::CudaOps`] | `CudaSlice<f32>` | `kernels/model_ops.cu` on the GPU | cuBLAS sgemm | `wkv7::cuda::forward_dev` |
+//! | [`emu::EmuOps`] | `Vec<f32>` | `kernels/model_ops.cu` on the CPU emulator | [`reference::matmul`] / [`reference::matmul_bf16`] | `wkv7` Emu |
+//! | [`cuda::CudaOps`] | `CudaSlice<f32>` | `kernels/model_ops.cu` on the GPU | cuBLAS sgemm / `cublasGemmEx` bf16 | `wkv7::cuda::forward_dev` |
 //!
 //! The device forward (`model::device`) is written once, generic over
 //! [`DeviceOps`].
+//!
+//! Weight GEMMs ([`DeviceOps::matmul_w`]) take their matrix from
+//! [`DeviceOps::upload_mat`], stored in the backend's [`GemmPrecision`]:
+//! f32 (the default, for checking), or bf16 (emu, cuda): weights rounded to
+//! bf16 once at upload, the activation rows rounded to bf16 (round to nearest
+//! even, `ops_f32_to_bf16`) before each GEMM, products accumulated in f32,
+//! f32 output. The emulated bf16 GEMM computes exactly what cuBLAS computes
+//! up to the order of the f32 summation.
 //!
 //! Conventions (all ops, f32): activations are row-major `[rows, C]` with
 //! `C = H · N`; per-channel parameters are `[C]`; matrices are `[out, in]`
@@ -50,6 +58,85 @@ impl Act {
             Act::Sigmoid => 1,
             Act::ReluSq => 2,
             Act::Decay => 3,
+        }
+    }
+}
+
+/// Operand precision of the weight GEMMs ([`DeviceOps::matmul_w`]);
+/// accumulation and output are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GemmPrecision {
+    /// f32 operands (cuBLAS sgemm / the Rust f32 GEMM).
+    #[default]
+    F32,
+    /// bf16 operands (weights stored as bf16, activations rounded to bf16
+    /// per GEMM), f32 accumulation.
+    Bf16,
+}
+
+impl GemmPrecision {
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPrecision::F32 => "f32",
+            GemmPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for GemmPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for GemmPrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(GemmPrecision::F32),
+            "bf16" => Ok(GemmPrecision::Bf16),
+            _ => Err(Error::Invalid(format!(
+                "unknown GEMM precision {s:?} (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+/// A weight matrix in host memory for [`DeviceOps::matmul_w`] (cpu, emu):
+/// f32, or rounded to bf16 once at upload.
+#[derive(Clone, Debug)]
+pub enum HostMat {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl HostMat {
+    /// `h` stored in precision `p` (bf16: round to nearest even).
+    pub fn new(h: &[f32], p: GemmPrecision) -> Self {
+        match p {
+            GemmPrecision::F32 => HostMat::F32(h.to_vec()),
+            GemmPrecision::Bf16 => {
+                HostMat::Bf16(h.iter().map(|&v| half::bf16::from_f32(v)).collect())
+            }
+        }
+    }
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            HostMat::F32(v) => v.len(),
+            HostMat::Bf16(v) => v.len(),
+        }
+    }
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The precision it is stored in.
+    pub fn precision(&self) -> GemmPrecision {
+        match self {
+            HostMat::F32(_) => GemmPrecision::F32,
+            HostMat::Bf16(_) => GemmPrecision::Bf16,
         }
     }
 }
@@ -188,6 +275,27 @@ pub trait DeviceOps {
         ldx: usize,
         m: usize,
         w: &Self::Buf,
+        n: usize,
+        k: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// A weight matrix `[n, k]` for [`Self::matmul_w`], in the backend's
+    /// GEMM precision.
+    type Mat;
+    /// The precision [`Self::upload_mat`] stores matrices in.
+    fn gemm_precision(&self) -> GemmPrecision;
+    /// Uploads a weight matrix (rounded to bf16 once when the precision is bf16).
+    fn upload_mat(&self, h: &[f32]) -> Result<Self::Mat>;
+    /// [`Self::matmul`] with a matrix from [`Self::upload_mat`]; for a bf16
+    /// matrix the rows of x are rounded to bf16 first, products accumulate
+    /// in f32 and y is f32.
+    fn matmul_w(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Self::Mat,
         n: usize,
         k: usize,
         y: &mut Self::Buf,
@@ -403,6 +511,36 @@ pub(crate) fn host_matmul(
     Ok(())
 }
 
+/// [`DeviceOps::matmul_w`] on host buffers: f32, or bf16 with the rows of x
+/// rounded by `round` (the emulated kernel or its Rust twin) into a dense
+/// `[m, k]` bf16 copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn host_matmul_w(
+    x: &[f32],
+    x_off: usize,
+    ldx: usize,
+    m: usize,
+    w: &HostMat,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+    round: impl FnOnce(&[f32], usize, usize, usize) -> Result<Vec<half::bf16>>,
+) -> Result<()> {
+    match w {
+        HostMat::F32(w) => host_matmul(x, x_off, ldx, m, w, n, k, y),
+        HostMat::Bf16(w) => {
+            check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
+            if m == 0 {
+                return Ok(());
+            }
+            let xb = round(&x[x_off..], ldx, m, k)?;
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            reference::matmul_bf16(&xf, k, m, w, n, k, y);
+            Ok(())
+        }
+    }
+}
+
 /// WKV on host buffers through a `wkv7` backend (Cpu or Emu).
 pub(crate) fn host_wkv(
     be: &crate::wkv7::Backend,
@@ -469,6 +607,26 @@ impl DeviceOps for CpuOps {
         Ok(())
     }
     fn matmul(
+        &self,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Vec<f32>,
+        n: usize,
+        k: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_matmul(x, x_off, ldx, m, w, n, k, y)
+    }
+    type Mat = Vec<f32>;
+    fn gemm_precision(&self) -> GemmPrecision {
+        GemmPrecision::F32
+    }
+    fn upload_mat(&self, h: &[f32]) -> Result<Vec<f32>> {
+        Ok(h.to_vec())
+    }
+    fn matmul_w(
         &self,
         x: &Vec<f32>,
         x_off: usize,

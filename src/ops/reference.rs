@@ -6,6 +6,7 @@
 //! ([`super::DeviceOps`] implementations do it); row-major `[rows, C]`
 //! layouts with `C = H * N`.
 use super::{Act, DECAY_SCALE};
+use half::bf16;
 use rayon::prelude::*;
 
 #[inline]
@@ -203,6 +204,34 @@ pub fn embed(tokens: &[u32], table: &[f32], c: usize, out: &mut [f32]) {
 /// `y[m, n] = x[m, k] · wᵀ` with `w` stored `[n, k]` (`nn.Linear` layout) and
 /// row `i` of x starting at `i * ldx`. Rayon-parallel over output rows.
 pub fn matmul(x: &[f32], ldx: usize, m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    matmul_impl(x, ldx, m, w, n, k, y)
+}
+
+/// [`matmul`] with bf16 weights: each product `x · f32(w)` is formed in f32
+/// and accumulated in f32 (exact products when x is bf16-exact, as the bf16
+/// operands of a tensor-core GEMM), in the summation order of [`matmul`].
+pub fn matmul_bf16(x: &[f32], ldx: usize, m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
+    matmul_impl(x, ldx, m, w, n, k, y)
+}
+
+/// CPU twin of `ops_f32_to_bf16`: `y[r·cols + j] = bf16_rn(x[r·ld + j])`.
+pub fn f32_to_bf16(x: &[f32], ld: usize, rows: usize, cols: usize, y: &mut [bf16]) {
+    for r in 0..rows {
+        for j in 0..cols {
+            y[r * cols + j] = bf16::from_f32(x[r * ld + j]);
+        }
+    }
+}
+
+fn matmul_impl<W: Copy + Sync + Into<f32>>(
+    x: &[f32],
+    ldx: usize,
+    m: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
     let row = |i: usize, yr: &mut [f32]| {
         let xr = &x[i * ldx..i * ldx + k];
         for (o, yo) in yr.iter_mut().enumerate() {
@@ -237,19 +266,19 @@ pub fn matmul(x: &[f32], ldx: usize, m: usize, w: &[f32], n: usize, k: usize, y:
 }
 
 /// Dot product with 8 independent partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<W: Copy + Into<f32>>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0.0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].into();
         }
     }
     let mut s = 0.0;
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * (*y).into();
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
 }

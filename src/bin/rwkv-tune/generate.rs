@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Logits, Model, Sampler, State};
-use rwkv_tune::ops::{cuda::CudaOps, emu::EmuOps};
+use rwkv_tune::ops::{cuda::CudaOps, emu::EmuOps, GemmPrecision};
 use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Where the model runs.
@@ -21,6 +21,25 @@ pub enum Device {
     Emu,
 }
 
+/// Operand precision of the weight GEMMs on `--device cuda|emu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Gemm {
+    /// f32 operands (cuBLAS sgemm on cuda): matches the CPU model to float rounding.
+    F32,
+    /// bf16 weights and bf16-rounded activations, f32 accumulation and output
+    /// (cuBLAS GemmEx on cuda; the same arithmetic emulated on emu).
+    Bf16,
+}
+
+impl From<Gemm> for GemmPrecision {
+    fn from(g: Gemm) -> Self {
+        match g {
+            Gemm::F32 => GemmPrecision::F32,
+            Gemm::Bf16 => GemmPrecision::Bf16,
+        }
+    }
+}
+
 /// The model on the chosen device (the same forward math on each).
 pub enum Runner {
     Cpu(Model),
@@ -29,20 +48,32 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// Loads `path` onto `device`.
+    /// Loads `path` onto `device`, with weight GEMMs in `gemm` precision
+    /// (`Gemm::Bf16` needs `cuda` or `emu`).
     pub fn load(
         path: &std::path::Path,
         device: Device,
+        gemm: Gemm,
     ) -> anyhow::Result<(Runner, rwkv_tune::model::Config)> {
+        if device == Device::Cpu && gemm != Gemm::F32 {
+            bail!("--gemm bf16 needs --device cuda or emu (the cpu model is f32 only)");
+        }
         let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
         let cfg = model.config().clone();
+        let prec = GemmPrecision::from(gemm);
         let r = match device {
             Device::Cpu => Runner::Cpu(model),
-            Device::Emu => Runner::Emu(DeviceModel::new(EmuOps::default(), model.weights())?),
+            Device::Emu => Runner::Emu(DeviceModel::new(
+                EmuOps::default().with_gemm(prec),
+                model.weights(),
+            )?),
             Device::Cuda => {
                 let gpu = std::sync::Arc::new(rwkv_tune::cuda::Gpu::new(0)?);
-                eprintln!("device: {}", gpu.describe());
-                Runner::Cuda(DeviceModel::new(CudaOps::new(gpu)?, model.weights())?)
+                eprintln!("device: {}, GEMMs {prec}", gpu.describe());
+                Runner::Cuda(DeviceModel::new(
+                    CudaOps::new(gpu)?.with_gemm(prec),
+                    model.weights(),
+                )?)
             }
         };
         Ok((r, cfg))
@@ -102,6 +133,10 @@ pub struct GenerateArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Weight GEMM precision on `--device cuda|emu` (default f32 on every
+    /// device): `bf16` = bf16 operands with f32 accumulation.
+    #[arg(long, value_enum, default_value_t = Gemm::F32)]
+    pub gemm: Gemm,
     /// Tokenizer: `world:PATH` (rwkv_vocab_v20230424.txt), `hf:PATH` (tokenizer.json) or
     /// `bytes`. Default: `bytes` when the model's vocab is 256, otherwise required.
     #[arg(long)]
@@ -120,7 +155,7 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let (model, cfg) = Runner::load(&a.model, a.device)?;
+    let (model, cfg) = Runner::load(&a.model, a.device, a.gemm)?;
     let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
     let mut state = match &a.state {
         Some(p) => State::load(p, &cfg).with_context(|| format!("loading {}", p.display()))?,
