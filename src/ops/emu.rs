@@ -5,8 +5,9 @@
 //! [`super::reference::matmul_bf16`]); the WKV recurrence runs the emulated
 //! `kernels/wkv7_v1.cu`.
 use super::{
-    check, check_group_norm, check_token_shift, check_value_residual, host_copy, host_matmul,
-    host_matmul_w, host_wkv, need, Act, BonusBufs, DeviceOps, GemmPrecision, Geom, HostMat,
+    check, check_group_norm, check_token_shift, check_value_residual, host_buffer_ops, host_copy,
+    host_matmul, host_matmul_w, host_wkv, need, Act, BonusBufs, DeviceOps, GemmPrecision, Geom,
+    HostMat,
 };
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::{Error, Result};
@@ -109,31 +110,7 @@ impl DeviceOps for EmuOps {
     fn name(&self) -> &'static str {
         "emu"
     }
-    fn len(&self, b: &Vec<f32>) -> usize {
-        b.len()
-    }
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
-    }
-    fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
-        Ok(h.to_vec())
-    }
-    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
-        host_copy(h, 0, dst, 0, h.len())
-    }
-    fn copy(
-        &self,
-        src: &Vec<f32>,
-        src_off: usize,
-        dst: &mut Vec<f32>,
-        dst_off: usize,
-        n: usize,
-    ) -> Result<()> {
-        host_copy(src, src_off, dst, dst_off, n)
-    }
+    host_buffer_ops!();
 
     fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
         check::embed(tokens, table.len(), c, out.len())?;

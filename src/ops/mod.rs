@@ -479,6 +479,39 @@ pub(crate) mod check {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
 
+/// The buffer-management methods of [`DeviceOps`] for backends whose buffers
+/// are host `Vec<f32>` ([`CpuOps`] and [`emu::EmuOps`]).
+macro_rules! host_buffer_ops {
+    () => {
+        fn len(&self, b: &Vec<f32>) -> usize {
+            b.len()
+        }
+        fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+            Ok(vec![0.0; n])
+        }
+        fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
+            Ok(h.to_vec())
+        }
+        fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+            Ok(b.clone())
+        }
+        fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+            host_copy(h, 0, dst, 0, h.len())
+        }
+        fn copy(
+            &self,
+            src: &Vec<f32>,
+            src_off: usize,
+            dst: &mut Vec<f32>,
+            dst_off: usize,
+            n: usize,
+        ) -> Result<()> {
+            host_copy(src, src_off, dst, dst_off, n)
+        }
+    };
+}
+pub(crate) use host_buffer_ops;
+
 /// Shared by the two host-memory backends (cpu, emu).
 pub(crate) fn host_copy(
     src: &[f32],
@@ -576,31 +609,7 @@ impl DeviceOps for CpuOps {
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn len(&self, b: &Vec<f32>) -> usize {
-        b.len()
-    }
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
-    }
-    fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
-        Ok(h.to_vec())
-    }
-    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
-        host_copy(h, 0, dst, 0, h.len())
-    }
-    fn copy(
-        &self,
-        src: &Vec<f32>,
-        src_off: usize,
-        dst: &mut Vec<f32>,
-        dst_off: usize,
-        n: usize,
-    ) -> Result<()> {
-        host_copy(src, src_off, dst, dst_off, n)
-    }
+    host_buffer_ops!();
     fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
         check::embed(tokens, table.len(), c, out.len())?;
         reference::embed(tokens, table, c, out);
