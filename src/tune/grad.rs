@@ -471,18 +471,17 @@ pub(crate) fn forward_logits_up<R: Real>(
     }
     let mut logits = vec![R::ZERO; t * cfg.vocab];
     let mut xn = vec![R::ZERO; t * c];
-    for tt in 0..t {
-        let (mut xh, mut rs) = (vec![R::ZERO; c], R::ZERO);
-        ln_row(
-            &x[tt * c..(tt + 1) * c],
-            &m.ln_out.0,
-            &m.ln_out.1,
-            LN_EPS,
-            &mut xh,
-            &mut xn[tt * c..(tt + 1) * c],
-            &mut rs,
-        );
-    }
+    let (mut xh, mut rs) = (vec![R::ZERO; t * c], vec![R::ZERO; t]);
+    ln_rows(
+        &x,
+        &m.ln_out.0,
+        &m.ln_out.1,
+        t,
+        c,
+        &mut xh,
+        &mut xn,
+        &mut rs,
+    );
     xwt(&xn, t, c, &m.head, cfg.vocab, &mut logits);
     Ok(logits)
 }
@@ -1047,6 +1046,33 @@ fn rows_cols(rows: usize, c: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows).flat_map(move |t| (0..c).map(move |j| (t * c + j, j)))
 }
 
+/// [`ln_row`] over `rows` contiguous rows of width `c` (eps [`LN_EPS`]):
+/// x, xhat, out `[rows, c]`, rs `[rows]`.
+#[allow(clippy::too_many_arguments)]
+fn ln_rows<R: Real>(
+    x: &[R],
+    w: &[R],
+    b: &[R],
+    rows: usize,
+    c: usize,
+    xhat: &mut [R],
+    out: &mut [R],
+    rs: &mut [R],
+) {
+    for t in 0..rows {
+        let s = t * c..(t + 1) * c;
+        ln_row(
+            &x[s.clone()],
+            w,
+            b,
+            LN_EPS,
+            &mut xhat[s.clone()],
+            &mut out[s],
+            &mut rs[t],
+        );
+    }
+}
+
 /// LayerNorm of one row: `xhat = (x-μ)·rs`, `out = xhat·w + b`.
 fn ln_row<R: Real>(x: &[R], w: &[R], b: &[R], eps: f64, xhat: &mut [R], out: &mut [R], rs: &mut R) {
     let n = R::from_f64(x.len() as f64);
@@ -1430,18 +1456,16 @@ fn layer_fwd<R: Real>(
     let rc = rows * c;
     let one = R::ONE;
     // ln1 and the token-shift mixes
-    for t in 0..rows {
-        let s = t * c..(t + 1) * c;
-        ln_row(
-            &x[s.clone()],
-            &lw.ln1.0,
-            &lw.ln1.1,
-            LN_EPS,
-            &mut tp.xhat1[s.clone()],
-            &mut tp.xa[s],
-            &mut tp.rs1[t],
-        );
-    }
+    ln_rows(
+        x,
+        &lw.ln1.0,
+        &lw.ln1.1,
+        rows,
+        c,
+        &mut tp.xhat1,
+        &mut tp.xa,
+        &mut tp.rs1,
+    );
     for t in 0..rows {
         for j in 0..c {
             let cur = tp.xa[t * c + j];
@@ -1587,18 +1611,16 @@ fn layer_fwd<R: Real>(
         x[i] += tp.tc2[i];
     }
     // channel mix
-    for t in 0..rows {
-        let s = t * c..(t + 1) * c;
-        ln_row(
-            &x[s.clone()],
-            &lw.ln2.0,
-            &lw.ln2.1,
-            LN_EPS,
-            &mut tp.xhat2[s.clone()],
-            &mut tp.xf[s],
-            &mut tp.rs2[t],
-        );
-    }
+    ln_rows(
+        x,
+        &lw.ln2.0,
+        &lw.ln2.1,
+        rows,
+        c,
+        &mut tp.xhat2,
+        &mut tp.xf,
+        &mut tp.rs2,
+    );
     for t in 0..rows {
         for j in 0..c {
             let cur = tp.xf[t * c + j];
