@@ -26,6 +26,8 @@
 //! op touches (the check is `len ≥ offset + needed`); a shorter one is an
 //! [`Error::Shape`] naming the argument. Ops marked "in place" overwrite
 //! their first buffer argument.
+pub mod backward;
+pub mod backward_ref;
 pub mod cuda;
 pub mod emu;
 pub mod reference;

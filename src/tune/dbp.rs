@@ -285,6 +285,35 @@ impl Dbp {
         Ok(rep)
     }
 
+    /// [`update`](Self::update), returning per layer and head the matrix
+    /// `(I − ηΔ)⁻¹` `[L, H, N, N]` that keeps `S = S′R` unchanged when
+    /// applied as `S′ ← S′·(I − ηΔ)⁻¹` (what [`Self::update_keep_state`]
+    /// does on the host; the device engine applies it on the device).
+    pub fn update_transfer(&mut self, st: &DbpStats) -> Result<(Vec<f64>, DbpReport)> {
+        let (steps, rep) = self.steps(st)?;
+        let n = self.head_size;
+        let nn = n * n;
+        let mut out = vec![0.0; steps.len()];
+        for b in 0..self.n_layer * self.n_head {
+            let mut m = vec![0.0; nn];
+            for i in 0..n {
+                for j in 0..n {
+                    m[i * n + j] = if i == j { 1.0 } else { 0.0 } - steps[b * nn + i * n + j];
+                }
+            }
+            let inv = invert(&m, n).ok_or_else(|| {
+                Error::Tune(format!(
+                    "DBP: I − ηΔ is singular at layer {} head {}",
+                    b / self.n_head,
+                    b % self.n_head
+                ))
+            })?;
+            out[b * nn..(b + 1) * nn].copy_from_slice(&inv);
+        }
+        self.apply(&steps);
+        Ok((out, rep))
+    }
+
     /// [`update`](Self::update), then `S′ ← S′(I − ηΔ)⁻¹` so that the
     /// effective state `S = S′R` is unchanged by the step.
     pub fn update_keep_state<R: Real>(
@@ -293,22 +322,13 @@ impl Dbp {
         s_prime: &mut TunedStateOf<R>,
     ) -> Result<DbpReport> {
         self.check_state(s_prime, "s_prime")?;
-        let (steps, rep) = self.steps(st)?;
-        self.apply(&steps);
+        let (tr, rep) = self.update_transfer(st)?;
         let n = self.head_size;
         let nn = n * n;
         for (l, s) in s_prime.wkv.iter_mut().enumerate() {
             for h in 0..self.n_head {
                 let b = l * self.n_head + h;
-                let mut m = vec![0.0; nn];
-                for i in 0..n {
-                    for j in 0..n {
-                        m[i * n + j] = if i == j { 1.0 } else { 0.0 } - steps[b * nn + i * n + j];
-                    }
-                }
-                let inv = invert(&m, n).ok_or_else(|| {
-                    Error::Tune(format!("DBP: I − ηΔ is singular at layer {l} head {h}"))
-                })?;
+                let inv = &tr[b * nn..(b + 1) * nn];
                 let blk = &mut s[h * nn..(h + 1) * nn];
                 let old: Vec<f64> = blk.iter().map(|v| v.to_f64()).collect();
                 for i in 0..n {

@@ -5,6 +5,9 @@
 //! - [`dbp`]: decorrelated backpropagation for the tuned states.
 //! - [`data`]: JSONL / plain-text data, tokenising, examples, seeded batches.
 //! - [`optim`]: Adam / AdamW, the lr schedule (RWKV-PEFT recipe), clipping.
+//! - [`engine`]: where a step runs ([`engine::Engine`]; the CPU engine).
+//! - [`device`]: the state gradient and the optimiser step on a device
+//!   ([`device::DeviceEngine`], through `ops::backward::BackwardOps`).
 //! - [`train`]: the tuning loop, validation, metrics, checkpoints, export.
 //! - [`checkpoint`]: atomic, exactly resumable checkpoints.
 //! - [`plot`]: PNG loss curves without image dependencies.
@@ -20,6 +23,8 @@ pub mod compare;
 pub mod data;
 pub mod dbp;
 pub mod demo;
+pub mod device;
+pub mod engine;
 pub mod observer;
 pub mod optim;
 pub mod plot;

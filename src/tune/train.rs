@@ -17,10 +17,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::checkpoint::{remove_stale_temps, Checkpoint};
-use super::data::{pad_batch, Dataset, Loader};
-use super::dbp::Dbp;
-use super::grad::{self, Example, GradOpts, TunedState};
-use super::optim::{clip_global_norm, Adam, AdamConfig, Schedule};
+use super::data::{pad_batch, Dataset, Loader, Task};
+use super::engine::{Engine, EngineState, HostEngine};
+use super::grad::{Example, GradOpts, TunedState};
+use super::optim::{AdamConfig, Schedule};
 use super::plot::write_loss_png;
 use crate::error::{Error, Result};
 use crate::model::{Config, Logits, Model, State, StoreDType};
@@ -226,13 +226,13 @@ pub fn export_state(path: &Path, cfg: &Config, s: &TunedState) -> Result<()> {
     crate::tensors::write_atomic(path, &bytes)
 }
 
-fn log_softmax_at(row: &[f32], target: usize) -> f64 {
+pub(crate) fn log_softmax_at(row: &[f32], target: usize) -> f64 {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let s: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
     row[target] as f64 - m - s.ln()
 }
 
-fn argmax(row: &[f32]) -> usize {
+pub(crate) fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in row.iter().enumerate() {
         if x > row[best] {
@@ -240,6 +240,50 @@ fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// The masked cross-entropy sum and mask sum of one example, given its
+/// logits `[T, V]`.
+pub(crate) fn score_example(e: &Example, logits: &[f32], v: usize) -> (f64, f64) {
+    let mut sum = 0.0;
+    let mut n = 0.0;
+    for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
+        if m > 0.0 {
+            sum -= m as f64 * log_softmax_at(&logits[i * v..(i + 1) * v], tgt as usize);
+            n += m as f64;
+        }
+    }
+    (sum, n)
+}
+
+/// The token sequence whose logits decide a task's exact match: the prompt
+/// and the response without its last token.
+pub(crate) fn task_sequence(t: &Task) -> Vec<u32> {
+    t.prompt
+        .iter()
+        .chain(&t.response[..t.response.len() - 1])
+        .copied()
+        .collect()
+}
+
+/// Whether the teacher-forced argmax reproduces the task's response, given
+/// the logits `[T, V]` of [`task_sequence`].
+pub(crate) fn task_hit(t: &Task, logits: &[f32], v: usize) -> bool {
+    let p = t.prompt.len();
+    t.response
+        .iter()
+        .enumerate()
+        .all(|(j, &r)| argmax(&logits[(p - 1 + j) * v..(p + j) * v]) == r as usize)
+}
+
+/// Sums per-example scores and task hits into an [`EvalResult`].
+pub(crate) fn eval_result(sums: &[(f64, f64)], hits: Option<&[bool]>) -> EvalResult {
+    let (sum, n) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    EvalResult {
+        loss: if n > 0.0 { sum / n } else { 0.0 },
+        n_tokens: n,
+        exact: hits.map(|h| (h.iter().filter(|&&x| x).count(), h.len())),
+    }
 }
 
 /// Validation: mean masked cross-entropy over `ds` (first `max` examples; 0
@@ -257,47 +301,52 @@ pub fn evaluate(model: &Model, s: &TunedState, ds: &Dataset, max: usize) -> Resu
         .map(|e| -> Result<(f64, f64)> {
             let mut st = start.clone();
             let logits = model.forward(&e.tokens, &mut st, Logits::All)?;
-            let mut sum = 0.0;
-            let mut n = 0.0;
-            for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
-                if m > 0.0 {
-                    sum -= m as f64 * log_softmax_at(&logits[i * v..(i + 1) * v], tgt as usize);
-                    n += m as f64;
-                }
-            }
-            Ok((sum, n))
+            Ok(score_example(e, &logits, v))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (sum, n) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let tasks = &ds.tasks[..take(ds.tasks.len())];
-    let exact = if tasks.is_empty() {
+    let hits = if tasks.is_empty() {
         None
     } else {
-        let hits = tasks
-            .par_iter()
-            .map(|t| -> Result<bool> {
-                let mut st = start.clone();
-                let seq: Vec<u32> = t
-                    .prompt
-                    .iter()
-                    .chain(&t.response[..t.response.len() - 1])
-                    .copied()
-                    .collect();
-                let logits = model.forward(&seq, &mut st, Logits::All)?;
-                let p = t.prompt.len();
-                Ok(t.response
-                    .iter()
-                    .enumerate()
-                    .all(|(j, &r)| argmax(&logits[(p - 1 + j) * v..(p + j) * v]) == r as usize))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Some((hits.iter().filter(|&&h| h).count(), tasks.len()))
+        Some(
+            tasks
+                .par_iter()
+                .map(|t| -> Result<bool> {
+                    let mut st = start.clone();
+                    let logits = model.forward(&task_sequence(t), &mut st, Logits::All)?;
+                    Ok(task_hit(t, &logits, v))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        )
     };
-    Ok(EvalResult {
-        loss: if n > 0.0 { sum / n } else { 0.0 },
-        n_tokens: n,
-        exact,
-    })
+    Ok(eval_result(&sums, hits.as_deref()))
+}
+
+/// [`evaluate`] with any logits function (`tokens → [T, V]` from the tuned
+/// state), run sequentially (for device engines).
+pub fn evaluate_with(
+    v: usize,
+    ds: &Dataset,
+    max: usize,
+    mut logits: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<EvalResult> {
+    let take = |n: usize| if max == 0 { n } else { n.min(max) };
+    let sums = ds.examples[..take(ds.examples.len())]
+        .iter()
+        .map(|e| Ok(score_example(e, &logits(&e.tokens)?, v)))
+        .collect::<Result<Vec<_>>>()?;
+    let tasks = &ds.tasks[..take(ds.tasks.len())];
+    let hits = if tasks.is_empty() {
+        None
+    } else {
+        Some(
+            tasks
+                .iter()
+                .map(|t| Ok(task_hit(t, &logits(&task_sequence(t))?, v)))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    };
+    Ok(eval_result(&sums, hits.as_deref()))
 }
 
 /// FNV-1a over the training data, the model shape and the hyper-parameters,
@@ -336,14 +385,6 @@ fn fingerprint(model: &Model, train: &Dataset, cfg: &TrainConfig) -> String {
         cfg.dbp,
         cfg.tag
     )
-}
-
-/// The state the model sees: `S′·R` with DBP, the parameters otherwise.
-fn effective(dbp: &Option<Dbp>, s: &TunedState) -> Result<TunedState> {
-    match dbp {
-        Some(d) => d.effective_state(s),
-        None => Ok(s.clone()),
-    }
 }
 
 /// Keeps the metrics lines of steps `<= step` (dropping those a killed run
@@ -389,7 +430,7 @@ pub fn train(
 }
 
 /// Runs state tuning from `init` (zeros when `None`; a checkpoint, when
-/// resuming, takes precedence).
+/// resuming, takes precedence) on the CPU engine ([`HostEngine`]).
 pub fn train_from(
     model: &Model,
     train: &Dataset,
@@ -399,6 +440,27 @@ pub fn train_from(
     init: Option<TunedState>,
 ) -> Result<TrainReport> {
     let mcfg = model.config().clone();
+    let init = match init {
+        Some(s) => {
+            s.check(&mcfg)?;
+            s
+        }
+        None => TunedState::zeros(&mcfg, cfg.with_shift),
+    };
+    let mut engine = HostEngine::new(model.weights(), init, cfg.adam, cfg.dbp, cfg.grad.clone())?;
+    train_with(model, &mut engine, train, valid, cfg, observer)
+}
+
+/// The tuning loop on any [`Engine`] (which holds the starting parameters;
+/// a checkpoint, when resuming, replaces them).
+pub fn train_with(
+    model: &Model,
+    engine: &mut dyn Engine,
+    train: &Dataset,
+    valid: Option<&Dataset>,
+    cfg: &TrainConfig,
+    observer: Option<&dyn SoftTargets>,
+) -> Result<TrainReport> {
     if train.examples.is_empty() {
         return Err(Error::Tune("the training set is empty".into()));
     }
@@ -418,25 +480,17 @@ pub fn train_from(
     };
     let hidden = indicatif::ProgressBar::hidden();
 
-    // Start or resume.
-    let init = match init {
-        Some(s) => {
-            s.check(&mcfg)?;
-            s
-        }
-        None => TunedState::zeros(&mcfg, cfg.with_shift),
+    // Validation of the starting parameters (before a checkpoint is loaded).
+    let before = match valid {
+        Some(v) if !v.examples.is_empty() => Some(engine.evaluate(model, v, cfg.eval_max)?),
+        _ => None,
     };
-    let mut state = init.clone();
-    let sizes: Vec<usize> = state.params().iter().map(|p| p.len()).collect();
-    let mut adam = Adam::new(cfg.adam, &sizes);
+
+    // Start or resume.
     let mut loader = Loader::new(train.examples.len(), cfg.seed);
     let mut history: Vec<f32> = Vec::new();
     let mut step0 = 0u64;
     let mut resumed_from = None;
-    let mut dbp = match cfg.dbp {
-        Some((eta, kappa)) => Some(Dbp::new(&mcfg, eta, kappa)?),
-        None => None,
-    };
     if let Some(ck_path) = &cfg.checkpoint {
         for p in remove_stale_temps(ck_path) {
             say(
@@ -455,36 +509,18 @@ pub fn train_from(
                     fp
                 )));
             }
-            if ck.params.len() != sizes.len()
-                || ck.params.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
-                || ck.adam_m.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
-                || ck.adam_v.iter().zip(&sizes).any(|(p, &n)| p.len() != n)
-            {
-                return Err(Error::Tune(format!(
-                    "checkpoint {} has tensors of the wrong sizes",
-                    ck_path.display()
-                )));
-            }
-            for (dst, src) in state.params_mut().into_iter().zip(&ck.params) {
-                dst.copy_from_slice(src);
-            }
-            adam.m = ck.adam_m;
-            adam.v = ck.adam_v;
-            adam.t = ck.adam_t;
+            engine
+                .load(EngineState {
+                    params: ck.params,
+                    adam_m: ck.adam_m,
+                    adam_v: ck.adam_v,
+                    adam_t: ck.adam_t,
+                    dbp_r: ck.dbp_r,
+                })
+                .map_err(|e| Error::Tune(format!("checkpoint {}: {e}", ck_path.display())))?;
             loader = Loader::at(train.examples.len(), cfg.seed, ck.loader);
             history = ck.history;
             step0 = ck.step;
-            if let Some(d) = dbp.as_mut() {
-                match ck.dbp_r {
-                    Some(r) if r.len() == d.r.len() => d.r = r,
-                    _ => {
-                        return Err(Error::Tune(format!(
-                            "checkpoint {} lacks the DBP matrices of this run",
-                            ck_path.display()
-                        )))
-                    }
-                }
-            }
             resumed_from = Some(ck.step);
             say(
                 &hidden,
@@ -523,20 +559,15 @@ pub fn train_from(
     }
 
     let mut valid_history = Vec::new();
-    let before = match valid {
-        Some(v) if !v.examples.is_empty() => {
-            let r = evaluate(model, &init, v, cfg.eval_max)?;
-            if resumed_from.is_none() {
-                metrics.line(serde_json::json!({
-                    "type": "valid", "step": 0, "valid_loss": r.loss,
-                    "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
-                }))?;
-            }
-            valid_history.push((0u64, r.loss));
-            Some(r)
+    if let Some(r) = &before {
+        if resumed_from.is_none() {
+            metrics.line(serde_json::json!({
+                "type": "valid", "step": 0, "valid_loss": r.loss,
+                "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
+            }))?;
         }
-        _ => None,
-    };
+        valid_history.push((0u64, r.loss));
+    }
 
     let pb = if cfg.verbose {
         let pb = indicatif::ProgressBar::new(cfg.steps);
@@ -552,23 +583,19 @@ pub fn train_from(
         indicatif::ProgressBar::hidden()
     };
 
-    let save_ck = |state: &TunedState,
-                   adam: &Adam,
-                   loader: &Loader,
-                   history: &[f32],
-                   dbp: &Option<Dbp>,
-                   step: u64| {
+    let save_ck = |engine: &dyn Engine, loader: &Loader, history: &[f32], step: u64| {
         if let Some(p) = &cfg.checkpoint {
+            let es = engine.save()?;
             Checkpoint {
                 step,
-                params: state.params().iter().map(|p| p.to_vec()).collect(),
-                adam_m: adam.m.clone(),
-                adam_v: adam.v.clone(),
-                adam_t: adam.t,
+                params: es.params,
+                adam_m: es.adam_m,
+                adam_v: es.adam_v,
+                adam_t: es.adam_t,
                 loader: loader.pos(),
                 history: history.to_vec(),
                 fingerprint: fp.clone(),
-                dbp_r: dbp.as_ref().map(|d| d.r.clone()),
+                dbp_r: es.dbp_r,
             }
             .save(p)?;
         }
@@ -591,39 +618,12 @@ pub fn train_from(
             }
         }
         let n_real: usize = refs.iter().map(|e| e.tokens.len()).sum();
-        let mut dbp_stats = None;
-        let (out_loss, out_n, mut g) = match &dbp {
-            Some(d) => {
-                let eff = d.effective_state(&state)?;
-                let o = grad::loss_and_grad_dbp(model.weights(), &eff, &batch, &cfg.grad)?;
-                let g = d.grad_to_prime(&o.grad)?;
-                dbp_stats = o.dbp_stats;
-                (o.loss, o.n_tokens, g)
-            }
-            None => {
-                let o = grad::loss_and_grad(model.weights(), &state, &batch, &cfg.grad)?;
-                (o.loss, o.n_tokens, o.grad)
-            }
-        };
-        let n_tok = out_n.max(1.0);
-        let loss = out_loss / n_tok;
+        let lr = cfg.schedule.lr_at(step);
+        let out = engine.step(&batch, lr, cfg.clip)?;
+        let (out_n, gnorm) = (out.n_tokens, out.grad_norm);
+        let loss = out.loss_sum / out_n.max(1.0);
         if !loss.is_finite() {
             return Err(Error::Tune(format!("loss is {loss} at step {}", step + 1)));
-        }
-        let inv = (1.0 / n_tok) as f32;
-        let mut gm = g.params_mut();
-        for t in gm.iter_mut() {
-            t.iter_mut().for_each(|x| *x *= inv);
-        }
-        let gnorm = clip_global_norm(&mut gm, cfg.clip);
-        let lr = cfg.schedule.lr_at(step);
-        {
-            let grads: Vec<&[f32]> = gm.iter().map(|t| &**t).collect();
-            let mut params = state.params_mut();
-            adam.step(&mut params, &grads, lr)?;
-        }
-        if let (Some(d), Some(st)) = (dbp.as_mut(), dbp_stats.as_ref()) {
-            d.update_keep_state(st, &mut state)?;
         }
         history.push(loss as f32);
         tokens_done += n_real as f64;
@@ -644,7 +644,7 @@ pub fn train_from(
 
         if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done < cfg.steps {
             if let Some(v) = valid.filter(|v| !v.examples.is_empty()) {
-                let r = evaluate(model, &effective(&dbp, &state)?, v, cfg.eval_max)?;
+                let r = engine.evaluate(model, v, cfg.eval_max)?;
                 metrics.line(serde_json::json!({
                     "type": "valid", "step": done, "valid_loss": r.loss,
                     "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),
@@ -654,7 +654,7 @@ pub fn train_from(
             }
         }
         if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < cfg.steps {
-            save_ck(&state, &adam, &loader, &history, &dbp, done)?;
+            save_ck(&*engine, &loader, &history, done)?;
         }
         if cfg.throttle_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(cfg.throttle_ms));
@@ -663,12 +663,12 @@ pub fn train_from(
     pb.finish_and_clear();
     let seconds = t_start.elapsed().as_secs_f64();
     let steps_done = cfg.steps.max(step0);
-    save_ck(&state, &adam, &loader, &history, &dbp, steps_done)?;
+    save_ck(&*engine, &loader, &history, steps_done)?;
 
-    let state = effective(&dbp, &state)?;
+    let state = engine.tuned()?;
     let after = match valid {
         Some(v) if !v.examples.is_empty() => {
-            let r = evaluate(model, &state, v, cfg.eval_max)?;
+            let r = engine.evaluate(model, v, cfg.eval_max)?;
             metrics.line(serde_json::json!({
                 "type": "valid", "step": steps_done, "valid_loss": r.loss,
                 "valid_bits_per_token": r.bits_per_token(), "valid_exact_match": r.accuracy(),

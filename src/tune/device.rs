@@ -1,0 +1,1098 @@
+//! State tuning on a device: the gradient of the initial states and the
+//! optimiser step run where the weights live, through [`BackwardOps`]
+//! (`CudaOps` on a GPU: the project's kernels and cuBLAS; `EmuOps`: the same
+//! kernel source on the CPU emulator; `CpuOps`: the Rust twins).
+//!
+//! - [`DeviceTuner`] keeps the frozen weights on the device (f32) and
+//!   computes loss and state gradients for a batch. Per example it runs the
+//!   whole sequence layer by layer, keeps only each layer's input `[T, C]`,
+//!   and in the backward recomputes one layer's forward at a time (its
+//!   activations are freed after that layer's backward); the WKV kernels
+//!   keep their own per-chunk state checkpoints. The head runs in blocks of
+//!   [`HEAD_ROWS`] rows so `[T, V]` logits never exist at once. No gradient
+//!   of a frozen weight is ever formed: every weight GEMM in the backward is
+//!   `dx = dy·W` ([`BackwardOps::matmul_t`]).
+//! - [`DeviceEngine`] is the [`Engine`] that holds the tuned tensors and
+//!   Adam's moments on the device: clipping (a device sum of squares), Adam
+//!   ([`BackwardOps::adam`]) and DBP's `S = S′·R`, `g′ = g·Rᵀ` and
+//!   `S′ ← S′(I − ηΔ)⁻¹` ([`BackwardOps::batched_matmul`]) run on the device;
+//!   DBP's second moments are summed on the device ([`BackwardOps::outer_acc`])
+//!   and only the `N×N`-per-head matrix algebra of the update (`Δ` and its
+//!   inverse, f64) runs on the host, once per step.
+//!
+//! The math is the one of [`super::grad`] (the CPU engine); the tests in
+//! `tests/tune_device.rs` compare the two on random and real models.
+//! Not supported on a device: the kernel-upscaled read-out.
+use super::data::Dataset;
+use super::dbp::{Dbp, DbpStats};
+use super::engine::{check_engine_state, Engine, EngineState, StepOut};
+use super::grad::{Example, GradOpts, TunedState};
+use super::optim::AdamConfig;
+use super::train::{evaluate_with, EvalResult};
+use crate::error::{Error, Result};
+use crate::model::{Config, Model, Weights};
+use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
+use crate::ops::backward_ref::AdamStep;
+use crate::ops::{Act, BonusBufs, LN_EPS};
+
+/// Rows of the head (`ln_out`, logits, loss) processed at once.
+pub const HEAD_ROWS: usize = 128;
+
+/// `w [k, n]` (input-major) → `[n, k]` (output-major).
+fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for i in 0..k {
+        for j in 0..n {
+            t[j * k + i] = w[i * n + j];
+        }
+    }
+    t
+}
+
+/// One layer's frozen weights on the device; matrices `[out, in]` f32.
+struct TLayer<B> {
+    ln1: (B, B),
+    ln2: (B, B),
+    /// `[6, C]`: x_r | x_w | x_k | x_v | x_a | x_g
+    mu6: B,
+    w0: B,
+    a0: B,
+    /// v0 `[C]`, v1ᵀ `[d_v, C]`, v2ᵀ `[C, d_v]` (layers ≥ 1)
+    vres: Option<(B, B, B)>,
+    k_k: B,
+    k_a: B,
+    r_k: B,
+    ln_x: (B, B),
+    r: B,
+    k: B,
+    v: B,
+    o: B,
+    w1: B,
+    w2: B,
+    a1: B,
+    a2: B,
+    g1: B,
+    g2: B,
+    ffn_mu: B,
+    fk: B,
+    fv: B,
+}
+
+/// The activations of one layer's forward that its backward reads, each
+/// `[T, C]` unless noted.
+struct Tape<B> {
+    r: B,
+    k: B,
+    vraw: B,
+    v: B,
+    kt: B,
+    a: B,
+    b: B,
+    wdec: B,
+    /// pre-activation of the decay (`w0` is added by the op)
+    wpre: B,
+    /// `[T, d_w]` pre-tanh
+    hw_pre: B,
+    /// α LoRA output (pre-sigmoid, without a0)
+    dapre: B,
+    /// value-residual LoRA output (layers with a value residual)
+    dvpre: Option<B>,
+    /// `[T, d_g]` pre-sigmoid
+    hg_pre: B,
+    g: B,
+    /// WKV output (before GroupNorm)
+    y: B,
+    /// residual stream after the time mix (input of ln2)
+    x_mid: B,
+    /// `[T, F]` pre-relu²
+    hpre: B,
+}
+
+/// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv `[H, N, N]`.
+pub struct LStart<B> {
+    pub sa: B,
+    pub sf: B,
+    pub wkv: B,
+}
+
+/// The frozen model on a device, for state-gradient computations.
+pub struct DeviceTuner<O: BackwardOps> {
+    ops: O,
+    cfg: Config,
+    /// `ln0(emb)` `[V, C]`
+    emb_ln: O::Buf,
+    layers: Vec<TLayer<O::Buf>>,
+    ln_out: (O::Buf, O::Buf),
+    /// `[V, C]`
+    head: O::Buf,
+}
+
+/// Loss sum, mask sum and per-layer state gradients of a batch.
+pub struct DevGrad<B> {
+    pub loss: f64,
+    pub n_tokens: f64,
+    /// Per layer: d/d(att_x), d/d(ffn_x), d/d(wkv), on the device.
+    pub grads: Vec<LStart<B>>,
+    /// Per layer `[H, N, N]` `Σ r rᵀ` (when asked for) and the vector count.
+    pub dbp: Option<(Vec<B>, f64)>,
+    /// Bytes of activations held at once by the largest example (computed
+    /// from the buffer sizes; weights and the state not included).
+    pub peak_bytes: usize,
+}
+
+fn effective_len(ex: &Example) -> usize {
+    ex.mask.iter().rposition(|&m| m > 0.0).map_or(0, |p| p + 1)
+}
+
+impl<O: BackwardOps> DeviceTuner<O> {
+    /// Checks the weights and uploads them (f32) to `ops`' device.
+    pub fn new(ops: O, w: &Weights) -> Result<Self> {
+        w.check()?;
+        let cfg = w.config.clone();
+        let c = cfg.n_embd;
+        let up = |v: &[f32]| ops.upload(v);
+        let ln0 = w.blocks[0]
+            .ln0
+            .as_ref()
+            .ok_or_else(|| Error::MissingTensor("blocks.0.ln0.weight".into()))?;
+        let emb = up(&w.emb)?;
+        let mut emb_ln = ops.zeros(cfg.vocab * c)?;
+        ops.layer_norm(
+            &emb,
+            0,
+            cfg.vocab,
+            c,
+            &up(&ln0.weight)?,
+            &up(&ln0.bias)?,
+            LN_EPS,
+            &mut emb_ln,
+        )?;
+        drop(emb);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for (l, b) in w.blocks.iter().enumerate() {
+            let a = &b.att;
+            let mu6: Vec<f32> = [&a.x_r, &a.x_w, &a.x_k, &a.x_v, &a.x_a, &a.x_g]
+                .iter()
+                .flat_map(|m| m.iter().copied())
+                .collect();
+            let vres = match (l, &a.v0, &a.v1, &a.v2) {
+                (1.., Some(v0), Some(v1), Some(v2)) => Some((
+                    up(v0)?,
+                    up(&transpose(v1, c, cfg.d_v))?,
+                    up(&transpose(v2, cfg.d_v, c))?,
+                )),
+                _ => None,
+            };
+            layers.push(TLayer {
+                ln1: (up(&b.ln1.weight)?, up(&b.ln1.bias)?),
+                ln2: (up(&b.ln2.weight)?, up(&b.ln2.bias)?),
+                mu6: up(&mu6)?,
+                w0: up(&a.w0)?,
+                a0: up(&a.a0)?,
+                vres,
+                k_k: up(&a.k_k)?,
+                k_a: up(&a.k_a)?,
+                r_k: up(&a.r_k)?,
+                ln_x: (up(&a.ln_x.weight)?, up(&a.ln_x.bias)?),
+                r: up(&a.receptance)?,
+                k: up(&a.key)?,
+                v: up(&a.value)?,
+                o: up(&a.output)?,
+                w1: up(&transpose(&a.w1, c, cfg.d_w))?,
+                w2: up(&transpose(&a.w2, cfg.d_w, c))?,
+                a1: up(&transpose(&a.a1, c, cfg.d_a))?,
+                a2: up(&transpose(&a.a2, cfg.d_a, c))?,
+                g1: up(&transpose(&a.g1, c, cfg.d_g))?,
+                g2: up(&transpose(&a.g2, cfg.d_g, c))?,
+                ffn_mu: up(&b.ffn.x_k)?,
+                fk: up(&b.ffn.key)?,
+                fv: up(&b.ffn.value)?,
+            });
+        }
+        let ln_out = (up(&w.ln_out.weight)?, up(&w.ln_out.bias)?);
+        let head = up(&w.head)?;
+        ops.sync()?;
+        Ok(DeviceTuner {
+            ops,
+            cfg,
+            emb_ln,
+            layers,
+            ln_out,
+            head,
+        })
+    }
+
+    /// The backend.
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Uploads a tuned state (token-shift states zero when not tuned).
+    pub fn upload_state(&self, s: &TunedState) -> Result<Vec<LStart<O::Buf>>> {
+        s.check(&self.cfg)?;
+        let c = self.cfg.n_embd;
+        let zero = vec![0.0f32; c];
+        (0..self.cfg.n_layer)
+            .map(|l| {
+                Ok(LStart {
+                    sa: self
+                        .ops
+                        .upload(s.shift_att.as_ref().map_or(&zero, |v| &v[l]))?,
+                    sf: self
+                        .ops
+                        .upload(s.shift_ffn.as_ref().map_or(&zero, |v| &v[l]))?,
+                    wkv: self.ops.upload(&s.wkv[l])?,
+                })
+            })
+            .collect()
+    }
+
+    fn mm(
+        &self,
+        x: &O::Buf,
+        off: usize,
+        ldx: usize,
+        rows: usize,
+        w: &O::Buf,
+        n: usize,
+        k: usize,
+    ) -> Result<O::Buf> {
+        let mut y = self.ops.zeros(rows * n)?;
+        self.ops.matmul(x, off, ldx, rows, w, n, k, &mut y)?;
+        Ok(y)
+    }
+
+    fn mt(&self, dy: &O::Buf, rows: usize, w: &O::Buf, n: usize, k: usize) -> Result<O::Buf> {
+        let mut dx = self.ops.zeros(rows * k)?;
+        self.ops.matmul_t(dy, rows, w, n, k, &mut dx)?;
+        Ok(dx)
+    }
+
+    fn dup(&self, x: &O::Buf, n: usize) -> Result<O::Buf> {
+        let mut y = self.ops.zeros(n)?;
+        self.ops.copy(x, 0, &mut y, 0, n)?;
+        Ok(y)
+    }
+
+    /// Bytes of one layer's tape at `t` tokens (for the memory report).
+    fn tape_bytes(&self, t: usize) -> usize {
+        let c = &self.cfg;
+        4 * t * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + 6 * c.n_embd)
+    }
+
+    /// One layer's forward over `t` rows of `x` (updated in place) from
+    /// `st`; `vf` is v_first (written by layer 0, read by the others). With
+    /// `tape`, returns what the backward needs; with `dbp`, adds `Σ r rᵀ`.
+    fn layer_fwd(
+        &self,
+        l: usize,
+        x: &mut O::Buf,
+        t: usize,
+        st: &LStart<O::Buf>,
+        vf: &mut O::Buf,
+        tape: bool,
+        dbp: Option<&mut O::Buf>,
+    ) -> Result<Option<Tape<O::Buf>>> {
+        let cfg = &self.cfg;
+        let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
+        let tc = t * c;
+        let o = &self.ops;
+        let ly = &self.layers[l];
+        // ---- time mix ----
+        let mut xa = o.zeros(tc)?;
+        o.layer_norm(x, 0, t, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut xa)?;
+        let mut mix = o.zeros(6 * tc)?;
+        let mut sa = self.dup(&st.sa, c)?;
+        o.token_shift(t, c, &xa, &mut sa, &ly.mu6, 6, &mut mix)?;
+        drop(xa);
+        let ld = 6 * c;
+        let r = self.mm(&mix, 0, ld, t, &ly.r, c, c)?;
+        let k = self.mm(&mix, 2 * c, ld, t, &ly.k, c, c)?;
+        let vraw = self.mm(&mix, 3 * c, ld, t, &ly.v, c, c)?;
+        let hw_pre = self.mm(&mix, c, ld, t, &ly.w1, cfg.d_w, c)?;
+        let mut hw = self.dup(&hw_pre, t * cfg.d_w)?;
+        o.act(Act::Tanh, &mut hw, cfg.d_w, None)?;
+        let wpre = self.mm(&hw, 0, cfg.d_w, t, &ly.w2, c, cfg.d_w)?;
+        drop(hw);
+        let mut wdec = self.dup(&wpre, tc)?;
+        o.act(Act::Decay, &mut wdec, c, Some(&ly.w0))?;
+        let ha = self.mm(&mix, 4 * c, ld, t, &ly.a1, cfg.d_a, c)?;
+        let dapre = self.mm(&ha, 0, cfg.d_a, t, &ly.a2, c, cfg.d_a)?;
+        drop(ha);
+        let mut v = self.dup(&vraw, tc)?;
+        let mut dvpre = None;
+        if l == 0 {
+            o.copy(&vraw, 0, vf, 0, tc)?;
+        } else if let Some((v0, v1, v2)) = &ly.vres {
+            let hv = self.mm(&mix, 3 * c, ld, t, v1, cfg.d_v, c)?;
+            let dv = self.mm(&hv, 0, cfg.d_v, t, v2, c, cfg.d_v)?;
+            o.value_residual(c, &mut v, vf, v0, &dv)?;
+            dvpre = Some(dv);
+        }
+        let hg_pre = self.mm(&mix, 5 * c, ld, t, &ly.g1, cfg.d_g, c)?;
+        let mut hg = self.dup(&hg_pre, t * cfg.d_g)?;
+        o.act(Act::Sigmoid, &mut hg, cfg.d_g, None)?;
+        let g = self.mm(&hg, 0, cfg.d_g, t, &ly.g2, c, cfg.d_g)?;
+        drop(hg);
+        drop(mix);
+        let (mut kt, mut a, mut b) = (o.zeros(tc)?, o.zeros(tc)?, o.zeros(tc)?);
+        o.kk_prep(
+            t, h, n, &k, &dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut kt, &mut a, &mut b,
+        )?;
+        if let Some(acc) = dbp {
+            o.outer_acc(t, h, n, &r, acc)?;
+        }
+        let mut s = self.dup(&st.wkv, h * n * n)?;
+        let mut y = o.zeros(tc)?;
+        o.wkv(t, h, n, [&r, &wdec, &kt, &v, &a, &b], &mut s, &mut y)?;
+        drop(s);
+        let mut out = self.dup(&y, tc)?;
+        o.group_norm(
+            t,
+            h,
+            n,
+            LN_EPS * n as f32,
+            &mut out,
+            &ly.ln_x.0,
+            &ly.ln_x.1,
+            Some(BonusBufs {
+                r: &r,
+                k: &kt,
+                v: &v,
+                r_k: &ly.r_k,
+            }),
+            Some(&g),
+        )?;
+        let att = self.mm(&out, 0, c, t, &ly.o, c, c)?;
+        drop(out);
+        o.add(x, &att)?;
+        drop(att);
+        let x_mid = if tape { Some(self.dup(x, tc)?) } else { None };
+        // ---- channel mix ----
+        let mut xf = o.zeros(tc)?;
+        o.layer_norm(x, 0, t, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut xf)?;
+        let mut kx = o.zeros(tc)?;
+        let mut sf = self.dup(&st.sf, c)?;
+        o.token_shift(t, c, &xf, &mut sf, &ly.ffn_mu, 1, &mut kx)?;
+        drop(xf);
+        let hpre = self.mm(&kx, 0, c, t, &ly.fk, cfg.d_ffn, c)?;
+        drop(kx);
+        let mut hid = self.dup(&hpre, t * cfg.d_ffn)?;
+        o.act(Act::ReluSq, &mut hid, cfg.d_ffn, None)?;
+        let ffn = self.mm(&hid, 0, cfg.d_ffn, t, &ly.fv, c, cfg.d_ffn)?;
+        drop(hid);
+        o.add(x, &ffn)?;
+        Ok(x_mid.map(|x_mid| Tape {
+            r,
+            k,
+            vraw,
+            v,
+            kt,
+            a,
+            b,
+            wdec,
+            wpre,
+            hw_pre,
+            dapre,
+            dvpre,
+            hg_pre,
+            g,
+            y,
+            x_mid,
+            hpre,
+        }))
+    }
+
+    /// Backward of [`Self::layer_fwd`]: `dx` holds ∂L/∂(layer output) and
+    /// becomes ∂L/∂(layer input); `xin` is the layer input; `dvf`
+    /// accumulates ∂L/∂v_first (layers ≥ 1) and is consumed by layer 0.
+    /// Adds the state gradients to `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_bwd(
+        &self,
+        l: usize,
+        tp: &Tape<O::Buf>,
+        xin: &O::Buf,
+        st: &LStart<O::Buf>,
+        vf: &O::Buf,
+        dx: &mut O::Buf,
+        t: usize,
+        dvf: &mut O::Buf,
+        g: &mut LStart<O::Buf>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
+        let tc = t * c;
+        let o = &self.ops;
+        let ly = &self.layers[l];
+        // ---- channel mix ----
+        let mut dh = self.mt(dx, t, &ly.fv, c, cfg.d_ffn)?;
+        o.act_bwd(Act::ReluSq, t * cfg.d_ffn, cfg.d_ffn, &tp.hpre, None, &mut dh)?;
+        let dkx = self.mt(&dh, t, &ly.fk, cfg.d_ffn, c)?;
+        drop(dh);
+        let mut dsf = o.zeros(c)?;
+        let mut dxf = o.zeros(tc)?;
+        o.token_shift_bwd(t, c, &[&dkx], &ly.ffn_mu, &mut dsf, &mut dxf)?;
+        drop(dkx);
+        o.add(&mut g.sf, &dsf)?;
+        o.layer_norm_bwd(&tp.x_mid, 0, t, c, &ly.ln2.0, LN_EPS, &dxf, dx)?;
+        drop(dxf);
+        // ---- output projection, GroupNorm, bonus, gate ----
+        let dout = self.mt(dx, t, &ly.o, c, c)?;
+        let (mut dy, mut dr, mut dkt, mut dv, mut dg) = (
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+        );
+        o.group_norm_bwd(
+            t,
+            h,
+            n,
+            LN_EPS * n as f32,
+            &GnBwdBufs {
+                y: &tp.y,
+                weight: &ly.ln_x.0,
+                bias: &ly.ln_x.1,
+                r: &tp.r,
+                k: &tp.kt,
+                v: &tp.v,
+                r_k: &ly.r_k,
+                g: &tp.g,
+                dout: &dout,
+            },
+            GnBwdGrads {
+                dy: &mut dy,
+                dr: &mut dr,
+                dk: &mut dkt,
+                dv: &mut dv,
+                dg: &mut dg,
+            },
+        )?;
+        drop(dout);
+        let mut dhg = self.mt(&dg, t, &ly.g2, c, cfg.d_g)?;
+        drop(dg);
+        o.act_bwd(Act::Sigmoid, t * cfg.d_g, cfg.d_g, &tp.hg_pre, None, &mut dhg)?;
+        let dmix5 = self.mt(&dhg, t, &ly.g1, cfg.d_g, c)?;
+        drop(dhg);
+        // ---- WKV ----
+        let mut wg: [O::Buf; 6] = [
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+            o.zeros(tc)?,
+        ];
+        let mut dh0 = o.zeros(h * n * n)?;
+        {
+            let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut wg;
+            o.wkv_bwd(
+                t,
+                h,
+                n,
+                [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
+                &st.wkv,
+                &dy,
+                [w_r, w_w, w_k, w_v, w_a, w_b],
+                &mut dh0,
+            )?;
+        }
+        drop(dy);
+        o.add(&mut g.wkv, &dh0)?;
+        drop(dh0);
+        let [w_r, mut w_w, w_k, w_v, w_a, w_b] = wg;
+        o.add(&mut dr, &w_r)?;
+        o.add(&mut dkt, &w_k)?;
+        o.add(&mut dv, &w_v)?;
+        drop((w_r, w_k, w_v));
+        // ---- k̃, a, b → k, α ----
+        let (mut dk, mut ddapre) = (o.zeros(tc)?, o.zeros(tc)?);
+        o.kk_prep_bwd(
+            t,
+            h,
+            n,
+            &KkBwdBufs {
+                k: &tp.k,
+                da: &tp.dapre,
+                a0: &ly.a0,
+                k_k: &ly.k_k,
+                k_a: &ly.k_a,
+                d_kout: &dkt,
+                d_a: &w_a,
+                d_b: &w_b,
+            },
+            &mut dk,
+            &mut ddapre,
+        )?;
+        drop((dkt, w_a, w_b));
+        let dha = self.mt(&ddapre, t, &ly.a2, c, cfg.d_a)?;
+        drop(ddapre);
+        let dmix4 = self.mt(&dha, t, &ly.a1, cfg.d_a, c)?;
+        drop(dha);
+        // ---- decay ----
+        o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), &mut w_w)?;
+        let mut dhw = self.mt(&w_w, t, &ly.w2, c, cfg.d_w)?;
+        drop(w_w);
+        o.act_bwd(Act::Tanh, t * cfg.d_w, cfg.d_w, &tp.hw_pre, None, &mut dhw)?;
+        let dmix1 = self.mt(&dhw, t, &ly.w1, cfg.d_w, c)?;
+        drop(dhw);
+        // ---- value residual ----
+        let mut dmix3_res = None;
+        if l == 0 {
+            o.add(&mut dv, dvf)?;
+        } else if let (Some((v0, v1, v2)), Some(dvpre)) = (&ly.vres, &tp.dvpre) {
+            let mut ddv = o.zeros(tc)?;
+            o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut dv, dvf, &mut ddv)?;
+            let dhv = self.mt(&ddv, t, v2, c, cfg.d_v)?;
+            drop(ddv);
+            dmix3_res = Some(self.mt(&dhv, t, v1, cfg.d_v, c)?);
+        }
+        // ---- projections ----
+        let dmix0 = self.mt(&dr, t, &ly.r, c, c)?;
+        let dmix2 = self.mt(&dk, t, &ly.k, c, c)?;
+        let mut dmix3 = self.mt(&dv, t, &ly.v, c, c)?;
+        drop((dr, dk, dv));
+        if let Some(d) = dmix3_res {
+            o.add(&mut dmix3, &d)?;
+        }
+        let mut dsa = o.zeros(c)?;
+        let mut dxa = o.zeros(tc)?;
+        o.token_shift_bwd(
+            t,
+            c,
+            &[&dmix0, &dmix1, &dmix2, &dmix3, &dmix4, &dmix5],
+            &ly.mu6,
+            &mut dsa,
+            &mut dxa,
+        )?;
+        o.add(&mut g.sa, &dsa)?;
+        o.layer_norm_bwd(xin, 0, t, c, &ly.ln1.0, LN_EPS, &dxa, dx)?;
+        Ok(())
+    }
+
+    /// The head on rows `[r0, r0 + rows)` of the final residual `x`:
+    /// logits `[rows, V]` (on the device).
+    fn head_logits(&self, x: &O::Buf, r0: usize, rows: usize) -> Result<O::Buf> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
+        let o = &self.ops;
+        let mut xn = o.zeros(rows * c)?;
+        o.layer_norm(
+            x,
+            r0 * c,
+            rows,
+            c,
+            &self.ln_out.0,
+            &self.ln_out.1,
+            LN_EPS,
+            &mut xn,
+        )?;
+        self.mm(&xn, 0, c, rows, &self.head, v, c)
+    }
+
+    /// Logits `[T, V]` (host) of `tokens` from the initial state `st`.
+    pub fn logits(&self, st: &[LStart<O::Buf>], tokens: &[u32]) -> Result<Vec<f32>> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let o = &self.ops;
+        let mut x = o.zeros(t * c)?;
+        o.embed(tokens, &self.emb_ln, c, &mut x)?;
+        let mut vf = o.zeros(t * c)?;
+        for (l, s) in st.iter().enumerate() {
+            self.layer_fwd(l, &mut x, t, s, &mut vf, false, None)?;
+        }
+        let mut out = Vec::with_capacity(t * v);
+        for r0 in (0..t).step_by(HEAD_ROWS) {
+            let rows = HEAD_ROWS.min(t - r0);
+            let lg = self.head_logits(&x, r0, rows)?;
+            let mut hst = o.download(&lg)?;
+            hst.truncate(rows * v);
+            out.extend(hst);
+        }
+        Ok(out)
+    }
+
+    /// Loss and state gradients of `batch` from the initial states `st`
+    /// (per layer). With `dbp`, also the DBP second moments of r.
+    pub fn grad(
+        &self,
+        st: &[LStart<O::Buf>],
+        batch: &[Example],
+        o: &GradOpts,
+        dbp: bool,
+    ) -> Result<DevGrad<O::Buf>> {
+        let cfg = &self.cfg;
+        let (c, nl, v) = (cfg.n_embd, cfg.n_layer, cfg.vocab);
+        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        if st.len() != nl {
+            return Err(Error::Shape {
+                name: "initial states".into(),
+                expected: vec![nl],
+                got: vec![st.len()],
+            });
+        }
+        if !o.observer_weight.is_finite() || o.observer_weight < 0.0 {
+            return Err(Error::Tune(format!(
+                "observer_weight = {} (must be finite and ≥ 0)",
+                o.observer_weight
+            )));
+        }
+        for (i, ex) in batch.iter().enumerate() {
+            check_example(i, ex, v)?;
+        }
+        let ops = &self.ops;
+        let mut grads = (0..nl)
+            .map(|_| {
+                Ok(LStart {
+                    sa: ops.zeros(c)?,
+                    sf: ops.zeros(c)?,
+                    wkv: ops.zeros(hnn)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut acc = if dbp {
+            Some((0..nl).map(|_| ops.zeros(hnn)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let mut loss = 0.0f64;
+        let mut count = 0.0f64;
+        let mut peak = 0usize;
+        let lam = o.observer_weight;
+        for ex in batch {
+            let te = effective_len(ex);
+            if te == 0 {
+                continue;
+            }
+            count += te as f64;
+            let tc = te * c;
+            // forward: keep every layer's input
+            let mut x = ops.zeros(tc)?;
+            ops.embed(&ex.tokens[..te], &self.emb_ln, c, &mut x)?;
+            let mut vf = ops.zeros(tc)?;
+            let mut xin = Vec::with_capacity(nl);
+            for (l, s) in st.iter().enumerate() {
+                xin.push(self.dup(&x, tc)?);
+                let a = acc.as_mut().map(|a| &mut a[l]);
+                self.layer_fwd(l, &mut x, te, s, &mut vf, false, a)?;
+            }
+            // head: loss and ∂L/∂x
+            let mut dx = ops.zeros(tc)?;
+            for r0 in (0..te).step_by(HEAD_ROWS) {
+                let rows = HEAD_ROWS.min(te - r0);
+                let mut lg = self.head_logits(&x, r0, rows)?;
+                let soft = match (&ex.soft, lam > 0.0) {
+                    (Some(p), true) => Some(ops.upload(&p[r0 * v..(r0 + rows) * v])?),
+                    _ => None,
+                };
+                let mut lrow = ops.zeros(rows)?;
+                ops.xent(
+                    rows,
+                    v,
+                    &mut lg,
+                    &ex.targets[r0..r0 + rows],
+                    &ex.mask[r0..r0 + rows],
+                    soft.as_ref(),
+                    lam,
+                    &mut lrow,
+                )?;
+                loss += ops.download(&lrow)?[..rows]
+                    .iter()
+                    .map(|&q| q as f64)
+                    .sum::<f64>();
+                let dxn = self.mt(&lg, rows, &self.head, v, c)?;
+                ops.layer_norm_bwd(&x, r0 * c, rows, c, &self.ln_out.0, LN_EPS, &dxn, &mut dx)?;
+            }
+            drop(x);
+            // backward, last layer first, recomputing each layer's forward
+            let mut dvf = ops.zeros(tc)?;
+            for l in (0..nl).rev() {
+                let mut xl = self.dup(&xin[l], tc)?;
+                let tape = self
+                    .layer_fwd(l, &mut xl, te, &st[l], &mut vf, true, None)?
+                    .ok_or_else(|| Error::Tune("internal: no tape".into()))?;
+                drop(xl);
+                self.layer_bwd(
+                    l, &tape, &xin[l], &st[l], &vf, &mut dx, te, &mut dvf, &mut grads[l],
+                )?;
+            }
+            // layer inputs, v_first, dx, dvf, one tape, a head block
+            let bytes = 4 * tc * (nl + 3)
+                + self.tape_bytes(te)
+                + 4 * HEAD_ROWS.min(te) * (2 * v + 2 * c);
+            peak = peak.max(bytes);
+        }
+        ops.sync()?;
+        let n_tokens: f64 = batch
+            .iter()
+            .flat_map(|e| e.mask.iter())
+            .map(|&m| m as f64)
+            .sum();
+        Ok(DevGrad {
+            loss,
+            n_tokens,
+            grads,
+            dbp: acc.map(|a| (a, count)),
+            peak_bytes: peak,
+        })
+    }
+
+    /// Host convenience: loss, token count and the gradient of a host
+    /// tuned state (layout of `s`), plus DBP statistics when asked for.
+    pub fn loss_and_grad(
+        &self,
+        s: &TunedState,
+        batch: &[Example],
+        o: &GradOpts,
+        dbp: bool,
+    ) -> Result<(f64, f64, TunedState, Option<DbpStats>, usize)> {
+        let st = self.upload_state(s)?;
+        let dg = self.grad(&st, batch, o, dbp)?;
+        let cfg = &self.cfg;
+        let (c, hnn) = (
+            cfg.n_embd,
+            cfg.n_head * cfg.head_size * cfg.head_size,
+        );
+        let mut g = s.zeros_like();
+        for (l, gl) in dg.grads.iter().enumerate() {
+            g.wkv[l].copy_from_slice(&self.ops.download(&gl.wkv)?[..hnn]);
+            if let Some(a) = g.shift_att.as_mut() {
+                a[l].copy_from_slice(&self.ops.download(&gl.sa)?[..c]);
+            }
+            if let Some(f) = g.shift_ffn.as_mut() {
+                f[l].copy_from_slice(&self.ops.download(&gl.sf)?[..c]);
+            }
+        }
+        let stats = match &dg.dbp {
+            Some((acc, count)) => Some(self.stats(acc, *count)?),
+            None => None,
+        };
+        Ok((dg.loss, dg.n_tokens, g, stats, dg.peak_bytes))
+    }
+
+    fn stats(&self, acc: &[O::Buf], count: f64) -> Result<DbpStats> {
+        let cfg = &self.cfg;
+        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        let mut s = DbpStats::zeros(cfg.n_layer, cfg.n_head, cfg.head_size);
+        for (l, a) in acc.iter().enumerate() {
+            let h = self.ops.download(a)?;
+            for (d, &x) in s.second_moment[l * hnn..(l + 1) * hnn].iter_mut().zip(&h) {
+                *d = x as f64;
+            }
+        }
+        s.count = count;
+        Ok(s)
+    }
+}
+
+fn check_example(i: usize, ex: &Example, vocab: usize) -> Result<()> {
+    let t = ex.tokens.len();
+    if ex.targets.len() != t || ex.mask.len() != t {
+        return Err(Error::Tune(format!(
+            "example {i}: tokens {t}, targets {}, mask {} (must be equal)",
+            ex.targets.len(),
+            ex.mask.len()
+        )));
+    }
+    if let Some(p) = ex.tokens.iter().chain(&ex.targets).find(|&&x| x as usize >= vocab) {
+        return Err(Error::Tune(format!(
+            "example {i}: token {p} is out of range (vocab {vocab})"
+        )));
+    }
+    if ex.mask.iter().any(|m| !m.is_finite() || *m < 0.0) {
+        return Err(Error::Tune(format!(
+            "example {i}: mask values must be finite and ≥ 0"
+        )));
+    }
+    if let Some(s) = &ex.soft {
+        if s.len() < effective_len(ex) * vocab {
+            return Err(Error::Tune(format!(
+                "example {i}: soft targets have {} values, need {} × {vocab}",
+                s.len(),
+                effective_len(ex)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The [`Engine`] on a device: tuned tensors (in [`TunedState::params`]
+/// order), Adam's moments and the DBP matrices live on the device.
+pub struct DeviceEngine<O: BackwardOps> {
+    tuner: DeviceTuner<O>,
+    opts: GradOpts,
+    adam: AdamConfig,
+    with_shift: bool,
+    params: Vec<O::Buf>,
+    m: Vec<O::Buf>,
+    v: Vec<O::Buf>,
+    t: u64,
+    sizes: Vec<usize>,
+    /// Host f64 matrices (the master copy) and their f32 device copy per layer.
+    dbp: Option<(Dbp, Vec<O::Buf>)>,
+    /// Peak activation bytes of the last step.
+    pub last_peak_bytes: usize,
+}
+
+impl<O: BackwardOps> DeviceEngine<O> {
+    /// Uploads the model and the starting state `init` to `ops`' device.
+    pub fn new(
+        ops: O,
+        w: &Weights,
+        init: &TunedState,
+        adam: AdamConfig,
+        dbp: Option<(f64, f64)>,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        let tuner = DeviceTuner::new(ops, w)?;
+        init.check(tuner.config())?;
+        let o = tuner.ops();
+        let params = init
+            .params()
+            .iter()
+            .map(|p| o.upload(p))
+            .collect::<Result<Vec<_>>>()?;
+        let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
+        let m = sizes.iter().map(|&n| o.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let v = sizes.iter().map(|&n| o.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let mut e = DeviceEngine {
+            with_shift: init.shift_att.is_some(),
+            tuner,
+            opts,
+            adam,
+            params,
+            m,
+            v,
+            t: 0,
+            sizes,
+            dbp: None,
+            last_peak_bytes: 0,
+        };
+        if let Some((eta, kappa)) = dbp {
+            let d = Dbp::new(&w.config, eta, kappa)?;
+            let r = e.upload_r(&d)?;
+            e.dbp = Some((d, r));
+        }
+        Ok(e)
+    }
+
+    /// The gradient engine.
+    pub fn tuner(&self) -> &DeviceTuner<O> {
+        &self.tuner
+    }
+
+    fn nl(&self) -> usize {
+        self.tuner.config().n_layer
+    }
+
+    fn hnn(&self) -> usize {
+        let c = self.tuner.config();
+        c.n_head * c.head_size * c.head_size
+    }
+
+    fn upload_r(&self, d: &Dbp) -> Result<Vec<O::Buf>> {
+        let hnn = self.hnn();
+        (0..self.nl())
+            .map(|l| {
+                let f: Vec<f32> = d.r[l * hnn..(l + 1) * hnn].iter().map(|&x| x as f32).collect();
+                self.tuner.ops().upload(&f)
+            })
+            .collect()
+    }
+
+    /// The effective initial states on the device (`S′·R` under DBP).
+    fn states(&self) -> Result<Vec<LStart<O::Buf>>> {
+        let cfg = self.tuner.config();
+        let (c, h, n, nl) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer);
+        let o = self.tuner.ops();
+        (0..nl)
+            .map(|l| {
+                let wkv = match &self.dbp {
+                    Some((_, r)) => {
+                        let mut s = o.zeros(h * n * n)?;
+                        o.batched_matmul(h, n, &self.params[l], &r[l], false, &mut s)?;
+                        s
+                    }
+                    None => self.tuner.dup(&self.params[l], h * n * n)?,
+                };
+                let (sa, sf) = if self.with_shift {
+                    (
+                        self.tuner.dup(&self.params[nl + l], c)?,
+                        self.tuner.dup(&self.params[2 * nl + l], c)?,
+                    )
+                } else {
+                    (o.zeros(c)?, o.zeros(c)?)
+                };
+                Ok(LStart { sa, sf, wkv })
+            })
+            .collect()
+    }
+}
+
+impl<O: BackwardOps> Engine for DeviceEngine<O> {
+    fn device(&self) -> &'static str {
+        self.tuner.ops().name()
+    }
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.clone()
+    }
+    fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
+        let cfg = self.tuner.config().clone();
+        let (h, n, nl) = (cfg.n_head, cfg.head_size, cfg.n_layer);
+        let st = self.states()?;
+        let dg = self.tuner.grad(&st, batch, &self.opts, self.dbp.is_some())?;
+        drop(st);
+        self.last_peak_bytes = dg.peak_bytes;
+        let o = self.tuner.ops();
+        // gradients in params order; g′ = g·Rᵀ under DBP
+        let mut grads: Vec<O::Buf> = Vec::with_capacity(self.params.len());
+        let mut sas = Vec::new();
+        let mut sfs = Vec::new();
+        for (l, g) in dg.grads.into_iter().enumerate() {
+            let gw = match &self.dbp {
+                Some((_, r)) => {
+                    let mut out = o.zeros(h * n * n)?;
+                    o.batched_matmul(h, n, &g.wkv, &r[l], true, &mut out)?;
+                    out
+                }
+                None => g.wkv,
+            };
+            grads.push(gw);
+            sas.push(g.sa);
+            sfs.push(g.sf);
+        }
+        if self.with_shift {
+            grads.extend(sas);
+            grads.extend(sfs);
+        }
+        let inv = 1.0 / dg.n_tokens.max(1.0);
+        let mut ss = 0.0;
+        for (g, &len) in grads.iter().zip(&self.sizes) {
+            ss += o.sumsq(len, g)?;
+        }
+        let grad_norm = ss.sqrt() * inv;
+        let clip_scale = if clip > 0.0 && grad_norm > clip && grad_norm.is_finite() {
+            clip / grad_norm
+        } else {
+            1.0
+        };
+        self.t += 1;
+        let a = self.adam;
+        let s = AdamStep {
+            lr: lr as f32,
+            beta1: a.beta1 as f32,
+            beta2: a.beta2 as f32,
+            eps: a.eps as f32,
+            weight_decay: a.weight_decay as f32,
+            bc1: (1.0 - a.beta1.powi(self.t as i32)) as f32,
+            bc2: (1.0 - a.beta2.powi(self.t as i32)) as f32,
+            grad_scale: (inv * clip_scale) as f32,
+        };
+        for (i, g) in grads.iter().enumerate() {
+            o.adam(self.sizes[i], &s, &mut self.params[i], g, &mut self.m[i], &mut self.v[i])?;
+        }
+        if let (Some((acc, count)), true) = (&dg.dbp, self.dbp.is_some()) {
+            let stats = self.tuner.stats(acc, *count)?;
+            let hnn = self.hnn();
+            let (tr, r_new) = {
+                let (d, _) = self.dbp.as_mut().ok_or_else(|| Error::Tune("dbp".into()))?;
+                let (tr, _rep) = d.update_transfer(&stats)?;
+                let d = d.clone();
+                (tr, self.upload_r(&d)?)
+            };
+            for l in 0..nl {
+                let f: Vec<f32> = tr[l * hnn..(l + 1) * hnn].iter().map(|&x| x as f32).collect();
+                let m = o.upload(&f)?;
+                let mut out = o.zeros(hnn)?;
+                o.batched_matmul(h, n, &self.params[l], &m, false, &mut out)?;
+                self.params[l] = out;
+            }
+            if let Some((_, r)) = self.dbp.as_mut() {
+                *r = r_new;
+            }
+        }
+        o.sync()?;
+        Ok(StepOut {
+            loss_sum: dg.loss,
+            n_tokens: dg.n_tokens,
+            grad_norm,
+        })
+    }
+    fn save(&self) -> Result<EngineState> {
+        let o = self.tuner.ops();
+        let dl = |v: &[O::Buf]| -> Result<Vec<Vec<f32>>> {
+            v.iter()
+                .zip(&self.sizes)
+                .map(|(b, &n)| {
+                    let mut h = o.download(b)?;
+                    h.truncate(n);
+                    Ok(h)
+                })
+                .collect()
+        };
+        Ok(EngineState {
+            params: dl(&self.params)?,
+            adam_m: dl(&self.m)?,
+            adam_v: dl(&self.v)?,
+            adam_t: self.t,
+            dbp_r: self.dbp.as_ref().map(|(d, _)| d.r.clone()),
+        })
+    }
+    fn load(&mut self, s: EngineState) -> Result<()> {
+        check_engine_state(&s, &self.sizes, "the checkpoint")?;
+        let o = self.tuner.ops();
+        let up = |v: &[Vec<f32>]| v.iter().map(|x| o.upload(x)).collect::<Result<Vec<_>>>();
+        let (p, m, v) = (up(&s.params)?, up(&s.adam_m)?, up(&s.adam_v)?);
+        if let Some((d, _)) = &self.dbp {
+            match &s.dbp_r {
+                Some(r) if r.len() == d.r.len() => {
+                    let mut d = d.clone();
+                    d.r = r.clone();
+                    let rd = self.upload_r(&d)?;
+                    self.dbp = Some((d, rd));
+                }
+                _ => {
+                    return Err(Error::Tune(
+                        "the checkpoint lacks the DBP matrices of this run".into(),
+                    ))
+                }
+            }
+        }
+        self.params = p;
+        self.m = m;
+        self.v = v;
+        self.t = s.adam_t;
+        Ok(())
+    }
+    fn tuned(&self) -> Result<TunedState> {
+        let cfg = self.tuner.config();
+        let mut s = TunedState::zeros(cfg, self.with_shift);
+        let o = self.tuner.ops();
+        for (dst, (b, &n)) in s
+            .params_mut()
+            .into_iter()
+            .zip(self.params.iter().zip(&self.sizes))
+        {
+            dst.copy_from_slice(&o.download(b)?[..n]);
+        }
+        match &self.dbp {
+            Some((d, _)) => d.effective_state(&s),
+            None => Ok(s),
+        }
+    }
+    fn evaluate(&self, model: &Model, ds: &Dataset, max: usize) -> Result<EvalResult> {
+        let st = self.states()?;
+        evaluate_with(model.config().vocab, ds, max, |toks| {
+            self.tuner.logits(&st, toks)
+        })
+    }
+}

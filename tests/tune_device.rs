@@ -1,0 +1,323 @@
+//! The on-device state-tuning engine (`rwkv_tune::tune::device`) against the
+//! CPU engine (`tune::grad`, itself checked against f64 finite differences in
+//! tests/tune_grad.rs): gradients, DBP statistics and optimiser steps, on the
+//! cpu backend (Rust twins of the kernels), the emu backend (the CUDA kernel
+//! source on the CPU emulator) and, when a GPU is present, cuda.
+//!
+//! Tolerances: the device engine is f32 throughout and sums in a different
+//! order than the CPU engine, so gradients are compared against the f64 CPU
+//! gradient with a relative (Frobenius, per tensor) error bound of 1e-3 — the
+//! same bound tests/tune_grad.rs uses for the CPU engine's own f32 gradient.
+use rwkv_tune::model::weights::{Config, Weights};
+use rwkv_tune::model::Model;
+use rwkv_tune::ops::backward::BackwardOps;
+use rwkv_tune::ops::emu::EmuOps;
+use rwkv_tune::ops::CpuOps;
+use rwkv_tune::tune::data::ByteTokenizer;
+use rwkv_tune::tune::demo;
+use rwkv_tune::tune::device::{DeviceEngine, DeviceTuner};
+use rwkv_tune::tune::engine::{Engine, HostEngine};
+use rwkv_tune::tune::grad::{
+    loss_and_grad_dbp, loss_and_grad_f64, Example, GradOpts, TunedState, TunedStateOf,
+};
+use rwkv_tune::tune::optim::AdamConfig;
+use rwkv_tune::tune::train::{train_with, TrainConfig};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn sym(&mut self, s: f64) -> f64 {
+        (2.0 * self.uniform() - 1.0) * s
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn small_config() -> Config {
+    Config {
+        n_layer: 3,
+        n_embd: 64,
+        n_head: 2,
+        head_size: 32,
+        vocab: 50,
+        d_w: 16,
+        d_a: 16,
+        d_v: 8,
+        d_g: 16,
+        d_ffn: 128,
+    }
+}
+
+fn random_state(cfg: &Config, with_shift: bool, scale: f64, rng: &mut Rng) -> TunedState {
+    let mut s = TunedState::zeros(cfg, with_shift);
+    for p in s.params_mut() {
+        for v in p.iter_mut() {
+            *v = rng.sym(scale) as f32;
+        }
+    }
+    s
+}
+
+fn random_example(t: usize, vocab: usize, partial: bool, soft: bool, rng: &mut Rng) -> Example {
+    let tokens: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
+    let targets: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
+    let mask: Vec<f32> = (0..t)
+        .map(|i| {
+            if partial && (i < 3 || i == t - 1) {
+                0.0
+            } else {
+                (0.5 + rng.uniform()) as f32
+            }
+        })
+        .collect();
+    let soft = soft.then(|| {
+        let mut p = Vec::with_capacity(t * vocab);
+        for _ in 0..t {
+            let row: Vec<f64> = (0..vocab).map(|_| (2.0 * rng.sym(1.0)).exp()).collect();
+            let z: f64 = row.iter().sum();
+            p.extend(row.iter().map(|v| (v / z) as f32));
+        }
+        p
+    });
+    Example {
+        tokens,
+        targets,
+        mask,
+        soft,
+    }
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}
+
+/// Worst per-tensor relative error of `g` against the f64 reference.
+fn worst(g: &TunedState, r: &TunedStateOf<f64>) -> f64 {
+    let g = g.map(|v| v as f64);
+    g.params()
+        .into_iter()
+        .zip(r.params())
+        .map(|(a, b)| {
+            assert!(
+                b.iter().any(|v| v.abs() > 1e-9),
+                "reference gradient tensor is ~0: the check would be vacuous"
+            );
+            rel_err(a, b)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Device gradient (backend `ops`) vs the CPU engine in f64.
+fn check_backend<O: BackwardOps>(ops: O, label: &str) {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 7).unwrap();
+    let mut rng = Rng(11);
+    let s = random_state(&cfg, true, 0.5, &mut rng);
+    let batch = vec![
+        random_example(9, cfg.vocab, false, true, &mut rng),
+        random_example(13, cfg.vocab, true, true, &mut rng),
+    ];
+    let o = GradOpts {
+        observer_weight: 0.3,
+        chunk: 64,
+    };
+    let (l64, n64, g64) = loss_and_grad_f64(&w, &s.map(|v| v as f64), &batch, &o).unwrap();
+    let tuner = DeviceTuner::new(ops, &w).unwrap();
+    let (loss, n, g, _, peak) = tuner.loss_and_grad(&s, &batch, &o, false).unwrap();
+    let e = worst(&g, &g64);
+    println!(
+        "{label}: loss {loss:.6} vs f64 {l64:.6}; worst tensor rel. error {e:.2e}; \
+         peak activations {peak} B"
+    );
+    assert_eq!(n, n64);
+    assert!((loss - l64).abs() <= 1e-5 * l64.abs(), "{label}: loss {loss} vs {l64}");
+    assert!(e <= 1e-3, "{label}: gradient rel. error {e:.3e}");
+    assert!(peak > 0);
+}
+
+#[test]
+fn cpu_backend_gradient_matches_the_cpu_engine() {
+    check_backend(CpuOps, "cpu");
+}
+
+#[test]
+fn emulated_kernels_gradient_matches_the_cpu_engine() {
+    check_backend(EmuOps::default(), "emu");
+}
+
+#[test]
+fn cuda_gradient_matches_the_cpu_engine() {
+    match rwkv_tune::cuda::Gpu::new(0) {
+        Ok(gpu) => {
+            let ops = rwkv_tune::ops::cuda::CudaOps::new(std::sync::Arc::new(gpu)).unwrap();
+            check_backend(ops, "cuda");
+        }
+        Err(e) => println!("SKIP cuda: {e}"),
+    }
+}
+
+#[test]
+fn dbp_statistics_match_the_cpu_engine() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 5).unwrap();
+    let mut rng = Rng(3);
+    let s = random_state(&cfg, false, 0.5, &mut rng);
+    let batch = vec![
+        random_example(10, cfg.vocab, true, false, &mut rng),
+        random_example(7, cfg.vocab, false, false, &mut rng),
+    ];
+    let o = GradOpts::default();
+    let cpu = loss_and_grad_dbp(&w, &s, &batch, &o).unwrap();
+    let want = cpu.dbp_stats.unwrap();
+    let tuner = DeviceTuner::new(CpuOps, &w).unwrap();
+    let (_, _, _, got, _) = tuner.loss_and_grad(&s, &batch, &o, true).unwrap();
+    let got = got.unwrap();
+    assert_eq!(got.count, want.count);
+    let e = rel_err(&got.second_moment, &want.second_moment);
+    println!("DBP second moments: rel. error {e:.2e}");
+    assert!(e <= 1e-5, "{e:.3e}");
+}
+
+/// Steps of the device engine (cpu backend) track the CPU engine's, with
+/// DBP, clipping and the token-shift states.
+#[test]
+fn device_engine_steps_track_the_host_engine() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 9).unwrap();
+    let mut rng = Rng(21);
+    let init = random_state(&cfg, true, 0.2, &mut rng);
+    let batches: Vec<Vec<Example>> = (0..4)
+        .map(|_| {
+            vec![
+                random_example(8, cfg.vocab, true, false, &mut rng),
+                random_example(11, cfg.vocab, false, false, &mut rng),
+            ]
+        })
+        .collect();
+    let o = GradOpts::default();
+    let dbp = Some((0.05, 0.5));
+    let mut host = HostEngine::new(&w, init.clone(), AdamConfig::default(), dbp, o.clone()).unwrap();
+    let mut dev =
+        DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), dbp, o.clone()).unwrap();
+    for (i, b) in batches.iter().enumerate() {
+        // clip 0.12: active on the first three steps (norms 0.17, 0.15, 0.15), not the last
+        let a = host.step(b, 0.05, 0.12).unwrap();
+        let d = dev.step(b, 0.05, 0.12).unwrap();
+        println!(
+            "step {i}: loss {:.6} / {:.6}, |g| {:.5} / {:.5}",
+            a.loss_sum, d.loss_sum, a.grad_norm, d.grad_norm
+        );
+        assert!((a.loss_sum - d.loss_sum).abs() <= 1e-4 * a.loss_sum.abs());
+        assert!((a.grad_norm - d.grad_norm).abs() <= 1e-3 * a.grad_norm);
+    }
+    let (hs, ds) = (host.tuned().unwrap(), dev.tuned().unwrap());
+    let moved: f64 = hs
+        .params()
+        .iter()
+        .zip(init.params())
+        .flat_map(|(a, b)| a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).abs()))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-2, "the steps should move the state ({moved:.2e})");
+    for (a, b) in ds.params().iter().zip(hs.params()) {
+        let e = rel_err(
+            &a.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &b.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        );
+        assert!(e <= 1e-4, "tuned state after 4 steps: rel. error {e:.3e}");
+    }
+    // save → load into a fresh engine → the next step is identical
+    let saved = dev.save().unwrap();
+    let mut dev2 = DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), dbp, o).unwrap();
+    dev2.load(saved.clone()).unwrap();
+    let x = dev.step(&batches[0], 0.01, 1.0).unwrap();
+    let y = dev2.step(&batches[0], 0.01, 1.0).unwrap();
+    assert_eq!(x, y);
+    assert_eq!(dev.save().unwrap(), dev2.save().unwrap());
+}
+
+/// A short tuning run through the real loop on the emulated kernels lowers
+/// the held-out loss of the synthetic demo task.
+#[test]
+fn emulated_device_tuning_lowers_held_out_loss() {
+    let w = demo::demo_weights(demo::DEMO_MODEL_SEED).unwrap();
+    let cfg = w.config.clone();
+    let (tr, va) = demo::synthetic_datasets(64, 8, 11, &ByteTokenizer).unwrap();
+    let mut tc = TrainConfig::new(8);
+    tc.batch = 2;
+    tc.seed = 3;
+    let mut eng = DeviceEngine::new(
+        EmuOps::default(),
+        &w,
+        &TunedState::zeros(&cfg, false),
+        tc.adam,
+        None,
+        tc.grad.clone(),
+    )
+    .unwrap();
+    let model = Model::new(w.clone()).unwrap();
+    let rep = train_with(&model, &mut eng, &tr, Some(&va), &tc, None).unwrap();
+    let (b, a) = (rep.before.unwrap(), rep.after.unwrap());
+    println!("emu device tuning: {b:?} -> {a:?} in {:.1} s", rep.seconds);
+    assert!(
+        a.loss < b.loss - 0.5,
+        "held-out loss should fall by > 0.5 nats: {:.3} -> {:.3}",
+        b.loss,
+        a.loss
+    );
+    // the device evaluation agrees with the CPU model on the tuned state
+    let cpu = rwkv_tune::tune::train::evaluate(&model, &rep.state, &va, 0).unwrap();
+    assert!((cpu.loss - a.loss).abs() <= 1e-4 * cpu.loss.abs(), "{cpu:?} vs {a:?}");
+}
+
+fn fixture() -> Option<Weights> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/rwkv7-tiny-834k/rwkv7-tiny-834k.safetensors");
+    if !p.exists() {
+        println!("SKIP: fixture {} not found", p.display());
+        return None;
+    }
+    Some(Weights::load(&p).unwrap())
+}
+
+/// The real tiny model: emulated-kernel gradient vs the CPU engine in f64.
+#[test]
+fn fixture_emulated_gradient_matches_the_cpu_engine() {
+    let Some(w) = fixture() else { return };
+    let cfg = w.config.clone();
+    let mut rng = Rng(77);
+    let s = random_state(&cfg, true, 0.3, &mut rng);
+    let text = b"First Citizen:\nBefore we proceed any further, hear me speak.";
+    let toks: Vec<u32> = text.iter().map(|&b| b as u32).collect();
+    let t = 24;
+    let batch = vec![Example {
+        tokens: toks[..t].to_vec(),
+        targets: toks[1..t + 1].to_vec(),
+        mask: (0..t).map(|i| if i < 6 { 0.0 } else { 1.0 }).collect(),
+        soft: None,
+    }];
+    let o = GradOpts::default();
+    let (l64, _, g64) = loss_and_grad_f64(&w, &s.map(|v| v as f64), &batch, &o).unwrap();
+    let tuner = DeviceTuner::new(EmuOps::default(), &w).unwrap();
+    let (loss, _, g, _, _) = tuner.loss_and_grad(&s, &batch, &o, false).unwrap();
+    let e = worst(&g, &g64);
+    println!("fixture emu: loss {loss:.6} vs {l64:.6}; worst rel. error {e:.2e}");
+    assert!((loss - l64).abs() <= 1e-5 * l64.abs());
+    assert!(e <= 1e-3, "{e:.3e}");
+}
