@@ -199,3 +199,167 @@ typedef struct MmaTestParams {
  *   the hi/lo split (mma3).  mode 2: out[16x8] = (a[16x16] b[16x16]) b2[16x8]
  *   + c, where b2 = b + 256, the inner product kept in C fragments and fed
  *   back as an A operand (C -> A reuse), both products split.  Row-major. */
+
+/* Backward and optimizer kernels of on-device state tuning
+ * (kernels/tune_ops.cu), f32. CPU twins: src/ops/backward_ref.rs.
+ * Activations are row-major [rows, C] with C = H * N. */
+
+typedef struct LayerNormBwdParams {
+  int32_t rows;
+  int32_t C;
+  float eps;
+  const float* x;
+  const float* weight;
+  const float* dy;
+  float* dx;
+} LayerNormBwdParams;
+/*   x [rows, C] (the forward input, statistics recomputed); weight [C];
+ *   dy [rows, C]; dx [rows, C] accumulated: dx += dL/dx of LN(x)*weight + b. */
+
+typedef struct TokenShiftBwdParams {
+  int32_t T;
+  int32_t C;
+  int32_t n_mix;
+  const float* d0;
+  const float* d1;
+  const float* d2;
+  const float* d3;
+  const float* d4;
+  const float* d5;
+  const float* mu;
+  float* dstate;
+  float* dx;
+} TokenShiftBwdParams;
+/*   d0 .. d{n_mix-1} [T, C] the gradients of the n_mix mixes (the rest
+ *   unused, may be NULL); mu [n_mix, C]; dstate [C]: dL/d(state out) in,
+ *   dL/d(state in) out; dx [T, C] overwritten. 1 <= n_mix <= 6. */
+
+typedef struct ActBwdParams {
+  int32_t n;
+  int32_t C;
+  int32_t mode;
+  const float* pre;
+  const float* bias;
+  float* dy;
+} ActBwdParams;
+/*   pre [n] (the activation input before bias); bias [C] or NULL;
+ *   dy [n] in place: dy *= f_mode'(pre + bias[i % C]), mode one of OPS_ACT_*. */
+
+typedef struct KkPrepBwdParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  const float* k;
+  const float* da;
+  const float* a0;
+  const float* k_k;
+  const float* k_a;
+  const float* d_kout;
+  const float* d_a;
+  const float* d_b;
+  float* dk;
+  float* dda;
+} KkPrepBwdParams;
+/*   k, da, d_kout, d_a, d_b, dk, dda [rows, H*N]; a0, k_k, k_a [H*N].
+ *   Backward of KkPrepParams' kernel: dk = dL/dk, dda = dL/dda (overwritten). */
+
+typedef struct ValueResidualBwdParams {
+  int32_t n;
+  int32_t C;
+  const float* vraw;
+  const float* v_first;
+  const float* v0;
+  const float* dvp;
+  float* dv;
+  float* dvf;
+  float* ddv;
+} ValueResidualBwdParams;
+/*   vraw, v_first, dvp, dv, dvf, ddv [n]; v0 [C].  With s = sigmoid(v0 + dvp):
+ *   dvf += dv * s;  ddv = dv * (v_first - vraw) * s * (1 - s);
+ *   dv = dv * (1 - s) (in: dL/dv, out: dL/dvraw). */
+
+typedef struct GroupNormBwdParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  float eps;
+  const float* y;
+  const float* weight;
+  const float* bias;
+  const float* r;
+  const float* k;
+  const float* v;
+  const float* r_k;
+  const float* g;
+  const float* dout;
+  float* dy;
+  float* dr;
+  float* dk;
+  float* dv;
+  float* dg;
+} GroupNormBwdParams;
+/*   y, r, k, v, g, dout, dy, dr, dk, dv, dg [rows, H*N]; weight, bias, r_k [H*N].
+ *   Backward of out = (GroupNorm_h(y) * weight + bias + (sum_j r k r_k) * v) * g
+ *   given dout = dL/dout; the five gradients are overwritten. */
+
+typedef struct XentParams {
+  int32_t rows;
+  int32_t V;
+  float lam;
+  float* logits;
+  const void* targets;
+  const float* mask;
+  const float* soft;
+  float* loss;
+} XentParams;
+/*   logits [rows, V] in place (become dL/dlogits); targets [rows] int32 (< V);
+ *   mask [rows]; soft [rows, V] soft targets or NULL (= none; also unused when
+ *   lam == 0); loss [rows] = mask * (CE + lam * KL(soft || softmax)).
+ *   Rows with mask 0 get a zero gradient and loss 0. */
+
+typedef struct OuterAccParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  const float* r;
+  float* acc;
+} OuterAccParams;
+/*   r [rows, H, N]; acc [H, N, N]: acc[h, i, j] += sum_t r[t, h, i] r[t, h, j]. */
+
+typedef struct BatchedMatmulParams {
+  int32_t groups;
+  int32_t N;
+  int32_t trans_b;
+  const float* a;
+  const float* b;
+  float* out;
+} BatchedMatmulParams;
+/*   a, b, out [groups, N, N] (out distinct from a and b):
+ *   out[g] = a[g] b[g], or a[g] b[g]^T when trans_b != 0. */
+
+typedef struct AdamParams {
+  int32_t n;
+  float lr;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay;
+  float bc1;
+  float bc2;
+  float grad_scale;
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+} AdamParams;
+/*   p, g, m, v [n]; p, m, v in place. g' = g * grad_scale;
+ *   m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
+ *   p -= lr * wd * p (when wd > 0); p -= lr * (m / bc1) / (sqrt(v / bc2) + eps). */
+
+typedef struct SumsqParams {
+  int32_t n;
+  const float* x;
+  float* partial;
+} SumsqParams;
+/*   x [n]; partial [gridDim.x]: block b writes the sum of x[i]^2 over the
+ *   elements its grid-stride loop visits (the host adds the partials in f64). */

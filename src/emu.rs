@@ -186,6 +186,30 @@ emu_ops_table!(OPS_EMBED, crate::params::EmbedParams;
 emu_ops_table!(OPS_F32_TO_BF16, crate::params::F32ToBf16Params;
     "ops_f32_to_bf16" => emu_ops_f32_to_bf16);
 
+// backward / optimizer kernels of state tuning (kernels/tune_ops.cu)
+emu_ops_table!(TUNE_LAYER_NORM_BWD, crate::params::LayerNormBwdParams;
+    "tune_layer_norm_bwd_f32" => emu_tune_layer_norm_bwd_f32);
+emu_ops_table!(TUNE_TOKEN_SHIFT_BWD, crate::params::TokenShiftBwdParams;
+    "tune_token_shift_bwd_f32" => emu_tune_token_shift_bwd_f32);
+emu_ops_table!(TUNE_ACT_BWD, crate::params::ActBwdParams;
+    "tune_act_bwd_f32" => emu_tune_act_bwd_f32);
+emu_ops_table!(TUNE_KK_PREP_BWD, crate::params::KkPrepBwdParams;
+    "tune_kk_prep_bwd_f32" => emu_tune_kk_prep_bwd_f32);
+emu_ops_table!(TUNE_VALUE_RESIDUAL_BWD, crate::params::ValueResidualBwdParams;
+    "tune_value_residual_bwd_f32" => emu_tune_value_residual_bwd_f32);
+emu_ops_table!(TUNE_GROUP_NORM_BWD, crate::params::GroupNormBwdParams;
+    "tune_group_norm_bwd_f32" => emu_tune_group_norm_bwd_f32);
+emu_ops_table!(TUNE_XENT, crate::params::XentParams;
+    "tune_xent_f32" => emu_tune_xent_f32);
+emu_ops_table!(TUNE_OUTER_ACC, crate::params::OuterAccParams;
+    "tune_outer_acc_f32" => emu_tune_outer_acc_f32);
+emu_ops_table!(TUNE_BATCHED_MATMUL, crate::params::BatchedMatmulParams;
+    "tune_batched_matmul_f32" => emu_tune_batched_matmul_f32);
+emu_ops_table!(TUNE_ADAM, crate::params::AdamParams;
+    "tune_adam_f32" => emu_tune_adam_f32);
+emu_ops_table!(TUNE_SUMSQ, crate::params::SumsqParams;
+    "tune_sumsq_f32" => emu_tune_sumsq_f32);
+
 /// Runs the emulated model-op kernel `kernel` (kernels/model_ops.cu) over
 /// `grid` × `block`.
 ///

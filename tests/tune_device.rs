@@ -108,20 +108,33 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     num / den.max(1e-300)
 }
 
-/// Worst per-tensor relative error of `g` against the f64 reference.
-fn worst(g: &TunedState, r: &TunedStateOf<f64>) -> f64 {
+/// Worst per-tensor relative error of `g` against the f64 reference. A
+/// tensor whose reference gradient is exactly zero (e.g. the last layer's
+/// channel-mix shift state when the first position is masked out: it only
+/// reaches position 0's output) must be ~0 in `g` too; at most `zeros_ok`
+/// such tensors are accepted so the check cannot become vacuous.
+fn worst(g: &TunedState, r: &TunedStateOf<f64>, zeros_ok: usize) -> f64 {
     let g = g.map(|v| v as f64);
-    g.params()
-        .into_iter()
-        .zip(r.params())
-        .map(|(a, b)| {
+    let mut zeros = 0;
+    let mut w = 0.0f64;
+    for (i, (a, b)) in g.params().into_iter().zip(r.params()).enumerate() {
+        let mx = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        if mx == 0.0 {
+            zeros += 1;
+            let ga = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             assert!(
-                b.iter().any(|v| v.abs() > 1e-9),
-                "reference gradient tensor is ~0: the check would be vacuous"
+                ga <= 1e-9,
+                "tensor {i}: reference is 0, device gives {ga:.2e}"
             );
-            rel_err(a, b)
-        })
-        .fold(0.0, f64::max)
+            continue;
+        }
+        w = w.max(rel_err(a, b));
+    }
+    assert!(
+        zeros <= zeros_ok,
+        "{zeros} gradient tensors are exactly zero: the check would be vacuous"
+    );
+    w
 }
 
 /// Device gradient (backend `ops`) vs the CPU engine in f64.
@@ -141,13 +154,16 @@ fn check_backend<O: BackwardOps>(ops: O, label: &str) {
     let (l64, n64, g64) = loss_and_grad_f64(&w, &s.map(|v| v as f64), &batch, &o).unwrap();
     let tuner = DeviceTuner::new(ops, &w).unwrap();
     let (loss, n, g, _, peak) = tuner.loss_and_grad(&s, &batch, &o, false).unwrap();
-    let e = worst(&g, &g64);
+    let e = worst(&g, &g64, 0);
     println!(
         "{label}: loss {loss:.6} vs f64 {l64:.6}; worst tensor rel. error {e:.2e}; \
          peak activations {peak} B"
     );
     assert_eq!(n, n64);
-    assert!((loss - l64).abs() <= 1e-5 * l64.abs(), "{label}: loss {loss} vs {l64}");
+    assert!(
+        (loss - l64).abs() <= 1e-5 * l64.abs(),
+        "{label}: loss {loss} vs {l64}"
+    );
     assert!(e <= 1e-3, "{label}: gradient rel. error {e:.3e}");
     assert!(peak > 0);
 }
@@ -213,7 +229,8 @@ fn device_engine_steps_track_the_host_engine() {
         .collect();
     let o = GradOpts::default();
     let dbp = Some((0.05, 0.5));
-    let mut host = HostEngine::new(&w, init.clone(), AdamConfig::default(), dbp, o.clone()).unwrap();
+    let mut host =
+        HostEngine::new(&w, init.clone(), AdamConfig::default(), dbp, o.clone()).unwrap();
     let mut dev =
         DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), dbp, o.clone()).unwrap();
     for (i, b) in batches.iter().enumerate() {
@@ -234,7 +251,10 @@ fn device_engine_steps_track_the_host_engine() {
         .zip(init.params())
         .flat_map(|(a, b)| a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).abs()))
         .fold(0.0, f64::max);
-    assert!(moved > 1e-2, "the steps should move the state ({moved:.2e})");
+    assert!(
+        moved > 1e-2,
+        "the steps should move the state ({moved:.2e})"
+    );
     for (a, b) in ds.params().iter().zip(hs.params()) {
         let e = rel_err(
             &a.iter().map(|&v| v as f64).collect::<Vec<_>>(),
@@ -258,8 +278,8 @@ fn device_engine_steps_track_the_host_engine() {
 fn emulated_device_tuning_lowers_held_out_loss() {
     let w = demo::demo_weights(demo::DEMO_MODEL_SEED).unwrap();
     let cfg = w.config.clone();
-    let (tr, va) = demo::synthetic_datasets(64, 8, 11, &ByteTokenizer).unwrap();
-    let mut tc = TrainConfig::new(8);
+    let (tr, va) = demo::synthetic_datasets(64, 4, 11, &ByteTokenizer).unwrap();
+    let mut tc = TrainConfig::new(4);
     tc.batch = 2;
     tc.seed = 3;
     let mut eng = DeviceEngine::new(
@@ -283,7 +303,10 @@ fn emulated_device_tuning_lowers_held_out_loss() {
     );
     // the device evaluation agrees with the CPU model on the tuned state
     let cpu = rwkv_tune::tune::train::evaluate(&model, &rep.state, &va, 0).unwrap();
-    assert!((cpu.loss - a.loss).abs() <= 1e-4 * cpu.loss.abs(), "{cpu:?} vs {a:?}");
+    assert!(
+        (cpu.loss - a.loss).abs() <= 1e-4 * cpu.loss.abs(),
+        "{cpu:?} vs {a:?}"
+    );
 }
 
 fn fixture() -> Option<Weights> {
@@ -316,7 +339,7 @@ fn fixture_emulated_gradient_matches_the_cpu_engine() {
     let (l64, _, g64) = loss_and_grad_f64(&w, &s.map(|v| v as f64), &batch, &o).unwrap();
     let tuner = DeviceTuner::new(EmuOps::default(), &w).unwrap();
     let (loss, _, g, _, _) = tuner.loss_and_grad(&s, &batch, &o, false).unwrap();
-    let e = worst(&g, &g64);
+    let e = worst(&g, &g64, 1);
     println!("fixture emu: loss {loss:.6} vs {l64:.6}; worst rel. error {e:.2e}");
     assert!((loss - l64).abs() <= 1e-5 * l64.abs());
     assert!(e <= 1e-3, "{e:.3e}");

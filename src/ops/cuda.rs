@@ -152,6 +152,11 @@ impl CudaOps {
         &self.gpu
     }
 
+    /// The cuBLAS handle (on the GPU's stream).
+    pub(super) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
     /// # Safety
     /// The device addresses in `p` must satisfy what kernels/params.h
     /// documents for `P` at its sizes.
@@ -161,7 +166,22 @@ impl CudaOps {
         g: ((u32, u32, u32), (u32, u32, u32)),
         p: &P,
     ) -> Result<()> {
-        let f = self.gpu.function("model_ops", name)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_in("model_ops", name, g, p) }
+    }
+
+    /// [`Self::launch`] for a kernel of `kernels/<stem>.cu`.
+    ///
+    /// # Safety
+    /// As for [`Self::launch`].
+    pub(super) unsafe fn launch_in<P: DeviceRepr>(
+        &self,
+        stem: &'static str,
+        name: &str,
+        g: ((u32, u32, u32), (u32, u32, u32)),
+        p: &P,
+    ) -> Result<()> {
+        let f = self.gpu.function(stem, name)?;
         let cfg = LaunchConfig {
             grid_dim: g.0,
             block_dim: g.1,

@@ -27,6 +27,8 @@
 //! [`Error::Shape`] naming the argument. Ops marked "in place" overwrite
 //! their first buffer argument.
 pub mod backward;
+pub mod backward_cuda;
+pub mod backward_emu;
 pub mod backward_ref;
 pub mod cuda;
 pub mod emu;

@@ -432,7 +432,14 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let ly = &self.layers[l];
         // ---- channel mix ----
         let mut dh = self.mt(dx, t, &ly.fv, c, cfg.d_ffn)?;
-        o.act_bwd(Act::ReluSq, t * cfg.d_ffn, cfg.d_ffn, &tp.hpre, None, &mut dh)?;
+        o.act_bwd(
+            Act::ReluSq,
+            t * cfg.d_ffn,
+            cfg.d_ffn,
+            &tp.hpre,
+            None,
+            &mut dh,
+        )?;
         let dkx = self.mt(&dh, t, &ly.fk, cfg.d_ffn, c)?;
         drop(dh);
         let mut dsf = o.zeros(c)?;
@@ -478,7 +485,14 @@ impl<O: BackwardOps> DeviceTuner<O> {
         drop(dout);
         let mut dhg = self.mt(&dg, t, &ly.g2, c, cfg.d_g)?;
         drop(dg);
-        o.act_bwd(Act::Sigmoid, t * cfg.d_g, cfg.d_g, &tp.hg_pre, None, &mut dhg)?;
+        o.act_bwd(
+            Act::Sigmoid,
+            t * cfg.d_g,
+            cfg.d_g,
+            &tp.hg_pre,
+            None,
+            &mut dhg,
+        )?;
         let dmix5 = self.mt(&dhg, t, &ly.g1, cfg.d_g, c)?;
         drop(dhg);
         // ---- WKV ----
@@ -660,7 +674,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut acc = if dbp {
-            Some((0..nl).map(|_| ops.zeros(hnn)).collect::<Result<Vec<_>>>()?)
+            Some(
+                (0..nl)
+                    .map(|_| ops.zeros(hnn))
+                    .collect::<Result<Vec<_>>>()?,
+            )
         } else {
             None
         };
@@ -722,13 +740,20 @@ impl<O: BackwardOps> DeviceTuner<O> {
                     .ok_or_else(|| Error::Tune("internal: no tape".into()))?;
                 drop(xl);
                 self.layer_bwd(
-                    l, &tape, &xin[l], &st[l], &vf, &mut dx, te, &mut dvf, &mut grads[l],
+                    l,
+                    &tape,
+                    &xin[l],
+                    &st[l],
+                    &vf,
+                    &mut dx,
+                    te,
+                    &mut dvf,
+                    &mut grads[l],
                 )?;
             }
             // layer inputs, v_first, dx, dvf, one tape, a head block
-            let bytes = 4 * tc * (nl + 3)
-                + self.tape_bytes(te)
-                + 4 * HEAD_ROWS.min(te) * (2 * v + 2 * c);
+            let bytes =
+                4 * tc * (nl + 3) + self.tape_bytes(te) + 4 * HEAD_ROWS.min(te) * (2 * v + 2 * c);
             peak = peak.max(bytes);
         }
         ops.sync()?;
@@ -758,10 +783,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let st = self.upload_state(s)?;
         let dg = self.grad(&st, batch, o, dbp)?;
         let cfg = &self.cfg;
-        let (c, hnn) = (
-            cfg.n_embd,
-            cfg.n_head * cfg.head_size * cfg.head_size,
-        );
+        let (c, hnn) = (cfg.n_embd, cfg.n_head * cfg.head_size * cfg.head_size);
         let mut g = s.zeros_like();
         for (l, gl) in dg.grads.iter().enumerate() {
             g.wkv[l].copy_from_slice(&self.ops.download(&gl.wkv)?[..hnn]);
@@ -803,7 +825,12 @@ fn check_example(i: usize, ex: &Example, vocab: usize) -> Result<()> {
             ex.mask.len()
         )));
     }
-    if let Some(p) = ex.tokens.iter().chain(&ex.targets).find(|&&x| x as usize >= vocab) {
+    if let Some(p) = ex
+        .tokens
+        .iter()
+        .chain(&ex.targets)
+        .find(|&&x| x as usize >= vocab)
+    {
         return Err(Error::Tune(format!(
             "example {i}: token {p} is out of range (vocab {vocab})"
         )));
@@ -862,8 +889,14 @@ impl<O: BackwardOps> DeviceEngine<O> {
             .map(|p| o.upload(p))
             .collect::<Result<Vec<_>>>()?;
         let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
-        let m = sizes.iter().map(|&n| o.zeros(n)).collect::<Result<Vec<_>>>()?;
-        let v = sizes.iter().map(|&n| o.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let m = sizes
+            .iter()
+            .map(|&n| o.zeros(n))
+            .collect::<Result<Vec<_>>>()?;
+        let v = sizes
+            .iter()
+            .map(|&n| o.zeros(n))
+            .collect::<Result<Vec<_>>>()?;
         let mut e = DeviceEngine {
             with_shift: init.shift_att.is_some(),
             tuner,
@@ -903,7 +936,10 @@ impl<O: BackwardOps> DeviceEngine<O> {
         let hnn = self.hnn();
         (0..self.nl())
             .map(|l| {
-                let f: Vec<f32> = d.r[l * hnn..(l + 1) * hnn].iter().map(|&x| x as f32).collect();
+                let f: Vec<f32> = d.r[l * hnn..(l + 1) * hnn]
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
                 self.tuner.ops().upload(&f)
             })
             .collect()
@@ -949,7 +985,9 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         let cfg = self.tuner.config().clone();
         let (h, n, nl) = (cfg.n_head, cfg.head_size, cfg.n_layer);
         let st = self.states()?;
-        let dg = self.tuner.grad(&st, batch, &self.opts, self.dbp.is_some())?;
+        let dg = self
+            .tuner
+            .grad(&st, batch, &self.opts, self.dbp.is_some())?;
         drop(st);
         self.last_peak_bytes = dg.peak_bytes;
         let o = self.tuner.ops();
@@ -998,7 +1036,14 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             grad_scale: (inv * clip_scale) as f32,
         };
         for (i, g) in grads.iter().enumerate() {
-            o.adam(self.sizes[i], &s, &mut self.params[i], g, &mut self.m[i], &mut self.v[i])?;
+            o.adam(
+                self.sizes[i],
+                &s,
+                &mut self.params[i],
+                g,
+                &mut self.m[i],
+                &mut self.v[i],
+            )?;
         }
         if let (Some((acc, count)), true) = (&dg.dbp, self.dbp.is_some()) {
             let stats = self.tuner.stats(acc, *count)?;
@@ -1010,7 +1055,10 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 (tr, self.upload_r(&d)?)
             };
             for l in 0..nl {
-                let f: Vec<f32> = tr[l * hnn..(l + 1) * hnn].iter().map(|&x| x as f32).collect();
+                let f: Vec<f32> = tr[l * hnn..(l + 1) * hnn]
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
                 let m = o.upload(&f)?;
                 let mut out = o.zeros(hnn)?;
                 o.batched_matmul(h, n, &self.params[l], &m, false, &mut out)?;

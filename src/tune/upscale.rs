@@ -26,11 +26,29 @@
 //! frozen network, which reaches the earlier layers' states) is computed by
 //! the same engine as the plain state ([`super::grad`]), checked against
 //! finite differences in f64 by `tests/tune_upscale.rs`.
+//!
+//! [`UpscaleEngine`] trains it in the ordinary loop
+//! ([`super::train::train_with`]); [`save_upscaled`] / [`load_upscaled`]
+//! write and read it as an ai00 state file plus a sidecar
+//! (`<stem>.upscale.safetensors`, see [`save_sidecar`]).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::data::Dataset;
+use super::engine::{check_engine_state, Engine, EngineState, StepOut};
 use super::grad::{
     self, head_inputs, Example, GradOpts, HeadVector, Real, TunedState, TunedStateOf, UpW,
 };
+use super::optim::{clip_global_norm, Adam, AdamConfig};
+use super::train::{argmax, export_state, from_model_state, log_softmax_at, EvalResult};
 use crate::error::{Error, Result};
+use crate::model::load::{
+    read_f32_tensors, read_file, read_metadata, write_f32_tensors, F32Tensor,
+};
 use crate::model::weights::{Config, Weights};
+use crate::model::{Model, State, StoreDType};
 use crate::rng::Rng;
 
 /// How to build the kernel (support vectors and widths).
@@ -258,6 +276,26 @@ impl Kernel {
         Kernel::from_parts(cfg, uc.m, centres, gamma)
     }
 
+    /// FNV-1a over M, the shape and the bits of every centre and width: two
+    /// kernels with the same fingerprint are identical (used to tie a
+    /// checkpoint to the kernel it was trained with).
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: u64| {
+            for b in x.to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for x in [self.n_layer, self.n_head, self.head_size, self.m] {
+            eat(x as u64);
+        }
+        for x in self.centres.iter().chain(&self.gamma).flatten() {
+            eat(x.to_bits());
+        }
+        format!("{h:016x}")
+    }
+
     fn engine<R: Real>(&self, u: &[Vec<R>]) -> UpW<R> {
         let conv = |v: &Vec<Vec<f64>>| -> Vec<Vec<R>> {
             v.iter()
@@ -405,6 +443,408 @@ pub fn forward_logits_upscaled(
     k.check(&w.config)?;
     check_u(k, s)?;
     grad::forward_logits_up::<f32>(w, &s.state, Some(k.engine(&s.u)), tokens)
+}
+
+// ---------------------------------------------------------------------------
+// Validation with the upscaled read-out
+// ---------------------------------------------------------------------------
+
+/// [`super::train::evaluate`] for the upscaled model: the same definitions
+/// (mean masked cross-entropy over the first `max` examples, 0 = all, and
+/// the exact match of the teacher-forced greedy response on the first `max`
+/// prompt/response tasks), with the logits of [`forward_logits_upscaled`].
+pub fn evaluate_upscaled(
+    w: &Weights,
+    k: &Kernel,
+    s: &UpscaledState,
+    ds: &Dataset,
+    max: usize,
+) -> Result<EvalResult> {
+    k.check(&w.config)?;
+    check_u(k, s)?;
+    let v = w.config.vocab;
+    let take = |n: usize| if max == 0 { n } else { n.min(max) };
+    let sums = ds.examples[..take(ds.examples.len())]
+        .par_iter()
+        .map(|e| -> Result<(f64, f64)> {
+            let logits = forward_logits_upscaled(w, k, s, &e.tokens)?;
+            let mut sum = 0.0;
+            let mut n = 0.0;
+            for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
+                if m > 0.0 {
+                    sum -= m as f64 * log_softmax_at(&logits[i * v..(i + 1) * v], tgt as usize);
+                    n += m as f64;
+                }
+            }
+            Ok((sum, n))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (sum, n) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let tasks = &ds.tasks[..take(ds.tasks.len())];
+    let exact = if tasks.is_empty() {
+        None
+    } else {
+        let hits = tasks
+            .par_iter()
+            .map(|t| -> Result<bool> {
+                if t.prompt.is_empty() || t.response.is_empty() {
+                    return Ok(false);
+                }
+                let seq: Vec<u32> = t
+                    .prompt
+                    .iter()
+                    .chain(&t.response[..t.response.len() - 1])
+                    .copied()
+                    .collect();
+                let logits = forward_logits_upscaled(w, k, s, &seq)?;
+                let p = t.prompt.len();
+                Ok(t.response
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &r)| argmax(&logits[(p - 1 + j) * v..(p + j) * v]) == r as usize))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some((hits.iter().filter(|&&h| h).count(), tasks.len()))
+    };
+    Ok(EvalResult {
+        loss: if n > 0.0 { sum / n } else { 0.0 },
+        n_tokens: n,
+        exact,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The engine
+// ---------------------------------------------------------------------------
+
+/// The CPU [`Engine`] of the upscaled state: [`loss_and_grad_upscaled`], the
+/// gradient divided by the target-token count, global-norm clipping and one
+/// Adam step over [`UpscaledStateOf::params`] (the tuned `S_0`, then every
+/// layer's `U`) — the recipe of [`super::engine::HostEngine`]. The kernel is
+/// fixed. DBP is not supported with the upscaled state.
+pub struct UpscaleEngine<'w> {
+    weights: &'w Weights,
+    opts: GradOpts,
+    /// The fixed support vectors and widths.
+    pub kernel: Kernel,
+    /// The trained parameters (`S_0` and `U`).
+    pub state: UpscaledState,
+    pub adam: Adam,
+}
+
+impl<'w> UpscaleEngine<'w> {
+    /// Starts from `init` (usually [`UpscaledStateOf::new`] with `U = 0`).
+    /// `dbp` must be `None`: DBP on the upscaled state is not supported.
+    pub fn new(
+        weights: &'w Weights,
+        kernel: Kernel,
+        init: UpscaledState,
+        adam: AdamConfig,
+        dbp: Option<(f64, f64)>,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        if dbp.is_some() {
+            return Err(Error::Tune(
+                "DBP is not supported together with the kernel-upscaled state: train the \
+                 upscaled state without DBP (dbp = None / --no-dbp)"
+                    .into(),
+            ));
+        }
+        kernel.check(&weights.config)?;
+        init.state.check(&weights.config)?;
+        check_u(&kernel, &init)?;
+        let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
+        Ok(UpscaleEngine {
+            weights,
+            opts,
+            kernel,
+            state: init,
+            adam: Adam::new(adam, &sizes),
+        })
+    }
+}
+
+impl Engine for UpscaleEngine<'_> {
+    fn device(&self) -> &'static str {
+        "cpu"
+    }
+    fn sizes(&self) -> Vec<usize> {
+        self.state.params().iter().map(|p| p.len()).collect()
+    }
+    fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
+        let o = loss_and_grad_upscaled(self.weights, &self.kernel, &self.state, batch, &self.opts)?;
+        let mut g = o.grad;
+        let inv = (1.0 / o.n_tokens.max(1.0)) as f32;
+        let mut gm = g.params_mut();
+        for t in gm.iter_mut() {
+            t.iter_mut().for_each(|x| *x *= inv);
+        }
+        let grad_norm = clip_global_norm(&mut gm, clip);
+        let grads: Vec<&[f32]> = gm.iter().map(|t| &**t).collect();
+        self.adam.step(&mut self.state.params_mut(), &grads, lr)?;
+        Ok(StepOut {
+            loss_sum: o.loss,
+            n_tokens: o.n_tokens,
+            grad_norm,
+        })
+    }
+    fn save(&self) -> Result<EngineState> {
+        Ok(EngineState {
+            params: self.state.params().iter().map(|p| p.to_vec()).collect(),
+            adam_m: self.adam.m.clone(),
+            adam_v: self.adam.v.clone(),
+            adam_t: self.adam.t,
+            dbp_r: None,
+        })
+    }
+    fn load(&mut self, s: EngineState) -> Result<()> {
+        check_engine_state(&s, &self.sizes(), "the checkpoint")?;
+        if s.dbp_r.is_some() {
+            return Err(Error::Tune(
+                "the checkpoint holds DBP matrices, but the upscaled state is trained without \
+                 DBP"
+                .into(),
+            ));
+        }
+        for (dst, src) in self.state.params_mut().into_iter().zip(&s.params) {
+            dst.copy_from_slice(src);
+        }
+        self.adam.m = s.adam_m;
+        self.adam.v = s.adam_v;
+        self.adam.t = s.adam_t;
+        Ok(())
+    }
+    fn tuned(&self) -> Result<TunedState> {
+        Ok(self.state.state.clone())
+    }
+    fn evaluate(&self, _model: &Model, ds: &Dataset, max: usize) -> Result<EvalResult> {
+        evaluate_upscaled(self.weights, &self.kernel, &self.state, ds, max)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files: the sidecar next to an ai00 / web-rwkv state file
+// ---------------------------------------------------------------------------
+
+/// Version of the sidecar layout written by [`save_sidecar`].
+pub const SIDECAR_VERSION: u32 = 1;
+/// `rwkv_tune.kind` of a sidecar file.
+pub const SIDECAR_KIND: &str = "rwkv7_upscaled_state";
+
+/// The sidecar of the state file `state`: `<dir>/<stem>.upscale.safetensors`
+/// (`tuned.safetensors` → `tuned.upscale.safetensors`).
+pub fn sidecar_path(state: &Path) -> PathBuf {
+    let stem = state
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    state.with_file_name(format!("{stem}.upscale.safetensors"))
+}
+
+/// FNV-1a over the bits of the WKV states: ties a sidecar to its state file.
+fn state_hash(s: &TunedState) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in s.wkv.iter().flatten() {
+        for b in x.to_bits().to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn sidecar_names(l: usize) -> [String; 3] {
+    [
+        format!("blocks.{l}.att.upscale_centres"),
+        format!("blocks.{l}.att.upscale_gamma"),
+        format!("blocks.{l}.att.upscale_u"),
+    ]
+}
+
+/// Serialises the kernel and `U` (f32) as a sidecar (see [`save_sidecar`]).
+pub fn sidecar_to_bytes(cfg: &Config, k: &Kernel, s: &UpscaledState) -> Result<Vec<u8>> {
+    k.check(cfg)?;
+    s.state.check(cfg)?;
+    check_u(k, s)?;
+    let (h, n, m) = (k.n_head, k.head_size, k.m);
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let mut tensors = Vec::with_capacity(3 * k.n_layer);
+    for l in 0..k.n_layer {
+        let [c, g, u] = sidecar_names(l);
+        tensors.push(F32Tensor {
+            name: c,
+            shape: vec![h, m, n],
+            data: f(&k.centres[l]),
+        });
+        tensors.push(F32Tensor {
+            name: g,
+            shape: vec![h],
+            data: f(&k.gamma[l]),
+        });
+        tensors.push(F32Tensor {
+            name: u,
+            shape: vec![h, n, m],
+            data: s.u[l].clone(),
+        });
+    }
+    let meta: HashMap<String, String> = [
+        ("format", "pt".to_string()),
+        ("rwkv_tune.kind", SIDECAR_KIND.to_string()),
+        ("rwkv_tune.upscale_version", SIDECAR_VERSION.to_string()),
+        ("upscale_m", m.to_string()),
+        ("n_layer", k.n_layer.to_string()),
+        ("n_head", h.to_string()),
+        ("head_size", n.to_string()),
+        ("state_fnv1a", state_hash(&s.state)),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b))
+    .collect();
+    write_f32_tensors(&tensors, StoreDType::F32, Some(meta))
+}
+
+/// Writes the sidecar of an upscaled state atomically: per layer
+/// `blocks.{l}.att.upscale_centres` `[H, M, N]`, `blocks.{l}.att.upscale_gamma`
+/// `[H]` and `blocks.{l}.att.upscale_u` `[H, N, M]` (f32), metadata
+/// `rwkv_tune.kind`, `rwkv_tune.upscale_version`, `upscale_m`, the model
+/// shape and a hash of the WKV states it belongs to. The N×N states
+/// themselves go into the ordinary state file ([`export_state`]); use
+/// [`save_upscaled`] to write both.
+///
+/// Centres and widths are stored as f32: the f32 engine converts them to
+/// f32 anyway, so the loaded kernel gives bit-identical f32 logits.
+pub fn save_sidecar(path: &Path, cfg: &Config, k: &Kernel, s: &UpscaledState) -> Result<()> {
+    let bytes = sidecar_to_bytes(cfg, k, s)?;
+    crate::tensors::write_atomic(path, &bytes)
+}
+
+/// Reads a sidecar written by [`save_sidecar`] for the tuned state `state`
+/// (normally the state file's WKV states): checks its kind, version, M, the
+/// model shape and that it belongs to `state`; every tensor must be present
+/// with its shape ([`Error::MissingTensor`], [`Error::Shape`] naming it).
+pub fn sidecar_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    cfg: &Config,
+    state: TunedState,
+) -> Result<(Kernel, UpscaledState)> {
+    state.check(cfg)?;
+    let meta = read_metadata(bytes, path)?;
+    let bad = |what: String| Error::Tune(format!("upscale sidecar {}: {what}", path.display()));
+    match meta.get("rwkv_tune.kind") {
+        Some(k) if k == SIDECAR_KIND => {}
+        other => {
+            return Err(bad(format!(
+                "metadata rwkv_tune.kind is {other:?}, expected {SIDECAR_KIND:?} (not an upscale \
+                 sidecar)"
+            )))
+        }
+    }
+    match meta.get("rwkv_tune.upscale_version") {
+        Some(v) if *v == SIDECAR_VERSION.to_string() => {}
+        other => {
+            return Err(bad(format!(
+                "format version {other:?} is not supported (this build reads version \
+                 {SIDECAR_VERSION})"
+            )))
+        }
+    }
+    let num = |key: &str| -> Result<usize> {
+        meta.get(key)
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| bad(format!("metadata `{key}` missing or not a number")))
+    };
+    let m = num("upscale_m")?;
+    if m == 0 {
+        return Err(bad("upscale_m is 0".into()));
+    }
+    let shape = [num("n_layer")?, num("n_head")?, num("head_size")?];
+    if shape != [cfg.n_layer, cfg.n_head, cfg.head_size] {
+        return Err(Error::Shape {
+            name: format!("{} (layers, heads, head size)", path.display()),
+            expected: vec![cfg.n_layer, cfg.n_head, cfg.head_size],
+            got: shape.to_vec(),
+        });
+    }
+    if let Some(hash) = meta.get("state_fnv1a") {
+        if *hash != state_hash(&state) {
+            return Err(bad(
+                "it belongs to a different state file (the WKV states' hash differs); the \
+                 state file was rewritten without it"
+                    .into(),
+            ));
+        }
+    }
+    let mut tensors: HashMap<String, F32Tensor> = read_f32_tensors(bytes, path)?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let (h, n) = (cfg.n_head, cfg.head_size);
+    let mut take = |name: String, expected: Vec<usize>| -> Result<Vec<f32>> {
+        let t = tensors
+            .remove(&name)
+            .ok_or_else(|| Error::MissingTensor(name.clone()))?;
+        if t.shape != expected {
+            return Err(Error::Shape {
+                name,
+                expected,
+                got: t.shape,
+            });
+        }
+        Ok(t.data)
+    };
+    let (mut centres, mut gamma, mut u) = (Vec::new(), Vec::new(), Vec::new());
+    for l in 0..cfg.n_layer {
+        let [c, g, uu] = sidecar_names(l);
+        let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        centres.push(to64(take(c, vec![h, m, n])?));
+        gamma.push(to64(take(g, vec![h])?));
+        u.push(take(uu, vec![h, n, m])?);
+    }
+    if let Some(name) = tensors.keys().min() {
+        return Err(bad(format!("unexpected tensor `{name}`")));
+    }
+    let k = Kernel::from_parts(cfg, m, centres, gamma)?;
+    Ok((k, UpscaledStateOf { state, u }))
+}
+
+/// [`sidecar_from_bytes`] from a file.
+pub fn load_sidecar(
+    path: &Path,
+    cfg: &Config,
+    state: TunedState,
+) -> Result<(Kernel, UpscaledState)> {
+    let bytes = read_file(path)?;
+    sidecar_from_bytes(&bytes, path, cfg, state)
+}
+
+/// Writes an upscaled state as two files: the ai00 / web-rwkv state file
+/// `state_path` (the N×N states, what other tools load) and its sidecar
+/// [`sidecar_path`] (kernel and `U`). The sidecar is written first; a crash
+/// between the two leaves a pair whose hashes differ, which
+/// [`load_upscaled`] refuses. Returns the sidecar's path.
+pub fn save_upscaled(
+    state_path: &Path,
+    cfg: &Config,
+    k: &Kernel,
+    s: &UpscaledState,
+) -> Result<PathBuf> {
+    let side = sidecar_path(state_path);
+    save_sidecar(&side, cfg, k, s)?;
+    export_state(state_path, cfg, &s.state)?;
+    Ok(side)
+}
+
+/// Reads the state file `state_path` and, when its sidecar exists, the kernel
+/// and `U` (`None` without a sidecar: a plain state file).
+pub fn load_upscaled(state_path: &Path, cfg: &Config) -> Result<Option<(Kernel, UpscaledState)>> {
+    let side = sidecar_path(state_path);
+    if !side.is_file() {
+        return Ok(None);
+    }
+    let st = State::load(state_path, cfg)?;
+    let tuned = from_model_state(cfg, &st, false)?;
+    load_sidecar(&side, cfg, tuned).map(Some)
 }
 
 /// At most `max` rows of `x` (`[count, n]`), chosen without replacement.

@@ -8,6 +8,7 @@ use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Logits, Model, Sampler, State};
 use rwkv_tune::ops::{cuda::CudaOps, emu::EmuOps, GemmPrecision};
 use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
+use rwkv_tune::tune::upscale::{self, Kernel, UpscaledState};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -113,6 +114,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Initial WKV state (`blocks.N.att.time_state` [H,N,N] safetensors, e.g. from state tuning).
+    /// When `<stem>.upscale.safetensors` (from `tune --upscale`) lies next to
+    /// it, the kernel-upscaled read-out is used too (--device cpu only; that
+    /// path re-runs the whole sequence for every generated token, so it is
+    /// O(T²) and meant for short generations).
     #[arg(long)]
     pub state: Option<PathBuf>,
     /// Prompt text.
@@ -155,8 +160,30 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(p) = &a.state {
+        let side = upscale::sidecar_path(p);
+        if side.is_file() && a.device != Device::Cpu {
+            bail!(
+                "{} (an upscale sidecar) lies next to the state file: the upscaled read-out \
+                 runs on --device cpu only",
+                side.display()
+            );
+        }
+    }
     let (model, cfg) = Runner::load(&a.model, a.device, a.gemm)?;
     let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
+    if let (Some(p), Runner::Cpu(m)) = (&a.state, &model) {
+        if let Some((k, s)) = upscale::load_upscaled(p, &cfg)
+            .with_context(|| format!("loading {} and its upscale sidecar", p.display()))?
+        {
+            eprintln!(
+                "upscale sidecar in use: {} (M = {}); re-running the sequence for every token",
+                upscale::sidecar_path(p).display(),
+                k.m
+            );
+            return generate_upscaled(&a, m, &tok, &k, &s);
+        }
+    }
     let mut state = match &a.state {
         Some(p) => State::load(p, &cfg).with_context(|| format!("loading {}", p.display()))?,
         None => State::zeros(&cfg),
@@ -192,6 +219,57 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         logits = model.step(next, &mut state)?;
+    }
+    out.write_all(dec.finish().as_bytes())?;
+    writeln!(out)?;
+    out.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{n} tokens in {secs:.2} s, {:.1} tokens/s]",
+        n as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Generation with the kernel-upscaled read-out: the library has only the
+/// whole-sequence forward for it ([`upscale::forward_logits_upscaled`]), so
+/// every token re-runs the sequence so far.
+fn generate_upscaled(
+    a: &GenerateArgs,
+    model: &Model,
+    tok: &Tokenizer,
+    k: &Kernel,
+    s: &UpscaledState,
+) -> anyhow::Result<()> {
+    let w = model.weights();
+    let v = w.config.vocab;
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
+    let mut seq = tok.encode(&a.prompt)?;
+    if let Some(&bad) = seq.iter().find(|&&t| t as usize >= v) {
+        bail!("the tokenizer produced id {bad}, outside the model's vocabulary of {v}");
+    }
+    if seq.is_empty() {
+        // No prompt: start from the end-of-text token 0.
+        seq.push(0);
+    }
+    let stop_at_zero = matches!(tok, Tokenizer::World(_));
+    let mut out = std::io::stdout().lock();
+    let mut dec = StreamDecoder::new();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    for _ in 0..a.max_tokens {
+        let logits = upscale::forward_logits_upscaled(w, k, s, &seq)?;
+        let next = sampler.sample(&logits[logits.len() - v..]);
+        if stop_at_zero && next == 0 {
+            break;
+        }
+        n += 1;
+        let text = dec.push(tok, next)?;
+        if !text.is_empty() {
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        seq.push(next);
     }
     out.write_all(dec.finish().as_bytes())?;
     writeln!(out)?;

@@ -10,6 +10,7 @@ use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
 use rwkv_tune::tune::train::{self, EvalResult, Observer, SoftTargets, TrainConfig};
+use rwkv_tune::tune::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
 
 /// Which demo to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,7 +45,8 @@ pub enum Device {
     rwkv-tune tune --demo shakespeare --steps 300\n  \
     rwkv-tune tune --model m.safetensors --data train.jsonl --valid valid.jsonl \\\n      \
     --out state.safetensors --steps 500 --metrics m.jsonl --plot loss.png\n  \
-    rwkv-tune tune ... --checkpoint-every 50     # then, after a crash:  rwkv-tune tune ... --resume")]
+    rwkv-tune tune ... --checkpoint-every 50     # then, after a crash:  rwkv-tune tune ... --resume\n  \
+    rwkv-tune tune --demo --upscale 128 --out s.safetensors   # writes s.safetensors + s.upscale.safetensors")]
 pub struct TuneArgs {
     /// Run a bundled demo instead of --model/--data (default: synthetic).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "synthetic")]
@@ -141,7 +143,8 @@ pub struct TuneArgs {
     /// inputs the state reads. ON by default since the measurement in
     /// docs/comparison.md (DBP reached plain tuning's final loss in 40 of 100
     /// steps); this flag is accepted for clarity, `--no-dbp` turns it off.
-    #[arg(long, conflicts_with = "no_dbp")]
+    /// Not available with --upscale (which turns the default DBP off).
+    #[arg(long, conflicts_with_all = ["no_dbp", "upscale"])]
     pub dbp: bool,
     /// Plain state tuning without DBP.
     #[arg(long)]
@@ -152,7 +155,13 @@ pub struct TuneArgs {
     /// DBP whitening weight κ ∈ [0, 1] (0 = decorrelate only).
     #[arg(long, default_value_t = 0.0)]
     pub dbp_kappa: f64,
-    /// Kernel upscaling of the state to M×M per head (arXiv 2504.05097).
+    /// Kernel-upscaled state (arXiv 2504.05097; docs/upscale.md): besides S₀,
+    /// train a memory U [N×M] per head read through M Gaussian-RBF support
+    /// vectors (k-means on the training data's receptances, fitted before
+    /// training; deterministic from --seed). Trains without DBP (the default
+    /// DBP is turned off with a note; --dbp is refused). Writes --out (the
+    /// N×N states, ai00 / web-rwkv layout) plus <out stem>.upscale.safetensors
+    /// (centres, widths, U), which `generate --state` picks up (CPU only).
     #[arg(long, value_name = "M")]
     pub upscale: Option<usize>,
     /// Observer (teacher) model: add λ·KL(teacher ‖ student) on the response
@@ -205,12 +214,8 @@ pub fn run(a: TuneArgs) -> Result<()> {
     if a.device == Device::Cuda {
         bail!("CUDA state tuning not yet available; use --device cpu");
     }
-    if let Some(m) = a.upscale {
-        bail!(
-            "--upscale {m}: not available in `tune` yet — an upscaled state has an extra N×M \
-             memory per head that ai00 / web-rwkv state files (and `generate --state`) cannot \
-             hold; try it with `rwkv-tune compare`"
-        );
+    if a.upscale == Some(0) {
+        bail!("--upscale M needs M ≥ 1 support vectors per head");
     }
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
@@ -360,7 +365,14 @@ pub fn run(a: TuneArgs) -> Result<()> {
     tc.verbose = !a.quiet;
     tc.throttle_ms = a.throttle_ms;
     tc.tag = format!("demo={:?}", a.demo);
-    if !a.no_dbp {
+    if a.upscale.is_some() {
+        if !a.no_dbp {
+            println!(
+                "note: --upscale trains without DBP (DBP on the upscaled state is not supported); \
+                 the default --dbp is off for this run"
+            );
+        }
+    } else if !a.no_dbp {
         tc.dbp = Some((a.dbp_eta, a.dbp_kappa));
     }
     let init = match &a.init_state {
@@ -374,11 +386,37 @@ pub fn run(a: TuneArgs) -> Result<()> {
     if init.is_some() {
         tc.tag += &format!("; init={:?}", a.init_state);
     }
+    if let (Some(p), None) = (&a.init_state, a.upscale) {
+        let side = upscale::sidecar_path(p);
+        if side.is_file() {
+            println!(
+                "note: {} (the upscaled part of the initial state) is ignored without --upscale",
+                side.display()
+            );
+        }
+    }
+
+    // Kernel-upscaled state: the kernel (fitted, or from --init-state's
+    // sidecar) and the starting S₀ and U.
+    let up_init = match a.upscale {
+        Some(m) => Some(prepare_upscale(
+            &a,
+            m,
+            model.weights(),
+            &train_ds,
+            init.clone(),
+            &mut tc,
+        )?),
+        None => None,
+    };
+    let n_params = cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * cfg_m.head_size
+        + a.upscale
+            .map_or(0, |m| cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * m);
 
     println!(
         "tuning {} state parameters over {} layers: {} train examples ({} target tokens), {} \
          steps × batch {}, lr {} → {} (warm-up {}, {:?})",
-        cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * cfg_m.head_size,
+        n_params,
         cfg_m.n_layer,
         train_ds.examples.len(),
         train_ds.n_target_tokens,
@@ -390,7 +428,24 @@ pub fn run(a: TuneArgs) -> Result<()> {
         decay
     );
     let obs = observer.as_ref().map(|o| o as &dyn SoftTargets);
-    let rep = train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, init)?;
+    let (rep, upscaled) = match up_init {
+        Some((kernel, start)) => {
+            let mut eng = UpscaleEngine::new(
+                model.weights(),
+                kernel,
+                start,
+                tc.adam,
+                tc.dbp,
+                tc.grad.clone(),
+            )?;
+            let rep = train::train_with(&model, &mut eng, &train_ds, valid_ds.as_ref(), &tc, obs)?;
+            (rep, Some((eng.kernel, eng.state)))
+        }
+        None => (
+            train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, init)?,
+            None,
+        ),
+    };
     if let Some(s) = rep.resumed_from {
         println!("resumed from step {s}");
     }
@@ -402,23 +457,132 @@ pub fn run(a: TuneArgs) -> Result<()> {
         rep.history.last().copied().unwrap_or(f32::NAN)
     );
     if let (Some(b), Some(f)) = (&rep.before, &rep.after) {
-        println!("validation ({} tokens):", b.n_tokens);
+        println!(
+            "validation ({} tokens{}):",
+            b.n_tokens,
+            if upscaled.is_some() {
+                ", upscaled read-out"
+            } else {
+                ""
+            }
+        );
         print_eval("before", b, unit);
         print_eval("after", f, unit);
     }
     if let Some(o) = &a.out {
-        train::export_state(o, &cfg_m, &rep.state)?;
-        println!(
-            "wrote {} (use: rwkv-tune generate --state {})",
-            o.display(),
-            o.display()
-        );
+        match &upscaled {
+            Some((k, s)) => {
+                let side = upscale::save_upscaled(o, &cfg_m, k, s)?;
+                println!(
+                    "wrote {} (the N×N states, ai00 / web-rwkv layout) and {} (kernel and U, M = \
+                     {}); use: rwkv-tune generate --state {} (picks up the sidecar; cpu only)",
+                    o.display(),
+                    side.display(),
+                    k.m,
+                    o.display()
+                );
+            }
+            None => {
+                train::export_state(o, &cfg_m, &rep.state)?;
+                let side = upscale::sidecar_path(o);
+                if side.is_file() {
+                    std::fs::remove_file(&side)
+                        .with_context(|| format!("removing the stale {}", side.display()))?;
+                    println!(
+                        "removed {} (an upscale sidecar of an earlier run; this state is plain)",
+                        side.display()
+                    );
+                }
+                println!(
+                    "wrote {} (use: rwkv-tune generate --state {})",
+                    o.display(),
+                    o.display()
+                );
+            }
+        }
     }
     if let Some(p) = &a.plot {
         println!("wrote {}", p.display());
     }
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The kernel and the starting upscaled state for `--upscale m`: from the
+/// sidecar of `--init-state` when it has one (its M must be `m`), else
+/// fitted by k-means on the training data (deterministic from `--seed`).
+/// Adds M and the kernel's fingerprint to the run's tag, so a checkpoint
+/// is only resumed with the very same kernel.
+fn prepare_upscale(
+    a: &TuneArgs,
+    m: usize,
+    w: &Weights,
+    train_ds: &Dataset,
+    init: Option<rwkv_tune::tune::grad::TunedState>,
+    tc: &mut TrainConfig,
+) -> Result<(Kernel, UpscaledState)> {
+    let cfg = &w.config;
+    let from_file = match &a.init_state {
+        Some(p) => upscale::load_upscaled(p, cfg)
+            .with_context(|| format!("loading the upscale sidecar of {}", p.display()))?,
+        None => None,
+    };
+    let (kernel, start) = match from_file {
+        Some((k, s)) => {
+            if k.m != m {
+                bail!(
+                    "--init-state {} has an upscale sidecar with M = {}, but --upscale {m} was \
+                     given",
+                    a.init_state.as_deref().unwrap_or(Path::new("")).display(),
+                    k.m
+                );
+            }
+            println!(
+                "upscale: kernel and U from {} (M = {m}), not refitted",
+                upscale::sidecar_path(a.init_state.as_deref().unwrap_or(Path::new(""))).display()
+            );
+            (k, s)
+        }
+        None => {
+            // At most 1024 examples, evenly strided, go into the fit.
+            let stride = train_ds.examples.len().div_ceil(1024).max(1);
+            let sample: Vec<_> = train_ds.examples.iter().step_by(stride).cloned().collect();
+            let uc = UpscaleConfig {
+                m,
+                seed: a.seed,
+                ..UpscaleConfig::new(cfg.head_size)
+            };
+            println!(
+                "upscale: fitting M = {m} Gaussian-RBF support vectors per head (k-means++, {} \
+                 Lloyd iterations on at most {} receptances per head from {} training examples, \
+                 seed {}; widths from the k-means distortion) ...",
+                uc.kmeans_iters,
+                uc.max_samples,
+                sample.len(),
+                uc.seed
+            );
+            let t = Instant::now();
+            let zero = rwkv_tune::tune::grad::TunedState::zeros(cfg, false);
+            let k = Kernel::fit(w, &zero, &sample, &uc)?;
+            let (lo, hi) = k
+                .gamma
+                .iter()
+                .flatten()
+                .fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| {
+                    (lo.min(g), hi.max(g))
+                });
+            println!(
+                "upscale: kernel fitted in {:.1} s (γ = 1/(2σ²) from {lo:.3e} to {hi:.3e}); U \
+                 starts at 0, so tuning starts at the plain model",
+                t.elapsed().as_secs_f64()
+            );
+            let s0 = init.unwrap_or_else(|| rwkv_tune::tune::grad::TunedState::zeros(cfg, false));
+            let s = UpscaledState::new(s0, &k);
+            (k, s)
+        }
+    };
+    tc.tag += &format!("; upscale m={m} kernel={}", kernel.fingerprint());
+    Ok((kernel, start))
 }
 
 fn append_ext(p: &Path, ext: &str) -> PathBuf {

@@ -1,0 +1,580 @@
+//! [`BackwardOps`] on an NVIDIA GPU: `kernels/tune_ops.cu` launched through
+//! cudarc on the [`CudaOps`] stream, [`BackwardOps::matmul_t`] through cuBLAS
+//! `sgemm`, the WKV backward through [`crate::wkv7::cuda::forward_dev`]
+//! (with checkpoints) and [`crate::wkv7::cuda::backward_dev`].
+use super::backward::{check, check_gn_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
+use super::backward_emu::{block_geom, sumsq_blocks};
+use super::backward_ref::AdamStep;
+use super::cuda::CudaOps;
+use super::{need, Act, DeviceOps};
+use crate::cuda::cuda_err;
+use crate::error::Result;
+use crate::params::{
+    ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
+    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, ValueResidualBwdParams,
+    XentParams,
+};
+use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+
+// SAFETY (all eleven): #[repr(C)] plain-old-data structs generated from
+// kernels/params.h (i32, f32 and u64 fields only), matching the C structs the
+// kernels take by value; any bit pattern is valid.
+unsafe impl DeviceRepr for LayerNormBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TokenShiftBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ActBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for KkPrepBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ValueResidualBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for GroupNormBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for XentParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for OuterAccParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for BatchedMatmulParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AdamParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for SumsqParams {}
+
+const STEM: &str = "tune_ops";
+const F32_BYTES: u64 = 4;
+
+impl CudaOps {
+    /// # Safety
+    /// The device addresses in `p` must satisfy what kernels/params.h
+    /// documents for `P` at its sizes.
+    unsafe fn tune<P: DeviceRepr>(
+        &self,
+        name: &str,
+        g: ((u32, u32, u32), (u32, u32, u32)),
+        p: &P,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_in(STEM, name, g, p) }
+    }
+}
+
+impl BackwardOps for CudaOps {
+    fn matmul_t(
+        &self,
+        dy: &CudaSlice<f32>,
+        m: usize,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::matmul_t(dy.len(), m, w.len(), n, k, dx.len())?;
+        if m == 0 || k == 0 {
+            return Ok(());
+        }
+        let st = &self.gpu().stream;
+        if n == 0 {
+            // an empty sum: dx[..m·k] = 0, as the CPU twin does
+            return st
+                .memset_zeros(&mut dx.slice_mut(..m * k))
+                .map_err(cuda_err);
+        }
+        // Row-major dx[m, k] = dy[m, n] · w[n, k] is column-major
+        // dx_cm[k, m] = w_cm[k, n] · dy_cm[n, m]: no transposes, A = w
+        // (lda = k), B = dy (ldb = n), C = dx (ldc = k).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: k as i32,
+            n: m as i32,
+            k: n as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: n as i32,
+            beta: 0.0f32,
+            ldc: k as i32,
+        };
+        // SAFETY: sizes checked above (w n·k, dy m·n, dx ≥ m·k floats, all
+        // fitting i32); all three buffers live on the cuBLAS handle's stream.
+        unsafe { self.blas().gemm(cfg, w, dy, dx) }.map_err(cuda_err)
+    }
+
+    fn layer_norm_bwd(
+        &self,
+        x: &CudaSlice<f32>,
+        off: usize,
+        rows: usize,
+        c: usize,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::layer_norm_bwd(x.len(), off, rows, c, weight.len(), dy.len(), dx.len())?;
+        let st = &self.gpu().stream;
+        let (xp, _g1) = x.device_ptr(st);
+        let (wp, _g2) = weight.device_ptr(st);
+        let (dyp, _g3) = dy.device_ptr(st);
+        let (dxp, _g4) = dx.device_ptr_mut(st);
+        let p = LayerNormBwdParams {
+            rows: rows as i32,
+            C: c as i32,
+            eps,
+            x: xp + off as u64 * F32_BYTES,
+            weight: wp,
+            dy: dyp,
+            dx: dxp + off as u64 * F32_BYTES,
+        };
+        // SAFETY: lengths checked above (x, dx from `off`); dx is a distinct
+        // buffer; the guards keep every buffer alive until the launch is queued.
+        unsafe { self.tune("tune_layer_norm_bwd_f32", self.geom.rows(rows), &p) }
+    }
+
+    fn token_shift_bwd(
+        &self,
+        t: usize,
+        c: usize,
+        dmix: &[&CudaSlice<f32>],
+        mu: &CudaSlice<f32>,
+        dstate: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let lens: Vec<usize> = dmix.iter().map(|d| d.len()).collect();
+        check::token_shift_bwd(t, c, &lens, mu.len(), dstate.len(), dx.len())?;
+        let st = &self.gpu().stream;
+        let guards: Vec<_> = dmix.iter().map(|d| d.device_ptr(st)).collect();
+        let mut d = [0u64; 6];
+        for (slot, (q, _)) in d.iter_mut().zip(&guards) {
+            *slot = *q;
+        }
+        let (mp, _g1) = mu.device_ptr(st);
+        let (sp, _g2) = dstate.device_ptr_mut(st);
+        let (xp, _g3) = dx.device_ptr_mut(st);
+        let p = TokenShiftBwdParams {
+            T: t as i32,
+            C: c as i32,
+            n_mix: dmix.len() as i32,
+            d0: d[0],
+            d1: d[1],
+            d2: d[2],
+            d3: d[3],
+            d4: d[4],
+            d5: d[5],
+            mu: mp,
+            dstate: sp,
+            dx: xp,
+        };
+        // SAFETY: lengths checked above (the kernel reads only the n_mix
+        // given mixes); dstate and dx are distinct buffers; guards alive
+        // until queued.
+        unsafe { self.tune("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
+    }
+
+    fn act_bwd(
+        &self,
+        mode: Act,
+        n: usize,
+        c: usize,
+        pre: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        dy: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::act_bwd(n, c, pre.len(), bias.map(|b| b.len()), dy.len())?;
+        let st = &self.gpu().stream;
+        let (pp, _g1) = pre.device_ptr(st);
+        let bp = bias.map(|b| b.device_ptr(st));
+        let (dp, _g2) = dy.device_ptr_mut(st);
+        let p = ActBwdParams {
+            n: n as i32,
+            C: c as i32,
+            mode: mode.code(),
+            pre: pp,
+            bias: bp.as_ref().map_or(0, |(q, _)| *q),
+            dy: dp,
+        };
+        // SAFETY: pre, dy ≥ n floats, bias ≥ C (checked); guards alive until queued.
+        unsafe { self.tune("tune_act_bwd_f32", self.geom.elems(n), &p) }
+    }
+
+    fn kk_prep_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &KkBwdBufs<'_, CudaSlice<f32>>,
+        dk: &mut CudaSlice<f32>,
+        dda: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep_bwd",
+            rows,
+            h,
+            n,
+            &[
+                ("k", x.k.len()),
+                ("da", x.da.len()),
+                ("d_kout", x.d_kout.len()),
+                ("d_a", x.d_a.len()),
+                ("d_b", x.d_b.len()),
+                ("dk", dk.len()),
+                ("dda", dda.len()),
+            ],
+            &[
+                ("a0", x.a0.len()),
+                ("k_k", x.k_k.len()),
+                ("k_a", x.k_a.len()),
+            ],
+        )?;
+        let st = &self.gpu().stream;
+        let (kp, _g1) = x.k.device_ptr(st);
+        let (dap, _g2) = x.da.device_ptr(st);
+        let (a0p, _g3) = x.a0.device_ptr(st);
+        let (kkp, _g4) = x.k_k.device_ptr(st);
+        let (kap, _g5) = x.k_a.device_ptr(st);
+        let (dkop, _g6) = x.d_kout.device_ptr(st);
+        let (dap2, _g7) = x.d_a.device_ptr(st);
+        let (dbp, _g8) = x.d_b.device_ptr(st);
+        let (dkp, _g9) = dk.device_ptr_mut(st);
+        let (ddap, _g10) = dda.device_ptr_mut(st);
+        let p = KkPrepBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: kp,
+            da: dap,
+            a0: a0p,
+            k_k: kkp,
+            k_a: kap,
+            d_kout: dkop,
+            d_a: dap2,
+            d_b: dbp,
+            dk: dkp,
+            dda: ddap,
+        };
+        // SAFETY: lengths checked above; the outputs are distinct buffers;
+        // guards alive until queued.
+        unsafe { self.tune("tune_kk_prep_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn value_residual_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        vraw: &CudaSlice<f32>,
+        v_first: &CudaSlice<f32>,
+        v0: &CudaSlice<f32>,
+        dvp: &CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dvf: &mut CudaSlice<f32>,
+        ddv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::elems(
+            "value_residual_bwd",
+            n,
+            c,
+            &[
+                ("vraw", vraw.len()),
+                ("v_first", v_first.len()),
+                ("dvp", dvp.len()),
+                ("dv", dv.len()),
+                ("dvf", dvf.len()),
+                ("ddv", ddv.len()),
+            ],
+            &[("v0", v0.len())],
+        )?;
+        let st = &self.gpu().stream;
+        let (rp, _g1) = vraw.device_ptr(st);
+        let (fp, _g2) = v_first.device_ptr(st);
+        let (v0p, _g3) = v0.device_ptr(st);
+        let (dvpp, _g4) = dvp.device_ptr(st);
+        let (dvq, _g5) = dv.device_ptr_mut(st);
+        let (dvfq, _g6) = dvf.device_ptr_mut(st);
+        let (ddvq, _g7) = ddv.device_ptr_mut(st);
+        let p = ValueResidualBwdParams {
+            n: n as i32,
+            C: c as i32,
+            vraw: rp,
+            v_first: fp,
+            v0: v0p,
+            dvp: dvpp,
+            dv: dvq,
+            dvf: dvfq,
+            ddv: ddvq,
+        };
+        // SAFETY: lengths checked above; outputs are distinct buffers;
+        // guards alive until queued.
+        unsafe { self.tune("tune_value_residual_bwd_f32", self.geom.elems(n), &p) }
+    }
+
+    fn group_norm_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &GnBwdBufs<'_, CudaSlice<f32>>,
+        g: GnBwdGrads<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        check_gn_bwd(rows, h, n, x, &g, |b| b.len())?;
+        let st = &self.gpu().stream;
+        let (yp, _g1) = x.y.device_ptr(st);
+        let (wp, _g2) = x.weight.device_ptr(st);
+        let (bp, _g3) = x.bias.device_ptr(st);
+        let (rp, _g4) = x.r.device_ptr(st);
+        let (kp, _g5) = x.k.device_ptr(st);
+        let (vp, _g6) = x.v.device_ptr(st);
+        let (rkp, _g7) = x.r_k.device_ptr(st);
+        let (gp, _g8) = x.g.device_ptr(st);
+        let (op, _g9) = x.dout.device_ptr(st);
+        let (dyp, _h1) = g.dy.device_ptr_mut(st);
+        let (drp, _h2) = g.dr.device_ptr_mut(st);
+        let (dkp, _h3) = g.dk.device_ptr_mut(st);
+        let (dvp, _h4) = g.dv.device_ptr_mut(st);
+        let (dgp, _h5) = g.dg.device_ptr_mut(st);
+        let p = GroupNormBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            eps,
+            y: yp,
+            weight: wp,
+            bias: bp,
+            r: rp,
+            k: kp,
+            v: vp,
+            r_k: rkp,
+            g: gp,
+            dout: op,
+            dy: dyp,
+            dr: drp,
+            dk: dkp,
+            dv: dvp,
+            dg: dgp,
+        };
+        // SAFETY: lengths checked above; the five outputs are distinct
+        // buffers; guards alive until queued.
+        unsafe { self.tune("tune_group_norm_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn wkv_bwd(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&CudaSlice<f32>; 6],
+        h0: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        grads: [&mut CudaSlice<f32>; 6],
+        dh0: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let names = ["r", "w", "k", "v", "a", "b"];
+        let gnames = ["dr", "dw", "dk", "dv", "da", "db"];
+        let mut seq: Vec<(&str, usize)> = names
+            .iter()
+            .copied()
+            .zip(rwkvab.iter().map(|b| b.len()))
+            .collect();
+        seq.push(("dy", dy.len()));
+        seq.extend(gnames.iter().copied().zip(grads.iter().map(|b| b.len())));
+        check::wkv_bwd(t, h, n, &seq, &[("h0", h0.len()), ("dh0", dh0.len())])?;
+        let d = crate::wkv7::Dims { b: 1, t, h, n };
+        let gpu = self.gpu();
+        let [r, w, k, v, a, b] = rwkvab;
+        let x = crate::wkv7::cuda::DevInputs {
+            r,
+            w,
+            k,
+            v,
+            a,
+            b,
+            h0: Some(h0),
+        };
+        let mut y = self.zeros(d.seq_len())?;
+        let mut ckpt = self.zeros(crate::wkv7::cuda::ckpt_len(&d))?;
+        let mut scratch = self.zeros(crate::wkv7::cuda::scratch_len(&d))?;
+        crate::wkv7::cuda::forward_dev(gpu, &d, &x, &mut y, None, Some(&mut ckpt))?;
+        let mut g = crate::wkv7::cuda::DevGrads {
+            dr: self.zeros(d.seq_len())?,
+            dw: self.zeros(d.seq_len())?,
+            dk: self.zeros(d.seq_len())?,
+            dv: self.zeros(d.seq_len())?,
+            da: self.zeros(d.seq_len())?,
+            db: self.zeros(d.seq_len())?,
+            dh0: self.zeros(d.state_len())?,
+        };
+        crate::wkv7::cuda::backward_dev(gpu, &d, &x, &ckpt, dy, None, &mut g, &mut scratch)?;
+        let [dr, dw, dk, dv, da, db] = grads;
+        std::mem::swap(dr, &mut g.dr);
+        std::mem::swap(dw, &mut g.dw);
+        std::mem::swap(dk, &mut g.dk);
+        std::mem::swap(dv, &mut g.dv);
+        std::mem::swap(da, &mut g.da);
+        std::mem::swap(db, &mut g.db);
+        std::mem::swap(dh0, &mut g.dh0);
+        Ok(())
+    }
+
+    fn xent(
+        &self,
+        rows: usize,
+        v: usize,
+        logits: &mut CudaSlice<f32>,
+        targets: &[u32],
+        mask: &[f32],
+        soft: Option<&CudaSlice<f32>>,
+        lam: f32,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::xent(
+            rows,
+            v,
+            logits.len(),
+            targets,
+            mask,
+            soft.map(|s| s.len()),
+            loss.len(),
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let st = &self.gpu().stream;
+        // every target < V ≤ i32::MAX (checked)
+        let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
+        let tg = st.clone_htod(&tg).map_err(cuda_err)?;
+        let mk = st.clone_htod(&mask[..rows]).map_err(cuda_err)?;
+        let (tp, _g1) = tg.device_ptr(st);
+        let (mp, _g2) = mk.device_ptr(st);
+        let sp = soft.map(|s| s.device_ptr(st));
+        let (lp, _g3) = logits.device_ptr_mut(st);
+        let (lossp, _g4) = loss.device_ptr_mut(st);
+        let p = XentParams {
+            rows: rows as i32,
+            V: v as i32,
+            lam,
+            logits: lp,
+            targets: tp,
+            mask: mp,
+            soft: sp.as_ref().map_or(0, |(q, _)| *q),
+            loss: lossp,
+        };
+        // SAFETY: logits (and soft) ≥ rows·V floats, loss ≥ rows (checked);
+        // tg / mk hold rows in-range ids / weights (uploaded above, freed
+        // only after the stream-ordered launch); guards alive until queued.
+        unsafe { self.tune("tune_xent_f32", block_geom(&self.geom, rows), &p) }
+    }
+
+    fn outer_acc(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        r: &CudaSlice<f32>,
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::outer_acc(rows, h, n, r.len(), acc.len())?;
+        let st = &self.gpu().stream;
+        let (rp, _g1) = r.device_ptr(st);
+        let (ap, _g2) = acc.device_ptr_mut(st);
+        let p = OuterAccParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            r: rp,
+            acc: ap,
+        };
+        // SAFETY: r ≥ rows·H·N, acc ≥ H·N·N floats (checked); guards alive until queued.
+        unsafe { self.tune("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
+    }
+
+    fn batched_matmul(
+        &self,
+        groups: usize,
+        n: usize,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        trans_b: bool,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::batched_matmul(groups, n, a.len(), b.len(), out.len())?;
+        let st = &self.gpu().stream;
+        let (ap, _g1) = a.device_ptr(st);
+        let (bp, _g2) = b.device_ptr(st);
+        let (op, _g3) = out.device_ptr_mut(st);
+        let p = BatchedMatmulParams {
+            groups: groups as i32,
+            N: n as i32,
+            trans_b: trans_b as i32,
+            a: ap,
+            b: bp,
+            out: op,
+        };
+        // SAFETY: a, b, out ≥ groups·N·N floats (checked); out is a distinct
+        // buffer; guards alive until queued.
+        unsafe {
+            self.tune(
+                "tune_batched_matmul_f32",
+                self.geom.elems(groups * n * n),
+                &p,
+            )
+        }
+    }
+
+    fn adam(
+        &self,
+        n: usize,
+        s: &AdamStep,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check::adam(n, p.len(), g.len(), m.len(), v.len())?;
+        let st = &self.gpu().stream;
+        let (gp, _g1) = g.device_ptr(st);
+        let (pp, _g2) = p.device_ptr_mut(st);
+        let (mp, _g3) = m.device_ptr_mut(st);
+        let (vp, _g4) = v.device_ptr_mut(st);
+        let q = AdamParams {
+            n: n as i32,
+            lr: s.lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            bc1: s.bc1,
+            bc2: s.bc2,
+            grad_scale: s.grad_scale,
+            p: pp,
+            g: gp,
+            m: mp,
+            v: vp,
+        };
+        // SAFETY: p, g, m, v ≥ n floats (checked); p, m, v distinct buffers;
+        // guards alive until queued.
+        unsafe { self.tune("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    fn sumsq(&self, n: usize, x: &CudaSlice<f32>) -> Result<f64> {
+        need("x", x.len(), 0, n)?;
+        super::fits_i32("sumsq", &[n])?;
+        let g = block_geom(&self.geom, sumsq_blocks(&self.geom, n));
+        let mut partial = self.zeros(g.0 .0 as usize)?;
+        {
+            let st = &self.gpu().stream;
+            let (xp, _g1) = x.device_ptr(st);
+            let (pp, _g2) = partial.device_ptr_mut(st);
+            let p = SumsqParams {
+                n: n as i32,
+                x: xp,
+                partial: pp,
+            };
+            // SAFETY: x ≥ n floats (checked); partial holds one float per
+            // block of the grid launched; guards alive until queued.
+            unsafe { self.tune("tune_sumsq_f32", g, &p)? };
+        }
+        let h = self.download(&partial)?;
+        Ok(h.iter().map(|&v| v as f64).sum())
+    }
+}

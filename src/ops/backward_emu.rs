@@ -1,0 +1,436 @@
+//! [`BackwardOps`] on the CPU emulator: `kernels/tune_ops.cu` compiled for
+//! the CPU (see `crate::emu`), on host `Vec<f32>` buffers. The GEMM
+//! [`BackwardOps::matmul_t`] runs in Rust ([`bref::matmul_t`], as
+//! [`DeviceOps::matmul`] does on this backend) and the WKV backward runs the
+//! emulated `kernels/wkv7_v1.cu`.
+use super::backward::{
+    check, check_gn_bwd, host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs,
+};
+use super::backward_ref::{self as bref, AdamStep};
+use super::emu::EmuOps;
+use super::{need, Act, Geom};
+use crate::emu::{launch_ops, EmuParams};
+use crate::error::Result;
+use crate::params::{
+    ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
+    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, ValueResidualBwdParams,
+    XentParams,
+};
+
+type Dims3 = (u32, u32, u32);
+
+/// Grid and block of the block-reduction kernels of `kernels/tune_ops.cu`
+/// (`tune_xent_f32`: one block per row; `tune_sumsq_f32`: one partial per
+/// block) for `blocks` blocks' worth of work: blocks of `geom.elem_block`
+/// threads rounded down to a multiple of 32 within [32, 256] (the kernels'
+/// block reductions and launch bounds need that), at most `geom.max_blocks`.
+pub(super) fn block_geom(geom: &Geom, blocks: usize) -> (Dims3, Dims3) {
+    let b = geom.elem_block.clamp(32, 256) / 32 * 32;
+    let g = blocks.clamp(1, geom.max_blocks.max(1) as usize) as u32;
+    ((g, 1, 1), (b, 1, 1))
+}
+
+/// Blocks of [`block_geom`] for a reduction over `n` elements.
+pub(super) fn sumsq_blocks(geom: &Geom, n: usize) -> usize {
+    let b = geom.elem_block.clamp(32, 256) / 32 * 32;
+    n.div_ceil(b as usize)
+}
+
+fn ptr(s: &[f32]) -> u64 {
+    s.as_ptr() as u64
+}
+fn ptr_mut(s: &mut [f32]) -> u64 {
+    s.as_mut_ptr() as u64
+}
+
+/// # Safety
+/// The pointers in `p` must satisfy what `kernels/params.h` documents for
+/// `P` at its sizes (the callers check every length first).
+unsafe fn run<P: EmuParams>(name: &str, g: (Dims3, Dims3), p: &P) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { launch_ops(name, g.0, g.1, p) }
+}
+
+impl BackwardOps for EmuOps {
+    fn matmul_t(
+        &self,
+        dy: &Vec<f32>,
+        m: usize,
+        w: &Vec<f32>,
+        n: usize,
+        k: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::matmul_t(dy.len(), m, w.len(), n, k, dx.len())?;
+        bref::matmul_t(dy, m, w, n, k, dx);
+        Ok(())
+    }
+
+    fn layer_norm_bwd(
+        &self,
+        x: &Vec<f32>,
+        off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Vec<f32>,
+        eps: f32,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::layer_norm_bwd(x.len(), off, rows, c, weight.len(), dy.len(), dx.len())?;
+        let p = LayerNormBwdParams {
+            rows: rows as i32,
+            C: c as i32,
+            eps,
+            x: ptr(&x[off..]),
+            weight: ptr(weight),
+            dy: ptr(dy),
+            dx: ptr_mut(&mut dx[off..]),
+        };
+        // SAFETY: checked above: x and dx hold rows·C floats from `off`,
+        // weight ≥ C, dy ≥ rows·C; dx is a distinct &mut borrow; all alive
+        // for the synchronous call.
+        unsafe { run("tune_layer_norm_bwd_f32", self.geom.rows(rows), &p) }
+    }
+
+    fn token_shift_bwd(
+        &self,
+        t: usize,
+        c: usize,
+        dmix: &[&Vec<f32>],
+        mu: &Vec<f32>,
+        dstate: &mut Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        let lens: Vec<usize> = dmix.iter().map(|d| d.len()).collect();
+        check::token_shift_bwd(t, c, &lens, mu.len(), dstate.len(), dx.len())?;
+        let mut d = [0u64; 6];
+        for (slot, b) in d.iter_mut().zip(dmix) {
+            *slot = ptr(b);
+        }
+        let p = TokenShiftBwdParams {
+            T: t as i32,
+            C: c as i32,
+            n_mix: dmix.len() as i32,
+            d0: d[0],
+            d1: d[1],
+            d2: d[2],
+            d3: d[3],
+            d4: d[4],
+            d5: d[5],
+            mu: ptr(mu),
+            dstate: ptr_mut(dstate),
+            dx: ptr_mut(dx),
+        };
+        // SAFETY: checked above: 1 ≤ n_mix ≤ 6 mixes of ≥ T·C floats (the
+        // kernel reads only d0..d{n_mix−1}), mu ≥ n_mix·C, dstate ≥ C,
+        // dx ≥ T·C; dstate and dx are distinct &mut borrows.
+        unsafe { run("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
+    }
+
+    fn act_bwd(
+        &self,
+        mode: Act,
+        n: usize,
+        c: usize,
+        pre: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        dy: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::act_bwd(n, c, pre.len(), bias.map(|b| b.len()), dy.len())?;
+        let p = ActBwdParams {
+            n: n as i32,
+            C: c as i32,
+            mode: mode.code(),
+            pre: ptr(pre),
+            bias: bias.map_or(0, |b| ptr(b)),
+            dy: ptr_mut(dy),
+        };
+        // SAFETY: checked above: pre and dy ≥ n floats, bias (if any) ≥ C.
+        unsafe { run("tune_act_bwd_f32", self.geom.elems(n), &p) }
+    }
+
+    fn kk_prep_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &KkBwdBufs<'_, Vec<f32>>,
+        dk: &mut Vec<f32>,
+        dda: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep_bwd",
+            rows,
+            h,
+            n,
+            &[
+                ("k", x.k.len()),
+                ("da", x.da.len()),
+                ("d_kout", x.d_kout.len()),
+                ("d_a", x.d_a.len()),
+                ("d_b", x.d_b.len()),
+                ("dk", dk.len()),
+                ("dda", dda.len()),
+            ],
+            &[
+                ("a0", x.a0.len()),
+                ("k_k", x.k_k.len()),
+                ("k_a", x.k_a.len()),
+            ],
+        )?;
+        let p = KkPrepBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: ptr(x.k),
+            da: ptr(x.da),
+            a0: ptr(x.a0),
+            k_k: ptr(x.k_k),
+            k_a: ptr(x.k_a),
+            d_kout: ptr(x.d_kout),
+            d_a: ptr(x.d_a),
+            d_b: ptr(x.d_b),
+            dk: ptr_mut(dk),
+            dda: ptr_mut(dda),
+        };
+        // SAFETY: checked above ([rows, C] tensors ≥ rows·H·N floats, [C]
+        // vectors ≥ H·N); the two outputs are distinct &mut borrows.
+        unsafe { run("tune_kk_prep_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn value_residual_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        vraw: &Vec<f32>,
+        v_first: &Vec<f32>,
+        v0: &Vec<f32>,
+        dvp: &Vec<f32>,
+        dv: &mut Vec<f32>,
+        dvf: &mut Vec<f32>,
+        ddv: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::elems(
+            "value_residual_bwd",
+            n,
+            c,
+            &[
+                ("vraw", vraw.len()),
+                ("v_first", v_first.len()),
+                ("dvp", dvp.len()),
+                ("dv", dv.len()),
+                ("dvf", dvf.len()),
+                ("ddv", ddv.len()),
+            ],
+            &[("v0", v0.len())],
+        )?;
+        let p = ValueResidualBwdParams {
+            n: n as i32,
+            C: c as i32,
+            vraw: ptr(vraw),
+            v_first: ptr(v_first),
+            v0: ptr(v0),
+            dvp: ptr(dvp),
+            dv: ptr_mut(dv),
+            dvf: ptr_mut(dvf),
+            ddv: ptr_mut(ddv),
+        };
+        // SAFETY: checked above (every [n] buffer ≥ n floats, v0 ≥ C); the
+        // three outputs are distinct &mut borrows.
+        unsafe { run("tune_value_residual_bwd_f32", self.geom.elems(n), &p) }
+    }
+
+    fn group_norm_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &GnBwdBufs<'_, Vec<f32>>,
+        g: GnBwdGrads<'_, Vec<f32>>,
+    ) -> Result<()> {
+        check_gn_bwd(rows, h, n, x, &g, |b| b.len())?;
+        let p = GroupNormBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            eps,
+            y: ptr(x.y),
+            weight: ptr(x.weight),
+            bias: ptr(x.bias),
+            r: ptr(x.r),
+            k: ptr(x.k),
+            v: ptr(x.v),
+            r_k: ptr(x.r_k),
+            g: ptr(x.g),
+            dout: ptr(x.dout),
+            dy: ptr_mut(g.dy),
+            dr: ptr_mut(g.dr),
+            dk: ptr_mut(g.dk),
+            dv: ptr_mut(g.dv),
+            dg: ptr_mut(g.dg),
+        };
+        // SAFETY: checked above ([rows, C] tensors ≥ rows·H·N floats, [C]
+        // vectors ≥ H·N); the five outputs are distinct &mut borrows.
+        unsafe { run("tune_group_norm_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn wkv_bwd(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        h0: &Vec<f32>,
+        dy: &Vec<f32>,
+        grads: [&mut Vec<f32>; 6],
+        dh0: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_wkv_bwd(
+            &crate::wkv7::Backend::Emu,
+            t,
+            h,
+            n,
+            rwkvab,
+            h0,
+            dy,
+            grads,
+            dh0,
+        )
+    }
+
+    fn xent(
+        &self,
+        rows: usize,
+        v: usize,
+        logits: &mut Vec<f32>,
+        targets: &[u32],
+        mask: &[f32],
+        soft: Option<&Vec<f32>>,
+        lam: f32,
+        loss: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::xent(
+            rows,
+            v,
+            logits.len(),
+            targets,
+            mask,
+            soft.map(|s| s.len()),
+            loss.len(),
+        )?;
+        // every target < V ≤ i32::MAX (checked)
+        let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
+        let p = XentParams {
+            rows: rows as i32,
+            V: v as i32,
+            lam,
+            logits: ptr_mut(logits),
+            targets: tg.as_ptr() as u64,
+            mask: ptr(mask),
+            soft: soft.map_or(0, |s| ptr(s)),
+            loss: ptr_mut(loss),
+        };
+        // SAFETY: checked above: logits (and soft, if any) ≥ rows·V floats,
+        // tg holds rows in-range ids, mask ≥ rows, loss ≥ rows; logits and
+        // loss are distinct &mut borrows; all alive for the call.
+        unsafe { run("tune_xent_f32", block_geom(&self.geom, rows), &p) }
+    }
+
+    fn outer_acc(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        r: &Vec<f32>,
+        acc: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::outer_acc(rows, h, n, r.len(), acc.len())?;
+        let p = OuterAccParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            r: ptr(r),
+            acc: ptr_mut(acc),
+        };
+        // SAFETY: checked above: r ≥ rows·H·N floats, acc ≥ H·N·N (a
+        // distinct &mut borrow).
+        unsafe { run("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
+    }
+
+    fn batched_matmul(
+        &self,
+        groups: usize,
+        n: usize,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        trans_b: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::batched_matmul(groups, n, a.len(), b.len(), out.len())?;
+        let p = BatchedMatmulParams {
+            groups: groups as i32,
+            N: n as i32,
+            trans_b: trans_b as i32,
+            a: ptr(a),
+            b: ptr(b),
+            out: ptr_mut(out),
+        };
+        // SAFETY: checked above: a, b, out ≥ groups·N·N floats; out is a
+        // &mut borrow, so it aliases neither a nor b.
+        unsafe {
+            run(
+                "tune_batched_matmul_f32",
+                self.geom.elems(groups * n * n),
+                &p,
+            )
+        }
+    }
+
+    fn adam(
+        &self,
+        n: usize,
+        s: &AdamStep,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::adam(n, p.len(), g.len(), m.len(), v.len())?;
+        let q = AdamParams {
+            n: n as i32,
+            lr: s.lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            bc1: s.bc1,
+            bc2: s.bc2,
+            grad_scale: s.grad_scale,
+            p: ptr_mut(p),
+            g: ptr(g),
+            m: ptr_mut(m),
+            v: ptr_mut(v),
+        };
+        // SAFETY: checked above: p, g, m, v ≥ n floats; p, m, v are
+        // distinct &mut borrows.
+        unsafe { run("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    fn sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {
+        need("x", x.len(), 0, n)?;
+        super::fits_i32("sumsq", &[n])?;
+        let g = block_geom(&self.geom, sumsq_blocks(&self.geom, n));
+        let mut partial = vec![0f32; g.0 .0 as usize];
+        let p = SumsqParams {
+            n: n as i32,
+            x: ptr(x),
+            partial: ptr_mut(&mut partial),
+        };
+        // SAFETY: x ≥ n floats (checked), partial holds one float per block
+        // of the grid launched (allocated above from the same geometry).
+        unsafe { run("tune_sumsq_f32", g, &p)? };
+        Ok(partial.iter().map(|&v| v as f64).sum())
+    }
+}
