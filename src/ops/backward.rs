@@ -414,8 +414,8 @@ pub(crate) fn host_wkv_bwd(
     h: usize,
     n: usize,
     x: [&Vec<f32>; 6],
-    h0: &Vec<f32>,
-    dy: &Vec<f32>,
+    h0: &[f32],
+    dy: &[f32],
     grads: [&mut Vec<f32>; 6],
     dh0: &mut Vec<f32>,
 ) -> Result<()> {

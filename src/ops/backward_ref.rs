@@ -328,10 +328,10 @@ pub fn xent(
                 }
             }
             None => {
-                for j in 0..v {
-                    let q = (row[j] - lse).exp();
+                for (j, z) in row.iter_mut().enumerate() {
+                    let q = (*z - lse).exp();
                     let oh = if j == tgt { 1.0 } else { 0.0 };
-                    row[j] = mk * (q - oh);
+                    *z = mk * (q - oh);
                 }
             }
         }

@@ -252,6 +252,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn mm(
         &self,
         x: &O::Buf,
@@ -288,6 +289,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// One layer's forward over `t` rows of `x` (updated in place) from
     /// `st`; `vf` is v_first (written by layer 0, read by the others). With
     /// `tape`, returns what the backward needs; with `dbp`, adds `Σ r rᵀ`.
+    #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
         &self,
         l: usize,

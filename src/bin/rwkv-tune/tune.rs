@@ -4,10 +4,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use rwkv_tune::cuda::Gpu;
 use rwkv_tune::model::{Model, State, Weights};
+use rwkv_tune::ops::cuda::CudaOps;
+use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::tokenizer::Tokenizer;
 use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
+use rwkv_tune::tune::device::DeviceEngine;
+use rwkv_tune::tune::grad::TunedState;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
 use rwkv_tune::tune::train::{self, EvalResult, Observer, SoftTargets, TrainConfig};
 use rwkv_tune::tune::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
@@ -23,9 +28,16 @@ pub enum DemoKind {
     Shakespeare,
 }
 
+/// Where the gradient and the optimiser step run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
+    /// The CPU engine (src/tune/grad.rs, multi-threaded over the batch).
     Cpu,
+    /// The device engine on the CPU emulator: the same kernel source as
+    /// cuda, run on the CPU (slow; for checking the device path without a GPU).
+    Emu,
+    /// An NVIDIA GPU: weights, activations, gradients and Adam on the device
+    /// (the project's kernels and cuBLAS).
     Cuda,
 }
 
@@ -174,7 +186,9 @@ pub struct TuneArgs {
     /// Temperature of the observer's distribution.
     #[arg(long, default_value_t = 1.0)]
     pub observer_temp: f32,
-    /// Where to run: cpu (default) or cuda.
+    /// Where to run: cpu (default), cuda (GPU 0) or emu (the device engine
+    /// on the CPU emulator). cuda/emu keep the tuned state and Adam's moments
+    /// on the device; validation runs there too. Not with --upscale.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
     /// Worker threads (default: all cores).
@@ -206,13 +220,24 @@ fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> 
     Ok(Box::new(tok))
 }
 
+fn print_peak(bytes: usize) {
+    println!(
+        "device activations: {:.1} MiB at most per example (from the buffer sizes; weights and \
+         states not included)",
+        bytes as f64 / (1u64 << 20) as f64
+    );
+}
+
 fn print_eval(label: &str, r: &EvalResult, unit: &str) {
     println!("  {label:<7} {}", r.summary(unit));
 }
 
 pub fn run(a: TuneArgs) -> Result<()> {
-    if a.device == Device::Cuda {
-        bail!("CUDA state tuning not yet available; use --device cpu");
+    if a.device != Device::Cpu && a.upscale.is_some() {
+        bail!(
+            "--upscale runs on the CPU engine only (the upscaled read-out has no device \
+             kernels yet); drop --device or --upscale"
+        );
     }
     if a.upscale == Some(0) {
         bail!("--upscale M needs M ≥ 1 support vectors per head");
@@ -441,10 +466,57 @@ pub fn run(a: TuneArgs) -> Result<()> {
             let rep = train::train_with(&model, &mut eng, &train_ds, valid_ds.as_ref(), &tc, obs)?;
             (rep, Some((eng.kernel, eng.state)))
         }
-        None => (
-            train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, init)?,
-            None,
-        ),
+        None => {
+            let start = init.unwrap_or_else(|| TunedState::zeros(&cfg_m, tc.with_shift));
+            let rep = match a.device {
+                Device::Cpu => {
+                    train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, Some(start))?
+                }
+                Device::Emu => {
+                    let mut eng = DeviceEngine::new(
+                        EmuOps::default(),
+                        model.weights(),
+                        &start,
+                        tc.adam,
+                        tc.dbp,
+                        tc.grad.clone(),
+                    )?;
+                    let rep = train::train_with(
+                        &model,
+                        &mut eng,
+                        &train_ds,
+                        valid_ds.as_ref(),
+                        &tc,
+                        obs,
+                    )?;
+                    print_peak(eng.last_peak_bytes);
+                    rep
+                }
+                Device::Cuda => {
+                    let gpu = std::sync::Arc::new(Gpu::new(0)?);
+                    println!("device: {}", gpu.describe());
+                    let mut eng = DeviceEngine::new(
+                        CudaOps::new(gpu)?,
+                        model.weights(),
+                        &start,
+                        tc.adam,
+                        tc.dbp,
+                        tc.grad.clone(),
+                    )?;
+                    let rep = train::train_with(
+                        &model,
+                        &mut eng,
+                        &train_ds,
+                        valid_ds.as_ref(),
+                        &tc,
+                        obs,
+                    )?;
+                    print_peak(eng.last_peak_bytes);
+                    rep
+                }
+            };
+            (rep, None)
+        }
     };
     if let Some(s) = rep.resumed_from {
         println!("resumed from step {s}");
