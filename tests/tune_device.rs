@@ -344,3 +344,45 @@ fn fixture_emulated_gradient_matches_the_cpu_engine() {
     assert!((loss - l64).abs() <= 1e-5 * l64.abs());
     assert!(e <= 1e-3, "{e:.3e}");
 }
+
+/// The observer's forward on the emulated device gives the CPU observer's
+/// soft targets (probabilities; f32, different summation order: 1e-5 abs).
+#[test]
+fn device_observer_matches_the_cpu_observer() {
+    use rwkv_tune::model::device::DeviceModel;
+    use rwkv_tune::tune::train::{DeviceObserver, Observer, SoftTargets};
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 13).unwrap();
+    let mut rng = Rng(8);
+    let mut a = vec![
+        random_example(7, cfg.vocab, false, false, &mut rng),
+        random_example(5, cfg.vocab, true, false, &mut rng),
+    ];
+    let mut b = a.clone();
+    let cpu = Observer {
+        model: Model::new(w.clone()).unwrap(),
+        temperature: 2.0,
+    };
+    let dev = DeviceObserver {
+        model: DeviceModel::new(EmuOps::default(), &w).unwrap(),
+        temperature: 2.0,
+    };
+    cpu.fill(&mut a).unwrap();
+    dev.fill(&mut b).unwrap();
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(&b) {
+        let (p, q) = (x.soft.as_ref().unwrap(), y.soft.as_ref().unwrap());
+        assert_eq!(p.len(), x.tokens.len() * cfg.vocab);
+        for row in q.chunks(cfg.vocab) {
+            let s: f32 = row.iter().sum();
+            assert!((s - 1.0).abs() < 1e-5, "row sums to {s}");
+        }
+        worst = p
+            .iter()
+            .zip(q)
+            .map(|(u, v)| (u - v).abs())
+            .fold(worst, f32::max);
+    }
+    println!("device vs cpu observer: max abs difference {worst:.2e}");
+    assert!(worst <= 1e-5, "{worst:.3e}");
+}

@@ -23,7 +23,9 @@ use super::grad::{Example, GradOpts, TunedState};
 use super::optim::{AdamConfig, Schedule};
 use super::plot::write_loss_png;
 use crate::error::{Error, Result};
+use crate::model::device::DeviceModel;
 use crate::model::{Config, Logits, Model, State, StoreDType};
+use crate::ops::DeviceOps;
 
 /// Everything that controls a tuning run.
 pub struct TrainConfig {
@@ -115,25 +117,55 @@ pub struct Observer {
     pub temperature: f32,
 }
 
+/// Softmax with temperature `temperature` over every row of `[T, V]`
+/// logits, in place.
+fn soften(logits: &mut [f32], v: usize, temperature: f32) {
+    let t_inv = 1.0 / temperature.max(1e-6);
+    for row in logits.chunks_mut(v) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut s = 0.0f32;
+        for x in row.iter_mut() {
+            *x = ((*x - m) * t_inv).exp();
+            s += *x;
+        }
+        row.iter_mut().for_each(|x| *x /= s);
+    }
+}
+
 impl SoftTargets for Observer {
     fn fill(&self, batch: &mut [Example]) -> Result<()> {
         let v = self.model.config().vocab;
-        let t_inv = 1.0 / self.temperature.max(1e-6);
         batch.par_iter_mut().try_for_each(|e| -> Result<()> {
             let mut st = self.model.new_state();
             let mut logits = self.model.forward(&e.tokens, &mut st, Logits::All)?;
-            for row in logits.chunks_mut(v) {
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut s = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = ((*x - m) * t_inv).exp();
-                    s += *x;
-                }
-                row.iter_mut().for_each(|x| *x /= s);
-            }
+            soften(&mut logits, v, self.temperature);
             e.soft = Some(logits);
             Ok(())
         })
+    }
+}
+
+/// The observer's forward on a device ([`DeviceModel`]): the same soft
+/// targets as [`Observer`], for the device engine.
+pub struct DeviceObserver<D: DeviceOps> {
+    pub model: DeviceModel<D>,
+    /// Softmax temperature applied to the observer's logits.
+    pub temperature: f32,
+}
+
+impl<D: DeviceOps> SoftTargets for DeviceObserver<D>
+where
+    DeviceModel<D>: Sync,
+{
+    fn fill(&self, batch: &mut [Example]) -> Result<()> {
+        let cfg = self.model.config();
+        for e in batch.iter_mut() {
+            let mut st = State::zeros(cfg);
+            let mut logits = self.model.forward(&e.tokens, &mut st, Logits::All)?;
+            soften(&mut logits, cfg.vocab, self.temperature);
+            e.soft = Some(logits);
+        }
+        Ok(())
     }
 }
 

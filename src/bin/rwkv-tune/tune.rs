@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rwkv_tune::cuda::Gpu;
+use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Model, State, Weights};
 use rwkv_tune::ops::cuda::CudaOps;
 use rwkv_tune::ops::emu::EmuOps;
@@ -14,7 +15,9 @@ use rwkv_tune::tune::demo;
 use rwkv_tune::tune::device::DeviceEngine;
 use rwkv_tune::tune::grad::TunedState;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
-use rwkv_tune::tune::train::{self, EvalResult, Observer, SoftTargets, TrainConfig};
+use rwkv_tune::tune::train::{
+    self, DeviceObserver, EvalResult, Observer, SoftTargets, TrainConfig,
+};
 use rwkv_tune::tune::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
 
 /// Which demo to run.
@@ -239,6 +242,15 @@ pub fn run(a: TuneArgs) -> Result<()> {
              kernels yet); drop --device or --upscale"
         );
     }
+    // Open the GPU first, so a machine without one fails before any work.
+    let gpu = match a.device {
+        Device::Cuda => {
+            let g = std::sync::Arc::new(Gpu::new(0)?);
+            println!("device: {}", g.describe());
+            Some(g)
+        }
+        _ => None,
+    };
     if a.upscale == Some(0) {
         bail!("--upscale M needs M ≥ 1 support vectors per head");
     }
@@ -331,7 +343,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
     let cfg_m = weights.config.clone();
     let model = Model::new(weights)?;
 
-    let observer = match &a.observer {
+    let observer: Option<Box<dyn SoftTargets>> = match &a.observer {
         Some(p) => {
             let om = Model::load(p).with_context(|| format!("loading observer {}", p.display()))?;
             if om.config().vocab != cfg_m.vocab {
@@ -341,9 +353,20 @@ pub fn run(a: TuneArgs) -> Result<()> {
                     cfg_m.vocab
                 );
             }
-            Some(Observer {
-                model: om,
-                temperature: a.observer_temp,
+            let temperature = a.observer_temp;
+            Some(match (a.device, &gpu) {
+                (Device::Cuda, Some(g)) => Box::new(DeviceObserver {
+                    model: DeviceModel::new(CudaOps::new(g.clone())?, om.weights())?,
+                    temperature,
+                }),
+                (Device::Emu, _) => Box::new(DeviceObserver {
+                    model: DeviceModel::new(EmuOps::default(), om.weights())?,
+                    temperature,
+                }),
+                _ => Box::new(Observer {
+                    model: om,
+                    temperature,
+                }),
             })
         }
         None => None,
@@ -452,7 +475,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
         a.warmup,
         decay
     );
-    let obs = observer.as_ref().map(|o| o as &dyn SoftTargets);
+    let obs = observer.as_deref();
     let (rep, upscaled) = match up_init {
         Some((kernel, start)) => {
             let mut eng = UpscaleEngine::new(
@@ -493,8 +516,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
                     rep
                 }
                 Device::Cuda => {
-                    let gpu = std::sync::Arc::new(Gpu::new(0)?);
-                    println!("device: {}", gpu.describe());
+                    let gpu = gpu.clone().context("internal: no GPU handle")?;
                     let mut eng = DeviceEngine::new(
                         CudaOps::new(gpu)?,
                         model.weights(),
