@@ -8,80 +8,8 @@ use rwkv_tune::tune::grad::{
 };
 use rwkv_tune::Error;
 
-/// Tiny deterministic generator for the tests.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn sym(&mut self, s: f64) -> f64 {
-        (2.0 * self.uniform() - 1.0) * s
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn small_config() -> Config {
-    Config {
-        n_layer: 3,
-        n_embd: 64,
-        n_head: 2,
-        head_size: 32,
-        vocab: 50,
-        d_w: 16,
-        d_a: 16,
-        d_v: 8,
-        d_g: 16,
-        d_ffn: 128,
-    }
-}
-
-fn random_state(cfg: &Config, with_shift: bool, scale: f64, rng: &mut Rng) -> TunedState {
-    let mut s = TunedState::zeros(cfg, with_shift);
-    for p in s.params_mut() {
-        for v in p.iter_mut() {
-            *v = rng.sym(scale) as f32;
-        }
-    }
-    s
-}
-
-fn random_example(t: usize, vocab: usize, partial: bool, soft: bool, rng: &mut Rng) -> Example {
-    let tokens: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
-    let targets: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
-    let mask: Vec<f32> = (0..t)
-        .map(|i| {
-            if partial && (i < 3 || i == t - 1) {
-                0.0
-            } else {
-                (0.5 + rng.uniform()) as f32
-            }
-        })
-        .collect();
-    let soft = soft.then(|| {
-        let mut p = Vec::with_capacity(t * vocab);
-        for _ in 0..t {
-            let row: Vec<f64> = (0..vocab).map(|_| (2.0 * rng.sym(1.0)).exp()).collect();
-            let z: f64 = row.iter().sum();
-            p.extend(row.iter().map(|v| (v / z) as f32));
-        }
-        p
-    });
-    Example {
-        tokens,
-        targets,
-        mask,
-        soft,
-    }
-}
+mod common;
+use common::tune::{random_example, random_state, rel_err, small_config, Rng};
 
 /// Which coordinate of the state: (part 0 = wkv, 1 = shift_att, 2 = shift_ffn, layer, index).
 type Coord = (usize, usize, usize);
@@ -122,17 +50,6 @@ fn fd(
             (lp - lm) / (2.0 * h)
         })
         .collect()
-}
-
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-300)
 }
 
 fn sample_coords(cfg: &Config, part: usize, layer: usize, k: usize, rng: &mut Rng) -> Vec<Coord> {

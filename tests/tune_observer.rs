@@ -30,6 +30,9 @@ use rwkv_tune::tune::observer::fill_soft_targets;
 use rwkv_tune::tune::train::{train, SoftTargets, TrainConfig};
 use rwkv_tune::Result;
 
+mod common;
+use common::tune::tiny_config as small_config;
+
 /// The stronger observer: deeper weights plus a tuned initial state.
 struct Teacher {
     w: Weights,
@@ -199,21 +202,6 @@ fn soft_targets_have_no_effect_at_observer_weight_zero() {
     let c = loss_and_grad(&w, &s, &with_soft, &o1).unwrap();
     assert!(c.loss > a.loss, "KL ≥ 0 adds to the loss");
     assert_ne!(bits(&c.grad), bits(&a.grad));
-}
-
-fn small_config() -> Config {
-    Config {
-        n_layer: 2,
-        n_embd: 32,
-        n_head: 2,
-        head_size: 16,
-        vocab: 40,
-        d_w: 8,
-        d_a: 8,
-        d_v: 8,
-        d_g: 8,
-        d_ffn: 64,
-    }
 }
 
 #[test]

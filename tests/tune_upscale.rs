@@ -13,20 +13,8 @@ use rwkv_tune::tune::upscale::{
 };
 use rwkv_tune::Error;
 
-fn small_config() -> Config {
-    Config {
-        n_layer: 2,
-        n_embd: 32,
-        n_head: 2,
-        head_size: 16,
-        vocab: 40,
-        d_w: 8,
-        d_a: 8,
-        d_v: 8,
-        d_g: 8,
-        d_ffn: 64,
-    }
-}
+mod common;
+use common::tune::tiny_config as small_config;
 
 fn sym(rng: &mut Rng, s: f64) -> f64 {
     rng.range(-s, s)

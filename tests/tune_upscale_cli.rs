@@ -21,25 +21,13 @@ use rwkv_tune::tune::upscale::{
 };
 use rwkv_tune::Error;
 
+mod common;
+use common::tune::tiny_config as small_config;
+
 fn tmp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rwkv-tune-upcli-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn small_config() -> Config {
-    Config {
-        n_layer: 2,
-        n_embd: 32,
-        n_head: 2,
-        head_size: 16,
-        vocab: 40,
-        d_w: 8,
-        d_a: 8,
-        d_v: 8,
-        d_g: 8,
-        d_ffn: 64,
-    }
 }
 
 fn random_example(t: usize, vocab: usize, rng: &mut Rng) -> Example {

@@ -25,34 +25,35 @@ use crate::ops::{Act, BonusBufs, DeviceOps, LN_EPS};
 /// Longest run of tokens processed at once (the state carries over).
 const SEQ_CHUNK: usize = 512;
 
-struct DevLayer<B, M> {
-    ln1: (B, B),
-    ln2: (B, B),
+/// One layer's weights on a device: vectors `B`, matrices `M` (`[out, in]`).
+pub(crate) struct DevLayer<B, M> {
+    pub(crate) ln1: (B, B),
+    pub(crate) ln2: (B, B),
     /// `[6, C]`: x_r | x_w | x_k | x_v | x_a | x_g
-    mu6: B,
-    w0: B,
-    a0: B,
+    pub(crate) mu6: B,
+    pub(crate) w0: B,
+    pub(crate) a0: B,
     /// v0, v1ᵀ `[d_v, C]`, v2ᵀ `[C, d_v]` (layers ≥ 1 only)
-    vres: Option<(B, M, M)>,
-    k_k: B,
-    k_a: B,
-    r_k: B,
-    ln_x: (B, B),
+    pub(crate) vres: Option<(B, M, M)>,
+    pub(crate) k_k: B,
+    pub(crate) k_a: B,
+    pub(crate) r_k: B,
+    pub(crate) ln_x: (B, B),
     /// `[out, in]` matrices: receptance, key, value, output.
-    r: M,
-    k: M,
-    v: M,
-    o: M,
+    pub(crate) r: M,
+    pub(crate) k: M,
+    pub(crate) v: M,
+    pub(crate) o: M,
     /// LoRA factors transposed to `[out, in]`.
-    w1: M,
-    w2: M,
-    a1: M,
-    a2: M,
-    g1: M,
-    g2: M,
-    ffn_mu: B,
-    fk: M,
-    fv: M,
+    pub(crate) w1: M,
+    pub(crate) w2: M,
+    pub(crate) a1: M,
+    pub(crate) a2: M,
+    pub(crate) g1: M,
+    pub(crate) g2: M,
+    pub(crate) ffn_mu: B,
+    pub(crate) fk: M,
+    pub(crate) fv: M,
 }
 
 /// The recurrent state on the device, per layer: att_x `[C]`, ffn_x `[C]`,
@@ -73,7 +74,7 @@ pub struct DeviceModel<D: DeviceOps> {
 }
 
 /// `w [k, n]` (input-major) → `[n, k]` (output-major).
-fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+pub(crate) fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     let mut t = vec![0.0; w.len()];
     for i in 0..k {
         for j in 0..n {
@@ -88,69 +89,11 @@ impl<D: DeviceOps> DeviceModel<D> {
     pub fn new(ops: D, w: &Weights) -> Result<Self> {
         w.check()?;
         let cfg = w.config.clone();
-        let c = cfg.n_embd;
         let up = |v: &[f32]| ops.upload(v);
-        let upm = |v: &[f32]| ops.upload_mat(v);
-        let ln0 = w.blocks[0]
-            .ln0
-            .as_ref()
-            .ok_or_else(|| Error::MissingTensor("blocks.0.ln0.weight".into()))?;
-        let emb = up(&w.emb)?;
-        let mut emb_ln = ops.zeros(cfg.vocab * c)?;
-        ops.layer_norm(
-            &emb,
-            0,
-            cfg.vocab,
-            c,
-            &up(&ln0.weight)?,
-            &up(&ln0.bias)?,
-            LN_EPS,
-            &mut emb_ln,
-        )?;
-        drop(emb);
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for (l, b) in w.blocks.iter().enumerate() {
-            let a = &b.att;
-            let mu6: Vec<f32> = [&a.x_r, &a.x_w, &a.x_k, &a.x_v, &a.x_a, &a.x_g]
-                .iter()
-                .flat_map(|m| m.iter().copied())
-                .collect();
-            let vres = match (l, &a.v0, &a.v1, &a.v2) {
-                (1.., Some(v0), Some(v1), Some(v2)) => Some((
-                    up(v0)?,
-                    upm(&transpose(v1, c, cfg.d_v))?,
-                    upm(&transpose(v2, cfg.d_v, c))?,
-                )),
-                _ => None,
-            };
-            layers.push(DevLayer {
-                ln1: (up(&b.ln1.weight)?, up(&b.ln1.bias)?),
-                ln2: (up(&b.ln2.weight)?, up(&b.ln2.bias)?),
-                mu6: up(&mu6)?,
-                w0: up(&a.w0)?,
-                a0: up(&a.a0)?,
-                vres,
-                k_k: up(&a.k_k)?,
-                k_a: up(&a.k_a)?,
-                r_k: up(&a.r_k)?,
-                ln_x: (up(&a.ln_x.weight)?, up(&a.ln_x.bias)?),
-                r: upm(&a.receptance)?,
-                k: upm(&a.key)?,
-                v: upm(&a.value)?,
-                o: upm(&a.output)?,
-                w1: upm(&transpose(&a.w1, c, cfg.d_w))?,
-                w2: upm(&transpose(&a.w2, cfg.d_w, c))?,
-                a1: upm(&transpose(&a.a1, c, cfg.d_a))?,
-                a2: upm(&transpose(&a.a2, cfg.d_a, c))?,
-                g1: upm(&transpose(&a.g1, c, cfg.d_g))?,
-                g2: upm(&transpose(&a.g2, cfg.d_g, c))?,
-                ffn_mu: up(&b.ffn.x_k)?,
-                fk: upm(&b.ffn.key)?,
-                fv: upm(&b.ffn.value)?,
-            });
-        }
+        let emb_ln = upload_emb_ln(&ops, w)?;
+        let layers = upload_layers(w, up, |v: &[f32]| ops.upload_mat(v))?;
         let ln_out = (up(&w.ln_out.weight)?, up(&w.ln_out.bias)?);
-        let head = upm(&w.head)?;
+        let head = ops.upload_mat(&w.head)?;
         ops.sync()?;
         Ok(DeviceModel {
             ops,
@@ -400,4 +343,82 @@ impl<D: DeviceOps> DeviceModel<D> {
         }
         Ok(x)
     }
+}
+
+/// `ln0(emb)` `[V, C]` on the device (the embedding LayerNorm is folded in once).
+pub(crate) fn upload_emb_ln<D: DeviceOps>(ops: &D, w: &Weights) -> Result<D::Buf> {
+    let cfg = &w.config;
+    let c = cfg.n_embd;
+    let up = |v: &[f32]| ops.upload(v);
+    let ln0 = w.blocks[0]
+        .ln0
+        .as_ref()
+        .ok_or_else(|| Error::MissingTensor("blocks.0.ln0.weight".into()))?;
+    let emb = up(&w.emb)?;
+    let mut emb_ln = ops.zeros(cfg.vocab * c)?;
+    ops.layer_norm(
+        &emb,
+        0,
+        cfg.vocab,
+        c,
+        &up(&ln0.weight)?,
+        &up(&ln0.bias)?,
+        LN_EPS,
+        &mut emb_ln,
+    )?;
+    drop(emb);
+    Ok(emb_ln)
+}
+
+/// Every layer's weights, vectors through `up` and matrices (`[out, in]`,
+/// LoRA factors transposed) through `upm`.
+pub(crate) fn upload_layers<B, M>(
+    w: &Weights,
+    up: impl Fn(&[f32]) -> Result<B>,
+    upm: impl Fn(&[f32]) -> Result<M>,
+) -> Result<Vec<DevLayer<B, M>>> {
+    let cfg = &w.config;
+    let c = cfg.n_embd;
+    let mut layers = Vec::with_capacity(cfg.n_layer);
+    for (l, b) in w.blocks.iter().enumerate() {
+        let a = &b.att;
+        let mu6: Vec<f32> = [&a.x_r, &a.x_w, &a.x_k, &a.x_v, &a.x_a, &a.x_g]
+            .iter()
+            .flat_map(|m| m.iter().copied())
+            .collect();
+        let vres = match (l, &a.v0, &a.v1, &a.v2) {
+            (1.., Some(v0), Some(v1), Some(v2)) => Some((
+                up(v0)?,
+                upm(&transpose(v1, c, cfg.d_v))?,
+                upm(&transpose(v2, cfg.d_v, c))?,
+            )),
+            _ => None,
+        };
+        layers.push(DevLayer {
+            ln1: (up(&b.ln1.weight)?, up(&b.ln1.bias)?),
+            ln2: (up(&b.ln2.weight)?, up(&b.ln2.bias)?),
+            mu6: up(&mu6)?,
+            w0: up(&a.w0)?,
+            a0: up(&a.a0)?,
+            vres,
+            k_k: up(&a.k_k)?,
+            k_a: up(&a.k_a)?,
+            r_k: up(&a.r_k)?,
+            ln_x: (up(&a.ln_x.weight)?, up(&a.ln_x.bias)?),
+            r: upm(&a.receptance)?,
+            k: upm(&a.key)?,
+            v: upm(&a.value)?,
+            o: upm(&a.output)?,
+            w1: upm(&transpose(&a.w1, c, cfg.d_w))?,
+            w2: upm(&transpose(&a.w2, cfg.d_w, c))?,
+            a1: upm(&transpose(&a.a1, c, cfg.d_a))?,
+            a2: upm(&transpose(&a.a2, cfg.d_a, c))?,
+            g1: upm(&transpose(&a.g1, c, cfg.d_g))?,
+            g2: upm(&transpose(&a.g2, cfg.d_g, c))?,
+            ffn_mu: up(&b.ffn.x_k)?,
+            fk: upm(&b.ffn.key)?,
+            fv: upm(&b.ffn.value)?,
+        });
+    }
+    Ok(layers)
 }

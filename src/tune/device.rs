@@ -30,6 +30,7 @@ use super::grad::{Example, GradOpts, TunedState};
 use super::optim::AdamConfig;
 use super::train::{evaluate_with, EvalResult};
 use crate::error::{Error, Result};
+use crate::model::device::{upload_emb_ln, upload_layers, DevLayer};
 use crate::model::{Config, Model, Weights};
 use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
 use crate::ops::backward_ref::AdamStep;
@@ -38,45 +39,8 @@ use crate::ops::{Act, BonusBufs, LN_EPS};
 /// Rows of the head (`ln_out`, logits, loss) processed at once.
 pub const HEAD_ROWS: usize = 128;
 
-/// `w [k, n]` (input-major) → `[n, k]` (output-major).
-fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let mut t = vec![0.0; w.len()];
-    for i in 0..k {
-        for j in 0..n {
-            t[j * k + i] = w[i * n + j];
-        }
-    }
-    t
-}
-
-/// One layer's frozen weights on the device; matrices `[out, in]` f32.
-struct TLayer<B> {
-    ln1: (B, B),
-    ln2: (B, B),
-    /// `[6, C]`: x_r | x_w | x_k | x_v | x_a | x_g
-    mu6: B,
-    w0: B,
-    a0: B,
-    /// v0 `[C]`, v1ᵀ `[d_v, C]`, v2ᵀ `[C, d_v]` (layers ≥ 1)
-    vres: Option<(B, B, B)>,
-    k_k: B,
-    k_a: B,
-    r_k: B,
-    ln_x: (B, B),
-    r: B,
-    k: B,
-    v: B,
-    o: B,
-    w1: B,
-    w2: B,
-    a1: B,
-    a2: B,
-    g1: B,
-    g2: B,
-    ffn_mu: B,
-    fk: B,
-    fv: B,
-}
+/// One layer's weights: every matrix f32 (`[out, in]`) in a plain buffer.
+type TLayer<B> = DevLayer<B, B>;
 
 /// The activations of one layer's forward that its backward reads, each
 /// `[T, C]` unless noted.
@@ -149,66 +113,9 @@ impl<O: BackwardOps> DeviceTuner<O> {
     pub fn new(ops: O, w: &Weights) -> Result<Self> {
         w.check()?;
         let cfg = w.config.clone();
-        let c = cfg.n_embd;
         let up = |v: &[f32]| ops.upload(v);
-        let ln0 = w.blocks[0]
-            .ln0
-            .as_ref()
-            .ok_or_else(|| Error::MissingTensor("blocks.0.ln0.weight".into()))?;
-        let emb = up(&w.emb)?;
-        let mut emb_ln = ops.zeros(cfg.vocab * c)?;
-        ops.layer_norm(
-            &emb,
-            0,
-            cfg.vocab,
-            c,
-            &up(&ln0.weight)?,
-            &up(&ln0.bias)?,
-            LN_EPS,
-            &mut emb_ln,
-        )?;
-        drop(emb);
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for (l, b) in w.blocks.iter().enumerate() {
-            let a = &b.att;
-            let mu6: Vec<f32> = [&a.x_r, &a.x_w, &a.x_k, &a.x_v, &a.x_a, &a.x_g]
-                .iter()
-                .flat_map(|m| m.iter().copied())
-                .collect();
-            let vres = match (l, &a.v0, &a.v1, &a.v2) {
-                (1.., Some(v0), Some(v1), Some(v2)) => Some((
-                    up(v0)?,
-                    up(&transpose(v1, c, cfg.d_v))?,
-                    up(&transpose(v2, cfg.d_v, c))?,
-                )),
-                _ => None,
-            };
-            layers.push(TLayer {
-                ln1: (up(&b.ln1.weight)?, up(&b.ln1.bias)?),
-                ln2: (up(&b.ln2.weight)?, up(&b.ln2.bias)?),
-                mu6: up(&mu6)?,
-                w0: up(&a.w0)?,
-                a0: up(&a.a0)?,
-                vres,
-                k_k: up(&a.k_k)?,
-                k_a: up(&a.k_a)?,
-                r_k: up(&a.r_k)?,
-                ln_x: (up(&a.ln_x.weight)?, up(&a.ln_x.bias)?),
-                r: up(&a.receptance)?,
-                k: up(&a.key)?,
-                v: up(&a.value)?,
-                o: up(&a.output)?,
-                w1: up(&transpose(&a.w1, c, cfg.d_w))?,
-                w2: up(&transpose(&a.w2, cfg.d_w, c))?,
-                a1: up(&transpose(&a.a1, c, cfg.d_a))?,
-                a2: up(&transpose(&a.a2, cfg.d_a, c))?,
-                g1: up(&transpose(&a.g1, c, cfg.d_g))?,
-                g2: up(&transpose(&a.g2, cfg.d_g, c))?,
-                ffn_mu: up(&b.ffn.x_k)?,
-                fk: up(&b.ffn.key)?,
-                fv: up(&b.ffn.value)?,
-            });
-        }
+        let emb_ln = upload_emb_ln(&ops, w)?;
+        let layers = upload_layers(w, up, up)?;
         let ln_out = (up(&w.ln_out.weight)?, up(&w.ln_out.bias)?);
         let head = up(&w.head)?;
         ops.sync()?;

@@ -72,6 +72,27 @@ pub fn check_engine_state(s: &EngineState, sizes: &[usize], what: &str) -> Resul
     Ok(())
 }
 
+/// The host optimiser update shared by the CPU engines: the summed gradient
+/// divided by the target-token count `n`, clipped to global norm `clip`
+/// (0 = off), one Adam step at `lr`. Returns the norm before clipping.
+pub(crate) fn host_update(
+    adam: &mut Adam,
+    mut params: Vec<&mut [f32]>,
+    mut grads: Vec<&mut [f32]>,
+    n: f64,
+    clip: f64,
+    lr: f64,
+) -> Result<f64> {
+    let inv = (1.0 / n.max(1.0)) as f32;
+    for t in grads.iter_mut() {
+        t.iter_mut().for_each(|x| *x *= inv);
+    }
+    let grad_norm = clip_global_norm(&mut grads, clip);
+    let g: Vec<&[f32]> = grads.iter().map(|t| &**t).collect();
+    adam.step(&mut params, &g, lr)?;
+    Ok(grad_norm)
+}
+
 /// The CPU engine: [`grad::loss_and_grad`] (or its DBP variant), host Adam.
 pub struct HostEngine<'w> {
     weights: &'w Weights,
@@ -129,17 +150,14 @@ impl Engine for HostEngine<'_> {
                 (o.loss, o.n_tokens, o.grad)
             }
         };
-        let inv = (1.0 / n.max(1.0)) as f32;
-        let mut gm = g.params_mut();
-        for t in gm.iter_mut() {
-            t.iter_mut().for_each(|x| *x *= inv);
-        }
-        let grad_norm = clip_global_norm(&mut gm, clip);
-        {
-            let grads: Vec<&[f32]> = gm.iter().map(|t| &**t).collect();
-            let mut params = self.state.params_mut();
-            self.adam.step(&mut params, &grads, lr)?;
-        }
+        let grad_norm = host_update(
+            &mut self.adam,
+            self.state.params_mut(),
+            g.params_mut(),
+            n,
+            clip,
+            lr,
+        )?;
         if let (Some(d), Some(st)) = (self.dbp.as_mut(), dbp_stats.as_ref()) {
             d.update_keep_state(st, &mut self.state)?;
         }

@@ -37,11 +37,11 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::data::Dataset;
-use super::engine::{check_engine_state, Engine, EngineState, StepOut};
+use super::engine::{check_engine_state, host_update, Engine, EngineState, StepOut};
 use super::grad::{
     self, head_inputs, Example, GradOpts, HeadVector, Real, TunedState, TunedStateOf, UpW,
 };
-use super::optim::{clip_global_norm, Adam, AdamConfig};
+use super::optim::{Adam, AdamConfig};
 use super::train::{argmax, export_state, from_model_state, log_softmax_at, EvalResult};
 use crate::error::{Error, Result};
 use crate::model::load::{
@@ -574,14 +574,14 @@ impl Engine for UpscaleEngine<'_> {
     fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
         let o = loss_and_grad_upscaled(self.weights, &self.kernel, &self.state, batch, &self.opts)?;
         let mut g = o.grad;
-        let inv = (1.0 / o.n_tokens.max(1.0)) as f32;
-        let mut gm = g.params_mut();
-        for t in gm.iter_mut() {
-            t.iter_mut().for_each(|x| *x *= inv);
-        }
-        let grad_norm = clip_global_norm(&mut gm, clip);
-        let grads: Vec<&[f32]> = gm.iter().map(|t| &**t).collect();
-        self.adam.step(&mut self.state.params_mut(), &grads, lr)?;
+        let grad_norm = host_update(
+            &mut self.adam,
+            self.state.params_mut(),
+            g.params_mut(),
+            o.n_tokens,
+            clip,
+            lr,
+        )?;
         Ok(StepOut {
             loss_sum: o.loss,
             n_tokens: o.n_tokens,

@@ -24,3 +24,4 @@ pub fn to64<X: IoType>(v: &[X]) -> Vec<f64> {
 pub fn cast<X: IoType>(v: &[f32]) -> Vec<X> {
     v.iter().map(|&e| X::from_f32(e)).collect()
 }
+pub mod tune;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use rwkv_tune::cuda::Gpu;
 use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Model, State, Weights};
+use rwkv_tune::ops::backward::BackwardOps;
 use rwkv_tune::ops::cuda::CudaOps;
 use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::tokenizer::Tokenizer;
@@ -221,6 +222,29 @@ fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> 
         );
     }
     Ok(Box::new(tok))
+}
+
+/// Tuning with the device engine on `ops`.
+fn train_on_device<O: BackwardOps>(
+    ops: O,
+    model: &Model,
+    start: &TunedState,
+    tc: &TrainConfig,
+    train_ds: &Dataset,
+    valid_ds: Option<&Dataset>,
+    obs: Option<&dyn SoftTargets>,
+) -> Result<train::TrainReport> {
+    let mut eng = DeviceEngine::new(
+        ops,
+        model.weights(),
+        start,
+        tc.adam,
+        tc.dbp,
+        tc.grad.clone(),
+    )?;
+    let rep = train::train_with(model, &mut eng, train_ds, valid_ds, tc, obs)?;
+    print_peak(eng.last_peak_bytes);
+    Ok(rep)
 }
 
 fn print_peak(bytes: usize) {
@@ -495,47 +519,24 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 Device::Cpu => {
                     train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, Some(start))?
                 }
-                Device::Emu => {
-                    let mut eng = DeviceEngine::new(
-                        EmuOps::default(),
-                        model.weights(),
-                        &start,
-                        tc.adam,
-                        tc.dbp,
-                        tc.grad.clone(),
-                    )?;
-                    let rep = train::train_with(
-                        &model,
-                        &mut eng,
-                        &train_ds,
-                        valid_ds.as_ref(),
-                        &tc,
-                        obs,
-                    )?;
-                    print_peak(eng.last_peak_bytes);
-                    rep
-                }
-                Device::Cuda => {
-                    let gpu = gpu.clone().context("internal: no GPU handle")?;
-                    let mut eng = DeviceEngine::new(
-                        CudaOps::new(gpu)?,
-                        model.weights(),
-                        &start,
-                        tc.adam,
-                        tc.dbp,
-                        tc.grad.clone(),
-                    )?;
-                    let rep = train::train_with(
-                        &model,
-                        &mut eng,
-                        &train_ds,
-                        valid_ds.as_ref(),
-                        &tc,
-                        obs,
-                    )?;
-                    print_peak(eng.last_peak_bytes);
-                    rep
-                }
+                Device::Emu => train_on_device(
+                    EmuOps::default(),
+                    &model,
+                    &start,
+                    &tc,
+                    &train_ds,
+                    valid_ds.as_ref(),
+                    obs,
+                )?,
+                Device::Cuda => train_on_device(
+                    CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?,
+                    &model,
+                    &start,
+                    &tc,
+                    &train_ds,
+                    valid_ds.as_ref(),
+                    obs,
+                )?,
             };
             (rep, None)
         }

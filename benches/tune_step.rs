@@ -1,0 +1,120 @@
+//! One state-tuning optimiser step (loss, state gradients, clipping, Adam;
+//! DBP off): the CPU engine (`tune::engine::HostEngine`) on the tiny model
+//! shape (12 layers, C = 64, byte vocab; the real fixture when ../shared has
+//! it), and the device engine (`tune::device::DeviceEngine`) on a GPU when
+//! one is present, on the tiny shape and on a 0.1B-class shape (12 layers,
+//! C = 768, 12 heads × 64, vocab 65536, random weights: the speed does not
+//! depend on the values). Throughput is in target tokens per second.
+//!
+//! `cargo bench --bench tune_step`; CI runs it once in test mode.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rwkv_tune::model::{Config, Weights};
+use rwkv_tune::ops::backward::BackwardOps;
+use rwkv_tune::tune::device::DeviceEngine;
+use rwkv_tune::tune::engine::{Engine, HostEngine};
+use rwkv_tune::tune::grad::{Example, GradOpts, TunedState};
+use rwkv_tune::tune::optim::AdamConfig;
+
+fn tiny_weights() -> Weights {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/rwkv7-tiny-834k/rwkv7-tiny-834k.safetensors");
+    if p.is_file() {
+        return Weights::load(&p).expect("load the tiny model");
+    }
+    eprintln!(
+        "note: {} not found; random weights of the same shape",
+        p.display()
+    );
+    Weights::random(&Config::with_defaults(12, 64, 64, 256), 7).unwrap()
+}
+
+/// `b` examples of `t` text-like tokens, loss on every position.
+fn batch(b: usize, t: usize, vocab: usize) -> Vec<Example> {
+    let text = b"First Citizen: Before we proceed any further, hear me speak. ";
+    (0..b)
+        .map(|i| {
+            let toks: Vec<u32> = text
+                .iter()
+                .cycle()
+                .skip(7 * i)
+                .take(t + 1)
+                .map(|&c| c as u32 % vocab as u32)
+                .collect();
+            Example {
+                tokens: toks[..t].to_vec(),
+                targets: toks[1..].to_vec(),
+                mask: vec![1.0; t],
+                soft: None,
+            }
+        })
+        .collect()
+}
+
+fn time_steps(e: &mut dyn Engine, bt: &[Example], iters: u64) -> Duration {
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        e.step(bt, 1e-3, 1.0).unwrap();
+    }
+    t0.elapsed()
+}
+
+fn device_rows<O: BackwardOps>(c: &mut Criterion, ops: impl Fn() -> O, label: &str) {
+    let mut g = c.benchmark_group(format!("tune_step_{label}"));
+    g.sample_size(10);
+    let tiny = tiny_weights();
+    let big = Weights::random(&Config::with_defaults(12, 768, 64, 65536), 3).unwrap();
+    for (name, w, b, t) in [
+        ("tiny_b4_t256", &tiny, 4, 256),
+        ("0.1b_b4_t512", &big, 4, 512),
+    ] {
+        let bt = batch(b, t, w.config.vocab);
+        let init = TunedState::zeros(&w.config, false);
+        let mut e = DeviceEngine::new(
+            ops(),
+            w,
+            &init,
+            AdamConfig::default(),
+            None,
+            GradOpts::default(),
+        )
+        .unwrap();
+        g.throughput(Throughput::Elements((b * t) as u64));
+        g.bench_function(name, |bn| bn.iter_custom(|n| time_steps(&mut e, &bt, n)));
+    }
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let w = tiny_weights();
+    let mut g = c.benchmark_group("tune_step_cpu");
+    g.sample_size(10);
+    let (b, t) = (4, 256);
+    let bt = batch(b, t, w.config.vocab);
+    let init = TunedState::zeros(&w.config, false);
+    let mut e =
+        HostEngine::new(&w, init, AdamConfig::default(), None, GradOpts::default()).unwrap();
+    g.throughput(Throughput::Elements((b * t) as u64));
+    g.bench_function("tiny_b4_t256", |bn| {
+        bn.iter_custom(|n| time_steps(&mut e, &bt, n))
+    });
+    g.finish();
+    match rwkv_tune::cuda::Gpu::new(0) {
+        Ok(gpu) => {
+            let gpu = Arc::new(gpu);
+            eprintln!("device: {}", gpu.describe());
+            device_rows(
+                c,
+                || rwkv_tune::ops::cuda::CudaOps::new(gpu.clone()).unwrap(),
+                "cuda",
+            );
+        }
+        Err(e) => eprintln!("tune_step: no GPU ({e}); only the CPU engine is timed"),
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
