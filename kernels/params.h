@@ -337,6 +337,44 @@ typedef struct BatchedMatmulParams {
 /*   a, b, out [groups, N, N] (out distinct from a and b):
  *   out[g] = a[g] b[g], or a[g] b[g]^T when trans_b != 0. */
 
+typedef struct UpFwdParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  int32_t M;
+  const float* r;
+  const float* centres;
+  const float* gamma;
+  const float* u;
+  float* phi;
+  float* y;
+} UpFwdParams;
+/*   r [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M] (value-major);
+ *   phi [rows, H, M] overwritten; y [rows, H*N] (+=). Kernel-upscaled read-out
+ *   (docs/upscale.md): phi[t, h] = softmax_m(-gamma[h] |r[t, h] - c[h, m]|^2),
+ *   y[t, h] += u[h] phi[t, h]. phi is distinct from every other buffer. */
+
+typedef struct UpBwdParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  int32_t M;
+  const float* r;
+  const float* centres;
+  const float* gamma;
+  const float* u;
+  const float* phi;
+  const float* dy;
+  float* du;
+  float* dr;
+} UpBwdParams;
+/*   r, dy [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M];
+ *   phi [rows, H, M] (from UpFwdParams' kernel); du [H, N, M] (+=, by
+ *   tune_up_bwd_du_f32: du[h, i, m] += sum_t dy[t, h, i] phi[t, h, m]);
+ *   dr [rows, H*N] (+=, by tune_up_bwd_dr_f32: with g = u[h]^T dy[t, h],
+ *   dl_m = phi_m (g_m - phi.g), dr[t, h] += -2 gamma[h] sum_m dl_m (r - c_m)).
+ *   du and dr are distinct from the inputs and from each other. */
+
 typedef struct AdamParams {
   int32_t n;
   float lr;

@@ -10,7 +10,8 @@
 //  * row kernels (LayerNorm, GroupNorm, kk_prep backward): one warp per row
 //    (or per (row, head)), block (32, rows_per_block), grid-stride over
 //    warps, so a warp's trip count is uniform and every shuffle has all 32
-//    lanes. No __syncthreads.
+//    lanes. No __syncthreads (the upscale kernels exchange values between
+//    the lanes of a warp through memory, ordered by __syncwarp).
 //  * block kernels (xent: one block per row; sumsq: one partial per block):
 //    blockDim.x a multiple of 32 (at most 256), blockDim.y = 1; every thread
 //    of a block runs the same loop trip counts, so the __syncthreads in the
@@ -371,6 +372,128 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 EMU_ENTRY(tune_outer_acc_f32, OuterAccParams)
+
+// Kernel-upscaled read-out (docs/upscale.md), one warp per (row, head); the
+// lanes stride over the M support vectors and over the N channels.
+//   r [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M]; phi [rows, H, M]
+//   (overwritten); y [rows, H*N] (+=).
+// ℓ_m = −γ‖r − c_m‖², φ = softmax(ℓ) (max-shifted), y_i += Σ_m u[i, m] φ_m.
+// φ goes through phi (global memory): each lane writes its own entries, and
+// after the __syncwarp every lane reads all M of them.
+extern "C" __global__ void __launch_bounds__(256) tune_up_fwd_f32(const __grid_constant__ UpFwdParams p) {
+  const int lane = threadIdx.x, H = p.H, N = p.N, M = p.M;
+  ROW_LOOP(row, (long)p.rows * H) {
+    const long h = row % H;
+    const float* r = p.r + row * N;
+    const float* c = p.centres + h * M * N;
+    const float* u = p.u + h * N * M;
+    const float gam = p.gamma[h];
+    float* ph = p.phi + row * M;
+    float mx = -INFINITY;
+    for (int q = lane; q < M; q += 32) {
+      const float* cq = c + (long)q * N;
+      float d2 = 0.f;
+      for (int j = 0; j < N; ++j) {
+        const float d = r[j] - cq[j];
+        d2 += d * d;
+      }
+      const float lg = -(gam * d2);
+      ph[q] = lg;
+      mx = fmaxf(mx, lg);
+    }
+    mx = tn_warp_max(mx);
+    float se = 0.f;
+    for (int q = lane; q < M; q += 32) {
+      const float e = expf(ph[q] - mx);
+      ph[q] = e;
+      se += e;
+    }
+    const float inv = 1.f / tn_warp_sum(se);
+    for (int q = lane; q < M; q += 32) ph[q] *= inv;
+    __syncwarp();  // every lane's φ entries are written
+    float* y = p.y + row * N;
+    for (int i = lane; i < N; i += 32) {
+      const float* ui = u + (long)i * M;
+      float s = 0.f;
+      for (int q = 0; q < M; ++q) s += ui[q] * ph[q];
+      y[i] += s;
+    }
+  }
+}
+EMU_ENTRY(tune_up_fwd_f32, UpFwdParams)
+
+// Backward of tune_up_fwd_f32 into dr (+=), one warp per (row, head).
+// With g_m = Σ_i u[i, m] dy_i, pg = Σ_m φ_m g_m and dℓ_m = φ_m (g_m − pg):
+//   dr_j += 2γ (Σ_m dℓ_m c_{m,j} − (Σ_m dℓ_m) r_j).
+// Pass 1 computes pg; pass 2 walks the support vectors in tiles of 32
+// (one per lane), recomputes g_m, stages the tile's dℓ in shared memory
+// (one 32-float slice per warp of the block; Geom::rows launches at most 8
+// warps per block) and adds the tile's part of Σ_m dℓ_m c_{m,j} to the
+// lane's own channels j. The tile loop's trip count is uniform over the warp.
+#define TUNE_UP_MAX_WARPS 8
+extern "C" __global__ void __launch_bounds__(256)
+    tune_up_bwd_dr_f32(const __grid_constant__ UpBwdParams p) {
+  __shared__ float sh[TUNE_UP_MAX_WARPS * 32];
+  const int lane = threadIdx.x, H = p.H, N = p.N, M = p.M;
+  float* sd = sh + (threadIdx.y % TUNE_UP_MAX_WARPS) * 32;
+  ROW_LOOP(row, (long)p.rows * H) {
+    const long h = row % H;
+    const float* r = p.r + row * N;
+    const float* dy = p.dy + row * N;
+    const float* c = p.centres + h * M * N;
+    const float* u = p.u + h * N * M;
+    const float* ph = p.phi + row * M;
+    const float tg = 2.f * p.gamma[h];
+    float* dr = p.dr + row * N;
+    float s = 0.f;
+    for (int q = lane; q < M; q += 32) {
+      float g = 0.f;
+      for (int i = 0; i < N; ++i) g += u[(long)i * M + q] * dy[i];
+      s += ph[q] * g;
+    }
+    const float pg = tn_warp_sum(s);
+    float sdl = 0.f;
+    for (int q0 = 0; q0 < M; q0 += 32) {
+      const int q = q0 + lane;
+      float dl = 0.f;
+      if (q < M) {
+        float g = 0.f;
+        for (int i = 0; i < N; ++i) g += u[(long)i * M + q] * dy[i];
+        dl = ph[q] * (g - pg);
+      }
+      sdl += dl;
+      sd[lane] = dl;
+      __syncwarp();
+      const int nq = M - q0 < 32 ? M - q0 : 32;
+      for (int j = lane; j < N; j += 32) {
+        float a = 0.f;
+        for (int k = 0; k < nq; ++k) a += sd[k] * c[(long)(q0 + k) * N + j];
+        dr[j] += tg * a;
+      }
+      __syncwarp();  // the tile is read before the next one is staged
+    }
+    sdl = tn_warp_sum(sdl);
+    for (int j = lane; j < N; j += 32) dr[j] -= tg * sdl * r[j];
+  }
+}
+EMU_ENTRY(tune_up_bwd_dr_f32, UpBwdParams)
+
+// Backward of tune_up_fwd_f32 into du (+=), one thread per (h, i, m) walking
+// the rows (no two threads write the same entry):
+//   du[h, i, m] += Σ_t dy[t, h, i] φ[t, h, m].
+extern "C" __global__ void __launch_bounds__(256)
+    tune_up_bwd_du_f32(const __grid_constant__ UpBwdParams p) {
+  const long N = p.N, M = p.M, H = p.H, NM = N * M, C = H * N;
+  ELEM_LOOP(e, H * NM) {
+    const long h = e / NM, i = (e / M) % N, q = e % M;
+    const float* dy = p.dy + h * N + i;
+    const float* ph = p.phi + h * M + q;
+    float s = 0.f;
+    for (long t = 0; t < p.rows; ++t) s += dy[t * C] * ph[t * H * M];
+    p.du[e] += s;
+  }
+}
+EMU_ENTRY(tune_up_bwd_du_f32, UpBwdParams)
 
 // Batched square GEMM, one thread per output element (g, i, j).
 //   a, b, out [groups, N, N]: out[g] = a[g] b[g] (trans_b: a[g] b[g]^T).

@@ -203,6 +203,11 @@ emu_ops_table!(TUNE_XENT, crate::params::XentParams;
     "tune_xent_f32" => emu_tune_xent_f32);
 emu_ops_table!(TUNE_OUTER_ACC, crate::params::OuterAccParams;
     "tune_outer_acc_f32" => emu_tune_outer_acc_f32);
+emu_ops_table!(TUNE_UP_FWD, crate::params::UpFwdParams;
+    "tune_up_fwd_f32" => emu_tune_up_fwd_f32);
+emu_ops_table!(TUNE_UP_BWD, crate::params::UpBwdParams;
+    "tune_up_bwd_dr_f32" => emu_tune_up_bwd_dr_f32,
+    "tune_up_bwd_du_f32" => emu_tune_up_bwd_du_f32);
 emu_ops_table!(TUNE_BATCHED_MATMUL, crate::params::BatchedMatmulParams;
     "tune_batched_matmul_f32" => emu_tune_batched_matmul_f32);
 emu_ops_table!(TUNE_ADAM, crate::params::AdamParams;

@@ -21,7 +21,7 @@
 //!   ≈ 1e-5 (only the outputs of the perturbed row change, the rest cancel
 //!   exactly); the worst measured is 6.5e-5 (GroupNorm dy), so 5e-4 leaves a
 //!   margin of ~8 while any wrong or missing term gives an O(1e-2 … 1) error.
-use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
+use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use rwkv_tune::ops::backward_ref::{self as bref, AdamStep};
 use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::ops::{reference, Act, CpuOps, Geom};
@@ -387,6 +387,71 @@ fn check_all<D: BackwardOps>(d: &D, be: &str, rows: usize, h: usize, n: usize, w
         cpu.outer_acc(rows, h, n, &r, &mut want).unwrap();
         d.outer_acc(rows, h, n, &up(&r), &mut got).unwrap();
         w.add("outer_acc", ok(be, "outer_acc", &down(&got), &want, TOL));
+    }
+
+    // kernel-upscaled read-out: M below one warp and over one warp (a
+    // partial second tile), into non-zero y / du / dr (they accumulate) and
+    // a phi full of garbage (overwritten)
+    for m in [5usize, 37] {
+        let (r, cen) = (z.v(rc, 1.0), z.v(h * m * n, 1.0));
+        let gam = z.pos(h, 0.3 / n as f64, 2.0 / n as f64);
+        let u = z.v(h * n * m, 0.5);
+        let k_cpu = UpBufs {
+            m,
+            centres: &cen,
+            gamma: &gam,
+            u: &u,
+        };
+        let (cb, gb, ub) = (up(&cen), up(&gam), up(&u));
+        let k_dev = UpBufs {
+            m,
+            centres: &cb,
+            gamma: &gb,
+            u: &ub,
+        };
+        let rb = up(&r);
+        let mut phi_w = z.v(rows * h * m, 3.0);
+        let mut phi_g = up(&phi_w);
+        let mut y_w = z.v(rc, 0.1);
+        let mut y_g = up(&y_w);
+        cpu.up_fwd(rows, h, n, &k_cpu, &r, &mut phi_w, &mut y_w)
+            .unwrap();
+        d.up_fwd(rows, h, n, &k_dev, &rb, &mut phi_g, &mut y_g)
+            .unwrap();
+        let e = ok(be, &format!("up_fwd phi M={m}"), &down(&phi_g), &phi_w, TOL).max(ok(
+            be,
+            &format!("up_fwd y M={m}"),
+            &down(&y_g),
+            &y_w,
+            TOL,
+        ));
+        w.add("up_fwd", e);
+        let dy = z.v(rc, 1.0);
+        let mut du_w = z.v(h * n * m, 0.01);
+        let mut dr_w = z.v(rc, 0.01);
+        let (mut du_g, mut dr_g) = (up(&du_w), up(&dr_w));
+        cpu.up_bwd(rows, h, n, &k_cpu, &r, &phi_w, &dy, &mut du_w, &mut dr_w)
+            .unwrap();
+        d.up_bwd(
+            rows,
+            h,
+            n,
+            &k_dev,
+            &rb,
+            &up(&phi_w),
+            &up(&dy),
+            &mut du_g,
+            &mut dr_g,
+        )
+        .unwrap();
+        let e = ok(be, &format!("up_bwd du M={m}"), &down(&du_g), &du_w, TOL).max(ok(
+            be,
+            &format!("up_bwd dr M={m}"),
+            &down(&dr_g),
+            &dr_w,
+            TOL,
+        ));
+        w.add("up_bwd", e);
     }
 
     // batched_matmul, both transposes
@@ -815,6 +880,58 @@ fn shape_errors<D: BackwardOps>(d: &D) {
         matches!(r, Err(Error::Shape { ref name, .. }) if name == "dk"),
         "{be}: {r:?}"
     );
+    // up_fwd: M = 0; up_bwd: du one element short, phi short
+    let (h, n, m) = (2, 4, 3);
+    let cen = up(&vec![0.0; h * m * n]);
+    let gam = up(&vec![1.0; h]);
+    let u = up(&vec![0.0; h * n * m]);
+    let rb = up(&vec![0.0; rows * h * n]);
+    let k0 = UpBufs {
+        m: 0,
+        centres: &cen,
+        gamma: &gam,
+        u: &u,
+    };
+    let (mut phi, mut y) = (up(&vec![0.0; rows * h * m]), up(&vec![0.0; rows * h * n]));
+    let r = d.up_fwd(rows, h, n, &k0, &rb, &mut phi, &mut y);
+    assert!(matches!(r, Err(Error::Invalid(_))), "{be}: {r:?}");
+    let k = UpBufs {
+        m,
+        centres: &cen,
+        gamma: &gam,
+        u: &u,
+    };
+    let mut dr = up(&vec![0.0; rows * h * n]);
+    let r = d.up_bwd(
+        rows,
+        h,
+        n,
+        &k,
+        &rb,
+        &phi,
+        &rb,
+        &mut up(&vec![0.0; h * n * m - 1]),
+        &mut dr,
+    );
+    assert!(
+        matches!(r, Err(Error::Shape { ref name, .. }) if name == "du"),
+        "{be}: {r:?}"
+    );
+    let r = d.up_bwd(
+        rows,
+        h,
+        n,
+        &k,
+        &rb,
+        &up(&vec![0.0; rows * h * m - 1]),
+        &rb,
+        &mut up(&vec![0.0; h * n * m]),
+        &mut dr,
+    );
+    assert!(
+        matches!(r, Err(Error::Shape { ref name, .. }) if name == "phi"),
+        "{be}: {r:?}"
+    );
     eprintln!("{be}: shape errors OK");
 }
 
@@ -929,6 +1046,50 @@ fn fd_group_norm_bonus_gate() {
         let fd = fd_grad(x, &mut |xs| fwd(i, xs));
         fd_ok(&format!("group_norm {name}"), &o[i], &fd);
     }
+}
+
+#[test]
+fn fd_upscale() {
+    // L = Σ cy · y(r, U) through the twin's forward; the twin's backward
+    // gives ∂L/∂r and ∂L/∂U (dy = cy)
+    let mut z = Z(Rng::new(13));
+    let (rows, h, n, m) = (3, 2, 6, 7);
+    let rc = rows * h * n;
+    let (r, cen) = (z.v(rc, 1.0), z.v(h * m * n, 1.0));
+    let gam = z.pos(h, 0.1, 0.4);
+    let u = z.v(h * n * m, 1.0);
+    let cy = z.v(rc, 1.0);
+    let fwd = |rr: &[f32], uu: &[f32]| -> f64 {
+        let k = bref::Up {
+            m,
+            centres: &cen,
+            gamma: &gam,
+            u: uu,
+        };
+        let mut phi = vec![0f32; rows * h * m];
+        let mut y = vec![0f32; rc];
+        bref::up_fwd(rows, h, n, &k, rr, &mut phi, &mut y);
+        dot(&cy, &y)
+    };
+    let k = bref::Up {
+        m,
+        centres: &cen,
+        gamma: &gam,
+        u: &u,
+    };
+    let mut phi = vec![0f32; rows * h * m];
+    let mut y = vec![0f32; rc];
+    bref::up_fwd(rows, h, n, &k, &r, &mut phi, &mut y);
+    for row in phi.chunks(m) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "φ sums to {s}");
+    }
+    let (mut du, mut dr) = (vec![0f32; h * n * m], vec![0f32; rc]);
+    bref::up_bwd(rows, h, n, &k, &r, &phi, &cy, &mut du, &mut dr);
+    let fd_r = fd_grad(&r, &mut |xs| fwd(xs, &u));
+    fd_ok("upscale dr", &dr, &fd_r);
+    let fd_u = fd_grad(&u, &mut |xs| fwd(&r, xs));
+    fd_ok("upscale du", &du, &fd_u);
 }
 
 #[test]
@@ -1125,5 +1286,7 @@ fn tune_params_layout_matches_c() {
         BatchedMatmulParams,
         AdamParams,
         SumsqParams,
+        UpFwdParams,
+        UpBwdParams,
     );
 }

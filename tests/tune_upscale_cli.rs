@@ -442,3 +442,55 @@ fn cli_tune_upscale_writes_both_files_resumes_and_generate_uses_the_sidecar() {
     assert!(so.contains("removed") && !side.exists(), "{so}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `tune --upscale M --device emu`: the device engine trains S₀ and U
+/// (emulated kernels), writes both files, and its checkpoint resumes on the
+/// CPU engine (the parameter lists are the same) reproducing the files.
+#[test]
+fn cli_tune_upscale_on_the_emulated_device() {
+    let dir = tmp_dir("emu");
+    let out = dir.join("state.safetensors");
+    let out_s = out.to_string_lossy().into_owned();
+    let tune = |device: &str, extra: &[&str]| {
+        let mut a = vec![
+            "tune",
+            "--demo",
+            "--upscale",
+            "16",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--eval-max",
+            "2",
+            "--out",
+            &out_s,
+            "--quiet",
+            "--device",
+            device,
+        ];
+        a.extend_from_slice(extra);
+        cli(&a)
+    };
+    let (ok, so, se) = tune("emu", &[]);
+    assert!(ok, "tune --upscale --device emu failed:\n{so}\n{se}");
+    assert!(so.contains("upscale: fitting M = 16"), "{so}");
+    assert!(so.contains("upscaled read-out"), "{so}");
+    assert!(so.contains("device activations"), "{so}");
+    let side = dir.join("state.upscale.safetensors");
+    assert!(out.is_file() && side.is_file(), "{so}");
+    let cfg = demo::demo_config();
+    let (k, up) = load_upscaled(&out, &cfg).unwrap().unwrap();
+    assert_eq!(k.m, 16);
+    assert!(
+        up.u.iter().flatten().any(|&x| x != 0.0),
+        "U was not trained"
+    );
+    // the CPU engine resumes the device engine's checkpoint (after the end)
+    let (ok, so, se) = tune("cpu", &["--resume"]);
+    assert!(ok, "resume on cpu failed:\n{so}\n{se}");
+    assert!(so.contains("resumed from step 2"), "{so}");
+    let (k2, up2) = load_upscaled(&out, &cfg).unwrap().unwrap();
+    assert_eq!((k2, bits(&up2)), (k, bits(&up)));
+    std::fs::remove_dir_all(&dir).ok();
+}

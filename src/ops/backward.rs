@@ -59,6 +59,17 @@ pub struct GnBwdGrads<'a, B> {
     pub dg: &'a mut B,
 }
 
+/// One layer's kernel-upscaled read-out (docs/upscale.md) for
+/// [`BackwardOps::up_fwd`] / [`BackwardOps::up_bwd`]: `m` support vectors
+/// per head, `centres [H, M, N]`, `gamma [H]` (`γ = 1/(2σ²)`) and the
+/// upscaled state `u [H, N, M]` (value-major).
+pub struct UpBufs<'a, B> {
+    pub m: usize,
+    pub centres: &'a B,
+    pub gamma: &'a B,
+    pub u: &'a B,
+}
+
 /// Backward and optimizer operations on a [`DeviceOps`] backend's buffers.
 #[allow(clippy::too_many_arguments)]
 pub trait BackwardOps: DeviceOps {
@@ -183,6 +194,35 @@ pub trait BackwardOps: DeviceOps {
         n: usize,
         r: &Self::Buf,
         acc: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Kernel-upscaled read-out: per row and head,
+    /// `φ = softmax_m(−γ_h ‖r − c_{h,m}‖²)` into `phi [rows, H, M]`
+    /// (overwritten) and `y += U_h φ`; r, y `[rows, C]`.
+    fn up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Self::Buf>,
+        r: &Self::Buf,
+        phi: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Self::up_fwd`] given its `phi` and `dy [rows, C]`:
+    /// `du [H, N, M] += Σ_t dy_t φ_tᵀ` (summed over the rows) and
+    /// `dr [rows, C] += −2γ_h Σ_m dℓ_m (r − c_m)` with `g = U_hᵀ dy`,
+    /// `dℓ_m = φ_m (g_m − φ·g)`.
+    fn up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Self::Buf>,
+        r: &Self::Buf,
+        phi: &Self::Buf,
+        dy: &Self::Buf,
+        du: &mut Self::Buf,
+        dr: &mut Self::Buf,
     ) -> Result<()>;
     /// `out[g] = a[g]·b[g]` (or `a[g]·b[g]ᵀ`), `groups` matrices `[N, N]`.
     fn batched_matmul(
@@ -358,6 +398,46 @@ pub(crate) mod check {
         fits_i32("outer_acc", &[h, n, n])?;
         need("r", r, 0, rows * h * n)?;
         need("acc", acc, 0, h * n * n)
+    }
+
+    /// Sizes of [`BackwardOps::up_fwd`] / [`BackwardOps::up_bwd`]:
+    /// `rows_c` buffers `[rows, C]`, `rows_m` buffers `[rows, H, M]`,
+    /// `hnm` buffers `[H, N, M]`, and the kernel's three tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn up(
+        what: &str,
+        rows: usize,
+        h: usize,
+        n: usize,
+        m: usize,
+        kernel: [usize; 3],
+        rows_c: &[(&str, usize)],
+        rows_m: &[(&str, usize)],
+        hnm: &[(&str, usize)],
+    ) -> Result<()> {
+        check_heads(h, n)?;
+        if m == 0 {
+            return Err(Error::Invalid(format!(
+                "{what}: M (support vectors) must be at least 1"
+            )));
+        }
+        fits_i32(what, &[rows, h, n])?;
+        fits_i32(what, &[rows, h, m])?;
+        fits_i32(what, &[h, n, m])?;
+        let [centres, gamma, u] = kernel;
+        need("centres", centres, 0, h * m * n)?;
+        need("gamma", gamma, 0, h)?;
+        need("u", u, 0, h * n * m)?;
+        for (name, len) in rows_c {
+            need(name, *len, 0, rows * h * n)?;
+        }
+        for (name, len) in rows_m {
+            need(name, *len, 0, rows * h * m)?;
+        }
+        for (name, len) in hnm {
+            need(name, *len, 0, h * n * m)?;
+        }
+        Ok(())
     }
 
     pub fn batched_matmul(groups: usize, n: usize, a: usize, b: usize, out: usize) -> Result<()> {
@@ -688,6 +768,36 @@ impl BackwardOps for CpuOps {
         bref::outer_acc(rows, h, n, r, acc);
         Ok(())
     }
+    fn up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<f32>>,
+        r: &Vec<f32>,
+        phi: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
+        bref::up_fwd(rows, h, n, &up_ref(k), r, phi, y);
+        Ok(())
+    }
+    fn up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<f32>>,
+        r: &Vec<f32>,
+        phi: &Vec<f32>,
+        dy: &Vec<f32>,
+        du: &mut Vec<f32>,
+        dr: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
+        bref::up_bwd(rows, h, n, &up_ref(k), r, phi, dy, du, dr);
+        Ok(())
+    }
     fn batched_matmul(
         &self,
         groups: usize,
@@ -752,5 +862,63 @@ pub(crate) fn check_gn_bwd<B>(
             ("bias", len(x.bias)),
             ("r_k", len(x.r_k)),
         ],
+    )
+}
+
+fn up_ref<'a>(k: &'a UpBufs<'_, Vec<f32>>) -> bref::Up<'a> {
+    bref::Up {
+        m: k.m,
+        centres: k.centres,
+        gamma: k.gamma,
+        u: k.u,
+    }
+}
+
+/// Size checks of [`BackwardOps::up_fwd`], for any buffer type.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_up_fwd<B>(
+    rows: usize,
+    h: usize,
+    n: usize,
+    k: &UpBufs<'_, B>,
+    r: &B,
+    phi: &B,
+    y: &B,
+    len: impl Fn(&B) -> usize,
+) -> Result<()> {
+    check::up(
+        "up_fwd",
+        rows,
+        h,
+        n,
+        k.m,
+        [len(k.centres), len(k.gamma), len(k.u)],
+        &[("r", len(r)), ("y", len(y))],
+        &[("phi", len(phi))],
+        &[],
+    )
+}
+
+/// Size checks of [`BackwardOps::up_bwd`] (`bufs`: r, phi, dy, du, dr), for
+/// any buffer type.
+pub(crate) fn check_up_bwd<B>(
+    rows: usize,
+    h: usize,
+    n: usize,
+    k: &UpBufs<'_, B>,
+    bufs: [&B; 5],
+    len: impl Fn(&B) -> usize,
+) -> Result<()> {
+    let [r, phi, dy, du, dr] = bufs;
+    check::up(
+        "up_bwd",
+        rows,
+        h,
+        n,
+        k.m,
+        [len(k.centres), len(k.gamma), len(k.u)],
+        &[("r", len(r)), ("dy", len(dy)), ("dr", len(dr))],
+        &[("phi", len(phi))],
+        &[("du", len(du))],
     )
 }

@@ -2,7 +2,10 @@
 //! cudarc on the [`CudaOps`] stream, [`BackwardOps::matmul_t`] through cuBLAS
 //! `sgemm`, the WKV backward through [`crate::wkv7::cuda::forward_dev`]
 //! (with checkpoints) and [`crate::wkv7::cuda::backward_dev`].
-use super::backward::{check, check_gn_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
+use super::backward::{
+    check, check_gn_bwd, check_up_bwd, check_up_fwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs,
+    UpBufs,
+};
 use super::backward_emu::{block_geom, sumsq_blocks};
 use super::backward_ref::AdamStep;
 use super::cuda::CudaOps;
@@ -11,13 +14,13 @@ use crate::cuda::cuda_err;
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, ValueResidualBwdParams,
-    XentParams,
+    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, UpBwdParams, UpFwdParams,
+    ValueResidualBwdParams, XentParams,
 };
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 
-// SAFETY (all eleven): #[repr(C)] plain-old-data structs generated from
+// SAFETY (all thirteen): #[repr(C)] plain-old-data structs generated from
 // kernels/params.h (i32, f32 and u64 fields only), matching the C structs the
 // kernels take by value; any bit pattern is valid.
 unsafe impl DeviceRepr for LayerNormBwdParams {}
@@ -41,6 +44,10 @@ unsafe impl DeviceRepr for BatchedMatmulParams {}
 unsafe impl DeviceRepr for AdamParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for SumsqParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for UpFwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for UpBwdParams {}
 
 const STEM: &str = "tune_ops";
 const F32_BYTES: u64 = 4;
@@ -486,6 +493,93 @@ impl BackwardOps for CudaOps {
         };
         // SAFETY: r ≥ rows·H·N, acc ≥ H·N·N floats (checked); guards alive until queued.
         unsafe { self.tune("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
+    }
+
+    fn up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, CudaSlice<f32>>,
+        r: &CudaSlice<f32>,
+        phi: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let st = &self.gpu().stream;
+        let (rp, _g1) = r.device_ptr(st);
+        let (cp, _g2) = k.centres.device_ptr(st);
+        let (gp, _g3) = k.gamma.device_ptr(st);
+        let (up, _g4) = k.u.device_ptr(st);
+        let (pp, _g5) = phi.device_ptr_mut(st);
+        let (yp, _g6) = y.device_ptr_mut(st);
+        let p = UpFwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            M: k.m as i32,
+            r: rp,
+            centres: cp,
+            gamma: gp,
+            u: up,
+            phi: pp,
+            y: yp,
+        };
+        // SAFETY: r, y ≥ rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M,
+        // phi ≥ rows·H·M floats (checked); phi and y are distinct buffers
+        // (&mut borrows); guards alive until queued.
+        unsafe { self.tune("tune_up_fwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, CudaSlice<f32>>,
+        r: &CudaSlice<f32>,
+        phi: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        du: &mut CudaSlice<f32>,
+        dr: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let st = &self.gpu().stream;
+        let (rp, _g1) = r.device_ptr(st);
+        let (cp, _g2) = k.centres.device_ptr(st);
+        let (gp, _g3) = k.gamma.device_ptr(st);
+        let (up, _g4) = k.u.device_ptr(st);
+        let (pp, _g5) = phi.device_ptr(st);
+        let (dyp, _g6) = dy.device_ptr(st);
+        let (dup, _g7) = du.device_ptr_mut(st);
+        let (drp, _g8) = dr.device_ptr_mut(st);
+        let p = UpBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            M: k.m as i32,
+            r: rp,
+            centres: cp,
+            gamma: gp,
+            u: up,
+            phi: pp,
+            dy: dyp,
+            du: dup,
+            dr: drp,
+        };
+        // SAFETY: r, dy, dr ≥ rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N,
+        // gamma ≥ H, u and du ≥ H·N·M floats (checked); du and dr are
+        // distinct buffers (&mut borrows); guards alive until both are queued.
+        unsafe {
+            self.tune("tune_up_bwd_du_f32", self.geom.elems(h * n * k.m), &p)?;
+            self.tune("tune_up_bwd_dr_f32", self.geom.rows(rows * h), &p)
+        }
     }
 
     fn batched_matmul(

@@ -4,7 +4,8 @@
 //! [`DeviceOps::matmul`] does on this backend) and the WKV backward runs the
 //! emulated `kernels/wkv7_v1.cu`.
 use super::backward::{
-    check, check_gn_bwd, host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs,
+    check, check_gn_bwd, check_up_bwd, check_up_fwd, host_wkv_bwd, BackwardOps, GnBwdBufs,
+    GnBwdGrads, KkBwdBufs, UpBufs,
 };
 use super::backward_ref::{self as bref, AdamStep};
 use super::emu::EmuOps;
@@ -13,8 +14,8 @@ use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, ValueResidualBwdParams,
-    XentParams,
+    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, UpBwdParams, UpFwdParams,
+    ValueResidualBwdParams, XentParams,
 };
 
 type Dims3 = (u32, u32, u32);
@@ -357,6 +358,71 @@ impl BackwardOps for EmuOps {
         // SAFETY: checked above: r ≥ rows·H·N floats, acc ≥ H·N·N (a
         // distinct &mut borrow).
         unsafe { run("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
+    }
+
+    fn up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<f32>>,
+        r: &Vec<f32>,
+        phi: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
+        let p = UpFwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            M: k.m as i32,
+            r: ptr(r),
+            centres: ptr(k.centres),
+            gamma: ptr(k.gamma),
+            u: ptr(k.u),
+            phi: ptr_mut(phi),
+            y: ptr_mut(y),
+        };
+        // SAFETY: checked above: r, y ≥ rows·H·N floats, centres ≥ H·M·N,
+        // gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M; phi and y are distinct &mut
+        // borrows (so they alias nothing); all alive for the call.
+        unsafe { run("tune_up_fwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    fn up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<f32>>,
+        r: &Vec<f32>,
+        phi: &Vec<f32>,
+        dy: &Vec<f32>,
+        du: &mut Vec<f32>,
+        dr: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
+        let p = UpBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            M: k.m as i32,
+            r: ptr(r),
+            centres: ptr(k.centres),
+            gamma: ptr(k.gamma),
+            u: ptr(k.u),
+            phi: ptr(phi),
+            dy: ptr(dy),
+            du: ptr_mut(du),
+            dr: ptr_mut(dr),
+        };
+        // SAFETY: checked above: r, dy, dr ≥ rows·H·N floats, phi ≥
+        // rows·H·M, centres ≥ H·M·N, gamma ≥ H, u and du ≥ H·N·M; du and dr
+        // are distinct &mut borrows; all alive for the two calls.
+        unsafe {
+            run("tune_up_bwd_du_f32", self.geom.elems(h * n * k.m), &p)?;
+            run("tune_up_bwd_dr_f32", self.geom.rows(rows * h), &p)
+        }
     }
 
     fn batched_matmul(

@@ -356,6 +356,114 @@ pub fn outer_acc(rows: usize, h: usize, n: usize, r: &[f32], acc: &mut [f32]) {
     }
 }
 
+/// The fixed part and `U` of the kernel-upscaled read-out (docs/upscale.md)
+/// of one layer: `centres [H, M, N]`, `gamma [H]`, `u [H, N, M]`.
+pub struct Up<'a> {
+    /// Support vectors per head.
+    pub m: usize,
+    pub centres: &'a [f32],
+    pub gamma: &'a [f32],
+    pub u: &'a [f32],
+}
+
+/// Kernel-upscaled read-out: per row and head,
+/// `φ = softmax_m(−γ_h ‖r − c_{h,m}‖²)` into `phi [rows, H, M]`
+/// (overwritten) and `y += U_h φ` (`r`, `y` `[rows, H·N]`).
+pub fn up_fwd(
+    rows: usize,
+    h: usize,
+    n: usize,
+    k: &Up<'_>,
+    r: &[f32],
+    phi: &mut [f32],
+    y: &mut [f32],
+) {
+    let (m, c) = (k.m, h * n);
+    for t in 0..rows {
+        for hh in 0..h {
+            let o = t * c + hh * n;
+            let rv = &r[o..o + n];
+            let ph = &mut phi[(t * h + hh) * m..(t * h + hh + 1) * m];
+            let mut mx = f32::NEG_INFINITY;
+            for (q, p) in ph.iter_mut().enumerate() {
+                let cq = &k.centres[(hh * m + q) * n..(hh * m + q + 1) * n];
+                let mut d2 = 0.0f32;
+                for (a, b) in rv.iter().zip(cq) {
+                    let d = a - b;
+                    d2 += d * d;
+                }
+                *p = -(k.gamma[hh] * d2);
+                mx = mx.max(*p);
+            }
+            let mut se = 0.0f32;
+            for p in ph.iter_mut() {
+                *p = (*p - mx).exp();
+                se += *p;
+            }
+            let inv = 1.0 / se;
+            ph.iter_mut().for_each(|p| *p *= inv);
+            let uh = &k.u[hh * n * m..(hh + 1) * n * m];
+            for i in 0..n {
+                let s: f32 = uh[i * m..(i + 1) * m]
+                    .iter()
+                    .zip(ph.iter())
+                    .map(|(a, b)| a * b)
+                    .sum();
+                y[o + i] += s;
+            }
+        }
+    }
+}
+
+/// Backward of [`up_fwd`] given its `phi` and `dy [rows, H·N]`:
+/// `du [H, N, M] += Σ_t dy_t φ_tᵀ` and, with `g = U_hᵀ dy`,
+/// `dℓ_m = φ_m (g_m − φ·g)`, `dr += −2γ_h Σ_m dℓ_m (r − c_m)`.
+#[allow(clippy::too_many_arguments)]
+pub fn up_bwd(
+    rows: usize,
+    h: usize,
+    n: usize,
+    k: &Up<'_>,
+    r: &[f32],
+    phi: &[f32],
+    dy: &[f32],
+    du: &mut [f32],
+    dr: &mut [f32],
+) {
+    let (m, c) = (k.m, h * n);
+    let mut g = vec![0.0f32; m];
+    for t in 0..rows {
+        for hh in 0..h {
+            let o = t * c + hh * n;
+            let ph = &phi[(t * h + hh) * m..(t * h + hh + 1) * m];
+            let uh = &k.u[hh * n * m..(hh + 1) * n * m];
+            let duh = &mut du[hh * n * m..(hh + 1) * n * m];
+            g.iter_mut().for_each(|v| *v = 0.0);
+            for i in 0..n {
+                let dyi = dy[o + i];
+                for q in 0..m {
+                    g[q] += uh[i * m + q] * dyi;
+                    duh[i * m + q] += dyi * ph[q];
+                }
+            }
+            let pg: f32 = ph.iter().zip(&g).map(|(a, b)| a * b).sum();
+            let tg = 2.0 * k.gamma[hh];
+            let mut sdl = 0.0f32;
+            for q in 0..m {
+                let dl = ph[q] * (g[q] - pg);
+                sdl += dl;
+                let cq = &k.centres[(hh * m + q) * n..(hh * m + q + 1) * n];
+                for j in 0..n {
+                    dr[o + j] += tg * dl * cq[j];
+                }
+            }
+            for j in 0..n {
+                dr[o + j] -= tg * sdl * r[o + j];
+            }
+        }
+    }
+}
+
 /// `out[g] = a[g] · b[g]` (`trans_b`: `a[g] · b[g]ᵀ`) for `groups` square
 /// `[N, N]` matrices.
 pub fn batched_matmul(

@@ -20,19 +20,29 @@
 //!   and only the `N×N`-per-head matrix algebra of the update (`Δ` and its
 //!   inverse, f64) runs on the host, once per step.
 //!
+//! - The kernel-upscaled read-out (docs/upscale.md) is optional: a tuner
+//!   made by [`DeviceTuner::new_upscaled`] holds the fixed support vectors
+//!   and widths of a [`Kernel`]; each layer's `U` travels with its initial
+//!   state ([`LStart::u`]). `y += U φ(r)` runs right after the WKV forward
+//!   ([`BackwardOps::up_fwd`]) and its backward right after the WKV
+//!   backward ([`BackwardOps::up_bwd`]: `dU`, and `dr` into the receptance
+//!   gradient). [`DeviceEngine::new_upscaled`] trains `S_0` and `U` (the
+//!   parameter order of [`UpscaledStateOf::params`], so checkpoints are
+//!   interchangeable with [`super::upscale::UpscaleEngine`]'s); without DBP.
+//!
 //! The math is the one of [`super::grad`] (the CPU engine); the tests in
 //! `tests/tune_device.rs` compare the two on random and real models.
-//! Not supported on a device: the kernel-upscaled read-out.
 use super::data::Dataset;
 use super::dbp::{Dbp, DbpStats};
 use super::engine::{check_engine_state, Engine, EngineState, StepOut};
 use super::grad::{Example, GradOpts, TunedState};
 use super::optim::AdamConfig;
 use super::train::{evaluate_with, EvalResult};
+use super::upscale::{Kernel, UpscaledState, UpscaledStateOf};
 use crate::error::{Error, Result};
 use crate::model::device::{upload_emb_ln, upload_layers, DevLayer};
 use crate::model::{Config, Model, Weights};
-use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs};
+use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use crate::ops::backward_ref::AdamStep;
 use crate::ops::{Act, BonusBufs, LN_EPS};
 
@@ -70,13 +80,27 @@ struct Tape<B> {
     x_mid: B,
     /// `[T, F]` pre-relu²
     hpre: B,
+    /// `[T, H, M]` the upscaled read-out's features (when upscaled)
+    phi: Option<B>,
 }
 
-/// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv `[H, N, N]`.
+/// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv
+/// `[H, N, N]`, and with the kernel-upscaled read-out its `U` `[H, N, M]`.
 pub struct LStart<B> {
     pub sa: B,
     pub sf: B,
     pub wkv: B,
+    /// The upscaled state `U` (value-major); `Some` exactly when the tuner
+    /// has a kernel ([`DeviceTuner::new_upscaled`]).
+    pub u: Option<B>,
+}
+
+/// The fixed part of the kernel-upscaled read-out on the device: per layer
+/// the support vectors `[H, M, N]` and widths `[H]` (f32).
+struct DevUp<B> {
+    m: usize,
+    centres: Vec<B>,
+    gamma: Vec<B>,
 }
 
 /// The frozen model on a device, for state-gradient computations.
@@ -89,6 +113,8 @@ pub struct DeviceTuner<O: BackwardOps> {
     ln_out: (O::Buf, O::Buf),
     /// `[V, C]`
     head: O::Buf,
+    /// The kernel of the upscaled read-out, when there is one.
+    up: Option<DevUp<O::Buf>>,
 }
 
 /// Loss sum, mask sum and per-layer state gradients of a batch.
@@ -126,7 +152,46 @@ impl<O: BackwardOps> DeviceTuner<O> {
             layers,
             ln_out,
             head,
+            up: None,
         })
+    }
+
+    /// [`Self::new`] plus the kernel of the upscaled read-out (support
+    /// vectors and widths, uploaded as f32): every initial state given to
+    /// this tuner must then carry its `U` ([`Self::upload_upscaled`]).
+    pub fn new_upscaled(ops: O, w: &Weights, kernel: &Kernel) -> Result<Self> {
+        kernel.check(&w.config)?;
+        let mut t = Self::new(ops, w)?;
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let centres = kernel
+            .centres
+            .iter()
+            .map(|c| t.ops.upload(&f32s(c)))
+            .collect::<Result<Vec<_>>>()?;
+        let gamma = kernel
+            .gamma
+            .iter()
+            .map(|g| t.ops.upload(&f32s(g)))
+            .collect::<Result<Vec<_>>>()?;
+        t.ops.sync()?;
+        t.up = Some(DevUp {
+            m: kernel.m,
+            centres,
+            gamma,
+        });
+        Ok(t)
+    }
+
+    /// M of the upscaled read-out (`None`: a plain tuner).
+    pub fn upscale_m(&self) -> Option<usize> {
+        self.up.as_ref().map(|u| u.m)
+    }
+
+    /// Elements of one layer's `U` (0 for a plain tuner).
+    fn u_len(&self) -> usize {
+        self.up
+            .as_ref()
+            .map_or(0, |u| self.cfg.n_head * self.cfg.head_size * u.m)
     }
 
     /// The backend.
@@ -154,9 +219,54 @@ impl<O: BackwardOps> DeviceTuner<O> {
                         .ops
                         .upload(s.shift_ffn.as_ref().map_or(&zero, |v| &v[l]))?,
                     wkv: self.ops.upload(&s.wkv[l])?,
+                    u: None,
                 })
             })
             .collect()
+    }
+
+    /// Uploads an upscaled state (the tuner must have a kernel of the same M).
+    pub fn upload_upscaled(&self, s: &UpscaledState) -> Result<Vec<LStart<O::Buf>>> {
+        let ul = self.u_len();
+        if self.up.is_none() {
+            return Err(Error::Tune(
+                "an upscaled state given to a device tuner without a kernel \
+                 (DeviceTuner::new_upscaled)"
+                    .into(),
+            ));
+        }
+        if s.u.len() != self.cfg.n_layer || s.u.iter().any(|x| x.len() != ul) {
+            return Err(Error::Shape {
+                name: "upscaled.u".into(),
+                expected: vec![self.cfg.n_layer, ul],
+                got: vec![s.u.len(), s.u.first().map_or(0, |x| x.len())],
+            });
+        }
+        let mut st = self.upload_state(&s.state)?;
+        for (l, x) in st.iter_mut().zip(&s.u) {
+            l.u = Some(self.ops.upload(x)?);
+        }
+        Ok(st)
+    }
+
+    /// The kernel and `U` of layer `l` for the upscale ops (`None`: plain).
+    fn up_bufs<'a>(
+        &'a self,
+        l: usize,
+        st: &'a LStart<O::Buf>,
+    ) -> Result<Option<UpBufs<'a, O::Buf>>> {
+        match (&self.up, &st.u) {
+            (None, _) => Ok(None),
+            (Some(up), Some(u)) => Ok(Some(UpBufs {
+                m: up.m,
+                centres: &up.centres[l],
+                gamma: &up.gamma[l],
+                u,
+            })),
+            (Some(_), None) => Err(Error::Tune(format!(
+                "layer {l}: the device tuner is upscaled but the initial state has no U"
+            ))),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -190,7 +300,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// Bytes of one layer's tape at `t` tokens (for the memory report).
     fn tape_bytes(&self, t: usize) -> usize {
         let c = &self.cfg;
-        4 * t * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + 6 * c.n_embd)
+        let m = self.up.as_ref().map_or(0, |u| u.m);
+        4 * t * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + 6 * c.n_embd + c.n_head * m)
     }
 
     /// One layer's forward over `t` rows of `x` (updated in place) from
@@ -260,6 +371,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let mut y = o.zeros(tc)?;
         o.wkv(t, h, n, [&r, &wdec, &kt, &v, &a, &b], &mut s, &mut y)?;
         drop(s);
+        // kernel-upscaled read-out: y += U φ(r)
+        let phi = match self.up_bufs(l, st)? {
+            Some(ub) => {
+                let mut phi = o.zeros(t * h * ub.m)?;
+                o.up_fwd(t, h, n, &ub, &r, &mut phi, &mut y)?;
+                Some(phi)
+            }
+            None => None,
+        };
         let mut out = self.dup(&y, tc)?;
         o.group_norm(
             t,
@@ -314,6 +434,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             y,
             x_mid,
             hpre,
+            phi,
         }))
     }
 
@@ -426,6 +547,17 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 [w_r, w_w, w_k, w_v, w_a, w_b],
                 &mut dh0,
             )?;
+        }
+        // the upscaled read-out: dU, and its part of dr
+        if let Some(ub) = self.up_bufs(l, st)? {
+            match (&tp.phi, g.u.as_mut()) {
+                (Some(phi), Some(du)) => o.up_bwd(t, h, n, &ub, &tp.r, phi, &dy, du, &mut dr)?,
+                _ => {
+                    return Err(Error::Tune(
+                        "internal: upscale tape or gradient missing".into(),
+                    ))
+                }
+            }
         }
         drop(dy);
         o.add(&mut g.wkv, &dh0)?;
@@ -572,6 +704,26 @@ impl<O: BackwardOps> DeviceTuner<O> {
         for (i, ex) in batch.iter().enumerate() {
             check_example(i, ex, v)?;
         }
+        let ul = self.u_len();
+        for (l, s) in st.iter().enumerate() {
+            let got = s.u.as_ref().map(|u| self.ops.len(u));
+            match (&self.up, got) {
+                (None, None) => {}
+                (Some(_), Some(len)) if len >= ul => {}
+                (None, Some(_)) => {
+                    return Err(Error::Tune(format!(
+                        "layer {l}: the initial state has a U but the device tuner has no kernel"
+                    )))
+                }
+                (Some(_), got) => {
+                    return Err(Error::Shape {
+                        name: format!("initial state {l}: u"),
+                        expected: vec![ul],
+                        got: vec![got.unwrap_or(0)],
+                    })
+                }
+            }
+        }
         let ops = &self.ops;
         let mut grads = (0..nl)
             .map(|_| {
@@ -579,6 +731,10 @@ impl<O: BackwardOps> DeviceTuner<O> {
                     sa: ops.zeros(c)?,
                     sf: ops.zeros(c)?,
                     wkv: ops.zeros(hnn)?,
+                    u: match self.up {
+                        Some(_) => Some(ops.zeros(ul)?),
+                        None => None,
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -710,6 +866,39 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok((dg.loss, dg.n_tokens, g, stats, dg.peak_bytes))
     }
 
+    /// Host convenience for the upscaled read-out: loss, token count, the
+    /// gradient of `S_0` and `U` (layout of `s`) and the peak activation
+    /// bytes. The tuner must have a kernel ([`Self::new_upscaled`]).
+    pub fn loss_and_grad_upscaled(
+        &self,
+        s: &UpscaledState,
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64, UpscaledState, usize)> {
+        let st = self.upload_upscaled(s)?;
+        let dg = self.grad(&st, batch, o, false)?;
+        let cfg = &self.cfg;
+        let (c, hnn, ul) = (
+            cfg.n_embd,
+            cfg.n_head * cfg.head_size * cfg.head_size,
+            self.u_len(),
+        );
+        let mut g = s.zeros_like();
+        for (l, gl) in dg.grads.iter().enumerate() {
+            g.state.wkv[l].copy_from_slice(&self.ops.download(&gl.wkv)?[..hnn]);
+            if let Some(a) = g.state.shift_att.as_mut() {
+                a[l].copy_from_slice(&self.ops.download(&gl.sa)?[..c]);
+            }
+            if let Some(f) = g.state.shift_ffn.as_mut() {
+                f[l].copy_from_slice(&self.ops.download(&gl.sf)?[..c]);
+            }
+            if let Some(du) = &gl.u {
+                g.u[l].copy_from_slice(&self.ops.download(du)?[..ul]);
+            }
+        }
+        Ok((dg.loss, dg.n_tokens, g, dg.peak_bytes))
+    }
+
     fn stats(&self, acc: &[O::Buf], count: f64) -> Result<DbpStats> {
         let cfg = &self.cfg;
         let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
@@ -762,12 +951,15 @@ fn check_example(i: usize, ex: &Example, vocab: usize) -> Result<()> {
 }
 
 /// The [`Engine`] on a device: tuned tensors (in [`TunedState::params`]
-/// order), Adam's moments and the DBP matrices live on the device.
+/// order, then every layer's `U` when upscaled: [`UpscaledStateOf::params`]),
+/// Adam's moments and the DBP matrices live on the device.
 pub struct DeviceEngine<O: BackwardOps> {
     tuner: DeviceTuner<O>,
     opts: GradOpts,
     adam: AdamConfig,
     with_shift: bool,
+    /// Tensors of the plain state at the front of `params` (the `U`s follow).
+    n_state: usize,
     params: Vec<O::Buf>,
     m: Vec<O::Buf>,
     v: Vec<O::Buf>,
@@ -791,13 +983,59 @@ impl<O: BackwardOps> DeviceEngine<O> {
     ) -> Result<Self> {
         let tuner = DeviceTuner::new(ops, w)?;
         init.check(tuner.config())?;
+        Self::build(tuner, w, init, &init.params(), adam, dbp, opts)
+    }
+
+    /// The engine of the kernel-upscaled state (docs/upscale.md): uploads
+    /// the model, `kernel` and the starting `S_0` and `U` of `init`, and
+    /// trains both (the recipe of [`super::upscale::UpscaleEngine`], on the
+    /// device). `dbp` must be `None`: DBP on the upscaled state is not
+    /// supported (an [`Error::Tune`], as for `UpscaleEngine`).
+    pub fn new_upscaled(
+        ops: O,
+        w: &Weights,
+        kernel: &Kernel,
+        init: &UpscaledState,
+        adam: AdamConfig,
+        dbp: Option<(f64, f64)>,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        if dbp.is_some() {
+            return Err(Error::Tune(
+                "DBP is not supported together with the kernel-upscaled state: train the \
+                 upscaled state without DBP (dbp = None / --no-dbp)"
+                    .into(),
+            ));
+        }
+        let tuner = DeviceTuner::new_upscaled(ops, w, kernel)?;
+        init.state.check(tuner.config())?;
+        let ul = tuner.u_len();
+        if init.u.len() != tuner.config().n_layer || init.u.iter().any(|x| x.len() != ul) {
+            return Err(Error::Shape {
+                name: "upscaled.u".into(),
+                expected: vec![tuner.config().n_layer, ul],
+                got: vec![init.u.len(), init.u.first().map_or(0, |x| x.len())],
+            });
+        }
+        Self::build(tuner, w, &init.state, &init.params(), adam, None, opts)
+    }
+
+    /// Uploads `params` (the state's tensors, then any `U`s) and zero moments.
+    fn build(
+        tuner: DeviceTuner<O>,
+        w: &Weights,
+        init: &TunedState,
+        init_params: &[&[f32]],
+        adam: AdamConfig,
+        dbp: Option<(f64, f64)>,
+        opts: GradOpts,
+    ) -> Result<Self> {
         let o = tuner.ops();
-        let params = init
-            .params()
+        let params = init_params
             .iter()
             .map(|p| o.upload(p))
             .collect::<Result<Vec<_>>>()?;
-        let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
+        let sizes: Vec<usize> = init_params.iter().map(|p| p.len()).collect();
         let m = sizes
             .iter()
             .map(|&n| o.zeros(n))
@@ -808,6 +1046,7 @@ impl<O: BackwardOps> DeviceEngine<O> {
             .collect::<Result<Vec<_>>>()?;
         let mut e = DeviceEngine {
             with_shift: init.shift_att.is_some(),
+            n_state: init.params().len(),
             tuner,
             opts,
             adam,
@@ -830,6 +1069,27 @@ impl<O: BackwardOps> DeviceEngine<O> {
     /// The gradient engine.
     pub fn tuner(&self) -> &DeviceTuner<O> {
         &self.tuner
+    }
+
+    /// The trained `S_0` and `U` of an upscaled engine (downloaded), e.g.
+    /// for [`super::upscale::save_upscaled`]; an [`Error::Tune`] for a
+    /// plain engine.
+    pub fn upscaled(&self) -> Result<UpscaledState> {
+        if self.tuner.up.is_none() {
+            return Err(Error::Tune(
+                "the device engine has no upscaled read-out".into(),
+            ));
+        }
+        let o = self.tuner.ops();
+        let state = self.tuned()?;
+        let u = (self.n_state..self.params.len())
+            .map(|i| {
+                let mut h = o.download(&self.params[i])?;
+                h.truncate(self.sizes[i]);
+                Ok(h)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(UpscaledStateOf { state, u })
     }
 
     fn nl(&self) -> usize {
@@ -877,7 +1137,11 @@ impl<O: BackwardOps> DeviceEngine<O> {
                 } else {
                     (o.zeros(c)?, o.zeros(c)?)
                 };
-                Ok(LStart { sa, sf, wkv })
+                let u = match self.params.get(self.n_state + l) {
+                    Some(p) => Some(self.tuner.dup(p, self.sizes[self.n_state + l])?),
+                    None => None,
+                };
+                Ok(LStart { sa, sf, wkv, u })
             })
             .collect()
     }
@@ -904,6 +1168,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         let mut grads: Vec<O::Buf> = Vec::with_capacity(self.params.len());
         let mut sas = Vec::new();
         let mut sfs = Vec::new();
+        let mut us = Vec::new();
         for (l, g) in dg.grads.into_iter().enumerate() {
             let gw = match &self.dbp {
                 Some((_, r)) => {
@@ -916,10 +1181,19 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             grads.push(gw);
             sas.push(g.sa);
             sfs.push(g.sf);
+            us.extend(g.u);
         }
         if self.with_shift {
             grads.extend(sas);
             grads.extend(sfs);
+        }
+        grads.extend(us);
+        if grads.len() != self.params.len() {
+            return Err(Error::Tune(format!(
+                "internal: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
         }
         let inv = 1.0 / dg.n_tokens.max(1.0);
         let mut ss = 0.0;
@@ -1006,6 +1280,13 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
     }
     fn load(&mut self, s: EngineState) -> Result<()> {
         check_engine_state(&s, &self.sizes, "the checkpoint")?;
+        if self.tuner.up.is_some() && s.dbp_r.is_some() {
+            return Err(Error::Tune(
+                "the checkpoint holds DBP matrices, but the upscaled state is trained without \
+                 DBP"
+                .into(),
+            ));
+        }
         let o = self.tuner.ops();
         let up = |v: &[Vec<f32>]| v.iter().map(|x| o.upload(x)).collect::<Result<Vec<_>>>();
         let (p, m, v) = (up(&s.params)?, up(&s.adam_m)?, up(&s.adam_v)?);

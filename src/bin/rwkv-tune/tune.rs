@@ -178,6 +178,8 @@ pub struct TuneArgs {
     /// DBP is turned off with a note; --dbp is refused). Writes --out (the
     /// N×N states, ai00 / web-rwkv layout) plus <out stem>.upscale.safetensors
     /// (centres, widths, U), which `generate --state` picks up (CPU only).
+    /// Trains on every --device (cpu: `UpscaleEngine`; cuda / emu: the
+    /// device engine with the read-out kernels).
     #[arg(long, value_name = "M")]
     pub upscale: Option<usize>,
     /// Observer (teacher) model: add λ·KL(teacher ‖ student) on the response
@@ -192,7 +194,8 @@ pub struct TuneArgs {
     pub observer_temp: f32,
     /// Where to run: cpu (default), cuda (GPU 0) or emu (the device engine
     /// on the CPU emulator). cuda/emu keep the tuned state and Adam's moments
-    /// on the device; validation runs there too. Not with --upscale.
+    /// on the device; validation runs there too (with --upscale: also U and
+    /// the upscaled read-out).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
     /// Worker threads (default: all cores).
@@ -247,6 +250,33 @@ fn train_on_device<O: BackwardOps>(
     Ok(rep)
 }
 
+/// Tuning the kernel-upscaled state (`S₀` and `U`) with the device engine
+/// on `ops`; returns the report and the trained state (for the sidecar).
+#[allow(clippy::too_many_arguments)]
+fn train_upscaled_on_device<O: BackwardOps>(
+    ops: O,
+    model: &Model,
+    kernel: &Kernel,
+    start: &UpscaledState,
+    tc: &TrainConfig,
+    train_ds: &Dataset,
+    valid_ds: Option<&Dataset>,
+    obs: Option<&dyn SoftTargets>,
+) -> Result<(train::TrainReport, UpscaledState)> {
+    let mut eng = DeviceEngine::new_upscaled(
+        ops,
+        model.weights(),
+        kernel,
+        start,
+        tc.adam,
+        tc.dbp,
+        tc.grad.clone(),
+    )?;
+    let rep = train::train_with(model, &mut eng, train_ds, valid_ds, tc, obs)?;
+    print_peak(eng.last_peak_bytes);
+    Ok((rep, eng.upscaled()?))
+}
+
 fn print_peak(bytes: usize) {
     println!(
         "device activations: {:.1} MiB at most per example (from the buffer sizes; weights and \
@@ -260,12 +290,6 @@ fn print_eval(label: &str, r: &EvalResult, unit: &str) {
 }
 
 pub fn run(a: TuneArgs) -> Result<()> {
-    if a.device != Device::Cpu && a.upscale.is_some() {
-        bail!(
-            "--upscale runs on the CPU engine only (the upscaled read-out has no device \
-             kernels yet); drop --device or --upscale"
-        );
-    }
     // Open the GPU first, so a machine without one fails before any work.
     let gpu = match a.device {
         Device::Cuda => {
@@ -273,7 +297,14 @@ pub fn run(a: TuneArgs) -> Result<()> {
             println!("device: {}", g.describe());
             Some(g)
         }
-        _ => None,
+        Device::Emu => {
+            eprintln!(
+                "note: --device emu runs the CUDA kernel source on the CPU emulator (one OS \
+                 thread per CUDA thread): correct but slow; keep --steps and --eval-max small"
+            );
+            None
+        }
+        Device::Cpu => None,
     };
     if a.upscale == Some(0) {
         bail!("--upscale M needs M ≥ 1 support vectors per head");
@@ -501,18 +532,47 @@ pub fn run(a: TuneArgs) -> Result<()> {
     );
     let obs = observer.as_deref();
     let (rep, upscaled) = match up_init {
-        Some((kernel, start)) => {
-            let mut eng = UpscaleEngine::new(
-                model.weights(),
-                kernel,
-                start,
-                tc.adam,
-                tc.dbp,
-                tc.grad.clone(),
-            )?;
-            let rep = train::train_with(&model, &mut eng, &train_ds, valid_ds.as_ref(), &tc, obs)?;
-            (rep, Some((eng.kernel, eng.state)))
-        }
+        Some((kernel, start)) => match a.device {
+            Device::Cpu => {
+                let mut eng = UpscaleEngine::new(
+                    model.weights(),
+                    kernel,
+                    start,
+                    tc.adam,
+                    tc.dbp,
+                    tc.grad.clone(),
+                )?;
+                let rep =
+                    train::train_with(&model, &mut eng, &train_ds, valid_ds.as_ref(), &tc, obs)?;
+                (rep, Some((eng.kernel, eng.state)))
+            }
+            Device::Emu => {
+                let (rep, s) = train_upscaled_on_device(
+                    EmuOps::default(),
+                    &model,
+                    &kernel,
+                    &start,
+                    &tc,
+                    &train_ds,
+                    valid_ds.as_ref(),
+                    obs,
+                )?;
+                (rep, Some((kernel, s)))
+            }
+            Device::Cuda => {
+                let (rep, s) = train_upscaled_on_device(
+                    CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?,
+                    &model,
+                    &kernel,
+                    &start,
+                    &tc,
+                    &train_ds,
+                    valid_ds.as_ref(),
+                    obs,
+                )?;
+                (rep, Some((kernel, s)))
+            }
+        },
         None => {
             let start = init.unwrap_or_else(|| TunedState::zeros(&cfg_m, tc.with_shift));
             let rep = match a.device {
