@@ -1000,13 +1000,7 @@ impl<O: BackwardOps> DeviceEngine<O> {
         dbp: Option<(f64, f64)>,
         opts: GradOpts,
     ) -> Result<Self> {
-        if dbp.is_some() {
-            return Err(Error::Tune(
-                "DBP is not supported together with the kernel-upscaled state: train the \
-                 upscaled state without DBP (dbp = None / --no-dbp)"
-                    .into(),
-            ));
-        }
+        super::upscale::refuse_dbp(dbp)?;
         let tuner = DeviceTuner::new_upscaled(ops, w, kernel)?;
         init.state.check(tuner.config())?;
         let ul = tuner.u_len();

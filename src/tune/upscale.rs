@@ -532,6 +532,19 @@ pub struct UpscaleEngine<'w> {
     pub adam: Adam,
 }
 
+/// DBP is not defined for the kernel-upscaled state: an [`Error::Tune`]
+/// when `dbp` is given.
+pub(crate) fn refuse_dbp(dbp: Option<(f64, f64)>) -> Result<()> {
+    if dbp.is_some() {
+        return Err(Error::Tune(
+            "DBP is not supported together with the kernel-upscaled state: train the \
+             upscaled state without DBP (dbp = None / --no-dbp)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl<'w> UpscaleEngine<'w> {
     /// Starts from `init` (usually [`UpscaledStateOf::new`] with `U = 0`).
     /// `dbp` must be `None`: DBP on the upscaled state is not supported.
@@ -543,13 +556,7 @@ impl<'w> UpscaleEngine<'w> {
         dbp: Option<(f64, f64)>,
         opts: GradOpts,
     ) -> Result<Self> {
-        if dbp.is_some() {
-            return Err(Error::Tune(
-                "DBP is not supported together with the kernel-upscaled state: train the \
-                 upscaled state without DBP (dbp = None / --no-dbp)"
-                    .into(),
-            ));
-        }
+        refuse_dbp(dbp)?;
         kernel.check(&weights.config)?;
         init.state.check(&weights.config)?;
         check_u(&kernel, &init)?;

@@ -227,54 +227,46 @@ fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> 
     Ok(Box::new(tok))
 }
 
-/// Tuning with the device engine on `ops`.
-fn train_on_device<O: BackwardOps>(
-    ops: O,
-    model: &Model,
-    start: &TunedState,
-    tc: &TrainConfig,
-    train_ds: &Dataset,
-    valid_ds: Option<&Dataset>,
-    obs: Option<&dyn SoftTargets>,
-) -> Result<train::TrainReport> {
-    let mut eng = DeviceEngine::new(
-        ops,
-        model.weights(),
-        start,
-        tc.adam,
-        tc.dbp,
-        tc.grad.clone(),
-    )?;
-    let rep = train::train_with(model, &mut eng, train_ds, valid_ds, tc, obs)?;
-    print_peak(eng.last_peak_bytes);
-    Ok(rep)
+/// What a tuning run needs besides the engine.
+struct Job<'a> {
+    model: &'a Model,
+    tc: &'a TrainConfig,
+    train: &'a Dataset,
+    valid: Option<&'a Dataset>,
+    obs: Option<&'a dyn SoftTargets>,
 }
 
-/// Tuning the kernel-upscaled state (`S₀` and `U`) with the device engine
-/// on `ops`; returns the report and the trained state (for the sidecar).
-#[allow(clippy::too_many_arguments)]
-fn train_upscaled_on_device<O: BackwardOps>(
-    ops: O,
-    model: &Model,
-    kernel: &Kernel,
-    start: &UpscaledState,
-    tc: &TrainConfig,
-    train_ds: &Dataset,
-    valid_ds: Option<&Dataset>,
-    obs: Option<&dyn SoftTargets>,
-) -> Result<(train::TrainReport, UpscaledState)> {
-    let mut eng = DeviceEngine::new_upscaled(
-        ops,
-        model.weights(),
-        kernel,
-        start,
-        tc.adam,
-        tc.dbp,
-        tc.grad.clone(),
-    )?;
-    let rep = train::train_with(model, &mut eng, train_ds, valid_ds, tc, obs)?;
-    print_peak(eng.last_peak_bytes);
-    Ok((rep, eng.upscaled()?))
+impl Job<'_> {
+    /// Runs the loop on `eng` and reports the device's activation peak.
+    fn run_device<O: BackwardOps>(&self, eng: &mut DeviceEngine<O>) -> Result<train::TrainReport> {
+        let rep = train::train_with(self.model, eng, self.train, self.valid, self.tc, self.obs)?;
+        print_peak(eng.last_peak_bytes);
+        Ok(rep)
+    }
+
+    /// Plain (or DBP) state tuning with the device engine on `ops`.
+    fn device<O: BackwardOps>(&self, ops: O, start: &TunedState) -> Result<train::TrainReport> {
+        let tc = self.tc;
+        let w = self.model.weights();
+        let mut eng = DeviceEngine::new(ops, w, start, tc.adam, tc.dbp, tc.grad.clone())?;
+        self.run_device(&mut eng)
+    }
+
+    /// The kernel-upscaled state with the device engine on `ops`; returns
+    /// the trained S₀ and U for the sidecar.
+    fn device_upscaled<O: BackwardOps>(
+        &self,
+        ops: O,
+        kernel: &Kernel,
+        start: &UpscaledState,
+    ) -> Result<(train::TrainReport, UpscaledState)> {
+        let tc = self.tc;
+        let w = self.model.weights();
+        let mut eng =
+            DeviceEngine::new_upscaled(ops, w, kernel, start, tc.adam, tc.dbp, tc.grad.clone())?;
+        let rep = self.run_device(&mut eng)?;
+        Ok((rep, eng.upscaled()?))
+    }
 }
 
 fn print_peak(bytes: usize) {
@@ -530,7 +522,18 @@ pub fn run(a: TuneArgs) -> Result<()> {
         a.warmup,
         decay
     );
-    let obs = observer.as_deref();
+    let job = Job {
+        model: &model,
+        tc: &tc,
+        train: &train_ds,
+        valid: valid_ds.as_ref(),
+        obs: observer.as_deref(),
+    };
+    let cuda = || -> Result<CudaOps> {
+        Ok(CudaOps::new(
+            gpu.clone().context("internal: no GPU handle")?,
+        )?)
+    };
     let (rep, upscaled) = match up_init {
         Some((kernel, start)) => match a.device {
             Device::Cpu => {
@@ -542,34 +545,15 @@ pub fn run(a: TuneArgs) -> Result<()> {
                     tc.dbp,
                     tc.grad.clone(),
                 )?;
-                let rep =
-                    train::train_with(&model, &mut eng, &train_ds, valid_ds.as_ref(), &tc, obs)?;
+                let rep = train::train_with(&model, &mut eng, job.train, job.valid, &tc, job.obs)?;
                 (rep, Some((eng.kernel, eng.state)))
             }
             Device::Emu => {
-                let (rep, s) = train_upscaled_on_device(
-                    EmuOps::default(),
-                    &model,
-                    &kernel,
-                    &start,
-                    &tc,
-                    &train_ds,
-                    valid_ds.as_ref(),
-                    obs,
-                )?;
+                let (rep, s) = job.device_upscaled(EmuOps::default(), &kernel, &start)?;
                 (rep, Some((kernel, s)))
             }
             Device::Cuda => {
-                let (rep, s) = train_upscaled_on_device(
-                    CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?,
-                    &model,
-                    &kernel,
-                    &start,
-                    &tc,
-                    &train_ds,
-                    valid_ds.as_ref(),
-                    obs,
-                )?;
+                let (rep, s) = job.device_upscaled(cuda()?, &kernel, &start)?;
                 (rep, Some((kernel, s)))
             }
         },
@@ -577,26 +561,10 @@ pub fn run(a: TuneArgs) -> Result<()> {
             let start = init.unwrap_or_else(|| TunedState::zeros(&cfg_m, tc.with_shift));
             let rep = match a.device {
                 Device::Cpu => {
-                    train::train_from(&model, &train_ds, valid_ds.as_ref(), &tc, obs, Some(start))?
+                    train::train_from(&model, job.train, job.valid, &tc, job.obs, Some(start))?
                 }
-                Device::Emu => train_on_device(
-                    EmuOps::default(),
-                    &model,
-                    &start,
-                    &tc,
-                    &train_ds,
-                    valid_ds.as_ref(),
-                    obs,
-                )?,
-                Device::Cuda => train_on_device(
-                    CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?,
-                    &model,
-                    &start,
-                    &tc,
-                    &train_ds,
-                    valid_ds.as_ref(),
-                    obs,
-                )?,
+                Device::Emu => job.device(EmuOps::default(), &start)?,
+                Device::Cuda => job.device(cuda()?, &start)?,
             };
             (rep, None)
         }
