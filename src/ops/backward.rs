@@ -71,6 +71,10 @@ pub struct UpBufs<'a, B> {
 }
 
 /// Backward and optimizer operations on a [`DeviceOps`] backend's buffers.
+///
+/// Every public method is provided: it checks the sizes once, here, for all
+/// backends and then calls the backend's `raw_*` hook (hidden from the docs),
+/// which may rely on those checks. Implementors write only the hooks.
 #[allow(clippy::too_many_arguments)]
 pub trait BackwardOps: DeviceOps {
     /// `dx[m, k] = dy[m, n] · w[n, k]`: the input gradient of
@@ -83,7 +87,24 @@ pub trait BackwardOps: DeviceOps {
         n: usize,
         k: usize,
         dx: &mut Self::Buf,
+    ) -> Result<()> {
+        check::matmul_t(self.len(dy), m, self.len(w), n, k, self.len(dx))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_matmul_t(dy, m, w, n, k, dx) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::matmul_t` (what [`Self::matmul_t`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_matmul_t(
+        &self,
+        dy: &Self::Buf,
+        m: usize,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        dx: &mut Self::Buf,
     ) -> Result<()>;
+
     /// LayerNorm backward, accumulating: rows `[off/C, off/C + rows)` of
     /// `dx` get `+= ∂L/∂x` of `y = LN(x)·weight + bias`, given `dy [rows, C]`
     /// (from element 0). Statistics are recomputed from x (from `off`).
@@ -97,7 +118,35 @@ pub trait BackwardOps: DeviceOps {
         eps: f32,
         dy: &Self::Buf,
         dx: &mut Self::Buf,
+    ) -> Result<()> {
+        check::layer_norm_bwd(
+            self.len(x),
+            off,
+            rows,
+            c,
+            self.len(weight),
+            self.len(dy),
+            self.len(dx),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_layer_norm_bwd(x, off, rows, c, weight, eps, dy, dx) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::layer_norm_bwd` (what
+    /// [`Self::layer_norm_bwd`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_layer_norm_bwd(
+        &self,
+        x: &Self::Buf,
+        off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Self::Buf,
+        eps: f32,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Backward of [`DeviceOps::token_shift`] for `dmix.len()` (1 to 6)
     /// mixes, each `[T, C]`; `mu [n_mix, C]`. `dstate` `[C]`: ∂L/∂(state
     /// out) in, ∂L/∂(state in) out; `dx [T, C]` overwritten.
@@ -109,7 +158,26 @@ pub trait BackwardOps: DeviceOps {
         mu: &Self::Buf,
         dstate: &mut Self::Buf,
         dx: &mut Self::Buf,
+    ) -> Result<()> {
+        let lens: Vec<usize> = dmix.iter().map(|d| self.len(d)).collect();
+        check::token_shift_bwd(t, c, &lens, self.len(mu), self.len(dstate), self.len(dx))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_token_shift_bwd(t, c, dmix, mu, dstate, dx) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::token_shift_bwd` (what
+    /// [`Self::token_shift_bwd`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_token_shift_bwd(
+        &self,
+        t: usize,
+        c: usize,
+        dmix: &[&Self::Buf],
+        mu: &Self::Buf,
+        dstate: &mut Self::Buf,
+        dx: &mut Self::Buf,
     ) -> Result<()>;
+
     /// In place on the first `n` elements of dy: `dy *= f′(pre + bias)`
     /// (`bias [C]` broadcast), f as in [`DeviceOps::act`].
     fn act_bwd(
@@ -120,7 +188,24 @@ pub trait BackwardOps: DeviceOps {
         pre: &Self::Buf,
         bias: Option<&Self::Buf>,
         dy: &mut Self::Buf,
+    ) -> Result<()> {
+        check::act_bwd(n, c, self.len(pre), bias.map(|b| self.len(b)), self.len(dy))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_act_bwd(mode, n, c, pre, bias, dy) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::act_bwd` (what [`Self::act_bwd`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_act_bwd(
+        &self,
+        mode: Act,
+        n: usize,
+        c: usize,
+        pre: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        dy: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Backward of [`DeviceOps::kk_prep`]: `dk` = ∂L/∂k, `dda` = ∂L/∂da,
     /// both `[rows, C]`, overwritten.
     fn kk_prep_bwd(
@@ -131,7 +216,44 @@ pub trait BackwardOps: DeviceOps {
         x: &KkBwdBufs<'_, Self::Buf>,
         dk: &mut Self::Buf,
         dda: &mut Self::Buf,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep_bwd",
+            rows,
+            h,
+            n,
+            &[
+                ("k", self.len(x.k)),
+                ("da", self.len(x.da)),
+                ("d_kout", self.len(x.d_kout)),
+                ("d_a", self.len(x.d_a)),
+                ("d_b", self.len(x.d_b)),
+                ("dk", self.len(dk)),
+                ("dda", self.len(dda)),
+            ],
+            &[
+                ("a0", self.len(x.a0)),
+                ("k_k", self.len(x.k_k)),
+                ("k_a", self.len(x.k_a)),
+            ],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_kk_prep_bwd(rows, h, n, x, dk, dda) }
+    }
+    /// # Safety
+    /// The sizes must pass the checks of [`Self::kk_prep_bwd`]: `[rows, C]`
+    /// tensors ≥ rows·H·N elements, `[C]` vectors ≥ H·N, H, N ≥ 1.
+    #[doc(hidden)]
+    unsafe fn raw_kk_prep_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &KkBwdBufs<'_, Self::Buf>,
+        dk: &mut Self::Buf,
+        dda: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Backward of [`DeviceOps::value_residual`] over the first `n`
     /// elements: `dv` is ∂L/∂v in, ∂L/∂(v before the residual) out;
     /// `dvf += ∂L/∂v_first`; `ddv` = ∂L/∂dv (overwritten).
@@ -146,7 +268,41 @@ pub trait BackwardOps: DeviceOps {
         dv: &mut Self::Buf,
         dvf: &mut Self::Buf,
         ddv: &mut Self::Buf,
+    ) -> Result<()> {
+        check::elems(
+            "value_residual_bwd",
+            n,
+            c,
+            &[
+                ("vraw", self.len(vraw)),
+                ("v_first", self.len(v_first)),
+                ("dvp", self.len(dvp)),
+                ("dv", self.len(dv)),
+                ("dvf", self.len(dvf)),
+                ("ddv", self.len(ddv)),
+            ],
+            &[("v0", self.len(v0))],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv) }
+    }
+    /// # Safety
+    /// The sizes must pass the checks of [`Self::value_residual_bwd`]: every
+    /// `[n]` buffer ≥ n elements, v0 ≥ C ≥ 1.
+    #[doc(hidden)]
+    unsafe fn raw_value_residual_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        vraw: &Self::Buf,
+        v_first: &Self::Buf,
+        v0: &Self::Buf,
+        dvp: &Self::Buf,
+        dv: &mut Self::Buf,
+        dvf: &mut Self::Buf,
+        ddv: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Backward of [`DeviceOps::group_norm`] with the bonus and the gate.
     fn group_norm_bwd(
         &self,
@@ -156,7 +312,48 @@ pub trait BackwardOps: DeviceOps {
         eps: f32,
         x: &GnBwdBufs<'_, Self::Buf>,
         g: GnBwdGrads<'_, Self::Buf>,
+    ) -> Result<()> {
+        check::rows_heads(
+            "group_norm_bwd",
+            rows,
+            h,
+            n,
+            &[
+                ("y", self.len(x.y)),
+                ("r", self.len(x.r)),
+                ("k", self.len(x.k)),
+                ("v", self.len(x.v)),
+                ("g", self.len(x.g)),
+                ("dout", self.len(x.dout)),
+                ("dy", self.len(g.dy)),
+                ("dr", self.len(g.dr)),
+                ("dk", self.len(g.dk)),
+                ("dv", self.len(g.dv)),
+                ("dg", self.len(g.dg)),
+            ],
+            &[
+                ("weight", self.len(x.weight)),
+                ("bias", self.len(x.bias)),
+                ("r_k", self.len(x.r_k)),
+            ],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_group_norm_bwd(rows, h, n, eps, x, g) }
+    }
+    /// # Safety
+    /// The sizes must pass the checks of [`Self::group_norm_bwd`]: `[rows, C]`
+    /// tensors ≥ rows·H·N elements, `[C]` vectors ≥ H·N, H, N ≥ 1.
+    #[doc(hidden)]
+    unsafe fn raw_group_norm_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &GnBwdBufs<'_, Self::Buf>,
+        g: GnBwdGrads<'_, Self::Buf>,
     ) -> Result<()>;
+
     /// WKV-7 forward (from `h0`) and backward for one sequence of `t`
     /// tokens (zero gradient on the final state): r … b and dy `[T, H, N]`,
     /// h0 `[H, N, N]`; writes dr … db `[T, H, N]` and dh0 `[H, N, N]`.
@@ -171,7 +368,47 @@ pub trait BackwardOps: DeviceOps {
         dy: &Self::Buf,
         grads: [&mut Self::Buf; 6],
         dh0: &mut Self::Buf,
+    ) -> Result<()> {
+        let names = ["r", "w", "k", "v", "a", "b"];
+        let gnames = ["dr", "dw", "dk", "dv", "da", "db"];
+        let mut seq: Vec<(&str, usize)> = names
+            .iter()
+            .copied()
+            .zip(rwkvab.iter().map(|b| self.len(b)))
+            .collect();
+        seq.push(("dy", self.len(dy)));
+        seq.extend(
+            gnames
+                .iter()
+                .copied()
+                .zip(grads.iter().map(|b| self.len(b))),
+        );
+        check::wkv_bwd(
+            t,
+            h,
+            n,
+            &seq,
+            &[("h0", self.len(h0)), ("dh0", self.len(dh0))],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_wkv_bwd(t, h, n, rwkvab, h0, dy, grads, dh0) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::wkv_bwd` (what [`Self::wkv_bwd`] checks):
+    /// valid dims, every `[T, H, N]` / `[H, N, N]` buffer of exact length.
+    #[doc(hidden)]
+    unsafe fn raw_wkv_bwd(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        h0: &Self::Buf,
+        dy: &Self::Buf,
+        grads: [&mut Self::Buf; 6],
+        dh0: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Softmax cross-entropy (+ `lam`·KL to soft targets `[rows, V]`) per
     /// row of `logits [rows, V]`, weighted by `mask`; in place the logits
     /// become ∂L/∂logits; `loss [rows]` gets each row's weighted loss.
@@ -185,7 +422,36 @@ pub trait BackwardOps: DeviceOps {
         soft: Option<&Self::Buf>,
         lam: f32,
         loss: &mut Self::Buf,
+    ) -> Result<()> {
+        check::xent(
+            rows,
+            v,
+            self.len(logits),
+            targets,
+            mask,
+            soft.map(|s| self.len(s)),
+            self.len(loss),
+        )?;
+        // SAFETY: the sizes (and target ids) the hook relies on were checked
+        // just above.
+        unsafe { self.raw_xent(rows, v, logits, targets, mask, soft, lam, loss) }
+    }
+    /// # Safety
+    /// The sizes and target ids must pass `check::xent` (what [`Self::xent`]
+    /// checks).
+    #[doc(hidden)]
+    unsafe fn raw_xent(
+        &self,
+        rows: usize,
+        v: usize,
+        logits: &mut Self::Buf,
+        targets: &[u32],
+        mask: &[f32],
+        soft: Option<&Self::Buf>,
+        lam: f32,
+        loss: &mut Self::Buf,
     ) -> Result<()>;
+
     /// `acc[h] += Σ_t r_t,h r_t,hᵀ`; r `[rows, H, N]`, acc `[H, N, N]`.
     fn outer_acc(
         &self,
@@ -194,7 +460,23 @@ pub trait BackwardOps: DeviceOps {
         n: usize,
         r: &Self::Buf,
         acc: &mut Self::Buf,
+    ) -> Result<()> {
+        check::outer_acc(rows, h, n, self.len(r), self.len(acc))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_outer_acc(rows, h, n, r, acc) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::outer_acc` (what [`Self::outer_acc`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_outer_acc(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        r: &Self::Buf,
+        acc: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Kernel-upscaled read-out: per row and head,
     /// `φ = softmax_m(−γ_h ‖r − c_{h,m}‖²)` into `phi [rows, H, M]`
     /// (overwritten) and `y += U_h φ`; r, y `[rows, C]`.
@@ -207,7 +489,36 @@ pub trait BackwardOps: DeviceOps {
         r: &Self::Buf,
         phi: &mut Self::Buf,
         y: &mut Self::Buf,
+    ) -> Result<()> {
+        check::up(
+            "up_fwd",
+            rows,
+            h,
+            n,
+            k.m,
+            [self.len(k.centres), self.len(k.gamma), self.len(k.u)],
+            &[("r", self.len(r)), ("y", self.len(y))],
+            &[("phi", self.len(phi))],
+            &[],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_up_fwd(rows, h, n, k, r, phi, y) }
+    }
+    /// # Safety
+    /// The sizes must pass the `check::up` of [`Self::up_fwd`]: r, y ≥
+    /// rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M.
+    #[doc(hidden)]
+    unsafe fn raw_up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Self::Buf>,
+        r: &Self::Buf,
+        phi: &mut Self::Buf,
+        y: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Backward of [`Self::up_fwd`] given its `phi` and `dy [rows, C]`:
     /// `du [H, N, M] += Σ_t dy_t φ_tᵀ` (summed over the rows) and
     /// `dr [rows, C] += −2γ_h Σ_m dℓ_m (r − c_m)` with `g = U_hᵀ dy`,
@@ -223,7 +534,42 @@ pub trait BackwardOps: DeviceOps {
         dy: &Self::Buf,
         du: &mut Self::Buf,
         dr: &mut Self::Buf,
+    ) -> Result<()> {
+        check::up(
+            "up_bwd",
+            rows,
+            h,
+            n,
+            k.m,
+            [self.len(k.centres), self.len(k.gamma), self.len(k.u)],
+            &[
+                ("r", self.len(r)),
+                ("dy", self.len(dy)),
+                ("dr", self.len(dr)),
+            ],
+            &[("phi", self.len(phi))],
+            &[("du", self.len(du))],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_up_bwd(rows, h, n, k, r, phi, dy, du, dr) }
+    }
+    /// # Safety
+    /// The sizes must pass the `check::up` of [`Self::up_bwd`]: r, dy, dr ≥
+    /// rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N, gamma ≥ H, u, du ≥ H·N·M.
+    #[doc(hidden)]
+    unsafe fn raw_up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Self::Buf>,
+        r: &Self::Buf,
+        phi: &Self::Buf,
+        dy: &Self::Buf,
+        du: &mut Self::Buf,
+        dr: &mut Self::Buf,
     ) -> Result<()>;
+
     /// `out[g] = a[g]·b[g]` (or `a[g]·b[g]ᵀ`), `groups` matrices `[N, N]`.
     fn batched_matmul(
         &self,
@@ -233,7 +579,25 @@ pub trait BackwardOps: DeviceOps {
         b: &Self::Buf,
         trans_b: bool,
         out: &mut Self::Buf,
+    ) -> Result<()> {
+        check::batched_matmul(groups, n, self.len(a), self.len(b), self.len(out))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_batched_matmul(groups, n, a, b, trans_b, out) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::batched_matmul` (what
+    /// [`Self::batched_matmul`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_batched_matmul(
+        &self,
+        groups: usize,
+        n: usize,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        trans_b: bool,
+        out: &mut Self::Buf,
     ) -> Result<()>;
+
     /// One Adam / AdamW step over the first `n` elements of p, m, v (in
     /// place) with gradient g (see [`super::backward_ref::adam`]).
     fn adam(
@@ -244,10 +608,36 @@ pub trait BackwardOps: DeviceOps {
         g: &Self::Buf,
         m: &mut Self::Buf,
         v: &mut Self::Buf,
+    ) -> Result<()> {
+        check::adam(n, self.len(p), self.len(g), self.len(m), self.len(v))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_adam(n, s, p, g, m, v) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::adam` (what [`Self::adam`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_adam(
+        &self,
+        n: usize,
+        s: &AdamStep,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
     ) -> Result<()>;
+
     /// `Σ x²` over the first `n` elements (partial sums on the device,
     /// finished in f64 on the host).
-    fn sumsq(&self, n: usize, x: &Self::Buf) -> Result<f64>;
+    fn sumsq(&self, n: usize, x: &Self::Buf) -> Result<f64> {
+        need("x", self.len(x), 0, n)?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_sumsq(n, x) }
+    }
+    /// # Safety
+    /// `x` must hold at least `n` elements (what [`Self::sumsq`] checks; the
+    /// kernels' `int32` limit is the device backends' own check).
+    #[doc(hidden)]
+    unsafe fn raw_sumsq(&self, n: usize, x: &Self::Buf) -> Result<f64>;
 }
 
 // ---- shape checks shared by the implementations ---------------------------
@@ -486,7 +876,8 @@ pub(crate) mod check {
     }
 }
 
-/// Host-buffer WKV forward+backward through a `wkv7` backend (Cpu or Emu).
+/// Host-buffer WKV forward+backward through a `wkv7` backend (Cpu or Emu);
+/// the caller checked the sizes ([`BackwardOps::wkv_bwd`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn host_wkv_bwd(
     be: &crate::wkv7::Backend,
@@ -499,18 +890,6 @@ pub(crate) fn host_wkv_bwd(
     grads: [&mut Vec<f32>; 6],
     dh0: &mut Vec<f32>,
 ) -> Result<()> {
-    let lens: Vec<(&str, usize)> = ["r", "w", "k", "v", "a", "b", "dy"]
-        .iter()
-        .zip(x.iter().map(|b| b.len()).chain([dy.len()]))
-        .map(|(a, b)| (*a, b))
-        .chain(
-            ["dr", "dw", "dk", "dv", "da", "db"]
-                .iter()
-                .zip(grads.iter().map(|b| b.len()))
-                .map(|(a, b)| (*a, b)),
-        )
-        .collect();
-    check::wkv_bwd(t, h, n, &lens, &[("h0", h0.len()), ("dh0", dh0.len())])?;
     let d = crate::wkv7::Dims { b: 1, t, h, n };
     let (_, g) = be.forward_backward(
         &d,
@@ -536,8 +915,10 @@ pub(crate) fn host_wkv_bwd(
     Ok(())
 }
 
+// The CPU hooks run the Rust twins, which index safely (a size the provided
+// method did not check would panic, never read out of bounds).
 impl BackwardOps for CpuOps {
-    fn matmul_t(
+    unsafe fn raw_matmul_t(
         &self,
         dy: &Vec<f32>,
         m: usize,
@@ -546,11 +927,10 @@ impl BackwardOps for CpuOps {
         k: usize,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        check::matmul_t(dy.len(), m, w.len(), n, k, dx.len())?;
         bref::matmul_t(dy, m, w, n, k, dx);
         Ok(())
     }
-    fn layer_norm_bwd(
+    unsafe fn raw_layer_norm_bwd(
         &self,
         x: &Vec<f32>,
         off: usize,
@@ -561,11 +941,10 @@ impl BackwardOps for CpuOps {
         dy: &Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layer_norm_bwd(x.len(), off, rows, c, weight.len(), dy.len(), dx.len())?;
         bref::layer_norm_bwd(&x[off..], rows, c, weight, eps, dy, &mut dx[off..]);
         Ok(())
     }
-    fn token_shift_bwd(
+    unsafe fn raw_token_shift_bwd(
         &self,
         t: usize,
         c: usize,
@@ -574,13 +953,11 @@ impl BackwardOps for CpuOps {
         dstate: &mut Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        let lens: Vec<usize> = dmix.iter().map(|d| d.len()).collect();
-        check::token_shift_bwd(t, c, &lens, mu.len(), dstate.len(), dx.len())?;
         let dm: Vec<&[f32]> = dmix.iter().map(|d| d.as_slice()).collect();
         bref::token_shift_bwd(t, c, &dm, mu, dstate, dx);
         Ok(())
     }
-    fn act_bwd(
+    unsafe fn raw_act_bwd(
         &self,
         mode: Act,
         n: usize,
@@ -589,11 +966,10 @@ impl BackwardOps for CpuOps {
         bias: Option<&Vec<f32>>,
         dy: &mut Vec<f32>,
     ) -> Result<()> {
-        check::act_bwd(n, c, pre.len(), bias.map(|b| b.len()), dy.len())?;
         bref::act_bwd(mode, n, c, pre, bias.map(|b| b.as_slice()), dy);
         Ok(())
     }
-    fn kk_prep_bwd(
+    unsafe fn raw_kk_prep_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -602,26 +978,6 @@ impl BackwardOps for CpuOps {
         dk: &mut Vec<f32>,
         dda: &mut Vec<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep_bwd",
-            rows,
-            h,
-            n,
-            &[
-                ("k", x.k.len()),
-                ("da", x.da.len()),
-                ("d_kout", x.d_kout.len()),
-                ("d_a", x.d_a.len()),
-                ("d_b", x.d_b.len()),
-                ("dk", dk.len()),
-                ("dda", dda.len()),
-            ],
-            &[
-                ("a0", x.a0.len()),
-                ("k_k", x.k_k.len()),
-                ("k_a", x.k_a.len()),
-            ],
-        )?;
         let r = bref::KkBwd {
             k: x.k,
             da: x.da,
@@ -635,7 +991,7 @@ impl BackwardOps for CpuOps {
         bref::kk_prep_bwd(rows, h, n, &r, dk, dda);
         Ok(())
     }
-    fn value_residual_bwd(
+    unsafe fn raw_value_residual_bwd(
         &self,
         n: usize,
         c: usize,
@@ -647,24 +1003,10 @@ impl BackwardOps for CpuOps {
         dvf: &mut Vec<f32>,
         ddv: &mut Vec<f32>,
     ) -> Result<()> {
-        check::elems(
-            "value_residual_bwd",
-            n,
-            c,
-            &[
-                ("vraw", vraw.len()),
-                ("v_first", v_first.len()),
-                ("dvp", dvp.len()),
-                ("dv", dv.len()),
-                ("dvf", dvf.len()),
-                ("ddv", ddv.len()),
-            ],
-            &[("v0", v0.len())],
-        )?;
         bref::value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv);
         Ok(())
     }
-    fn group_norm_bwd(
+    unsafe fn raw_group_norm_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -673,7 +1015,6 @@ impl BackwardOps for CpuOps {
         x: &GnBwdBufs<'_, Vec<f32>>,
         g: GnBwdGrads<'_, Vec<f32>>,
     ) -> Result<()> {
-        check_gn_bwd(rows, h, n, x, &g, |b| b.len())?;
         let r = bref::GnBwd {
             y: x.y,
             weight: x.weight,
@@ -701,7 +1042,7 @@ impl BackwardOps for CpuOps {
         );
         Ok(())
     }
-    fn wkv_bwd(
+    unsafe fn raw_wkv_bwd(
         &self,
         t: usize,
         h: usize,
@@ -724,7 +1065,7 @@ impl BackwardOps for CpuOps {
             dh0,
         )
     }
-    fn xent(
+    unsafe fn raw_xent(
         &self,
         rows: usize,
         v: usize,
@@ -735,15 +1076,6 @@ impl BackwardOps for CpuOps {
         lam: f32,
         loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check::xent(
-            rows,
-            v,
-            logits.len(),
-            targets,
-            mask,
-            soft.map(|s| s.len()),
-            loss.len(),
-        )?;
         bref::xent(
             rows,
             v,
@@ -756,7 +1088,7 @@ impl BackwardOps for CpuOps {
         );
         Ok(())
     }
-    fn outer_acc(
+    unsafe fn raw_outer_acc(
         &self,
         rows: usize,
         h: usize,
@@ -764,11 +1096,10 @@ impl BackwardOps for CpuOps {
         r: &Vec<f32>,
         acc: &mut Vec<f32>,
     ) -> Result<()> {
-        check::outer_acc(rows, h, n, r.len(), acc.len())?;
         bref::outer_acc(rows, h, n, r, acc);
         Ok(())
     }
-    fn up_fwd(
+    unsafe fn raw_up_fwd(
         &self,
         rows: usize,
         h: usize,
@@ -778,11 +1109,10 @@ impl BackwardOps for CpuOps {
         phi: &mut Vec<f32>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
         bref::up_fwd(rows, h, n, &up_ref(k), r, phi, y);
         Ok(())
     }
-    fn up_bwd(
+    unsafe fn raw_up_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -794,11 +1124,10 @@ impl BackwardOps for CpuOps {
         du: &mut Vec<f32>,
         dr: &mut Vec<f32>,
     ) -> Result<()> {
-        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
         bref::up_bwd(rows, h, n, &up_ref(k), r, phi, dy, du, dr);
         Ok(())
     }
-    fn batched_matmul(
+    unsafe fn raw_batched_matmul(
         &self,
         groups: usize,
         n: usize,
@@ -807,11 +1136,10 @@ impl BackwardOps for CpuOps {
         trans_b: bool,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check::batched_matmul(groups, n, a.len(), b.len(), out.len())?;
         bref::batched_matmul(groups, n, a, b, trans_b, out);
         Ok(())
     }
-    fn adam(
+    unsafe fn raw_adam(
         &self,
         n: usize,
         s: &AdamStep,
@@ -820,49 +1148,12 @@ impl BackwardOps for CpuOps {
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) -> Result<()> {
-        check::adam(n, p.len(), g.len(), m.len(), v.len())?;
         bref::adam(n, s, p, g, m, v);
         Ok(())
     }
-    fn sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {
-        need("x", x.len(), 0, n)?;
+    unsafe fn raw_sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {
         Ok(bref::sumsq(n, x))
     }
-}
-
-/// Size checks of [`BackwardOps::group_norm_bwd`], for any buffer type.
-pub(crate) fn check_gn_bwd<B>(
-    rows: usize,
-    h: usize,
-    n: usize,
-    x: &GnBwdBufs<'_, B>,
-    g: &GnBwdGrads<'_, B>,
-    len: impl Fn(&B) -> usize,
-) -> Result<()> {
-    check::rows_heads(
-        "group_norm_bwd",
-        rows,
-        h,
-        n,
-        &[
-            ("y", len(x.y)),
-            ("r", len(x.r)),
-            ("k", len(x.k)),
-            ("v", len(x.v)),
-            ("g", len(x.g)),
-            ("dout", len(x.dout)),
-            ("dy", len(g.dy)),
-            ("dr", len(g.dr)),
-            ("dk", len(g.dk)),
-            ("dv", len(g.dv)),
-            ("dg", len(g.dg)),
-        ],
-        &[
-            ("weight", len(x.weight)),
-            ("bias", len(x.bias)),
-            ("r_k", len(x.r_k)),
-        ],
-    )
 }
 
 fn up_ref<'a>(k: &'a UpBufs<'_, Vec<f32>>) -> bref::Up<'a> {
@@ -872,53 +1163,4 @@ fn up_ref<'a>(k: &'a UpBufs<'_, Vec<f32>>) -> bref::Up<'a> {
         gamma: k.gamma,
         u: k.u,
     }
-}
-
-/// Size checks of [`BackwardOps::up_fwd`], for any buffer type.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_up_fwd<B>(
-    rows: usize,
-    h: usize,
-    n: usize,
-    k: &UpBufs<'_, B>,
-    r: &B,
-    phi: &B,
-    y: &B,
-    len: impl Fn(&B) -> usize,
-) -> Result<()> {
-    check::up(
-        "up_fwd",
-        rows,
-        h,
-        n,
-        k.m,
-        [len(k.centres), len(k.gamma), len(k.u)],
-        &[("r", len(r)), ("y", len(y))],
-        &[("phi", len(phi))],
-        &[],
-    )
-}
-
-/// Size checks of [`BackwardOps::up_bwd`] (`bufs`: r, phi, dy, du, dr), for
-/// any buffer type.
-pub(crate) fn check_up_bwd<B>(
-    rows: usize,
-    h: usize,
-    n: usize,
-    k: &UpBufs<'_, B>,
-    bufs: [&B; 5],
-    len: impl Fn(&B) -> usize,
-) -> Result<()> {
-    let [r, phi, dy, du, dr] = bufs;
-    check::up(
-        "up_bwd",
-        rows,
-        h,
-        n,
-        k.m,
-        [len(k.centres), len(k.gamma), len(k.u)],
-        &[("r", len(r)), ("dy", len(dy)), ("dr", len(dr))],
-        &[("phi", len(phi))],
-        &[("du", len(du))],
-    )
 }

@@ -2,14 +2,11 @@
 //! cudarc on the [`CudaOps`] stream, [`BackwardOps::matmul_t`] through cuBLAS
 //! `sgemm`, the WKV backward through [`crate::wkv7::cuda::forward_dev`]
 //! (with checkpoints) and [`crate::wkv7::cuda::backward_dev`].
-use super::backward::{
-    check, check_gn_bwd, check_up_bwd, check_up_fwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs,
-    UpBufs,
-};
+use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use super::backward_emu::{block_geom, sumsq_blocks};
 use super::backward_ref::AdamStep;
 use super::cuda::CudaOps;
-use super::{need, Act, DeviceOps};
+use super::{Act, DeviceOps};
 use crate::cuda::cuda_err;
 use crate::error::Result;
 use crate::params::{
@@ -55,7 +52,8 @@ const F32_BYTES: u64 = 4;
 impl CudaOps {
     /// # Safety
     /// The device addresses in `p` must satisfy what kernels/params.h
-    /// documents for `P` at its sizes.
+    /// documents for `P` at its sizes (the provided [`BackwardOps`] methods
+    /// check every length before calling the hooks that launch).
     unsafe fn tune<P: DeviceRepr>(
         &self,
         name: &str,
@@ -68,7 +66,7 @@ impl CudaOps {
 }
 
 impl BackwardOps for CudaOps {
-    fn matmul_t(
+    unsafe fn raw_matmul_t(
         &self,
         dy: &CudaSlice<f32>,
         m: usize,
@@ -77,7 +75,6 @@ impl BackwardOps for CudaOps {
         k: usize,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::matmul_t(dy.len(), m, w.len(), n, k, dx.len())?;
         if m == 0 || k == 0 {
             return Ok(());
         }
@@ -103,12 +100,12 @@ impl BackwardOps for CudaOps {
             beta: 0.0f32,
             ldc: k as i32,
         };
-        // SAFETY: sizes checked above (w n·k, dy m·n, dx ≥ m·k floats, all
+        // SAFETY: sizes checked by the caller (w n·k, dy m·n, dx ≥ m·k floats, all
         // fitting i32); all three buffers live on the cuBLAS handle's stream.
         unsafe { self.blas().gemm(cfg, w, dy, dx) }.map_err(cuda_err)
     }
 
-    fn layer_norm_bwd(
+    unsafe fn raw_layer_norm_bwd(
         &self,
         x: &CudaSlice<f32>,
         off: usize,
@@ -119,7 +116,6 @@ impl BackwardOps for CudaOps {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::layer_norm_bwd(x.len(), off, rows, c, weight.len(), dy.len(), dx.len())?;
         let st = &self.gpu().stream;
         let (xp, _g1) = x.device_ptr(st);
         let (wp, _g2) = weight.device_ptr(st);
@@ -134,12 +130,13 @@ impl BackwardOps for CudaOps {
             dy: dyp,
             dx: dxp + off as u64 * F32_BYTES,
         };
-        // SAFETY: lengths checked above (x, dx from `off`); dx is a distinct
-        // buffer; the guards keep every buffer alive until the launch is queued.
+        // SAFETY: lengths checked by the caller (x, dx from `off`); dx is a
+        // distinct buffer; the guards keep every buffer alive until the launch is
+        // queued.
         unsafe { self.tune("tune_layer_norm_bwd_f32", self.geom.rows(rows), &p) }
     }
 
-    fn token_shift_bwd(
+    unsafe fn raw_token_shift_bwd(
         &self,
         t: usize,
         c: usize,
@@ -148,8 +145,6 @@ impl BackwardOps for CudaOps {
         dstate: &mut CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let lens: Vec<usize> = dmix.iter().map(|d| d.len()).collect();
-        check::token_shift_bwd(t, c, &lens, mu.len(), dstate.len(), dx.len())?;
         let st = &self.gpu().stream;
         let guards: Vec<_> = dmix.iter().map(|d| d.device_ptr(st)).collect();
         let mut d = [0u64; 6];
@@ -173,13 +168,13 @@ impl BackwardOps for CudaOps {
             dstate: sp,
             dx: xp,
         };
-        // SAFETY: lengths checked above (the kernel reads only the n_mix
-        // given mixes); dstate and dx are distinct buffers; guards alive
-        // until queued.
+        // SAFETY: lengths checked by the caller (the kernel reads only the n_mix
+        // given mixes); dstate and dx are distinct buffers; guards alive until
+        // queued.
         unsafe { self.tune("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
     }
 
-    fn act_bwd(
+    unsafe fn raw_act_bwd(
         &self,
         mode: Act,
         n: usize,
@@ -188,7 +183,6 @@ impl BackwardOps for CudaOps {
         bias: Option<&CudaSlice<f32>>,
         dy: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::act_bwd(n, c, pre.len(), bias.map(|b| b.len()), dy.len())?;
         let st = &self.gpu().stream;
         let (pp, _g1) = pre.device_ptr(st);
         let bp = bias.map(|b| b.device_ptr(st));
@@ -201,11 +195,12 @@ impl BackwardOps for CudaOps {
             bias: bp.as_ref().map_or(0, |(q, _)| *q),
             dy: dp,
         };
-        // SAFETY: pre, dy ≥ n floats, bias ≥ C (checked); guards alive until queued.
+        // SAFETY: pre, dy ≥ n floats, bias ≥ C (checked by the caller); guards
+        // alive until queued.
         unsafe { self.tune("tune_act_bwd_f32", self.geom.elems(n), &p) }
     }
 
-    fn kk_prep_bwd(
+    unsafe fn raw_kk_prep_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -214,26 +209,6 @@ impl BackwardOps for CudaOps {
         dk: &mut CudaSlice<f32>,
         dda: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep_bwd",
-            rows,
-            h,
-            n,
-            &[
-                ("k", x.k.len()),
-                ("da", x.da.len()),
-                ("d_kout", x.d_kout.len()),
-                ("d_a", x.d_a.len()),
-                ("d_b", x.d_b.len()),
-                ("dk", dk.len()),
-                ("dda", dda.len()),
-            ],
-            &[
-                ("a0", x.a0.len()),
-                ("k_k", x.k_k.len()),
-                ("k_a", x.k_a.len()),
-            ],
-        )?;
         let st = &self.gpu().stream;
         let (kp, _g1) = x.k.device_ptr(st);
         let (dap, _g2) = x.da.device_ptr(st);
@@ -260,12 +235,12 @@ impl BackwardOps for CudaOps {
             dk: dkp,
             dda: ddap,
         };
-        // SAFETY: lengths checked above; the outputs are distinct buffers;
+        // SAFETY: lengths checked by the caller; the outputs are distinct buffers;
         // guards alive until queued.
         unsafe { self.tune("tune_kk_prep_bwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn value_residual_bwd(
+    unsafe fn raw_value_residual_bwd(
         &self,
         n: usize,
         c: usize,
@@ -277,20 +252,6 @@ impl BackwardOps for CudaOps {
         dvf: &mut CudaSlice<f32>,
         ddv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::elems(
-            "value_residual_bwd",
-            n,
-            c,
-            &[
-                ("vraw", vraw.len()),
-                ("v_first", v_first.len()),
-                ("dvp", dvp.len()),
-                ("dv", dv.len()),
-                ("dvf", dvf.len()),
-                ("ddv", ddv.len()),
-            ],
-            &[("v0", v0.len())],
-        )?;
         let st = &self.gpu().stream;
         let (rp, _g1) = vraw.device_ptr(st);
         let (fp, _g2) = v_first.device_ptr(st);
@@ -310,12 +271,12 @@ impl BackwardOps for CudaOps {
             dvf: dvfq,
             ddv: ddvq,
         };
-        // SAFETY: lengths checked above; outputs are distinct buffers;
+        // SAFETY: lengths checked by the caller; outputs are distinct buffers;
         // guards alive until queued.
         unsafe { self.tune("tune_value_residual_bwd_f32", self.geom.elems(n), &p) }
     }
 
-    fn group_norm_bwd(
+    unsafe fn raw_group_norm_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -324,7 +285,6 @@ impl BackwardOps for CudaOps {
         x: &GnBwdBufs<'_, CudaSlice<f32>>,
         g: GnBwdGrads<'_, CudaSlice<f32>>,
     ) -> Result<()> {
-        check_gn_bwd(rows, h, n, x, &g, |b| b.len())?;
         let st = &self.gpu().stream;
         let (yp, _g1) = x.y.device_ptr(st);
         let (wp, _g2) = x.weight.device_ptr(st);
@@ -360,12 +320,12 @@ impl BackwardOps for CudaOps {
             dv: dvp,
             dg: dgp,
         };
-        // SAFETY: lengths checked above; the five outputs are distinct
+        // SAFETY: lengths checked by the caller; the five outputs are distinct
         // buffers; guards alive until queued.
         unsafe { self.tune("tune_group_norm_bwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn wkv_bwd(
+    unsafe fn raw_wkv_bwd(
         &self,
         t: usize,
         h: usize,
@@ -376,16 +336,6 @@ impl BackwardOps for CudaOps {
         grads: [&mut CudaSlice<f32>; 6],
         dh0: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let names = ["r", "w", "k", "v", "a", "b"];
-        let gnames = ["dr", "dw", "dk", "dv", "da", "db"];
-        let mut seq: Vec<(&str, usize)> = names
-            .iter()
-            .copied()
-            .zip(rwkvab.iter().map(|b| b.len()))
-            .collect();
-        seq.push(("dy", dy.len()));
-        seq.extend(gnames.iter().copied().zip(grads.iter().map(|b| b.len())));
-        check::wkv_bwd(t, h, n, &seq, &[("h0", h0.len()), ("dh0", dh0.len())])?;
         let d = crate::wkv7::Dims { b: 1, t, h, n };
         let gpu = self.gpu();
         let [r, w, k, v, a, b] = rwkvab;
@@ -423,7 +373,7 @@ impl BackwardOps for CudaOps {
         Ok(())
     }
 
-    fn xent(
+    unsafe fn raw_xent(
         &self,
         rows: usize,
         v: usize,
@@ -434,20 +384,11 @@ impl BackwardOps for CudaOps {
         lam: f32,
         loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::xent(
-            rows,
-            v,
-            logits.len(),
-            targets,
-            mask,
-            soft.map(|s| s.len()),
-            loss.len(),
-        )?;
         if rows == 0 {
             return Ok(());
         }
         let st = &self.gpu().stream;
-        // every target < V ≤ i32::MAX (checked)
+        // every target < V ≤ i32::MAX (checked by the caller)
         let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
         let tg = st.clone_htod(&tg).map_err(cuda_err)?;
         let mk = st.clone_htod(&mask[..rows]).map_err(cuda_err)?;
@@ -466,13 +407,13 @@ impl BackwardOps for CudaOps {
             soft: sp.as_ref().map_or(0, |(q, _)| *q),
             loss: lossp,
         };
-        // SAFETY: logits (and soft) ≥ rows·V floats, loss ≥ rows (checked);
-        // tg / mk hold rows in-range ids / weights (uploaded above, freed
+        // SAFETY: logits (and soft) ≥ rows·V floats, loss ≥ rows (checked by the
+        // caller); tg / mk hold rows in-range ids / weights (uploaded above, freed
         // only after the stream-ordered launch); guards alive until queued.
         unsafe { self.tune("tune_xent_f32", block_geom(&self.geom, rows), &p) }
     }
 
-    fn outer_acc(
+    unsafe fn raw_outer_acc(
         &self,
         rows: usize,
         h: usize,
@@ -480,7 +421,6 @@ impl BackwardOps for CudaOps {
         r: &CudaSlice<f32>,
         acc: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::outer_acc(rows, h, n, r.len(), acc.len())?;
         let st = &self.gpu().stream;
         let (rp, _g1) = r.device_ptr(st);
         let (ap, _g2) = acc.device_ptr_mut(st);
@@ -491,11 +431,12 @@ impl BackwardOps for CudaOps {
             r: rp,
             acc: ap,
         };
-        // SAFETY: r ≥ rows·H·N, acc ≥ H·N·N floats (checked); guards alive until queued.
+        // SAFETY: r ≥ rows·H·N, acc ≥ H·N·N floats (checked by the caller); guards
+        // alive until queued.
         unsafe { self.tune("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
     }
 
-    fn up_fwd(
+    unsafe fn raw_up_fwd(
         &self,
         rows: usize,
         h: usize,
@@ -505,7 +446,6 @@ impl BackwardOps for CudaOps {
         phi: &mut CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
         if rows == 0 {
             return Ok(());
         }
@@ -528,13 +468,13 @@ impl BackwardOps for CudaOps {
             phi: pp,
             y: yp,
         };
-        // SAFETY: r, y ≥ rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M,
-        // phi ≥ rows·H·M floats (checked); phi and y are distinct buffers
+        // SAFETY: r, y ≥ rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥
+        // rows·H·M floats (checked by the caller); phi and y are distinct buffers
         // (&mut borrows); guards alive until queued.
         unsafe { self.tune("tune_up_fwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn up_bwd(
+    unsafe fn raw_up_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -546,7 +486,6 @@ impl BackwardOps for CudaOps {
         du: &mut CudaSlice<f32>,
         dr: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
         if rows == 0 {
             return Ok(());
         }
@@ -573,8 +512,8 @@ impl BackwardOps for CudaOps {
             du: dup,
             dr: drp,
         };
-        // SAFETY: r, dy, dr ≥ rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N,
-        // gamma ≥ H, u and du ≥ H·N·M floats (checked); du and dr are
+        // SAFETY: r, dy, dr ≥ rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N, gamma ≥
+        // H, u and du ≥ H·N·M floats (checked by the caller); du and dr are
         // distinct buffers (&mut borrows); guards alive until both are queued.
         unsafe {
             self.tune("tune_up_bwd_du_f32", self.geom.elems(h * n * k.m), &p)?;
@@ -582,7 +521,7 @@ impl BackwardOps for CudaOps {
         }
     }
 
-    fn batched_matmul(
+    unsafe fn raw_batched_matmul(
         &self,
         groups: usize,
         n: usize,
@@ -591,7 +530,6 @@ impl BackwardOps for CudaOps {
         trans_b: bool,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::batched_matmul(groups, n, a.len(), b.len(), out.len())?;
         let st = &self.gpu().stream;
         let (ap, _g1) = a.device_ptr(st);
         let (bp, _g2) = b.device_ptr(st);
@@ -604,8 +542,8 @@ impl BackwardOps for CudaOps {
             b: bp,
             out: op,
         };
-        // SAFETY: a, b, out ≥ groups·N·N floats (checked); out is a distinct
-        // buffer; guards alive until queued.
+        // SAFETY: a, b, out ≥ groups·N·N floats (checked by the caller); out is a
+        // distinct buffer; guards alive until queued.
         unsafe {
             self.tune(
                 "tune_batched_matmul_f32",
@@ -615,7 +553,7 @@ impl BackwardOps for CudaOps {
         }
     }
 
-    fn adam(
+    unsafe fn raw_adam(
         &self,
         n: usize,
         s: &AdamStep,
@@ -624,7 +562,6 @@ impl BackwardOps for CudaOps {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::adam(n, p.len(), g.len(), m.len(), v.len())?;
         let st = &self.gpu().stream;
         let (gp, _g1) = g.device_ptr(st);
         let (pp, _g2) = p.device_ptr_mut(st);
@@ -645,13 +582,12 @@ impl BackwardOps for CudaOps {
             m: mp,
             v: vp,
         };
-        // SAFETY: p, g, m, v ≥ n floats (checked); p, m, v distinct buffers;
-        // guards alive until queued.
+        // SAFETY: p, g, m, v ≥ n floats (checked by the caller); p, m, v distinct
+        // buffers; guards alive until queued.
         unsafe { self.tune("tune_adam_f32", self.geom.elems(n), &q) }
     }
 
-    fn sumsq(&self, n: usize, x: &CudaSlice<f32>) -> Result<f64> {
-        need("x", x.len(), 0, n)?;
+    unsafe fn raw_sumsq(&self, n: usize, x: &CudaSlice<f32>) -> Result<f64> {
         super::fits_i32("sumsq", &[n])?;
         let g = block_geom(&self.geom, sumsq_blocks(&self.geom, n));
         let mut partial = self.zeros(g.0 .0 as usize)?;
@@ -664,8 +600,8 @@ impl BackwardOps for CudaOps {
                 x: xp,
                 partial: pp,
             };
-            // SAFETY: x ≥ n floats (checked); partial holds one float per
-            // block of the grid launched; guards alive until queued.
+            // SAFETY: x ≥ n floats (checked by the caller); partial holds one
+            // float per block of the grid launched; guards alive until queued.
             unsafe { self.tune("tune_sumsq_f32", g, &p)? };
         }
         let h = self.download(&partial)?;

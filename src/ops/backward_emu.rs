@@ -3,13 +3,10 @@
 //! [`BackwardOps::matmul_t`] runs in Rust ([`bref::matmul_t`], as
 //! [`DeviceOps::matmul`] does on this backend) and the WKV backward runs the
 //! emulated `kernels/wkv7_v1.cu`.
-use super::backward::{
-    check, check_gn_bwd, check_up_bwd, check_up_fwd, host_wkv_bwd, BackwardOps, GnBwdBufs,
-    GnBwdGrads, KkBwdBufs, UpBufs,
-};
+use super::backward::{host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use super::backward_ref::{self as bref, AdamStep};
 use super::emu::EmuOps;
-use super::{need, Act, Geom};
+use super::{Act, Geom};
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
 use crate::params::{
@@ -46,14 +43,15 @@ fn ptr_mut(s: &mut [f32]) -> u64 {
 
 /// # Safety
 /// The pointers in `p` must satisfy what `kernels/params.h` documents for
-/// `P` at its sizes (the callers check every length first).
+/// `P` at its sizes (the provided [`BackwardOps`] methods check every
+/// length before calling the hooks that launch).
 unsafe fn run<P: EmuParams>(name: &str, g: (Dims3, Dims3), p: &P) -> Result<()> {
     // SAFETY: forwarded from the caller.
     unsafe { launch_ops(name, g.0, g.1, p) }
 }
 
 impl BackwardOps for EmuOps {
-    fn matmul_t(
+    unsafe fn raw_matmul_t(
         &self,
         dy: &Vec<f32>,
         m: usize,
@@ -62,12 +60,11 @@ impl BackwardOps for EmuOps {
         k: usize,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        check::matmul_t(dy.len(), m, w.len(), n, k, dx.len())?;
         bref::matmul_t(dy, m, w, n, k, dx);
         Ok(())
     }
 
-    fn layer_norm_bwd(
+    unsafe fn raw_layer_norm_bwd(
         &self,
         x: &Vec<f32>,
         off: usize,
@@ -78,7 +75,6 @@ impl BackwardOps for EmuOps {
         dy: &Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layer_norm_bwd(x.len(), off, rows, c, weight.len(), dy.len(), dx.len())?;
         let p = LayerNormBwdParams {
             rows: rows as i32,
             C: c as i32,
@@ -88,13 +84,13 @@ impl BackwardOps for EmuOps {
             dy: ptr(dy),
             dx: ptr_mut(&mut dx[off..]),
         };
-        // SAFETY: checked above: x and dx hold rows·C floats from `off`,
-        // weight ≥ C, dy ≥ rows·C; dx is a distinct &mut borrow; all alive
+        // SAFETY: sizes checked by the caller: x and dx hold rows·C floats from
+        // `off`, weight ≥ C, dy ≥ rows·C; dx is a distinct &mut borrow; all alive
         // for the synchronous call.
         unsafe { run("tune_layer_norm_bwd_f32", self.geom.rows(rows), &p) }
     }
 
-    fn token_shift_bwd(
+    unsafe fn raw_token_shift_bwd(
         &self,
         t: usize,
         c: usize,
@@ -103,8 +99,6 @@ impl BackwardOps for EmuOps {
         dstate: &mut Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        let lens: Vec<usize> = dmix.iter().map(|d| d.len()).collect();
-        check::token_shift_bwd(t, c, &lens, mu.len(), dstate.len(), dx.len())?;
         let mut d = [0u64; 6];
         for (slot, b) in d.iter_mut().zip(dmix) {
             *slot = ptr(b);
@@ -123,13 +117,13 @@ impl BackwardOps for EmuOps {
             dstate: ptr_mut(dstate),
             dx: ptr_mut(dx),
         };
-        // SAFETY: checked above: 1 ≤ n_mix ≤ 6 mixes of ≥ T·C floats (the
-        // kernel reads only d0..d{n_mix−1}), mu ≥ n_mix·C, dstate ≥ C,
-        // dx ≥ T·C; dstate and dx are distinct &mut borrows.
+        // SAFETY: sizes checked by the caller: 1 ≤ n_mix ≤ 6 mixes of ≥ T·C floats
+        // (the kernel reads only d0..d{n_mix−1}), mu ≥ n_mix·C, dstate ≥ C, dx ≥
+        // T·C; dstate and dx are distinct &mut borrows.
         unsafe { run("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
     }
 
-    fn act_bwd(
+    unsafe fn raw_act_bwd(
         &self,
         mode: Act,
         n: usize,
@@ -138,7 +132,6 @@ impl BackwardOps for EmuOps {
         bias: Option<&Vec<f32>>,
         dy: &mut Vec<f32>,
     ) -> Result<()> {
-        check::act_bwd(n, c, pre.len(), bias.map(|b| b.len()), dy.len())?;
         let p = ActBwdParams {
             n: n as i32,
             C: c as i32,
@@ -147,11 +140,12 @@ impl BackwardOps for EmuOps {
             bias: bias.map_or(0, |b| ptr(b)),
             dy: ptr_mut(dy),
         };
-        // SAFETY: checked above: pre and dy ≥ n floats, bias (if any) ≥ C.
+        // SAFETY: sizes checked by the caller: pre and dy ≥ n floats, bias (if
+        // any) ≥ C.
         unsafe { run("tune_act_bwd_f32", self.geom.elems(n), &p) }
     }
 
-    fn kk_prep_bwd(
+    unsafe fn raw_kk_prep_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -160,26 +154,6 @@ impl BackwardOps for EmuOps {
         dk: &mut Vec<f32>,
         dda: &mut Vec<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep_bwd",
-            rows,
-            h,
-            n,
-            &[
-                ("k", x.k.len()),
-                ("da", x.da.len()),
-                ("d_kout", x.d_kout.len()),
-                ("d_a", x.d_a.len()),
-                ("d_b", x.d_b.len()),
-                ("dk", dk.len()),
-                ("dda", dda.len()),
-            ],
-            &[
-                ("a0", x.a0.len()),
-                ("k_k", x.k_k.len()),
-                ("k_a", x.k_a.len()),
-            ],
-        )?;
         let p = KkPrepBwdParams {
             rows: rows as i32,
             H: h as i32,
@@ -195,12 +169,12 @@ impl BackwardOps for EmuOps {
             dk: ptr_mut(dk),
             dda: ptr_mut(dda),
         };
-        // SAFETY: checked above ([rows, C] tensors ≥ rows·H·N floats, [C]
-        // vectors ≥ H·N); the two outputs are distinct &mut borrows.
+        // SAFETY: sizes checked by the caller ([rows, C] tensors ≥ rows·H·N
+        // floats, [C] vectors ≥ H·N); the two outputs are distinct &mut borrows.
         unsafe { run("tune_kk_prep_bwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn value_residual_bwd(
+    unsafe fn raw_value_residual_bwd(
         &self,
         n: usize,
         c: usize,
@@ -212,20 +186,6 @@ impl BackwardOps for EmuOps {
         dvf: &mut Vec<f32>,
         ddv: &mut Vec<f32>,
     ) -> Result<()> {
-        check::elems(
-            "value_residual_bwd",
-            n,
-            c,
-            &[
-                ("vraw", vraw.len()),
-                ("v_first", v_first.len()),
-                ("dvp", dvp.len()),
-                ("dv", dv.len()),
-                ("dvf", dvf.len()),
-                ("ddv", ddv.len()),
-            ],
-            &[("v0", v0.len())],
-        )?;
         let p = ValueResidualBwdParams {
             n: n as i32,
             C: c as i32,
@@ -237,12 +197,12 @@ impl BackwardOps for EmuOps {
             dvf: ptr_mut(dvf),
             ddv: ptr_mut(ddv),
         };
-        // SAFETY: checked above (every [n] buffer ≥ n floats, v0 ≥ C); the
-        // three outputs are distinct &mut borrows.
+        // SAFETY: sizes checked by the caller (every [n] buffer ≥ n floats, v0 ≥
+        // C); the three outputs are distinct &mut borrows.
         unsafe { run("tune_value_residual_bwd_f32", self.geom.elems(n), &p) }
     }
 
-    fn group_norm_bwd(
+    unsafe fn raw_group_norm_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -251,7 +211,6 @@ impl BackwardOps for EmuOps {
         x: &GnBwdBufs<'_, Vec<f32>>,
         g: GnBwdGrads<'_, Vec<f32>>,
     ) -> Result<()> {
-        check_gn_bwd(rows, h, n, x, &g, |b| b.len())?;
         let p = GroupNormBwdParams {
             rows: rows as i32,
             H: h as i32,
@@ -272,12 +231,12 @@ impl BackwardOps for EmuOps {
             dv: ptr_mut(g.dv),
             dg: ptr_mut(g.dg),
         };
-        // SAFETY: checked above ([rows, C] tensors ≥ rows·H·N floats, [C]
-        // vectors ≥ H·N); the five outputs are distinct &mut borrows.
+        // SAFETY: sizes checked by the caller ([rows, C] tensors ≥ rows·H·N
+        // floats, [C] vectors ≥ H·N); the five outputs are distinct &mut borrows.
         unsafe { run("tune_group_norm_bwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn wkv_bwd(
+    unsafe fn raw_wkv_bwd(
         &self,
         t: usize,
         h: usize,
@@ -301,7 +260,7 @@ impl BackwardOps for EmuOps {
         )
     }
 
-    fn xent(
+    unsafe fn raw_xent(
         &self,
         rows: usize,
         v: usize,
@@ -312,16 +271,7 @@ impl BackwardOps for EmuOps {
         lam: f32,
         loss: &mut Vec<f32>,
     ) -> Result<()> {
-        check::xent(
-            rows,
-            v,
-            logits.len(),
-            targets,
-            mask,
-            soft.map(|s| s.len()),
-            loss.len(),
-        )?;
-        // every target < V ≤ i32::MAX (checked)
+        // every target < V ≤ i32::MAX (checked by the caller)
         let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
         let p = XentParams {
             rows: rows as i32,
@@ -333,13 +283,13 @@ impl BackwardOps for EmuOps {
             soft: soft.map_or(0, |s| ptr(s)),
             loss: ptr_mut(loss),
         };
-        // SAFETY: checked above: logits (and soft, if any) ≥ rows·V floats,
-        // tg holds rows in-range ids, mask ≥ rows, loss ≥ rows; logits and
+        // SAFETY: sizes checked by the caller: logits (and soft, if any) ≥ rows·V
+        // floats, tg holds rows in-range ids, mask ≥ rows, loss ≥ rows; logits and
         // loss are distinct &mut borrows; all alive for the call.
         unsafe { run("tune_xent_f32", block_geom(&self.geom, rows), &p) }
     }
 
-    fn outer_acc(
+    unsafe fn raw_outer_acc(
         &self,
         rows: usize,
         h: usize,
@@ -347,7 +297,6 @@ impl BackwardOps for EmuOps {
         r: &Vec<f32>,
         acc: &mut Vec<f32>,
     ) -> Result<()> {
-        check::outer_acc(rows, h, n, r.len(), acc.len())?;
         let p = OuterAccParams {
             rows: rows as i32,
             H: h as i32,
@@ -355,12 +304,12 @@ impl BackwardOps for EmuOps {
             r: ptr(r),
             acc: ptr_mut(acc),
         };
-        // SAFETY: checked above: r ≥ rows·H·N floats, acc ≥ H·N·N (a
+        // SAFETY: sizes checked by the caller: r ≥ rows·H·N floats, acc ≥ H·N·N (a
         // distinct &mut borrow).
         unsafe { run("tune_outer_acc_f32", self.geom.elems(h * n * n), &p) }
     }
 
-    fn up_fwd(
+    unsafe fn raw_up_fwd(
         &self,
         rows: usize,
         h: usize,
@@ -370,7 +319,6 @@ impl BackwardOps for EmuOps {
         phi: &mut Vec<f32>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        check_up_fwd(rows, h, n, k, r, phi, y, |b| b.len())?;
         let p = UpFwdParams {
             rows: rows as i32,
             H: h as i32,
@@ -383,13 +331,13 @@ impl BackwardOps for EmuOps {
             phi: ptr_mut(phi),
             y: ptr_mut(y),
         };
-        // SAFETY: checked above: r, y ≥ rows·H·N floats, centres ≥ H·M·N,
-        // gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M; phi and y are distinct &mut
+        // SAFETY: sizes checked by the caller: r, y ≥ rows·H·N floats, centres ≥
+        // H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M; phi and y are distinct &mut
         // borrows (so they alias nothing); all alive for the call.
         unsafe { run("tune_up_fwd_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn up_bwd(
+    unsafe fn raw_up_bwd(
         &self,
         rows: usize,
         h: usize,
@@ -401,7 +349,6 @@ impl BackwardOps for EmuOps {
         du: &mut Vec<f32>,
         dr: &mut Vec<f32>,
     ) -> Result<()> {
-        check_up_bwd(rows, h, n, k, [r, phi, dy, &*du, &*dr], |b| b.len())?;
         let p = UpBwdParams {
             rows: rows as i32,
             H: h as i32,
@@ -416,16 +363,16 @@ impl BackwardOps for EmuOps {
             du: ptr_mut(du),
             dr: ptr_mut(dr),
         };
-        // SAFETY: checked above: r, dy, dr ≥ rows·H·N floats, phi ≥
-        // rows·H·M, centres ≥ H·M·N, gamma ≥ H, u and du ≥ H·N·M; du and dr
-        // are distinct &mut borrows; all alive for the two calls.
+        // SAFETY: sizes checked by the caller: r, dy, dr ≥ rows·H·N floats, phi ≥
+        // rows·H·M, centres ≥ H·M·N, gamma ≥ H, u and du ≥ H·N·M; du and dr are
+        // distinct &mut borrows; all alive for the two calls.
         unsafe {
             run("tune_up_bwd_du_f32", self.geom.elems(h * n * k.m), &p)?;
             run("tune_up_bwd_dr_f32", self.geom.rows(rows * h), &p)
         }
     }
 
-    fn batched_matmul(
+    unsafe fn raw_batched_matmul(
         &self,
         groups: usize,
         n: usize,
@@ -434,7 +381,6 @@ impl BackwardOps for EmuOps {
         trans_b: bool,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check::batched_matmul(groups, n, a.len(), b.len(), out.len())?;
         let p = BatchedMatmulParams {
             groups: groups as i32,
             N: n as i32,
@@ -443,8 +389,8 @@ impl BackwardOps for EmuOps {
             b: ptr(b),
             out: ptr_mut(out),
         };
-        // SAFETY: checked above: a, b, out ≥ groups·N·N floats; out is a
-        // &mut borrow, so it aliases neither a nor b.
+        // SAFETY: sizes checked by the caller: a, b, out ≥ groups·N·N floats; out
+        // is a &mut borrow, so it aliases neither a nor b.
         unsafe {
             run(
                 "tune_batched_matmul_f32",
@@ -454,7 +400,7 @@ impl BackwardOps for EmuOps {
         }
     }
 
-    fn adam(
+    unsafe fn raw_adam(
         &self,
         n: usize,
         s: &AdamStep,
@@ -463,7 +409,6 @@ impl BackwardOps for EmuOps {
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) -> Result<()> {
-        check::adam(n, p.len(), g.len(), m.len(), v.len())?;
         let q = AdamParams {
             n: n as i32,
             lr: s.lr,
@@ -479,13 +424,12 @@ impl BackwardOps for EmuOps {
             m: ptr_mut(m),
             v: ptr_mut(v),
         };
-        // SAFETY: checked above: p, g, m, v ≥ n floats; p, m, v are
+        // SAFETY: sizes checked by the caller: p, g, m, v ≥ n floats; p, m, v are
         // distinct &mut borrows.
         unsafe { run("tune_adam_f32", self.geom.elems(n), &q) }
     }
 
-    fn sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {
-        need("x", x.len(), 0, n)?;
+    unsafe fn raw_sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {
         super::fits_i32("sumsq", &[n])?;
         let g = block_geom(&self.geom, sumsq_blocks(&self.geom, n));
         let mut partial = vec![0f32; g.0 .0 as usize];
@@ -494,8 +438,8 @@ impl BackwardOps for EmuOps {
             x: ptr(x),
             partial: ptr_mut(&mut partial),
         };
-        // SAFETY: x ≥ n floats (checked), partial holds one float per block
-        // of the grid launched (allocated above from the same geometry).
+        // SAFETY: x ≥ n floats (checked by the caller), partial holds one float
+        // per block of the grid launched (allocated above from the same geometry).
         unsafe { run("tune_sumsq_f32", g, &p)? };
         Ok(partial.iter().map(|&v| v as f64).sum())
     }
