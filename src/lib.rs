@@ -2,7 +2,7 @@
 //! with hand-written CUDA kernels that also run on the CPU under emulation.
 //!
 //! Module map (one job each):
-//! - [`bench`]: the WKV-7 benchmark suite (bytes, FLOPs, timing, tables).
+//! - [`mod@bench`]: the WKV-7 benchmark suite (bytes, FLOPs, timing, tables).
 //! - [`wkv7`]: the WKV-7 recurrence — API with shape checks, CPU reference,
 //!   emulated kernels, CUDA kernels.
 //! - [`params`]: kernel parameter structs generated from `kernels/params.h`.

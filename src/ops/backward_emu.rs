@@ -1,7 +1,7 @@
 //! [`BackwardOps`] on the CPU emulator: `kernels/tune_ops.cu` compiled for
 //! the CPU (see `crate::emu`), on host `Vec<f32>` buffers. The GEMM
 //! [`BackwardOps::matmul_t`] runs in Rust ([`bref::matmul_t`], as
-//! [`DeviceOps::matmul`] does on this backend) and the WKV backward runs the
+//! [`super::DeviceOps::matmul`] does on this backend) and the WKV backward runs the
 //! emulated `kernels/wkv7_v1.cu`.
 use super::backward::{host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use super::backward_ref::{self as bref, AdamStep};

@@ -5,7 +5,7 @@
 //!
 //! | impl | buffers | element-wise ops | GEMM | WKV |
 //! |---|---|---|---|---|
-//! | [`CpuOps`] | `Vec<f32>` | [`reference`] (Rust twins) | [`reference::matmul`] | `wkv7` Cpu |
+//! | [`CpuOps`] | `Vec<f32>` | [`reference`](mod@reference) (Rust twins) | [`reference::matmul`] | `wkv7` Cpu |
 //! | [`emu::EmuOps`] | `Vec<f32>` | `kernels/model_ops.cu` on the CPU emulator | [`reference::matmul`] / [`reference::matmul_bf16`] | `wkv7` Emu |
 //! | [`cuda::CudaOps`] | `CudaSlice<f32>` | `kernels/model_ops.cu` on the GPU | cuBLAS sgemm / `cublasGemmEx` bf16 | `wkv7::cuda::forward_dev` |
 //!
@@ -479,7 +479,7 @@ pub(crate) mod check {
 
 // ---- the CPU implementation (the Rust twins) -------------------------------
 
-/// The operations on the CPU: [`reference`] functions on `Vec<f32>`.
+/// The operations on the CPU: [`reference`](mod@reference) functions on `Vec<f32>`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
 

@@ -1,6 +1,7 @@
-//! The state-tuning loop: batches from a [`Loader`], gradients from
-//! [`grad::loss_and_grad`], Adam with the warm-up/decay schedule and global
-//! norm clipping, validation before and after (loss, bits per token, and
+//! The state-tuning loop: batches from a [`Loader`], one optimiser step per
+//! batch from an [`Engine`] (the CPU engine, the device engine, the
+//! upscaled engines: loss, gradient, clipping, Adam), the warm-up/decay
+//! schedule, validation before and after (loss, bits per token, and
 //! exact-match accuracy of the greedy response where the data has
 //! prompt/response pairs), a JSON-lines metrics log, a PNG loss curve,
 //! atomic checkpoints and exact resume.

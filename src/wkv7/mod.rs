@@ -3,7 +3,7 @@
 //!
 //! | backend | module | what runs |
 //! |---|---|---|
-//! | [`Backend::Cpu`] | [`reference`] | Rust loops (f32 here; f64 available for tests) |
+//! | [`Backend::Cpu`] | [`reference`](mod@reference) | Rust loops (f32 here; f64 available for tests) |
 //! | [`Backend::Emu`] | [`emu`] | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
 //! | [`Backend::Cuda`] | [`cuda`] | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
 //!
