@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use rwkv_tune::model::sample::log_softmax;
-use rwkv_tune::model::{argmax, Logits, Model};
+use rwkv_tune::model::{argmax, Logits, Model, State};
 use rwkv_tune::tokenizer::Tokenizer;
 
 use crate::generate::{tokenizer_for, Device};
@@ -14,7 +14,7 @@ use crate::generate::{tokenizer_for, Device};
 #[command(
     long_about = "Evaluate a model on a dataset.\n\n\
     JSONL files (one {\"text\": ...} object per line) are evaluated document by document, each \
-    from the zero state. Reported: the mean loss over all predicted tokens (nats/token), bits per \
+    from the zero state (or the --state file). Reported: the mean loss over all predicted tokens (nats/token), bits per \
     byte, perplexity, and LAMBADA-style last-word accuracy: the last word is everything after \
     the last space (the space included), the context everything before it; a document counts \
     as correct when greedy decoding from the context reproduces the last word's tokens exactly. \
@@ -44,6 +44,11 @@ pub struct EvalArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Start every document (or the plain-text stream) from this state file
+    /// (ai00 / web-rwkv layout, e.g. from `rwkv-tune tune --out`) instead of
+    /// the zero state. An upscale sidecar next to it is not used by eval.
+    #[arg(long, value_name = "STATE.safetensors")]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -91,6 +96,22 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         bail!("--device cuda is not yet supported for eval; use --device cpu");
     }
     let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let start_state = match &a.state {
+        Some(p) => {
+            let st = State::load(p, model.config())
+                .with_context(|| format!("loading state {}", p.display()))?;
+            println!("initial state:    {}", p.display());
+            let side = rwkv_tune::tune::upscale::sidecar_path(p);
+            if side.is_file() {
+                println!(
+                    "note: {} (upscaled read-out) is not used by eval; the N×N states are",
+                    side.display()
+                );
+            }
+            st
+        }
+        None => model.new_state(),
+    };
     let tok = tokenizer_for(a.tokenizer.as_deref(), model.config().vocab)?;
     let prefix: Vec<u32> = if matches!(tok, Tokenizer::World(_)) {
         vec![0]
@@ -136,7 +157,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let tgt_ids = tok.encode(target)?;
             let mut all = ctx_ids.clone();
             all.extend_from_slice(&tgt_ids);
-            let mut state = model.new_state();
+            let mut state = start_state.clone();
             let scored = score(&model, &tok, &prefix, &all, &mut tot, &mut state)?;
             tot.docs += 1;
             if !tgt_ids.is_empty() && scored.len() >= tgt_ids.len() {
@@ -167,7 +188,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             ProgressStyle::with_template("{bar:40} {pos}/{len} tokens [{elapsed} < {eta}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let mut state = model.new_state();
+        let mut state = start_state.clone();
         let chunk = a.chunk.max(2);
         // Chunks overlap by one token so every token after the first is scored once.
         let mut startpos = 0;
