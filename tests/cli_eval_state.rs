@@ -1,6 +1,7 @@
 //! `rwkv-tune eval --state`: a state tuned on the synthetic demo task lowers
 //! the evaluation loss of held-out task texts against the zero state, and
-//! evaluating with the zero state file equals evaluating without one.
+//! evaluating with the zero state file equals evaluating without one; the
+//! emulated device forward (`--device emu`) prints the same loss as the CPU.
 use std::process::Command;
 
 use rwkv_tune::model::{Model, Naming, StoreDType};
@@ -74,5 +75,15 @@ fn eval_with_a_tuned_state_beats_the_zero_state() {
         with_tuned < base - 0.3,
         "the tuned state should lower the loss by > 0.3 nats/token: {base:.4} -> {with_tuned:.4}"
     );
+    // the device forward (emulated kernels) gives the same numbers
+    let tuned_s = tuned.to_str().unwrap();
+    let cpu6 = eval_loss(&[
+        "--model", m, "--data", d, "--state", tuned_s, "--limit", "6",
+    ]);
+    let emu6 = eval_loss(&[
+        "--model", m, "--data", d, "--state", tuned_s, "--limit", "6", "--device", "emu",
+    ]);
+    println!("first 6 documents: cpu {cpu6:.4}, emu {emu6:.4}");
+    assert!((cpu6 - emu6).abs() <= 2e-4, "cpu {cpu6} vs emu {emu6}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use rwkv_tune::model::sample::log_softmax;
-use rwkv_tune::model::{argmax, Logits, Model, State};
+use rwkv_tune::model::{argmax, Logits, State};
 use rwkv_tune::tokenizer::Tokenizer;
 
-use crate::generate::{tokenizer_for, Device};
+use crate::generate::{tokenizer_for, Device, Gemm, Runner};
 
 #[derive(clap::Args)]
 #[command(
@@ -41,7 +41,8 @@ pub struct EvalArgs {
     /// Tokens per forward pass for plain-text files.
     #[arg(long, default_value_t = 4096)]
     pub chunk: usize,
-    /// Device to run on.
+    /// Device to run on: cpu, cuda (the device forward: cuBLAS and the
+    /// project's kernels) or emu (the same kernels on the CPU emulator; slow).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// Start every document (or the plain-text stream) from this state file
@@ -53,6 +54,7 @@ pub struct EvalArgs {
 
 #[derive(Default)]
 struct Totals {
+    vocab: usize,
     nll: f64,
     tokens: usize,
     bytes: usize,
@@ -63,7 +65,7 @@ struct Totals {
 }
 
 fn score(
-    model: &Model,
+    model: &Runner,
     tok: &Tokenizer,
     prefix: &[u32],
     toks: &[u32],
@@ -71,7 +73,7 @@ fn score(
     state: &mut rwkv_tune::model::State,
 ) -> anyhow::Result<Vec<(f64, bool)>> {
     // Returns (nll, argmax-correct) for each token of `toks` that is predicted.
-    let v = model.config().vocab;
+    let v = tot.vocab;
     let mut input = prefix.to_vec();
     input.extend_from_slice(toks);
     if input.len() < 2 {
@@ -92,14 +94,11 @@ fn score(
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    if a.device == Device::Cuda {
-        bail!("--device cuda is not yet supported for eval; use --device cpu");
-    }
-    let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let (model, cfg) = Runner::load(&a.model, a.device, Gemm::F32)?;
     let start_state = match &a.state {
         Some(p) => {
-            let st = State::load(p, model.config())
-                .with_context(|| format!("loading state {}", p.display()))?;
+            let st =
+                State::load(p, &cfg).with_context(|| format!("loading state {}", p.display()))?;
             println!("initial state:    {}", p.display());
             let side = rwkv_tune::tune::upscale::sidecar_path(p);
             if side.is_file() {
@@ -110,9 +109,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
             st
         }
-        None => model.new_state(),
+        None => State::zeros(&cfg),
     };
-    let tok = tokenizer_for(a.tokenizer.as_deref(), model.config().vocab)?;
+    let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
     let prefix: Vec<u32> = if matches!(tok, Tokenizer::World(_)) {
         vec![0]
     } else {
@@ -121,7 +120,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let raw = std::fs::read_to_string(&a.data)
         .with_context(|| format!("reading {}", a.data.display()))?;
     let jsonl = a.data.extension().is_some_and(|e| e == "jsonl");
-    let mut tot = Totals::default();
+    let mut tot = Totals {
+        vocab: cfg.vocab,
+        ..Totals::default()
+    };
     let start = std::time::Instant::now();
     if jsonl {
         let mut texts = Vec::new();
