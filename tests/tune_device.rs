@@ -304,3 +304,31 @@ fn device_observer_matches_the_cpu_observer() {
     println!("device vs cpu observer: max abs difference {worst:.2e}");
     assert!(worst <= 1e-5, "{worst:.3e}");
 }
+
+/// A non-finite gradient stops the step before the update, on both engines:
+/// the error names it and the parameters and moments are unchanged.
+#[test]
+fn non_finite_gradients_leave_the_parameters_unchanged() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 4).unwrap();
+    let mut rng = Rng(6);
+    let mut init = random_state(&cfg, false, 0.2, &mut rng);
+    init.wkv[1][5] = f32::NAN;
+    let b = vec![random_example(6, cfg.vocab, false, false, &mut rng)];
+    let o = GradOpts::default();
+    let mut host =
+        HostEngine::new(&w, init.clone(), AdamConfig::default(), None, o.clone()).unwrap();
+    let mut dev = DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), None, o).unwrap();
+    for e in [&mut host as &mut dyn Engine, &mut dev as &mut dyn Engine] {
+        let before = e.save().unwrap();
+        let err = e.step(&b, 0.1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("gradient norm"), "{err}");
+        assert_eq!(e.save().unwrap().adam_t, before.adam_t);
+        let (p, q) = (e.save().unwrap().params, before.params);
+        for (x, y) in p.iter().zip(&q) {
+            for (a, b) in x.iter().zip(y) {
+                assert!(a.to_bits() == b.to_bits(), "a parameter changed");
+            }
+        }
+    }
+}

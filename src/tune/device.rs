@@ -1195,6 +1195,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             ss += o.sumsq(len, g)?;
         }
         let grad_norm = ss.sqrt() * inv;
+        super::engine::check_grad_norm(grad_norm)?;
         let clip_scale = if clip > 0.0 && grad_norm > clip && grad_norm.is_finite() {
             clip / grad_norm
         } else {

@@ -72,6 +72,18 @@ pub fn check_engine_state(s: &EngineState, sizes: &[usize], what: &str) -> Resul
     Ok(())
 }
 
+/// A non-finite gradient norm stops the run before the update, so the
+/// parameters (and any checkpoint written later) stay finite.
+pub(crate) fn check_grad_norm(norm: f64) -> Result<()> {
+    if !norm.is_finite() {
+        return Err(Error::Tune(format!(
+            "the gradient norm is {norm}: the step was not applied (parameters unchanged); \
+             lower --lr or check the data"
+        )));
+    }
+    Ok(())
+}
+
 /// The host optimiser update shared by the CPU engines: the summed gradient
 /// divided by the target-token count `n`, clipped to global norm `clip`
 /// (0 = off), one Adam step at `lr`. Returns the norm before clipping.
@@ -88,6 +100,7 @@ pub(crate) fn host_update(
         t.iter_mut().for_each(|x| *x *= inv);
     }
     let grad_norm = clip_global_norm(&mut grads, clip);
+    check_grad_norm(grad_norm)?;
     let g: Vec<&[f32]> = grads.iter().map(|t| &**t).collect();
     adam.step(&mut params, &g, lr)?;
     Ok(grad_norm)
