@@ -5,10 +5,7 @@
 //! [`crate::wkv7::cuda::forward_dev`].
 use std::sync::Arc;
 
-use super::{
-    check, check_group_norm, check_token_shift, check_value_residual, need, Act, BonusBufs,
-    DeviceOps, GemmPrecision, Geom,
-};
+use super::{need, Act, BonusBufs, DeviceOps, GemmPrecision, Geom};
 use crate::cuda::{cuda_err, Gpu};
 use crate::error::{Error, Result};
 use crate::params::{
@@ -159,7 +156,8 @@ impl CudaOps {
 
     /// # Safety
     /// The device addresses in `p` must satisfy what kernels/params.h
-    /// documents for `P` at its sizes.
+    /// documents for `P` at its sizes (the provided [`DeviceOps`] methods
+    /// check every length before calling the hooks that launch).
     unsafe fn launch<P: DeviceRepr>(
         &self,
         name: &str,
@@ -222,8 +220,7 @@ impl DeviceOps for CudaOps {
     fn download(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.gpu.stream.clone_dtoh(b).map_err(cuda_err)
     }
-    fn write(&self, h: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
-        need("dst", dst.len(), 0, h.len())?;
+    unsafe fn raw_write(&self, h: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
         if h.is_empty() {
             return Ok(());
         }
@@ -232,7 +229,7 @@ impl DeviceOps for CudaOps {
             .memcpy_htod(h, &mut dst.slice_mut(..h.len()))
             .map_err(cuda_err)
     }
-    fn copy(
+    unsafe fn raw_copy(
         &self,
         src: &CudaSlice<f32>,
         src_off: usize,
@@ -240,8 +237,6 @@ impl DeviceOps for CudaOps {
         dst_off: usize,
         n: usize,
     ) -> Result<()> {
-        need("src", src.len(), src_off, n)?;
-        need("dst", dst.len(), dst_off, n)?;
         if n == 0 {
             return Ok(());
         }
@@ -257,14 +252,13 @@ impl DeviceOps for CudaOps {
         self.gpu.sync()
     }
 
-    fn embed(
+    unsafe fn raw_embed(
         &self,
         tokens: &[u32],
         table: &CudaSlice<f32>,
         c: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::embed(tokens, table.len(), c, out.len())?;
         if tokens.is_empty() {
             return Ok(());
         }
@@ -281,12 +275,13 @@ impl DeviceOps for CudaOps {
             table: tb,
             out: op,
         };
-        // SAFETY: device buffers of checked lengths (ids in range of the
-        // table); the guards keep them alive until the launch is queued.
+        // SAFETY: device buffers of lengths checked by the caller (ids in
+        // range of the table); the guards keep them alive until the launch is
+        // queued.
         unsafe { self.launch("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
     }
 
-    fn matmul(
+    unsafe fn raw_matmul(
         &self,
         x: &CudaSlice<f32>,
         x_off: usize,
@@ -297,7 +292,6 @@ impl DeviceOps for CudaOps {
         k: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -317,7 +311,7 @@ impl DeviceOps for CudaOps {
             ldc: n as i32,
         };
         let xv = x.slice(x_off..);
-        // SAFETY: the sizes were checked above: w holds n·k floats, x from
+        // SAFETY: the caller checked the sizes: w holds n·k floats, x from
         // x_off holds (m−1)·ldx + k, y holds m·n; all on this stream.
         unsafe { self.blas.gemm(cfg, w, &xv, y) }.map_err(cuda_err)
     }
@@ -340,7 +334,10 @@ impl DeviceOps for CudaOps {
             }
         })
     }
-    fn matmul_w(
+    fn mat_len(&self, w: &DevMat) -> usize {
+        w.len()
+    }
+    unsafe fn raw_matmul_w(
         &self,
         x: &CudaSlice<f32>,
         x_off: usize,
@@ -352,10 +349,11 @@ impl DeviceOps for CudaOps {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let w = match w {
-            DevMat::F32(w) => return self.matmul(x, x_off, ldx, m, w, n, k, y),
+            // SAFETY: the caller checked these sizes for `matmul` (the same
+            // check, on the same matrix length).
+            DevMat::F32(w) => return unsafe { self.raw_matmul(x, x_off, ldx, m, w, n, k, y) },
             DevMat::Bf16(w) => w,
         };
-        check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -367,10 +365,10 @@ impl DeviceOps for CudaOps {
         let (xp, _g2) = xb.device_ptr(st);
         let (yp, _g3) = y.device_ptr_mut(st);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: w holds n·k bf16, xb m·k bf16, y ≥ m·n f32 (checked above),
-        // all on the stream the cuBLAS handle uses; alpha/beta are host f32
-        // as CUBLAS_COMPUTE_32F requires; the guards keep the buffers alive
-        // until the GEMM is queued.
+        // SAFETY: w holds n·k bf16 and y ≥ m·n f32 (checked by the caller),
+        // xb m·k bf16 (from f32_to_bf16), all on the stream the cuBLAS handle
+        // uses; alpha/beta are host f32 as CUBLAS_COMPUTE_32F requires; the
+        // guards keep the buffers alive until the GEMM is queued.
         unsafe {
             gemm_ex(
                 *self.blas.handle(),
@@ -397,7 +395,7 @@ impl DeviceOps for CudaOps {
         .map_err(cuda_err)
     }
 
-    fn layer_norm(
+    unsafe fn raw_layer_norm(
         &self,
         x: &CudaSlice<f32>,
         x_off: usize,
@@ -408,7 +406,6 @@ impl DeviceOps for CudaOps {
         eps: f32,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
         let st = &self.gpu.stream;
         let (xp, _g1) = x.device_ptr(st);
         let (wp, _g2) = weight.device_ptr(st);
@@ -423,11 +420,11 @@ impl DeviceOps for CudaOps {
             bias: bp,
             y: yp,
         };
-        // SAFETY: lengths checked above; guards alive until queued.
+        // SAFETY: lengths checked by the caller; guards alive until queued.
         unsafe { self.launch("ops_layer_norm_f32", self.geom.rows(rows), &p) }
     }
 
-    fn group_norm(
+    unsafe fn raw_group_norm(
         &self,
         rows: usize,
         h: usize,
@@ -439,17 +436,6 @@ impl DeviceOps for CudaOps {
         bonus: Option<BonusBufs<'_, CudaSlice<f32>>>,
         g: Option<&CudaSlice<f32>>,
     ) -> Result<()> {
-        check_group_norm(
-            rows,
-            h,
-            n,
-            x.len(),
-            weight.len(),
-            bias.len(),
-            &bonus,
-            g,
-            |b| b.len(),
-        )?;
         let st = &self.gpu.stream;
         let (wp, _g1) = weight.device_ptr(st);
         let (bp, _g2) = bias.device_ptr(st);
@@ -474,11 +460,12 @@ impl DeviceOps for CudaOps {
             g: addr(&gp),
             y: xp,
         };
-        // SAFETY: lengths checked above; y = x is allowed by the kernel.
+        // SAFETY: lengths checked by the caller; y = x is allowed by the
+        // kernel.
         unsafe { self.launch("ops_group_norm_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn kk_prep(
+    unsafe fn raw_kk_prep(
         &self,
         rows: usize,
         h: usize,
@@ -492,20 +479,6 @@ impl DeviceOps for CudaOps {
         a: &mut CudaSlice<f32>,
         b: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep",
-            rows,
-            h,
-            n,
-            &[
-                ("k", k.len()),
-                ("da", da.len()),
-                ("k_out", k_out.len()),
-                ("a", a.len()),
-                ("b", b.len()),
-            ],
-            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
-        )?;
         let st = &self.gpu.stream;
         let (kp, _g1) = k.device_ptr(st);
         let (dap, _g2) = da.device_ptr(st);
@@ -528,11 +501,12 @@ impl DeviceOps for CudaOps {
             a: ap,
             b: bp,
         };
-        // SAFETY: lengths checked above; outputs are distinct buffers.
+        // SAFETY: lengths checked by the caller; outputs are distinct
+        // buffers.
         unsafe { self.launch("ops_kk_prep_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn token_shift(
+    unsafe fn raw_token_shift(
         &self,
         t: usize,
         c: usize,
@@ -542,7 +516,6 @@ impl DeviceOps for CudaOps {
         n_mix: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
         let st = &self.gpu.stream;
         let (xp, _g1) = x.device_ptr(st);
         let (mp, _g2) = mu.device_ptr(st);
@@ -557,21 +530,18 @@ impl DeviceOps for CudaOps {
             mu: mp,
             out: op,
         };
-        // SAFETY: lengths checked above; state and out are distinct buffers.
+        // SAFETY: lengths checked by the caller; state and out are distinct
+        // buffers.
         unsafe { self.launch("ops_token_shift_f32", self.geom.elems(c), &p) }
     }
 
-    fn act(
+    unsafe fn raw_act(
         &self,
         mode: Act,
         x: &mut CudaSlice<f32>,
         c: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Result<()> {
-        check::per_channel("act", x.len(), c)?;
-        if let Some(b) = bias {
-            need("bias", b.len(), 0, c)?;
-        }
         let st = &self.gpu.stream;
         let n = x.len();
         let bp = bias.map(|b| b.device_ptr(st));
@@ -583,11 +553,11 @@ impl DeviceOps for CudaOps {
             x: xp,
             bias: addr(&bp),
         };
-        // SAFETY: x holds n floats, bias ≥ C (checked).
+        // SAFETY: x holds n floats, bias ≥ C (checked by the caller).
         unsafe { self.launch("ops_act_f32", self.geom.elems(n), &p) }
     }
 
-    fn value_residual(
+    unsafe fn raw_value_residual(
         &self,
         c: usize,
         v: &mut CudaSlice<f32>,
@@ -595,7 +565,6 @@ impl DeviceOps for CudaOps {
         v0: &CudaSlice<f32>,
         dv: &CudaSlice<f32>,
     ) -> Result<()> {
-        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
         let st = &self.gpu.stream;
         let n = v.len();
         let (fp, _g1) = v_first.device_ptr(st);
@@ -610,12 +579,11 @@ impl DeviceOps for CudaOps {
             v0: v0p,
             dv: dvp,
         };
-        // SAFETY: lengths checked above.
+        // SAFETY: lengths checked by the caller.
         unsafe { self.launch("ops_value_residual_f32", self.geom.elems(n), &p) }
     }
 
-    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
-        need("y", y.len(), 0, x.len())?;
+    unsafe fn raw_add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
         super::fits_i32("add", &[x.len()])?;
         let st = &self.gpu.stream;
         let n = x.len();
@@ -626,11 +594,12 @@ impl DeviceOps for CudaOps {
             x: xp,
             y: yp,
         };
-        // SAFETY: x holds n floats, y at least n (checked).
+        // SAFETY: x holds n floats, y at least n (checked by the caller), n
+        // fits i32 (checked above).
         unsafe { self.launch("ops_add_f32", self.geom.elems(n), &p) }
     }
 
-    fn wkv(
+    unsafe fn raw_wkv(
         &self,
         t: usize,
         h: usize,

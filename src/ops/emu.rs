@@ -5,9 +5,8 @@
 //! [`super::reference::matmul_bf16`]); the WKV recurrence runs the emulated
 //! `kernels/wkv7_v1.cu`.
 use super::{
-    check, check_group_norm, check_token_shift, check_value_residual, host_buffer_ops, host_copy,
-    host_matmul, host_matmul_w, host_wkv, need, Act, BonusBufs, DeviceOps, GemmPrecision, Geom,
-    HostMat,
+    host_buffer_ops, host_matmul, host_matmul_w, host_wkv, need, Act, BonusBufs, DeviceOps,
+    GemmPrecision, Geom, HostMat,
 };
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::{Error, Result};
@@ -98,7 +97,8 @@ type Dims3 = (u32, u32, u32);
 
 /// # Safety
 /// The pointers in `p` must satisfy what `kernels/params.h` documents for
-/// `P` at its sizes (the callers check every length first).
+/// `P` at its sizes (the provided [`DeviceOps`] methods check every length
+/// before calling the hooks that launch).
 unsafe fn run<P: EmuParams>(name: &str, g: (Dims3, Dims3), p: &P) -> Result<()> {
     // SAFETY: forwarded from the caller.
     unsafe { launch_ops(name, g.0, g.1, p) }
@@ -112,8 +112,13 @@ impl DeviceOps for EmuOps {
     }
     host_buffer_ops!();
 
-    fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
-        check::embed(tokens, table.len(), c, out.len())?;
+    unsafe fn raw_embed(
+        &self,
+        tokens: &[u32],
+        table: &Vec<f32>,
+        c: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let p = EmbedParams {
             T: tokens.len() as i32,
@@ -122,12 +127,12 @@ impl DeviceOps for EmuOps {
             table: ptr(table),
             out: ptr_mut(out),
         };
-        // SAFETY: tokens holds T in-range ids (checked), table V·C floats,
-        // out ≥ T·C floats (checked); all alive for the synchronous call.
+        // SAFETY: tokens holds T in-range ids, table V·C floats, out ≥ T·C
+        // floats (checked by the caller); all alive for the synchronous call.
         unsafe { run("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
     }
 
-    fn matmul(
+    unsafe fn raw_matmul(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -148,7 +153,10 @@ impl DeviceOps for EmuOps {
     fn upload_mat(&self, h: &[f32]) -> Result<HostMat> {
         Ok(HostMat::new(h, self.gemm))
     }
-    fn matmul_w(
+    fn mat_len(&self, w: &HostMat) -> usize {
+        w.len()
+    }
+    unsafe fn raw_matmul_w(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -164,7 +172,7 @@ impl DeviceOps for EmuOps {
         })
     }
 
-    fn layer_norm(
+    unsafe fn raw_layer_norm(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -175,7 +183,6 @@ impl DeviceOps for EmuOps {
         eps: f32,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
         let p = LayerNormParams {
             rows: rows as i32,
             C: c as i32,
@@ -185,11 +192,12 @@ impl DeviceOps for EmuOps {
             bias: ptr(bias),
             y: ptr_mut(y),
         };
-        // SAFETY: lengths checked above (x from x_off, weight/bias ≥ C, y ≥ rows·C).
+        // SAFETY: lengths checked by the caller (x from x_off, weight/bias ≥ C,
+        // y ≥ rows·C).
         unsafe { run("ops_layer_norm_f32", self.geom.rows(rows), &p) }
     }
 
-    fn group_norm(
+    unsafe fn raw_group_norm(
         &self,
         rows: usize,
         h: usize,
@@ -201,17 +209,6 @@ impl DeviceOps for EmuOps {
         bonus: Option<BonusBufs<'_, Vec<f32>>>,
         g: Option<&Vec<f32>>,
     ) -> Result<()> {
-        check_group_norm(
-            rows,
-            h,
-            n,
-            x.len(),
-            weight.len(),
-            bias.len(),
-            &bonus,
-            g,
-            |b| b.len(),
-        )?;
         let xp = ptr_mut(x);
         let p = GroupNormParams {
             rows: rows as i32,
@@ -228,12 +225,12 @@ impl DeviceOps for EmuOps {
             g: opt(g),
             y: xp,
         };
-        // SAFETY: every tensor was checked to hold rows·H·N (or H·N)
+        // SAFETY: the caller checked every tensor to hold rows·H·N (or H·N)
         // floats; y = x is allowed (each lane rewrites only what it read).
         unsafe { run("ops_group_norm_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn kk_prep(
+    unsafe fn raw_kk_prep(
         &self,
         rows: usize,
         h: usize,
@@ -247,20 +244,6 @@ impl DeviceOps for EmuOps {
         a: &mut Vec<f32>,
         b: &mut Vec<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep",
-            rows,
-            h,
-            n,
-            &[
-                ("k", k.len()),
-                ("da", da.len()),
-                ("k_out", k_out.len()),
-                ("a", a.len()),
-                ("b", b.len()),
-            ],
-            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
-        )?;
         let p = KkPrepParams {
             rows: rows as i32,
             H: h as i32,
@@ -274,12 +257,12 @@ impl DeviceOps for EmuOps {
             a: ptr_mut(a),
             b: ptr_mut(b),
         };
-        // SAFETY: lengths checked above; the three outputs are distinct
-        // &mut borrows, so they do not alias each other or the inputs.
+        // SAFETY: lengths checked by the caller; the three outputs are
+        // distinct &mut borrows, so they do not alias each other or the inputs.
         unsafe { run("ops_kk_prep_f32", self.geom.rows(rows * h), &p) }
     }
 
-    fn token_shift(
+    unsafe fn raw_token_shift(
         &self,
         t: usize,
         c: usize,
@@ -289,7 +272,6 @@ impl DeviceOps for EmuOps {
         n_mix: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
         let p = TokenShiftParams {
             T: t as i32,
             C: c as i32,
@@ -299,15 +281,18 @@ impl DeviceOps for EmuOps {
             mu: ptr(mu),
             out: ptr_mut(out),
         };
-        // SAFETY: lengths checked above; state and out are distinct &mut borrows.
+        // SAFETY: lengths checked by the caller; state and out are distinct
+        // &mut borrows.
         unsafe { run("ops_token_shift_f32", self.geom.elems(c), &p) }
     }
 
-    fn act(&self, mode: Act, x: &mut Vec<f32>, c: usize, bias: Option<&Vec<f32>>) -> Result<()> {
-        check::per_channel("act", x.len(), c)?;
-        if let Some(b) = bias {
-            need("bias", b.len(), 0, c)?;
-        }
+    unsafe fn raw_act(
+        &self,
+        mode: Act,
+        x: &mut Vec<f32>,
+        c: usize,
+        bias: Option<&Vec<f32>>,
+    ) -> Result<()> {
         let p = ActParams {
             n: x.len() as i32,
             C: c as i32,
@@ -315,11 +300,12 @@ impl DeviceOps for EmuOps {
             x: ptr_mut(x),
             bias: opt(bias),
         };
-        // SAFETY: x holds n floats, bias (if any) ≥ C floats (checked).
+        // SAFETY: x holds n floats, bias (if any) ≥ C floats (checked by the
+        // caller).
         unsafe { run("ops_act_f32", self.geom.elems(x.len()), &p) }
     }
 
-    fn value_residual(
+    unsafe fn raw_value_residual(
         &self,
         c: usize,
         v: &mut Vec<f32>,
@@ -327,7 +313,6 @@ impl DeviceOps for EmuOps {
         v0: &Vec<f32>,
         dv: &Vec<f32>,
     ) -> Result<()> {
-        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
         let p = ValueResidualParams {
             rows: (v.len() / c) as i32,
             C: c as i32,
@@ -336,23 +321,23 @@ impl DeviceOps for EmuOps {
             v0: ptr(v0),
             dv: ptr(dv),
         };
-        // SAFETY: lengths checked above.
+        // SAFETY: lengths checked by the caller.
         unsafe { run("ops_value_residual_f32", self.geom.elems(v.len()), &p) }
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
-        need("y", y.len(), 0, x.len())?;
+    unsafe fn raw_add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
         super::fits_i32("add", &[x.len()])?;
         let p = AddParams {
             n: x.len() as i32,
             x: ptr_mut(x),
             y: ptr(y),
         };
-        // SAFETY: x holds n floats and y at least n (checked).
+        // SAFETY: x holds n floats and y at least n (checked by the caller),
+        // n fits i32 (checked above).
         unsafe { run("ops_add_f32", self.geom.elems(x.len()), &p) }
     }
 
-    fn wkv(
+    unsafe fn raw_wkv(
         &self,
         t: usize,
         h: usize,

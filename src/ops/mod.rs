@@ -233,10 +233,14 @@ pub struct BonusBufs<'a, B> {
     pub v: &'a B,
     pub r_k: &'a B,
 }
-
 /// A device that runs the forward-pass operations on its own buffers.
 /// All sizes are checked (typed [`Error`]s, never a panic or an
 /// out-of-bounds access); see the module docs for layouts.
+///
+/// Every public op that takes sizes is a provided method: it checks them
+/// once, here, for all backends and then calls the backend's `raw_*` hook
+/// (hidden from the docs), which may rely on those checks. Implementors write
+/// the buffer management (`len`, `zeros`, `upload`, …) and the hooks.
 #[allow(clippy::too_many_arguments)]
 pub trait DeviceOps {
     /// An f32 buffer on the device.
@@ -253,9 +257,35 @@ pub trait DeviceOps {
     /// The whole buffer, copied to the host.
     fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
     /// `dst[..h.len()] = h`.
-    fn write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()>;
+    fn write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()> {
+        need("dst", self.len(dst), 0, h.len())?;
+        // SAFETY: the size the hook relies on was checked just above.
+        unsafe { self.raw_write(h, dst) }
+    }
+    /// # Safety
+    /// `dst` must hold at least `h.len()` elements (what [`Self::write`]
+    /// checks).
+    #[doc(hidden)]
+    unsafe fn raw_write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()>;
     /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]`.
     fn copy(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        need("src", self.len(src), src_off, n)?;
+        need("dst", self.len(dst), dst_off, n)?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_copy(src, src_off, dst, dst_off, n) }
+    }
+    /// # Safety
+    /// `src` must hold `src_off + n` elements and `dst` `dst_off + n` (what
+    /// [`Self::copy`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_copy(
         &self,
         src: &Self::Buf,
         src_off: usize,
@@ -269,8 +299,30 @@ pub trait DeviceOps {
     }
 
     /// `out[t, :] = table[tokens[t], :]`; table `[V, C]`, out `[T, C]`.
-    fn embed(&self, tokens: &[u32], table: &Self::Buf, c: usize, out: &mut Self::Buf)
-        -> Result<()>;
+    fn embed(
+        &self,
+        tokens: &[u32],
+        table: &Self::Buf,
+        c: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        check::embed(tokens, self.len(table), c, self.len(out))?;
+        // SAFETY: the sizes (and token ids) the hook relies on were checked
+        // just above.
+        unsafe { self.raw_embed(tokens, table, c, out) }
+    }
+    /// # Safety
+    /// The sizes and token ids must pass `check::embed` (what
+    /// [`Self::embed`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_embed(
+        &self,
+        tokens: &[u32],
+        table: &Self::Buf,
+        c: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
     /// `y[m, n] = x[m, k] · wᵀ`, w `[n, k]`, row i of x at `x_off + i·ldx`.
     fn matmul(
         &self,
@@ -282,7 +334,26 @@ pub trait DeviceOps {
         n: usize,
         k: usize,
         y: &mut Self::Buf,
+    ) -> Result<()> {
+        check::matmul(self.len(x), x_off, ldx, m, self.len(w), n, k, self.len(y))?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_matmul(x, x_off, ldx, m, w, n, k, y) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::matmul` (what [`Self::matmul`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_matmul(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        y: &mut Self::Buf,
     ) -> Result<()>;
+
     /// A weight matrix `[n, k]` for [`Self::matmul_w`], in the backend's
     /// GEMM precision.
     type Mat;
@@ -290,6 +361,8 @@ pub trait DeviceOps {
     fn gemm_precision(&self) -> GemmPrecision;
     /// Uploads a weight matrix (rounded to bf16 once when the precision is bf16).
     fn upload_mat(&self, h: &[f32]) -> Result<Self::Mat>;
+    /// Elements of a matrix from [`Self::upload_mat`].
+    fn mat_len(&self, w: &Self::Mat) -> usize;
     /// [`Self::matmul`] with a matrix from [`Self::upload_mat`]; for a bf16
     /// matrix the rows of x are rounded to bf16 first, products accumulate
     /// in f32 and y is f32.
@@ -303,7 +376,36 @@ pub trait DeviceOps {
         n: usize,
         k: usize,
         y: &mut Self::Buf,
+    ) -> Result<()> {
+        check::matmul(
+            self.len(x),
+            x_off,
+            ldx,
+            m,
+            self.mat_len(w),
+            n,
+            k,
+            self.len(y),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_matmul_w(x, x_off, ldx, m, w, n, k, y) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::matmul` with `w`'s [`Self::mat_len`]
+    /// (what [`Self::matmul_w`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_matmul_w(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Self::Mat,
+        n: usize,
+        k: usize,
+        y: &mut Self::Buf,
     ) -> Result<()>;
+
     /// LayerNorm of `rows` rows of `C` starting at `x_off`, into `y[..rows·C]`.
     fn layer_norm(
         &self,
@@ -315,7 +417,34 @@ pub trait DeviceOps {
         bias: &Self::Buf,
         eps: f32,
         y: &mut Self::Buf,
+    ) -> Result<()> {
+        check::layer_norm(
+            self.len(x),
+            x_off,
+            rows,
+            c,
+            [self.len(weight), self.len(bias)],
+            self.len(y),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_layer_norm(x, x_off, rows, c, weight, bias, eps, y) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::layer_norm` (what [`Self::layer_norm`]
+    /// checks).
+    #[doc(hidden)]
+    unsafe fn raw_layer_norm(
+        &self,
+        x: &Self::Buf,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        eps: f32,
+        y: &mut Self::Buf,
     ) -> Result<()>;
+
     /// In place on x `[rows, H·N]`: per-head GroupNorm + affine, optional
     /// r_k bonus `(Σ r k̃ r_k)·v`, optional gate `· g`.
     fn group_norm(
@@ -329,7 +458,39 @@ pub trait DeviceOps {
         bias: &Self::Buf,
         bonus: Option<BonusBufs<'_, Self::Buf>>,
         g: Option<&Self::Buf>,
+    ) -> Result<()> {
+        check::group_norm(
+            rows,
+            h,
+            n,
+            self.len(x),
+            self.len(weight),
+            self.len(bias),
+            &bonus,
+            g,
+            |b| self.len(b),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_group_norm(rows, h, n, eps, x, weight, bias, bonus, g) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::group_norm` (what [`Self::group_norm`]
+    /// checks): `[rows, C]` tensors ≥ rows·H·N elements, `[C]` vectors ≥
+    /// H·N, H, N ≥ 1.
+    #[doc(hidden)]
+    unsafe fn raw_group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        bonus: Option<BonusBufs<'_, Self::Buf>>,
+        g: Option<&Self::Buf>,
     ) -> Result<()>;
+
     /// α = σ(a0 + da), κ̂ = L2-normalize per head (k ⊙ k_k); writes
     /// `k_out = k ⊙ (1 + (α − 1) ⊙ k_a)`, `a = −κ̂`, `b = κ̂ ⊙ α`.
     fn kk_prep(
@@ -345,7 +506,47 @@ pub trait DeviceOps {
         k_out: &mut Self::Buf,
         a: &mut Self::Buf,
         b: &mut Self::Buf,
+    ) -> Result<()> {
+        check::rows_heads(
+            "kk_prep",
+            rows,
+            h,
+            n,
+            &[
+                ("k", self.len(k)),
+                ("da", self.len(da)),
+                ("k_out", self.len(k_out)),
+                ("a", self.len(a)),
+                ("b", self.len(b)),
+            ],
+            &[
+                ("a0", self.len(a0)),
+                ("k_k", self.len(k_k)),
+                ("k_a", self.len(k_a)),
+            ],
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b) }
+    }
+    /// # Safety
+    /// The sizes must pass the checks of [`Self::kk_prep`]: `[rows, C]`
+    /// tensors ≥ rows·H·N elements, `[C]` vectors ≥ H·N, H, N ≥ 1.
+    #[doc(hidden)]
+    unsafe fn raw_kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &Self::Buf,
+        da: &Self::Buf,
+        a0: &Self::Buf,
+        k_k: &Self::Buf,
+        k_a: &Self::Buf,
+        k_out: &mut Self::Buf,
+        a: &mut Self::Buf,
+        b: &mut Self::Buf,
     ) -> Result<()>;
+
     /// Token shift + lerp for `n_mix` coefficient rows `mu [n_mix, C]`:
     /// `out [T, n_mix, C]`; `state [C]` is x_{−1} in and x_{T−1} out.
     fn token_shift(
@@ -357,9 +558,55 @@ pub trait DeviceOps {
         mu: &Self::Buf,
         n_mix: usize,
         out: &mut Self::Buf,
+    ) -> Result<()> {
+        check::token_shift(
+            t,
+            c,
+            self.len(x),
+            self.len(state),
+            self.len(mu),
+            n_mix,
+            self.len(out),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_token_shift(t, c, x, state, mu, n_mix, out) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::token_shift` (what [`Self::token_shift`]
+    /// checks).
+    #[doc(hidden)]
+    unsafe fn raw_token_shift(
+        &self,
+        t: usize,
+        c: usize,
+        x: &Self::Buf,
+        state: &mut Self::Buf,
+        mu: &Self::Buf,
+        n_mix: usize,
+        out: &mut Self::Buf,
     ) -> Result<()>;
+
     /// In place on all of x (a multiple of C): `x = f(x + bias)`.
-    fn act(&self, mode: Act, x: &mut Self::Buf, c: usize, bias: Option<&Self::Buf>) -> Result<()>;
+    fn act(&self, mode: Act, x: &mut Self::Buf, c: usize, bias: Option<&Self::Buf>) -> Result<()> {
+        check::per_channel("act", self.len(x), c)?;
+        if let Some(b) = bias {
+            need("bias", self.len(b), 0, c)?;
+        }
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_act(mode, x, c, bias) }
+    }
+    /// # Safety
+    /// x's length must pass `check::per_channel` and bias (if any) hold ≥ C
+    /// elements (what [`Self::act`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_act(
+        &self,
+        mode: Act,
+        x: &mut Self::Buf,
+        c: usize,
+        bias: Option<&Self::Buf>,
+    ) -> Result<()>;
+
     /// In place on all of v (a multiple of C): `v += (v_first − v) ⊙ σ(v0 + dv)`.
     fn value_residual(
         &self,
@@ -368,12 +615,69 @@ pub trait DeviceOps {
         v_first: &Self::Buf,
         v0: &Self::Buf,
         dv: &Self::Buf,
+    ) -> Result<()> {
+        check::value_residual(
+            c,
+            self.len(v),
+            self.len(v_first),
+            self.len(v0),
+            self.len(dv),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_value_residual(c, v, v_first, v0, dv) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::value_residual` (what
+    /// [`Self::value_residual`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_value_residual(
+        &self,
+        c: usize,
+        v: &mut Self::Buf,
+        v_first: &Self::Buf,
+        v0: &Self::Buf,
+        dv: &Self::Buf,
     ) -> Result<()>;
+
     /// In place on all of x: `x += y`.
-    fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()> {
+        need("y", self.len(y), 0, self.len(x))?;
+        // SAFETY: the size the hook relies on was checked just above.
+        unsafe { self.raw_add(x, y) }
+    }
+    /// # Safety
+    /// `y` must hold at least as many elements as `x` (what [`Self::add`]
+    /// checks; the kernels' `int32` limit is the device backends' own check).
+    #[doc(hidden)]
+    unsafe fn raw_add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+
     /// The WKV-7 recurrence for one sequence of `t` tokens: r … b, y
     /// `[T, H, N]` (exact lengths), `state [H, N, N]` value-major, updated.
     fn wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        state: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        check::wkv(
+            t,
+            h,
+            n,
+            rwkvab.map(|b| self.len(b)),
+            self.len(state),
+            self.len(y),
+        )?;
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_wkv(t, h, n, rwkvab, state, y) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::wkv` (what [`Self::wkv`] checks): valid
+    /// dims, every `[T, H, N]` / `[H, N, N]` buffer of exact length.
+    #[doc(hidden)]
+    unsafe fn raw_wkv(
         &self,
         t: usize,
         h: usize,
@@ -387,7 +691,7 @@ pub trait DeviceOps {
 // ---- shape checks shared by the implementations ---------------------------
 
 pub(crate) mod check {
-    use super::{check_heads, fits_i32, need};
+    use super::{check_heads, fits_i32, need, BonusBufs};
     use crate::error::{Error, Result};
 
     pub fn embed(tokens: &[u32], table: usize, c: usize, out: usize) -> Result<()> {
@@ -475,6 +779,91 @@ pub(crate) mod check {
         }
         fits_i32(what, &[n])
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm<B>(
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: usize,
+        w: usize,
+        b: usize,
+        bonus: &Option<BonusBufs<'_, B>>,
+        g: Option<&B>,
+        len: impl Fn(&B) -> usize,
+    ) -> Result<()> {
+        let mut rc = vec![("x", x)];
+        let mut cv = vec![("weight", w), ("bias", b)];
+        if let Some(bb) = bonus {
+            rc.extend([("r", len(bb.r)), ("k", len(bb.k)), ("v", len(bb.v))]);
+            cv.push(("r_k", len(bb.r_k)));
+        }
+        if let Some(g) = g {
+            rc.push(("g", len(g)));
+        }
+        rows_heads("group_norm", rows, h, n, &rc, &cv)
+    }
+
+    pub fn token_shift(
+        t: usize,
+        c: usize,
+        x: usize,
+        state: usize,
+        mu: usize,
+        n_mix: usize,
+        out: usize,
+    ) -> Result<()> {
+        if c == 0 || n_mix == 0 {
+            return Err(Error::Invalid(
+                "token_shift: C and n_mix must be at least 1".into(),
+            ));
+        }
+        fits_i32("token_shift", &[t, n_mix, c])?;
+        need("x", x, 0, t * c)?;
+        need("state", state, 0, c)?;
+        need("mu", mu, 0, n_mix * c)?;
+        need("out", out, 0, t * n_mix * c)
+    }
+
+    pub fn value_residual(c: usize, v: usize, v_first: usize, v0: usize, dv: usize) -> Result<()> {
+        per_channel("value_residual", v, c)?;
+        need("v_first", v_first, 0, v)?;
+        need("dv", dv, 0, v)?;
+        need("v0", v0, 0, c)
+    }
+
+    /// Sizes of [`super::DeviceOps::wkv`] (B = 1): valid dims, r … b and y
+    /// exactly `[1, T, H, N]`, the state exactly `[1, H, N, N]` (named `h0`,
+    /// the initial state it is to `wkv7`). The errors are those of `wkv7`'s
+    /// own checks: the expected shape, the length got.
+    pub fn wkv(
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [usize; 6],
+        state: usize,
+        y: usize,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b: 1, t, h, n };
+        d.validate()?;
+        let names = ["r", "w", "k", "v", "a", "b", "y"];
+        let [r, w, k, v, a, b] = rwkvab;
+        for (name, len) in names.into_iter().zip([r, w, k, v, a, b, y]) {
+            exact(name, len, d.seq_shape())?;
+        }
+        exact("h0", state, d.state_shape())
+    }
+
+    fn exact(name: &str, len: usize, shape: Vec<usize>) -> Result<()> {
+        if len != shape.iter().product::<usize>() {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: shape,
+                got: vec![len],
+            });
+        }
+        Ok(())
+    }
 }
 
 // ---- the CPU implementation (the Rust twins) -------------------------------
@@ -484,7 +873,9 @@ pub(crate) mod check {
 pub struct CpuOps;
 
 /// The buffer-management methods of [`DeviceOps`] for backends whose buffers
-/// are host `Vec<f32>` ([`CpuOps`] and [`emu::EmuOps`]).
+/// are host `Vec<f32>` ([`CpuOps`] and [`emu::EmuOps`]). The hooks slice
+/// safely (a size the provided method did not check would panic, never read
+/// out of bounds).
 macro_rules! host_buffer_ops {
     () => {
         fn len(&self, b: &Vec<f32>) -> usize {
@@ -499,10 +890,11 @@ macro_rules! host_buffer_ops {
         fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
             Ok(b.clone())
         }
-        fn write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
-            host_copy(h, 0, dst, 0, h.len())
+        unsafe fn raw_write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+            dst[..h.len()].copy_from_slice(h);
+            Ok(())
         }
-        fn copy(
+        unsafe fn raw_copy(
             &self,
             src: &Vec<f32>,
             src_off: usize,
@@ -510,26 +902,15 @@ macro_rules! host_buffer_ops {
             dst_off: usize,
             n: usize,
         ) -> Result<()> {
-            host_copy(src, src_off, dst, dst_off, n)
+            dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+            Ok(())
         }
     };
 }
 pub(crate) use host_buffer_ops;
 
-/// Shared by the two host-memory backends (cpu, emu).
-pub(crate) fn host_copy(
-    src: &[f32],
-    src_off: usize,
-    dst: &mut [f32],
-    dst_off: usize,
-    n: usize,
-) -> Result<()> {
-    need("src", src.len(), src_off, n)?;
-    need("dst", dst.len(), dst_off, n)?;
-    dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
-    Ok(())
-}
-
+/// [`DeviceOps::matmul`] on host buffers; the caller checked the sizes
+/// (`check::matmul`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn host_matmul(
     x: &[f32],
@@ -541,7 +922,6 @@ pub(crate) fn host_matmul(
     k: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
     if m > 0 {
         reference::matmul(&x[x_off..], ldx, m, w, n, k, y);
     }
@@ -550,7 +930,7 @@ pub(crate) fn host_matmul(
 
 /// [`DeviceOps::matmul_w`] on host buffers: f32, or bf16 with the rows of x
 /// rounded by `round` (the emulated kernel or its Rust twin) into a dense
-/// `[m, k]` bf16 copy.
+/// `[m, k]` bf16 copy; the caller checked the sizes (`check::matmul`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn host_matmul_w(
     x: &[f32],
@@ -566,7 +946,6 @@ pub(crate) fn host_matmul_w(
     match w {
         HostMat::F32(w) => host_matmul(x, x_off, ldx, m, w, n, k, y),
         HostMat::Bf16(w) => {
-            check::matmul(x.len(), x_off, ldx, m, w.len(), n, k, y.len())?;
             if m == 0 {
                 return Ok(());
             }
@@ -578,7 +957,8 @@ pub(crate) fn host_matmul_w(
     }
 }
 
-/// WKV on host buffers through a `wkv7` backend (Cpu or Emu).
+/// WKV on host buffers through a `wkv7` backend (Cpu or Emu); the caller
+/// checked the sizes ([`DeviceOps::wkv`]).
 pub(crate) fn host_wkv(
     be: &crate::wkv7::Backend,
     t: usize,
@@ -589,7 +969,6 @@ pub(crate) fn host_wkv(
     y: &mut Vec<f32>,
 ) -> Result<()> {
     let d = crate::wkv7::Dims { b: 1, t, h, n };
-    crate::wkv7::check_len("y", y, &d.seq_shape())?;
     let out = be.forward(
         &d,
         &crate::wkv7::Inputs {
@@ -607,6 +986,8 @@ pub(crate) fn host_wkv(
     Ok(())
 }
 
+// The CPU hooks run the Rust twins, which index safely (a size the provided
+// method did not check would panic, never read out of bounds).
 impl DeviceOps for CpuOps {
     type Buf = Vec<f32>;
 
@@ -614,12 +995,17 @@ impl DeviceOps for CpuOps {
         "cpu"
     }
     host_buffer_ops!();
-    fn embed(&self, tokens: &[u32], table: &Vec<f32>, c: usize, out: &mut Vec<f32>) -> Result<()> {
-        check::embed(tokens, table.len(), c, out.len())?;
+    unsafe fn raw_embed(
+        &self,
+        tokens: &[u32],
+        table: &Vec<f32>,
+        c: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         reference::embed(tokens, table, c, out);
         Ok(())
     }
-    fn matmul(
+    unsafe fn raw_matmul(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -639,7 +1025,10 @@ impl DeviceOps for CpuOps {
     fn upload_mat(&self, h: &[f32]) -> Result<Vec<f32>> {
         Ok(h.to_vec())
     }
-    fn matmul_w(
+    fn mat_len(&self, w: &Vec<f32>) -> usize {
+        w.len()
+    }
+    unsafe fn raw_matmul_w(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -652,7 +1041,7 @@ impl DeviceOps for CpuOps {
     ) -> Result<()> {
         host_matmul(x, x_off, ldx, m, w, n, k, y)
     }
-    fn layer_norm(
+    unsafe fn raw_layer_norm(
         &self,
         x: &Vec<f32>,
         x_off: usize,
@@ -663,11 +1052,10 @@ impl DeviceOps for CpuOps {
         eps: f32,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layer_norm(x.len(), x_off, rows, c, [weight.len(), bias.len()], y.len())?;
         reference::layer_norm(&x[x_off..], rows, c, weight, bias, eps, y);
         Ok(())
     }
-    fn group_norm(
+    unsafe fn raw_group_norm(
         &self,
         rows: usize,
         h: usize,
@@ -679,17 +1067,6 @@ impl DeviceOps for CpuOps {
         bonus: Option<BonusBufs<'_, Vec<f32>>>,
         g: Option<&Vec<f32>>,
     ) -> Result<()> {
-        check_group_norm(
-            rows,
-            h,
-            n,
-            x.len(),
-            weight.len(),
-            bias.len(),
-            &bonus,
-            g,
-            |b| b.len(),
-        )?;
         let bonus = bonus.map(|b| reference::Bonus {
             r: b.r,
             k: b.k,
@@ -699,7 +1076,7 @@ impl DeviceOps for CpuOps {
         reference::group_norm(x, rows, h, n, eps, weight, bias, bonus, g.map(|v| &v[..]));
         Ok(())
     }
-    fn kk_prep(
+    unsafe fn raw_kk_prep(
         &self,
         rows: usize,
         h: usize,
@@ -713,24 +1090,10 @@ impl DeviceOps for CpuOps {
         a: &mut Vec<f32>,
         b: &mut Vec<f32>,
     ) -> Result<()> {
-        check::rows_heads(
-            "kk_prep",
-            rows,
-            h,
-            n,
-            &[
-                ("k", k.len()),
-                ("da", da.len()),
-                ("k_out", k_out.len()),
-                ("a", a.len()),
-                ("b", b.len()),
-            ],
-            &[("a0", a0.len()), ("k_k", k_k.len()), ("k_a", k_a.len())],
-        )?;
         reference::kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b);
         Ok(())
     }
-    fn token_shift(
+    unsafe fn raw_token_shift(
         &self,
         t: usize,
         c: usize,
@@ -740,19 +1103,20 @@ impl DeviceOps for CpuOps {
         n_mix: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        check_token_shift(t, c, x.len(), state.len(), mu.len(), n_mix, out.len())?;
         reference::token_shift(t, c, x, state, mu, n_mix, out);
         Ok(())
     }
-    fn act(&self, mode: Act, x: &mut Vec<f32>, c: usize, bias: Option<&Vec<f32>>) -> Result<()> {
-        check::per_channel("act", x.len(), c)?;
-        if let Some(b) = bias {
-            need("bias", b.len(), 0, c)?;
-        }
+    unsafe fn raw_act(
+        &self,
+        mode: Act,
+        x: &mut Vec<f32>,
+        c: usize,
+        bias: Option<&Vec<f32>>,
+    ) -> Result<()> {
         reference::act(mode, x, c, bias.map(|b| &b[..]));
         Ok(())
     }
-    fn value_residual(
+    unsafe fn raw_value_residual(
         &self,
         c: usize,
         v: &mut Vec<f32>,
@@ -760,16 +1124,14 @@ impl DeviceOps for CpuOps {
         v0: &Vec<f32>,
         dv: &Vec<f32>,
     ) -> Result<()> {
-        check_value_residual(c, v.len(), v_first.len(), v0.len(), dv.len())?;
         reference::value_residual(c, v, v_first, v0, dv);
         Ok(())
     }
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
-        need("y", y.len(), 0, x.len())?;
+    unsafe fn raw_add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
         reference::add(x, y);
         Ok(())
     }
-    fn wkv(
+    unsafe fn raw_wkv(
         &self,
         t: usize,
         h: usize,
@@ -780,62 +1142,4 @@ impl DeviceOps for CpuOps {
     ) -> Result<()> {
         host_wkv(&crate::wkv7::Backend::Cpu, t, h, n, rwkvab, state, y)
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_group_norm<B>(
-    rows: usize,
-    h: usize,
-    n: usize,
-    x: usize,
-    w: usize,
-    b: usize,
-    bonus: &Option<BonusBufs<'_, B>>,
-    g: Option<&B>,
-    len: impl Fn(&B) -> usize,
-) -> Result<()> {
-    let mut rc = vec![("x", x)];
-    let mut cv = vec![("weight", w), ("bias", b)];
-    if let Some(bb) = bonus {
-        rc.extend([("r", len(bb.r)), ("k", len(bb.k)), ("v", len(bb.v))]);
-        cv.push(("r_k", len(bb.r_k)));
-    }
-    if let Some(g) = g {
-        rc.push(("g", len(g)));
-    }
-    check::rows_heads("group_norm", rows, h, n, &rc, &cv)
-}
-
-pub(crate) fn check_token_shift(
-    t: usize,
-    c: usize,
-    x: usize,
-    state: usize,
-    mu: usize,
-    n_mix: usize,
-    out: usize,
-) -> Result<()> {
-    if c == 0 || n_mix == 0 {
-        return Err(Error::Invalid(
-            "token_shift: C and n_mix must be at least 1".into(),
-        ));
-    }
-    fits_i32("token_shift", &[t, n_mix, c])?;
-    need("x", x, 0, t * c)?;
-    need("state", state, 0, c)?;
-    need("mu", mu, 0, n_mix * c)?;
-    need("out", out, 0, t * n_mix * c)
-}
-
-pub(crate) fn check_value_residual(
-    c: usize,
-    v: usize,
-    v_first: usize,
-    v0: usize,
-    dv: usize,
-) -> Result<()> {
-    check::per_channel("value_residual", v, c)?;
-    need("v_first", v_first, 0, v)?;
-    need("dv", dv, 0, v)?;
-    need("v0", v0, 0, c)
 }
