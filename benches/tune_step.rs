@@ -4,7 +4,8 @@
 //! it), and the device engine (`tune::device::DeviceEngine`) on a GPU when
 //! one is present, on the tiny shape and on a 0.1B-class shape (12 layers,
 //! C = 768, 12 heads × 64, vocab 65536, random weights: the speed does not
-//! depend on the values). Throughput is in target tokens per second.
+//! depend on the values), with the v1 and the v2 (tensor-core) WKV kernels.
+//! Throughput is in target tokens per second.
 //!
 //! `cargo bench --bench tune_step`; CI runs it once in test mode.
 use std::path::PathBuf;
@@ -110,6 +111,15 @@ fn bench(c: &mut Criterion) {
                 c,
                 || rwkv_tune::ops::cuda::CudaOps::new(gpu.clone()).unwrap(),
                 "cuda",
+            );
+            device_rows(
+                c,
+                || {
+                    rwkv_tune::ops::cuda::CudaOps::new(gpu.clone())
+                        .unwrap()
+                        .with_wkv(rwkv_tune::wkv7::Version::V2)
+                },
+                "cuda_wkv_v2",
             );
         }
         Err(e) => eprintln!("tune_step: no GPU ({e}); only the CPU engine is timed"),

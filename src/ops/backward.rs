@@ -881,6 +881,7 @@ pub(crate) mod check {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn host_wkv_bwd(
     be: &crate::wkv7::Backend,
+    ver: crate::wkv7::Version,
     t: usize,
     h: usize,
     n: usize,
@@ -891,7 +892,8 @@ pub(crate) fn host_wkv_bwd(
     dh0: &mut Vec<f32>,
 ) -> Result<()> {
     let d = crate::wkv7::Dims { b: 1, t, h, n };
-    let (_, g) = be.forward_backward(
+    let (_, g) = be.forward_backward_v(
+        ver,
         &d,
         &crate::wkv7::Inputs {
             r: x[0],
@@ -1055,6 +1057,7 @@ impl BackwardOps for CpuOps {
     ) -> Result<()> {
         host_wkv_bwd(
             &crate::wkv7::Backend::Cpu,
+            crate::wkv7::Version::V1,
             t,
             h,
             n,

@@ -349,9 +349,10 @@ impl BackwardOps for CudaOps {
             h0: Some(h0),
         };
         let mut y = self.zeros(d.seq_len())?;
-        let mut ckpt = self.zeros(crate::wkv7::cuda::ckpt_len(&d))?;
-        let mut scratch = self.zeros(crate::wkv7::cuda::scratch_len(&d))?;
-        crate::wkv7::cuda::forward_dev(gpu, &d, &x, &mut y, None, Some(&mut ckpt))?;
+        let ver = self.wkv_version(n);
+        let mut ckpt = self.zeros(ver.ckpt_len(&d))?;
+        let mut scratch = self.zeros(ver.scratch_len(&d))?;
+        crate::wkv7::cuda::forward_dev_v(gpu, ver, &d, &x, &mut y, None, Some(&mut ckpt))?;
         let mut g = crate::wkv7::cuda::DevGrads {
             dr: self.zeros(d.seq_len())?,
             dw: self.zeros(d.seq_len())?,
@@ -361,7 +362,7 @@ impl BackwardOps for CudaOps {
             db: self.zeros(d.seq_len())?,
             dh0: self.zeros(d.state_len())?,
         };
-        crate::wkv7::cuda::backward_dev(gpu, &d, &x, &ckpt, dy, None, &mut g, &mut scratch)?;
+        crate::wkv7::cuda::backward_dev_v(gpu, ver, &d, &x, &ckpt, dy, None, &mut g, &mut scratch)?;
         let [dr, dw, dk, dv, da, db] = grads;
         std::mem::swap(dr, &mut g.dr);
         std::mem::swap(dw, &mut g.dw);

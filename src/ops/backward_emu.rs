@@ -249,6 +249,7 @@ impl BackwardOps for EmuOps {
     ) -> Result<()> {
         host_wkv_bwd(
             &crate::wkv7::Backend::Emu,
+            self.wkv,
             t,
             h,
             n,

@@ -74,9 +74,29 @@ pub struct CudaOps {
     /// Precision [`DeviceOps::upload_mat`] stores matrices in (default f32;
     /// [`DeviceOps::matmul_w`] follows the matrix it is given).
     pub gemm: GemmPrecision,
+    /// WKV kernel version of [`DeviceOps::wkv`] and the WKV backward
+    /// (default v1). With v2 the head size must be 32 or 64 (other sizes
+    /// run v1) and every decay ≥ 0.5, which the x070 decays the model
+    /// computes always are (`w = exp(−e^{−1/2}·σ(·)) > 0.545`); the GPU
+    /// path does not check the decays.
+    pub wkv: crate::wkv7::Version,
 }
 
 impl CudaOps {
+    /// The same backend with WKV kernel version `wkv`.
+    pub fn with_wkv(mut self, wkv: crate::wkv7::Version) -> Self {
+        self.wkv = wkv;
+        self
+    }
+
+    /// The version that runs for head size `n` (v2 only for N = 32, 64).
+    pub(crate) fn wkv_version(&self, n: usize) -> crate::wkv7::Version {
+        match (self.wkv, n) {
+            (crate::wkv7::Version::V2, 32 | 64) => crate::wkv7::Version::V2,
+            _ => crate::wkv7::Version::V1,
+        }
+    }
+
     /// Opens cuBLAS on the GPU's stream. Errors (never panics) when the
     /// cuBLAS library is missing.
     pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
@@ -92,6 +112,7 @@ impl CudaOps {
             blas,
             geom: Geom::GPU,
             gemm: GemmPrecision::F32,
+            wkv: crate::wkv7::Version::V1,
         })
     }
 
@@ -611,8 +632,9 @@ impl DeviceOps for CudaOps {
         let d = crate::wkv7::Dims { b: 1, t, h, n };
         let [r, w, k, v, a, b] = rwkvab;
         let mut h_t = self.zeros(d.state_len())?;
-        crate::wkv7::cuda::forward_dev(
+        crate::wkv7::cuda::forward_dev_v(
             &self.gpu,
+            self.wkv_version(n),
             &d,
             &crate::wkv7::cuda::DevInputs {
                 r,

@@ -24,6 +24,10 @@ pub struct EmuOps {
     /// Precision [`DeviceOps::upload_mat`] stores matrices in
     /// ([`DeviceOps::matmul_w`] follows the matrix it is given).
     pub gemm: GemmPrecision,
+    /// WKV kernel version of [`DeviceOps::wkv`] and the WKV backward
+    /// (default v1; v2 runs where `wkv7::v2::supports` the inputs, v1
+    /// otherwise).
+    pub wkv: crate::wkv7::Version,
 }
 
 impl Default for EmuOps {
@@ -31,6 +35,7 @@ impl Default for EmuOps {
         EmuOps {
             geom: Geom::EMU,
             gemm: GemmPrecision::F32,
+            wkv: crate::wkv7::Version::V1,
         }
     }
 }
@@ -40,8 +45,13 @@ impl EmuOps {
     pub fn with_geom(geom: Geom) -> Self {
         EmuOps {
             geom,
-            gemm: GemmPrecision::F32,
+            ..EmuOps::default()
         }
+    }
+
+    /// The same backend with WKV kernel version `wkv`.
+    pub fn with_wkv(self, wkv: crate::wkv7::Version) -> Self {
+        EmuOps { wkv, ..self }
     }
 
     /// The same backend with weight GEMMs in precision `gemm`.
@@ -346,6 +356,15 @@ impl DeviceOps for EmuOps {
         state: &mut Vec<f32>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        host_wkv(&crate::wkv7::Backend::Emu, t, h, n, rwkvab, state, y)
+        host_wkv(
+            &crate::wkv7::Backend::Emu,
+            self.wkv,
+            t,
+            h,
+            n,
+            rwkvab,
+            state,
+            y,
+        )
     }
 }

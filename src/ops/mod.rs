@@ -959,8 +959,10 @@ pub(crate) fn host_matmul_w(
 
 /// WKV on host buffers through a `wkv7` backend (Cpu or Emu); the caller
 /// checked the sizes ([`DeviceOps::wkv`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn host_wkv(
     be: &crate::wkv7::Backend,
+    ver: crate::wkv7::Version,
     t: usize,
     h: usize,
     n: usize,
@@ -969,7 +971,8 @@ pub(crate) fn host_wkv(
     y: &mut Vec<f32>,
 ) -> Result<()> {
     let d = crate::wkv7::Dims { b: 1, t, h, n };
-    let out = be.forward(
+    let out = be.forward_v(
+        ver,
         &d,
         &crate::wkv7::Inputs {
             r: x[0],
@@ -1140,6 +1143,15 @@ impl DeviceOps for CpuOps {
         state: &mut Vec<f32>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        host_wkv(&crate::wkv7::Backend::Cpu, t, h, n, rwkvab, state, y)
+        host_wkv(
+            &crate::wkv7::Backend::Cpu,
+            crate::wkv7::Version::V1,
+            t,
+            h,
+            n,
+            rwkvab,
+            state,
+            y,
+        )
     }
 }

@@ -20,6 +20,7 @@ use rwkv_tune::tune::train::{
     self, DeviceObserver, EvalResult, Observer, SoftTargets, TrainConfig,
 };
 use rwkv_tune::tune::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
+use rwkv_tune::wkv7::Version;
 
 /// Which demo to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -198,6 +199,12 @@ pub struct TuneArgs {
     /// the upscaled read-out).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
+    /// WKV kernels of the device engines (cuda, emu): v1 (FMA; any head
+    /// size) or v2 (tensor cores; head size 32 or 64, other sizes run v1).
+    /// Both give the same gradients up to float rounding (v2's f32 states
+    /// carry ~1e-5 relative error). Ignored on --device cpu.
+    #[arg(long, value_parser = ["v1", "v2"], default_value = "v1")]
+    pub wkv: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -529,10 +536,15 @@ pub fn run(a: TuneArgs) -> Result<()> {
         valid: valid_ds.as_ref(),
         obs: observer.as_deref(),
     };
+    let wkv = match a.wkv.as_str() {
+        "v2" => Version::V2,
+        _ => Version::V1,
+    };
+    if a.device == Device::Cpu && wkv == Version::V2 {
+        println!("note: --wkv applies to --device cuda|emu; the cpu engine has its own recurrence");
+    }
     let cuda = || -> Result<CudaOps> {
-        Ok(CudaOps::new(
-            gpu.clone().context("internal: no GPU handle")?,
-        )?)
+        Ok(CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?.with_wkv(wkv))
     };
     let (rep, upscaled) = match up_init {
         Some((kernel, start)) => match a.device {
@@ -549,7 +561,8 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 (rep, Some((eng.kernel, eng.state)))
             }
             Device::Emu => {
-                let (rep, s) = job.device_upscaled(EmuOps::default(), &kernel, &start)?;
+                let (rep, s) =
+                    job.device_upscaled(EmuOps::default().with_wkv(wkv), &kernel, &start)?;
                 (rep, Some((kernel, s)))
             }
             Device::Cuda => {
@@ -563,7 +576,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 Device::Cpu => {
                     train::train_from(&model, job.train, job.valid, &tc, job.obs, Some(start))?
                 }
-                Device::Emu => job.device(EmuOps::default(), &start)?,
+                Device::Emu => job.device(EmuOps::default().with_wkv(wkv), &start)?,
                 Device::Cuda => job.device(cuda()?, &start)?,
             };
             (rep, None)
