@@ -35,7 +35,7 @@
 use super::data::Dataset;
 use super::dbp::{Dbp, DbpStats};
 use super::engine::{check_engine_state, Engine, EngineState, StepOut};
-use super::grad::{Example, GradOpts, TunedState};
+use super::grad::{check_batch, effective_len, Example, GradOpts, TunedState};
 use super::optim::AdamConfig;
 use super::train::{evaluate_with, EvalResult};
 use super::upscale::{Kernel, UpscaledState, UpscaledStateOf};
@@ -128,10 +128,6 @@ pub struct DevGrad<B> {
     /// Bytes of activations held at once by the largest example (computed
     /// from the buffer sizes; weights and the state not included).
     pub peak_bytes: usize,
-}
-
-fn effective_len(ex: &Example) -> usize {
-    ex.mask.iter().rposition(|&m| m > 0.0).map_or(0, |p| p + 1)
 }
 
 impl<O: BackwardOps> DeviceTuner<O> {
@@ -695,15 +691,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 got: vec![st.len()],
             });
         }
-        if !o.observer_weight.is_finite() || o.observer_weight < 0.0 {
-            return Err(Error::Tune(format!(
-                "observer_weight = {} (must be finite and ≥ 0)",
-                o.observer_weight
-            )));
-        }
-        for (i, ex) in batch.iter().enumerate() {
-            check_example(i, ex, v)?;
-        }
+        check_batch(batch, o, v)?;
         let ul = self.u_len();
         for (l, s) in st.iter().enumerate() {
             let got = s.u.as_ref().map(|u| self.ops.len(u));
@@ -912,42 +900,6 @@ impl<O: BackwardOps> DeviceTuner<O> {
         s.count = count;
         Ok(s)
     }
-}
-
-fn check_example(i: usize, ex: &Example, vocab: usize) -> Result<()> {
-    let t = ex.tokens.len();
-    if ex.targets.len() != t || ex.mask.len() != t {
-        return Err(Error::Tune(format!(
-            "example {i}: tokens {t}, targets {}, mask {} (must be equal)",
-            ex.targets.len(),
-            ex.mask.len()
-        )));
-    }
-    if let Some(p) = ex
-        .tokens
-        .iter()
-        .chain(&ex.targets)
-        .find(|&&x| x as usize >= vocab)
-    {
-        return Err(Error::Tune(format!(
-            "example {i}: token {p} is out of range (vocab {vocab})"
-        )));
-    }
-    if ex.mask.iter().any(|m| !m.is_finite() || *m < 0.0) {
-        return Err(Error::Tune(format!(
-            "example {i}: mask values must be finite and ≥ 0"
-        )));
-    }
-    if let Some(s) = &ex.soft {
-        if s.len() < effective_len(ex) * vocab {
-            return Err(Error::Tune(format!(
-                "example {i}: soft targets have {} values, need {} × {vocab}",
-                s.len(),
-                effective_len(ex)
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The [`Engine`] on a device: tuned tensors (in [`TunedState::params`]

@@ -569,6 +569,21 @@ fn check_tokens(name: &str, toks: &[u32], vocab: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks every gradient engine runs on its inputs: the observer weight
+/// and each example (lengths, token ranges, mask values, soft-target shape).
+pub(crate) fn check_batch(batch: &[Example], o: &GradOpts, vocab: usize) -> Result<()> {
+    if !o.observer_weight.is_finite() || o.observer_weight < 0.0 {
+        return Err(Error::Tune(format!(
+            "observer_weight = {} (must be finite and ≥ 0)",
+            o.observer_weight
+        )));
+    }
+    for (i, ex) in batch.iter().enumerate() {
+        check_example(i, ex, vocab)?;
+    }
+    Ok(())
+}
+
 fn check_example(i: usize, ex: &Example, vocab: usize) -> Result<()> {
     let t = ex.tokens.len();
     for (name, n) in [("targets", ex.targets.len()), ("mask", ex.mask.len())] {
@@ -2221,15 +2236,7 @@ pub(crate) fn run_up<R: Real>(
     if o.chunk == 0 {
         return Err(Error::Tune("GradOpts.chunk must be at least 1".into()));
     }
-    if !o.observer_weight.is_finite() || o.observer_weight < 0.0 {
-        return Err(Error::Tune(format!(
-            "observer_weight = {} (must be finite and ≥ 0)",
-            o.observer_weight
-        )));
-    }
-    for (i, ex) in batch.iter().enumerate() {
-        check_example(i, ex, cfg.vocab)?;
-    }
+    check_batch(batch, o, cfg.vocab)?;
     let mut m = ModelW::<R>::new(w)?;
     if let Some(u) = up {
         m.d.mu = u.m;
@@ -2292,7 +2299,7 @@ pub(crate) fn run_up<R: Real>(
 }
 
 /// Positions that can affect the loss: up to and including the last masked one.
-fn effective_len(ex: &Example) -> usize {
+pub(crate) fn effective_len(ex: &Example) -> usize {
     ex.mask.iter().rposition(|&m| m > 0.0).map_or(0, |p| p + 1)
 }
 
