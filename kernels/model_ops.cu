@@ -130,15 +130,18 @@ EMU_ENTRY(ops_kk_prep_f32, KkPrepParams)
 extern "C" __global__ void __launch_bounds__(256)
     ops_token_shift_f32(const __grid_constant__ TokenShiftParams p) {
   const int T = p.T, C = p.C, M = p.n_mix;
-  ELEM_LOOP(j, C) {
-    float prev = p.state[j];
+  ELEM_LOOP(i, (long)p.B * C) {
+    const long b = i / C, j = i % C;
+    float prev = p.state[i];
+    const float* x = p.x + b * T * C;
+    float* out = p.out + b * T * M * C;
     for (int t = 0; t < T; ++t) {
-      const float cur = p.x[(long)t * C + j];
-      float* o = p.out + (long)t * M * C + j;
+      const float cur = x[(long)t * C + j];
+      float* o = out + (long)t * M * C + j;
       for (int m = 0; m < M; ++m) o[(long)m * C] = cur + (prev - cur) * p.mu[(long)m * C + j];
       prev = cur;
     }
-    p.state[j] = prev;
+    p.state[i] = prev;
   }
 }
 EMU_ENTRY(ops_token_shift_f32, TokenShiftParams)

@@ -128,6 +128,7 @@ typedef struct KkPrepParams {
  *   a = -kh, b = kh * alpha, k_out = k * (1 + (alpha - 1) * k_a). */
 
 typedef struct TokenShiftParams {
+  int32_t B;
   int32_t T;
   int32_t C;
   int32_t n_mix;
@@ -136,8 +137,9 @@ typedef struct TokenShiftParams {
   const float* mu;
   float* out;
 } TokenShiftParams;
-/*   x [T, C]; state [C] (x_{-1} in, x_{T-1} out); mu [n_mix, C];
- *   out [T, n_mix, C] = x + (shift(x) - x) * mu[m]. */
+/*   B sequences of T rows: x [B, T, C]; state [B, C] (x_{-1} in, x_{T-1}
+ *   out, per sequence); mu [n_mix, C];
+ *   out [B, T, n_mix, C] = x + (shift(x) - x) * mu[m]. */
 
 typedef struct ActParams {
   int32_t n;
@@ -217,6 +219,7 @@ typedef struct LayerNormBwdParams {
  *   dy [rows, C]; dx [rows, C] accumulated: dx += dL/dx of LN(x)*weight + b. */
 
 typedef struct TokenShiftBwdParams {
+  int32_t B;
   int32_t T;
   int32_t C;
   int32_t n_mix;
@@ -230,9 +233,10 @@ typedef struct TokenShiftBwdParams {
   float* dstate;
   float* dx;
 } TokenShiftBwdParams;
-/*   d0 .. d{n_mix-1} [T, C] the gradients of the n_mix mixes (the rest
- *   unused, may be NULL); mu [n_mix, C]; dstate [C]: dL/d(state out) in,
- *   dL/d(state in) out; dx [T, C] overwritten. 1 <= n_mix <= 6. */
+/*   B sequences of T rows: d0 .. d{n_mix-1} [B, T, C] the gradients of the
+ *   n_mix mixes (the rest unused, may be NULL); mu [n_mix, C];
+ *   dstate [B, C]: dL/d(state out) in, dL/d(state in) out, per sequence;
+ *   dx [B, T, C] overwritten. 1 <= n_mix <= 6. */
 
 typedef struct ActBwdParams {
   int32_t n;
@@ -393,6 +397,16 @@ typedef struct AdamParams {
 /*   p, g, m, v [n]; p, m, v in place. g' = g * grad_scale;
  *   m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
  *   p -= lr * wd * p (when wd > 0); p -= lr * (m / bc1) / (sqrt(v / bc2) + eps). */
+
+typedef struct SumBatchParams {
+  int32_t B;
+  int32_t n;
+  int32_t accumulate;
+  const float* src;
+  float* dst;
+} SumBatchParams;
+/*   src [B, n]; dst [n] (distinct from src):
+ *   dst[i] = (accumulate ? dst[i] : 0) + sum_b src[b, i]. */
 
 typedef struct SumsqParams {
   int32_t n;

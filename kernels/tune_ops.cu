@@ -117,8 +117,9 @@ extern "C" __global__ void __launch_bounds__(256)
     tune_token_shift_bwd_f32(const __grid_constant__ TokenShiftBwdParams p) {
   const int T = p.T, C = p.C, M = p.n_mix;
   if (T <= 0) return;  // state_out = state_in: dstate passes through
-  const float* d[6] = {p.d0, p.d1, p.d2, p.d3, p.d4, p.d5};
-  ELEM_LOOP(j, C) {
+  ELEM_LOOP(i, (long)p.B * C) {
+    const long b = i / C, j = i % C, base = b * T * C;
+    const float* d[6] = {p.d0, p.d1, p.d2, p.d3, p.d4, p.d5};
     float u[6];
 #pragma unroll
     for (int m = 0; m < 6; ++m) u[m] = m < M ? p.mu[(long)m * C + j] : 0.f;
@@ -127,18 +128,18 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int m = 0; m < 6; ++m) {
         if (m < M) {
-          cur += d[m][(long)t * C + j] * (1.f - u[m]);
-          if (t + 1 < T) nxt += d[m][(long)(t + 1) * C + j] * u[m];
+          cur += d[m][base + (long)t * C + j] * (1.f - u[m]);
+          if (t + 1 < T) nxt += d[m][base + (long)(t + 1) * C + j] * u[m];
         }
       }
-      if (t + 1 == T) nxt = p.dstate[j];
-      p.dx[(long)t * C + j] = cur + nxt;
+      if (t + 1 == T) nxt = p.dstate[i];
+      p.dx[base + (long)t * C + j] = cur + nxt;
     }
     float s = 0.f;
 #pragma unroll
     for (int m = 0; m < 6; ++m)
-      if (m < M) s += d[m][j] * u[m];
-    p.dstate[j] = s;
+      if (m < M) s += d[m][base + j] * u[m];
+    p.dstate[i] = s;
   }
 }
 EMU_ENTRY(tune_token_shift_bwd_f32, TokenShiftBwdParams)
@@ -530,6 +531,18 @@ extern "C" __global__ void __launch_bounds__(256) tune_adam_f32(const __grid_con
   }
 }
 EMU_ENTRY(tune_adam_f32, AdamParams)
+
+// Sum over a batch: dst[i] = (accumulate ? dst[i] : 0) + sum_b src[b, i].
+//   src [B, n], dst [n] (distinct).
+extern "C" __global__ void __launch_bounds__(256)
+    tune_sum_batch_f32(const __grid_constant__ SumBatchParams p) {
+  ELEM_LOOP(i, p.n) {
+    float s = p.accumulate ? p.dst[i] : 0.f;
+    for (int b = 0; b < p.B; ++b) s += p.src[(long)b * p.n + i];
+    p.dst[i] = s;
+  }
+}
+EMU_ENTRY(tune_sum_batch_f32, SumBatchParams)
 
 // Σ x² per block: partial[blockIdx.x] (no atomics; the host adds the
 // gridDim.x partials in f64).  x [n], partial [gridDim.x].

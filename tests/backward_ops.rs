@@ -100,7 +100,7 @@ fn check_all<D: BackwardOps>(d: &D, be: &str, rows: usize, h: usize, n: usize, w
     ));
     let c = h * n;
     let rc = rows * c;
-    let cpu = CpuOps;
+    let cpu = CpuOps::new();
     let up = |x: &[f32]| d.upload(x).unwrap();
     let down = |b: &D::Buf| d.download(b).unwrap();
 
@@ -499,7 +499,7 @@ fn check_xent<D: BackwardOps>(d: &D, be: &str, rows: usize, v: usize, w: &mut Wo
         let mut want = logits.clone();
         let mut want_l = vec![7f32; rows + 2];
         let sv = use_soft.then_some(&soft);
-        CpuOps
+        CpuOps::new()
             .xent(rows, v, &mut want, &targets, &mask, sv, lam, &mut want_l)
             .unwrap();
         let sd = up(&soft);
@@ -557,7 +557,9 @@ fn check_adam_sumsq<D: BackwardOps>(d: &D, be: &str, n: usize, w: &mut Worst) {
                 bc2: 1.0 - b2.powi(step),
                 grad_scale: 0.25,
             };
-            CpuOps.adam(n, &s, &mut p, &g, &mut m, &mut v).unwrap();
+            CpuOps::new()
+                .adam(n, &s, &mut p, &g, &mut m, &mut v)
+                .unwrap();
             d.adam(n, &s, &mut pd, &up(&g), &mut md, &mut vd).unwrap();
             let tag = format!("adam wd={wd} step {step}");
             let e = ok(be, &format!("{tag} p"), &down(&pd), &p, TOL)
@@ -570,7 +572,7 @@ fn check_adam_sumsq<D: BackwardOps>(d: &D, be: &str, n: usize, w: &mut Worst) {
         let x = z.v(len + 2, 1.0);
         let exact: f64 = x[..len].iter().map(|&v| v as f64 * v as f64).sum();
         let got = d.sumsq(len, &up(&x)).unwrap();
-        let cpu = CpuOps.sumsq(len, &x).unwrap();
+        let cpu = CpuOps::new().sumsq(len, &x).unwrap();
         let e = (got - exact).abs() / exact.max(1e-30);
         eprintln!("  {be:<9} {:<28} rel err {e:.2e}", format!("sumsq n={len}"));
         assert!(e <= TOL, "{be}: sumsq n={len}: {got} vs {exact}");
@@ -591,7 +593,7 @@ fn check_wkv<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, w: &
         let [a, b, c, dd, e, f] = &mut want[..] else {
             unreachable!()
         };
-        CpuOps
+        CpuOps::new()
             .wkv_bwd(
                 t,
                 h,
@@ -674,7 +676,7 @@ fn run_backend<D: BackwardOps>(d: &D, be: &str, big: bool) {
 fn backward_ops_cpu_self_consistency() {
     // the cpu backend against itself is trivially exact; this runs every
     // code path of the harness (and the twins) once without a kernel
-    run_backend(&CpuOps, "cpu", false);
+    run_backend(&CpuOps::new(), "cpu", false);
 }
 
 #[test]
@@ -937,7 +939,7 @@ fn shape_errors<D: BackwardOps>(d: &D) {
 
 #[test]
 fn backward_ops_shape_errors() {
-    shape_errors(&CpuOps);
+    shape_errors(&CpuOps::new());
     shape_errors(&EmuOps::default());
 }
 

@@ -109,7 +109,7 @@ fn device_model_emu_matches_cpu_model() {
 
 #[test]
 fn device_model_twins_match_cpu_model() {
-    check_device(CpuOps, "cpu-twins");
+    check_device(CpuOps::new(), "cpu-twins");
 }
 
 #[test]

@@ -275,9 +275,9 @@ const SHAPES: [(usize, usize, usize); 3] = [(5, 2, 64), (3, 1, 32), (2, 3, 128)]
 #[test]
 fn ops_cpu() {
     for (rows, h, n) in SHAPES {
-        check_all(&CpuOps, "cpu", rows, h, n);
+        check_all(&CpuOps::new(), "cpu", rows, h, n);
     }
-    check_errors(&CpuOps);
+    check_errors(&CpuOps::new());
 }
 
 #[test]

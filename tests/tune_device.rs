@@ -88,7 +88,7 @@ fn check_backend<O: BackwardOps>(ops: O, label: &str) {
 
 #[test]
 fn cpu_backend_gradient_matches_the_cpu_engine() {
-    check_backend(CpuOps, "cpu");
+    check_backend(CpuOps::new(), "cpu");
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn dbp_statistics_match_the_cpu_engine() {
     let o = GradOpts::default();
     let cpu = loss_and_grad_dbp(&w, &s, &batch, &o).unwrap();
     let want = cpu.dbp_stats.unwrap();
-    let tuner = DeviceTuner::new(CpuOps, &w).unwrap();
+    let tuner = DeviceTuner::new(CpuOps::new(), &w).unwrap();
     let (_, _, _, got, _) = tuner.loss_and_grad(&s, &batch, &o, true).unwrap();
     let got = got.unwrap();
     assert_eq!(got.count, want.count);
@@ -166,8 +166,15 @@ fn device_engine_steps_track_the_host_engine() {
     let dbp = Some((0.05, 0.5));
     let mut host =
         HostEngine::new(&w, init.clone(), AdamConfig::default(), dbp, o.clone()).unwrap();
-    let mut dev =
-        DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), dbp, o.clone()).unwrap();
+    let mut dev = DeviceEngine::new(
+        CpuOps::new(),
+        &w,
+        &init,
+        AdamConfig::default(),
+        dbp,
+        o.clone(),
+    )
+    .unwrap();
     for (i, b) in batches.iter().enumerate() {
         // clip 0.12: active on the first three steps (norms 0.17, 0.15, 0.15), not the last
         let a = host.step(b, 0.05, 0.12).unwrap();
@@ -199,7 +206,8 @@ fn device_engine_steps_track_the_host_engine() {
     }
     // save → load into a fresh engine → the next step is identical
     let saved = dev.save().unwrap();
-    let mut dev2 = DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), dbp, o).unwrap();
+    let mut dev2 =
+        DeviceEngine::new(CpuOps::new(), &w, &init, AdamConfig::default(), dbp, o).unwrap();
     dev2.load(saved.clone()).unwrap();
     let x = dev.step(&batches[0], 0.01, 1.0).unwrap();
     let y = dev2.step(&batches[0], 0.01, 1.0).unwrap();
@@ -335,7 +343,8 @@ fn non_finite_gradients_leave_the_parameters_unchanged() {
     let o = GradOpts::default();
     let mut host =
         HostEngine::new(&w, init.clone(), AdamConfig::default(), None, o.clone()).unwrap();
-    let mut dev = DeviceEngine::new(CpuOps, &w, &init, AdamConfig::default(), None, o).unwrap();
+    let mut dev =
+        DeviceEngine::new(CpuOps::new(), &w, &init, AdamConfig::default(), None, o).unwrap();
     for e in [&mut host as &mut dyn Engine, &mut dev as &mut dyn Engine] {
         let before = e.save().unwrap();
         let err = e.step(&b, 0.1, 1.0).unwrap_err().to_string();

@@ -105,7 +105,7 @@ fn check_backend<O: BackwardOps>(ops: O, label: &str) {
 
 #[test]
 fn cpu_backend_upscaled_gradient_matches_the_cpu_engine() {
-    check_backend(CpuOps, "cpu");
+    check_backend(CpuOps::new(), "cpu");
 }
 
 #[test]
@@ -146,7 +146,8 @@ fn upscaled_device_engine_steps_track_the_upscale_engine() {
     let o = GradOpts::default();
     let adam = AdamConfig::default();
     let mut host = UpscaleEngine::new(&w, k.clone(), init.clone(), adam, None, o.clone()).unwrap();
-    let mut dev = DeviceEngine::new_upscaled(CpuOps, &w, &k, &init, adam, None, o.clone()).unwrap();
+    let mut dev =
+        DeviceEngine::new_upscaled(CpuOps::new(), &w, &k, &init, adam, None, o.clone()).unwrap();
     assert_eq!(host.sizes(), dev.sizes());
     let mut clipped = 0;
     for (i, b) in batches.iter().enumerate() {
@@ -186,7 +187,7 @@ fn upscaled_device_engine_steps_track_the_upscale_engine() {
     // save → load into a fresh engine → the next step is identical
     let saved = dev.save().unwrap();
     let mut dev2 =
-        DeviceEngine::new_upscaled(CpuOps, &w, &k, &init, adam, None, o.clone()).unwrap();
+        DeviceEngine::new_upscaled(CpuOps::new(), &w, &k, &init, adam, None, o.clone()).unwrap();
     dev2.load(saved.clone()).unwrap();
     assert_eq!(dev2.upscaled().unwrap(), ds);
     let x = dev.step(&batches[0], 0.01, 1.0).unwrap();
@@ -209,16 +210,24 @@ fn upscaled_device_engine_refuses_dbp_and_bad_shapes() {
     let (w, k, s, _) = setup(&cfg, 20, 51);
     let adam = AdamConfig::default();
     let o = GradOpts::default();
-    let r = DeviceEngine::new_upscaled(CpuOps, &w, &k, &s, adam, Some((0.05, 0.5)), o.clone());
+    let r = DeviceEngine::new_upscaled(
+        CpuOps::new(),
+        &w,
+        &k,
+        &s,
+        adam,
+        Some((0.05, 0.5)),
+        o.clone(),
+    );
     assert!(matches!(r, Err(Error::Tune(_))));
     let mut short = s.clone();
     short.u[1].pop();
-    let r = DeviceEngine::new_upscaled(CpuOps, &w, &k, &short, adam, None, o.clone());
+    let r = DeviceEngine::new_upscaled(CpuOps::new(), &w, &k, &short, adam, None, o.clone());
     assert!(matches!(r, Err(Error::Shape { .. })));
     // a plain engine has no upscaled state; a plain tuner takes no U
-    let plain = DeviceEngine::new(CpuOps, &w, &s.state, adam, None, o).unwrap();
+    let plain = DeviceEngine::new(CpuOps::new(), &w, &s.state, adam, None, o).unwrap();
     assert!(matches!(plain.upscaled(), Err(Error::Tune(_))));
-    let t = DeviceTuner::new(CpuOps, &w).unwrap();
+    let t = DeviceTuner::new(CpuOps::new(), &w).unwrap();
     assert!(matches!(t.upload_upscaled(&s), Err(Error::Tune(_))));
 }
 

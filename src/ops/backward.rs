@@ -13,7 +13,8 @@
 //! matrices `[out, in]`. Every op checks its sizes ([`BackwardOps`] methods
 //! return [`crate::Error::Shape`] naming the argument, never panic).
 use super::backward_ref::{self as bref, AdamStep};
-use super::{check_heads, fits_i32, need, Act, CpuOps, DeviceOps};
+use super::counters;
+use super::{check_heads, fits_i32, host_wkv_b, need, Act, CpuOps, DeviceOps};
 use crate::error::{Error, Result};
 
 /// The forward inputs and output gradients of [`BackwardOps::kk_prep_bwd`].
@@ -89,6 +90,7 @@ pub trait BackwardOps: DeviceOps {
         dx: &mut Self::Buf,
     ) -> Result<()> {
         check::matmul_t(self.len(dy), m, self.len(w), n, k, self.len(dx))?;
+        self.counters().launch(counters::Op::MatmulT);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_matmul_t(dy, m, w, n, k, dx) }
     }
@@ -128,6 +130,7 @@ pub trait BackwardOps: DeviceOps {
             self.len(dy),
             self.len(dx),
         )?;
+        self.counters().launch(counters::Op::LayerNormBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_layer_norm_bwd(x, off, rows, c, weight, eps, dy, dx) }
     }
@@ -159,23 +162,187 @@ pub trait BackwardOps: DeviceOps {
         dstate: &mut Self::Buf,
         dx: &mut Self::Buf,
     ) -> Result<()> {
-        let lens: Vec<usize> = dmix.iter().map(|d| self.len(d)).collect();
-        check::token_shift_bwd(t, c, &lens, self.len(mu), self.len(dstate), self.len(dx))?;
-        // SAFETY: the sizes the hook relies on were checked just above.
-        unsafe { self.raw_token_shift_bwd(t, c, dmix, mu, dstate, dx) }
+        self.token_shift_bwd_b(1, t, c, dmix, mu, dstate, dx)
     }
-    /// # Safety
-    /// The sizes must pass `check::token_shift_bwd` (what
-    /// [`Self::token_shift_bwd`] checks).
-    #[doc(hidden)]
-    unsafe fn raw_token_shift_bwd(
+    /// [`Self::token_shift_bwd`] over `b` sequences of `t` rows: dmix and
+    /// dx `[B, T, C]`, dstate `[B, C]` (per sequence).
+    fn token_shift_bwd_b(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         dmix: &[&Self::Buf],
         mu: &Self::Buf,
         dstate: &mut Self::Buf,
         dx: &mut Self::Buf,
+    ) -> Result<()> {
+        let lens: Vec<usize> = dmix.iter().map(|d| self.len(d)).collect();
+        check::token_shift_bwd(b, t, c, &lens, self.len(mu), self.len(dstate), self.len(dx))?;
+        self.counters().launch(counters::Op::TokenShiftBwd);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_token_shift_bwd(b, t, c, dmix, mu, dstate, dx) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::token_shift_bwd` (what
+    /// [`Self::token_shift_bwd_b`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_token_shift_bwd(
+        &self,
+        b: usize,
+        t: usize,
+        c: usize,
+        dmix: &[&Self::Buf],
+        mu: &Self::Buf,
+        dstate: &mut Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Sum over a batch: `dst[i] = (accumulate ? dst[i] : 0) + Σ_b src[b·n + i]`;
+    /// src `[B, n]`, dst `[n]`.
+    fn sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        if b == 0 {
+            return Err(Error::Invalid("sum_batch: B must be at least 1".into()));
+        }
+        fits_i32("sum_batch", &[b, n])?;
+        need("src", self.len(src), 0, b * n)?;
+        need("dst", self.len(dst), 0, n)?;
+        self.counters().launch(counters::Op::SumBatch);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_sum_batch(b, n, src, dst, accumulate) }
+    }
+    /// # Safety
+    /// `src` must hold `b·n` elements and `dst` `n` (what [`Self::sum_batch`]
+    /// checks).
+    #[doc(hidden)]
+    unsafe fn raw_sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// Elements of the WKV workspace of [`Self::wkv_fwd_ckpt`] /
+    /// [`Self::wkv_bwd_ckpt`] for `[B, T, H, N]`: (checkpoints, backward
+    /// scratch). At least 1 each.
+    fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize);
+
+    /// WKV-7 forward of `b` sequences from `h0 [B, H, N, N]` (read only)
+    /// that keeps its state checkpoints in `ckpt` (length from
+    /// [`Self::wkv_ws_len`]) for [`Self::wkv_bwd_ckpt`]; r … b, y
+    /// `[B, T, H, N]`, exact lengths.
+    fn wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        h0: &Self::Buf,
+        y: &mut Self::Buf,
+        ckpt: &mut Self::Buf,
+    ) -> Result<()> {
+        let names = ["r", "w", "k", "v", "a", "b"];
+        let mut seq: Vec<(&str, usize)> = names
+            .iter()
+            .copied()
+            .zip(rwkvab.iter().map(|x| self.len(x)))
+            .collect();
+        seq.push(("y", self.len(y)));
+        check::wkv_bwd(b, t, h, n, &seq, &[("h0", self.len(h0))])?;
+        let (ck, _) = self.wkv_ws_len(b, t, h, n);
+        need("ckpt", self.len(ckpt), 0, ck)?;
+        self.counters().launch(counters::Op::WkvFwd);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_wkv_fwd_ckpt(b, t, h, n, rwkvab, h0, y, ckpt) }
+    }
+    /// # Safety
+    /// The sizes must pass what [`Self::wkv_fwd_ckpt`] checks.
+    #[doc(hidden)]
+    unsafe fn raw_wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        h0: &Self::Buf,
+        y: &mut Self::Buf,
+        ckpt: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// WKV-7 backward of `b` sequences from the checkpoints a
+    /// [`Self::wkv_fwd_ckpt`] with the same inputs wrote (no forward is run
+    /// again on the emulator and CUDA; the CPU twin recomputes it), zero
+    /// gradient on the final state: writes dr … db `[B, T, H, N]` and dh0
+    /// `[B, H, N, N]`; `scratch` from [`Self::wkv_ws_len`].
+    fn wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        h0: &Self::Buf,
+        ckpt: &Self::Buf,
+        dy: &Self::Buf,
+        grads: [&mut Self::Buf; 6],
+        dh0: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+    ) -> Result<()> {
+        let names = ["r", "w", "k", "v", "a", "b"];
+        let gnames = ["dr", "dw", "dk", "dv", "da", "db"];
+        let mut seq: Vec<(&str, usize)> = names
+            .iter()
+            .copied()
+            .zip(rwkvab.iter().map(|x| self.len(x)))
+            .collect();
+        seq.push(("dy", self.len(dy)));
+        seq.extend(
+            gnames
+                .iter()
+                .copied()
+                .zip(grads.iter().map(|x| self.len(x))),
+        );
+        check::wkv_bwd(
+            b,
+            t,
+            h,
+            n,
+            &seq,
+            &[("h0", self.len(h0)), ("dh0", self.len(dh0))],
+        )?;
+        let (ck, sc) = self.wkv_ws_len(b, t, h, n);
+        need("ckpt", self.len(ckpt), 0, ck)?;
+        need("scratch", self.len(scratch), 0, sc)?;
+        self.counters().launch(counters::Op::WkvBwd);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_wkv_bwd_ckpt(b, t, h, n, rwkvab, h0, ckpt, dy, grads, dh0, scratch) }
+    }
+    /// # Safety
+    /// The sizes must pass what [`Self::wkv_bwd_ckpt`] checks.
+    #[doc(hidden)]
+    unsafe fn raw_wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Self::Buf; 6],
+        h0: &Self::Buf,
+        ckpt: &Self::Buf,
+        dy: &Self::Buf,
+        grads: [&mut Self::Buf; 6],
+        dh0: &mut Self::Buf,
+        scratch: &mut Self::Buf,
     ) -> Result<()>;
 
     /// In place on the first `n` elements of dy: `dy *= f′(pre + bias)`
@@ -190,6 +357,7 @@ pub trait BackwardOps: DeviceOps {
         dy: &mut Self::Buf,
     ) -> Result<()> {
         check::act_bwd(n, c, self.len(pre), bias.map(|b| self.len(b)), self.len(dy))?;
+        self.counters().launch(counters::Op::ActBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_act_bwd(mode, n, c, pre, bias, dy) }
     }
@@ -237,6 +405,7 @@ pub trait BackwardOps: DeviceOps {
                 ("k_a", self.len(x.k_a)),
             ],
         )?;
+        self.counters().launch(counters::Op::KkPrepBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_kk_prep_bwd(rows, h, n, x, dk, dda) }
     }
@@ -283,6 +452,7 @@ pub trait BackwardOps: DeviceOps {
             ],
             &[("v0", self.len(v0))],
         )?;
+        self.counters().launch(counters::Op::ValueResidualBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv) }
     }
@@ -337,6 +507,7 @@ pub trait BackwardOps: DeviceOps {
                 ("r_k", self.len(x.r_k)),
             ],
         )?;
+        self.counters().launch(counters::Op::GroupNormBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_group_norm_bwd(rows, h, n, eps, x, g) }
     }
@@ -384,12 +555,16 @@ pub trait BackwardOps: DeviceOps {
                 .zip(grads.iter().map(|b| self.len(b))),
         );
         check::wkv_bwd(
+            1,
             t,
             h,
             n,
             &seq,
             &[("h0", self.len(h0)), ("dh0", self.len(dh0))],
         )?;
+        // the forward it recomputes inside, then the backward
+        self.counters().launch(counters::Op::WkvFwd);
+        self.counters().launch(counters::Op::WkvBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_wkv_bwd(t, h, n, rwkvab, h0, dy, grads, dh0) }
     }
@@ -432,6 +607,7 @@ pub trait BackwardOps: DeviceOps {
             soft.map(|s| self.len(s)),
             self.len(loss),
         )?;
+        self.counters().launch(counters::Op::Xent);
         // SAFETY: the sizes (and target ids) the hook relies on were checked
         // just above.
         unsafe { self.raw_xent(rows, v, logits, targets, mask, soft, lam, loss) }
@@ -461,15 +637,30 @@ pub trait BackwardOps: DeviceOps {
         r: &Self::Buf,
         acc: &mut Self::Buf,
     ) -> Result<()> {
-        check::outer_acc(rows, h, n, self.len(r), self.len(acc))?;
+        self.outer_acc_rows(0, rows, h, n, r, acc)
+    }
+    /// [`Self::outer_acc`] over rows `[r0, r0 + rows)` of r.
+    fn outer_acc_rows(
+        &self,
+        r0: usize,
+        rows: usize,
+        h: usize,
+        n: usize,
+        r: &Self::Buf,
+        acc: &mut Self::Buf,
+    ) -> Result<()> {
+        check::outer_acc(r0 + rows, h, n, self.len(r), self.len(acc))?;
+        self.counters().launch(counters::Op::OuterAcc);
         // SAFETY: the sizes the hook relies on were checked just above.
-        unsafe { self.raw_outer_acc(rows, h, n, r, acc) }
+        unsafe { self.raw_outer_acc(r0 * h * n, rows, h, n, r, acc) }
     }
     /// # Safety
-    /// The sizes must pass `check::outer_acc` (what [`Self::outer_acc`] checks).
+    /// The sizes must pass `check::outer_acc` for `off / (H·N) + rows` rows
+    /// (what [`Self::outer_acc_rows`] checks); `off` is an element offset.
     #[doc(hidden)]
     unsafe fn raw_outer_acc(
         &self,
+        off: usize,
         rows: usize,
         h: usize,
         n: usize,
@@ -501,6 +692,7 @@ pub trait BackwardOps: DeviceOps {
             &[("phi", self.len(phi))],
             &[],
         )?;
+        self.counters().launch(counters::Op::UpFwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_up_fwd(rows, h, n, k, r, phi, y) }
     }
@@ -550,6 +742,7 @@ pub trait BackwardOps: DeviceOps {
             &[("phi", self.len(phi))],
             &[("du", self.len(du))],
         )?;
+        self.counters().launch(counters::Op::UpBwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_up_bwd(rows, h, n, k, r, phi, dy, du, dr) }
     }
@@ -581,6 +774,7 @@ pub trait BackwardOps: DeviceOps {
         out: &mut Self::Buf,
     ) -> Result<()> {
         check::batched_matmul(groups, n, self.len(a), self.len(b), self.len(out))?;
+        self.counters().launch(counters::Op::BatchedMatmul);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_batched_matmul(groups, n, a, b, trans_b, out) }
     }
@@ -610,6 +804,7 @@ pub trait BackwardOps: DeviceOps {
         v: &mut Self::Buf,
     ) -> Result<()> {
         check::adam(n, self.len(p), self.len(g), self.len(m), self.len(v))?;
+        self.counters().launch(counters::Op::Adam);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_adam(n, s, p, g, m, v) }
     }
@@ -630,6 +825,7 @@ pub trait BackwardOps: DeviceOps {
     /// finished in f64 on the host).
     fn sumsq(&self, n: usize, x: &Self::Buf) -> Result<f64> {
         need("x", self.len(x), 0, n)?;
+        self.counters().launch(counters::Op::Sumsq);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_sumsq(n, x) }
     }
@@ -681,6 +877,7 @@ pub(crate) mod check {
     }
 
     pub fn token_shift_bwd(
+        b: usize,
         t: usize,
         c: usize,
         dmix: &[usize],
@@ -699,13 +896,18 @@ pub(crate) mod check {
                 "token_shift_bwd: C must be at least 1".into(),
             ));
         }
-        fits_i32("token_shift_bwd", &[t, c])?;
+        if b == 0 {
+            return Err(Error::Invalid(
+                "token_shift_bwd: B must be at least 1".into(),
+            ));
+        }
+        fits_i32("token_shift_bwd", &[b, t, c])?;
         for (i, &d) in dmix.iter().enumerate() {
-            need(&format!("dmix[{i}]"), d, 0, t * c)?;
+            need(&format!("dmix[{i}]"), d, 0, b * t * c)?;
         }
         need("mu", mu, 0, dmix.len() * c)?;
-        need("dstate", dstate, 0, c)?;
-        need("dx", dx, 0, t * c)
+        need("dstate", dstate, 0, b * c)?;
+        need("dx", dx, 0, b * t * c)
     }
 
     pub fn act_bwd(n: usize, c: usize, pre: usize, bias: Option<usize>, dy: usize) -> Result<()> {
@@ -847,13 +1049,14 @@ pub(crate) mod check {
     }
 
     pub fn wkv_bwd(
+        b: usize,
         t: usize,
         h: usize,
         n: usize,
         seq: &[(&str, usize)],
         st: &[(&str, usize)],
     ) -> Result<()> {
-        let d = crate::wkv7::Dims { b: 1, t, h, n };
+        let d = crate::wkv7::Dims { b, t, h, n };
         d.validate()?;
         for (name, len) in seq {
             exact(name, *len, d.seq_len())?;
@@ -891,7 +1094,25 @@ pub(crate) fn host_wkv_bwd(
     grads: [&mut Vec<f32>; 6],
     dh0: &mut Vec<f32>,
 ) -> Result<()> {
-    let d = crate::wkv7::Dims { b: 1, t, h, n };
+    host_wkv_bwd_b(be, ver, 1, t, h, n, x, h0, dy, grads, dh0)
+}
+
+/// [`host_wkv_bwd`] for `b` sequences (h0, dh0 `[B, H, N, N]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn host_wkv_bwd_b(
+    be: &crate::wkv7::Backend,
+    ver: crate::wkv7::Version,
+    b: usize,
+    t: usize,
+    h: usize,
+    n: usize,
+    x: [&Vec<f32>; 6],
+    h0: &[f32],
+    dy: &[f32],
+    grads: [&mut Vec<f32>; 6],
+    dh0: &mut Vec<f32>,
+) -> Result<()> {
+    let d = crate::wkv7::Dims { b, t, h, n };
     let (_, g) = be.forward_backward_v(
         ver,
         &d,
@@ -948,6 +1169,7 @@ impl BackwardOps for CpuOps {
     }
     unsafe fn raw_token_shift_bwd(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         dmix: &[&Vec<f32>],
@@ -955,9 +1177,78 @@ impl BackwardOps for CpuOps {
         dstate: &mut Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        let dm: Vec<&[f32]> = dmix.iter().map(|d| d.as_slice()).collect();
-        bref::token_shift_bwd(t, c, &dm, mu, dstate, dx);
+        let tc = t * c;
+        for i in 0..b {
+            let dm: Vec<&[f32]> = dmix.iter().map(|d| &d[i * tc..]).collect();
+            bref::token_shift_bwd(t, c, &dm, mu, &mut dstate[i * c..], &mut dx[i * tc..]);
+        }
         Ok(())
+    }
+    unsafe fn raw_sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        bref::sum_batch(b, n, src, dst, accumulate);
+        Ok(())
+    }
+    fn wkv_ws_len(&self, _b: usize, _t: usize, _h: usize, _n: usize) -> (usize, usize) {
+        (1, 1)
+    }
+    unsafe fn raw_wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        h0: &Vec<f32>,
+        y: &mut Vec<f32>,
+        _ckpt: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut st = h0.clone();
+        host_wkv_b(
+            &crate::wkv7::Backend::Cpu,
+            crate::wkv7::Version::V1,
+            b,
+            t,
+            h,
+            n,
+            rwkvab,
+            &mut st,
+            y,
+        )
+    }
+    unsafe fn raw_wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        h0: &Vec<f32>,
+        _ckpt: &Vec<f32>,
+        dy: &Vec<f32>,
+        grads: [&mut Vec<f32>; 6],
+        dh0: &mut Vec<f32>,
+        _scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_wkv_bwd_b(
+            &crate::wkv7::Backend::Cpu,
+            crate::wkv7::Version::V1,
+            b,
+            t,
+            h,
+            n,
+            rwkvab,
+            h0,
+            dy,
+            grads,
+            dh0,
+        )
     }
     unsafe fn raw_act_bwd(
         &self,
@@ -1093,13 +1384,14 @@ impl BackwardOps for CpuOps {
     }
     unsafe fn raw_outer_acc(
         &self,
+        off: usize,
         rows: usize,
         h: usize,
         n: usize,
         r: &Vec<f32>,
         acc: &mut Vec<f32>,
     ) -> Result<()> {
-        bref::outer_acc(rows, h, n, r, acc);
+        bref::outer_acc(rows, h, n, &r[off..], acc);
         Ok(())
     }
     unsafe fn raw_up_fwd(

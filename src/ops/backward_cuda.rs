@@ -11,8 +11,8 @@ use crate::cuda::cuda_err;
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, UpBwdParams, UpFwdParams,
-    ValueResidualBwdParams, XentParams,
+    LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
+    UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -41,6 +41,8 @@ unsafe impl DeviceRepr for BatchedMatmulParams {}
 unsafe impl DeviceRepr for AdamParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for SumsqParams {}
+// SAFETY: #[repr(C)] plain old data (i32 and u64 fields), as above.
+unsafe impl DeviceRepr for SumBatchParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for UpFwdParams {}
 // SAFETY: as above.
@@ -138,6 +140,7 @@ impl BackwardOps for CudaOps {
 
     unsafe fn raw_token_shift_bwd(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         dmix: &[&CudaSlice<f32>],
@@ -155,6 +158,7 @@ impl BackwardOps for CudaOps {
         let (sp, _g2) = dstate.device_ptr_mut(st);
         let (xp, _g3) = dx.device_ptr_mut(st);
         let p = TokenShiftBwdParams {
+            B: b as i32,
             T: t as i32,
             C: c as i32,
             n_mix: dmix.len() as i32,
@@ -171,7 +175,118 @@ impl BackwardOps for CudaOps {
         // SAFETY: lengths checked by the caller (the kernel reads only the n_mix
         // given mixes); dstate and dx are distinct buffers; guards alive until
         // queued.
-        unsafe { self.tune("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
+        unsafe { self.tune("tune_token_shift_bwd_f32", self.geom.elems(b * c), &p) }
+    }
+
+    unsafe fn raw_sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (sp, _g1) = src.device_ptr(st);
+        let (dp, _g2) = dst.device_ptr_mut(st);
+        let p = SumBatchParams {
+            B: b as i32,
+            n: n as i32,
+            accumulate: accumulate as i32,
+            src: sp,
+            dst: dp,
+        };
+        // SAFETY: src ≥ B·n, dst ≥ n floats (checked by the caller), distinct
+        // buffers; guards alive until queued.
+        unsafe { self.tune("tune_sum_batch_f32", self.geom.elems(n), &p) }
+    }
+
+    fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+        super::backward_emu::wkv_ws_len(b, t, h, n)
+    }
+
+    unsafe fn raw_wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&CudaSlice<f32>; 6],
+        h0: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        ckpt: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let ver = self.wkv_version(n);
+        let st = &self.gpu().stream;
+        let g: Vec<_> = rwkvab.iter().map(|x| x.device_ptr(st)).collect();
+        let (h0p, _g1) = h0.device_ptr(st);
+        let (yp, _g2) = y.device_ptr_mut(st);
+        let (cp, _g3) = ckpt.device_ptr_mut(st);
+        let mut p = ver.base_params(&d);
+        (p.r, p.w, p.k, p.v, p.a, p.b) = (g[0].0, g[1].0, g[2].0, g[3].0, g[4].0, g[5].0);
+        (p.h0, p.y, p.ckpt) = (h0p, yp, cp);
+        // SAFETY: r … b and y hold exactly B·T·H·N floats, h0 B·H·N·N and
+        // ckpt at least the checkpoint length of either version (checked by
+        // the caller); h_t and scratch are null; guards alive until queued.
+        unsafe {
+            crate::wkv7::cuda::launch_raw_v(
+                self.gpu(),
+                ver,
+                crate::wkv7::Dir::Fwd,
+                crate::dtype::DType::F32,
+                &p,
+            )
+        }
+    }
+
+    unsafe fn raw_wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&CudaSlice<f32>; 6],
+        h0: &CudaSlice<f32>,
+        ckpt: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        grads: [&mut CudaSlice<f32>; 6],
+        dh0: &mut CudaSlice<f32>,
+        scratch: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let ver = self.wkv_version(n);
+        let st = &self.gpu().stream;
+        let g: Vec<_> = rwkvab.iter().map(|x| x.device_ptr(st)).collect();
+        let (h0p, _g1) = h0.device_ptr(st);
+        let (cp, _g2) = ckpt.device_ptr(st);
+        let (dyp, _g3) = dy.device_ptr(st);
+        let (dhp, _g4) = dh0.device_ptr_mut(st);
+        let (scp, _g5) = scratch.device_ptr_mut(st);
+        let [g0, g1, g2, g3, g4, g5] = grads;
+        let (d0, _h0) = g0.device_ptr_mut(st);
+        let (d1, _h1) = g1.device_ptr_mut(st);
+        let (d2, _h2) = g2.device_ptr_mut(st);
+        let (d3, _h3) = g3.device_ptr_mut(st);
+        let (d4, _h4) = g4.device_ptr_mut(st);
+        let (d5, _h5) = g5.device_ptr_mut(st);
+        let mut p = ver.base_params(&d);
+        (p.r, p.w, p.k, p.v, p.a, p.b) = (g[0].0, g[1].0, g[2].0, g[3].0, g[4].0, g[5].0);
+        (p.h0, p.ckpt, p.dy, p.dh0, p.scratch) = (h0p, cp, dyp, dhp, scp);
+        (p.dr, p.dw, p.dk, p.dv, p.da, p.db) = (d0, d1, d2, d3, d4, d5);
+        // SAFETY: every buffer was checked by the caller (exact [B, T, H, N] /
+        // [B, H, N, N], ckpt and scratch at least either version's length);
+        // the gradient buffers are distinct &mut borrows; dh_t is null;
+        // guards alive until queued.
+        unsafe {
+            crate::wkv7::cuda::launch_raw_v(
+                self.gpu(),
+                ver,
+                crate::wkv7::Dir::Bwd,
+                crate::dtype::DType::F32,
+                &p,
+            )
+        }
     }
 
     unsafe fn raw_act_bwd(
@@ -393,6 +508,10 @@ impl BackwardOps for CudaOps {
         let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
         let tg = st.clone_htod(&tg).map_err(cuda_err)?;
         let mk = st.clone_htod(&mask[..rows]).map_err(cuda_err)?;
+        for _ in 0..2 {
+            self.counters().alloc(4 * rows);
+            self.counters().upload(4 * rows);
+        }
         let (tp, _g1) = tg.device_ptr(st);
         let (mp, _g2) = mk.device_ptr(st);
         let sp = soft.map(|s| s.device_ptr(st));
@@ -416,6 +535,7 @@ impl BackwardOps for CudaOps {
 
     unsafe fn raw_outer_acc(
         &self,
+        off: usize,
         rows: usize,
         h: usize,
         n: usize,
@@ -429,7 +549,7 @@ impl BackwardOps for CudaOps {
             rows: rows as i32,
             H: h as i32,
             N: n as i32,
-            r: rp,
+            r: rp + off as u64 * 4,
             acc: ap,
         };
         // SAFETY: r ≥ rows·H·N, acc ≥ H·N·N floats (checked by the caller); guards

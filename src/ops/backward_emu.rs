@@ -6,13 +6,13 @@
 use super::backward::{host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use super::backward_ref::{self as bref, AdamStep};
 use super::emu::EmuOps;
-use super::{Act, Geom};
+use super::{Act, DeviceOps, Geom};
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumsqParams, TokenShiftBwdParams, UpBwdParams, UpFwdParams,
-    ValueResidualBwdParams, XentParams,
+    LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
+    UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 
 type Dims3 = (u32, u32, u32);
@@ -92,6 +92,7 @@ impl BackwardOps for EmuOps {
 
     unsafe fn raw_token_shift_bwd(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         dmix: &[&Vec<f32>],
@@ -104,6 +105,7 @@ impl BackwardOps for EmuOps {
             *slot = ptr(b);
         }
         let p = TokenShiftBwdParams {
+            B: b as i32,
             T: t as i32,
             C: c as i32,
             n_mix: dmix.len() as i32,
@@ -117,10 +119,97 @@ impl BackwardOps for EmuOps {
             dstate: ptr_mut(dstate),
             dx: ptr_mut(dx),
         };
-        // SAFETY: sizes checked by the caller: 1 ≤ n_mix ≤ 6 mixes of ≥ T·C floats
-        // (the kernel reads only d0..d{n_mix−1}), mu ≥ n_mix·C, dstate ≥ C, dx ≥
-        // T·C; dstate and dx are distinct &mut borrows.
-        unsafe { run("tune_token_shift_bwd_f32", self.geom.elems(c), &p) }
+        // SAFETY: sizes checked by the caller: 1 ≤ n_mix ≤ 6 mixes of ≥ B·T·C
+        // floats (the kernel reads only d0..d{n_mix−1}), mu ≥ n_mix·C, dstate ≥
+        // B·C, dx ≥ B·T·C; dstate and dx are distinct &mut borrows.
+        unsafe { run("tune_token_shift_bwd_f32", self.geom.elems(b * c), &p) }
+    }
+
+    unsafe fn raw_sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let p = SumBatchParams {
+            B: b as i32,
+            n: n as i32,
+            accumulate: accumulate as i32,
+            src: ptr(src),
+            dst: ptr_mut(dst),
+        };
+        // SAFETY: src ≥ B·n and dst ≥ n floats (checked by the caller); dst is
+        // a distinct &mut borrow.
+        unsafe { run("tune_sum_batch_f32", self.geom.elems(n), &p) }
+    }
+
+    fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+        wkv_ws_len(b, t, h, n)
+    }
+
+    unsafe fn raw_wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        h0: &Vec<f32>,
+        y: &mut Vec<f32>,
+        ckpt: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let [r, w, k, v, a, bb] = rwkvab;
+        let x = crate::wkv7::Inputs {
+            r,
+            w,
+            k,
+            v,
+            a,
+            b: bb,
+            h0: Some(h0),
+        };
+        crate::wkv7::emu::forward_ckpt(self.wkv, &d, &x, y, ckpt)
+    }
+
+    unsafe fn raw_wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<f32>; 6],
+        h0: &Vec<f32>,
+        ckpt: &Vec<f32>,
+        dy: &Vec<f32>,
+        grads: [&mut Vec<f32>; 6],
+        dh0: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let [r, w, k, v, a, bb] = rwkvab;
+        let x = crate::wkv7::Inputs {
+            r,
+            w,
+            k,
+            v,
+            a,
+            b: bb,
+            h0: Some(h0),
+        };
+        let [g0, g1, g2, g3, g4, g5] = grads;
+        crate::wkv7::emu::backward_ckpt(
+            self.wkv,
+            &d,
+            &x,
+            ckpt,
+            dy,
+            [g0, g1, g2, g3, g4, g5].map(|g| g.as_mut_slice()),
+            dh0,
+            scratch,
+        )
     }
 
     unsafe fn raw_act_bwd(
@@ -292,6 +381,7 @@ impl BackwardOps for EmuOps {
 
     unsafe fn raw_outer_acc(
         &self,
+        off: usize,
         rows: usize,
         h: usize,
         n: usize,
@@ -302,7 +392,7 @@ impl BackwardOps for EmuOps {
             rows: rows as i32,
             H: h as i32,
             N: n as i32,
-            r: ptr(r),
+            r: ptr(&r[off..]),
             acc: ptr_mut(acc),
         };
         // SAFETY: sizes checked by the caller: r ≥ rows·H·N floats, acc ≥ H·N·N (a
@@ -442,6 +532,20 @@ impl BackwardOps for EmuOps {
         // SAFETY: x ≥ n floats (checked by the caller), partial holds one float
         // per block of the grid launched (allocated above from the same geometry).
         unsafe { run("tune_sumsq_f32", g, &p)? };
+        // as on a GPU: a partials buffer, then its download
+        self.counters().alloc(4 * partial.len());
+        self.counters().download(4 * partial.len());
         Ok(partial.iter().map(|&v| v as f64).sum())
     }
+}
+
+/// (checkpoints, scratch) of the WKV workspace on the emulator and CUDA:
+/// enough for either kernel version (the version that runs can depend on
+/// the decays), at least 1 each.
+pub(super) fn wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+    use crate::wkv7::Version;
+    let d = crate::wkv7::Dims { b, t, h, n };
+    let ck = Version::V1.ckpt_len(&d).max(Version::V2.ckpt_len(&d));
+    let sc = Version::V1.scratch_len(&d).max(Version::V2.scratch_len(&d));
+    (ck.max(1), sc.max(1))
 }

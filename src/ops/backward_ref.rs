@@ -524,6 +524,18 @@ pub fn adam(n: usize, s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: 
     }
 }
 
+/// `dst[i] = (accumulate ? dst[i] : 0) + Σ_b src[b·n + i]`, summed in f32
+/// in batch order (as the kernel does).
+pub fn sum_batch(b: usize, n: usize, src: &[f32], dst: &mut [f32], accumulate: bool) {
+    for i in 0..n {
+        let mut s = if accumulate { dst[i] } else { 0.0 };
+        for bb in 0..b {
+            s += src[bb * n + i];
+        }
+        dst[i] = s;
+    }
+}
+
 /// `Σ x²` over the first `n` elements, in f64.
 pub fn sumsq(n: usize, x: &[f32]) -> f64 {
     x[..n].iter().map(|&v| v as f64 * v as f64).sum()

@@ -80,6 +80,7 @@ pub struct CudaOps {
     /// computes always are (`w = exp(−e^{−1/2}·σ(·)) > 0.545`); the GPU
     /// path does not check the decays.
     pub wkv: crate::wkv7::Version,
+    counters: Arc<super::counters::Counters>,
 }
 
 impl CudaOps {
@@ -113,6 +114,7 @@ impl CudaOps {
             geom: Geom::GPU,
             gemm: GemmPrecision::F32,
             wkv: crate::wkv7::Version::V1,
+            counters: Default::default(),
         })
     }
 
@@ -226,7 +228,11 @@ impl DeviceOps for CudaOps {
     fn len(&self, b: &CudaSlice<f32>) -> usize {
         b.len()
     }
+    fn counters(&self) -> &super::counters::Counters {
+        &self.counters
+    }
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.counters.alloc(4 * n.max(1));
         self.gpu
             .stream
             .alloc_zeros::<f32>(n.max(1))
@@ -236,9 +242,12 @@ impl DeviceOps for CudaOps {
         if h.is_empty() {
             return self.zeros(0);
         }
+        self.counters.alloc(4 * h.len());
+        self.counters.upload(4 * h.len());
         self.gpu.stream.clone_htod(h).map_err(cuda_err)
     }
     fn download(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.counters.download(4 * b.len());
         self.gpu.stream.clone_dtoh(b).map_err(cuda_err)
     }
     unsafe fn raw_write(&self, h: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
@@ -529,6 +538,7 @@ impl DeviceOps for CudaOps {
 
     unsafe fn raw_token_shift(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         x: &CudaSlice<f32>,
@@ -543,6 +553,7 @@ impl DeviceOps for CudaOps {
         let (sp, _g3) = state.device_ptr_mut(st);
         let (op, _g4) = out.device_ptr_mut(st);
         let p = TokenShiftParams {
+            B: b as i32,
             T: t as i32,
             C: c as i32,
             n_mix: n_mix as i32,
@@ -553,7 +564,7 @@ impl DeviceOps for CudaOps {
         };
         // SAFETY: lengths checked by the caller; state and out are distinct
         // buffers.
-        unsafe { self.launch("ops_token_shift_f32", self.geom.elems(c), &p) }
+        unsafe { self.launch("ops_token_shift_f32", self.geom.elems(b * c), &p) }
     }
 
     unsafe fn raw_act(

@@ -18,7 +18,7 @@ use crate::params::{
 /// The emulated backend. `geom` picks the launch geometry (default
 /// [`Geom::EMU`]: one small block; [`Geom::GPU`] runs the GPU geometry);
 /// `gemm` the precision of the weight GEMMs (default f32).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EmuOps {
     pub geom: Geom,
     /// Precision [`DeviceOps::upload_mat`] stores matrices in
@@ -28,6 +28,7 @@ pub struct EmuOps {
     /// (default v1; v2 runs where `wkv7::v2::supports` the inputs, v1
     /// otherwise).
     pub wkv: crate::wkv7::Version,
+    counters: std::sync::Arc<super::counters::Counters>,
 }
 
 impl Default for EmuOps {
@@ -36,6 +37,7 @@ impl Default for EmuOps {
             geom: Geom::EMU,
             gemm: GemmPrecision::F32,
             wkv: crate::wkv7::Version::V1,
+            counters: Default::default(),
         }
     }
 }
@@ -274,6 +276,7 @@ impl DeviceOps for EmuOps {
 
     unsafe fn raw_token_shift(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         x: &Vec<f32>,
@@ -283,6 +286,7 @@ impl DeviceOps for EmuOps {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let p = TokenShiftParams {
+            B: b as i32,
             T: t as i32,
             C: c as i32,
             n_mix: n_mix as i32,
@@ -293,7 +297,7 @@ impl DeviceOps for EmuOps {
         };
         // SAFETY: lengths checked by the caller; state and out are distinct
         // &mut borrows.
-        unsafe { run("ops_token_shift_f32", self.geom.elems(c), &p) }
+        unsafe { run("ops_token_shift_f32", self.geom.elems(b * c), &p) }
     }
 
     unsafe fn raw_act(

@@ -30,6 +30,7 @@ pub mod backward;
 pub mod backward_cuda;
 pub mod backward_emu;
 pub mod backward_ref;
+pub mod counters;
 pub mod cuda;
 pub mod emu;
 pub mod reference;
@@ -248,6 +249,10 @@ pub trait DeviceOps {
 
     /// Short name (`cpu`, `emu`, `cuda`).
     fn name(&self) -> &'static str;
+    /// The backend's counters (launches, allocations, transfers), shared by
+    /// its clones. `zeros`, `upload` and `download` count themselves; every
+    /// op is counted by its provided method.
+    fn counters(&self) -> &counters::Counters;
     /// Elements of a buffer.
     fn len(&self, b: &Self::Buf) -> usize;
     /// A zeroed buffer of `n` elements.
@@ -259,6 +264,7 @@ pub trait DeviceOps {
     /// `dst[..h.len()] = h`.
     fn write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()> {
         need("dst", self.len(dst), 0, h.len())?;
+        self.counters().upload(4 * h.len());
         // SAFETY: the size the hook relies on was checked just above.
         unsafe { self.raw_write(h, dst) }
     }
@@ -278,6 +284,7 @@ pub trait DeviceOps {
     ) -> Result<()> {
         need("src", self.len(src), src_off, n)?;
         need("dst", self.len(dst), dst_off, n)?;
+        self.counters().launch(counters::Op::Copy);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_copy(src, src_off, dst, dst_off, n) }
     }
@@ -307,6 +314,7 @@ pub trait DeviceOps {
         out: &mut Self::Buf,
     ) -> Result<()> {
         check::embed(tokens, self.len(table), c, self.len(out))?;
+        self.counters().launch(counters::Op::Embed);
         // SAFETY: the sizes (and token ids) the hook relies on were checked
         // just above.
         unsafe { self.raw_embed(tokens, table, c, out) }
@@ -336,6 +344,7 @@ pub trait DeviceOps {
         y: &mut Self::Buf,
     ) -> Result<()> {
         check::matmul(self.len(x), x_off, ldx, m, self.len(w), n, k, self.len(y))?;
+        self.counters().launch(counters::Op::Matmul);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_matmul(x, x_off, ldx, m, w, n, k, y) }
     }
@@ -387,6 +396,7 @@ pub trait DeviceOps {
             k,
             self.len(y),
         )?;
+        self.counters().launch(counters::Op::MatmulW);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_matmul_w(x, x_off, ldx, m, w, n, k, y) }
     }
@@ -426,6 +436,7 @@ pub trait DeviceOps {
             [self.len(weight), self.len(bias)],
             self.len(y),
         )?;
+        self.counters().launch(counters::Op::LayerNorm);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_layer_norm(x, x_off, rows, c, weight, bias, eps, y) }
     }
@@ -470,6 +481,7 @@ pub trait DeviceOps {
             g,
             |b| self.len(b),
         )?;
+        self.counters().launch(counters::Op::GroupNorm);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_group_norm(rows, h, n, eps, x, weight, bias, bonus, g) }
     }
@@ -525,6 +537,7 @@ pub trait DeviceOps {
                 ("k_a", self.len(k_a)),
             ],
         )?;
+        self.counters().launch(counters::Op::KkPrep);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b) }
     }
@@ -559,7 +572,24 @@ pub trait DeviceOps {
         n_mix: usize,
         out: &mut Self::Buf,
     ) -> Result<()> {
+        self.token_shift_b(1, t, c, x, state, mu, n_mix, out)
+    }
+    /// [`Self::token_shift`] over `b` sequences of `t` rows each: x
+    /// `[B, T, C]`, state `[B, C]` (one shift state per sequence, updated),
+    /// out `[B, T, n_mix, C]`.
+    fn token_shift_b(
+        &self,
+        b: usize,
+        t: usize,
+        c: usize,
+        x: &Self::Buf,
+        state: &mut Self::Buf,
+        mu: &Self::Buf,
+        n_mix: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         check::token_shift(
+            b,
             t,
             c,
             self.len(x),
@@ -568,15 +598,17 @@ pub trait DeviceOps {
             n_mix,
             self.len(out),
         )?;
+        self.counters().launch(counters::Op::TokenShift);
         // SAFETY: the sizes the hook relies on were checked just above.
-        unsafe { self.raw_token_shift(t, c, x, state, mu, n_mix, out) }
+        unsafe { self.raw_token_shift(b, t, c, x, state, mu, n_mix, out) }
     }
     /// # Safety
-    /// The sizes must pass `check::token_shift` (what [`Self::token_shift`]
+    /// The sizes must pass `check::token_shift` (what [`Self::token_shift_b`]
     /// checks).
     #[doc(hidden)]
     unsafe fn raw_token_shift(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         x: &Self::Buf,
@@ -592,6 +624,7 @@ pub trait DeviceOps {
         if let Some(b) = bias {
             need("bias", self.len(b), 0, c)?;
         }
+        self.counters().launch(counters::Op::Act);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_act(mode, x, c, bias) }
     }
@@ -623,6 +656,7 @@ pub trait DeviceOps {
             self.len(v0),
             self.len(dv),
         )?;
+        self.counters().launch(counters::Op::ValueResidual);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_value_residual(c, v, v_first, v0, dv) }
     }
@@ -642,6 +676,7 @@ pub trait DeviceOps {
     /// In place on all of x: `x += y`.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()> {
         need("y", self.len(y), 0, self.len(x))?;
+        self.counters().launch(counters::Op::Add);
         // SAFETY: the size the hook relies on was checked just above.
         unsafe { self.raw_add(x, y) }
     }
@@ -670,6 +705,7 @@ pub trait DeviceOps {
             self.len(state),
             self.len(y),
         )?;
+        self.counters().launch(counters::Op::WkvFwd);
         // SAFETY: the sizes the hook relies on were checked just above.
         unsafe { self.raw_wkv(t, h, n, rwkvab, state, y) }
     }
@@ -804,7 +840,9 @@ pub(crate) mod check {
         rows_heads("group_norm", rows, h, n, &rc, &cv)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn token_shift(
+        b: usize,
         t: usize,
         c: usize,
         x: usize,
@@ -813,16 +851,16 @@ pub(crate) mod check {
         n_mix: usize,
         out: usize,
     ) -> Result<()> {
-        if c == 0 || n_mix == 0 {
+        if c == 0 || n_mix == 0 || b == 0 {
             return Err(Error::Invalid(
-                "token_shift: C and n_mix must be at least 1".into(),
+                "token_shift: B, C and n_mix must be at least 1".into(),
             ));
         }
-        fits_i32("token_shift", &[t, n_mix, c])?;
-        need("x", x, 0, t * c)?;
-        need("state", state, 0, c)?;
+        fits_i32("token_shift", &[b, t, n_mix, c])?;
+        need("x", x, 0, b * t * c)?;
+        need("state", state, 0, b * c)?;
         need("mu", mu, 0, n_mix * c)?;
-        need("out", out, 0, t * n_mix * c)
+        need("out", out, 0, b * t * n_mix * c)
     }
 
     pub fn value_residual(c: usize, v: usize, v_first: usize, v0: usize, dv: usize) -> Result<()> {
@@ -869,8 +907,17 @@ pub(crate) mod check {
 // ---- the CPU implementation (the Rust twins) -------------------------------
 
 /// The operations on the CPU: [`reference`](mod@reference) functions on `Vec<f32>`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuOps;
+#[derive(Clone, Debug, Default)]
+pub struct CpuOps {
+    counters: std::sync::Arc<counters::Counters>,
+}
+
+impl CpuOps {
+    /// The CPU backend with fresh counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
 
 /// The buffer-management methods of [`DeviceOps`] for backends whose buffers
 /// are host `Vec<f32>` ([`CpuOps`] and [`emu::EmuOps`]). The hooks slice
@@ -881,13 +928,20 @@ macro_rules! host_buffer_ops {
         fn len(&self, b: &Vec<f32>) -> usize {
             b.len()
         }
+        fn counters(&self) -> &$crate::ops::counters::Counters {
+            &self.counters
+        }
         fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+            self.counters.alloc(4 * n);
             Ok(vec![0.0; n])
         }
         fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
+            self.counters.alloc(4 * h.len());
+            self.counters.upload(4 * h.len());
             Ok(h.to_vec())
         }
         fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+            self.counters.download(4 * b.len());
             Ok(b.clone())
         }
         unsafe fn raw_write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
@@ -970,7 +1024,23 @@ pub(crate) fn host_wkv(
     state: &mut Vec<f32>,
     y: &mut Vec<f32>,
 ) -> Result<()> {
-    let d = crate::wkv7::Dims { b: 1, t, h, n };
+    host_wkv_b(be, ver, 1, t, h, n, x, state, y)
+}
+
+/// [`host_wkv`] for `b` sequences (state `[B, H, N, N]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn host_wkv_b(
+    be: &crate::wkv7::Backend,
+    ver: crate::wkv7::Version,
+    b: usize,
+    t: usize,
+    h: usize,
+    n: usize,
+    x: [&Vec<f32>; 6],
+    state: &mut Vec<f32>,
+    y: &mut Vec<f32>,
+) -> Result<()> {
+    let d = crate::wkv7::Dims { b, t, h, n };
     let out = be.forward_v(
         ver,
         &d,
@@ -1098,6 +1168,7 @@ impl DeviceOps for CpuOps {
     }
     unsafe fn raw_token_shift(
         &self,
+        b: usize,
         t: usize,
         c: usize,
         x: &Vec<f32>,
@@ -1106,7 +1177,17 @@ impl DeviceOps for CpuOps {
         n_mix: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        reference::token_shift(t, c, x, state, mu, n_mix, out);
+        for i in 0..b {
+            reference::token_shift(
+                t,
+                c,
+                &x[i * t * c..],
+                &mut state[i * c..],
+                mu,
+                n_mix,
+                &mut out[i * t * n_mix * c..],
+            );
+        }
         Ok(())
     }
     unsafe fn raw_act(

@@ -82,6 +82,45 @@ struct Tape<B> {
     hpre: B,
     /// `[T, H, M]` the upscaled read-out's features (when upscaled)
     phi: Option<B>,
+    /// the WKV forward's state checkpoints, read by the WKV backward
+    ckpt: B,
+}
+
+/// What the tuner keeps between the forward and the backward of a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Recompute {
+    /// Every layer's activations (its tape, the WKV checkpoints included)
+    /// from the forward to its backward: one WKV forward per layer per
+    /// step, the most memory.
+    #[default]
+    KeepAll,
+    /// Only every layer's input; each layer's forward runs again right
+    /// before its backward: two WKV forwards per layer per step, one
+    /// layer's activations at a time.
+    PerLayer,
+}
+
+impl Recompute {
+    /// `keep` or `layer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::KeepAll => "keep",
+            Recompute::PerLayer => "layer",
+        }
+    }
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "keep" | "keep-all" | "all" => Ok(Recompute::KeepAll),
+            "layer" | "per-layer" => Ok(Recompute::PerLayer),
+            _ => Err(Error::Invalid(format!(
+                "unknown recompute policy {s:?} (expected keep or layer)"
+            ))),
+        }
+    }
 }
 
 /// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv
@@ -115,6 +154,8 @@ pub struct DeviceTuner<O: BackwardOps> {
     head: O::Buf,
     /// The kernel of the upscaled read-out, when there is one.
     up: Option<DevUp<O::Buf>>,
+    /// What the backward recomputes.
+    recompute: Recompute,
 }
 
 /// Loss sum, mask sum and per-layer state gradients of a batch.
@@ -125,8 +166,9 @@ pub struct DevGrad<B> {
     pub grads: Vec<LStart<B>>,
     /// Per layer `[H, N, N]` `Σ r rᵀ` (when asked for) and the vector count.
     pub dbp: Option<(Vec<B>, f64)>,
-    /// Bytes of activations held at once by the largest example (computed
-    /// from the buffer sizes; weights and the state not included).
+    /// Bytes of activations the step planned to hold at once
+    /// ([`DeviceTuner::plan_bytes`]: computed from the buffer sizes; weights,
+    /// the state and the optimiser's moments not included).
     pub peak_bytes: usize,
 }
 
@@ -149,6 +191,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             ln_out,
             head,
             up: None,
+            recompute: Recompute::default(),
         })
     }
 
@@ -176,6 +219,17 @@ impl<O: BackwardOps> DeviceTuner<O> {
             gamma,
         });
         Ok(t)
+    }
+
+    /// The same tuner with recompute policy `r`.
+    pub fn with_recompute(mut self, r: Recompute) -> Self {
+        self.recompute = r;
+        self
+    }
+
+    /// The recompute policy.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     /// M of the upscaled read-out (`None`: a plain tuner).
@@ -293,92 +347,141 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok(y)
     }
 
-    /// Bytes of one layer's tape at `t` tokens (for the memory report).
-    fn tape_bytes(&self, t: usize) -> usize {
+    /// Bytes of one layer's tape at `rows` rows (for the memory plan),
+    /// the WKV checkpoints of `b` sequences of `t` tokens included.
+    fn tape_bytes(&self, b: usize, t: usize) -> usize {
         let c = &self.cfg;
         let m = self.up.as_ref().map_or(0, |u| u.m);
-        4 * t * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + 6 * c.n_embd + c.n_head * m)
+        let rows = b * t;
+        let (ck, _) = self.ops.wkv_ws_len(b, t, c.n_head, c.head_size);
+        4 * (rows * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + c.n_head * m) + ck)
     }
 
-    /// One layer's forward over `t` rows of `x` (updated in place) from
-    /// `st`; `vf` is v_first (written by layer 0, read by the others). With
-    /// `tape`, returns what the backward needs; with `dbp`, adds `Σ r rᵀ`.
+    /// Bytes of the temporaries one layer's forward or backward holds at
+    /// once beyond its tape (an upper bound: the six WKV gradients, the
+    /// `[rows, 6C]` mix and a few `[rows, C]` / `[rows, F]` buffers).
+    fn work_bytes(&self, b: usize, t: usize) -> usize {
+        let c = &self.cfg;
+        let rows = b * t;
+        let (_, sc) = self.ops.wkv_ws_len(b, t, c.n_head, c.head_size);
+        4 * (rows * (16 * c.n_embd + c.d_ffn.max(6 * c.n_embd)) + sc)
+    }
+
+    /// The activation memory a step over `b` sequences of `t` tokens plans
+    /// to hold at once under `policy` (bytes; weights, the tuned state and
+    /// the optimiser's moments not included).
+    pub fn plan_bytes(&self, b: usize, t: usize, policy: Recompute) -> usize {
+        let c = &self.cfg;
+        let (nl, rows, v) = (c.n_layer, b * t, c.vocab);
+        let hnn = c.n_head * c.head_size * c.head_size;
+        // layer inputs (+ the final residual), v_first, dx, dv_first
+        let resid = 4 * rows * c.n_embd * (nl + 4);
+        let states = 4 * b * (2 * c.n_embd + hnn) * nl;
+        let head = 4 * HEAD_ROWS.min(rows) * (2 * v + 2 * c.n_embd);
+        let tapes = match policy {
+            Recompute::KeepAll => nl,
+            Recompute::PerLayer => 1,
+        } * self.tape_bytes(b, t);
+        resid + states + head + tapes + self.work_bytes(b, t)
+    }
+
+    /// One layer's forward over `b` sequences of `t` rows each (`x`
+    /// `[B·T, C]`, updated in place) from the per-sequence states `st`
+    /// (`sa`, `sf` `[B, C]`, `wkv` `[B, H, N, N]`); `vf` is v_first
+    /// (written by layer 0, read by the others). With `tape`, returns what
+    /// the backward needs (the WKV checkpoints included); with `dbp`, adds
+    /// `Σ r rᵀ` over the first `lens[i]` rows of each sequence `i`.
     #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
         &self,
         l: usize,
         x: &mut O::Buf,
+        b: usize,
         t: usize,
         st: &LStart<O::Buf>,
         vf: &mut O::Buf,
         tape: bool,
-        dbp: Option<&mut O::Buf>,
+        dbp: Option<(&mut O::Buf, &[usize])>,
     ) -> Result<Option<Tape<O::Buf>>> {
         let cfg = &self.cfg;
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
-        let tc = t * c;
+        let rows = b * t;
+        let tc = rows * c;
         let o = &self.ops;
         let ly = &self.layers[l];
         // ---- time mix ----
         let mut xa = o.zeros(tc)?;
-        o.layer_norm(x, 0, t, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut xa)?;
+        o.layer_norm(x, 0, rows, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut xa)?;
         let mut mix = o.zeros(6 * tc)?;
-        let mut sa = self.dup(&st.sa, c)?;
-        o.token_shift(t, c, &xa, &mut sa, &ly.mu6, 6, &mut mix)?;
+        let mut sa = self.dup(&st.sa, b * c)?;
+        o.token_shift_b(b, t, c, &xa, &mut sa, &ly.mu6, 6, &mut mix)?;
         drop(xa);
         let ld = 6 * c;
-        let r = self.mm(&mix, 0, ld, t, &ly.r, c, c)?;
-        let k = self.mm(&mix, 2 * c, ld, t, &ly.k, c, c)?;
-        let vraw = self.mm(&mix, 3 * c, ld, t, &ly.v, c, c)?;
-        let hw_pre = self.mm(&mix, c, ld, t, &ly.w1, cfg.d_w, c)?;
-        let mut hw = self.dup(&hw_pre, t * cfg.d_w)?;
+        let r = self.mm(&mix, 0, ld, rows, &ly.r, c, c)?;
+        let k = self.mm(&mix, 2 * c, ld, rows, &ly.k, c, c)?;
+        let vraw = self.mm(&mix, 3 * c, ld, rows, &ly.v, c, c)?;
+        let hw_pre = self.mm(&mix, c, ld, rows, &ly.w1, cfg.d_w, c)?;
+        let mut hw = self.dup(&hw_pre, rows * cfg.d_w)?;
         o.act(Act::Tanh, &mut hw, cfg.d_w, None)?;
-        let wpre = self.mm(&hw, 0, cfg.d_w, t, &ly.w2, c, cfg.d_w)?;
+        let wpre = self.mm(&hw, 0, cfg.d_w, rows, &ly.w2, c, cfg.d_w)?;
         drop(hw);
         let mut wdec = self.dup(&wpre, tc)?;
         o.act(Act::Decay, &mut wdec, c, Some(&ly.w0))?;
-        let ha = self.mm(&mix, 4 * c, ld, t, &ly.a1, cfg.d_a, c)?;
-        let dapre = self.mm(&ha, 0, cfg.d_a, t, &ly.a2, c, cfg.d_a)?;
+        let ha = self.mm(&mix, 4 * c, ld, rows, &ly.a1, cfg.d_a, c)?;
+        let dapre = self.mm(&ha, 0, cfg.d_a, rows, &ly.a2, c, cfg.d_a)?;
         drop(ha);
         let mut v = self.dup(&vraw, tc)?;
         let mut dvpre = None;
         if l == 0 {
             o.copy(&vraw, 0, vf, 0, tc)?;
         } else if let Some((v0, v1, v2)) = &ly.vres {
-            let hv = self.mm(&mix, 3 * c, ld, t, v1, cfg.d_v, c)?;
-            let dv = self.mm(&hv, 0, cfg.d_v, t, v2, c, cfg.d_v)?;
+            let hv = self.mm(&mix, 3 * c, ld, rows, v1, cfg.d_v, c)?;
+            let dv = self.mm(&hv, 0, cfg.d_v, rows, v2, c, cfg.d_v)?;
             o.value_residual(c, &mut v, vf, v0, &dv)?;
             dvpre = Some(dv);
         }
-        let hg_pre = self.mm(&mix, 5 * c, ld, t, &ly.g1, cfg.d_g, c)?;
-        let mut hg = self.dup(&hg_pre, t * cfg.d_g)?;
+        let hg_pre = self.mm(&mix, 5 * c, ld, rows, &ly.g1, cfg.d_g, c)?;
+        let mut hg = self.dup(&hg_pre, rows * cfg.d_g)?;
         o.act(Act::Sigmoid, &mut hg, cfg.d_g, None)?;
-        let g = self.mm(&hg, 0, cfg.d_g, t, &ly.g2, c, cfg.d_g)?;
+        let g = self.mm(&hg, 0, cfg.d_g, rows, &ly.g2, c, cfg.d_g)?;
         drop(hg);
         drop(mix);
-        let (mut kt, mut a, mut b) = (o.zeros(tc)?, o.zeros(tc)?, o.zeros(tc)?);
+        let (mut kt, mut a, mut bb) = (o.zeros(tc)?, o.zeros(tc)?, o.zeros(tc)?);
         o.kk_prep(
-            t, h, n, &k, &dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut kt, &mut a, &mut b,
+            rows, h, n, &k, &dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut kt, &mut a, &mut bb,
         )?;
-        if let Some(acc) = dbp {
-            o.outer_acc(t, h, n, &r, acc)?;
+        if let Some((acc, lens)) = dbp {
+            for (i, &len) in lens.iter().enumerate().take(b) {
+                if len > 0 {
+                    o.outer_acc_rows(i * t, len.min(t), h, n, &r, acc)?;
+                }
+            }
         }
-        let mut s = self.dup(&st.wkv, h * n * n)?;
         let mut y = o.zeros(tc)?;
-        o.wkv(t, h, n, [&r, &wdec, &kt, &v, &a, &b], &mut s, &mut y)?;
-        drop(s);
+        let (ck, _) = o.wkv_ws_len(b, t, h, n);
+        let mut ckpt = o.zeros(ck)?;
+        o.wkv_fwd_ckpt(
+            b,
+            t,
+            h,
+            n,
+            [&r, &wdec, &kt, &v, &a, &bb],
+            &st.wkv,
+            &mut y,
+            &mut ckpt,
+        )?;
         // kernel-upscaled read-out: y += U φ(r)
         let phi = match self.up_bufs(l, st)? {
             Some(ub) => {
-                let mut phi = o.zeros(t * h * ub.m)?;
-                o.up_fwd(t, h, n, &ub, &r, &mut phi, &mut y)?;
+                let mut phi = o.zeros(rows * h * ub.m)?;
+                o.up_fwd(rows, h, n, &ub, &r, &mut phi, &mut y)?;
                 Some(phi)
             }
             None => None,
         };
         let mut out = self.dup(&y, tc)?;
         o.group_norm(
-            t,
+            rows,
             h,
             n,
             LN_EPS * n as f32,
@@ -393,23 +496,23 @@ impl<O: BackwardOps> DeviceTuner<O> {
             }),
             Some(&g),
         )?;
-        let att = self.mm(&out, 0, c, t, &ly.o, c, c)?;
+        let att = self.mm(&out, 0, c, rows, &ly.o, c, c)?;
         drop(out);
         o.add(x, &att)?;
         drop(att);
         let x_mid = if tape { Some(self.dup(x, tc)?) } else { None };
         // ---- channel mix ----
         let mut xf = o.zeros(tc)?;
-        o.layer_norm(x, 0, t, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut xf)?;
+        o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut xf)?;
         let mut kx = o.zeros(tc)?;
-        let mut sf = self.dup(&st.sf, c)?;
-        o.token_shift(t, c, &xf, &mut sf, &ly.ffn_mu, 1, &mut kx)?;
+        let mut sf = self.dup(&st.sf, b * c)?;
+        o.token_shift_b(b, t, c, &xf, &mut sf, &ly.ffn_mu, 1, &mut kx)?;
         drop(xf);
-        let hpre = self.mm(&kx, 0, c, t, &ly.fk, cfg.d_ffn, c)?;
+        let hpre = self.mm(&kx, 0, c, rows, &ly.fk, cfg.d_ffn, c)?;
         drop(kx);
-        let mut hid = self.dup(&hpre, t * cfg.d_ffn)?;
+        let mut hid = self.dup(&hpre, rows * cfg.d_ffn)?;
         o.act(Act::ReluSq, &mut hid, cfg.d_ffn, None)?;
-        let ffn = self.mm(&hid, 0, cfg.d_ffn, t, &ly.fv, c, cfg.d_ffn)?;
+        let ffn = self.mm(&hid, 0, cfg.d_ffn, rows, &ly.fv, c, cfg.d_ffn)?;
         drop(hid);
         o.add(x, &ffn)?;
         Ok(x_mid.map(|x_mid| Tape {
@@ -419,7 +522,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             v,
             kt,
             a,
-            b,
+            b: bb,
             wdec,
             wpre,
             hw_pre,
@@ -431,13 +534,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
             x_mid,
             hpre,
             phi,
+            ckpt,
         }))
     }
 
-    /// Backward of [`Self::layer_fwd`]: `dx` holds ∂L/∂(layer output) and
-    /// becomes ∂L/∂(layer input); `xin` is the layer input; `dvf`
-    /// accumulates ∂L/∂v_first (layers ≥ 1) and is consumed by layer 0.
-    /// Adds the state gradients to `g`.
+    /// Backward of [`Self::layer_fwd`] over `b` sequences of `t` rows:
+    /// `dx` holds ∂L/∂(layer output) and becomes ∂L/∂(layer input); `xin`
+    /// is the layer input; `dvf` accumulates ∂L/∂v_first (layers ≥ 1) and
+    /// is consumed by layer 0. Adds the state gradients, summed over the
+    /// batch, to `g` (`sa`, `sf` `[C]`, `wkv` `[H, N, N]`, `u`).
     #[allow(clippy::too_many_arguments)]
     fn layer_bwd(
         &self,
@@ -447,36 +552,39 @@ impl<O: BackwardOps> DeviceTuner<O> {
         st: &LStart<O::Buf>,
         vf: &O::Buf,
         dx: &mut O::Buf,
+        b: usize,
         t: usize,
         dvf: &mut O::Buf,
         g: &mut LStart<O::Buf>,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
-        let tc = t * c;
+        let rows = b * t;
+        let tc = rows * c;
+        let hnn = h * n * n;
         let o = &self.ops;
         let ly = &self.layers[l];
         // ---- channel mix ----
-        let mut dh = self.mt(dx, t, &ly.fv, c, cfg.d_ffn)?;
+        let mut dh = self.mt(dx, rows, &ly.fv, c, cfg.d_ffn)?;
         o.act_bwd(
             Act::ReluSq,
-            t * cfg.d_ffn,
+            rows * cfg.d_ffn,
             cfg.d_ffn,
             &tp.hpre,
             None,
             &mut dh,
         )?;
-        let dkx = self.mt(&dh, t, &ly.fk, cfg.d_ffn, c)?;
+        let dkx = self.mt(&dh, rows, &ly.fk, cfg.d_ffn, c)?;
         drop(dh);
-        let mut dsf = o.zeros(c)?;
+        let mut dsf = o.zeros(b * c)?;
         let mut dxf = o.zeros(tc)?;
-        o.token_shift_bwd(t, c, &[&dkx], &ly.ffn_mu, &mut dsf, &mut dxf)?;
+        o.token_shift_bwd_b(b, t, c, &[&dkx], &ly.ffn_mu, &mut dsf, &mut dxf)?;
         drop(dkx);
-        o.add(&mut g.sf, &dsf)?;
-        o.layer_norm_bwd(&tp.x_mid, 0, t, c, &ly.ln2.0, LN_EPS, &dxf, dx)?;
+        o.sum_batch(b, c, &dsf, &mut g.sf, true)?;
+        o.layer_norm_bwd(&tp.x_mid, 0, rows, c, &ly.ln2.0, LN_EPS, &dxf, dx)?;
         drop(dxf);
         // ---- output projection, GroupNorm, bonus, gate ----
-        let dout = self.mt(dx, t, &ly.o, c, c)?;
+        let dout = self.mt(dx, rows, &ly.o, c, c)?;
         let (mut dy, mut dr, mut dkt, mut dv, mut dg) = (
             o.zeros(tc)?,
             o.zeros(tc)?,
@@ -485,7 +593,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             o.zeros(tc)?,
         );
         o.group_norm_bwd(
-            t,
+            rows,
             h,
             n,
             LN_EPS * n as f32,
@@ -509,19 +617,19 @@ impl<O: BackwardOps> DeviceTuner<O> {
             },
         )?;
         drop(dout);
-        let mut dhg = self.mt(&dg, t, &ly.g2, c, cfg.d_g)?;
+        let mut dhg = self.mt(&dg, rows, &ly.g2, c, cfg.d_g)?;
         drop(dg);
         o.act_bwd(
             Act::Sigmoid,
-            t * cfg.d_g,
+            rows * cfg.d_g,
             cfg.d_g,
             &tp.hg_pre,
             None,
             &mut dhg,
         )?;
-        let dmix5 = self.mt(&dhg, t, &ly.g1, cfg.d_g, c)?;
+        let dmix5 = self.mt(&dhg, rows, &ly.g1, cfg.d_g, c)?;
         drop(dhg);
-        // ---- WKV ----
+        // ---- WKV (from the forward's checkpoints) ----
         let mut wg: [O::Buf; 6] = [
             o.zeros(tc)?,
             o.zeros(tc)?,
@@ -530,24 +638,29 @@ impl<O: BackwardOps> DeviceTuner<O> {
             o.zeros(tc)?,
             o.zeros(tc)?,
         ];
-        let mut dh0 = o.zeros(h * n * n)?;
+        let mut dh0 = o.zeros(b * hnn)?;
         {
+            let (_, sc) = o.wkv_ws_len(b, t, h, n);
+            let mut scratch = o.zeros(sc)?;
             let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut wg;
-            o.wkv_bwd(
+            o.wkv_bwd_ckpt(
+                b,
                 t,
                 h,
                 n,
                 [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
                 &st.wkv,
+                &tp.ckpt,
                 &dy,
                 [w_r, w_w, w_k, w_v, w_a, w_b],
                 &mut dh0,
+                &mut scratch,
             )?;
         }
         // the upscaled read-out: dU, and its part of dr
         if let Some(ub) = self.up_bufs(l, st)? {
             match (&tp.phi, g.u.as_mut()) {
-                (Some(phi), Some(du)) => o.up_bwd(t, h, n, &ub, &tp.r, phi, &dy, du, &mut dr)?,
+                (Some(phi), Some(du)) => o.up_bwd(rows, h, n, &ub, &tp.r, phi, &dy, du, &mut dr)?,
                 _ => {
                     return Err(Error::Tune(
                         "internal: upscale tape or gradient missing".into(),
@@ -556,7 +669,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             }
         }
         drop(dy);
-        o.add(&mut g.wkv, &dh0)?;
+        o.sum_batch(b, hnn, &dh0, &mut g.wkv, true)?;
         drop(dh0);
         let [w_r, mut w_w, w_k, w_v, w_a, w_b] = wg;
         o.add(&mut dr, &w_r)?;
@@ -566,7 +679,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         // ---- k̃, a, b → k, α ----
         let (mut dk, mut ddapre) = (o.zeros(tc)?, o.zeros(tc)?);
         o.kk_prep_bwd(
-            t,
+            rows,
             h,
             n,
             &KkBwdBufs {
@@ -583,16 +696,23 @@ impl<O: BackwardOps> DeviceTuner<O> {
             &mut ddapre,
         )?;
         drop((dkt, w_a, w_b));
-        let dha = self.mt(&ddapre, t, &ly.a2, c, cfg.d_a)?;
+        let dha = self.mt(&ddapre, rows, &ly.a2, c, cfg.d_a)?;
         drop(ddapre);
-        let dmix4 = self.mt(&dha, t, &ly.a1, cfg.d_a, c)?;
+        let dmix4 = self.mt(&dha, rows, &ly.a1, cfg.d_a, c)?;
         drop(dha);
         // ---- decay ----
         o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), &mut w_w)?;
-        let mut dhw = self.mt(&w_w, t, &ly.w2, c, cfg.d_w)?;
+        let mut dhw = self.mt(&w_w, rows, &ly.w2, c, cfg.d_w)?;
         drop(w_w);
-        o.act_bwd(Act::Tanh, t * cfg.d_w, cfg.d_w, &tp.hw_pre, None, &mut dhw)?;
-        let dmix1 = self.mt(&dhw, t, &ly.w1, cfg.d_w, c)?;
+        o.act_bwd(
+            Act::Tanh,
+            rows * cfg.d_w,
+            cfg.d_w,
+            &tp.hw_pre,
+            None,
+            &mut dhw,
+        )?;
+        let dmix1 = self.mt(&dhw, rows, &ly.w1, cfg.d_w, c)?;
         drop(dhw);
         // ---- value residual ----
         let mut dmix3_res = None;
@@ -601,21 +721,22 @@ impl<O: BackwardOps> DeviceTuner<O> {
         } else if let (Some((v0, v1, v2)), Some(dvpre)) = (&ly.vres, &tp.dvpre) {
             let mut ddv = o.zeros(tc)?;
             o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut dv, dvf, &mut ddv)?;
-            let dhv = self.mt(&ddv, t, v2, c, cfg.d_v)?;
+            let dhv = self.mt(&ddv, rows, v2, c, cfg.d_v)?;
             drop(ddv);
-            dmix3_res = Some(self.mt(&dhv, t, v1, cfg.d_v, c)?);
+            dmix3_res = Some(self.mt(&dhv, rows, v1, cfg.d_v, c)?);
         }
         // ---- projections ----
-        let dmix0 = self.mt(&dr, t, &ly.r, c, c)?;
-        let dmix2 = self.mt(&dk, t, &ly.k, c, c)?;
-        let mut dmix3 = self.mt(&dv, t, &ly.v, c, c)?;
+        let dmix0 = self.mt(&dr, rows, &ly.r, c, c)?;
+        let dmix2 = self.mt(&dk, rows, &ly.k, c, c)?;
+        let mut dmix3 = self.mt(&dv, rows, &ly.v, c, c)?;
         drop((dr, dk, dv));
         if let Some(d) = dmix3_res {
             o.add(&mut dmix3, &d)?;
         }
-        let mut dsa = o.zeros(c)?;
+        let mut dsa = o.zeros(b * c)?;
         let mut dxa = o.zeros(tc)?;
-        o.token_shift_bwd(
+        o.token_shift_bwd_b(
+            b,
             t,
             c,
             &[&dmix0, &dmix1, &dmix2, &dmix3, &dmix4, &dmix5],
@@ -623,8 +744,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             &mut dsa,
             &mut dxa,
         )?;
-        o.add(&mut g.sa, &dsa)?;
-        o.layer_norm_bwd(xin, 0, t, c, &ly.ln1.0, LN_EPS, &dxa, dx)?;
+        o.sum_batch(b, c, &dsa, &mut g.sa, true)?;
+        o.layer_norm_bwd(xin, 0, rows, c, &ly.ln1.0, LN_EPS, &dxa, dx)?;
         Ok(())
     }
 
@@ -647,6 +768,34 @@ impl<O: BackwardOps> DeviceTuner<O> {
         self.mm(&xn, 0, c, rows, &self.head, v, c)
     }
 
+    /// Each layer's initial state repeated for `b` sequences (`sa`, `sf`
+    /// `[B, C]`, `wkv` `[B, H, N, N]`; `U` shared, not copied).
+    fn broadcast(&self, st: &[LStart<O::Buf>], b: usize) -> Result<Vec<LStart<O::Buf>>> {
+        let c = self.cfg.n_embd;
+        let hnn = self.cfg.n_head * self.cfg.head_size * self.cfg.head_size;
+        let o = &self.ops;
+        let rep = |x: &O::Buf, n: usize| -> Result<O::Buf> {
+            let mut y = o.zeros(b * n)?;
+            for i in 0..b {
+                o.copy(x, 0, &mut y, i * n, n)?;
+            }
+            Ok(y)
+        };
+        st.iter()
+            .map(|s| {
+                Ok(LStart {
+                    sa: rep(&s.sa, c)?,
+                    sf: rep(&s.sf, c)?,
+                    wkv: rep(&s.wkv, hnn)?,
+                    u: match &s.u {
+                        Some(u) => Some(self.dup(u, self.u_len())?),
+                        None => None,
+                    },
+                })
+            })
+            .collect()
+    }
+
     /// Logits `[T, V]` (host) of `tokens` from the initial state `st`.
     pub fn logits(&self, st: &[LStart<O::Buf>], tokens: &[u32]) -> Result<Vec<f32>> {
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
@@ -659,7 +808,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         o.embed(tokens, &self.emb_ln, c, &mut x)?;
         let mut vf = o.zeros(t * c)?;
         for (l, s) in st.iter().enumerate() {
-            self.layer_fwd(l, &mut x, t, s, &mut vf, false, None)?;
+            self.layer_fwd(l, &mut x, 1, t, s, &mut vf, false, None)?;
         }
         let mut out = Vec::with_capacity(t * v);
         for r0 in (0..t).step_by(HEAD_ROWS) {
@@ -674,6 +823,16 @@ impl<O: BackwardOps> DeviceTuner<O> {
 
     /// Loss and state gradients of `batch` from the initial states `st`
     /// (per layer). With `dbp`, also the DBP second moments of r.
+    ///
+    /// The whole batch runs at once: the examples are padded to the longest
+    /// effective length `T` (positions after an example's last masked one
+    /// cannot change its loss, so they are cut, and padding has mask 0),
+    /// every GEMM runs on `[B·T, ·]` rows, the WKV over `B × H` sequences,
+    /// the head in blocks of [`HEAD_ROWS`] rows over the batch. The layer
+    /// activations are kept for every layer ([`Recompute::KeepAll`]: one
+    /// WKV forward per layer) or recomputed one layer at a time in the
+    /// backward ([`Recompute::PerLayer`]: two); the WKV backward always
+    /// reads the checkpoints of the forward that made its tape.
     pub fn grad(
         &self,
         st: &[LStart<O::Buf>],
@@ -735,92 +894,125 @@ impl<O: BackwardOps> DeviceTuner<O> {
         } else {
             None
         };
-        let mut loss = 0.0f64;
-        let mut count = 0.0f64;
-        let mut peak = 0usize;
-        let lam = o.observer_weight;
-        for ex in batch {
-            let te = effective_len(ex);
-            if te == 0 {
-                continue;
-            }
-            count += te as f64;
-            let tc = te * c;
-            // forward: keep every layer's input
-            let mut x = ops.zeros(tc)?;
-            ops.embed(&ex.tokens[..te], &self.emb_ln, c, &mut x)?;
-            let mut vf = ops.zeros(tc)?;
-            let mut xin = Vec::with_capacity(nl);
-            for (l, s) in st.iter().enumerate() {
-                xin.push(self.dup(&x, tc)?);
-                let a = acc.as_mut().map(|a| &mut a[l]);
-                self.layer_fwd(l, &mut x, te, s, &mut vf, false, a)?;
-            }
-            // head: loss and ∂L/∂x
-            let mut dx = ops.zeros(tc)?;
-            for r0 in (0..te).step_by(HEAD_ROWS) {
-                let rows = HEAD_ROWS.min(te - r0);
-                let mut lg = self.head_logits(&x, r0, rows)?;
-                let soft = match (&ex.soft, lam > 0.0) {
-                    (Some(p), true) => Some(ops.upload(&p[r0 * v..(r0 + rows) * v])?),
-                    _ => None,
-                };
-                let mut lrow = ops.zeros(rows)?;
-                ops.xent(
-                    rows,
-                    v,
-                    &mut lg,
-                    &ex.targets[r0..r0 + rows],
-                    &ex.mask[r0..r0 + rows],
-                    soft.as_ref(),
-                    lam,
-                    &mut lrow,
-                )?;
-                loss += ops.download(&lrow)?[..rows]
-                    .iter()
-                    .map(|&q| q as f64)
-                    .sum::<f64>();
-                let dxn = self.mt(&lg, rows, &self.head, v, c)?;
-                ops.layer_norm_bwd(&x, r0 * c, rows, c, &self.ln_out.0, LN_EPS, &dxn, &mut dx)?;
-            }
-            drop(x);
-            // backward, last layer first, recomputing each layer's forward
-            let mut dvf = ops.zeros(tc)?;
-            for l in (0..nl).rev() {
-                let mut xl = self.dup(&xin[l], tc)?;
-                let tape = self
-                    .layer_fwd(l, &mut xl, te, &st[l], &mut vf, true, None)?
-                    .ok_or_else(|| Error::Tune("internal: no tape".into()))?;
-                drop(xl);
-                self.layer_bwd(
-                    l,
-                    &tape,
-                    &xin[l],
-                    &st[l],
-                    &vf,
-                    &mut dx,
-                    te,
-                    &mut dvf,
-                    &mut grads[l],
-                )?;
-            }
-            // layer inputs, v_first, dx, dvf, one tape, a head block
-            let bytes =
-                4 * tc * (nl + 3) + self.tape_bytes(te) + 4 * HEAD_ROWS.min(te) * (2 * v + 2 * c);
-            peak = peak.max(bytes);
-        }
-        ops.sync()?;
         let n_tokens: f64 = batch
             .iter()
             .flat_map(|e| e.mask.iter())
             .map(|&m| m as f64)
             .sum();
+        // the examples that have a masked position, padded to the longest
+        let live: Vec<(&Example, usize)> = batch
+            .iter()
+            .map(|e| (e, effective_len(e)))
+            .filter(|&(_, te)| te > 0)
+            .collect();
+        let b = live.len();
+        let t = live.iter().map(|&(_, te)| te).max().unwrap_or(0);
+        if b == 0 {
+            return Ok(DevGrad {
+                loss: 0.0,
+                n_tokens,
+                grads,
+                dbp: acc.map(|a| (a, 0.0)),
+                peak_bytes: 0,
+            });
+        }
+        let lens: Vec<usize> = live.iter().map(|&(_, te)| te).collect();
+        let count = lens.iter().sum::<usize>() as f64;
+        let rows = b * t;
+        let tc = rows * c;
+        let mut tokens = vec![0u32; rows];
+        let mut targets = vec![0u32; rows];
+        let mut mask = vec![0f32; rows];
+        for (i, &(e, te)) in live.iter().enumerate() {
+            tokens[i * t..i * t + te].copy_from_slice(&e.tokens[..te]);
+            targets[i * t..i * t + te].copy_from_slice(&e.targets[..te]);
+            mask[i * t..i * t + te].copy_from_slice(&e.mask[..te]);
+        }
+        let lam = o.observer_weight;
+        let stb = self.broadcast(st, b)?;
+        let keep = self.recompute == Recompute::KeepAll;
+        // forward: keep every layer's input (and, under KeepAll, its tape)
+        let mut x = ops.zeros(tc)?;
+        ops.embed(&tokens, &self.emb_ln, c, &mut x)?;
+        let mut vf = ops.zeros(tc)?;
+        let mut xin = Vec::with_capacity(nl);
+        let mut tapes = Vec::with_capacity(if keep { nl } else { 0 });
+        for (l, s) in stb.iter().enumerate() {
+            xin.push(self.dup(&x, tc)?);
+            let a = acc.as_mut().map(|a| (&mut a[l], &lens[..]));
+            let tp = self.layer_fwd(l, &mut x, b, t, s, &mut vf, keep, a)?;
+            tapes.extend(tp);
+        }
+        // head: loss and ∂L/∂x, in row blocks over the batch
+        let mut loss = 0.0f64;
+        let mut dx = ops.zeros(tc)?;
+        let mut soft_h = Vec::new();
+        for r0 in (0..rows).step_by(HEAD_ROWS) {
+            let nr = HEAD_ROWS.min(rows - r0);
+            let mut lg = self.head_logits(&x, r0, nr)?;
+            let soft = if lam > 0.0 {
+                soft_h.clear();
+                soft_h.resize(nr * v, 0.0);
+                for (j, row) in soft_h.chunks_mut(v).enumerate() {
+                    let (i, p) = ((r0 + j) / t, (r0 + j) % t);
+                    if let (Some(s), true) = (&live[i].0.soft, p < lens[i]) {
+                        row.copy_from_slice(&s[p * v..(p + 1) * v]);
+                    }
+                }
+                Some(ops.upload(&soft_h)?)
+            } else {
+                None
+            };
+            let mut lrow = ops.zeros(nr)?;
+            ops.xent(
+                nr,
+                v,
+                &mut lg,
+                &targets[r0..r0 + nr],
+                &mask[r0..r0 + nr],
+                soft.as_ref(),
+                lam,
+                &mut lrow,
+            )?;
+            loss += ops.download(&lrow)?[..nr]
+                .iter()
+                .map(|&q| q as f64)
+                .sum::<f64>();
+            let dxn = self.mt(&lg, nr, &self.head, v, c)?;
+            ops.layer_norm_bwd(&x, r0 * c, nr, c, &self.ln_out.0, LN_EPS, &dxn, &mut dx)?;
+        }
+        drop(x);
+        // backward, last layer first (recomputing the layer under PerLayer)
+        let mut dvf = ops.zeros(tc)?;
+        for l in (0..nl).rev() {
+            let tape = match tapes.pop() {
+                Some(tp) => tp,
+                None => {
+                    let mut xl = self.dup(&xin[l], tc)?;
+                    self.layer_fwd(l, &mut xl, b, t, &stb[l], &mut vf, true, None)?
+                        .ok_or_else(|| Error::Tune("internal: no tape".into()))?
+                }
+            };
+            self.layer_bwd(
+                l,
+                &tape,
+                &xin[l],
+                &stb[l],
+                &vf,
+                &mut dx,
+                b,
+                t,
+                &mut dvf,
+                &mut grads[l],
+            )?;
+        }
+        ops.sync()?;
         Ok(DevGrad {
             loss,
             n_tokens,
             grads,
             dbp: acc.map(|a| (a, count)),
-            peak_bytes: peak,
+            peak_bytes: self.plan_bytes(b, t, self.recompute),
         })
     }
 
@@ -1010,6 +1202,11 @@ impl<O: BackwardOps> DeviceEngine<O> {
             e.dbp = Some((d, r));
         }
         Ok(e)
+    }
+
+    /// Sets what the backward recomputes (default [`Recompute::KeepAll`]).
+    pub fn set_recompute(&mut self, r: Recompute) {
+        self.tuner.recompute = r;
     }
 
     /// The gradient engine.

@@ -87,3 +87,85 @@ fn set_inputs<X>(p: &mut crate::params::Wkv7Params, x: &Inputs<X>) {
     p.b = addr(x.b);
     p.h0 = x.h0.map_or(0, addr);
 }
+
+fn check_at_least(name: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(crate::error::Error::Shape {
+            name: name.into(),
+            expected: vec![want],
+            got: vec![len],
+        });
+    }
+    Ok(())
+}
+
+/// Forward that writes `y` and the chunk checkpoints into the caller's
+/// buffers (for [`backward_ckpt`]); `x.h0` is read, never written.
+/// `ckpt` ≥ [`Version::ckpt_len`].
+pub fn forward_ckpt(
+    ver: Version,
+    d: &Dims,
+    x: &Inputs<f32>,
+    y: &mut [f32],
+    ckpt: &mut [f32],
+) -> Result<()> {
+    x.check(d)?;
+    let ver = ver.effective(d, x.w);
+    check_at_least("y", y.len(), d.seq_len())?;
+    check_at_least("ckpt", ckpt.len(), ver.ckpt_len(d))?;
+    let name = ver.kernel_name(Dir::Fwd, crate::dtype::DType::F32, d.n)?;
+    let mut p = ver.base_params(d);
+    set_inputs(&mut p, x);
+    p.y = addr_mut(y);
+    p.ckpt = addr_mut(ckpt);
+    let (g, b) = ver.launch_dims(d);
+    // SAFETY: the inputs were checked against `d` above, y and ckpt hold at
+    // least the documented lengths; h_t and scratch are null (unused by the
+    // forward); all buffers outlive the synchronous call.
+    unsafe { crate::emu::launch_wkv7(&name, g, b, &p) }
+}
+
+/// Backward from the checkpoints [`forward_ckpt`] wrote for the same
+/// inputs (no forward recompute), zero gradient on the final state.
+/// `grads` = dr … db `[B, T, H, N]`, `dh0` `[B, H, N, N]` (overwritten);
+/// `scratch` ≥ [`Version::scratch_len`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_ckpt(
+    ver: Version,
+    d: &Dims,
+    x: &Inputs<f32>,
+    ckpt: &[f32],
+    dy: &[f32],
+    grads: [&mut [f32]; 6],
+    dh0: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<()> {
+    x.check(d)?;
+    let ver = ver.effective(d, x.w);
+    check_at_least("ckpt", ckpt.len(), ver.ckpt_len(d))?;
+    check_at_least("scratch", scratch.len(), ver.scratch_len(d))?;
+    check_at_least("dy", dy.len(), d.seq_len())?;
+    check_at_least("dh0", dh0.len(), d.state_len())?;
+    for g in &grads {
+        check_at_least("gradient", g.len(), d.seq_len())?;
+    }
+    let name = ver.kernel_name(Dir::Bwd, crate::dtype::DType::F32, d.n)?;
+    let mut p = ver.base_params(d);
+    set_inputs(&mut p, x);
+    p.ckpt = ckpt.as_ptr() as u64;
+    p.dy = addr(dy);
+    let [dr, dw, dk, dv, da, db] = grads;
+    p.dr = addr_mut(dr);
+    p.dw = addr_mut(dw);
+    p.dk = addr_mut(dk);
+    p.dv = addr_mut(dv);
+    p.da = addr_mut(da);
+    p.db = addr_mut(db);
+    p.dh0 = addr_mut(dh0);
+    p.scratch = addr_mut(scratch);
+    let (g, b) = ver.launch_dims(d);
+    // SAFETY: every length was checked above against what params.h documents
+    // for this version and `d`; the gradient buffers are distinct &mut
+    // borrows; ckpt is only read; dh_t is null (zero final-state gradient).
+    unsafe { crate::emu::launch_wkv7(&name, g, b, &p) }
+}
