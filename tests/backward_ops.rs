@@ -24,7 +24,7 @@
 use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use rwkv_tune::ops::backward_ref::{self as bref, AdamStep};
 use rwkv_tune::ops::emu::EmuOps;
-use rwkv_tune::ops::{reference, Act, CpuOps, Geom};
+use rwkv_tune::ops::{reference, Act, CpuOps, DeviceOps, Geom};
 use rwkv_tune::rng::Rng;
 use rwkv_tune::Error;
 
@@ -648,6 +648,190 @@ fn check_wkv<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, w: &
     w.add("wkv_bwd", e);
 }
 
+/// The batched forms the device tuner uses, against the one-sequence ops
+/// of the CPU twins run sequence by sequence (an independent path):
+/// `token_shift_b`, `token_shift_bwd_b` (per-sequence states), `sum_batch`,
+/// `outer_acc_rows`, and the WKV forward that keeps its checkpoints with the
+/// backward that reads them (`wkv_fwd_ckpt` / `wkv_bwd_ckpt`, B = 3) against
+/// `wkv` / `wkv_bwd` per sequence.
+fn check_batched<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, w: &mut Worst) {
+    let mut z = Z(Rng::new(0xb47c + t as u64 * 7 + n as u64));
+    let (b, c) = (3usize, h * n);
+    let cpu = CpuOps::new();
+    let up = |x: &[f32]| d.upload(x).unwrap();
+    let down = |x: &D::Buf| d.download(x).unwrap();
+    // token shift forward and backward, 6 mixes
+    let x = z.v(b * t * c, 1.0);
+    let st = z.v(b * c, 1.0);
+    let mu = z.pos(6 * c, 0.0, 1.0);
+    let (mut want_o, mut want_s) = (vec![0f32; b * t * 6 * c], st.clone());
+    for i in 0..b {
+        let mut s = st[i * c..(i + 1) * c].to_vec();
+        let mut o = vec![0f32; t * 6 * c];
+        cpu.token_shift(
+            t,
+            c,
+            &x[i * t * c..(i + 1) * t * c].to_vec(),
+            &mut s,
+            &mu,
+            6,
+            &mut o,
+        )
+        .unwrap();
+        want_o[i * t * 6 * c..(i + 1) * t * 6 * c].copy_from_slice(&o);
+        want_s[i * c..(i + 1) * c].copy_from_slice(&s);
+    }
+    let (mut got_o, mut got_s) = (d.zeros(b * t * 6 * c).unwrap(), up(&st));
+    d.token_shift_b(b, t, c, &up(&x), &mut got_s, &up(&mu), 6, &mut got_o)
+        .unwrap();
+    let e = ok(be, "token_shift_b out", &down(&got_o), &want_o, TOL).max(ok(
+        be,
+        "token_shift_b state",
+        &down(&got_s),
+        &want_s,
+        TOL,
+    ));
+    w.add("token_shift_b", e);
+    let dm: Vec<Vec<f32>> = (0..6).map(|_| z.v(b * t * c, 1.0)).collect();
+    let ds0 = z.v(b * c, 1.0);
+    let (mut want_x, mut want_ds) = (vec![0f32; b * t * c], ds0.clone());
+    for i in 0..b {
+        let part: Vec<Vec<f32>> = dm
+            .iter()
+            .map(|m| m[i * t * c..(i + 1) * t * c].to_vec())
+            .collect();
+        let refs: Vec<&Vec<f32>> = part.iter().collect();
+        let mut s = ds0[i * c..(i + 1) * c].to_vec();
+        let mut dx = vec![0f32; t * c];
+        cpu.token_shift_bwd(t, c, &refs, &mu, &mut s, &mut dx)
+            .unwrap();
+        want_x[i * t * c..(i + 1) * t * c].copy_from_slice(&dx);
+        want_ds[i * c..(i + 1) * c].copy_from_slice(&s);
+    }
+    let dd: Vec<D::Buf> = dm.iter().map(|v| up(v)).collect();
+    let dr: Vec<&D::Buf> = dd.iter().collect();
+    let (mut got_x, mut got_ds) = (d.zeros(b * t * c).unwrap(), up(&ds0));
+    d.token_shift_bwd_b(b, t, c, &dr, &up(&mu), &mut got_ds, &mut got_x)
+        .unwrap();
+    let e = ok(be, "token_shift_bwd_b dx", &down(&got_x), &want_x, TOL).max(ok(
+        be,
+        "token_shift_bwd_b dstate",
+        &down(&got_ds),
+        &want_ds,
+        TOL,
+    ));
+    w.add("token_shift_bwd_b", e);
+    // sum over the batch (accumulating and not), against an f64 sum
+    let src = z.v(b * c, 1.0);
+    let d0 = z.v(c, 1.0);
+    for acc in [false, true] {
+        let want: Vec<f32> = (0..c)
+            .map(|j| {
+                let base = if acc { d0[j] as f64 } else { 0.0 };
+                (base + (0..b).map(|i| src[i * c + j] as f64).sum::<f64>()) as f32
+            })
+            .collect();
+        let mut got = up(&d0);
+        d.sum_batch(b, c, &up(&src), &mut got, acc).unwrap();
+        w.add("sum_batch", ok(be, "sum_batch", &down(&got), &want, TOL));
+    }
+    // outer_acc over rows [r0, r0 + rows) of a longer r
+    let r = z.v(b * t * c, 1.0);
+    let (r0, nr) = (t - 1, t + 1);
+    let a0 = z.v(h * n * n, 1.0);
+    let mut want = a0.clone();
+    cpu.outer_acc(nr, h, n, &r[r0 * c..].to_vec(), &mut want)
+        .unwrap();
+    let mut got = up(&a0);
+    d.outer_acc_rows(r0, nr, h, n, &up(&r), &mut got).unwrap();
+    w.add(
+        "outer_acc_rows",
+        ok(be, "outer_acc_rows", &down(&got), &want, TOL),
+    );
+    // WKV forward with checkpoints, backward from them
+    let dims = rwkv_tune::wkv7::Dims { b, t, h, n };
+    let p = rwkv_tune::wkv7::testdata::random_problem(dims, 91 + t as u64, 0.6, 0.99);
+    let (sl, hl) = (t * c, h * n * n);
+    let mut want_y = vec![0f32; b * sl];
+    let mut want_g: Vec<Vec<f32>> = (0..6).map(|_| vec![0f32; b * sl]).collect();
+    let mut want_h = vec![0f32; b * hl];
+    let ins = [&p.r, &p.w, &p.k, &p.v, &p.a, &p.b];
+    for i in 0..b {
+        let part: Vec<Vec<f32>> = ins
+            .iter()
+            .map(|v| v[i * sl..(i + 1) * sl].to_vec())
+            .collect();
+        let pr: [&Vec<f32>; 6] = std::array::from_fn(|j| &part[j]);
+        let mut s = p.h0[i * hl..(i + 1) * hl].to_vec();
+        let mut y = vec![0f32; sl];
+        cpu.wkv(t, h, n, pr, &mut s, &mut y).unwrap();
+        want_y[i * sl..(i + 1) * sl].copy_from_slice(&y);
+        let mut g: Vec<Vec<f32>> = (0..6).map(|_| vec![0f32; sl]).collect();
+        let mut dh = vec![0f32; hl];
+        {
+            let [g0, g1, g2, g3, g4, g5] = &mut g[..] else {
+                unreachable!()
+            };
+            cpu.wkv_bwd(
+                t,
+                h,
+                n,
+                pr,
+                &p.h0[i * hl..(i + 1) * hl].to_vec(),
+                &p.dy[i * sl..(i + 1) * sl].to_vec(),
+                [g0, g1, g2, g3, g4, g5],
+                &mut dh,
+            )
+            .unwrap();
+        }
+        for j in 0..6 {
+            want_g[j][i * sl..(i + 1) * sl].copy_from_slice(&g[j]);
+        }
+        want_h[i * hl..(i + 1) * hl].copy_from_slice(&dh);
+    }
+    let dins: Vec<D::Buf> = ins.iter().map(|v| up(v)).collect();
+    let di: [&D::Buf; 6] = std::array::from_fn(|j| &dins[j]);
+    let (ck, sc) = d.wkv_ws_len(b, t, h, n);
+    let (mut ckpt, mut scratch) = (d.zeros(ck).unwrap(), d.zeros(sc).unwrap());
+    let h0 = up(&p.h0);
+    let mut y = d.zeros(b * sl).unwrap();
+    d.wkv_fwd_ckpt(b, t, h, n, di, &h0, &mut y, &mut ckpt)
+        .unwrap();
+    let mut e = ok(be, "wkv_fwd_ckpt y", &down(&y), &want_y, WKV_TOL);
+    let mut got: Vec<D::Buf> = (0..6).map(|_| d.zeros(b * sl).unwrap()).collect();
+    let mut got_h = d.zeros(b * hl).unwrap();
+    {
+        let [g0, g1, g2, g3, g4, g5] = &mut got[..] else {
+            unreachable!()
+        };
+        d.wkv_bwd_ckpt(
+            b,
+            t,
+            h,
+            n,
+            di,
+            &h0,
+            &ckpt,
+            &up(&p.dy),
+            [g0, g1, g2, g3, g4, g5],
+            &mut got_h,
+            &mut scratch,
+        )
+        .unwrap();
+    }
+    e = e.max(ok(be, "wkv_bwd_ckpt dh0", &down(&got_h), &want_h, WKV_TOL));
+    for (j, name) in ["dr", "dw", "dk", "dv", "da", "db"].iter().enumerate() {
+        e = e.max(ok(
+            be,
+            &format!("wkv_bwd_ckpt {name}"),
+            &down(&got[j]),
+            &want_g[j],
+            WKV_TOL,
+        ));
+    }
+    w.add("wkv_fwd_ckpt + wkv_bwd_ckpt", e);
+}
+
 /// The shapes every backend runs: rows not a multiple of any block, heads
 /// (2, 32), (1, 64) and (1, 128).
 const SHAPES: [(usize, usize, usize); 3] = [(7, 2, 32), (5, 1, 64), (3, 1, 128)];
@@ -669,6 +853,8 @@ fn run_backend<D: BackwardOps>(d: &D, be: &str, big: bool) {
     check_adam_sumsq(d, be, if big { 1 << 20 } else { 1000 }, &mut w);
     check_wkv(d, be, 5, 1, 32, &mut w);
     check_wkv(d, be, 21, 2, 64, &mut w);
+    check_batched(d, be, 5, 2, 32, &mut w);
+    check_batched(d, be, 19, 1, 64, &mut w);
     w.print(be);
 }
 

@@ -11,11 +11,13 @@
 use rwkv_tune::model::weights::Weights;
 use rwkv_tune::model::Model;
 use rwkv_tune::ops::backward::BackwardOps;
+use rwkv_tune::ops::counters::Op;
 use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::ops::CpuOps;
+use rwkv_tune::ops::DeviceOps;
 use rwkv_tune::tune::data::ByteTokenizer;
 use rwkv_tune::tune::demo;
-use rwkv_tune::tune::device::{DeviceEngine, DeviceTuner};
+use rwkv_tune::tune::device::{DeviceEngine, DeviceTuner, Recompute};
 use rwkv_tune::tune::engine::{Engine, HostEngine};
 use rwkv_tune::tune::grad::{
     loss_and_grad_dbp, loss_and_grad_f64, Example, GradOpts, TunedState, TunedStateOf,
@@ -355,6 +357,104 @@ fn non_finite_gradients_leave_the_parameters_unchanged() {
             for (a, b) in x.iter().zip(y) {
                 assert!(a.to_bits() == b.to_bits(), "a parameter changed");
             }
+        }
+    }
+}
+
+/// The batched step (all examples at once, padded to the longest, one WKV
+/// launch over B × H) gives the gradient of the examples run one at a time
+/// and summed, and both recompute policies give the same gradient (cpu
+/// backend: the tuner's batching; the batched ops themselves are checked on
+/// every backend in tests/backward_ops.rs; sums may run in another order,
+/// so to f32 rounding: 1e-5 relative).
+#[test]
+fn batched_step_equals_one_example_at_a_time() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 21).unwrap();
+    let mut rng = Rng(23);
+    let s = random_state(&cfg, true, 0.5, &mut rng);
+    let batch = vec![
+        random_example(7, cfg.vocab, true, true, &mut rng),
+        random_example(18, cfg.vocab, false, true, &mut rng),
+        random_example(11, cfg.vocab, true, true, &mut rng),
+    ];
+    let o = GradOpts {
+        observer_weight: 0.3,
+        chunk: 64,
+    };
+    for policy in [Recompute::KeepAll, Recompute::PerLayer] {
+        let tuner = DeviceTuner::new(CpuOps::new(), &w)
+            .unwrap()
+            .with_recompute(policy);
+        let (loss, n, g, stats, _) = tuner.loss_and_grad(&s, &batch, &o, true).unwrap();
+        let mut sum = s.zeros_like();
+        let (mut l1, mut n1) = (0.0, 0.0);
+        let mut m1 = vec![0.0f64; stats.as_ref().unwrap().second_moment.len()];
+        let mut c1 = 0.0;
+        for ex in &batch {
+            let (l, nn, gi, si, _) = tuner
+                .loss_and_grad(&s, std::slice::from_ref(ex), &o, true)
+                .unwrap();
+            l1 += l;
+            n1 += nn;
+            for (a, b) in sum.params_mut().into_iter().zip(gi.params()) {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            }
+            let si = si.unwrap();
+            // second moments are sums over the vectors
+            m1.iter_mut()
+                .zip(&si.second_moment)
+                .for_each(|(x, y)| *x += y);
+            c1 += si.count;
+        }
+        let stats = stats.unwrap();
+        assert_eq!(n, n1);
+        assert_eq!(stats.count, c1);
+        assert!(
+            (loss - l1).abs() <= 1e-6 * l1.abs(),
+            "{policy:?}: loss {loss} vs {l1}"
+        );
+        let e = worst(&g, &sum.map(|v| v as f64), 0);
+        let em = rel_err(&stats.second_moment, &m1);
+        println!("{policy:?}: batched vs one at a time: gradient {e:.2e}, DBP moments {em:.2e}");
+        assert!(e <= 1e-5, "{policy:?}: gradient rel. error {e:.3e}");
+        assert!(em <= 1e-5, "{policy:?}: DBP moments rel. error {em:.3e}");
+    }
+}
+
+/// What a step launches, allocates and transfers (emu, counted by the ops
+/// layer): with the activations kept, exactly one WKV forward and one WKV
+/// backward per layer per step; recomputing per layer, two forwards.
+#[test]
+fn step_counters_one_wkv_forward_per_layer() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 5).unwrap();
+    let mut rng = Rng(3);
+    let init = random_state(&cfg, true, 0.2, &mut rng);
+    let batch: Vec<Example> = (0..2)
+        .map(|i| random_example(5 + 3 * i, cfg.vocab, true, false, &mut rng))
+        .collect();
+    let nl = cfg.n_layer as u64;
+    for (policy, fwd) in [(Recompute::KeepAll, nl), (Recompute::PerLayer, 2 * nl)] {
+        let mut e = DeviceEngine::new(
+            EmuOps::default(),
+            &w,
+            &init,
+            AdamConfig::default(),
+            None,
+            GradOpts::default(),
+        )
+        .unwrap();
+        e.set_recompute(policy);
+        e.step(&batch, 1e-2, 1.0).unwrap(); // warm-up
+        {
+            let c0 = e.tuner().ops().counters().snapshot();
+            e.step(&batch, 1e-2, 1.0).unwrap();
+            let d = e.tuner().ops().counters().snapshot().since(&c0);
+            println!("{policy:?}, one step: {d}");
+            assert_eq!(d.launches(Op::WkvFwd), fwd, "{policy:?}: WKV forwards");
+            assert_eq!(d.launches(Op::WkvBwd), nl, "{policy:?}: WKV backwards");
+            assert_eq!(d.launches(Op::Adam), 3 * nl, "{policy:?}: Adam launches");
         }
     }
 }
