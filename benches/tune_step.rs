@@ -1,11 +1,15 @@
 //! One state-tuning optimiser step (loss, state gradients, clipping, Adam;
 //! DBP off): the CPU engine (`tune::engine::HostEngine`) on the tiny model
 //! shape (12 layers, C = 64, byte vocab; the real fixture when ../shared has
-//! it), and the device engine (`tune::device::DeviceEngine`) on a GPU when
-//! one is present, on the tiny shape and on a 0.1B-class shape (12 layers,
-//! C = 768, 12 heads × 64, vocab 65536, random weights: the speed does not
-//! depend on the values), with the v1 and the v2 (tensor-core) WKV kernels.
-//! Throughput is in target tokens per second.
+//! it), and the device engine (`tune::device::DeviceEngine`, the whole batch
+//! in one pass, activations kept) on a GPU when one is present, on the tiny
+//! shape, a 0.1B-class shape (12 layers, C = 768, 12 heads × 64, vocab
+//! 65536) and a 1.5B-class shape (24 layers, C = 2048, 32 heads × 64, vocab
+//! 65536), batch 8 × ctx 512, random weights (the speed does not depend on
+//! the values), with the v1 and the v2 (tensor-core) WKV kernels.
+//! Throughput is in target tokens per second. On the emulator a small shape
+//! is stepped once (not timed) and the ops counters of that step are
+//! printed: launches per op, device allocations, transfers.
 //!
 //! `cargo bench --bench tune_step`; CI runs it once in test mode.
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rwkv_tune::model::{Config, Weights};
 use rwkv_tune::ops::backward::BackwardOps;
+use rwkv_tune::ops::DeviceOps;
 use rwkv_tune::tune::device::DeviceEngine;
 use rwkv_tune::tune::engine::{Engine, HostEngine};
 use rwkv_tune::tune::grad::{Example, GradOpts, TunedState};
@@ -66,12 +71,23 @@ fn time_steps(e: &mut dyn Engine, bt: &[Example], iters: u64) -> Duration {
 fn device_rows<O: BackwardOps>(c: &mut Criterion, ops: impl Fn() -> O, label: &str) {
     let mut g = c.benchmark_group(format!("tune_step_{label}"));
     g.sample_size(10);
-    let tiny = tiny_weights();
-    let big = Weights::random(&Config::with_defaults(12, 768, 64, 65536), 3).unwrap();
-    for (name, w, b, t) in [
-        ("tiny_b4_t256", &tiny, 4, 256),
-        ("0.1b_b4_t512", &big, 4, 512),
-    ] {
+    let shapes: [(&str, fn() -> Weights, usize, usize); 3] = [
+        ("tiny_b4_t256", tiny_weights, 4, 256),
+        (
+            "0.1b_b8_t512",
+            || Weights::random(&Config::with_defaults(12, 768, 64, 65536), 3).unwrap(),
+            8,
+            512,
+        ),
+        (
+            "1.5b_b8_t512",
+            || Weights::random(&Config::with_defaults(24, 2048, 64, 65536), 4).unwrap(),
+            8,
+            512,
+        ),
+    ];
+    for (name, make, b, t) in shapes {
+        let w = &make();
         let bt = batch(b, t, w.config.vocab);
         let init = TunedState::zeros(&w.config, false);
         let mut e = DeviceEngine::new(
@@ -83,10 +99,36 @@ fn device_rows<O: BackwardOps>(c: &mut Criterion, ops: impl Fn() -> O, label: &s
             GradOpts::default(),
         )
         .unwrap();
+        eprintln!(
+            "{label} {name}: planned activation memory {:.2} GiB",
+            e.tuner().plan_bytes(b, t, e.tuner().recompute()) as f64 / (1u64 << 30) as f64
+        );
         g.throughput(Throughput::Elements((b * t) as u64));
         g.bench_function(name, |bn| bn.iter_custom(|n| time_steps(&mut e, &bt, n)));
     }
     g.finish();
+}
+
+/// One step on the emulator at a small shape (2 layers, C = 64, batch 4 ×
+/// 16): what the ops layer counts for a step after a warm-up step.
+fn emu_counters() {
+    let w = Weights::random(&Config::with_defaults(2, 64, 32, 256), 9).unwrap();
+    let bt = batch(4, 16, w.config.vocab);
+    let init = TunedState::zeros(&w.config, false);
+    let mut e = DeviceEngine::new(
+        rwkv_tune::ops::emu::EmuOps::default(),
+        &w,
+        &init,
+        AdamConfig::default(),
+        None,
+        GradOpts::default(),
+    )
+    .unwrap();
+    e.step(&bt, 1e-3, 1.0).unwrap();
+    let c0 = e.tuner().ops().counters().snapshot();
+    e.step(&bt, 1e-3, 1.0).unwrap();
+    let d = e.tuner().ops().counters().snapshot().since(&c0);
+    eprintln!("tune_step emu (L2 C64 H2×32, batch 4 × 16), one step after warm-up: {d}");
 }
 
 fn bench(c: &mut Criterion) {
@@ -103,6 +145,7 @@ fn bench(c: &mut Criterion) {
         bn.iter_custom(|n| time_steps(&mut e, &bt, n))
     });
     g.finish();
+    emu_counters();
     match rwkv_tune::cuda::Gpu::new(0) {
         Ok(gpu) => {
             let gpu = Arc::new(gpu);
