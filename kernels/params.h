@@ -393,10 +393,27 @@ typedef struct AdamParams {
   const float* g;
   float* m;
   float* v;
+  float clip;
+  const float* stats;
 } AdamParams;
 /*   p, g, m, v [n]; p, m, v in place. g' = g * grad_scale;
  *   m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
- *   p -= lr * wd * p (when wd > 0); p -= lr * (m / bc1) / (sqrt(v / bc2) + eps). */
+ *   p -= lr * wd * p (when wd > 0); p -= lr * (m / bc1) / (sqrt(v / bc2) + eps).
+ *   stats [2] or NULL: when given, stats[1] is the sum of squares of the
+ *   whole (unscaled) gradient; norm = sqrt(stats[1]) * grad_scale; a
+ *   non-finite norm leaves p, m, v untouched; with clip > 0 and norm > clip
+ *   the gradient is scaled by clip / norm as well (global-norm clipping
+ *   decided on the device). */
+
+typedef struct ReduceParams {
+  int32_t n;
+  int32_t mode;
+  int32_t slot;
+  const float* x;
+  float* out;
+} ReduceParams;
+/*   x [n]; out[slot] += sum_i x[i] (mode 0) or sum_i x[i]^2 (mode 1).
+ *   One block (gridDim.x == 1): a device scalar, no host round trip. */
 
 typedef struct SumBatchParams {
   int32_t B;

@@ -518,8 +518,14 @@ EMU_ENTRY(tune_batched_matmul_f32, BatchedMatmulParams)
 
 // Adam / AdamW, element-wise, in place on p, m, v; g [n] read only.
 extern "C" __global__ void __launch_bounds__(256) tune_adam_f32(const __grid_constant__ AdamParams p) {
+  float scale = p.grad_scale;
+  if (p.stats) {
+    const float norm = sqrtf(p.stats[1]) * p.grad_scale;
+    if (!isfinite(norm)) return;  // the host reports it; nothing is updated
+    if (p.clip > 0.f && norm > p.clip) scale *= p.clip / norm;
+  }
   ELEM_LOOP(i, p.n) {
-    const float gi = p.g[i] * p.grad_scale;
+    const float gi = p.g[i] * scale;
     const float mi = p.beta1 * p.m[i] + (1.f - p.beta1) * gi;
     const float vi = p.beta2 * p.v[i] + (1.f - p.beta2) * gi * gi;
     p.m[i] = mi;
@@ -531,6 +537,20 @@ extern "C" __global__ void __launch_bounds__(256) tune_adam_f32(const __grid_con
   }
 }
 EMU_ENTRY(tune_adam_f32, AdamParams)
+
+// A device scalar: out[slot] += sum x (mode 0) or sum x^2 (mode 1), one block.
+extern "C" __global__ void __launch_bounds__(256) tune_reduce_f32(const __grid_constant__ ReduceParams p) {
+  __shared__ float sh[32];
+  if (blockIdx.x != 0) return;
+  float s = 0.f;
+  for (long i = threadIdx.x; i < p.n; i += blockDim.x) {
+    const float v = p.x[i];
+    s += p.mode ? v * v : v;
+  }
+  s = tn_block_sum(s, sh);
+  if (threadIdx.x == 0) p.out[p.slot] += s;
+}
+EMU_ENTRY(tune_reduce_f32, ReduceParams)
 
 // Sum over a batch: dst[i] = (accumulate ? dst[i] : 0) + sum_b src[b, i].
 //   src [B, n], dst [n] (distinct).

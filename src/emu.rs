@@ -214,6 +214,8 @@ emu_ops_table!(TUNE_ADAM, crate::params::AdamParams;
     "tune_adam_f32" => emu_tune_adam_f32);
 emu_ops_table!(TUNE_SUMSQ, crate::params::SumsqParams;
     "tune_sumsq_f32" => emu_tune_sumsq_f32);
+emu_ops_table!(TUNE_REDUCE, crate::params::ReduceParams;
+    "tune_reduce_f32" => emu_tune_reduce_f32);
 emu_ops_table!(TUNE_SUM_BATCH, crate::params::SumBatchParams;
     "tune_sum_batch_f32" => emu_tune_sum_batch_f32);
 

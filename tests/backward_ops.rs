@@ -579,6 +579,78 @@ fn check_adam_sumsq<D: BackwardOps>(d: &D, be: &str, n: usize, w: &mut Worst) {
         assert!((cpu - exact).abs() <= 1e-12 * exact.max(1.0), "cpu sumsq");
         w.add("sumsq", e);
     }
+    // device scalars: out[slot] += Σ x or Σ x² (f64 reference), slot 1 of 3
+    for squares in [false, true] {
+        for len in [1usize, 33, n] {
+            let x = z.v(len + 2, 1.0);
+            let base = z.v(3, 1.0);
+            let sum: f64 = x[..len]
+                .iter()
+                .map(|&v| {
+                    if squares {
+                        v as f64 * v as f64
+                    } else {
+                        v as f64
+                    }
+                })
+                .sum();
+            let mut o = up(&base);
+            d.reduce_acc(squares, len, &up(&x), &mut o, 1).unwrap();
+            let got = down(&o);
+            let want = base[1] as f64 + sum;
+            // Σ x can cancel: relative to Σ |x| (what the rounding scales with)
+            let scale: f64 = x[..len]
+                .iter()
+                .map(|&v| (v as f64).abs().powi(if squares { 2 } else { 1 }))
+                .sum::<f64>()
+                + (base[1] as f64).abs();
+            let e = (got[1] as f64 - want).abs() / scale;
+            eprintln!(
+                "  {be:<9} {:<28} rel err {e:.2e}",
+                format!("reduce_acc sq={squares} n={len}")
+            );
+            assert!(e <= TOL, "{be}: reduce_acc: {} vs {want}", got[1]);
+            assert_eq!((got[0], got[2]), (base[0], base[2]), "{be}: other slots");
+            w.add("reduce_acc", e);
+        }
+    }
+    // Adam with the clipping decided on the device: a norm under the clip,
+    // one over it, and a non-finite one (no update at all)
+    for (clip, ssq) in [(1e9f32, 4.0f32), (0.1, 4.0), (1.0, f32::INFINITY)] {
+        let len = n + 4;
+        let (p0, m0, v0) = (z.v(len, 1.0), z.v(len, 0.1), z.pos(len, 0.0, 0.1));
+        let g = z.v(len, 1.0);
+        let s = AdamStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bc1: 0.1,
+            bc2: 0.001,
+            grad_scale: 0.25,
+        };
+        // independent: the norm √ssq · 0.25 = 0.5 and the scale by hand
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        if ssq.is_finite() {
+            let norm = ssq.sqrt() * 0.25;
+            let f = if norm > clip { clip / norm } else { 1.0 };
+            let s2 = AdamStep {
+                grad_scale: 0.25 * f,
+                ..s
+            };
+            rwkv_tune::ops::backward_ref::adam(n, &s2, &mut p, &g, &mut m, &mut v);
+        }
+        let (mut pd, mut md, mut vd) = (up(&p0), up(&m0), up(&v0));
+        let stats = up(&[123.0, ssq]);
+        d.adam_clipped(n, &s, clip, &stats, &mut pd, &up(&g), &mut md, &mut vd)
+            .unwrap();
+        let tag = format!("adam_clipped clip={clip} ss={ssq}");
+        let e = ok(be, &format!("{tag} p"), &down(&pd), &p, TOL)
+            .max(ok(be, &format!("{tag} m"), &down(&md), &m, TOL))
+            .max(ok(be, &format!("{tag} v"), &down(&vd), &v, TOL));
+        w.add("adam_clipped", e);
+    }
 }
 
 /// WKV forward+backward of `d` vs the CPU reference recurrence.

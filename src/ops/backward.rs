@@ -806,19 +806,75 @@ pub trait BackwardOps: DeviceOps {
         check::adam(n, self.len(p), self.len(g), self.len(m), self.len(v))?;
         self.counters().launch(counters::Op::Adam);
         // SAFETY: the sizes the hook relies on were checked just above.
-        unsafe { self.raw_adam(n, s, p, g, m, v) }
+        unsafe { self.raw_adam(n, s, 0.0, None, p, g, m, v) }
     }
-    /// # Safety
-    /// The sizes must pass `check::adam` (what [`Self::adam`] checks).
-    #[doc(hidden)]
-    unsafe fn raw_adam(
+    /// [`Self::adam`] with global-norm clipping decided on the device:
+    /// `stats[1]` holds the sum of squares of the whole unscaled gradient
+    /// (see [`Self::reduce_acc`]); its norm is `√stats[1] · grad_scale`; a
+    /// non-finite norm leaves p, m, v untouched; with `clip > 0` and a norm
+    /// above it the gradient is scaled by `clip / norm` too.
+    #[allow(clippy::too_many_arguments)]
+    fn adam_clipped(
         &self,
         n: usize,
         s: &AdamStep,
+        clip: f32,
+        stats: &Self::Buf,
         p: &mut Self::Buf,
         g: &Self::Buf,
         m: &mut Self::Buf,
         v: &mut Self::Buf,
+    ) -> Result<()> {
+        check::adam(n, self.len(p), self.len(g), self.len(m), self.len(v))?;
+        need("stats", self.len(stats), 0, 2)?;
+        self.counters().launch(counters::Op::Adam);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_adam(n, s, clip, Some(stats), p, g, m, v) }
+    }
+    /// # Safety
+    /// The sizes must pass `check::adam` (what [`Self::adam`] checks) and
+    /// `stats`, when given, hold 2 elements.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_adam(
+        &self,
+        n: usize,
+        s: &AdamStep,
+        clip: f32,
+        stats: Option<&Self::Buf>,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// A device scalar: `out[slot] += Σ x` (`squares` false) or `Σ x²`
+    /// (true) over the first `n` elements of x; nothing leaves the device.
+    fn reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+        slot: usize,
+    ) -> Result<()> {
+        fits_i32("reduce_acc", &[n])?;
+        need("x", self.len(x), 0, n)?;
+        need("out", self.len(out), slot, 1)?;
+        self.counters().launch(counters::Op::Reduce);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_reduce_acc(squares, n, x, out, slot) }
+    }
+    /// # Safety
+    /// x ≥ n and out ≥ slot + 1 elements (what [`Self::reduce_acc`] checks).
+    #[doc(hidden)]
+    unsafe fn raw_reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+        slot: usize,
     ) -> Result<()>;
 
     /// `Σ x²` over the first `n` elements (partial sums on the device,
@@ -1438,12 +1494,32 @@ impl BackwardOps for CpuOps {
         &self,
         n: usize,
         s: &AdamStep,
+        clip: f32,
+        stats: Option<&Vec<f32>>,
         p: &mut Vec<f32>,
         g: &Vec<f32>,
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) -> Result<()> {
-        bref::adam(n, s, p, g, m, v);
+        let mut s = *s;
+        if let Some(st) = stats {
+            match bref::clip_scale(st[1], s.grad_scale, clip) {
+                Some(f) => s.grad_scale *= f,
+                None => return Ok(()),
+            }
+        }
+        bref::adam(n, &s, p, g, m, v);
+        Ok(())
+    }
+    unsafe fn raw_reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        slot: usize,
+    ) -> Result<()> {
+        out[slot] += bref::reduce(squares, &x[..n]);
         Ok(())
     }
     unsafe fn raw_sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {

@@ -9,6 +9,7 @@ use super::cuda::CudaOps;
 use super::{Act, DeviceOps};
 use crate::cuda::cuda_err;
 use crate::error::Result;
+use crate::params::ReduceParams;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
     LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
@@ -43,6 +44,8 @@ unsafe impl DeviceRepr for AdamParams {}
 unsafe impl DeviceRepr for SumsqParams {}
 // SAFETY: #[repr(C)] plain old data (i32 and u64 fields), as above.
 unsafe impl DeviceRepr for SumBatchParams {}
+// SAFETY: #[repr(C)] plain old data (i32 and u64 fields), as above.
+unsafe impl DeviceRepr for ReduceParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for UpFwdParams {}
 // SAFETY: as above.
@@ -678,6 +681,8 @@ impl BackwardOps for CudaOps {
         &self,
         n: usize,
         s: &AdamStep,
+        clip: f32,
+        stats: Option<&CudaSlice<f32>>,
         p: &mut CudaSlice<f32>,
         g: &CudaSlice<f32>,
         m: &mut CudaSlice<f32>,
@@ -688,6 +693,7 @@ impl BackwardOps for CudaOps {
         let (pp, _g2) = p.device_ptr_mut(st);
         let (mp, _g3) = m.device_ptr_mut(st);
         let (vp, _g4) = v.device_ptr_mut(st);
+        let sp = stats.map(|x| x.device_ptr(st));
         let q = AdamParams {
             n: n as i32,
             lr: s.lr,
@@ -698,6 +704,8 @@ impl BackwardOps for CudaOps {
             bc1: s.bc1,
             bc2: s.bc2,
             grad_scale: s.grad_scale,
+            clip,
+            stats: sp.as_ref().map_or(0, |(q, _)| *q),
             p: pp,
             g: gp,
             m: mp,
@@ -706,6 +714,29 @@ impl BackwardOps for CudaOps {
         // SAFETY: p, g, m, v ≥ n floats (checked by the caller); p, m, v distinct
         // buffers; guards alive until queued.
         unsafe { self.tune("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    unsafe fn raw_reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        slot: usize,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (xp, _g1) = x.device_ptr(st);
+        let (op, _g2) = out.device_ptr_mut(st);
+        let p = ReduceParams {
+            n: n as i32,
+            mode: squares as i32,
+            slot: slot as i32,
+            x: xp,
+            out: op,
+        };
+        // SAFETY: x ≥ n and out ≥ slot + 1 floats (checked by the caller);
+        // one block as the kernel requires; guards alive until queued.
+        unsafe { self.tune("tune_reduce_f32", block_geom(&self.geom, 1), &p) }
     }
 
     unsafe fn raw_sumsq(&self, n: usize, x: &CudaSlice<f32>) -> Result<f64> {

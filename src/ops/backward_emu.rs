@@ -9,6 +9,7 @@ use super::emu::EmuOps;
 use super::{Act, DeviceOps, Geom};
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
+use crate::params::ReduceParams;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
     LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
@@ -495,6 +496,8 @@ impl BackwardOps for EmuOps {
         &self,
         n: usize,
         s: &AdamStep,
+        clip: f32,
+        stats: Option<&Vec<f32>>,
         p: &mut Vec<f32>,
         g: &Vec<f32>,
         m: &mut Vec<f32>,
@@ -510,6 +513,8 @@ impl BackwardOps for EmuOps {
             bc1: s.bc1,
             bc2: s.bc2,
             grad_scale: s.grad_scale,
+            clip,
+            stats: stats.map_or(0, |x| ptr(x)),
             p: ptr_mut(p),
             g: ptr(g),
             m: ptr_mut(m),
@@ -518,6 +523,26 @@ impl BackwardOps for EmuOps {
         // SAFETY: sizes checked by the caller: p, g, m, v ≥ n floats; p, m, v are
         // distinct &mut borrows.
         unsafe { run("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    unsafe fn raw_reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        slot: usize,
+    ) -> Result<()> {
+        let p = ReduceParams {
+            n: n as i32,
+            mode: squares as i32,
+            slot: slot as i32,
+            x: ptr(x),
+            out: ptr_mut(out),
+        };
+        // SAFETY: x ≥ n and out ≥ slot + 1 floats (checked by the caller);
+        // one block as the kernel requires; out is a distinct &mut borrow.
+        unsafe { run("tune_reduce_f32", block_geom(&self.geom, 1), &p) }
     }
 
     unsafe fn raw_sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {

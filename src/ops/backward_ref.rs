@@ -524,6 +524,31 @@ pub fn adam(n: usize, s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: 
     }
 }
 
+/// The factor device-side clipping applies on top of `grad_scale` (as
+/// `tune_adam_f32` computes it): `None` when the norm `√ss · grad_scale` is
+/// not finite (no update), else `clip / norm` when `clip > 0` and the norm
+/// exceeds it, else 1.
+pub fn clip_scale(ss: f32, grad_scale: f32, clip: f32) -> Option<f32> {
+    let norm = ss.sqrt() * grad_scale;
+    if !norm.is_finite() {
+        return None;
+    }
+    Some(if clip > 0.0 && norm > clip {
+        clip / norm
+    } else {
+        1.0
+    })
+}
+
+/// `Σ x` or `Σ x²` in f32 (the kernel's order differs; equal to rounding).
+pub fn reduce(squares: bool, x: &[f32]) -> f32 {
+    if squares {
+        x.iter().map(|&v| v * v).sum()
+    } else {
+        x.iter().sum()
+    }
+}
+
 /// `dst[i] = (accumulate ? dst[i] : 0) + Σ_b src[b·n + i]`, summed in f32
 /// in batch order (as the kernel does).
 pub fn sum_batch(b: usize, n: usize, src: &[f32], dst: &mut [f32], accumulate: bool) {

@@ -62,6 +62,7 @@ ops! {
     Adam => "adam",
     Sumsq => "sumsq",
     SumBatch => "sum_batch",
+    Reduce => "reduce_acc",
     Fill => "fill",
 }
 

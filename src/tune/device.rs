@@ -160,7 +160,9 @@ pub struct DeviceTuner<O: BackwardOps> {
 
 /// Loss sum, mask sum and per-layer state gradients of a batch.
 pub struct DevGrad<B> {
-    pub loss: f64,
+    /// `[2]` on the device: the loss sum in slot 0 (slot 1 is left 0 for
+    /// the engine's gradient sum of squares); [`DevGrad::loss`] downloads it.
+    pub stats: B,
     pub n_tokens: f64,
     /// Per layer: d/d(att_x), d/d(ffn_x), d/d(wkv), on the device.
     pub grads: Vec<LStart<B>>,
@@ -170,6 +172,13 @@ pub struct DevGrad<B> {
     /// ([`DeviceTuner::plan_bytes`]: computed from the buffer sizes; weights,
     /// the state and the optimiser's moments not included).
     pub peak_bytes: usize,
+}
+
+impl<B> DevGrad<B> {
+    /// The loss sum (one download of the device scalars).
+    pub fn loss<O: BackwardOps<Buf = B>>(&self, ops: &O) -> Result<f64> {
+        Ok(ops.download(&self.stats)?[0] as f64)
+    }
 }
 
 impl<O: BackwardOps> DeviceTuner<O> {
@@ -907,9 +916,10 @@ impl<O: BackwardOps> DeviceTuner<O> {
             .collect();
         let b = live.len();
         let t = live.iter().map(|&(_, te)| te).max().unwrap_or(0);
+        let mut stats = ops.zeros(2)?;
         if b == 0 {
             return Ok(DevGrad {
-                loss: 0.0,
+                stats,
                 n_tokens,
                 grads,
                 dbp: acc.map(|a| (a, 0.0)),
@@ -943,8 +953,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             let tp = self.layer_fwd(l, &mut x, b, t, s, &mut vf, keep, a)?;
             tapes.extend(tp);
         }
-        // head: loss and ∂L/∂x, in row blocks over the batch
-        let mut loss = 0.0f64;
+        // head: loss (summed on the device) and ∂L/∂x, in row blocks over
+        // the batch
         let mut dx = ops.zeros(tc)?;
         let mut soft_h = Vec::new();
         for r0 in (0..rows).step_by(HEAD_ROWS) {
@@ -974,10 +984,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 lam,
                 &mut lrow,
             )?;
-            loss += ops.download(&lrow)?[..nr]
-                .iter()
-                .map(|&q| q as f64)
-                .sum::<f64>();
+            ops.reduce_acc(false, nr, &lrow, &mut stats, 0)?;
             let dxn = self.mt(&lg, nr, &self.head, v, c)?;
             ops.layer_norm_bwd(&x, r0 * c, nr, c, &self.ln_out.0, LN_EPS, &dxn, &mut dx)?;
         }
@@ -1006,9 +1013,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 &mut grads[l],
             )?;
         }
-        ops.sync()?;
         Ok(DevGrad {
-            loss,
+            stats,
             n_tokens,
             grads,
             dbp: acc.map(|a| (a, count)),
@@ -1043,7 +1049,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             Some((acc, count)) => Some(self.stats(acc, *count)?),
             None => None,
         };
-        Ok((dg.loss, dg.n_tokens, g, stats, dg.peak_bytes))
+        Ok((dg.loss(&self.ops)?, dg.n_tokens, g, stats, dg.peak_bytes))
     }
 
     /// Host convenience for the upscaled read-out: loss, token count, the
@@ -1076,7 +1082,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 g.u[l].copy_from_slice(&self.ops.download(du)?[..ul]);
             }
         }
-        Ok((dg.loss, dg.n_tokens, g, dg.peak_bytes))
+        Ok((dg.loss(&self.ops)?, dg.n_tokens, g, dg.peak_bytes))
     }
 
     fn stats(&self, acc: &[O::Buf], count: f64) -> Result<DbpStats> {
@@ -1338,19 +1344,14 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 self.params.len()
             )));
         }
+        // norm, clipping and Adam on the device: Σ g² into the step's
+        // scalars, read there by every Adam launch
         let inv = 1.0 / dg.n_tokens.max(1.0);
-        let mut ss = 0.0;
+        let mut stats = dg.stats;
         for (g, &len) in grads.iter().zip(&self.sizes) {
-            ss += o.sumsq(len, g)?;
+            o.reduce_acc(true, len, g, &mut stats, 1)?;
         }
-        let grad_norm = ss.sqrt() * inv;
-        super::engine::check_grad_norm(grad_norm)?;
-        let clip_scale = if clip > 0.0 && grad_norm > clip && grad_norm.is_finite() {
-            clip / grad_norm
-        } else {
-            1.0
-        };
-        self.t += 1;
+        let t = self.t + 1;
         let a = self.adam;
         let s = AdamStep {
             lr: lr as f32,
@@ -1358,20 +1359,29 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             beta2: a.beta2 as f32,
             eps: a.eps as f32,
             weight_decay: a.weight_decay as f32,
-            bc1: (1.0 - a.beta1.powi(self.t as i32)) as f32,
-            bc2: (1.0 - a.beta2.powi(self.t as i32)) as f32,
-            grad_scale: (inv * clip_scale) as f32,
+            bc1: (1.0 - a.beta1.powi(t as i32)) as f32,
+            bc2: (1.0 - a.beta2.powi(t as i32)) as f32,
+            grad_scale: inv as f32,
         };
         for (i, g) in grads.iter().enumerate() {
-            o.adam(
+            o.adam_clipped(
                 self.sizes[i],
                 &s,
+                clip as f32,
+                &stats,
                 &mut self.params[i],
                 g,
                 &mut self.m[i],
                 &mut self.v[i],
             )?;
         }
+        // the step's one download: loss and Σ g²
+        let host = o.download(&stats)?;
+        let (loss, ss) = (host[0] as f64, host[1] as f64);
+        let grad_norm = ss.sqrt() * inv;
+        // a non-finite norm: the kernels left every parameter unchanged
+        super::engine::check_grad_norm(grad_norm)?;
+        self.t = t;
         if let (Some((acc, count)), true) = (&dg.dbp, self.dbp.is_some()) {
             let stats = self.tuner.stats(acc, *count)?;
             let hnn = self.hnn();
@@ -1397,7 +1407,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         }
         o.sync()?;
         Ok(StepOut {
-            loss_sum: dg.loss,
+            loss_sum: loss,
             n_tokens: dg.n_tokens,
             grad_norm,
         })
