@@ -38,11 +38,12 @@ use rayon::prelude::*;
 
 use super::data::Dataset;
 use super::engine::{check_engine_state, host_update, Engine, EngineState, StepOut};
+use super::eval::{argmax, log_softmax_at, EvalResult};
 use super::grad::{
     self, head_inputs, Example, GradOpts, HeadVector, Real, TunedState, TunedStateOf, UpW,
 };
 use super::optim::{Adam, AdamConfig};
-use super::train::{argmax, export_state, from_model_state, log_softmax_at, EvalResult};
+use super::state::{export_state, from_model_state};
 use crate::error::{Error, Result};
 use crate::model::load::{
     read_f32_tensors, read_file, read_metadata, write_f32_tensors, F32Tensor,
