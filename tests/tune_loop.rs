@@ -1,5 +1,7 @@
 //! A fixed-seed state-tuning run on the synthetic demo task: the held-out
 //! loss must fall by a clear margin and the exported state file must load.
+//! Also the check that the crate's module graph is acyclic
+//! ([`module_graph`], tests/common/module_graph.rs).
 use rwkv_tune::model::{Model, State};
 use rwkv_tune::tune::data::ByteTokenizer;
 use rwkv_tune::tune::demo;
@@ -40,3 +42,8 @@ fn tuning_lowers_held_out_loss_on_the_synthetic_task() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The crate's module graph has no cycles (and the checker can fail): kept
+/// in this binary rather than a new one, since each test binary links slowly.
+#[path = "common/module_graph.rs"]
+mod module_graph;
