@@ -13,6 +13,8 @@
 //!   ([`device::DeviceEngine`], through `ops::backward::BackwardOps`).
 //! - [`eval`]: validation (loss, bits per token, exact match).
 //! - [`train`]: the tuning loop, metrics, checkpoints.
+//! - [`builder`]: one engine builder for a run (device × upscale × DBP ×
+//!   observer, from [`builder::EngineOptions`]); what `rwkv-tune tune` calls.
 //! - [`checkpoint`]: atomic, exactly resumable checkpoints.
 //! - [`plot`]: PNG loss curves without image dependencies.
 //! - [`demo`]: the self-contained demo (a seeded random RWKV-7 and a
@@ -22,6 +24,7 @@
 //! - [`compare`]: plain / DBP / upscaled / observer on one task, one budget.
 pub mod grad;
 
+pub mod builder;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;
