@@ -18,6 +18,9 @@
 //! ```
 //!
 //! Additions beyond the contract:
+//! - `TunedState` and `Example` are defined in [`super::state`] (the plain
+//!   data every tuning module shares; re-exported here), so DBP and the
+//!   loop need not depend on this module for them.
 //! - `GradOpts` implements `Default` (observer 0, chunk 64).
 //! - [`loss_and_grad_dbp`] is [`loss_and_grad`] that also collects the DBP
 //!   statistics into `GradOut::dbp_stats` (`None` from plain

@@ -450,7 +450,7 @@ pub fn forward_logits_upscaled(
 // Validation with the upscaled read-out
 // ---------------------------------------------------------------------------
 
-/// [`super::train::evaluate`] for the upscaled model: the same definitions
+/// [`super::eval::evaluate`] for the upscaled model: the same definitions
 /// (mean masked cross-entropy over the first `max` examples, 0 = all, and
 /// the exact match of the teacher-forced greedy response on the first `max`
 /// prompt/response tasks), with the logits of [`forward_logits_upscaled`].
