@@ -9,26 +9,9 @@ use crate::wkv7::{Backend, Dims, GradInputs, Inputs, Version};
 use serde::Serialize;
 use std::time::Instant;
 
-/// What is timed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub enum Pass {
-    #[serde(rename = "forward")]
-    Forward,
-    #[serde(rename = "backward")]
-    Backward,
-    #[serde(rename = "forward+backward")]
-    ForwardBackward,
-}
-
-impl Pass {
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Forward => "forward",
-            Pass::Backward => "backward",
-            Pass::ForwardBackward => "forward+backward",
-        }
-    }
-}
+// `Pass` lives in `wkv7` (the CUDA timing there takes it); this path keeps
+// working.
+pub use crate::wkv7::Pass;
 
 /// Bytes that must cross memory for `pass` (token·head I/O of the tensors
 /// plus the fp32 states in and out), not counting saved checkpoints:

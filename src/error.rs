@@ -63,12 +63,32 @@ pub enum Error {
     /// Training / state-tuning problems.
     #[error("tune: {0}")]
     Tune(String),
+    /// Options of a run that cannot be used (together, or with this model);
+    /// the message names them as the command line does.
+    #[error("{0}")]
+    Options(String),
+    /// What was being done when `source` happened (e.g. `loading observer
+    /// big.safetensors`).
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// `Result` with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Wraps this error with what was being done ([`Error::Context`]).
+    pub fn context(self, what: impl Into<String>) -> Self {
+        Error::Context {
+            what: what.into(),
+            source: Box::new(self),
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -16,7 +16,7 @@
 //! it from changing any real position.
 use std::path::Path;
 
-use super::grad::Example;
+use super::state::Example;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 

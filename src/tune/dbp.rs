@@ -19,78 +19,11 @@
 //! so that the effective state `S` (and so the model's behaviour) is unchanged;
 //! [`Dbp::update`] only changes `R` (the state jumps). Rationale and the open
 //! choices are in `docs/dbp.md`.
-use super::grad::{Real, TunedStateOf};
+use super::grad::Real;
+pub use super::state::DbpStats;
+use super::state::TunedStateOf;
 use crate::error::{Error, Result};
 use crate::model::weights::Config;
-
-/// Sums of `x xᵀ` per layer and head of the key-space inputs seen by the
-/// state, gathered over a batch.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DbpStats {
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub head_size: usize,
-    /// `[L, H, N, N]`: `Σ_t x_t x_tᵀ` (not divided by the count).
-    pub second_moment: Vec<f64>,
-    /// Number of vectors summed (per layer and head).
-    pub count: f64,
-}
-
-impl DbpStats {
-    /// Empty statistics.
-    pub fn zeros(n_layer: usize, n_head: usize, head_size: usize) -> Self {
-        DbpStats {
-            n_layer,
-            n_head,
-            head_size,
-            second_moment: vec![0.0; n_layer * n_head * head_size * head_size],
-            count: 0.0,
-        }
-    }
-
-    /// Adds `x` (length N) to layer `l`, head `h`; call [`Self::count`]-wise
-    /// consistently (one vector per head per position) or set `count` yourself.
-    pub fn add_sample(&mut self, l: usize, h: usize, x: &[f64]) {
-        let n = self.head_size;
-        let base = (l * self.n_head + h) * n * n;
-        for i in 0..n {
-            for j in 0..n {
-                self.second_moment[base + i * n + j] += x[i] * x[j];
-            }
-        }
-    }
-
-    /// `⟨x xᵀ⟩` of layer `l`, head `h` (`[N, N]`), zeros when empty.
-    pub fn mean(&self, l: usize, h: usize) -> Vec<f64> {
-        let n = self.head_size;
-        let base = (l * self.n_head + h) * n * n;
-        let inv = if self.count > 0.0 {
-            1.0 / self.count
-        } else {
-            0.0
-        };
-        self.second_moment[base..base + n * n]
-            .iter()
-            .map(|v| v * inv)
-            .collect()
-    }
-
-    /// Adds another batch's statistics (same layout).
-    pub fn merge(&mut self, o: &DbpStats) -> Result<()> {
-        if o.second_moment.len() != self.second_moment.len() {
-            return Err(Error::Shape {
-                name: "DbpStats.second_moment".into(),
-                expected: vec![self.second_moment.len()],
-                got: vec![o.second_moment.len()],
-            });
-        }
-        for (a, b) in self.second_moment.iter_mut().zip(&o.second_moment) {
-            *a += b;
-        }
-        self.count += o.count;
-        Ok(())
-    }
-}
 
 /// What one [`Dbp::update`] did.
 #[derive(Clone, Debug, Default, PartialEq)]

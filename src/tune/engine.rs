@@ -7,9 +7,10 @@
 //! checkpoints). The on-device engine is [`super::device::DeviceEngine`].
 use super::data::Dataset;
 use super::dbp::Dbp;
-use super::grad::{self, Example, GradOpts, TunedState};
+use super::eval::{evaluate, EvalResult};
+use super::grad::{self, GradOpts};
 use super::optim::{clip_global_norm, Adam, AdamConfig};
-use super::train::{evaluate, EvalResult};
+use super::state::{Example, TunedState};
 use crate::error::{Error, Result};
 use crate::model::{Model, Weights};
 

@@ -18,6 +18,9 @@
 //! ```
 //!
 //! Additions beyond the contract:
+//! - `TunedState` and `Example` are defined in [`super::state`] (the plain
+//!   data every tuning module shares; re-exported here), so DBP and the
+//!   loop need not depend on this module for them.
 //! - `GradOpts` implements `Default` (observer 0, chunk 64).
 //! - [`loss_and_grad_dbp`] is [`loss_and_grad`] that also collects the DBP
 //!   statistics into `GradOut::dbp_stats` (`None` from plain
@@ -69,7 +72,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use super::dbp::DbpStats;
+use super::state::DbpStats;
 use crate::error::{Error, Result};
 use crate::model::weights::{Config, Weights};
 
@@ -191,135 +194,9 @@ impl_real!(f64, cow_f64);
 // Public types
 // ---------------------------------------------------------------------------
 
-/// Trainable initial state, generic over the float type (see [`TunedState`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TunedStateOf<R> {
-    /// Per layer `[H, N, N]`, value-major (row = value index, column = key index).
-    pub wkv: Vec<Vec<R>>,
-    /// Per layer `[C]`: the time-mix token-shift state (`ln1` output of the
-    /// "previous token"), or `None` for zeros (not trained).
-    pub shift_att: Option<Vec<Vec<R>>>,
-    /// Per layer `[C]`: the channel-mix token-shift state (`ln2` output).
-    pub shift_ffn: Option<Vec<Vec<R>>>,
-}
-
-/// The trainable initial state in `f32` (the contract type).
-pub type TunedState = TunedStateOf<f32>;
-
-impl<R: Real> TunedStateOf<R> {
-    /// All-zero state for `cfg`; with `with_shift` the token-shift states are
-    /// present (trainable) too.
-    pub fn zeros(cfg: &Config, with_shift: bool) -> Self {
-        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
-        let c = cfg.n_embd;
-        let sh = || with_shift.then(|| vec![vec![R::ZERO; c]; cfg.n_layer]);
-        TunedStateOf {
-            wkv: vec![vec![R::ZERO; hnn]; cfg.n_layer],
-            shift_att: sh(),
-            shift_ffn: sh(),
-        }
-    }
-
-    /// Zeros with the same layout (which parts are present, lengths).
-    pub fn zeros_like(&self) -> Self {
-        let z = |v: &Vec<Vec<R>>| v.iter().map(|x| vec![R::ZERO; x.len()]).collect::<Vec<_>>();
-        TunedStateOf {
-            wkv: z(&self.wkv),
-            shift_att: self.shift_att.as_ref().map(z),
-            shift_ffn: self.shift_ffn.as_ref().map(z),
-        }
-    }
-
-    /// The trainable tensors in a fixed order: every layer's WKV state, then
-    /// every layer's `shift_att` (if present), then every `shift_ffn`.
-    pub fn params(&self) -> Vec<&[R]> {
-        let mut out: Vec<&[R]> = self.wkv.iter().map(|v| v.as_slice()).collect();
-        for s in [&self.shift_att, &self.shift_ffn].into_iter().flatten() {
-            out.extend(s.iter().map(|v| v.as_slice()));
-        }
-        out
-    }
-
-    /// Mutable view of [`params`](Self::params), same order.
-    pub fn params_mut(&mut self) -> Vec<&mut [R]> {
-        let mut out: Vec<&mut [R]> = self.wkv.iter_mut().map(|v| v.as_mut_slice()).collect();
-        for s in [&mut self.shift_att, &mut self.shift_ffn]
-            .into_iter()
-            .flatten()
-        {
-            out.extend(s.iter_mut().map(|v| v.as_mut_slice()));
-        }
-        out
-    }
-
-    /// Checks the layout against `cfg` (named [`Error::Shape`] errors).
-    pub fn check(&self, cfg: &Config) -> Result<()> {
-        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
-        let chk = |name: &str, v: &Vec<Vec<R>>, n: usize| -> Result<()> {
-            if v.len() != cfg.n_layer {
-                return Err(Error::Shape {
-                    name: format!("state.{name}"),
-                    expected: vec![cfg.n_layer],
-                    got: vec![v.len()],
-                });
-            }
-            for (l, x) in v.iter().enumerate() {
-                if x.len() != n {
-                    return Err(Error::Shape {
-                        name: format!("state.{name}[{l}]"),
-                        expected: vec![n],
-                        got: vec![x.len()],
-                    });
-                }
-            }
-            Ok(())
-        };
-        chk("wkv", &self.wkv, hnn)?;
-        if let Some(s) = &self.shift_att {
-            chk("shift_att", s, cfg.n_embd)?;
-        }
-        if let Some(s) = &self.shift_ffn {
-            chk("shift_ffn", s, cfg.n_embd)?;
-        }
-        Ok(())
-    }
-
-    /// Converts every value (e.g. `f32` → `f64`).
-    pub fn map<S>(&self, f: impl Fn(R) -> S + Copy) -> TunedStateOf<S> {
-        let m = |v: &Vec<Vec<R>>| {
-            v.iter()
-                .map(|x| x.iter().map(|&a| f(a)).collect())
-                .collect()
-        };
-        TunedStateOf {
-            wkv: m(&self.wkv),
-            shift_att: self.shift_att.as_ref().map(m),
-            shift_ffn: self.shift_ffn.as_ref().map(m),
-        }
-    }
-
-    /// `self += other` element-wise (same layout).
-    fn add_assign(&mut self, o: &Self) {
-        for (a, b) in self.params_mut().into_iter().zip(o.params()) {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += *y;
-            }
-        }
-    }
-}
-
-/// One training sequence.
-#[derive(Clone, Debug, Default)]
-pub struct Example {
-    /// Input tokens, length T.
-    pub tokens: Vec<u32>,
-    /// Next tokens (targets), length T.
-    pub targets: Vec<u32>,
-    /// Loss weight per position, length T (0 = prompt / padding), ≥ 0.
-    pub mask: Vec<f32>,
-    /// Teacher probabilities `[T, V]` for the observer loss, or `None`.
-    pub soft: Option<Vec<f32>>,
-}
+// The tuned state and the example moved to [`super::state`]; these paths
+// keep working.
+pub use super::state::{Example, TunedState, TunedStateOf};
 
 /// Options of [`loss_and_grad`].
 #[derive(Clone, Debug)]
@@ -2216,6 +2093,15 @@ fn check_up<R>(cfg: &Config, up: &UpW<R>) -> Result<()> {
     Ok(())
 }
 
+/// `a += b` element-wise (same layout).
+fn add_assign<R: Real>(a: &mut TunedStateOf<R>, b: &TunedStateOf<R>) {
+    for (x, y) in a.params_mut().into_iter().zip(b.params()) {
+        for (p, q) in x.iter_mut().zip(y) {
+            *p += *q;
+        }
+    }
+}
+
 /// [`run`] with an optional kernel-upscaled read-out; with gradients, the
 /// gradient of its `U` is in `RunOut::up_grad`.
 pub(crate) fn run_up<R: Real>(
@@ -2277,7 +2163,7 @@ pub(crate) fn run_up<R: Real>(
                     sf[l] = st.sf;
                 }
             }
-            g.add_assign(&one);
+            add_assign(g, &one);
         }
         if let (Some(acc), Some(e)) = (dbp.as_mut(), out.dbp) {
             for (a, b) in acc.second_moment.iter_mut().zip(&e) {

@@ -1,6 +1,9 @@
 //! State tuning (arXiv 2504.05097): train only the per-layer initial states of
 //! a frozen RWKV-7.
 //!
+//! - [`state`]: the plain data every other tuning module shares: the tuned
+//!   state, a training example, the DBP statistics, tuned state ↔ model
+//!   state / state file.
 //! - [`grad`]: the gradient engine (loss and gradient w.r.t. the initial states).
 //! - [`dbp`]: decorrelated backpropagation for the tuned states.
 //! - [`data`]: JSONL / plain-text data, tokenising, examples, seeded batches.
@@ -8,7 +11,10 @@
 //! - [`engine`]: where a step runs ([`engine::Engine`]; the CPU engine).
 //! - [`device`]: the state gradient and the optimiser step on a device
 //!   ([`device::DeviceEngine`], through `ops::backward::BackwardOps`).
-//! - [`train`]: the tuning loop, validation, metrics, checkpoints, export.
+//! - [`eval`]: validation (loss, bits per token, exact match).
+//! - [`train`]: the tuning loop, metrics, checkpoints.
+//! - [`builder`]: one engine builder for a run (device × upscale × DBP ×
+//!   observer, from [`builder::EngineOptions`]); what `rwkv-tune tune` calls.
 //! - [`checkpoint`]: atomic, exactly resumable checkpoints.
 //! - [`plot`]: PNG loss curves without image dependencies.
 //! - [`demo`]: the self-contained demo (a seeded random RWKV-7 and a
@@ -18,6 +24,7 @@
 //! - [`compare`]: plain / DBP / upscaled / observer on one task, one budget.
 pub mod grad;
 
+pub mod builder;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;
@@ -25,8 +32,10 @@ pub mod dbp;
 pub mod demo;
 pub mod device;
 pub mod engine;
+pub mod eval;
 pub mod observer;
 pub mod optim;
 pub mod plot;
+pub mod state;
 pub mod train;
 pub mod upscale;

@@ -18,15 +18,21 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::checkpoint::{remove_stale_temps, Checkpoint};
-use super::data::{pad_batch, Dataset, Loader, Task};
+use super::data::{pad_batch, Dataset, Loader};
 use super::engine::{Engine, EngineState, HostEngine};
-use super::grad::{Example, GradOpts, TunedState};
+use super::grad::GradOpts;
 use super::optim::{AdamConfig, Schedule};
 use super::plot::write_loss_png;
+use super::state::{Example, TunedState};
 use crate::error::{Error, Result};
 use crate::model::device::DeviceModel;
-use crate::model::{Config, Logits, Model, State, StoreDType};
+use crate::model::{Logits, Model, State};
 use crate::ops::DeviceOps;
+
+// Validation moved to [`super::eval`] and the state conversions to
+// [`super::state`]; these paths keep working.
+pub use super::eval::{evaluate, evaluate_with, EvalResult};
+pub use super::state::{export_state, from_model_state, to_model_state};
 
 /// Everything that controls a tuning run.
 pub struct TrainConfig {
@@ -170,44 +176,6 @@ where
     }
 }
 
-/// Validation results.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EvalResult {
-    /// Mean cross-entropy per target token, in nats.
-    pub loss: f64,
-    /// Number of target tokens.
-    pub n_tokens: f64,
-    /// (exact matches, tasks) for prompt/response data.
-    pub exact: Option<(usize, usize)>,
-}
-
-impl EvalResult {
-    /// Bits per target token (= bits per byte for byte-level models).
-    pub fn bits_per_token(&self) -> f64 {
-        self.loss / std::f64::consts::LN_2
-    }
-    /// Exact-match accuracy in [0, 1].
-    pub fn accuracy(&self) -> Option<f64> {
-        self.exact
-            .map(|(k, n)| if n == 0 { 0.0 } else { k as f64 / n as f64 })
-    }
-    /// `loss 1.234 (1.780 bits/token), exact match 12/40` style summary.
-    pub fn summary(&self, unit: &str) -> String {
-        let mut s = format!(
-            "loss {:.4} ({:.4} bits/{unit})",
-            self.loss,
-            self.bits_per_token()
-        );
-        if let Some((k, n)) = self.exact {
-            s += &format!(
-                ", exact match {k}/{n} ({:.1}%)",
-                100.0 * k as f64 / n.max(1) as f64
-            );
-        }
-        s
-    }
-}
-
 /// Result of a run.
 pub struct TrainReport {
     pub state: TunedState,
@@ -224,162 +192,6 @@ pub struct TrainReport {
     /// Wall time of this invocation's training steps, and token throughput.
     pub seconds: f64,
     pub tokens_per_sec: f64,
-}
-
-/// The model state (for inference) that a tuned state describes: its WKV
-/// states, and its token-shift states when tuned (zeros otherwise).
-pub fn to_model_state(cfg: &Config, s: &TunedState) -> State {
-    let mut st = State::zeros(cfg);
-    for (l, ls) in st.layers.iter_mut().enumerate() {
-        ls.wkv.copy_from_slice(&s.wkv[l]);
-        if let Some(a) = &s.shift_att {
-            ls.att_x.copy_from_slice(&a[l]);
-        }
-        if let Some(f) = &s.shift_ffn {
-            ls.ffn_x.copy_from_slice(&f[l]);
-        }
-    }
-    st
-}
-
-/// A tuned state that starts from a state file's WKV states.
-pub fn from_model_state(cfg: &Config, st: &State, with_shift: bool) -> Result<TunedState> {
-    st.check(cfg)?;
-    let mut s = TunedState::zeros(cfg, with_shift);
-    for (l, ls) in st.layers.iter().enumerate() {
-        s.wkv[l].copy_from_slice(&ls.wkv);
-    }
-    Ok(s)
-}
-
-/// Writes the WKV part of a tuned state as an ai00 / web-rwkv state file
-/// (`blocks.N.att.time_state` `[H, N, N]` f32), atomically.
-pub fn export_state(path: &Path, cfg: &Config, s: &TunedState) -> Result<()> {
-    let bytes = to_model_state(cfg, s).to_safetensors_bytes(cfg, StoreDType::F32)?;
-    crate::tensors::write_atomic(path, &bytes)
-}
-
-pub(crate) fn log_softmax_at(row: &[f32], target: usize) -> f64 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let s: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-    row[target] as f64 - m - s.ln()
-}
-
-pub(crate) fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// The masked cross-entropy sum and mask sum of one example, given its
-/// logits `[T, V]`.
-pub(crate) fn score_example(e: &Example, logits: &[f32], v: usize) -> (f64, f64) {
-    let mut sum = 0.0;
-    let mut n = 0.0;
-    for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
-        if m > 0.0 {
-            sum -= m as f64 * log_softmax_at(&logits[i * v..(i + 1) * v], tgt as usize);
-            n += m as f64;
-        }
-    }
-    (sum, n)
-}
-
-/// The token sequence whose logits decide a task's exact match: the prompt
-/// and the response without its last token.
-pub(crate) fn task_sequence(t: &Task) -> Vec<u32> {
-    t.prompt
-        .iter()
-        .chain(&t.response[..t.response.len() - 1])
-        .copied()
-        .collect()
-}
-
-/// Whether the teacher-forced argmax reproduces the task's response, given
-/// the logits `[T, V]` of [`task_sequence`].
-pub(crate) fn task_hit(t: &Task, logits: &[f32], v: usize) -> bool {
-    let p = t.prompt.len();
-    t.response
-        .iter()
-        .enumerate()
-        .all(|(j, &r)| argmax(&logits[(p - 1 + j) * v..(p + j) * v]) == r as usize)
-}
-
-/// Sums per-example scores and task hits into an [`EvalResult`].
-pub(crate) fn eval_result(sums: &[(f64, f64)], hits: Option<&[bool]>) -> EvalResult {
-    let (sum, n) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    EvalResult {
-        loss: if n > 0.0 { sum / n } else { 0.0 },
-        n_tokens: n,
-        exact: hits.map(|h| (h.iter().filter(|&&x| x).count(), h.len())),
-    }
-}
-
-/// Validation: mean masked cross-entropy over `ds` (first `max` examples; 0
-/// = all) from state `s`, and the exact-match rate of the greedy response
-/// on its prompt/response tasks (a response matches when the argmax at every
-/// response position, teacher-forced, is the reference token — the same as
-/// greedy decoding reproducing it).
-pub fn evaluate(model: &Model, s: &TunedState, ds: &Dataset, max: usize) -> Result<EvalResult> {
-    let cfg = model.config();
-    let v = cfg.vocab;
-    let start = to_model_state(cfg, s);
-    let take = |n: usize| if max == 0 { n } else { n.min(max) };
-    let sums = ds.examples[..take(ds.examples.len())]
-        .par_iter()
-        .map(|e| -> Result<(f64, f64)> {
-            let mut st = start.clone();
-            let logits = model.forward(&e.tokens, &mut st, Logits::All)?;
-            Ok(score_example(e, &logits, v))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let tasks = &ds.tasks[..take(ds.tasks.len())];
-    let hits = if tasks.is_empty() {
-        None
-    } else {
-        Some(
-            tasks
-                .par_iter()
-                .map(|t| -> Result<bool> {
-                    let mut st = start.clone();
-                    let logits = model.forward(&task_sequence(t), &mut st, Logits::All)?;
-                    Ok(task_hit(t, &logits, v))
-                })
-                .collect::<Result<Vec<_>>>()?,
-        )
-    };
-    Ok(eval_result(&sums, hits.as_deref()))
-}
-
-/// [`evaluate`] with any logits function (`tokens → [T, V]` from the tuned
-/// state), run sequentially (for device engines).
-pub fn evaluate_with(
-    v: usize,
-    ds: &Dataset,
-    max: usize,
-    mut logits: impl FnMut(&[u32]) -> Result<Vec<f32>>,
-) -> Result<EvalResult> {
-    let take = |n: usize| if max == 0 { n } else { n.min(max) };
-    let sums = ds.examples[..take(ds.examples.len())]
-        .iter()
-        .map(|e| Ok(score_example(e, &logits(&e.tokens)?, v)))
-        .collect::<Result<Vec<_>>>()?;
-    let tasks = &ds.tasks[..take(ds.tasks.len())];
-    let hits = if tasks.is_empty() {
-        None
-    } else {
-        Some(
-            tasks
-                .iter()
-                .map(|t| Ok(task_hit(t, &logits(&task_sequence(t))?, v)))
-                .collect::<Result<Vec<_>>>()?,
-        )
-    };
-    Ok(eval_result(&sums, hits.as_deref()))
 }
 
 /// FNV-1a over the training data, the model shape and the hyper-parameters,

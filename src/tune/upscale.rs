@@ -38,11 +38,12 @@ use rayon::prelude::*;
 
 use super::data::Dataset;
 use super::engine::{check_engine_state, host_update, Engine, EngineState, StepOut};
+use super::eval::{argmax, log_softmax_at, EvalResult};
 use super::grad::{
     self, head_inputs, Example, GradOpts, HeadVector, Real, TunedState, TunedStateOf, UpW,
 };
 use super::optim::{Adam, AdamConfig};
-use super::train::{argmax, export_state, from_model_state, log_softmax_at, EvalResult};
+use super::state::{export_state, from_model_state};
 use crate::error::{Error, Result};
 use crate::model::load::{
     read_f32_tensors, read_file, read_metadata, write_f32_tensors, F32Tensor,
@@ -449,7 +450,7 @@ pub fn forward_logits_upscaled(
 // Validation with the upscaled read-out
 // ---------------------------------------------------------------------------
 
-/// [`super::train::evaluate`] for the upscaled model: the same definitions
+/// [`super::eval::evaluate`] for the upscaled model: the same definitions
 /// (mean masked cross-entropy over the first `max` examples, 0 = all, and
 /// the exact match of the teacher-forced greedy response on the first `max`
 /// prompt/response tasks), with the logits of [`forward_logits_upscaled`].

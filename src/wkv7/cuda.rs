@@ -411,11 +411,11 @@ pub fn time_device<X: IoType>(
     dy: &[X],
     dh_t: &[f32],
     version: Version,
-    pass: crate::bench::Pass,
+    pass: super::Pass,
     warmup: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
-    use crate::bench::Pass;
+    use super::Pass;
     use cudarc::driver::sys::CUevent_flags;
     let xs = Inputs {
         r: x[0],

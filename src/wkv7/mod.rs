@@ -409,6 +409,28 @@ impl Backend {
     }
 }
 
+/// What a benchmark times (see [`crate::bench`]): the forward, the
+/// backward, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Pass {
+    #[serde(rename = "forward")]
+    Forward,
+    #[serde(rename = "backward")]
+    Backward,
+    #[serde(rename = "forward+backward")]
+    ForwardBackward,
+}
+
+impl Pass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::Backward => "backward",
+            Pass::ForwardBackward => "forward+backward",
+        }
+    }
+}
+
 /// Which kernel: forward or backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {

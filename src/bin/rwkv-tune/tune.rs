@@ -1,25 +1,21 @@
 //! `rwkv-tune tune`: state tuning of a frozen RWKV-7 (train only the
-//! per-layer initial WKV states), with the bundled demo.
+//! per-layer initial WKV states), with the bundled demo. This file owns the
+//! flags, loading the model and data, and the printing; the engine (device
+//! × upscale × DBP × observer) comes from `rwkv_tune::tune::builder`.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use rwkv_tune::cuda::Gpu;
-use rwkv_tune::model::device::DeviceModel;
-use rwkv_tune::model::{Model, State, Weights};
-use rwkv_tune::ops::backward::BackwardOps;
-use rwkv_tune::ops::cuda::CudaOps;
-use rwkv_tune::ops::emu::EmuOps;
+use rwkv_tune::model::{Model, Weights};
 use rwkv_tune::tokenizer::Tokenizer;
+use rwkv_tune::tune::builder::{
+    DeviceKind, EngineBuilder, EngineOptions, Exported, ObserverOptions,
+};
 use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
-use rwkv_tune::tune::device::DeviceEngine;
-use rwkv_tune::tune::grad::TunedState;
+use rwkv_tune::tune::eval::EvalResult;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
-use rwkv_tune::tune::train::{
-    self, DeviceObserver, EvalResult, Observer, SoftTargets, TrainConfig,
-};
-use rwkv_tune::tune::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
+use rwkv_tune::tune::train::TrainConfig;
 use rwkv_tune::wkv7::Version;
 
 /// Which demo to run.
@@ -44,6 +40,16 @@ pub enum Device {
     /// An NVIDIA GPU: weights, activations, gradients and Adam on the device
     /// (the project's kernels and cuBLAS).
     Cuda,
+}
+
+impl From<Device> for DeviceKind {
+    fn from(d: Device) -> DeviceKind {
+        match d {
+            Device::Cpu => DeviceKind::Cpu,
+            Device::Emu => DeviceKind::Emu,
+            Device::Cuda => DeviceKind::Cuda,
+        }
+    }
 }
 
 /// Train only the initial recurrent (WKV) state of each layer of a frozen
@@ -234,48 +240,6 @@ fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> 
     Ok(Box::new(tok))
 }
 
-/// What a tuning run needs besides the engine.
-struct Job<'a> {
-    model: &'a Model,
-    tc: &'a TrainConfig,
-    train: &'a Dataset,
-    valid: Option<&'a Dataset>,
-    obs: Option<&'a dyn SoftTargets>,
-}
-
-impl Job<'_> {
-    /// Runs the loop on `eng` and reports the device's activation peak.
-    fn run_device<O: BackwardOps>(&self, eng: &mut DeviceEngine<O>) -> Result<train::TrainReport> {
-        let rep = train::train_with(self.model, eng, self.train, self.valid, self.tc, self.obs)?;
-        print_peak(eng.last_peak_bytes);
-        Ok(rep)
-    }
-
-    /// Plain (or DBP) state tuning with the device engine on `ops`.
-    fn device<O: BackwardOps>(&self, ops: O, start: &TunedState) -> Result<train::TrainReport> {
-        let tc = self.tc;
-        let w = self.model.weights();
-        let mut eng = DeviceEngine::new(ops, w, start, tc.adam, tc.dbp, tc.grad.clone())?;
-        self.run_device(&mut eng)
-    }
-
-    /// The kernel-upscaled state with the device engine on `ops`; returns
-    /// the trained S₀ and U for the sidecar.
-    fn device_upscaled<O: BackwardOps>(
-        &self,
-        ops: O,
-        kernel: &Kernel,
-        start: &UpscaledState,
-    ) -> Result<(train::TrainReport, UpscaledState)> {
-        let tc = self.tc;
-        let w = self.model.weights();
-        let mut eng =
-            DeviceEngine::new_upscaled(ops, w, kernel, start, tc.adam, tc.dbp, tc.grad.clone())?;
-        let rep = self.run_device(&mut eng)?;
-        Ok((rep, eng.upscaled()?))
-    }
-}
-
 fn print_peak(bytes: usize) {
     println!(
         "device activations: {:.1} MiB at most per example (from the buffer sizes; weights and \
@@ -289,25 +253,15 @@ fn print_eval(label: &str, r: &EvalResult, unit: &str) {
 }
 
 pub fn run(a: TuneArgs) -> Result<()> {
-    // Open the GPU first, so a machine without one fails before any work.
-    let gpu = match a.device {
-        Device::Cuda => {
-            let g = std::sync::Arc::new(Gpu::new(0)?);
-            println!("device: {}", g.describe());
-            Some(g)
-        }
-        Device::Emu => {
-            eprintln!(
-                "note: --device emu runs the CUDA kernel source on the CPU emulator (one OS \
-                 thread per CUDA thread): correct but slow; keep --steps and --eval-max small"
-            );
-            None
-        }
-        Device::Cpu => None,
-    };
-    if a.upscale == Some(0) {
-        bail!("--upscale M needs M ≥ 1 support vectors per head");
+    let mut say = |line: &str| println!("{line}");
+    if a.device == Device::Emu {
+        eprintln!(
+            "note: --device emu runs the CUDA kernel source on the CPU emulator (one OS \
+             thread per CUDA thread): correct but slow; keep --steps and --eval-max small"
+        );
     }
+    // Open the GPU first, so a machine without one fails before any work.
+    let builder = EngineBuilder::open(engine_options(&a), &mut say)?;
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -317,8 +271,90 @@ pub fn run(a: TuneArgs) -> Result<()> {
     let t0 = Instant::now();
     let decay: Decay = a.decay.parse()?;
 
-    // Model, tokenizer, data.
-    let (weights, train_ds, valid_ds, defaults, unit) = match a.demo {
+    let Data {
+        weights,
+        train: train_ds,
+        valid: valid_ds,
+        defaults,
+        unit,
+    } = load_data(&a)?;
+    let model = Model::new(weights)?;
+    let tc = train_config(&a, defaults, decay)?;
+
+    // The engine for --device × --upscale × DBP × --observer, then the loop.
+    let mut tuning = builder.build(&model, &train_ds, valid_ds.as_ref(), tc, &mut say)?;
+    let rep = tuning.run()?;
+    if let Some(b) = tuning.peak_bytes() {
+        print_peak(b);
+    }
+    if let Some(s) = rep.resumed_from {
+        println!("resumed from step {s}");
+    }
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}",
+        rep.steps,
+        rep.seconds,
+        rep.tokens_per_sec,
+        rep.history.last().copied().unwrap_or(f32::NAN)
+    );
+    if let (Some(b), Some(f)) = (&rep.before, &rep.after) {
+        println!(
+            "validation ({} tokens{}):",
+            b.n_tokens,
+            if tuning.upscale().is_some() {
+                ", upscaled read-out"
+            } else {
+                ""
+            }
+        );
+        print_eval("before", b, unit);
+        print_eval("after", f, unit);
+    }
+    if let Some(o) = &a.out {
+        match tuning.export(o, &rep.state)? {
+            Exported::Upscaled { sidecar, m } => println!(
+                "wrote {} (the N×N states, ai00 / web-rwkv layout) and {} (kernel and U, M = \
+                 {m}); use: rwkv-tune generate --state {} (picks up the sidecar; cpu only)",
+                o.display(),
+                sidecar.display(),
+                o.display()
+            ),
+            Exported::Plain { removed_sidecar } => {
+                if let Some(side) = removed_sidecar {
+                    println!(
+                        "removed {} (an upscale sidecar of an earlier run; this state is plain)",
+                        side.display()
+                    );
+                }
+                println!(
+                    "wrote {} (use: rwkv-tune generate --state {})",
+                    o.display(),
+                    o.display()
+                );
+            }
+        }
+    }
+    if let Some(p) = &a.plot {
+        println!("wrote {}", p.display());
+    }
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The model, the data and the defaults of a run.
+struct Data {
+    weights: Weights,
+    train: Dataset,
+    valid: Option<Dataset>,
+    /// Default --steps, --batch and --eval-max.
+    defaults: (u64, usize, usize),
+    /// What a token is, for the validation lines: byte or token.
+    unit: &'static str,
+}
+
+/// Loads the model, tokenizer and data of --demo or --model / --data.
+fn load_data(a: &TuneArgs) -> Result<Data> {
+    let (weights, train, valid, defaults, unit) = match a.demo {
         Some(DemoKind::Synthetic) => {
             let w = demo::demo_weights(demo::DEMO_MODEL_SEED)?;
             let (tr, va) =
@@ -333,7 +369,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 w.config.head_size,
                 w.config.n_params(),
             );
-            (w, tr, Some(va), (300u64, 16usize, 64usize, 0usize), "byte")
+            (w, tr, Some(va), (300, 16, 0), "byte")
         }
         Some(DemoKind::Shakespeare) => {
             let Some((m, t)) = demo::shakespeare_paths() else {
@@ -355,7 +391,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 w,
                 Dataset::from_records(&tr, ctx)?,
                 Some(Dataset::from_records(&va, ctx)?),
-                (200, 8, ctx, 64),
+                (200, 8, 64),
                 "byte",
             )
         }
@@ -387,45 +423,25 @@ pub fn run(a: TuneArgs) -> Result<()> {
             } else {
                 "token"
             };
-            (w, tr, va, (200, 4, ctx, 0), unit)
+            (w, tr, va, (200, 4, 0), unit)
         }
     };
-    let (def_steps, def_batch, _, def_eval_max) = defaults;
-    if train_ds.examples.is_empty() {
+    if train.examples.is_empty() {
         bail!("the training data gave no examples");
     }
-    let cfg_m = weights.config.clone();
-    let model = Model::new(weights)?;
+    Ok(Data {
+        weights,
+        train,
+        valid,
+        defaults,
+        unit,
+    })
+}
 
-    let observer: Option<Box<dyn SoftTargets>> = match &a.observer {
-        Some(p) => {
-            let om = Model::load(p).with_context(|| format!("loading observer {}", p.display()))?;
-            if om.config().vocab != cfg_m.vocab {
-                bail!(
-                    "the observer's vocabulary ({}) differs from the model's ({})",
-                    om.config().vocab,
-                    cfg_m.vocab
-                );
-            }
-            let temperature = a.observer_temp;
-            Some(match (a.device, &gpu) {
-                (Device::Cuda, Some(g)) => Box::new(DeviceObserver {
-                    model: DeviceModel::new(CudaOps::new(g.clone())?, om.weights())?,
-                    temperature,
-                }),
-                (Device::Emu, _) => Box::new(DeviceObserver {
-                    model: DeviceModel::new(EmuOps::default(), om.weights())?,
-                    temperature,
-                }),
-                _ => Box::new(Observer {
-                    model: om,
-                    temperature,
-                }),
-            })
-        }
-        None => None,
-    };
-
+/// The loop's configuration from the flags (the engine's options set DBP,
+/// the observer weight and the rest of the tag).
+fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Result<TrainConfig> {
+    let (def_steps, def_batch, def_eval_max) = defaults;
     let steps = a.steps.unwrap_or(def_steps);
     let mut tc = TrainConfig::new(steps);
     tc.batch = a.batch.unwrap_or(def_batch);
@@ -459,266 +475,31 @@ pub fn run(a: TuneArgs) -> Result<()> {
     tc.eval_every = a.eval_every;
     tc.eval_max = a.eval_max.unwrap_or(def_eval_max);
     tc.grad.chunk = a.chunk.max(1);
-    tc.grad.observer_weight = if observer.is_some() {
-        a.observer_weight
-    } else {
-        0.0
-    };
     tc.verbose = !a.quiet;
     tc.throttle_ms = a.throttle_ms;
     tc.tag = format!("demo={:?}", a.demo);
-    if a.upscale.is_some() {
-        if !a.no_dbp {
-            println!(
-                "note: --upscale trains without DBP (DBP on the upscaled state is not supported); \
-                 the default --dbp is off for this run"
-            );
-        }
-    } else if !a.no_dbp {
-        tc.dbp = Some((a.dbp_eta, a.dbp_kappa));
-    }
-    let init = match &a.init_state {
-        Some(p) => {
-            let st = State::load(p, &cfg_m)
-                .with_context(|| format!("loading initial state {}", p.display()))?;
-            Some(train::from_model_state(&cfg_m, &st, false)?)
-        }
-        None => None,
-    };
-    if init.is_some() {
-        tc.tag += &format!("; init={:?}", a.init_state);
-    }
-    if let (Some(p), None) = (&a.init_state, a.upscale) {
-        let side = upscale::sidecar_path(p);
-        if side.is_file() {
-            println!(
-                "note: {} (the upscaled part of the initial state) is ignored without --upscale",
-                side.display()
-            );
-        }
-    }
-
-    // Kernel-upscaled state: the kernel (fitted, or from --init-state's
-    // sidecar) and the starting S₀ and U.
-    let up_init = match a.upscale {
-        Some(m) => Some(prepare_upscale(
-            &a,
-            m,
-            model.weights(),
-            &train_ds,
-            init.clone(),
-            &mut tc,
-        )?),
-        None => None,
-    };
-    let n_params = cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * cfg_m.head_size
-        + a.upscale
-            .map_or(0, |m| cfg_m.n_layer * cfg_m.n_head * cfg_m.head_size * m);
-
-    println!(
-        "tuning {} state parameters over {} layers: {} train examples ({} target tokens), {} \
-         steps × batch {}, lr {} → {} (warm-up {}, {:?})",
-        n_params,
-        cfg_m.n_layer,
-        train_ds.examples.len(),
-        train_ds.n_target_tokens,
-        steps,
-        tc.batch,
-        a.lr,
-        a.lr_final,
-        a.warmup,
-        decay
-    );
-    let job = Job {
-        model: &model,
-        tc: &tc,
-        train: &train_ds,
-        valid: valid_ds.as_ref(),
-        obs: observer.as_deref(),
-    };
-    let wkv = match a.wkv.as_str() {
-        "v2" => Version::V2,
-        _ => Version::V1,
-    };
-    if a.device == Device::Cpu && wkv == Version::V2 {
-        println!("note: --wkv applies to --device cuda|emu; the cpu engine has its own recurrence");
-    }
-    let cuda = || -> Result<CudaOps> {
-        Ok(CudaOps::new(gpu.clone().context("internal: no GPU handle")?)?.with_wkv(wkv))
-    };
-    let (rep, upscaled) = match up_init {
-        Some((kernel, start)) => match a.device {
-            Device::Cpu => {
-                let mut eng = UpscaleEngine::new(
-                    model.weights(),
-                    kernel,
-                    start,
-                    tc.adam,
-                    tc.dbp,
-                    tc.grad.clone(),
-                )?;
-                let rep = train::train_with(&model, &mut eng, job.train, job.valid, &tc, job.obs)?;
-                (rep, Some((eng.kernel, eng.state)))
-            }
-            Device::Emu => {
-                let (rep, s) =
-                    job.device_upscaled(EmuOps::default().with_wkv(wkv), &kernel, &start)?;
-                (rep, Some((kernel, s)))
-            }
-            Device::Cuda => {
-                let (rep, s) = job.device_upscaled(cuda()?, &kernel, &start)?;
-                (rep, Some((kernel, s)))
-            }
-        },
-        None => {
-            let start = init.unwrap_or_else(|| TunedState::zeros(&cfg_m, tc.with_shift));
-            let rep = match a.device {
-                Device::Cpu => {
-                    train::train_from(&model, job.train, job.valid, &tc, job.obs, Some(start))?
-                }
-                Device::Emu => job.device(EmuOps::default().with_wkv(wkv), &start)?,
-                Device::Cuda => job.device(cuda()?, &start)?,
-            };
-            (rep, None)
-        }
-    };
-    if let Some(s) = rep.resumed_from {
-        println!("resumed from step {s}");
-    }
-    println!(
-        "trained {} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}",
-        rep.steps,
-        rep.seconds,
-        rep.tokens_per_sec,
-        rep.history.last().copied().unwrap_or(f32::NAN)
-    );
-    if let (Some(b), Some(f)) = (&rep.before, &rep.after) {
-        println!(
-            "validation ({} tokens{}):",
-            b.n_tokens,
-            if upscaled.is_some() {
-                ", upscaled read-out"
-            } else {
-                ""
-            }
-        );
-        print_eval("before", b, unit);
-        print_eval("after", f, unit);
-    }
-    if let Some(o) = &a.out {
-        match &upscaled {
-            Some((k, s)) => {
-                let side = upscale::save_upscaled(o, &cfg_m, k, s)?;
-                println!(
-                    "wrote {} (the N×N states, ai00 / web-rwkv layout) and {} (kernel and U, M = \
-                     {}); use: rwkv-tune generate --state {} (picks up the sidecar; cpu only)",
-                    o.display(),
-                    side.display(),
-                    k.m,
-                    o.display()
-                );
-            }
-            None => {
-                train::export_state(o, &cfg_m, &rep.state)?;
-                let side = upscale::sidecar_path(o);
-                if side.is_file() {
-                    std::fs::remove_file(&side)
-                        .with_context(|| format!("removing the stale {}", side.display()))?;
-                    println!(
-                        "removed {} (an upscale sidecar of an earlier run; this state is plain)",
-                        side.display()
-                    );
-                }
-                println!(
-                    "wrote {} (use: rwkv-tune generate --state {})",
-                    o.display(),
-                    o.display()
-                );
-            }
-        }
-    }
-    if let Some(p) = &a.plot {
-        println!("wrote {}", p.display());
-    }
-    println!("total {:.1} s", t0.elapsed().as_secs_f64());
-    Ok(())
+    Ok(tc)
 }
 
-/// The kernel and the starting upscaled state for `--upscale m`: from the
-/// sidecar of `--init-state` when it has one (its M must be `m`), else
-/// fitted by k-means on the training data (deterministic from `--seed`).
-/// Adds M and the kernel's fingerprint to the run's tag, so a checkpoint
-/// is only resumed with the very same kernel.
-fn prepare_upscale(
-    a: &TuneArgs,
-    m: usize,
-    w: &Weights,
-    train_ds: &Dataset,
-    init: Option<rwkv_tune::tune::grad::TunedState>,
-    tc: &mut TrainConfig,
-) -> Result<(Kernel, UpscaledState)> {
-    let cfg = &w.config;
-    let from_file = match &a.init_state {
-        Some(p) => upscale::load_upscaled(p, cfg)
-            .with_context(|| format!("loading the upscale sidecar of {}", p.display()))?,
-        None => None,
-    };
-    let (kernel, start) = match from_file {
-        Some((k, s)) => {
-            if k.m != m {
-                bail!(
-                    "--init-state {} has an upscale sidecar with M = {}, but --upscale {m} was \
-                     given",
-                    a.init_state.as_deref().unwrap_or(Path::new("")).display(),
-                    k.m
-                );
-            }
-            println!(
-                "upscale: kernel and U from {} (M = {m}), not refitted",
-                upscale::sidecar_path(a.init_state.as_deref().unwrap_or(Path::new(""))).display()
-            );
-            (k, s)
-        }
-        None => {
-            // At most 1024 examples, evenly strided, go into the fit.
-            let stride = train_ds.examples.len().div_ceil(1024).max(1);
-            let sample: Vec<_> = train_ds.examples.iter().step_by(stride).cloned().collect();
-            let uc = UpscaleConfig {
-                m,
-                seed: a.seed,
-                ..UpscaleConfig::new(cfg.head_size)
-            };
-            println!(
-                "upscale: fitting M = {m} Gaussian-RBF support vectors per head (k-means++, {} \
-                 Lloyd iterations on at most {} receptances per head from {} training examples, \
-                 seed {}; widths from the k-means distortion) ...",
-                uc.kmeans_iters,
-                uc.max_samples,
-                sample.len(),
-                uc.seed
-            );
-            let t = Instant::now();
-            let zero = rwkv_tune::tune::grad::TunedState::zeros(cfg, false);
-            let k = Kernel::fit(w, &zero, &sample, &uc)?;
-            let (lo, hi) = k
-                .gamma
-                .iter()
-                .flatten()
-                .fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| {
-                    (lo.min(g), hi.max(g))
-                });
-            println!(
-                "upscale: kernel fitted in {:.1} s (γ = 1/(2σ²) from {lo:.3e} to {hi:.3e}); U \
-                 starts at 0, so tuning starts at the plain model",
-                t.elapsed().as_secs_f64()
-            );
-            let s0 = init.unwrap_or_else(|| rwkv_tune::tune::grad::TunedState::zeros(cfg, false));
-            let s = UpscaledState::new(s0, &k);
-            (k, s)
-        }
-    };
-    tc.tag += &format!("; upscale m={m} kernel={}", kernel.fingerprint());
-    Ok((kernel, start))
+/// The engine's options from the flags: --device, --wkv, --dbp / --no-dbp,
+/// --upscale, --observer, --init-state, --seed.
+fn engine_options(a: &TuneArgs) -> EngineOptions {
+    EngineOptions {
+        device: a.device.into(),
+        wkv: match a.wkv.as_str() {
+            "v2" => Version::V2,
+            _ => Version::V1,
+        },
+        dbp: (!a.no_dbp).then_some((a.dbp_eta, a.dbp_kappa)),
+        upscale: a.upscale,
+        observer: a.observer.clone().map(|model| ObserverOptions {
+            model,
+            weight: a.observer_weight,
+            temperature: a.observer_temp,
+        }),
+        init_state: a.init_state.clone(),
+        seed: a.seed,
+    }
 }
 
 fn append_ext(p: &Path, ext: &str) -> PathBuf {

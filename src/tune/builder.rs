@@ -1,0 +1,526 @@
+//! One builder for a tuning run's engine: where it runs ([`DeviceKind`]: the
+//! CPU, the CPU emulator, a GPU) × what it trains (the plain state, with or
+//! without DBP, or the kernel-upscaled state) × the observer's soft targets,
+//! all decided from one options struct, [`EngineOptions`].
+//!
+//! [`EngineBuilder::open`] opens the device first, so a machine without one
+//! fails before any other work; [`EngineBuilder::build`] loads the observer
+//! and the starting state, fits (or loads) the upscale kernel, settles DBP
+//! and builds the engine; the [`Tuning`] it returns runs the loop
+//! ([`super::train::train_with`]) and exports the result (the state file, and
+//! the upscale sidecar when upscaled). `rwkv-tune tune` is this module behind
+//! a command line: progress lines go to the caller's `say`.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::data::Dataset;
+use super::device::DeviceEngine;
+use super::engine::{Engine, HostEngine};
+use super::state::{export_state, from_model_state, TunedState};
+use super::train::{train_with, DeviceObserver, Observer, SoftTargets, TrainConfig, TrainReport};
+use super::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
+use crate::cuda::Gpu;
+use crate::error::{Error, Result};
+use crate::model::device::DeviceModel;
+use crate::model::{Model, State};
+use crate::ops::backward::BackwardOps;
+use crate::ops::cuda::CudaOps;
+use crate::ops::emu::EmuOps;
+use crate::wkv7::Version;
+
+/// Where the gradient and the optimiser step run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The CPU engines ([`HostEngine`], [`UpscaleEngine`]).
+    #[default]
+    Cpu,
+    /// [`DeviceEngine`] on the CPU emulator ([`EmuOps`]): the CUDA kernel
+    /// source run on the CPU (slow; for checking the device path).
+    Emu,
+    /// [`DeviceEngine`] on GPU 0 ([`CudaOps`]).
+    Cuda,
+}
+
+/// The observer (teacher) of a run: `λ·KL(teacher ‖ student)` on the
+/// response tokens ([`Observer`], [`DeviceObserver`] on a device).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObserverOptions {
+    /// The teacher's checkpoint; its vocabulary must equal the model's.
+    pub model: PathBuf,
+    /// λ, the weight of the KL term.
+    pub weight: f32,
+    /// Softmax temperature of the teacher's distribution.
+    pub temperature: f32,
+}
+
+/// Everything that decides which engine a run gets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineOptions {
+    pub device: DeviceKind,
+    /// WKV kernels of the device engines (a note on the CPU, which has its
+    /// own recurrence).
+    pub wkv: Version,
+    /// DBP `(eta, kappa)` when wanted. The upscaled state trains without DBP
+    /// (with a note).
+    pub dbp: Option<(f64, f64)>,
+    /// The kernel-upscaled state with M ≥ 1 support vectors per head.
+    pub upscale: Option<usize>,
+    pub observer: Option<ObserverOptions>,
+    /// Start from this state file instead of zeros (with `upscale`: also
+    /// from its upscale sidecar when it has one, M must match).
+    pub init_state: Option<PathBuf>,
+    /// Seed of the upscale kernel's k-means fit.
+    pub seed: u64,
+}
+
+/// The engine builder: the options and the opened device.
+pub struct EngineBuilder {
+    opts: EngineOptions,
+    gpu: Option<Arc<Gpu>>,
+}
+
+impl EngineBuilder {
+    /// Opens the device (GPU 0 for [`DeviceKind::Cuda`]; `say` gets its
+    /// description) and checks the options.
+    pub fn open(opts: EngineOptions, say: &mut dyn FnMut(&str)) -> Result<Self> {
+        let gpu = match opts.device {
+            DeviceKind::Cuda => {
+                let g = Arc::new(Gpu::new(0)?);
+                say(&format!("device: {}", g.describe()));
+                Some(g)
+            }
+            DeviceKind::Emu | DeviceKind::Cpu => None,
+        };
+        if opts.upscale == Some(0) {
+            return Err(Error::Options(
+                "--upscale M needs M ≥ 1 support vectors per head".into(),
+            ));
+        }
+        Ok(EngineBuilder { opts, gpu })
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// The GPU opened for [`DeviceKind::Cuda`].
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        self.gpu.as_ref()
+    }
+
+    /// Everything for one run of `model` on `train` (validation on
+    /// `valid`): the observer, the starting state, the upscale kernel and
+    /// the engine. Sets `tc.dbp` and `tc.grad.observer_weight` from the
+    /// options and adds the starting state and the kernel to `tc.tag` (so a
+    /// checkpoint resumes only the same run). `say` gets progress lines and
+    /// notes, in order, ending with what will be trained.
+    pub fn build<'a>(
+        &self,
+        model: &'a Model,
+        train: &'a Dataset,
+        valid: Option<&'a Dataset>,
+        mut tc: TrainConfig,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Tuning<'a>> {
+        let o = &self.opts;
+        if train.examples.is_empty() {
+            return Err(Error::Options("the training data gave no examples".into()));
+        }
+        let cfg = model.config().clone();
+        let observer = self.observer(model)?;
+        tc.grad.observer_weight = match (&observer, &o.observer) {
+            (Some(_), Some(ob)) => ob.weight,
+            _ => 0.0,
+        };
+        tc.dbp = None;
+        if o.upscale.is_some() {
+            if o.dbp.is_some() {
+                say(
+                    "note: --upscale trains without DBP (DBP on the upscaled state is not \
+                     supported); the default --dbp is off for this run",
+                );
+            }
+        } else {
+            tc.dbp = o.dbp;
+        }
+        let init = match &o.init_state {
+            Some(p) => {
+                let st = State::load(p, &cfg)
+                    .map_err(|e| e.context(format!("loading initial state {}", p.display())))?;
+                Some(from_model_state(&cfg, &st, false)?)
+            }
+            None => None,
+        };
+        if init.is_some() {
+            tc.tag += &format!("; init={:?}", o.init_state);
+        }
+        if let (Some(p), None) = (&o.init_state, o.upscale) {
+            let side = upscale::sidecar_path(p);
+            if side.is_file() {
+                say(&format!(
+                    "note: {} (the upscaled part of the initial state) is ignored without \
+                     --upscale",
+                    side.display()
+                ));
+            }
+        }
+        let up = match o.upscale {
+            Some(m) => Some(self.prepare_upscale(m, model, train, init.clone(), &mut tc, say)?),
+            None => None,
+        };
+        let hnn = cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size;
+        let n_params = hnn
+            + o.upscale
+                .map_or(0, |m| cfg.n_layer * cfg.n_head * cfg.head_size * m);
+        let s = &tc.schedule;
+        say(&format!(
+            "tuning {} state parameters over {} layers: {} train examples ({} target tokens), \
+             {} steps × batch {}, lr {} → {} (warm-up {}, {:?})",
+            n_params,
+            cfg.n_layer,
+            train.examples.len(),
+            train.n_target_tokens,
+            tc.steps,
+            tc.batch,
+            s.lr,
+            s.lr_final,
+            s.warmup,
+            s.decay
+        ));
+        if o.device == DeviceKind::Cpu && o.wkv == Version::V2 {
+            say("note: --wkv applies to --device cuda|emu; the cpu engine has its own recurrence");
+        }
+
+        let w = model.weights();
+        let (adam, dbp, grad) = (tc.adam, tc.dbp, tc.grad.clone());
+        let engine: Box<dyn Built + 'a> = match up {
+            Some((kernel, start)) => match o.device {
+                DeviceKind::Cpu => Box::new(UpscaleEngine::new(w, kernel, start, adam, dbp, grad)?),
+                DeviceKind::Emu => {
+                    let ops = EmuOps::default().with_wkv(o.wkv);
+                    let eng = DeviceEngine::new_upscaled(ops, w, &kernel, &start, adam, dbp, grad)?;
+                    Box::new(OnDevice {
+                        eng,
+                        kernel: Some(kernel),
+                    })
+                }
+                DeviceKind::Cuda => {
+                    let eng = DeviceEngine::new_upscaled(
+                        self.cuda()?,
+                        w,
+                        &kernel,
+                        &start,
+                        adam,
+                        dbp,
+                        grad,
+                    )?;
+                    Box::new(OnDevice {
+                        eng,
+                        kernel: Some(kernel),
+                    })
+                }
+            },
+            None => {
+                let start = init.unwrap_or_else(|| TunedState::zeros(&cfg, tc.with_shift));
+                match o.device {
+                    DeviceKind::Cpu => Box::new(HostEngine::new(w, start, adam, dbp, grad)?),
+                    DeviceKind::Emu => {
+                        let ops = EmuOps::default().with_wkv(o.wkv);
+                        Box::new(OnDevice {
+                            eng: DeviceEngine::new(ops, w, &start, adam, dbp, grad)?,
+                            kernel: None,
+                        })
+                    }
+                    DeviceKind::Cuda => Box::new(OnDevice {
+                        eng: DeviceEngine::new(self.cuda()?, w, &start, adam, dbp, grad)?,
+                        kernel: None,
+                    }),
+                }
+            }
+        };
+        Ok(Tuning {
+            model,
+            train,
+            valid,
+            engine,
+            observer,
+            config: tc,
+            n_params,
+            upscale: o.upscale,
+        })
+    }
+
+    /// The device ops of [`DeviceKind::Cuda`] with the chosen WKV kernels.
+    fn cuda(&self) -> Result<CudaOps> {
+        let gpu = self
+            .gpu
+            .clone()
+            .ok_or_else(|| Error::Tune("internal: no GPU handle".into()))?;
+        Ok(CudaOps::new(gpu)?.with_wkv(self.opts.wkv))
+    }
+
+    /// The observer's soft targets, on the run's device.
+    fn observer(&self, model: &Model) -> Result<Option<Box<dyn SoftTargets>>> {
+        let Some(ob) = &self.opts.observer else {
+            return Ok(None);
+        };
+        let p = &ob.model;
+        let om =
+            Model::load(p).map_err(|e| e.context(format!("loading observer {}", p.display())))?;
+        if om.config().vocab != model.config().vocab {
+            return Err(Error::Options(format!(
+                "the observer's vocabulary ({}) differs from the model's ({})",
+                om.config().vocab,
+                model.config().vocab
+            )));
+        }
+        let temperature = ob.temperature;
+        Ok(Some(match (self.opts.device, &self.gpu) {
+            (DeviceKind::Cuda, Some(g)) => Box::new(DeviceObserver {
+                model: DeviceModel::new(CudaOps::new(g.clone())?, om.weights())?,
+                temperature,
+            }),
+            (DeviceKind::Emu, _) => Box::new(DeviceObserver {
+                model: DeviceModel::new(EmuOps::default(), om.weights())?,
+                temperature,
+            }),
+            _ => Box::new(Observer {
+                model: om,
+                temperature,
+            }),
+        }))
+    }
+
+    /// The kernel and the starting upscaled state for `upscale = m`: from
+    /// the sidecar of the initial state when it has one (its M must be
+    /// `m`), else fitted by k-means on the training data (deterministic from
+    /// the seed). Adds M and the kernel's fingerprint to the run's tag, so a
+    /// checkpoint is only resumed with the very same kernel.
+    fn prepare_upscale(
+        &self,
+        m: usize,
+        model: &Model,
+        train: &Dataset,
+        init: Option<TunedState>,
+        tc: &mut TrainConfig,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<(Kernel, UpscaledState)> {
+        let w = model.weights();
+        let cfg = &w.config;
+        let init_path = self.opts.init_state.as_deref();
+        let from_file = match init_path {
+            Some(p) => upscale::load_upscaled(p, cfg).map_err(|e| {
+                e.context(format!("loading the upscale sidecar of {}", p.display()))
+            })?,
+            None => None,
+        };
+        let (kernel, start) = match from_file {
+            Some((k, s)) => {
+                let p = init_path.unwrap_or(Path::new(""));
+                if k.m != m {
+                    return Err(Error::Options(format!(
+                        "--init-state {} has an upscale sidecar with M = {}, but --upscale {m} \
+                         was given",
+                        p.display(),
+                        k.m
+                    )));
+                }
+                say(&format!(
+                    "upscale: kernel and U from {} (M = {m}), not refitted",
+                    upscale::sidecar_path(p).display()
+                ));
+                (k, s)
+            }
+            None => {
+                // At most 1024 examples, evenly strided, go into the fit.
+                let stride = train.examples.len().div_ceil(1024).max(1);
+                let sample: Vec<_> = train.examples.iter().step_by(stride).cloned().collect();
+                let uc = UpscaleConfig {
+                    m,
+                    seed: self.opts.seed,
+                    ..UpscaleConfig::new(cfg.head_size)
+                };
+                say(&format!(
+                    "upscale: fitting M = {m} Gaussian-RBF support vectors per head (k-means++, \
+                     {} Lloyd iterations on at most {} receptances per head from {} training \
+                     examples, seed {}; widths from the k-means distortion) ...",
+                    uc.kmeans_iters,
+                    uc.max_samples,
+                    sample.len(),
+                    uc.seed
+                ));
+                let t = Instant::now();
+                let zero = TunedState::zeros(cfg, false);
+                let k = Kernel::fit(w, &zero, &sample, &uc)?;
+                let (lo, hi) = k
+                    .gamma
+                    .iter()
+                    .flatten()
+                    .fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| {
+                        (lo.min(g), hi.max(g))
+                    });
+                say(&format!(
+                    "upscale: kernel fitted in {:.1} s (γ = 1/(2σ²) from {lo:.3e} to {hi:.3e}); \
+                     U starts at 0, so tuning starts at the plain model",
+                    t.elapsed().as_secs_f64()
+                ));
+                let s0 = init.unwrap_or_else(|| TunedState::zeros(cfg, false));
+                let s = UpscaledState::new(s0, &k);
+                (k, s)
+            }
+        };
+        tc.tag += &format!("; upscale m={m} kernel={}", kernel.fingerprint());
+        Ok((kernel, start))
+    }
+}
+
+/// What a run needs from its engine beyond [`Engine`].
+trait Built {
+    fn engine(&self) -> &dyn Engine;
+    fn engine_mut(&mut self) -> &mut dyn Engine;
+    /// Activation bytes per example at most (device engines).
+    fn peak_bytes(&self) -> Option<usize> {
+        None
+    }
+    /// The kernel and the trained `S₀` and `U` (upscaled engines).
+    fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
+        Ok(None)
+    }
+}
+
+impl Built for HostEngine<'_> {
+    fn engine(&self) -> &dyn Engine {
+        self
+    }
+    fn engine_mut(&mut self) -> &mut dyn Engine {
+        self
+    }
+}
+
+impl Built for UpscaleEngine<'_> {
+    fn engine(&self) -> &dyn Engine {
+        self
+    }
+    fn engine_mut(&mut self) -> &mut dyn Engine {
+        self
+    }
+    fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
+        Ok(Some((&self.kernel, self.state.clone())))
+    }
+}
+
+/// A device engine and, when upscaled, its kernel.
+struct OnDevice<O: BackwardOps> {
+    eng: DeviceEngine<O>,
+    kernel: Option<Kernel>,
+}
+
+impl<O: BackwardOps> Built for OnDevice<O> {
+    fn engine(&self) -> &dyn Engine {
+        &self.eng
+    }
+    fn engine_mut(&mut self) -> &mut dyn Engine {
+        &mut self.eng
+    }
+    fn peak_bytes(&self) -> Option<usize> {
+        Some(self.eng.last_peak_bytes)
+    }
+    fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
+        match &self.kernel {
+            Some(k) => Ok(Some((k, self.eng.upscaled()?))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A built run: the engine with its observer, data and loop configuration.
+pub struct Tuning<'a> {
+    model: &'a Model,
+    train: &'a Dataset,
+    valid: Option<&'a Dataset>,
+    engine: Box<dyn Built + 'a>,
+    /// The observer's soft targets, when the options name an observer.
+    pub observer: Option<Box<dyn SoftTargets>>,
+    /// The loop's configuration (DBP, the observer weight and the run tag
+    /// set from the options).
+    pub config: TrainConfig,
+    /// Trained parameters: the N×N states, plus every `U` when upscaled.
+    pub n_params: usize,
+    upscale: Option<usize>,
+}
+
+impl Tuning<'_> {
+    /// The engine (for its [`Engine::tuned`] state, a checkpoint, …).
+    pub fn engine(&self) -> &dyn Engine {
+        self.engine.engine()
+    }
+
+    pub fn engine_mut(&mut self) -> &mut dyn Engine {
+        self.engine.engine_mut()
+    }
+
+    /// M of the kernel-upscaled state, when upscaled (validation then uses
+    /// the upscaled read-out).
+    pub fn upscale(&self) -> Option<usize> {
+        self.upscale
+    }
+
+    /// The device's activation peak per example over the last step, from
+    /// the buffer sizes (device engines only; weights and states not
+    /// included).
+    pub fn peak_bytes(&self) -> Option<usize> {
+        self.engine.peak_bytes()
+    }
+
+    /// The tuning loop ([`train_with`]) on this run's engine.
+    pub fn run(&mut self) -> Result<TrainReport> {
+        train_with(
+            self.model,
+            self.engine.engine_mut(),
+            self.train,
+            self.valid,
+            &self.config,
+            self.observer.as_deref(),
+        )
+    }
+
+    /// Writes the trained state to `out` (ai00 / web-rwkv layout; `state` is
+    /// the report's [`TrainReport::state`]): with the upscale sidecar
+    /// ([`upscale::save_upscaled`]) when upscaled; otherwise a sidecar of an
+    /// earlier upscaled run next to `out` is removed (it would no longer
+    /// match the state).
+    pub fn export(&self, out: &Path, state: &TunedState) -> Result<Exported> {
+        let cfg = self.model.config();
+        match self.engine.upscaled()? {
+            Some((k, s)) => {
+                let sidecar = upscale::save_upscaled(out, cfg, k, &s)?;
+                Ok(Exported::Upscaled { sidecar, m: k.m })
+            }
+            None => {
+                export_state(out, cfg, state)?;
+                let side = upscale::sidecar_path(out);
+                let removed_sidecar = if side.is_file() {
+                    std::fs::remove_file(&side).map_err(|e| {
+                        Error::io(&side, e)
+                            .context(format!("removing the stale {}", side.display()))
+                    })?;
+                    Some(side)
+                } else {
+                    None
+                };
+                Ok(Exported::Plain { removed_sidecar })
+            }
+        }
+    }
+}
+
+/// What [`Tuning::export`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Exported {
+    /// The N×N states, and the sidecar with the kernel and `U`.
+    Upscaled { sidecar: PathBuf, m: usize },
+    /// The N×N states; `removed_sidecar` is the stale sidecar of an earlier
+    /// upscaled run that was deleted.
+    Plain { removed_sidecar: Option<PathBuf> },
+}
