@@ -71,7 +71,8 @@ fn time_steps(e: &mut dyn Engine, bt: &[Example], iters: u64) -> Duration {
 fn device_rows<O: BackwardOps>(c: &mut Criterion, ops: impl Fn() -> O, label: &str) {
     let mut g = c.benchmark_group(format!("tune_step_{label}"));
     g.sample_size(10);
-    let shapes: [(&str, fn() -> Weights, usize, usize); 3] = [
+    type Shape = (&'static str, fn() -> Weights, usize, usize);
+    let shapes: [Shape; 3] = [
         ("tiny_b4_t256", tiny_weights, 4, 256),
         (
             "0.1b_b8_t512",

@@ -14,7 +14,7 @@
 //! return [`crate::Error::Shape`] naming the argument, never panic).
 use super::backward_ref::{self as bref, AdamStep};
 use super::counters;
-use super::{check_heads, fits_i32, host_wkv_b, need, Act, CpuOps, DeviceOps};
+use super::{check_heads, fits_i32, host_wkv_b, ids_buf, need, Act, CpuOps, DeviceOps, Ids};
 use crate::error::{Error, Result};
 
 /// The forward inputs and output gradients of [`BackwardOps::kk_prep_bwd`].
@@ -607,22 +607,64 @@ pub trait BackwardOps: DeviceOps {
             soft.map(|s| self.len(s)),
             self.len(loss),
         )?;
-        self.counters().launch(counters::Op::Xent);
-        // SAFETY: the sizes (and target ids) the hook relies on were checked
-        // just above.
-        unsafe { self.raw_xent(rows, v, logits, targets, mask, soft, lam, loss) }
+        if rows == 0 {
+            return Ok(());
+        }
+        let tg = self.ids(&targets[..rows], v)?;
+        let mk = self.upload(&mask[..rows])?;
+        self.xent_ids(0, rows, v, logits, &tg, &mk, soft, lam, loss)
     }
-    /// # Safety
-    /// The sizes and target ids must pass `check::xent` (what [`Self::xent`]
-    /// checks).
-    #[doc(hidden)]
-    unsafe fn raw_xent(
+    /// [`Self::xent`] on device targets and mask: rows `[r0, r0 + rows)` of
+    /// `targets` (ids `< V`) and `mask` for the `rows` rows of `logits`.
+    fn xent_ids(
         &self,
+        r0: usize,
         rows: usize,
         v: usize,
         logits: &mut Self::Buf,
-        targets: &[u32],
-        mask: &[f32],
+        targets: &Ids<Self::Buf>,
+        mask: &Self::Buf,
+        soft: Option<&Self::Buf>,
+        lam: f32,
+        loss: &mut Self::Buf,
+    ) -> Result<()> {
+        if v == 0 {
+            return Err(Error::Invalid("xent: V must be at least 1".into()));
+        }
+        if targets.bound() > v {
+            return Err(Error::Invalid(format!(
+                "xent: targets up to {} but V = {v}",
+                targets.bound()
+            )));
+        }
+        fits_i32("xent", &[r0 + rows, v])?;
+        need("logits", self.len(logits), 0, rows * v)?;
+        need("targets", targets.len(), r0, rows)?;
+        need("mask", self.len(mask), r0, rows)?;
+        if let Some(s) = soft {
+            need("soft", self.len(s), 0, rows * v)?;
+        }
+        need("loss", self.len(loss), 0, rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.counters().launch(counters::Op::Xent);
+        // SAFETY: the sizes the hook relies on were checked just above; the
+        // targets are < V (the Ids bound, checked when written).
+        unsafe { self.raw_xent(r0, rows, v, logits, ids_buf(targets), mask, soft, lam, loss) }
+    }
+    /// # Safety
+    /// What [`Self::xent_ids`] checks: logits (and soft) ≥ rows·V, targets
+    /// (int32 ids < V as f32 bits) and mask ≥ r0 + rows, loss ≥ rows.
+    #[doc(hidden)]
+    unsafe fn raw_xent(
+        &self,
+        r0: usize,
+        rows: usize,
+        v: usize,
+        logits: &mut Self::Buf,
+        targets: &Self::Buf,
+        mask: &Self::Buf,
         soft: Option<&Self::Buf>,
         lam: f32,
         loss: &mut Self::Buf,
@@ -1417,21 +1459,23 @@ impl BackwardOps for CpuOps {
     }
     unsafe fn raw_xent(
         &self,
+        r0: usize,
         rows: usize,
         v: usize,
         logits: &mut Vec<f32>,
-        targets: &[u32],
-        mask: &[f32],
+        targets: &Vec<f32>,
+        mask: &Vec<f32>,
         soft: Option<&Vec<f32>>,
         lam: f32,
         loss: &mut Vec<f32>,
     ) -> Result<()> {
+        let tg: Vec<u32> = targets[r0..r0 + rows].iter().map(|x| x.to_bits()).collect();
         bref::xent(
             rows,
             v,
             logits,
-            targets,
-            mask,
+            &tg,
+            &mask[r0..],
             soft.map(|s| s.as_slice()),
             lam,
             loss,

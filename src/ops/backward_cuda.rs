@@ -494,29 +494,19 @@ impl BackwardOps for CudaOps {
 
     unsafe fn raw_xent(
         &self,
+        r0: usize,
         rows: usize,
         v: usize,
         logits: &mut CudaSlice<f32>,
-        targets: &[u32],
-        mask: &[f32],
+        targets: &CudaSlice<f32>,
+        mask: &CudaSlice<f32>,
         soft: Option<&CudaSlice<f32>>,
         lam: f32,
         loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if rows == 0 {
-            return Ok(());
-        }
         let st = &self.gpu().stream;
-        // every target < V ≤ i32::MAX (checked by the caller)
-        let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
-        let tg = st.clone_htod(&tg).map_err(cuda_err)?;
-        let mk = st.clone_htod(&mask[..rows]).map_err(cuda_err)?;
-        for _ in 0..2 {
-            self.counters().alloc(4 * rows);
-            self.counters().upload(4 * rows);
-        }
-        let (tp, _g1) = tg.device_ptr(st);
-        let (mp, _g2) = mk.device_ptr(st);
+        let (tp, _g1) = targets.device_ptr(st);
+        let (mp, _g2) = mask.device_ptr(st);
         let sp = soft.map(|s| s.device_ptr(st));
         let (lp, _g3) = logits.device_ptr_mut(st);
         let (lossp, _g4) = loss.device_ptr_mut(st);
@@ -525,14 +515,14 @@ impl BackwardOps for CudaOps {
             V: v as i32,
             lam,
             logits: lp,
-            targets: tp,
-            mask: mp,
+            targets: tp + 4 * r0 as u64,
+            mask: mp + 4 * r0 as u64,
             soft: sp.as_ref().map_or(0, |(q, _)| *q),
             loss: lossp,
         };
-        // SAFETY: logits (and soft) ≥ rows·V floats, loss ≥ rows (checked by the
-        // caller); tg / mk hold rows in-range ids / weights (uploaded above, freed
-        // only after the stream-ordered launch); guards alive until queued.
+        // SAFETY: logits (and soft) ≥ rows·V floats, targets (in-range int32
+        // ids as f32 bits) and mask ≥ r0 + rows, loss ≥ rows (checked by the
+        // caller); guards alive until queued.
         unsafe { self.tune("tune_xent_f32", block_geom(&self.geom, rows), &p) }
     }
 

@@ -353,30 +353,31 @@ impl BackwardOps for EmuOps {
 
     unsafe fn raw_xent(
         &self,
+        r0: usize,
         rows: usize,
         v: usize,
         logits: &mut Vec<f32>,
-        targets: &[u32],
-        mask: &[f32],
+        targets: &Vec<f32>,
+        mask: &Vec<f32>,
         soft: Option<&Vec<f32>>,
         lam: f32,
         loss: &mut Vec<f32>,
     ) -> Result<()> {
-        // every target < V ≤ i32::MAX (checked by the caller)
-        let tg: Vec<i32> = targets[..rows].iter().map(|&t| t as i32).collect();
+        // every target < V ≤ i32::MAX (the Ids bound, checked by the caller)
         let p = XentParams {
             rows: rows as i32,
             V: v as i32,
             lam,
             logits: ptr_mut(logits),
-            targets: tg.as_ptr() as u64,
-            mask: ptr(mask),
+            targets: ptr(&targets[r0..]),
+            mask: ptr(&mask[r0..]),
             soft: soft.map_or(0, |s| ptr(s)),
             loss: ptr_mut(loss),
         };
         // SAFETY: sizes checked by the caller: logits (and soft, if any) ≥ rows·V
-        // floats, tg holds rows in-range ids, mask ≥ rows, loss ≥ rows; logits and
-        // loss are distinct &mut borrows; all alive for the call.
+        // floats, targets from r0 hold rows in-range int32 ids (f32 bits), mask
+        // from r0 ≥ rows, loss ≥ rows; logits and loss are distinct &mut
+        // borrows; all alive for the call.
         unsafe { run("tune_xent_f32", block_geom(&self.geom, rows), &p) }
     }
 

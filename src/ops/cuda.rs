@@ -284,31 +284,26 @@ impl DeviceOps for CudaOps {
 
     unsafe fn raw_embed(
         &self,
-        tokens: &[u32],
+        t: usize,
+        ids: &CudaSlice<f32>,
         table: &CudaSlice<f32>,
         c: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if tokens.is_empty() {
-            return Ok(());
-        }
         let st = &self.gpu.stream;
-        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let tok = st.clone_htod(&tok).map_err(cuda_err)?;
-        let (tp, _g1) = tok.device_ptr(st);
+        let (tp, _g1) = ids.device_ptr(st);
         let (tb, _g2) = table.device_ptr(st);
         let (op, _g3) = out.device_ptr_mut(st);
         let p = EmbedParams {
-            T: tokens.len() as i32,
+            T: t as i32,
             C: c as i32,
             tokens: tp,
             table: tb,
             out: op,
         };
-        // SAFETY: device buffers of lengths checked by the caller (ids in
-        // range of the table); the guards keep them alive until the launch is
-        // queued.
-        unsafe { self.launch("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
+        // SAFETY: device buffers of lengths checked by the caller (ids are
+        // in-range int32 bits); the guards keep them alive until queued.
+        unsafe { self.launch("ops_embed_f32", self.geom.elems(t * c), &p) }
     }
 
     unsafe fn raw_matmul(

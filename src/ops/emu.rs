@@ -126,22 +126,23 @@ impl DeviceOps for EmuOps {
 
     unsafe fn raw_embed(
         &self,
-        tokens: &[u32],
+        t: usize,
+        ids: &Vec<f32>,
         table: &Vec<f32>,
         c: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let p = EmbedParams {
-            T: tokens.len() as i32,
+            T: t as i32,
             C: c as i32,
-            tokens: tok.as_ptr() as u64,
+            tokens: ptr(ids),
             table: ptr(table),
             out: ptr_mut(out),
         };
-        // SAFETY: tokens holds T in-range ids, table V·C floats, out ≥ T·C
-        // floats (checked by the caller); all alive for the synchronous call.
-        unsafe { run("ops_embed_f32", self.geom.elems(tokens.len() * c), &p) }
+        // SAFETY: ids holds T in-range int32 ids (f32 bits), table V·C
+        // floats, out ≥ T·C floats (checked by the caller); all alive for the
+        // synchronous call.
+        unsafe { run("ops_embed_f32", self.geom.elems(t * c), &p) }
     }
 
     unsafe fn raw_matmul(

@@ -146,6 +146,49 @@ impl HostMat {
     }
 }
 
+/// Token ids on the device: the `u32` bits of each id stored in an f32
+/// buffer (the kernels read them as `int32`), every id `< bound`. Made only
+/// by [`DeviceOps::ids`] / [`DeviceOps::write_ids`], which check the ids on
+/// the host, so the ops that read them on the device can rely on the bound.
+pub struct Ids<B> {
+    buf: B,
+    len: usize,
+    bound: usize,
+}
+
+impl<B> Ids<B> {
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether it holds no id.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Every id is below this.
+    pub fn bound(&self) -> usize {
+        self.bound
+    }
+}
+
+/// The buffer behind `ids` (for the ops that read them).
+pub(crate) fn ids_buf<B>(ids: &Ids<B>) -> &B {
+    &ids.buf
+}
+
+/// The ids' bits as f32 (checked: each `< bound ≤ i32::MAX`).
+fn id_bits(h: &[u32], bound: usize) -> Result<Vec<f32>> {
+    if bound > i32::MAX as usize {
+        return Err(Error::Invalid(format!("ids: bound {bound} exceeds i32")));
+    }
+    if let Some((i, &t)) = h.iter().enumerate().find(|(_, &t)| t as usize >= bound) {
+        return Err(Error::Invalid(format!(
+            "id {t} at position {i} is out of range (must be < {bound})"
+        )));
+    }
+    Ok(h.iter().map(|&t| f32::from_bits(t)).collect())
+}
+
 /// Launch geometry policy of the `model_ops` kernels. Every kernel is
 /// written with grid-stride loops, so any policy gives the same results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,7 +348,33 @@ pub trait DeviceOps {
         Ok(())
     }
 
-    /// `out[t, :] = table[tokens[t], :]`; table `[V, C]`, out `[T, C]`.
+    /// Token ids on the device (uploaded once; each id must be `< bound`).
+    fn ids(&self, h: &[u32], bound: usize) -> Result<Ids<Self::Buf>> {
+        let bits = id_bits(h, bound)?;
+        Ok(Ids {
+            buf: self.upload(&bits)?,
+            len: h.len(),
+            bound,
+        })
+    }
+    /// Overwrites all of `dst` with `h` (same length; each id `< bound`):
+    /// a transfer, no allocation.
+    fn write_ids(&self, h: &[u32], bound: usize, dst: &mut Ids<Self::Buf>) -> Result<()> {
+        if h.len() != dst.len {
+            return Err(Error::Shape {
+                name: "ids".into(),
+                expected: vec![dst.len],
+                got: vec![h.len()],
+            });
+        }
+        let bits = id_bits(h, bound)?;
+        self.write(&bits, &mut dst.buf)?;
+        dst.bound = bound;
+        Ok(())
+    }
+
+    /// `out[t, :] = table[tokens[t], :]`; table `[V, C]`, out `[T, C]`
+    /// (the ids are uploaded first: [`Self::embed_ids`] reads device ids).
     fn embed(
         &self,
         tokens: &[u32],
@@ -314,18 +383,49 @@ pub trait DeviceOps {
         out: &mut Self::Buf,
     ) -> Result<()> {
         check::embed(tokens, self.len(table), c, self.len(out))?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let ids = self.ids(tokens, self.len(table) / c)?;
+        self.embed_ids(&ids, table, c, out)
+    }
+    /// [`Self::embed`] of device ids: `out[t, :] = table[ids[t], :]`.
+    fn embed_ids(
+        &self,
+        ids: &Ids<Self::Buf>,
+        table: &Self::Buf,
+        c: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        if c == 0 {
+            return Err(Error::Invalid("embed: C must be at least 1".into()));
+        }
+        if ids.bound > self.len(table) / c {
+            return Err(Error::Invalid(format!(
+                "embed: ids up to {} but the table has {} rows",
+                ids.bound,
+                self.len(table) / c
+            )));
+        }
+        fits_i32("embed", &[ids.len, c])?;
+        need("out", self.len(out), 0, ids.len * c)?;
+        if ids.len == 0 {
+            return Ok(());
+        }
         self.counters().launch(counters::Op::Embed);
-        // SAFETY: the sizes (and token ids) the hook relies on were checked
-        // just above.
-        unsafe { self.raw_embed(tokens, table, c, out) }
+        // SAFETY: every id is < the table's rows (the Ids bound, checked on
+        // the host when written, against the table just above); out holds
+        // T·C floats.
+        unsafe { self.raw_embed(ids.len, &ids.buf, table, c, out) }
     }
     /// # Safety
-    /// The sizes and token ids must pass `check::embed` (what
-    /// [`Self::embed`] checks).
+    /// `ids` holds `t` int32 ids (as f32 bits), each a row of `table`
+    /// `[V, C]`; out ≥ t·C (what [`Self::embed_ids`] checks).
     #[doc(hidden)]
     unsafe fn raw_embed(
         &self,
-        tokens: &[u32],
+        t: usize,
+        ids: &Self::Buf,
         table: &Self::Buf,
         c: usize,
         out: &mut Self::Buf,
@@ -1070,12 +1170,14 @@ impl DeviceOps for CpuOps {
     host_buffer_ops!();
     unsafe fn raw_embed(
         &self,
-        tokens: &[u32],
+        t: usize,
+        ids: &Vec<f32>,
         table: &Vec<f32>,
         c: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        reference::embed(tokens, table, c, out);
+        let toks: Vec<u32> = ids[..t].iter().map(|x| x.to_bits()).collect();
+        reference::embed(&toks, table, c, out);
         Ok(())
     }
     unsafe fn raw_matmul(
