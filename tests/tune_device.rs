@@ -425,7 +425,8 @@ fn batched_step_equals_one_example_at_a_time() {
 /// What a step launches, allocates and transfers (emu, counted by the ops
 /// layer): with the activations kept, exactly one WKV forward and one WKV
 /// backward per layer per step; recomputing per layer, two forwards; one
-/// download per step (the loss and the gradient's sum of squares).
+/// download per step (the loss and the gradient's sum of squares); no
+/// device allocation after the first step.
 #[test]
 fn step_counters_one_wkv_forward_per_layer() {
     let cfg = small_config();
@@ -458,6 +459,8 @@ fn step_counters_one_wkv_forward_per_layer() {
             assert_eq!(d.launches(Op::Adam), 3 * nl, "{policy:?}: Adam launches");
             // loss, norm, clipping and Adam stay on the device: one download
             assert_eq!(d.downloads, 1, "{policy:?}: downloads per step");
+            // the workspace of the first step is reused: nothing allocated
+            assert_eq!(d.allocs, 0, "{policy:?}: device allocations per step");
         }
     }
 }

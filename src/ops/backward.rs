@@ -14,7 +14,7 @@
 //! return [`crate::Error::Shape`] naming the argument, never panic).
 use super::backward_ref::{self as bref, AdamStep};
 use super::counters;
-use super::{check_heads, fits_i32, host_wkv_b, ids_buf, need, Act, CpuOps, DeviceOps, Ids};
+use super::{check_heads, fits_i32, ids_buf, need, Act, CpuOps, DeviceOps, Ids};
 use crate::error::{Error, Result};
 
 /// The forward inputs and output gradients of [`BackwardOps::kk_prep_bwd`].
@@ -257,7 +257,7 @@ pub trait BackwardOps: DeviceOps {
             .zip(rwkvab.iter().map(|x| self.len(x)))
             .collect();
         seq.push(("y", self.len(y)));
-        check::wkv_bwd(b, t, h, n, &seq, &[("h0", self.len(h0))])?;
+        check::wkv_ckpt(b, t, h, n, &seq, &[("h0", self.len(h0))])?;
         let (ck, _) = self.wkv_ws_len(b, t, h, n);
         need("ckpt", self.len(ckpt), 0, ck)?;
         self.counters().launch(counters::Op::WkvFwd);
@@ -312,7 +312,7 @@ pub trait BackwardOps: DeviceOps {
                 .copied()
                 .zip(grads.iter().map(|x| self.len(x))),
         );
-        check::wkv_bwd(
+        check::wkv_ckpt(
             b,
             t,
             h,
@@ -1165,6 +1165,28 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// [`wkv_bwd`]'s dims with buffers at least (not exactly) as long:
+    /// the checkpointing ops read and write the first `[B, T, H, N]` /
+    /// `[B, H, N, N]` elements of workspace buffers.
+    pub fn wkv_ckpt(
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        seq: &[(&str, usize)],
+        st: &[(&str, usize)],
+    ) -> Result<()> {
+        let d = crate::wkv7::Dims { b, t, h, n };
+        d.validate()?;
+        for (name, len) in seq {
+            need(name, *len, 0, d.seq_len())?;
+        }
+        for (name, len) in st {
+            need(name, *len, 0, d.state_len())?;
+        }
+        Ok(())
+    }
+
     fn exact(name: &str, len: usize, want: usize) -> Result<()> {
         if len != want {
             return Err(Error::Shape {
@@ -1307,18 +1329,23 @@ impl BackwardOps for CpuOps {
         y: &mut Vec<f32>,
         _ckpt: &mut Vec<f32>,
     ) -> Result<()> {
-        let mut st = h0.clone();
-        host_wkv_b(
-            &crate::wkv7::Backend::Cpu,
-            crate::wkv7::Version::V1,
-            b,
-            t,
-            h,
-            n,
-            rwkvab,
-            &mut st,
-            y,
-        )
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let (sl, hl) = (d.seq_len(), d.state_len());
+        let x = rwkvab.map(|v| &v[..sl]);
+        let out = crate::wkv7::Backend::Cpu.forward(
+            &d,
+            &crate::wkv7::Inputs {
+                r: x[0],
+                w: x[1],
+                k: x[2],
+                v: x[3],
+                a: x[4],
+                b: x[5],
+                h0: Some(&h0[..hl]),
+            },
+        )?;
+        y[..sl].copy_from_slice(&out.y);
+        Ok(())
     }
     unsafe fn raw_wkv_bwd_ckpt(
         &self,
@@ -1334,19 +1361,34 @@ impl BackwardOps for CpuOps {
         dh0: &mut Vec<f32>,
         _scratch: &mut Vec<f32>,
     ) -> Result<()> {
-        host_wkv_bwd_b(
-            &crate::wkv7::Backend::Cpu,
-            crate::wkv7::Version::V1,
-            b,
-            t,
-            h,
-            n,
-            rwkvab,
-            h0,
-            dy,
-            grads,
-            dh0,
-        )
+        let d = crate::wkv7::Dims { b, t, h, n };
+        let (sl, hl) = (d.seq_len(), d.state_len());
+        let x = rwkvab.map(|v| &v[..sl]);
+        let (_, g) = crate::wkv7::Backend::Cpu.forward_backward(
+            &d,
+            &crate::wkv7::Inputs {
+                r: x[0],
+                w: x[1],
+                k: x[2],
+                v: x[3],
+                a: x[4],
+                b: x[5],
+                h0: Some(&h0[..hl]),
+            },
+            &crate::wkv7::GradInputs {
+                dy: &dy[..sl],
+                dh_t: None,
+            },
+        )?;
+        let [dr, dw, dk, dv, da, db] = grads;
+        for (dst, src) in [dr, dw, dk, dv, da, db]
+            .into_iter()
+            .zip([g.dr, g.dw, g.dk, g.dv, g.da, g.db])
+        {
+            dst[..sl].copy_from_slice(&src);
+        }
+        dh0[..hl].copy_from_slice(&g.dh0);
+        Ok(())
     }
     unsafe fn raw_act_bwd(
         &self,

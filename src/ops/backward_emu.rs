@@ -162,7 +162,8 @@ impl BackwardOps for EmuOps {
         ckpt: &mut Vec<f32>,
     ) -> Result<()> {
         let d = crate::wkv7::Dims { b, t, h, n };
-        let [r, w, k, v, a, bb] = rwkvab;
+        let sl = d.seq_len();
+        let [r, w, k, v, a, bb] = rwkvab.map(|x| &x[..sl]);
         let x = crate::wkv7::Inputs {
             r,
             w,
@@ -170,7 +171,7 @@ impl BackwardOps for EmuOps {
             v,
             a,
             b: bb,
-            h0: Some(h0),
+            h0: Some(&h0[..d.state_len()]),
         };
         crate::wkv7::emu::forward_ckpt(self.wkv, &d, &x, y, ckpt)
     }
@@ -190,7 +191,8 @@ impl BackwardOps for EmuOps {
         scratch: &mut Vec<f32>,
     ) -> Result<()> {
         let d = crate::wkv7::Dims { b, t, h, n };
-        let [r, w, k, v, a, bb] = rwkvab;
+        let sl = d.seq_len();
+        let [r, w, k, v, a, bb] = rwkvab.map(|x| &x[..sl]);
         let x = crate::wkv7::Inputs {
             r,
             w,
@@ -198,7 +200,7 @@ impl BackwardOps for EmuOps {
             v,
             a,
             b: bb,
-            h0: Some(h0),
+            h0: Some(&h0[..d.state_len()]),
         };
         let [g0, g1, g2, g3, g4, g5] = grads;
         crate::wkv7::emu::backward_ckpt(

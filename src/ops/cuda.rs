@@ -250,6 +250,9 @@ impl DeviceOps for CudaOps {
         self.counters.download(4 * b.len());
         self.gpu.stream.clone_dtoh(b).map_err(cuda_err)
     }
+    unsafe fn raw_zero(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        self.gpu.stream.memset_zeros(x).map_err(cuda_err)
+    }
     unsafe fn raw_write(&self, h: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
         if h.is_empty() {
             return Ok(());
@@ -610,10 +613,9 @@ impl DeviceOps for CudaOps {
         unsafe { self.launch("ops_value_residual_f32", self.geom.elems(n), &p) }
     }
 
-    unsafe fn raw_add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
-        super::fits_i32("add", &[x.len()])?;
+    unsafe fn raw_add(&self, n: usize, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        super::fits_i32("add", &[n])?;
         let st = &self.gpu.stream;
-        let n = x.len();
         let (yp, _g1) = y.device_ptr(st);
         let (xp, _g2) = x.device_ptr_mut(st);
         let p = AddParams {

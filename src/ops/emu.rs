@@ -340,16 +340,16 @@ impl DeviceOps for EmuOps {
         unsafe { run("ops_value_residual_f32", self.geom.elems(v.len()), &p) }
     }
 
-    unsafe fn raw_add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
-        super::fits_i32("add", &[x.len()])?;
+    unsafe fn raw_add(&self, n: usize, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        super::fits_i32("add", &[n])?;
         let p = AddParams {
-            n: x.len() as i32,
+            n: n as i32,
             x: ptr_mut(x),
             y: ptr(y),
         };
-        // SAFETY: x holds n floats and y at least n (checked by the caller),
+        // SAFETY: x and y hold at least n floats (checked by the caller),
         // n fits i32 (checked above).
-        unsafe { run("ops_add_f32", self.geom.elems(x.len()), &p) }
+        unsafe { run("ops_add_f32", self.geom.elems(n), &p) }
     }
 
     unsafe fn raw_wkv(

@@ -343,6 +343,16 @@ pub trait DeviceOps {
         dst_off: usize,
         n: usize,
     ) -> Result<()>;
+    /// Sets every element of `x` to 0 (no allocation).
+    fn zero(&self, x: &mut Self::Buf) -> Result<()> {
+        self.counters().launch(counters::Op::Fill);
+        // SAFETY: the hook writes exactly the buffer it is given.
+        unsafe { self.raw_zero(x) }
+    }
+    /// # Safety
+    /// None beyond the borrow (kept `unsafe` like every hook).
+    #[doc(hidden)]
+    unsafe fn raw_zero(&self, x: &mut Self::Buf) -> Result<()>;
     /// Waits for queued work (no-op on the CPU backends).
     fn sync(&self) -> Result<()> {
         Ok(())
@@ -775,16 +785,21 @@ pub trait DeviceOps {
 
     /// In place on all of x: `x += y`.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()> {
-        need("y", self.len(y), 0, self.len(x))?;
+        self.add_n(x, y, self.len(x))
+    }
+    /// In place on the first `n` elements: `x[..n] += y[..n]`.
+    fn add_n(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<()> {
+        need("x", self.len(x), 0, n)?;
+        need("y", self.len(y), 0, n)?;
         self.counters().launch(counters::Op::Add);
-        // SAFETY: the size the hook relies on was checked just above.
-        unsafe { self.raw_add(x, y) }
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_add(n, x, y) }
     }
     /// # Safety
-    /// `y` must hold at least as many elements as `x` (what [`Self::add`]
+    /// `x` and `y` must hold at least `n` elements (what [`Self::add_n`]
     /// checks; the kernels' `int32` limit is the device backends' own check).
     #[doc(hidden)]
-    unsafe fn raw_add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    unsafe fn raw_add(&self, n: usize, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
 
     /// The WKV-7 recurrence for one sequence of `t` tokens: r … b, y
     /// `[T, H, N]` (exact lengths), `state [H, N, N]` value-major, updated.
@@ -1046,6 +1061,10 @@ macro_rules! host_buffer_ops {
         }
         unsafe fn raw_write(&self, h: &[f32], dst: &mut Vec<f32>) -> Result<()> {
             dst[..h.len()].copy_from_slice(h);
+            Ok(())
+        }
+        unsafe fn raw_zero(&self, x: &mut Vec<f32>) -> Result<()> {
+            x.fill(0.0);
             Ok(())
         }
         unsafe fn raw_copy(
@@ -1313,8 +1332,8 @@ impl DeviceOps for CpuOps {
         reference::value_residual(c, v, v_first, v0, dv);
         Ok(())
     }
-    unsafe fn raw_add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
-        reference::add(x, y);
+    unsafe fn raw_add(&self, n: usize, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        reference::add(&mut x[..n], &y[..n]);
         Ok(())
     }
     unsafe fn raw_wkv(

@@ -44,7 +44,7 @@ use crate::model::device::{upload_emb_ln, upload_layers, DevLayer};
 use crate::model::{Config, Model, Weights};
 use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use crate::ops::backward_ref::AdamStep;
-use crate::ops::{Act, BonusBufs, LN_EPS};
+use crate::ops::{Act, BonusBufs, Ids, LN_EPS};
 
 /// Rows of the head (`ln_out`, logits, loss) processed at once.
 pub const HEAD_ROWS: usize = 128;
@@ -121,6 +121,137 @@ impl std::str::FromStr for Recompute {
             ))),
         }
     }
+}
+
+/// What [`DeviceTuner::step_ws`] reports besides the device buffers.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    /// Σ mask over the batch.
+    pub n_tokens: f64,
+    /// Rows the DBP moments summed (Σ effective lengths).
+    pub count: f64,
+    /// [`DeviceTuner::plan_bytes`] of the workspace.
+    pub peak_bytes: usize,
+}
+
+/// A layer forward's temporaries (reused by every layer).
+pub struct FwdWs<B> {
+    xa: B,
+    mix: B,
+    hw: B,
+    ha: B,
+    hv: B,
+    hg: B,
+    out: B,
+    att: B,
+    xf: B,
+    kx: B,
+    hid: B,
+    ffn: B,
+    sa: B,
+    sf: B,
+}
+
+/// A layer backward's temporaries (reused by every layer).
+pub struct BwdWs<B> {
+    dh: B,
+    dkx: B,
+    dsf: B,
+    dxf: B,
+    dout: B,
+    dy: B,
+    dr: B,
+    dkt: B,
+    dv: B,
+    dg: B,
+    dhg: B,
+    /// the gradients of the six token-shift mixes
+    dmix: [B; 6],
+    /// the WKV backward's dr … db
+    wg: [B; 6],
+    dh0: B,
+    scratch: B,
+    dk: B,
+    ddapre: B,
+    dha: B,
+    dhw: B,
+    ddv: B,
+    dhv: B,
+    dres: B,
+    dsa: B,
+    dxa: B,
+}
+
+/// The head's temporaries for one block of [`HEAD_ROWS`] rows.
+pub struct HeadWs<B> {
+    xn: B,
+    lg: B,
+    lrow: B,
+    dxn: B,
+}
+
+/// Every device buffer a tuning step uses, allocated once for steps of up
+/// to `cap_b` sequences of up to `cap_t` tokens ([`DeviceTuner::workspace`],
+/// [`DeviceTuner::fit_ws`]) and reused: after the first step of a shape a
+/// step allocates nothing.
+pub struct StepWs<B> {
+    cap_b: usize,
+    cap_t: usize,
+    policy: Recompute,
+    observer: bool,
+    ids: Ids<B>,
+    tgt: Ids<B>,
+    mask: B,
+    soft: Option<B>,
+    /// per layer, the initial state the step starts from (`[C]`, `[C]`,
+    /// `[H, N, N]`, `U`): written by the caller
+    st1: Vec<LStart<B>>,
+    /// the same repeated per sequence
+    stb: Vec<LStart<B>>,
+    /// per layer, the state gradients summed over the batch
+    grads: Vec<LStart<B>>,
+    acc: Option<Vec<B>>,
+    /// `[2]`: the loss sum, the gradient's sum of squares
+    stats: B,
+    x: B,
+    vf: B,
+    dx: B,
+    dvf: B,
+    xin: Vec<B>,
+    tapes: Vec<Tape<B>>,
+    fw: FwdWs<B>,
+    bw: BwdWs<B>,
+    head: HeadWs<B>,
+    /// per layer `[H, N, N]`: `g·Rᵀ` under DBP
+    dbp_tmp: Option<Vec<B>>,
+}
+
+impl<B> StepWs<B> {
+    /// The largest batch (sequences, tokens) it fits.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.cap_b, self.cap_t)
+    }
+}
+
+/// Sequences with a masked position and the longest effective length.
+fn batch_shape(batch: &[Example]) -> (usize, usize) {
+    batch
+        .iter()
+        .map(effective_len)
+        .filter(|&t| t > 0)
+        .fold((0, 0), |(b, t), te| (b + 1, t.max(te)))
+}
+
+/// `h` padded with zeros to `n`.
+fn pad(h: &[u32], n: usize) -> Vec<u32> {
+    let mut v = h.to_vec();
+    v.resize(n.max(h.len()), 0);
+    v
+}
+
+/// `x[..n] += y[..n]`.
+fn add_n<O: BackwardOps>(o: &O, x: &mut O::Buf, y: &O::Buf, n: usize) -> Result<()> {
+    o.add_n(x, y, n)
 }
 
 /// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv
@@ -328,28 +459,6 @@ impl<O: BackwardOps> DeviceTuner<O> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn mm(
-        &self,
-        x: &O::Buf,
-        off: usize,
-        ldx: usize,
-        rows: usize,
-        w: &O::Buf,
-        n: usize,
-        k: usize,
-    ) -> Result<O::Buf> {
-        let mut y = self.ops.zeros(rows * n)?;
-        self.ops.matmul(x, off, ldx, rows, w, n, k, &mut y)?;
-        Ok(y)
-    }
-
-    fn mt(&self, dy: &O::Buf, rows: usize, w: &O::Buf, n: usize, k: usize) -> Result<O::Buf> {
-        let mut dx = self.ops.zeros(rows * k)?;
-        self.ops.matmul_t(dy, rows, w, n, k, &mut dx)?;
-        Ok(dx)
-    }
-
     fn dup(&self, x: &O::Buf, n: usize) -> Result<O::Buf> {
         let mut y = self.ops.zeros(n)?;
         self.ops.copy(x, 0, &mut y, 0, n)?;
@@ -366,27 +475,31 @@ impl<O: BackwardOps> DeviceTuner<O> {
         4 * (rows * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + c.n_head * m) + ck)
     }
 
-    /// Bytes of the temporaries one layer's forward or backward holds at
-    /// once beyond its tape (an upper bound: the six WKV gradients, the
-    /// `[rows, 6C]` mix and a few `[rows, C]` / `[rows, F]` buffers).
+    /// Bytes of the forward and backward temporaries of a layer (reused by
+    /// every layer): [`FwdWs`] and [`BwdWs`].
     fn work_bytes(&self, b: usize, t: usize) -> usize {
         let c = &self.cfg;
         let rows = b * t;
         let (_, sc) = self.ops.wkv_ws_len(b, t, c.n_head, c.head_size);
-        4 * (rows * (16 * c.n_embd + c.d_ffn.max(6 * c.n_embd)) + sc)
+        let (cc, f) = (c.n_embd, c.d_ffn);
+        let lora = c.d_w + c.d_a + c.d_v + c.d_g;
+        let fwd = rows * (15 * cc + f + lora) + 2 * b * cc;
+        let bwd =
+            rows * (28 * cc + f + lora) + 2 * b * cc + b * c.n_head * c.head_size * c.head_size;
+        4 * (fwd + bwd + sc)
     }
 
-    /// The activation memory a step over `b` sequences of `t` tokens plans
-    /// to hold at once under `policy` (bytes; weights, the tuned state and
-    /// the optimiser's moments not included).
+    /// The activation memory a step over `b` sequences of `t` tokens holds
+    /// under `policy` (bytes: the [`StepWs`] buffers; weights, the tuned
+    /// state and the optimiser's moments not included).
     pub fn plan_bytes(&self, b: usize, t: usize, policy: Recompute) -> usize {
         let c = &self.cfg;
         let (nl, rows, v) = (c.n_layer, b * t, c.vocab);
         let hnn = c.n_head * c.head_size * c.head_size;
-        // layer inputs (+ the final residual), v_first, dx, dv_first
-        let resid = 4 * rows * c.n_embd * (nl + 4);
-        let states = 4 * b * (2 * c.n_embd + hnn) * nl;
-        let head = 4 * HEAD_ROWS.min(rows) * (2 * v + 2 * c.n_embd);
+        // layer inputs, the residual, v_first, dx, dv_first, ids and mask
+        let resid = 4 * rows * (c.n_embd * (nl + 4) + 3);
+        let states = 4 * (b + 2) * (2 * c.n_embd + hnn + self.u_len()) * nl;
+        let head = 4 * HEAD_ROWS.min(rows) * (3 * v + 2 * c.n_embd + 1);
         let tapes = match policy {
             Recompute::KeepAll => nl,
             Recompute::PerLayer => 1,
@@ -394,12 +507,197 @@ impl<O: BackwardOps> DeviceTuner<O> {
         resid + states + head + tapes + self.work_bytes(b, t)
     }
 
+    /// A workspace for steps of up to `b` sequences of up to `t` tokens
+    /// (allocated here, once; [`Self::step_ws`] reuses it).
+    pub fn workspace(
+        &self,
+        b: usize,
+        t: usize,
+        observer: bool,
+        dbp: bool,
+    ) -> Result<StepWs<O::Buf>> {
+        self.workspace_for(b, t, observer, dbp, self.recompute)
+    }
+
+    /// [`Self::workspace`] with the tapes of `policy`.
+    fn workspace_for(
+        &self,
+        b: usize,
+        t: usize,
+        observer: bool,
+        dbp: bool,
+        policy: Recompute,
+    ) -> Result<StepWs<O::Buf>> {
+        let cfg = &self.cfg;
+        let (c, h, n, nl, v) = (
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.head_size,
+            cfg.n_layer,
+            cfg.vocab,
+        );
+        let (b, t) = (b.max(1), t.max(1));
+        let rows = b * t;
+        let tc = rows * c;
+        let hnn = h * n * n;
+        let ul = self.u_len();
+        let o = &self.ops;
+        let z = |k: usize| o.zeros(k.max(1));
+        let (ck, sc) = o.wkv_ws_len(b, t, h, n);
+        let has_vres = self.layers.iter().any(|l| l.vres.is_some());
+        let m = self.up.as_ref().map(|u| u.m);
+        let tape = || -> Result<Tape<O::Buf>> {
+            Ok(Tape {
+                r: z(tc)?,
+                k: z(tc)?,
+                vraw: z(tc)?,
+                v: z(tc)?,
+                kt: z(tc)?,
+                a: z(tc)?,
+                b: z(tc)?,
+                wdec: z(tc)?,
+                wpre: z(tc)?,
+                hw_pre: z(rows * cfg.d_w)?,
+                dapre: z(tc)?,
+                dvpre: if has_vres { Some(z(tc)?) } else { None },
+                hg_pre: z(rows * cfg.d_g)?,
+                g: z(tc)?,
+                y: z(tc)?,
+                x_mid: z(tc)?,
+                hpre: z(rows * cfg.d_ffn)?,
+                phi: match m {
+                    Some(m) => Some(z(rows * h * m)?),
+                    None => None,
+                },
+                ckpt: z(ck)?,
+            })
+        };
+        let n_tapes = match policy {
+            Recompute::KeepAll => nl,
+            Recompute::PerLayer => 1,
+        };
+        let lstart = |k: usize| -> Result<LStart<O::Buf>> {
+            Ok(LStart {
+                sa: z(k * c)?,
+                sf: z(k * c)?,
+                wkv: z(k * hnn)?,
+                u: if ul > 0 { Some(z(ul)?) } else { None },
+            })
+        };
+        let hr = HEAD_ROWS.min(rows);
+        Ok(StepWs {
+            cap_b: b,
+            cap_t: t,
+            policy,
+            observer,
+            ids: o.ids(&vec![0; rows], 1)?,
+            tgt: o.ids(&vec![0; rows], 1)?,
+            mask: z(rows)?,
+            soft: if observer { Some(z(hr * v)?) } else { None },
+            st1: (0..nl).map(|_| lstart(1)).collect::<Result<_>>()?,
+            stb: (0..nl).map(|_| lstart(b)).collect::<Result<_>>()?,
+            grads: (0..nl).map(|_| lstart(1)).collect::<Result<_>>()?,
+            acc: if dbp {
+                Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
+            } else {
+                None
+            },
+            stats: z(2)?,
+            x: z(tc)?,
+            vf: z(tc)?,
+            dx: z(tc)?,
+            dvf: z(tc)?,
+            xin: (0..nl).map(|_| z(tc)).collect::<Result<_>>()?,
+            tapes: (0..n_tapes).map(|_| tape()).collect::<Result<_>>()?,
+            fw: FwdWs {
+                xa: z(tc)?,
+                mix: z(6 * tc)?,
+                hw: z(rows * cfg.d_w)?,
+                ha: z(rows * cfg.d_a)?,
+                hv: z(rows * cfg.d_v)?,
+                hg: z(rows * cfg.d_g)?,
+                out: z(tc)?,
+                att: z(tc)?,
+                xf: z(tc)?,
+                kx: z(tc)?,
+                hid: z(rows * cfg.d_ffn)?,
+                ffn: z(tc)?,
+                sa: z(b * c)?,
+                sf: z(b * c)?,
+            },
+            bw: BwdWs {
+                dh: z(rows * cfg.d_ffn)?,
+                dkx: z(tc)?,
+                dsf: z(b * c)?,
+                dxf: z(tc)?,
+                dout: z(tc)?,
+                dy: z(tc)?,
+                dr: z(tc)?,
+                dkt: z(tc)?,
+                dv: z(tc)?,
+                dg: z(tc)?,
+                dhg: z(rows * cfg.d_g)?,
+                dmix: [z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?],
+                wg: [z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?],
+                dh0: z(b * hnn)?,
+                scratch: z(sc)?,
+                dk: z(tc)?,
+                ddapre: z(tc)?,
+                dha: z(rows * cfg.d_a)?,
+                dhw: z(rows * cfg.d_w)?,
+                ddv: z(tc)?,
+                dhv: z(rows * cfg.d_v)?,
+                dres: z(tc)?,
+                dsa: z(b * c)?,
+                dxa: z(tc)?,
+            },
+            head: HeadWs {
+                xn: z(hr * c)?,
+                lg: z(hr * v)?,
+                lrow: z(hr)?,
+                dxn: z(hr * c)?,
+            },
+            dbp_tmp: if dbp {
+                Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Makes `ws` fit a step of `b` sequences of `t` tokens: kept when it
+    /// is large enough and of the same kind, else allocated anew (grown to
+    /// the largest shape seen, so a run settles on one workspace).
+    pub fn fit_ws(
+        &self,
+        ws: &mut Option<StepWs<O::Buf>>,
+        b: usize,
+        t: usize,
+        observer: bool,
+        dbp: bool,
+    ) -> Result<()> {
+        let ok = ws.as_ref().is_some_and(|w| {
+            w.cap_b >= b
+                && w.cap_t >= t
+                && w.policy == self.recompute
+                && w.observer == observer
+                && w.acc.is_some() == dbp
+        });
+        if !ok {
+            let (b0, t0) = ws.as_ref().map_or((0, 0), |w| (w.cap_b, w.cap_t));
+            *ws = None; // free before allocating the larger one
+            *ws = Some(self.workspace(b.max(b0), t.max(t0), observer, dbp)?);
+        }
+        Ok(())
+    }
+
     /// One layer's forward over `b` sequences of `t` rows each (`x`
     /// `[B·T, C]`, updated in place) from the per-sequence states `st`
-    /// (`sa`, `sf` `[B, C]`, `wkv` `[B, H, N, N]`); `vf` is v_first
-    /// (written by layer 0, read by the others). With `tape`, returns what
-    /// the backward needs (the WKV checkpoints included); with `dbp`, adds
-    /// `Σ r rᵀ` over the first `lens[i]` rows of each sequence `i`.
+    /// (`sa`, `sf` `[B, C]`, `wkv` `[B, H, N, N]`), writing every
+    /// activation the backward needs into `tp` (the WKV checkpoints
+    /// included); `vf` is v_first (written by layer 0, read by the others);
+    /// with `dbp`, adds `Σ r rᵀ` over the first `lens[i]` rows of each
+    /// sequence `i`. No allocation: every buffer is the workspace's.
     #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
         &self,
@@ -409,149 +707,115 @@ impl<O: BackwardOps> DeviceTuner<O> {
         t: usize,
         st: &LStart<O::Buf>,
         vf: &mut O::Buf,
-        tape: bool,
+        tp: &mut Tape<O::Buf>,
+        fw: &mut FwdWs<O::Buf>,
         dbp: Option<(&mut O::Buf, &[usize])>,
-    ) -> Result<Option<Tape<O::Buf>>> {
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
         let rows = b * t;
         let tc = rows * c;
         let o = &self.ops;
         let ly = &self.layers[l];
+        let (dw, da, dv, dg, df) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g, cfg.d_ffn);
         // ---- time mix ----
-        let mut xa = o.zeros(tc)?;
-        o.layer_norm(x, 0, rows, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut xa)?;
-        let mut mix = o.zeros(6 * tc)?;
-        let mut sa = self.dup(&st.sa, b * c)?;
-        o.token_shift_b(b, t, c, &xa, &mut sa, &ly.mu6, 6, &mut mix)?;
-        drop(xa);
+        o.layer_norm(x, 0, rows, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut fw.xa)?;
+        o.copy(&st.sa, 0, &mut fw.sa, 0, b * c)?;
+        o.token_shift_b(b, t, c, &fw.xa, &mut fw.sa, &ly.mu6, 6, &mut fw.mix)?;
         let ld = 6 * c;
-        let r = self.mm(&mix, 0, ld, rows, &ly.r, c, c)?;
-        let k = self.mm(&mix, 2 * c, ld, rows, &ly.k, c, c)?;
-        let vraw = self.mm(&mix, 3 * c, ld, rows, &ly.v, c, c)?;
-        let hw_pre = self.mm(&mix, c, ld, rows, &ly.w1, cfg.d_w, c)?;
-        let mut hw = self.dup(&hw_pre, rows * cfg.d_w)?;
-        o.act(Act::Tanh, &mut hw, cfg.d_w, None)?;
-        let wpre = self.mm(&hw, 0, cfg.d_w, rows, &ly.w2, c, cfg.d_w)?;
-        drop(hw);
-        let mut wdec = self.dup(&wpre, tc)?;
-        o.act(Act::Decay, &mut wdec, c, Some(&ly.w0))?;
-        let ha = self.mm(&mix, 4 * c, ld, rows, &ly.a1, cfg.d_a, c)?;
-        let dapre = self.mm(&ha, 0, cfg.d_a, rows, &ly.a2, c, cfg.d_a)?;
-        drop(ha);
-        let mut v = self.dup(&vraw, tc)?;
-        let mut dvpre = None;
+        let mix = &fw.mix;
+        o.matmul(mix, 0, ld, rows, &ly.r, c, c, &mut tp.r)?;
+        o.matmul(mix, 2 * c, ld, rows, &ly.k, c, c, &mut tp.k)?;
+        o.matmul(mix, 3 * c, ld, rows, &ly.v, c, c, &mut tp.vraw)?;
+        o.matmul(mix, c, ld, rows, &ly.w1, dw, c, &mut tp.hw_pre)?;
+        o.copy(&tp.hw_pre, 0, &mut fw.hw, 0, rows * dw)?;
+        o.act(Act::Tanh, &mut fw.hw, dw, None)?;
+        o.matmul(&fw.hw, 0, dw, rows, &ly.w2, c, dw, &mut tp.wpre)?;
+        o.copy(&tp.wpre, 0, &mut tp.wdec, 0, tc)?;
+        o.act(Act::Decay, &mut tp.wdec, c, Some(&ly.w0))?;
+        o.matmul(mix, 4 * c, ld, rows, &ly.a1, da, c, &mut fw.ha)?;
+        o.matmul(&fw.ha, 0, da, rows, &ly.a2, c, da, &mut tp.dapre)?;
+        o.copy(&tp.vraw, 0, &mut tp.v, 0, tc)?;
         if l == 0 {
-            o.copy(&vraw, 0, vf, 0, tc)?;
+            o.copy(&tp.vraw, 0, vf, 0, tc)?;
         } else if let Some((v0, v1, v2)) = &ly.vres {
-            let hv = self.mm(&mix, 3 * c, ld, rows, v1, cfg.d_v, c)?;
-            let dv = self.mm(&hv, 0, cfg.d_v, rows, v2, c, cfg.d_v)?;
-            o.value_residual(c, &mut v, vf, v0, &dv)?;
-            dvpre = Some(dv);
+            let dvpre = tp
+                .dvpre
+                .as_mut()
+                .ok_or_else(|| Error::Tune("internal: no value-residual buffer".into()))?;
+            o.matmul(mix, 3 * c, ld, rows, v1, dv, c, &mut fw.hv)?;
+            o.matmul(&fw.hv, 0, dv, rows, v2, c, dv, dvpre)?;
+            o.value_residual(c, &mut tp.v, vf, v0, dvpre)?;
         }
-        let hg_pre = self.mm(&mix, 5 * c, ld, rows, &ly.g1, cfg.d_g, c)?;
-        let mut hg = self.dup(&hg_pre, rows * cfg.d_g)?;
-        o.act(Act::Sigmoid, &mut hg, cfg.d_g, None)?;
-        let g = self.mm(&hg, 0, cfg.d_g, rows, &ly.g2, c, cfg.d_g)?;
-        drop(hg);
-        drop(mix);
-        let (mut kt, mut a, mut bb) = (o.zeros(tc)?, o.zeros(tc)?, o.zeros(tc)?);
+        o.matmul(mix, 5 * c, ld, rows, &ly.g1, dg, c, &mut tp.hg_pre)?;
+        o.copy(&tp.hg_pre, 0, &mut fw.hg, 0, rows * dg)?;
+        o.act(Act::Sigmoid, &mut fw.hg, dg, None)?;
+        o.matmul(&fw.hg, 0, dg, rows, &ly.g2, c, dg, &mut tp.g)?;
         o.kk_prep(
-            rows, h, n, &k, &dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut kt, &mut a, &mut bb,
+            rows, h, n, &tp.k, &tp.dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut tp.kt, &mut tp.a,
+            &mut tp.b,
         )?;
         if let Some((acc, lens)) = dbp {
             for (i, &len) in lens.iter().enumerate().take(b) {
                 if len > 0 {
-                    o.outer_acc_rows(i * t, len.min(t), h, n, &r, acc)?;
+                    o.outer_acc_rows(i * t, len.min(t), h, n, &tp.r, acc)?;
                 }
             }
         }
-        let mut y = o.zeros(tc)?;
-        let (ck, _) = o.wkv_ws_len(b, t, h, n);
-        let mut ckpt = o.zeros(ck)?;
         o.wkv_fwd_ckpt(
             b,
             t,
             h,
             n,
-            [&r, &wdec, &kt, &v, &a, &bb],
+            [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
             &st.wkv,
-            &mut y,
-            &mut ckpt,
+            &mut tp.y,
+            &mut tp.ckpt,
         )?;
         // kernel-upscaled read-out: y += U φ(r)
-        let phi = match self.up_bufs(l, st)? {
-            Some(ub) => {
-                let mut phi = o.zeros(rows * h * ub.m)?;
-                o.up_fwd(rows, h, n, &ub, &r, &mut phi, &mut y)?;
-                Some(phi)
-            }
-            None => None,
-        };
-        let mut out = self.dup(&y, tc)?;
+        if let Some(ub) = self.up_bufs(l, st)? {
+            let phi = tp
+                .phi
+                .as_mut()
+                .ok_or_else(|| Error::Tune("internal: no upscale buffer".into()))?;
+            o.up_fwd(rows, h, n, &ub, &tp.r, phi, &mut tp.y)?;
+        }
+        o.copy(&tp.y, 0, &mut fw.out, 0, tc)?;
         o.group_norm(
             rows,
             h,
             n,
             LN_EPS * n as f32,
-            &mut out,
+            &mut fw.out,
             &ly.ln_x.0,
             &ly.ln_x.1,
             Some(BonusBufs {
-                r: &r,
-                k: &kt,
-                v: &v,
+                r: &tp.r,
+                k: &tp.kt,
+                v: &tp.v,
                 r_k: &ly.r_k,
             }),
-            Some(&g),
+            Some(&tp.g),
         )?;
-        let att = self.mm(&out, 0, c, rows, &ly.o, c, c)?;
-        drop(out);
-        o.add(x, &att)?;
-        drop(att);
-        let x_mid = if tape { Some(self.dup(x, tc)?) } else { None };
+        o.matmul(&fw.out, 0, c, rows, &ly.o, c, c, &mut fw.att)?;
+        add_n(o, x, &fw.att, tc)?;
+        o.copy(x, 0, &mut tp.x_mid, 0, tc)?;
         // ---- channel mix ----
-        let mut xf = o.zeros(tc)?;
-        o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut xf)?;
-        let mut kx = o.zeros(tc)?;
-        let mut sf = self.dup(&st.sf, b * c)?;
-        o.token_shift_b(b, t, c, &xf, &mut sf, &ly.ffn_mu, 1, &mut kx)?;
-        drop(xf);
-        let hpre = self.mm(&kx, 0, c, rows, &ly.fk, cfg.d_ffn, c)?;
-        drop(kx);
-        let mut hid = self.dup(&hpre, rows * cfg.d_ffn)?;
-        o.act(Act::ReluSq, &mut hid, cfg.d_ffn, None)?;
-        let ffn = self.mm(&hid, 0, cfg.d_ffn, rows, &ly.fv, c, cfg.d_ffn)?;
-        drop(hid);
-        o.add(x, &ffn)?;
-        Ok(x_mid.map(|x_mid| Tape {
-            r,
-            k,
-            vraw,
-            v,
-            kt,
-            a,
-            b: bb,
-            wdec,
-            wpre,
-            hw_pre,
-            dapre,
-            dvpre,
-            hg_pre,
-            g,
-            y,
-            x_mid,
-            hpre,
-            phi,
-            ckpt,
-        }))
+        o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut fw.xf)?;
+        o.copy(&st.sf, 0, &mut fw.sf, 0, b * c)?;
+        o.token_shift_b(b, t, c, &fw.xf, &mut fw.sf, &ly.ffn_mu, 1, &mut fw.kx)?;
+        o.matmul(&fw.kx, 0, c, rows, &ly.fk, df, c, &mut tp.hpre)?;
+        o.copy(&tp.hpre, 0, &mut fw.hid, 0, rows * df)?;
+        o.act(Act::ReluSq, &mut fw.hid, df, None)?;
+        o.matmul(&fw.hid, 0, df, rows, &ly.fv, c, df, &mut fw.ffn)?;
+        add_n(o, x, &fw.ffn, tc)
     }
 
     /// Backward of [`Self::layer_fwd`] over `b` sequences of `t` rows:
     /// `dx` holds ∂L/∂(layer output) and becomes ∂L/∂(layer input); `xin`
     /// is the layer input; `dvf` accumulates ∂L/∂v_first (layers ≥ 1) and
-    /// is consumed by layer 0. Adds the state gradients, summed over the
-    /// batch, to `g` (`sa`, `sf` `[C]`, `wkv` `[H, N, N]`, `u`).
+    /// is consumed by layer 0. Writes the state gradients, summed over the
+    /// batch, into `g` (`sa`, `sf` `[C]`, `wkv` `[H, N, N]`; `u` `+=`).
     #[allow(clippy::too_many_arguments)]
     fn layer_bwd(
         &self,
@@ -565,42 +829,26 @@ impl<O: BackwardOps> DeviceTuner<O> {
         t: usize,
         dvf: &mut O::Buf,
         g: &mut LStart<O::Buf>,
+        w: &mut BwdWs<O::Buf>,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
+        let (dwd, dad, dvd, dgd, df) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g, cfg.d_ffn);
         let rows = b * t;
         let tc = rows * c;
         let hnn = h * n * n;
         let o = &self.ops;
         let ly = &self.layers[l];
         // ---- channel mix ----
-        let mut dh = self.mt(dx, rows, &ly.fv, c, cfg.d_ffn)?;
-        o.act_bwd(
-            Act::ReluSq,
-            rows * cfg.d_ffn,
-            cfg.d_ffn,
-            &tp.hpre,
-            None,
-            &mut dh,
-        )?;
-        let dkx = self.mt(&dh, rows, &ly.fk, cfg.d_ffn, c)?;
-        drop(dh);
-        let mut dsf = o.zeros(b * c)?;
-        let mut dxf = o.zeros(tc)?;
-        o.token_shift_bwd_b(b, t, c, &[&dkx], &ly.ffn_mu, &mut dsf, &mut dxf)?;
-        drop(dkx);
-        o.sum_batch(b, c, &dsf, &mut g.sf, true)?;
-        o.layer_norm_bwd(&tp.x_mid, 0, rows, c, &ly.ln2.0, LN_EPS, &dxf, dx)?;
-        drop(dxf);
+        o.matmul_t(dx, rows, &ly.fv, c, df, &mut w.dh)?;
+        o.act_bwd(Act::ReluSq, rows * df, df, &tp.hpre, None, &mut w.dh)?;
+        o.matmul_t(&w.dh, rows, &ly.fk, df, c, &mut w.dkx)?;
+        o.zero(&mut w.dsf)?;
+        o.token_shift_bwd_b(b, t, c, &[&w.dkx], &ly.ffn_mu, &mut w.dsf, &mut w.dxf)?;
+        o.sum_batch(b, c, &w.dsf, &mut g.sf, false)?;
+        o.layer_norm_bwd(&tp.x_mid, 0, rows, c, &ly.ln2.0, LN_EPS, &w.dxf, dx)?;
         // ---- output projection, GroupNorm, bonus, gate ----
-        let dout = self.mt(dx, rows, &ly.o, c, c)?;
-        let (mut dy, mut dr, mut dkt, mut dv, mut dg) = (
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-        );
+        o.matmul_t(dx, rows, &ly.o, c, c, &mut w.dout)?;
         o.group_norm_bwd(
             rows,
             h,
@@ -615,43 +863,23 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 v: &tp.v,
                 r_k: &ly.r_k,
                 g: &tp.g,
-                dout: &dout,
+                dout: &w.dout,
             },
             GnBwdGrads {
-                dy: &mut dy,
-                dr: &mut dr,
-                dk: &mut dkt,
-                dv: &mut dv,
-                dg: &mut dg,
+                dy: &mut w.dy,
+                dr: &mut w.dr,
+                dk: &mut w.dkt,
+                dv: &mut w.dv,
+                dg: &mut w.dg,
             },
         )?;
-        drop(dout);
-        let mut dhg = self.mt(&dg, rows, &ly.g2, c, cfg.d_g)?;
-        drop(dg);
-        o.act_bwd(
-            Act::Sigmoid,
-            rows * cfg.d_g,
-            cfg.d_g,
-            &tp.hg_pre,
-            None,
-            &mut dhg,
-        )?;
-        let dmix5 = self.mt(&dhg, rows, &ly.g1, cfg.d_g, c)?;
-        drop(dhg);
+        let [dm0, dm1, dm2, dm3, dm4, dm5] = &mut w.dmix;
+        o.matmul_t(&w.dg, rows, &ly.g2, c, dgd, &mut w.dhg)?;
+        o.act_bwd(Act::Sigmoid, rows * dgd, dgd, &tp.hg_pre, None, &mut w.dhg)?;
+        o.matmul_t(&w.dhg, rows, &ly.g1, dgd, c, dm5)?;
         // ---- WKV (from the forward's checkpoints) ----
-        let mut wg: [O::Buf; 6] = [
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-            o.zeros(tc)?,
-        ];
-        let mut dh0 = o.zeros(b * hnn)?;
         {
-            let (_, sc) = o.wkv_ws_len(b, t, h, n);
-            let mut scratch = o.zeros(sc)?;
-            let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut wg;
+            let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut w.wg;
             o.wkv_bwd_ckpt(
                 b,
                 t,
@@ -660,16 +888,18 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
                 &st.wkv,
                 &tp.ckpt,
-                &dy,
+                &w.dy,
                 [w_r, w_w, w_k, w_v, w_a, w_b],
-                &mut dh0,
-                &mut scratch,
+                &mut w.dh0,
+                &mut w.scratch,
             )?;
         }
-        // the upscaled read-out: dU, and its part of dr
+        // the upscaled read-out: dU (+=), and its part of dr
         if let Some(ub) = self.up_bufs(l, st)? {
             match (&tp.phi, g.u.as_mut()) {
-                (Some(phi), Some(du)) => o.up_bwd(rows, h, n, &ub, &tp.r, phi, &dy, du, &mut dr)?,
+                (Some(phi), Some(du)) => {
+                    o.up_bwd(rows, h, n, &ub, &tp.r, phi, &w.dy, du, &mut w.dr)?
+                }
                 _ => {
                     return Err(Error::Tune(
                         "internal: upscale tape or gradient missing".into(),
@@ -677,16 +907,12 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 }
             }
         }
-        drop(dy);
-        o.sum_batch(b, hnn, &dh0, &mut g.wkv, true)?;
-        drop(dh0);
-        let [w_r, mut w_w, w_k, w_v, w_a, w_b] = wg;
-        o.add(&mut dr, &w_r)?;
-        o.add(&mut dkt, &w_k)?;
-        o.add(&mut dv, &w_v)?;
-        drop((w_r, w_k, w_v));
+        o.sum_batch(b, hnn, &w.dh0, &mut g.wkv, false)?;
+        let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut w.wg;
+        add_n(o, &mut w.dr, w_r, tc)?;
+        add_n(o, &mut w.dkt, w_k, tc)?;
+        add_n(o, &mut w.dv, w_v, tc)?;
         // ---- k̃, a, b → k, α ----
-        let (mut dk, mut ddapre) = (o.zeros(tc)?, o.zeros(tc)?);
         o.kk_prep_bwd(
             rows,
             h,
@@ -697,112 +923,50 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 a0: &ly.a0,
                 k_k: &ly.k_k,
                 k_a: &ly.k_a,
-                d_kout: &dkt,
-                d_a: &w_a,
-                d_b: &w_b,
+                d_kout: &w.dkt,
+                d_a: &*w_a,
+                d_b: &*w_b,
             },
-            &mut dk,
-            &mut ddapre,
+            &mut w.dk,
+            &mut w.ddapre,
         )?;
-        drop((dkt, w_a, w_b));
-        let dha = self.mt(&ddapre, rows, &ly.a2, c, cfg.d_a)?;
-        drop(ddapre);
-        let dmix4 = self.mt(&dha, rows, &ly.a1, cfg.d_a, c)?;
-        drop(dha);
+        o.matmul_t(&w.ddapre, rows, &ly.a2, c, dad, &mut w.dha)?;
+        o.matmul_t(&w.dha, rows, &ly.a1, dad, c, dm4)?;
         // ---- decay ----
-        o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), &mut w_w)?;
-        let mut dhw = self.mt(&w_w, rows, &ly.w2, c, cfg.d_w)?;
-        drop(w_w);
-        o.act_bwd(
-            Act::Tanh,
-            rows * cfg.d_w,
-            cfg.d_w,
-            &tp.hw_pre,
-            None,
-            &mut dhw,
-        )?;
-        let dmix1 = self.mt(&dhw, rows, &ly.w1, cfg.d_w, c)?;
-        drop(dhw);
+        o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), w_w)?;
+        o.matmul_t(w_w, rows, &ly.w2, c, dwd, &mut w.dhw)?;
+        o.act_bwd(Act::Tanh, rows * dwd, dwd, &tp.hw_pre, None, &mut w.dhw)?;
+        o.matmul_t(&w.dhw, rows, &ly.w1, dwd, c, dm1)?;
         // ---- value residual ----
-        let mut dmix3_res = None;
+        let mut res = false;
         if l == 0 {
-            o.add(&mut dv, dvf)?;
+            add_n(o, &mut w.dv, dvf, tc)?;
         } else if let (Some((v0, v1, v2)), Some(dvpre)) = (&ly.vres, &tp.dvpre) {
-            let mut ddv = o.zeros(tc)?;
-            o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut dv, dvf, &mut ddv)?;
-            let dhv = self.mt(&ddv, rows, v2, c, cfg.d_v)?;
-            drop(ddv);
-            dmix3_res = Some(self.mt(&dhv, rows, v1, cfg.d_v, c)?);
+            o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut w.dv, dvf, &mut w.ddv)?;
+            o.matmul_t(&w.ddv, rows, v2, c, dvd, &mut w.dhv)?;
+            o.matmul_t(&w.dhv, rows, v1, dvd, c, &mut w.dres)?;
+            res = true;
         }
         // ---- projections ----
-        let dmix0 = self.mt(&dr, rows, &ly.r, c, c)?;
-        let dmix2 = self.mt(&dk, rows, &ly.k, c, c)?;
-        let mut dmix3 = self.mt(&dv, rows, &ly.v, c, c)?;
-        drop((dr, dk, dv));
-        if let Some(d) = dmix3_res {
-            o.add(&mut dmix3, &d)?;
+        o.matmul_t(&w.dr, rows, &ly.r, c, c, dm0)?;
+        o.matmul_t(&w.dk, rows, &ly.k, c, c, dm2)?;
+        o.matmul_t(&w.dv, rows, &ly.v, c, c, dm3)?;
+        if res {
+            add_n(o, dm3, &w.dres, tc)?;
         }
-        let mut dsa = o.zeros(b * c)?;
-        let mut dxa = o.zeros(tc)?;
+        o.zero(&mut w.dsa)?;
         o.token_shift_bwd_b(
             b,
             t,
             c,
-            &[&dmix0, &dmix1, &dmix2, &dmix3, &dmix4, &dmix5],
+            &[&*dm0, &*dm1, &*dm2, &*dm3, &*dm4, &*dm5],
             &ly.mu6,
-            &mut dsa,
-            &mut dxa,
+            &mut w.dsa,
+            &mut w.dxa,
         )?;
-        o.sum_batch(b, c, &dsa, &mut g.sa, true)?;
-        o.layer_norm_bwd(xin, 0, rows, c, &ly.ln1.0, LN_EPS, &dxa, dx)?;
+        o.sum_batch(b, c, &w.dsa, &mut g.sa, false)?;
+        o.layer_norm_bwd(xin, 0, rows, c, &ly.ln1.0, LN_EPS, &w.dxa, dx)?;
         Ok(())
-    }
-
-    /// The head on rows `[r0, r0 + rows)` of the final residual `x`:
-    /// logits `[rows, V]` (on the device).
-    fn head_logits(&self, x: &O::Buf, r0: usize, rows: usize) -> Result<O::Buf> {
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
-        let o = &self.ops;
-        let mut xn = o.zeros(rows * c)?;
-        o.layer_norm(
-            x,
-            r0 * c,
-            rows,
-            c,
-            &self.ln_out.0,
-            &self.ln_out.1,
-            LN_EPS,
-            &mut xn,
-        )?;
-        self.mm(&xn, 0, c, rows, &self.head, v, c)
-    }
-
-    /// Each layer's initial state repeated for `b` sequences (`sa`, `sf`
-    /// `[B, C]`, `wkv` `[B, H, N, N]`; `U` shared, not copied).
-    fn broadcast(&self, st: &[LStart<O::Buf>], b: usize) -> Result<Vec<LStart<O::Buf>>> {
-        let c = self.cfg.n_embd;
-        let hnn = self.cfg.n_head * self.cfg.head_size * self.cfg.head_size;
-        let o = &self.ops;
-        let rep = |x: &O::Buf, n: usize| -> Result<O::Buf> {
-            let mut y = o.zeros(b * n)?;
-            for i in 0..b {
-                o.copy(x, 0, &mut y, i * n, n)?;
-            }
-            Ok(y)
-        };
-        st.iter()
-            .map(|s| {
-                Ok(LStart {
-                    sa: rep(&s.sa, c)?,
-                    sf: rep(&s.sf, c)?,
-                    wkv: rep(&s.wkv, hnn)?,
-                    u: match &s.u {
-                        Some(u) => Some(self.dup(u, self.u_len())?),
-                        None => None,
-                    },
-                })
-            })
-            .collect()
     }
 
     /// Logits `[T, V]` (host) of `tokens` from the initial state `st`.
@@ -812,36 +976,97 @@ impl<O: BackwardOps> DeviceTuner<O> {
         if t == 0 {
             return Ok(Vec::new());
         }
+        // one tape, reused by every layer
+        let mut ws = self.workspace_for(1, t, false, false, Recompute::PerLayer)?;
+        self.load_states(&mut ws, st)?;
+        self.broadcast(&mut ws, 1)?;
         let o = &self.ops;
-        let mut x = o.zeros(t * c)?;
-        o.embed(tokens, &self.emb_ln, c, &mut x)?;
-        let mut vf = o.zeros(t * c)?;
-        for (l, s) in st.iter().enumerate() {
-            self.layer_fwd(l, &mut x, 1, t, s, &mut vf, false, None)?;
+        let StepWs {
+            ids,
+            x,
+            vf,
+            stb,
+            tapes,
+            fw,
+            head,
+            ..
+        } = &mut ws;
+        o.write_ids(&pad(tokens, ids.len()), v, ids)?;
+        o.embed_ids(ids, &self.emb_ln, c, x)?;
+        for (l, s) in stb.iter().enumerate() {
+            self.layer_fwd(l, x, 1, t, s, vf, &mut tapes[0], fw, None)?;
         }
         let mut out = Vec::with_capacity(t * v);
         for r0 in (0..t).step_by(HEAD_ROWS) {
             let rows = HEAD_ROWS.min(t - r0);
-            let lg = self.head_logits(&x, r0, rows)?;
-            let mut hst = o.download(&lg)?;
-            hst.truncate(rows * v);
-            out.extend(hst);
+            self.head_logits(x, r0, rows, head)?;
+            let hst = o.download(&head.lg)?;
+            out.extend_from_slice(&hst[..rows * v]);
         }
         Ok(out)
     }
 
+    /// The head on rows `[r0, r0 + rows)` of the final residual `x`:
+    /// logits `[rows, V]` into `hw.lg`.
+    fn head_logits(
+        &self,
+        x: &O::Buf,
+        r0: usize,
+        rows: usize,
+        hw: &mut HeadWs<O::Buf>,
+    ) -> Result<()> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
+        let o = &self.ops;
+        o.layer_norm(
+            x,
+            r0 * c,
+            rows,
+            c,
+            &self.ln_out.0,
+            &self.ln_out.1,
+            LN_EPS,
+            &mut hw.xn,
+        )?;
+        o.matmul(&hw.xn, 0, c, rows, &self.head, v, c, &mut hw.lg)
+    }
+
+    /// Copies per-layer initial states into `ws.st1` (`U` included).
+    fn load_states(&self, ws: &mut StepWs<O::Buf>, st: &[LStart<O::Buf>]) -> Result<()> {
+        let c = self.cfg.n_embd;
+        let hnn = self.cfg.n_head * self.cfg.head_size * self.cfg.head_size;
+        let o = &self.ops;
+        for (d, s) in ws.st1.iter_mut().zip(st) {
+            o.copy(&s.sa, 0, &mut d.sa, 0, c)?;
+            o.copy(&s.sf, 0, &mut d.sf, 0, c)?;
+            o.copy(&s.wkv, 0, &mut d.wkv, 0, hnn)?;
+            if let (Some(su), Some(du)) = (&s.u, d.u.as_mut()) {
+                o.copy(su, 0, du, 0, self.u_len())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ws.stb` = `ws.st1` repeated for `b` sequences (`U` shared).
+    fn broadcast(&self, ws: &mut StepWs<O::Buf>, b: usize) -> Result<()> {
+        let c = self.cfg.n_embd;
+        let hnn = self.cfg.n_head * self.cfg.head_size * self.cfg.head_size;
+        let o = &self.ops;
+        for (d, s) in ws.stb.iter_mut().zip(&ws.st1) {
+            for i in 0..b {
+                o.copy(&s.sa, 0, &mut d.sa, i * c, c)?;
+                o.copy(&s.sf, 0, &mut d.sf, i * c, c)?;
+                o.copy(&s.wkv, 0, &mut d.wkv, i * hnn, hnn)?;
+            }
+            if let (Some(su), Some(du)) = (&s.u, d.u.as_mut()) {
+                o.copy(su, 0, du, 0, self.u_len())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Loss and state gradients of `batch` from the initial states `st`
-    /// (per layer). With `dbp`, also the DBP second moments of r.
-    ///
-    /// The whole batch runs at once: the examples are padded to the longest
-    /// effective length `T` (positions after an example's last masked one
-    /// cannot change its loss, so they are cut, and padding has mask 0),
-    /// every GEMM runs on `[B·T, ·]` rows, the WKV over `B × H` sequences,
-    /// the head in blocks of [`HEAD_ROWS`] rows over the batch. The layer
-    /// activations are kept for every layer ([`Recompute::KeepAll`]: one
-    /// WKV forward per layer) or recomputed one layer at a time in the
-    /// backward ([`Recompute::PerLayer`]: two); the WKV backward always
-    /// reads the checkpoints of the forward that made its tape.
+    /// (per layer). With `dbp`, also the DBP second moments of r. A
+    /// convenience over [`Self::step_ws`] with a fresh workspace.
     pub fn grad(
         &self,
         st: &[LStart<O::Buf>],
@@ -849,9 +1074,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         o: &GradOpts,
         dbp: bool,
     ) -> Result<DevGrad<O::Buf>> {
-        let cfg = &self.cfg;
-        let (c, nl, v) = (cfg.n_embd, cfg.n_layer, cfg.vocab);
-        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        let nl = self.cfg.n_layer;
         if st.len() != nl {
             return Err(Error::Shape {
                 name: "initial states".into(),
@@ -859,7 +1082,6 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 got: vec![st.len()],
             });
         }
-        check_batch(batch, o, v)?;
         let ul = self.u_len();
         for (l, s) in st.iter().enumerate() {
             let got = s.u.as_ref().map(|u| self.ops.len(u));
@@ -880,29 +1102,49 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 }
             }
         }
+        check_batch(batch, o, self.cfg.vocab)?;
+        let (b, t) = batch_shape(batch);
+        let mut ws = self.workspace(b, t, o.observer_weight > 0.0, dbp)?;
+        self.load_states(&mut ws, st)?;
+        let info = self.step_ws(&mut ws, batch, o)?;
+        let StepWs {
+            grads, acc, stats, ..
+        } = ws;
+        Ok(DevGrad {
+            stats,
+            n_tokens: info.n_tokens,
+            grads,
+            dbp: acc.map(|a| (a, info.count)),
+            peak_bytes: info.peak_bytes,
+        })
+    }
+
+    /// The step on a workspace: from the states in `ws.st1`, writes the
+    /// loss sum into `ws.stats[0]` (slot 1 is zeroed for the caller), the
+    /// state gradients into `ws.grads` and, when `ws` has them, the DBP
+    /// moments into `ws.acc`. `ws` must fit the batch ([`Self::fit_ws`]).
+    ///
+    /// The whole batch runs at once: the examples are padded to the longest
+    /// effective length `T` (positions after an example's last masked one
+    /// cannot change its loss, so they are cut, and padding has mask 0),
+    /// every GEMM runs on `[B·T, ·]` rows, the WKV over `B × H` sequences,
+    /// the head in blocks of [`HEAD_ROWS`] rows over the batch. The layer
+    /// activations are kept for every layer ([`Recompute::KeepAll`]: one
+    /// WKV forward per layer) or recomputed one layer at a time in the
+    /// backward ([`Recompute::PerLayer`]: two); the WKV backward always
+    /// reads the checkpoints of the forward that made its tape. After the
+    /// workspace exists nothing is allocated; the host sends the batch
+    /// (ids, targets, mask; soft targets per head block) and reads nothing.
+    pub fn step_ws(
+        &self,
+        ws: &mut StepWs<O::Buf>,
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<StepInfo> {
+        let cfg = &self.cfg;
+        let (c, nl, v) = (cfg.n_embd, cfg.n_layer, cfg.vocab);
+        check_batch(batch, o, v)?;
         let ops = &self.ops;
-        let mut grads = (0..nl)
-            .map(|_| {
-                Ok(LStart {
-                    sa: ops.zeros(c)?,
-                    sf: ops.zeros(c)?,
-                    wkv: ops.zeros(hnn)?,
-                    u: match self.up {
-                        Some(_) => Some(ops.zeros(ul)?),
-                        None => None,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut acc = if dbp {
-            Some(
-                (0..nl)
-                    .map(|_| ops.zeros(hnn))
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
         let n_tokens: f64 = batch
             .iter()
             .flat_map(|e| e.mask.iter())
@@ -914,15 +1156,34 @@ impl<O: BackwardOps> DeviceTuner<O> {
             .map(|e| (e, effective_len(e)))
             .filter(|&(_, te)| te > 0)
             .collect();
-        let b = live.len();
-        let t = live.iter().map(|&(_, te)| te).max().unwrap_or(0);
-        let mut stats = ops.zeros(2)?;
+        let (b, t) = batch_shape(batch);
+        let lam = o.observer_weight;
+        if b > ws.cap_b || t > ws.cap_t || (lam > 0.0 && ws.soft.is_none()) {
+            return Err(Error::Tune(format!(
+                "internal: a workspace for {}×{} used for a batch of {b}×{t}",
+                ws.cap_b, ws.cap_t
+            )));
+        }
+        ops.zero(&mut ws.stats)?;
+        if let Some(acc) = ws.acc.as_mut() {
+            for a in acc.iter_mut() {
+                ops.zero(a)?;
+            }
+        }
+        for g in ws.grads.iter_mut() {
+            if let Some(u) = g.u.as_mut() {
+                ops.zero(u)?;
+            }
+        }
         if b == 0 {
-            return Ok(DevGrad {
-                stats,
+            for g in ws.grads.iter_mut() {
+                ops.zero(&mut g.sa)?;
+                ops.zero(&mut g.sf)?;
+                ops.zero(&mut g.wkv)?;
+            }
+            return Ok(StepInfo {
                 n_tokens,
-                grads,
-                dbp: acc.map(|a| (a, 0.0)),
+                count: 0.0,
                 peak_bytes: 0,
             });
         }
@@ -930,95 +1191,116 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let count = lens.iter().sum::<usize>() as f64;
         let rows = b * t;
         let tc = rows * c;
-        let mut tokens = vec![0u32; rows];
-        let mut targets = vec![0u32; rows];
-        let mut mask = vec![0f32; rows];
+        let cap = ws.ids.len();
+        let mut tokens = vec![0u32; cap];
+        let mut targets = vec![0u32; cap];
+        let mut mask = vec![0f32; cap];
         for (i, &(e, te)) in live.iter().enumerate() {
             tokens[i * t..i * t + te].copy_from_slice(&e.tokens[..te]);
             targets[i * t..i * t + te].copy_from_slice(&e.targets[..te]);
             mask[i * t..i * t + te].copy_from_slice(&e.mask[..te]);
         }
-        let lam = o.observer_weight;
-        let stb = self.broadcast(st, b)?;
-        let keep = self.recompute == Recompute::KeepAll;
+        self.broadcast(ws, b)?;
+        let peak_bytes = self.plan_bytes(ws.cap_b, ws.cap_t, self.recompute);
+        let StepWs {
+            ids,
+            tgt,
+            mask: mask_d,
+            soft,
+            stb,
+            grads,
+            acc,
+            stats,
+            x,
+            vf,
+            dx,
+            dvf,
+            xin,
+            tapes,
+            fw,
+            bw,
+            head,
+            ..
+        } = ws;
+        ops.write_ids(&tokens, v, ids)?;
+        ops.write_ids(&targets, v, tgt)?;
+        ops.write(&mask, mask_d)?;
+        let keep = tapes.len() == nl;
         // forward: keep every layer's input (and, under KeepAll, its tape)
-        let mut x = ops.zeros(tc)?;
-        ops.embed(&tokens, &self.emb_ln, c, &mut x)?;
-        let mut vf = ops.zeros(tc)?;
-        let mut xin = Vec::with_capacity(nl);
-        let mut tapes = Vec::with_capacity(if keep { nl } else { 0 });
+        ops.embed_ids(ids, &self.emb_ln, c, x)?;
         for (l, s) in stb.iter().enumerate() {
-            xin.push(self.dup(&x, tc)?);
+            ops.copy(x, 0, &mut xin[l], 0, tc)?;
             let a = acc.as_mut().map(|a| (&mut a[l], &lens[..]));
-            let tp = self.layer_fwd(l, &mut x, b, t, s, &mut vf, keep, a)?;
-            tapes.extend(tp);
+            let tp = &mut tapes[if keep { l } else { 0 }];
+            self.layer_fwd(l, x, b, t, s, vf, tp, fw, a)?;
         }
         // head: loss (summed on the device) and ∂L/∂x, in row blocks over
         // the batch
-        let mut dx = ops.zeros(tc)?;
+        ops.zero(dx)?;
         let mut soft_h = Vec::new();
         for r0 in (0..rows).step_by(HEAD_ROWS) {
             let nr = HEAD_ROWS.min(rows - r0);
-            let mut lg = self.head_logits(&x, r0, nr)?;
-            let soft = if lam > 0.0 {
-                soft_h.clear();
-                soft_h.resize(nr * v, 0.0);
-                for (j, row) in soft_h.chunks_mut(v).enumerate() {
-                    let (i, p) = ((r0 + j) / t, (r0 + j) % t);
-                    if let (Some(s), true) = (&live[i].0.soft, p < lens[i]) {
-                        row.copy_from_slice(&s[p * v..(p + 1) * v]);
+            self.head_logits(x, r0, nr, head)?;
+            let sb = match (lam > 0.0, soft.as_mut()) {
+                (true, Some(sb)) => {
+                    soft_h.clear();
+                    soft_h.resize(nr * v, 0.0);
+                    for (j, row) in soft_h.chunks_mut(v).enumerate() {
+                        let (i, p) = ((r0 + j) / t, (r0 + j) % t);
+                        if let (Some(s), true) = (&live[i].0.soft, p < lens[i]) {
+                            row.copy_from_slice(&s[p * v..(p + 1) * v]);
+                        }
                     }
+                    ops.write(&soft_h, sb)?;
+                    Some(&*sb)
                 }
-                Some(ops.upload(&soft_h)?)
-            } else {
-                None
+                _ => None,
             };
-            let mut lrow = ops.zeros(nr)?;
-            ops.xent(
+            ops.xent_ids(
+                r0,
                 nr,
                 v,
-                &mut lg,
-                &targets[r0..r0 + nr],
-                &mask[r0..r0 + nr],
-                soft.as_ref(),
+                &mut head.lg,
+                tgt,
+                mask_d,
+                sb,
                 lam,
-                &mut lrow,
+                &mut head.lrow,
             )?;
-            ops.reduce_acc(false, nr, &lrow, &mut stats, 0)?;
-            let dxn = self.mt(&lg, nr, &self.head, v, c)?;
-            ops.layer_norm_bwd(&x, r0 * c, nr, c, &self.ln_out.0, LN_EPS, &dxn, &mut dx)?;
+            ops.reduce_acc(false, nr, &head.lrow, stats, 0)?;
+            ops.matmul_t(&head.lg, nr, &self.head, v, c, &mut head.dxn)?;
+            ops.layer_norm_bwd(x, r0 * c, nr, c, &self.ln_out.0, LN_EPS, &head.dxn, dx)?;
         }
-        drop(x);
         // backward, last layer first (recomputing the layer under PerLayer)
-        let mut dvf = ops.zeros(tc)?;
+        ops.zero(dvf)?;
         for l in (0..nl).rev() {
-            let tape = match tapes.pop() {
-                Some(tp) => tp,
-                None => {
-                    let mut xl = self.dup(&xin[l], tc)?;
-                    self.layer_fwd(l, &mut xl, b, t, &stb[l], &mut vf, true, None)?
-                        .ok_or_else(|| Error::Tune("internal: no tape".into()))?
-                }
+            let tp = if keep {
+                &mut tapes[l]
+            } else {
+                let tp = &mut tapes[0];
+                // the forward again from the layer's input (x is free now)
+                ops.copy(&xin[l], 0, x, 0, tc)?;
+                self.layer_fwd(l, x, b, t, &stb[l], vf, tp, fw, None)?;
+                tp
             };
             self.layer_bwd(
                 l,
-                &tape,
+                tp,
                 &xin[l],
                 &stb[l],
-                &vf,
-                &mut dx,
+                vf,
+                dx,
                 b,
                 t,
-                &mut dvf,
+                dvf,
                 &mut grads[l],
+                bw,
             )?;
         }
-        Ok(DevGrad {
-            stats,
+        Ok(StepInfo {
             n_tokens,
-            grads,
-            dbp: acc.map(|a| (a, count)),
-            peak_bytes: self.plan_bytes(b, t, self.recompute),
+            count,
+            peak_bytes,
         })
     }
 
@@ -1119,6 +1401,8 @@ pub struct DeviceEngine<O: BackwardOps> {
     dbp: Option<(Dbp, Vec<O::Buf>)>,
     /// Peak activation bytes of the last step.
     pub last_peak_bytes: usize,
+    /// The step's device buffers, kept between steps ([`StepWs`]).
+    ws: Option<StepWs<O::Buf>>,
 }
 
 impl<O: BackwardOps> DeviceEngine<O> {
@@ -1201,6 +1485,7 @@ impl<O: BackwardOps> DeviceEngine<O> {
             sizes,
             dbp: None,
             last_peak_bytes: 0,
+            ws: None,
         };
         if let Some((eta, kappa)) = dbp {
             let d = Dbp::new(&w.config, eta, kappa)?;
@@ -1305,38 +1590,58 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
     }
     fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
         let cfg = self.tuner.config().clone();
-        let (h, n, nl) = (cfg.n_head, cfg.head_size, cfg.n_layer);
-        let st = self.states()?;
-        let dg = self
-            .tuner
-            .grad(&st, batch, &self.opts, self.dbp.is_some())?;
-        drop(st);
-        self.last_peak_bytes = dg.peak_bytes;
+        let (c, h, n, nl) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer);
+        let hnn = h * n * n;
+        check_batch(batch, &self.opts, cfg.vocab)?;
+        let (b, t) = batch_shape(batch);
+        let observer = self.opts.observer_weight > 0.0;
+        self.tuner
+            .fit_ws(&mut self.ws, b, t, observer, self.dbp.is_some())?;
+        let ws = self
+            .ws
+            .as_mut()
+            .ok_or_else(|| Error::Tune("internal: no workspace".into()))?;
         let o = self.tuner.ops();
-        // gradients in params order; g′ = g·Rᵀ under DBP
-        let mut grads: Vec<O::Buf> = Vec::with_capacity(self.params.len());
-        let mut sas = Vec::new();
-        let mut sfs = Vec::new();
-        let mut us = Vec::new();
-        for (l, g) in dg.grads.into_iter().enumerate() {
-            let gw = match &self.dbp {
+        // the effective initial states (S = S′·R under DBP) into ws.st1
+        for l in 0..nl {
+            let d = &mut ws.st1[l];
+            match &self.dbp {
                 Some((_, r)) => {
-                    let mut out = o.zeros(h * n * n)?;
-                    o.batched_matmul(h, n, &g.wkv, &r[l], true, &mut out)?;
-                    out
+                    o.batched_matmul(h, n, &self.params[l], &r[l], false, &mut d.wkv)?
                 }
-                None => g.wkv,
-            };
-            grads.push(gw);
-            sas.push(g.sa);
-            sfs.push(g.sf);
-            us.extend(g.u);
+                None => o.copy(&self.params[l], 0, &mut d.wkv, 0, hnn)?,
+            }
+            if self.with_shift {
+                o.copy(&self.params[nl + l], 0, &mut d.sa, 0, c)?;
+                o.copy(&self.params[2 * nl + l], 0, &mut d.sf, 0, c)?;
+            } else {
+                o.zero(&mut d.sa)?;
+                o.zero(&mut d.sf)?;
+            }
+            if let (Some(p), Some(u)) = (self.params.get(self.n_state + l), d.u.as_mut()) {
+                o.copy(p, 0, u, 0, self.sizes[self.n_state + l])?;
+            }
+        }
+        let info = self.tuner.step_ws(ws, batch, &self.opts)?;
+        self.last_peak_bytes = info.peak_bytes;
+        // gradients in params order; g′ = g·Rᵀ under DBP
+        if let (Some((_, r)), Some(tmp)) = (&self.dbp, ws.dbp_tmp.as_mut()) {
+            for l in 0..nl {
+                o.batched_matmul(h, n, &ws.grads[l].wkv, &r[l], true, &mut tmp[l])?;
+            }
+        }
+        let mut grads: Vec<&O::Buf> = Vec::with_capacity(self.params.len());
+        for l in 0..nl {
+            grads.push(match (&self.dbp, &ws.dbp_tmp) {
+                (Some(_), Some(tmp)) => &tmp[l],
+                _ => &ws.grads[l].wkv,
+            });
         }
         if self.with_shift {
-            grads.extend(sas);
-            grads.extend(sfs);
+            grads.extend(ws.grads.iter().map(|g| &g.sa));
+            grads.extend(ws.grads.iter().map(|g| &g.sf));
         }
-        grads.extend(us);
+        grads.extend(ws.grads.iter().filter_map(|g| g.u.as_ref()));
         if grads.len() != self.params.len() {
             return Err(Error::Tune(format!(
                 "internal: {} gradients for {} parameters",
@@ -1346,10 +1651,10 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         }
         // norm, clipping and Adam on the device: Σ g² into the step's
         // scalars, read there by every Adam launch
-        let inv = 1.0 / dg.n_tokens.max(1.0);
-        let mut stats = dg.stats;
+        let inv = 1.0 / info.n_tokens.max(1.0);
+        let stats = &mut ws.stats;
         for (g, &len) in grads.iter().zip(&self.sizes) {
-            o.reduce_acc(true, len, g, &mut stats, 1)?;
+            o.reduce_acc(true, len, g, stats, 1)?;
         }
         let t = self.t + 1;
         let a = self.adam;
@@ -1368,7 +1673,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 self.sizes[i],
                 &s,
                 clip as f32,
-                &stats,
+                stats,
                 &mut self.params[i],
                 g,
                 &mut self.m[i],
@@ -1376,14 +1681,14 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             )?;
         }
         // the step's one download: loss and Σ g²
-        let host = o.download(&stats)?;
+        let host = o.download(stats)?;
         let (loss, ss) = (host[0] as f64, host[1] as f64);
         let grad_norm = ss.sqrt() * inv;
         // a non-finite norm: the kernels left every parameter unchanged
         super::engine::check_grad_norm(grad_norm)?;
         self.t = t;
-        if let (Some((acc, count)), true) = (&dg.dbp, self.dbp.is_some()) {
-            let stats = self.tuner.stats(acc, *count)?;
+        if let (Some(acc), true) = (&ws.acc, self.dbp.is_some()) {
+            let stats = self.tuner.stats(acc, info.count)?;
             let hnn = self.hnn();
             let (tr, r_new) = {
                 let (d, _) = self.dbp.as_mut().ok_or_else(|| Error::Tune("dbp".into()))?;
@@ -1408,7 +1713,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         o.sync()?;
         Ok(StepOut {
             loss_sum: loss,
-            n_tokens: dg.n_tokens,
+            n_tokens: info.n_tokens,
             grad_norm,
         })
     }
