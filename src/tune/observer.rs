@@ -6,7 +6,7 @@
 //! (`GradOpts::observer_weight`, implemented in [`super::grad`]).
 use rayon::prelude::*;
 
-use super::grad::{forward_logits, Example, TunedState};
+use super::grad::{forward_logits, loss_and_grad, Example, GradOpts, TunedState};
 use crate::error::{Error, Result};
 use crate::model::weights::Weights;
 
@@ -50,6 +50,40 @@ pub fn fill_soft_targets(
         e.soft = Some(p);
         Ok(())
     })
+}
+
+/// `λ·KL(teacher ‖ student)` alone, without the CE, on the masked positions
+/// of `batch` (every example must carry `soft`): the positions where only
+/// the observer supervises (unlabelled prompts, or the prompt positions).
+/// Computed as the engine's `CE + λ·KL` minus its CE (`observer_weight = 0`)
+/// on the same batch, so it needs no change to the engine; costs two
+/// passes. Returns `(Σ mask·λ·KL, Σ mask, gradient)`.
+pub fn kl_only_loss_and_grad(
+    w: &Weights,
+    s: &TunedState,
+    batch: &[Example],
+    o: &GradOpts,
+) -> Result<(f64, f64, TunedState)> {
+    if let Some(i) = batch.iter().position(|e| e.soft.is_none()) {
+        return Err(Error::Tune(format!(
+            "kl_only_loss_and_grad: batch[{i}] has no soft targets"
+        )));
+    }
+    let a = loss_and_grad(w, s, batch, o)?;
+    let b = loss_and_grad(
+        w,
+        s,
+        batch,
+        &GradOpts {
+            observer_weight: 0.0,
+            ..o.clone()
+        },
+    )?;
+    let mut g = a.grad;
+    for (x, y) in g.params_mut().into_iter().zip(b.grad.params()) {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x -= y);
+    }
+    Ok((a.loss - b.loss, a.n_tokens, g))
 }
 
 /// How well soft targets predict the hard targets, over the masked

@@ -45,8 +45,10 @@ pub struct CompareArgs {
     /// Observer KL weight λ.
     #[arg(long, default_value_t = 1.0)]
     pub observer_weight: f32,
-    /// Observer soft-target temperature: targets softmax(logits / T).
-    #[arg(long, default_value_t = 1.0)]
+    /// Observer soft-target temperature: targets softmax(logits / T). Below
+    /// 1 sharpens the observer's (under-confident) distribution towards its
+    /// argmax; see docs/observer.md for why 0.25.
+    #[arg(long, default_value_t = 0.25)]
     pub observer_temp: f32,
     /// Steps the observer's own state is tuned for (default: --steps).
     #[arg(long)]
@@ -150,7 +152,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     if a.observer_weight != 1.0 {
         command += &format!(" --observer-weight {}", a.observer_weight);
     }
-    if a.observer_temp != 1.0 {
+    if a.observer_temp != 0.25 {
         command += &format!(" --observer-temp {}", a.observer_temp);
     }
     if let Some(k) = a.observer_steps {
