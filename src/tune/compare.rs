@@ -18,7 +18,7 @@ use super::data::{pad_batch, ByteTokenizer, Dataset, Loader};
 use super::dbp::Dbp;
 use super::demo;
 use super::grad::{self, Example, GradOpts, HeadVector, TunedState};
-use super::observer::fill_soft_targets;
+use super::observer::{fill_soft_targets, kl_only_loss_and_grad, soft_target_stats, SoftStats};
 use super::optim::{clip_global_norm, Adam, AdamConfig, Schedule};
 use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
 use crate::error::{Error, Result};
@@ -57,6 +57,25 @@ impl Method {
     }
 }
 
+/// Which positions of a training example carry the observer's KL term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlPositions {
+    /// The masked (response) positions only, where the CE is too.
+    Response,
+    /// Every position: CE + λ·KL on the response, λ·KL alone on the prompt.
+    All,
+}
+
+impl KlPositions {
+    /// The CLI / report spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            KlPositions::Response => "response",
+            KlPositions::All => "all",
+        }
+    }
+}
+
 /// Settings of a comparison (all methods share them).
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
@@ -91,6 +110,17 @@ pub struct CompareConfig {
     pub observer_weight: f32,
     pub observer_temperature: f32,
     pub observer_steps: u64,
+    /// Positions carrying the KL term.
+    pub observer_positions: KlPositions,
+    /// Labels-scarce variant: only the first `labelled` training examples
+    /// keep their responses; every method trains on those alone, except the
+    /// observer method, which also gets the other training prompts with the
+    /// observer's greedy response, supervised by λ·KL alone (no labels).
+    /// The observer itself is tuned on the labelled examples only when
+    /// `observer_labelled_only`, else on the whole training set (a stronger
+    /// model that already does the task). `None`: all labelled.
+    pub labelled: Option<usize>,
+    pub observer_labelled_only: bool,
 }
 
 impl CompareConfig {
@@ -112,8 +142,14 @@ impl CompareConfig {
             upscale_source: HeadVector::Receptance,
             observer_layers: 4,
             observer_weight: 1.0,
-            observer_temperature: 1.0,
+            // docs/observer.md: at T = 1 the tuned observer's argmax is the
+            // label on 98.9% of the training positions but its target puts
+            // only 0.47 there, the rest spread thin (entropy 3.3 nats).
+            observer_temperature: 0.25,
             observer_steps: steps,
+            observer_positions: KlPositions::Response,
+            labelled: None,
+            observer_labelled_only: false,
         }
     }
 
@@ -127,6 +163,26 @@ impl CompareConfig {
             return Err(Error::Tune(
                 "compare: n_train and n_valid must be at least 1".into(),
             ));
+        }
+        if let Some(k) = self.labelled {
+            if k == 0 || k > self.n_train {
+                return Err(Error::Tune(format!(
+                    "compare: labelled = {k} (must be in 1..=n_train = {})",
+                    self.n_train
+                )));
+            }
+        }
+        if !(self.observer_temperature.is_finite() && self.observer_temperature > 0.0) {
+            return Err(Error::Tune(format!(
+                "compare: observer temperature = {} (must be finite and > 0)",
+                self.observer_temperature
+            )));
+        }
+        if !(self.observer_weight.is_finite() && self.observer_weight >= 0.0) {
+            return Err(Error::Tune(format!(
+                "compare: observer weight = {} (must be finite and ≥ 0)",
+                self.observer_weight
+            )));
         }
         if self.observer_layers == 0 || self.upscale_m == 0 {
             return Err(Error::Tune(
@@ -155,6 +211,13 @@ pub struct Row {
     pub accuracy: Option<f64>,
     /// Mean training loss over the last 10 steps.
     pub train_loss: f64,
+    /// Training examples this method saw (labelled, and for the observer
+    /// method also the observer-labelled prompts).
+    pub train_examples: usize,
+    /// Largest global gradient norm before clipping (after the 1/n mean),
+    /// and the steps whose norm exceeded the clip.
+    pub max_grad_norm: f64,
+    pub clipped_steps: u64,
     /// Wall time of the training steps and evaluations.
     pub seconds: f64,
 }
@@ -175,6 +238,17 @@ pub struct Comparison {
     pub observer_loss: f64,
     pub observer_accuracy: Option<f64>,
     pub observer_seconds: f64,
+    /// The observer's soft targets on the training examples against their
+    /// labels, rows `soft[t−1]`, `soft[t]` (as used), `soft[t+1]`; and on the
+    /// held-out examples (`soft[t]`).
+    pub observer_train_stats: [SoftStats; 3],
+    pub observer_valid_stats: SoftStats,
+    /// Labelled training examples, unlabelled prompts given to the observer
+    /// method, and the observer's greedy responses on them that equal the
+    /// withheld reference.
+    pub labelled: usize,
+    pub unlabelled: usize,
+    pub greedy_hits: usize,
     /// The target used for "steps to reach".
     pub target: f64,
     pub rows: Vec<Row>,
@@ -252,14 +326,25 @@ fn accuracy(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<Option<f64>
     Ok(Some(hits as f64 / valid.tasks.len() as f64))
 }
 
-/// Scales every gradient tensor by `1/n` and clips to the global norm.
-fn mean_and_clip(grads: &mut [Vec<f32>], n: f64, clip: f64) {
+/// Scales every gradient tensor by `1/n` and clips to the global norm;
+/// returns the norm before clipping.
+fn mean_and_clip(grads: &mut [Vec<f32>], n: f64, clip: f64) -> f64 {
     let inv = (1.0 / n.max(1.0)) as f32;
     for g in grads.iter_mut() {
         g.iter_mut().for_each(|x| *x *= inv);
     }
     let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
-    clip_global_norm(&mut refs, clip);
+    clip_global_norm(&mut refs, clip)
+}
+
+/// Pads a batch; drops `soft` unless `keep_soft` (pad_batch pads the soft
+/// rows with zeros, which the mask excludes).
+fn padded(refs: &[&Example], keep_soft: bool) -> Vec<Example> {
+    let mut b = pad_batch(refs);
+    if !keep_soft {
+        b.iter_mut().for_each(|e| e.soft = None);
+    }
+    b
 }
 
 /// What a method's parameters mean for evaluation.
@@ -280,12 +365,16 @@ fn to_vecs(p: Vec<&[f32]>) -> Vec<Vec<f32>> {
 }
 
 /// Trains one method; returns its row (without `steps_to_target`) and the
-/// trained plain state (for methods that have one).
+/// trained plain state (for methods that have one). `kl_only` (observer
+/// method only; same length as `train`): per training example, the
+/// positions that carry `λ·KL` without a CE (its mask) and their soft
+/// targets; `train[i]`'s own mask carries CE + λ·KL.
 #[allow(clippy::too_many_arguments)]
 fn train_method(
     method: Method,
     w: &Weights,
     train: &[Example],
+    kl_only: Option<&[Option<Example>]>,
     valid: &Dataset,
     kernel: Option<&Kernel>,
     cc: &CompareConfig,
@@ -326,25 +415,41 @@ fn train_method(
     let mut loader = Loader::new(train.len(), cc.seed);
     let mut curve = vec![(0, held_out_loss(w, &snapshot(&st, &ups, &dbp)?, valid)?)];
     let mut hist = Vec::with_capacity(steps as usize);
+    if let Some(k) = kl_only {
+        if method != Method::Observer || k.len() != train.len() {
+            return Err(Error::Tune(format!(
+                "compare: KL-only positions for {} ({} for {} examples)",
+                method.name(),
+                k.len(),
+                train.len()
+            )));
+        }
+    }
+    let is_obs = method == Method::Observer;
+    let (mut max_norm, mut clipped) = (0.0f64, 0u64);
     for step in 0..steps {
         let idx = loader.next_batch(cc.batch);
-        let refs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
-        let mut batch = pad_batch(&refs);
-        let v = cfg.vocab;
-        for e in batch.iter_mut() {
-            if method != Method::Observer {
-                e.soft = None;
-            } else if let Some(p) = e.soft.as_mut() {
-                // pad_batch pads tokens, not the soft targets (mask 0 there)
-                p.resize(e.tokens.len() * v, 0.0);
-            }
-        }
+        let refs: Vec<&Example> = idx
+            .iter()
+            .map(|&i| &train[i])
+            .filter(|e| e.mask.iter().any(|&m| m > 0.0))
+            .collect();
+        let batch = padded(&refs, is_obs);
+        let kl_refs: Vec<&Example> = kl_only.map_or(Vec::new(), |k| {
+            idx.iter().filter_map(|&i| k[i].as_ref()).collect()
+        });
+        let kl_batch = padded(&kl_refs, true);
         let lr = schedule.lr_at(step);
+        let mut clip_norm = |g: &mut Vec<Vec<f32>>, n: f64| {
+            let norm = mean_and_clip(g, n, cc.clip);
+            max_norm = max_norm.max(norm);
+            clipped += (cc.clip > 0.0 && norm > cc.clip) as u64;
+        };
         let (loss, n) = match (&mut ups, &mut dbp) {
             (Some((k, u)), _) => {
                 let o = upscale::loss_and_grad_upscaled(w, k, u, &batch, &opts)?;
                 let mut g = to_vecs(o.grad.params());
-                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                clip_norm(&mut g, o.n_tokens);
                 let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
                 adam.step(&mut u.params_mut(), &gr, lr)?;
                 (o.loss, o.n_tokens)
@@ -354,7 +459,7 @@ fn train_method(
                 let o = grad::loss_and_grad_dbp(w, &s, &batch, &opts)?;
                 let gp = d.grad_to_prime(&o.grad)?;
                 let mut g = to_vecs(gp.params());
-                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                clip_norm(&mut g, o.n_tokens);
                 let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
                 adam.step(&mut st.params_mut(), &gr, lr)?;
                 if let Some(stats) = &o.dbp_stats {
@@ -363,12 +468,25 @@ fn train_method(
                 (o.loss, o.n_tokens)
             }
             (None, None) => {
-                let o = grad::loss_and_grad(w, &st, &batch, &opts)?;
-                let mut g = to_vecs(o.grad.params());
-                mean_and_clip(&mut g, o.n_tokens, cc.clip);
+                let (mut loss, mut n, mut g) = if batch.is_empty() {
+                    let z: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![0.0; k]).collect();
+                    (0.0, 0.0, z)
+                } else {
+                    let o = grad::loss_and_grad(w, &st, &batch, &opts)?;
+                    (o.loss, o.n_tokens, to_vecs(o.grad.params()))
+                };
+                if !kl_batch.is_empty() {
+                    let (kl, nk, gk) = kl_only_loss_and_grad(w, &st, &kl_batch, &opts)?;
+                    for (x, y) in g.iter_mut().zip(gk.params()) {
+                        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+                    }
+                    loss += kl;
+                    n += nk;
+                }
+                clip_norm(&mut g, n);
                 let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
                 adam.step(&mut st.params_mut(), &gr, lr)?;
-                (o.loss, o.n_tokens)
+                (loss, n)
             }
         };
         let l = loss / n.max(1.0);
@@ -401,6 +519,19 @@ fn train_method(
             steps_to_target: None,
             accuracy: acc,
             train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+            train_examples: match kl_only {
+                Some(k) => (0..train.len())
+                    .filter(|&i| {
+                        train[i].mask.iter().any(|&m| m > 0.0)
+                            || k[i]
+                                .as_ref()
+                                .is_some_and(|e| e.mask.iter().any(|&m| m > 0.0))
+                    })
+                    .count(),
+                None => train.len(),
+            },
+            max_grad_norm: max_norm,
+            clipped_steps: clipped,
             seconds: t0.elapsed().as_secs_f64(),
         },
         final_state,
@@ -446,6 +577,12 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
     let base_accuracy = accuracy(&w, &zero, &valid)?;
     progress(&format!("untuned: held-out loss {base_loss:.4}"));
 
+    let n_lab = cc
+        .labelled
+        .unwrap_or(train_ds.examples.len())
+        .min(train_ds.examples.len());
+    let train_lab = &train_ds.examples[..n_lab];
+
     // Observer: deeper model of the same family, its state tuned first.
     let t_obs = Instant::now();
     let ocfg = observer_config(cc.observer_layers);
@@ -453,7 +590,12 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
     let (orow, ostate) = train_method(
         Method::Plain,
         &ow,
-        &train_ds.examples,
+        if cc.observer_labelled_only {
+            train_lab
+        } else {
+            &train_ds.examples
+        },
+        None,
         &valid,
         None,
         cc,
@@ -464,19 +606,112 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         },
         0.0,
     )?;
-    let mut soft_train = train_ds.examples.clone();
-    fill_soft_targets(&ow, Some(&ostate), &mut soft_train, cc.observer_temperature)?;
+    let temp = cc.observer_temperature;
+    // The observer's targets on the labelled training examples, and how they
+    // line up with the labels (shift 0 is how the engine pairs them).
+    let mut soft_all = train_ds.examples.clone();
+    fill_soft_targets(&ow, Some(&ostate), &mut soft_all, temp)?;
+    let v = cfg.vocab;
+    let observer_train_stats = [
+        soft_target_stats(&soft_all, v, -1)?,
+        soft_target_stats(&soft_all, v, 0)?,
+        soft_target_stats(&soft_all, v, 1)?,
+    ];
+    let mut soft_valid = valid.examples.clone();
+    fill_soft_targets(&ow, Some(&ostate), &mut soft_valid, temp)?;
+    let observer_valid_stats = soft_target_stats(&soft_valid, v, 0)?;
+    // The observer method's data: CE + λ·KL on the labelled responses;
+    // λ·KL alone on the prompts (positions = all) and on the unlabelled
+    // prompts' observer-written responses (labels-scarce).
+    let mut obs_train: Vec<Example> = Vec::with_capacity(soft_all.len());
+    let mut kl_only: Vec<Option<Example>> = Vec::with_capacity(soft_all.len());
+    let (mut greedy_hits, mut unlabelled) = (0usize, 0usize);
+    for (i, e) in soft_all.into_iter().enumerate() {
+        if i < n_lab {
+            let prompt_kl = (cc.observer_positions == KlPositions::All).then(|| Example {
+                mask: e
+                    .mask
+                    .iter()
+                    .map(|&m| if m > 0.0 { 0.0 } else { 1.0 })
+                    .collect(),
+                ..e.clone()
+            });
+            kl_only.push(prompt_kl);
+            obs_train.push(e);
+            continue;
+        }
+        let Some(first) = e.mask.iter().position(|&m| m > 0.0) else {
+            continue;
+        };
+        let prompt = &e.tokens[..first + 1];
+        let mut seq = prompt.to_vec();
+        let max_new = 16;
+        for _ in 0..max_new {
+            let lg = grad::forward_logits(&ow, &ostate, &seq)?;
+            let row = &lg[lg.len() - v..];
+            let mut best = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = j;
+                }
+            }
+            seq.push(best as u32);
+            if best == b'\n' as usize {
+                break;
+            }
+        }
+        let truth: Vec<u32> = e.tokens[first..]
+            .iter()
+            .skip(1)
+            .chain(e.targets.last())
+            .copied()
+            .collect();
+        unlabelled += 1;
+        greedy_hits += (seq[first + 1..] == truth[..]) as usize;
+        let n = seq.len() - 1;
+        let mut t = Example {
+            tokens: seq[..n].to_vec(),
+            targets: seq[1..].to_vec(),
+            mask: (0..n)
+                .map(|j| {
+                    if j >= first || cc.observer_positions == KlPositions::All {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            soft: None,
+        };
+        fill_soft_targets(&ow, Some(&ostate), std::slice::from_mut(&mut t), temp)?;
+        kl_only.push(Some(t));
+        // no labels: nothing carries the CE
+        obs_train.push(Example {
+            mask: vec![0.0; e.mask.len()],
+            ..e
+        });
+    }
+    let use_kl_only = kl_only.iter().any(|k| k.is_some());
     let observer_seconds = t_obs.elapsed().as_secs_f64();
     let observer = format!(
         "the same family with {} layers (width {}, seeded random weights, seed {}), its \
-         initial state first plain-tuned on the same training data for {} steps (not charged \
-         to the student's budget); soft targets softmax(logits/{}) with λ = {}",
+         initial state first plain-tuned on {} for {} steps (not charged to the student's \
+         budget); soft targets softmax(logits/{}) with λ = {}, KL on the {} positions",
         ocfg.n_layer,
         ocfg.n_embd,
         demo::DEMO_MODEL_SEED.wrapping_add(1),
+        if cc.observer_labelled_only && n_lab < train_ds.examples.len() {
+            format!("the {n_lab} labelled training examples")
+        } else {
+            "the whole labelled training set".to_string()
+        },
         cc.observer_steps,
         cc.observer_temperature,
-        cc.observer_weight
+        cc.observer_weight,
+        match cc.observer_positions {
+            KlPositions::Response => "response (masked)",
+            KlPositions::All => "response and prompt",
+        }
     );
     progress(&format!(
         "observer ready: held-out loss {:.4} ({:.1} s)",
@@ -486,7 +721,7 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
     let kernel = Kernel::fit(
         &w,
         &TunedState::zeros(&cfg, false),
-        &train_ds.examples,
+        train_lab,
         &UpscaleConfig {
             m: cc.upscale_m,
             source: cc.upscale_source,
@@ -497,15 +732,16 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
 
     let mut rows = Vec::new();
     for m in Method::ALL {
-        let data = if m == Method::Observer {
-            &soft_train
+        let (data, klo) = if m == Method::Observer {
+            (&obs_train[..], use_kl_only.then_some(&kl_only[..]))
         } else {
-            &train_ds.examples
+            (train_lab, None)
         };
         let (row, _) = train_method(
             m,
             &w,
             data,
+            klo,
             &valid,
             Some(&kernel),
             cc,
@@ -542,6 +778,11 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         observer_loss: orow.final_loss,
         observer_accuracy: orow.accuracy,
         observer_seconds,
+        observer_train_stats,
+        observer_valid_stats,
+        labelled: n_lab,
+        unlabelled,
+        greedy_hits,
         target,
         rows,
     })
@@ -555,20 +796,23 @@ impl Comparison {
     /// The results table (markdown): one row per method.
     pub fn table(&self) -> String {
         let mut s = String::from(
-            "| method | trainable params | steps to held-out loss ≤ target | final held-out loss (nats/byte) | exact match | train objective, last 10 steps (observer: CE + λ·KL) | wall s |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+            "| method | trainable params | train examples | steps to held-out loss ≤ target | final held-out loss (nats/byte) | exact match | train objective, last 10 steps (observer: CE + λ·KL) | max grad norm (steps clipped) | wall s |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {} | {:.4} | {} | {:.4} | {:.1} |\n",
+                "| {} | {} | {} | {} | {:.4} | {} | {:.4} | {:.3} ({}) | {:.1} |\n",
                 r.method.name(),
                 r.params,
+                r.train_examples,
                 r.steps_to_target
                     .map_or(format!("not reached in {}", self.config.steps), |k| k
                         .to_string()),
                 r.final_loss,
                 pct(r.accuracy),
                 r.train_loss,
+                r.max_grad_norm,
+                r.clipped_steps,
                 r.seconds
             );
         }
@@ -682,6 +926,36 @@ impl Comparison {
             pct(self.observer_accuracy),
             self.observer_seconds
         );
+        let st = |x: &SoftStats| {
+            format!(
+                "mean p(label) {:.3}, −ln p(label) {:.3}, entropy {:.3} nats, argmax = label {:.1}%",
+                x.mean_p_target,
+                x.ce,
+                x.entropy,
+                100.0 * x.argmax_hits
+            )
+        };
+        let [m1, s0, p1] = &self.observer_train_stats;
+        s += &format!(
+            "- The observer's soft targets against the labels, over the {} masked training \
+             positions: {}. Shifted by one (alignment check): soft[t−1] vs targets[t]: argmax = \
+             label {:.1}%; soft[t+1]: {:.1}%. Held-out ({} positions): {}.\n",
+            s0.positions,
+            st(s0),
+            100.0 * m1.argmax_hits,
+            100.0 * p1.argmax_hits,
+            self.observer_valid_stats.positions,
+            st(&self.observer_valid_stats)
+        );
+        if self.unlabelled > 0 || self.labelled < c.n_train {
+            s += &format!(
+                "- **Labels scarce**: only {} of the {} training examples keep their responses; \
+                 plain, DBP and upscaled train on those {} alone. The observer method also gets \
+                 the other {} training prompts with the observer's greedy response (equal to the \
+                 withheld reference on {} of them), supervised by λ·KL alone.\n",
+                self.labelled, c.n_train, self.labelled, self.unlabelled, self.greedy_hits
+            );
+        }
         s += &format!(
             "- Target held-out loss: {:.4} nats/byte ({}).\n\n",
             self.target,

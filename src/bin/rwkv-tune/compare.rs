@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use rwkv_tune::tune::compare::{run_comparison, CompareConfig};
+use rwkv_tune::tune::compare::{run_comparison, CompareConfig, KlPositions};
 use rwkv_tune::tune::grad::HeadVector;
 
 /// Compare plain state tuning, DBP, the kernel-upscaled state and the
@@ -45,12 +45,42 @@ pub struct CompareArgs {
     /// Observer KL weight λ.
     #[arg(long, default_value_t = 1.0)]
     pub observer_weight: f32,
+    /// Observer soft-target temperature: targets softmax(logits / T). Below
+    /// 1 sharpens the observer's (under-confident) distribution towards its
+    /// argmax; see docs/observer.md for why 0.25.
+    #[arg(long, default_value_t = 0.25)]
+    pub observer_temp: f32,
+    /// Steps the observer's own state is tuned for (default: --steps).
+    #[arg(long)]
+    pub observer_steps: Option<u64>,
+    /// Positions that carry the observer's KL: the response (where the CE
+    /// is) or all (KL alone on the prompt too).
+    #[arg(long, value_enum, default_value_t = Positions::Response)]
+    pub observer_positions: Positions,
+    /// Labels-scarce variant: only the first N training examples keep their
+    /// responses (every method trains on those); the observer method also
+    /// gets the other training prompts, supervised by the observer alone.
+    #[arg(long)]
+    pub labelled: Option<usize>,
+    /// With --labelled: tune the observer on the labelled examples only
+    /// (default: on the whole training set).
+    #[arg(long)]
+    pub observer_labelled_only: bool,
+    /// Global-norm gradient clipping (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
     /// Write the markdown report here (else print it).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Machine description for the report (default: detected core count).
     #[arg(long)]
     pub machine: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Positions {
+    Response,
+    All,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +122,17 @@ pub fn run(a: CompareArgs) -> Result<()> {
         Source::Receptance => HeadVector::Receptance,
     };
     cc.observer_weight = a.observer_weight;
+    cc.observer_temperature = a.observer_temp;
+    if let Some(k) = a.observer_steps {
+        cc.observer_steps = k;
+    }
+    cc.clip = a.clip;
+    cc.observer_positions = match a.observer_positions {
+        Positions::Response => KlPositions::Response,
+        Positions::All => KlPositions::All,
+    };
+    cc.labelled = a.labelled;
+    cc.observer_labelled_only = a.observer_labelled_only;
     let mut command = format!(
         "cargo run --release -- compare --steps {} --seed {} --batch {} --eval-every {}",
         a.steps, a.seed, a.batch, a.eval_every
@@ -110,6 +151,24 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     if a.observer_weight != 1.0 {
         command += &format!(" --observer-weight {}", a.observer_weight);
+    }
+    if a.observer_temp != 0.25 {
+        command += &format!(" --observer-temp {}", a.observer_temp);
+    }
+    if let Some(k) = a.observer_steps {
+        command += &format!(" --observer-steps {k}");
+    }
+    if a.observer_positions != Positions::Response {
+        command += " --observer-positions all";
+    }
+    if let Some(k) = a.labelled {
+        command += &format!(" --labelled {k}");
+    }
+    if a.observer_labelled_only {
+        command += " --observer-labelled-only";
+    }
+    if a.clip != 1.0 {
+        command += &format!(" --clip {}", a.clip);
     }
     if let Some(m) = &a.machine {
         command += &format!(" --machine {m:?}");
