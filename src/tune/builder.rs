@@ -10,6 +10,8 @@
 //! ([`super::train::train_with`]) and exports the result (the state file, and
 //! the upscale sidecar when upscaled). `rwkv-tune tune` is this module behind
 //! a command line: progress lines go to the caller's `say`.
+use super::device::Recompute;
+use crate::ops::counters::Snapshot;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +74,9 @@ pub struct EngineOptions {
     pub init_state: Option<PathBuf>,
     /// Seed of the upscale kernel's k-means fit.
     pub seed: u64,
+    /// What the device engines keep between forward and backward
+    /// (ignored on the CPU, whose engine recomputes per chunk).
+    pub recompute: Recompute,
 }
 
 /// The engine builder: the options and the opened device.
@@ -199,14 +204,16 @@ impl EngineBuilder {
                 DeviceKind::Cpu => Box::new(UpscaleEngine::new(w, kernel, start, adam, dbp, grad)?),
                 DeviceKind::Emu => {
                     let ops = EmuOps::default().with_wkv(o.wkv);
-                    let eng = DeviceEngine::new_upscaled(ops, w, &kernel, &start, adam, dbp, grad)?;
+                    let mut eng =
+                        DeviceEngine::new_upscaled(ops, w, &kernel, &start, adam, dbp, grad)?;
+                    eng.set_recompute(o.recompute);
                     Box::new(OnDevice {
                         eng,
                         kernel: Some(kernel),
                     })
                 }
                 DeviceKind::Cuda => {
-                    let eng = DeviceEngine::new_upscaled(
+                    let mut eng = DeviceEngine::new_upscaled(
                         self.cuda()?,
                         w,
                         &kernel,
@@ -215,6 +222,7 @@ impl EngineBuilder {
                         dbp,
                         grad,
                     )?;
+                    eng.set_recompute(o.recompute);
                     Box::new(OnDevice {
                         eng,
                         kernel: Some(kernel),
@@ -227,15 +235,15 @@ impl EngineBuilder {
                     DeviceKind::Cpu => Box::new(HostEngine::new(w, start, adam, dbp, grad)?),
                     DeviceKind::Emu => {
                         let ops = EmuOps::default().with_wkv(o.wkv);
-                        Box::new(OnDevice {
-                            eng: DeviceEngine::new(ops, w, &start, adam, dbp, grad)?,
-                            kernel: None,
-                        })
+                        let mut eng = DeviceEngine::new(ops, w, &start, adam, dbp, grad)?;
+                        eng.set_recompute(o.recompute);
+                        Box::new(OnDevice { eng, kernel: None })
                     }
-                    DeviceKind::Cuda => Box::new(OnDevice {
-                        eng: DeviceEngine::new(self.cuda()?, w, &start, adam, dbp, grad)?,
-                        kernel: None,
-                    }),
+                    DeviceKind::Cuda => {
+                        let mut eng = DeviceEngine::new(self.cuda()?, w, &start, adam, dbp, grad)?;
+                        eng.set_recompute(o.recompute);
+                        Box::new(OnDevice { eng, kernel: None })
+                    }
                 }
             }
         };
@@ -387,6 +395,15 @@ trait Built {
     fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
         Ok(None)
     }
+    /// Activation bytes a step of `b` sequences of `t` tokens will hold
+    /// (device engines).
+    fn plan_bytes(&self, _b: usize, _t: usize) -> Option<usize> {
+        None
+    }
+    /// The ops counters so far (device engines).
+    fn counters(&self) -> Option<Snapshot> {
+        None
+    }
 }
 
 impl Built for HostEngine<'_> {
@@ -425,6 +442,13 @@ impl<O: BackwardOps> Built for OnDevice<O> {
     }
     fn peak_bytes(&self) -> Option<usize> {
         Some(self.eng.last_peak_bytes)
+    }
+    fn plan_bytes(&self, b: usize, t: usize) -> Option<usize> {
+        let tu = self.eng.tuner();
+        Some(tu.plan_bytes(b, t, tu.recompute()))
+    }
+    fn counters(&self) -> Option<Snapshot> {
+        Some(self.eng.tuner().ops().counters().snapshot())
     }
     fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
         match &self.kernel {
@@ -471,6 +495,19 @@ impl Tuning<'_> {
     /// included).
     pub fn peak_bytes(&self) -> Option<usize> {
         self.engine.peak_bytes()
+    }
+
+    /// The activation memory a step of `b` sequences of `t` tokens plans to
+    /// hold on the device (device engines only; [`DeviceTuner::plan_bytes`]).
+    ///
+    /// [`DeviceTuner::plan_bytes`]: super::device::DeviceTuner::plan_bytes
+    pub fn plan_bytes(&self, b: usize, t: usize) -> Option<usize> {
+        self.engine.plan_bytes(b, t)
+    }
+
+    /// The device's ops counters so far (device engines only).
+    pub fn counters(&self) -> Option<Snapshot> {
+        self.engine.counters()
     }
 
     /// The tuning loop ([`train_with`]) on this run's engine.

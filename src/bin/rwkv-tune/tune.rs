@@ -13,6 +13,7 @@ use rwkv_tune::tune::builder::{
 };
 use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
+use rwkv_tune::tune::device::Recompute;
 use rwkv_tune::tune::eval::EvalResult;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
 use rwkv_tune::tune::train::TrainConfig;
@@ -196,8 +197,10 @@ pub struct TuneArgs {
     /// λ, the weight of the observer's KL term.
     #[arg(long, default_value_t = 1.0)]
     pub observer_weight: f32,
-    /// Temperature of the observer's distribution.
-    #[arg(long, default_value_t = 1.0)]
+    /// Temperature of the observer's distribution. Default 0.25: at 1 a
+    /// task-tuned observer's targets are too flat and the KL pulls the
+    /// student towards noise (docs/observer.md measures 1, 0.5, 0.25, 2).
+    #[arg(long, default_value_t = 0.25)]
     pub observer_temp: f32,
     /// Where to run: cpu (default), cuda (GPU 0) or emu (the device engine
     /// on the CPU emulator). cuda/emu keep the tuned state and Adam's moments
@@ -211,6 +214,18 @@ pub struct TuneArgs {
     /// carry ~1e-5 relative error). Ignored on --device cpu.
     #[arg(long, value_parser = ["v1", "v2"], default_value = "v1")]
     pub wkv: String,
+    /// What the device engines (cuda, emu) keep between a step's forward
+    /// and backward: `keep` every layer's activations (one WKV forward per
+    /// layer; the most memory) or `layer` only the layer inputs, recomputing
+    /// one layer's forward right before its backward (two WKV forwards per
+    /// layer; one layer's activations at a time). The planned device memory
+    /// is printed before training. Ignored on --device cpu.
+    #[arg(long, value_parser = ["keep", "layer"], default_value = "keep")]
+    pub recompute: String,
+    /// Print the device's ops counters (launches per op, allocations,
+    /// transfers) after training (cuda, emu).
+    #[arg(long, short)]
+    pub verbose: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -240,12 +255,8 @@ fn tokenizer_for(spec: Option<&str>, vocab: usize) -> Result<Box<dyn Tokenize>> 
     Ok(Box::new(tok))
 }
 
-fn print_peak(bytes: usize) {
-    println!(
-        "device activations: {:.1} MiB at most per example (from the buffer sizes; weights and \
-         states not included)",
-        bytes as f64 / (1u64 << 20) as f64
-    );
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 fn print_eval(label: &str, r: &EvalResult, unit: &str) {
@@ -282,10 +293,41 @@ pub fn run(a: TuneArgs) -> Result<()> {
     let tc = train_config(&a, defaults, decay)?;
 
     // The engine for --device × --upscale × DBP × --observer, then the loop.
+    let (batch, recompute) = (tc.batch, a.recompute.clone());
     let mut tuning = builder.build(&model, &train_ds, valid_ds.as_ref(), tc, &mut say)?;
+    let ctx = train_ds
+        .examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(0);
+    if let Some(b) = tuning.plan_bytes(batch, ctx) {
+        println!(
+            "device activations planned: {:.1} MiB for a step of {batch} × {ctx} tokens \
+             (--recompute {recompute}; from the buffer sizes, weights and states not included)",
+            mib(b)
+        );
+    }
+    let c0 = tuning.counters();
     let rep = tuning.run()?;
     if let Some(b) = tuning.peak_bytes() {
-        print_peak(b);
+        println!(
+            "device activations: {:.1} MiB in the last step's workspace",
+            mib(b)
+        );
+    }
+    if let (true, Some(c0), Some(c1)) = (a.verbose, c0, tuning.counters()) {
+        let d = c1.since(&c0);
+        let per = |x: u64| x as f64 / rep.steps.max(1) as f64;
+        println!("device ops counters over the run (training, validation and checkpoints):\n  {d}");
+        println!(
+            "  per step on average: {:.1} op launches, {:.1} allocations, {:.1} uploads, \
+             {:.1} downloads",
+            per(d.total_launches()),
+            per(d.allocs),
+            per(d.uploads),
+            per(d.downloads)
+        );
     }
     if let Some(s) = rep.resumed_from {
         println!("resumed from step {s}");
@@ -499,6 +541,11 @@ fn engine_options(a: &TuneArgs) -> EngineOptions {
         }),
         init_state: a.init_state.clone(),
         seed: a.seed,
+        recompute: if a.recompute == "layer" {
+            Recompute::PerLayer
+        } else {
+            Recompute::KeepAll
+        },
     }
 }
 
