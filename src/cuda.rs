@@ -34,11 +34,31 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Whether `RWKV_TUNE_REQUIRE_GPU=1` is set: tests and checks that would
+/// skip for want of a GPU (no driver, no device, kernels not built) fail
+/// instead (the GPU check runs with it).
+pub fn require_gpu() -> bool {
+    std::env::var("RWKV_TUNE_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Reports a GPU test that cannot run: panics when [`require_gpu`], else
+/// prints `SKIPPED: <what>: <why>` to stderr.
+pub fn skip_gpu(what: &str, why: &dyn std::fmt::Display) {
+    assert!(
+        !require_gpu(),
+        "RWKV_TUNE_REQUIRE_GPU=1 but {what} cannot run: {why}"
+    );
+    eprintln!("SKIPPED: {what}: {why}");
+}
+
 pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{e:?}"))
 }
 
-/// One GPU: context, stream, and the kernel modules loaded on it.
+/// One GPU: context, stream, and the kernel modules loaded on it. Every
+/// launch and copy of the project runs on `stream`: a stream of its own
+/// ([`Gpu::new`]) or the caller's ([`Gpu::on_stream`]), never the context's
+/// legacy default stream.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -61,7 +81,25 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(|e| {
             Error::CudaUnavailable(format!("cannot open CUDA device {ordinal}: {e:?}"))
         })?;
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(cuda_err)?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The GPU of the caller's `stream` (and its context): everything this
+    /// `Gpu` and the ops built on it queue runs on that stream, ordered with
+    /// the caller's own work there. Errors when the kernels were not
+    /// compiled into this build.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        if !kernels_built() {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread().map_err(cuda_err)?;
         Ok(Gpu {
             ctx,
             stream,

@@ -960,7 +960,7 @@ fn backward_ops_cuda() {
     let gpu = match rwkv_tune::cuda::Gpu::new(0) {
         Ok(g) => std::sync::Arc::new(g),
         Err(e) => {
-            eprintln!("SKIPPED: backward ops on cuda: {e}");
+            rwkv_tune::cuda::skip_gpu("backward ops on cuda", &e);
             return;
         }
     };

@@ -117,7 +117,7 @@ fn device_model_cuda_matches_cpu_model() {
     let gpu = match rwkv_tune::cuda::Gpu::new(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
-            eprintln!("SKIPPED: device model on cuda: {e}");
+            rwkv_tune::cuda::skip_gpu("device model on cuda", &e);
             return;
         }
     };

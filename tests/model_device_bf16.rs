@@ -195,7 +195,7 @@ fn device_model_bf16_cuda_close_to_cpu_model() {
     let gpu = match rwkv_tune::cuda::Gpu::new(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
-            eprintln!("SKIPPED: bf16 device model on cuda: {e}");
+            rwkv_tune::cuda::skip_gpu("bf16 device model on cuda", &e);
             return;
         }
     };

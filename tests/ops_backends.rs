@@ -308,7 +308,7 @@ fn ops_cuda() {
     let gpu = match rwkv_tune::cuda::Gpu::new(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
-            eprintln!("SKIPPED: ops on cuda: {e}");
+            rwkv_tune::cuda::skip_gpu("ops on cuda", &e);
             return;
         }
     };

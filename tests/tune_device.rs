@@ -122,7 +122,7 @@ fn cuda_gradient_matches_the_cpu_engine() {
             .with_wkv(rwkv_tune::wkv7::Version::V2);
             check_backend(ops, "cuda wkv v2");
         }
-        Err(e) => println!("SKIP cuda: {e}"),
+        Err(e) => rwkv_tune::cuda::skip_gpu("cuda", &e),
     }
 }
 
@@ -463,4 +463,26 @@ fn step_counters_one_wkv_forward_per_layer() {
             assert_eq!(d.allocs, 0, "{policy:?}: device allocations per step");
         }
     }
+}
+
+/// On a GPU the device engine runs on the stream it is given: here a
+/// stream the test creates (not the context's legacy default stream), and
+/// its gradient still matches the CPU engine.
+#[test]
+fn cuda_gradient_on_the_callers_stream() {
+    let gpu = match rwkv_tune::cuda::Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => return rwkv_tune::cuda::skip_gpu("cuda on the caller's stream", &e),
+    };
+    let default = gpu.ctx.default_stream();
+    assert_ne!(
+        gpu.stream.cu_stream(),
+        default.cu_stream(),
+        "Gpu::new on the default stream"
+    );
+    let mine = gpu.ctx.new_stream().unwrap();
+    let on = rwkv_tune::cuda::Gpu::on_stream(mine.clone()).unwrap();
+    assert_eq!(on.stream.cu_stream(), mine.cu_stream());
+    let ops = rwkv_tune::ops::cuda::CudaOps::new(std::sync::Arc::new(on)).unwrap();
+    check_backend(ops, "cuda (caller's stream)");
 }

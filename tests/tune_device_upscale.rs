@@ -120,7 +120,7 @@ fn cuda_upscaled_gradient_matches_the_cpu_engine() {
             let ops = rwkv_tune::ops::cuda::CudaOps::new(std::sync::Arc::new(gpu)).unwrap();
             check_backend(ops, "cuda");
         }
-        Err(e) => println!("SKIP cuda: {e}"),
+        Err(e) => rwkv_tune::cuda::skip_gpu("cuda", &e),
     }
 }
 

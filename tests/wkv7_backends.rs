@@ -135,6 +135,6 @@ fn emulated_kernels_match_f64_reference() {
 fn cuda_kernels_match_f64_reference() {
     match Backend::from_name("cuda") {
         Ok(b) => run_all(&b),
-        Err(e) => eprintln!("SKIPPED cuda_kernels_match_f64_reference: {e}"),
+        Err(e) => rwkv_tune::cuda::skip_gpu("cuda_kernels_match_f64_reference", &e),
     }
 }

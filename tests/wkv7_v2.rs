@@ -188,7 +188,7 @@ fn emulated_v2_matches_f64_reference() {
 fn cuda_v2_matches_f64_reference() {
     match Backend::from_name("cuda") {
         Ok(b) => run_all(&b),
-        Err(e) => eprintln!("SKIPPED cuda_v2_matches_f64_reference: {e}"),
+        Err(e) => rwkv_tune::cuda::skip_gpu("cuda_v2_matches_f64_reference", &e),
     }
 }
 
