@@ -405,6 +405,32 @@ typedef struct AdamParams {
  *   the gradient is scaled by clip / norm as well (global-norm clipping
  *   decided on the device). */
 
+typedef struct DbpStepParams {
+  int32_t groups;
+  int32_t N;
+  float scale;
+  float eta;
+  float kappa;
+  float max_norm;
+  const float* z;
+  float* m;
+} DbpStepParams;
+/*   z [groups, N, N]: R (sum x x^T) R^T per group (unscaled); m [groups, N, N]
+ *   (distinct from z) = I - step with Z = scale * z,
+ *   step = eta * ((1 - kappa) offdiag(Z) + kappa (diag(Z) - I)), scaled down
+ *   per group so its row-sum norm is <= max_norm. One block per group,
+ *   N <= 1024. */
+
+typedef struct EyeAxpyParams {
+  int32_t groups;
+  int32_t N;
+  float alpha;
+  float beta;
+  const float* x;
+  float* out;
+} EyeAxpyParams;
+/*   x, out [groups, N, N] (out may be x): out = alpha I + beta x per group. */
+
 typedef struct ReduceParams {
   int32_t n;
   int32_t mode;

@@ -538,6 +538,52 @@ extern "C" __global__ void __launch_bounds__(256) tune_adam_f32(const __grid_con
 }
 EMU_ENTRY(tune_adam_f32, AdamParams)
 
+// DBP's step per group (one block each): M = I - step, step from
+// Z = scale * z as in tune/dbp.rs, its row-sum norm clipped to max_norm.
+extern "C" __global__ void __launch_bounds__(256) tune_dbp_step_f32(const __grid_constant__ DbpStepParams p) {
+  __shared__ float sh[32];
+  __shared__ float rows[1024];
+  const int N = p.N;
+  const long NN = (long)N * N;
+  for (long g = blockIdx.x; g < p.groups; g += gridDim.x) {
+    const float* z = p.z + g * NN;
+    float* m = p.m + g * NN;
+    for (long e = threadIdx.x; e < NN; e += blockDim.x) {
+      const int i = (int)(e / N), j = (int)(e % N);
+      const float zij = p.scale * z[e];
+      m[e] = i == j ? p.eta * p.kappa * (zij - 1.f) : p.eta * (1.f - p.kappa) * zij;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+      float r = 0.f;
+      for (int j = 0; j < N; ++j) r += fabsf(m[(long)i * N + j]);
+      rows[i] = r;
+    }
+    __syncthreads();
+    float mx = 0.f;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) mx = fmaxf(mx, rows[i]);
+    const float norm = tn_block_max(mx, sh);
+    const float f = norm > p.max_norm ? p.max_norm / norm : 1.f;
+    for (long e = threadIdx.x; e < NN; e += blockDim.x) {
+      const int i = (int)(e / N), j = (int)(e % N);
+      m[e] = (i == j ? 1.f : 0.f) - f * m[e];
+    }
+    __syncthreads();
+  }
+}
+EMU_ENTRY(tune_dbp_step_f32, DbpStepParams)
+
+// out = alpha I + beta x per [N, N] group (element-wise; out may be x).
+extern "C" __global__ void __launch_bounds__(256) tune_eye_axpy_f32(const __grid_constant__ EyeAxpyParams p) {
+  const long NN = (long)p.N * p.N;
+  ELEM_LOOP(e, p.groups * NN) {
+    const long k = e % NN;
+    const bool diag = k / p.N == k % p.N;
+    p.out[e] = (diag ? p.alpha : 0.f) + p.beta * p.x[e];
+  }
+}
+EMU_ENTRY(tune_eye_axpy_f32, EyeAxpyParams)
+
 // A device scalar: out[slot] += sum x (mode 0) or sum x^2 (mode 1), one block.
 extern "C" __global__ void __launch_bounds__(256) tune_reduce_f32(const __grid_constant__ ReduceParams p) {
   __shared__ float sh[32];

@@ -16,8 +16,9 @@ use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::ops::CpuOps;
 use rwkv_tune::ops::DeviceOps;
 use rwkv_tune::tune::data::ByteTokenizer;
+use rwkv_tune::tune::dbp::{Dbp, DbpStats, MAX_STEP_NORM};
 use rwkv_tune::tune::demo;
-use rwkv_tune::tune::device::{DeviceEngine, DeviceTuner, Recompute};
+use rwkv_tune::tune::device::{inverse_newton_schulz, DeviceEngine, DeviceTuner, Recompute};
 use rwkv_tune::tune::engine::{Engine, HostEngine};
 use rwkv_tune::tune::grad::{
     loss_and_grad_dbp, loss_and_grad_f64, Example, GradOpts, TunedState, TunedStateOf,
@@ -425,8 +426,8 @@ fn batched_step_equals_one_example_at_a_time() {
 /// What a step launches, allocates and transfers (emu, counted by the ops
 /// layer): with the activations kept, exactly one WKV forward and one WKV
 /// backward per layer per step; recomputing per layer, two forwards; one
-/// download per step (the loss and the gradient's sum of squares); no
-/// device allocation after the first step.
+/// download per step (the loss and the gradient's sum of squares), DBP's
+/// update included; no device allocation after the first step.
 #[test]
 fn step_counters_one_wkv_forward_per_layer() {
     let cfg = small_config();
@@ -437,13 +438,18 @@ fn step_counters_one_wkv_forward_per_layer() {
         .map(|i| random_example(5 + 3 * i, cfg.vocab, true, false, &mut rng))
         .collect();
     let nl = cfg.n_layer as u64;
-    for (policy, fwd) in [(Recompute::KeepAll, nl), (Recompute::PerLayer, 2 * nl)] {
+    let cases = [
+        (Recompute::KeepAll, nl, None),
+        (Recompute::PerLayer, 2 * nl, None),
+        (Recompute::KeepAll, nl, Some((0.05, 0.5))),
+    ];
+    for (policy, fwd, dbp) in cases {
         let mut e = DeviceEngine::new(
             EmuOps::default(),
             &w,
             &init,
             AdamConfig::default(),
-            None,
+            dbp,
             GradOpts::default(),
         )
         .unwrap();
@@ -453,7 +459,7 @@ fn step_counters_one_wkv_forward_per_layer() {
             let c0 = e.tuner().ops().counters().snapshot();
             e.step(&batch, 1e-2, 1.0).unwrap();
             let d = e.tuner().ops().counters().snapshot().since(&c0);
-            println!("{policy:?}, one step: {d}");
+            println!("{policy:?}, DBP {dbp:?}, one step: {d}");
             assert_eq!(d.launches(Op::WkvFwd), fwd, "{policy:?}: WKV forwards");
             assert_eq!(d.launches(Op::WkvBwd), nl, "{policy:?}: WKV backwards");
             assert_eq!(d.launches(Op::Adam), 3 * nl, "{policy:?}: Adam launches");
@@ -485,4 +491,90 @@ fn cuda_gradient_on_the_callers_stream() {
     assert_eq!(on.stream.cu_stream(), mine.cu_stream());
     let ops = rwkv_tune::ops::cuda::CudaOps::new(std::sync::Arc::new(on)).unwrap();
     check_backend(ops, "cuda (caller's stream)");
+}
+
+/// The DBP update on the device (Z = RΣRᵀ, M = I − ηΔ with the step clip,
+/// R ← MR, T = M⁻¹ by Newton–Schulz) against the host's f64 update
+/// (`Dbp::update_transfer`: Gauss–Jordan inverse) on random R and second
+/// moments, κ = 0.3 (both terms of the rule), η large enough that some heads
+/// hit the clip. Relative (Frobenius) error ≤ 1e-4 per layer (f32).
+fn check_dbp_update<O: BackwardOps>(o: O, label: &str) {
+    let cfg = small_config();
+    let (nl, h, n) = (cfg.n_layer, cfg.n_head, cfg.head_size);
+    let hnn = h * n * n;
+    let mut rng = Rng(77);
+    for eta in [0.05, 2.0] {
+        let mut d = Dbp::new(&cfg, eta, 0.3).unwrap();
+        d.r.iter_mut().for_each(|v| *v += rng.sym(0.05));
+        let mut st = DbpStats::zeros(nl, h, n);
+        let rows = 40;
+        for l in 0..nl {
+            for hh in 0..h {
+                for _ in 0..rows {
+                    let x: Vec<f64> = (0..n).map(|_| rng.sym(1.0)).collect();
+                    let base = (l * h + hh) * n * n;
+                    for i in 0..n {
+                        for j in 0..n {
+                            st.second_moment[base + i * n + j] += x[i] * x[j];
+                        }
+                    }
+                }
+            }
+        }
+        st.count = rows as f64;
+        let mut host = d.clone();
+        let (t_host, rep) = host.update_transfer(&st).unwrap();
+        let f = |v: &[f64]| {
+            o.upload(&v.iter().map(|&x| x as f32).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let z = || o.zeros(hnn).unwrap();
+        let (mut a, mut bz, mut m, mut x, mut y) = (z(), z(), z(), z(), z());
+        let mut worst = 0.0f64;
+        for l in 0..nl {
+            let sl = l * hnn..(l + 1) * hnn;
+            let r = f(&d.r[sl.clone()]);
+            let acc = f(&st.second_moment[sl.clone()]);
+            o.batched_matmul(h, n, &r, &acc, false, &mut a).unwrap();
+            o.batched_matmul(h, n, &a, &r, true, &mut bz).unwrap();
+            o.dbp_step(
+                h,
+                n,
+                1.0 / rows as f32,
+                eta as f32,
+                0.3,
+                MAX_STEP_NORM as f32,
+                &bz,
+                &mut m,
+            )
+            .unwrap();
+            o.batched_matmul(h, n, &m, &r, false, &mut a).unwrap();
+            let r_new: Vec<f64> = o.download(&a).unwrap()[..hnn]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            inverse_newton_schulz(&o, h, n, &m, &mut x, &mut y, &mut a).unwrap();
+            let t: Vec<f64> = o.download(&x).unwrap()[..hnn]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            worst = worst
+                .max(rel_err(&r_new, &host.r[sl.clone()]))
+                .max(rel_err(&t, &t_host[sl]));
+        }
+        println!(
+            "{label} η={eta}: device DBP update vs f64 host: {worst:.2e} ({} heads clipped)",
+            rep.clipped
+        );
+        assert!(worst <= 1e-4, "{label} η={eta}: {worst:.3e}");
+        if eta > 1.0 {
+            assert!(rep.clipped > 0, "the clip was not exercised");
+        }
+    }
+}
+
+#[test]
+fn device_dbp_update_matches_the_f64_host_update() {
+    check_dbp_update(CpuOps::new(), "cpu");
+    check_dbp_update(EmuOps::default(), "emu");
 }

@@ -890,6 +890,96 @@ pub trait BackwardOps: DeviceOps {
         v: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// DBP's step per group ([`super::backward_ref::dbp_step`]): from
+    /// `z = R Σxxᵀ Rᵀ` `[groups, N, N]` and `scale = 1/count`, writes
+    /// `m = I − ηΔ` with the step's row-sum norm clipped to `max_norm`.
+    #[allow(clippy::too_many_arguments)]
+    fn dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &Self::Buf,
+        m: &mut Self::Buf,
+    ) -> Result<()> {
+        if n == 0 || n > 1024 || groups == 0 {
+            return Err(Error::Invalid(format!(
+                "dbp_step: N = {n} (1 to 1024), groups = {groups} (≥ 1)"
+            )));
+        }
+        fits_i32("dbp_step", &[groups, n, n])?;
+        need("z", self.len(z), 0, groups * n * n)?;
+        need("m", self.len(m), 0, groups * n * n)?;
+        self.counters().launch(counters::Op::DbpStep);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_dbp_step(groups, n, scale, eta, kappa, max_norm, z, m) }
+    }
+    /// # Safety
+    /// What [`Self::dbp_step`] checks.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &Self::Buf,
+        m: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `out = α·I + β·x` per `[N, N]` group (`out` may be a copy of `x`'s
+    /// buffer only through [`Self::eye_axpy_inplace`]).
+    fn eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        fits_i32("eye_axpy", &[groups, n, n])?;
+        need("x", self.len(x), 0, groups * n * n)?;
+        need("out", self.len(out), 0, groups * n * n)?;
+        self.counters().launch(counters::Op::EyeAxpy);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_eye_axpy(groups, n, alpha, beta, Some(x), out) }
+    }
+    /// In place: `x = α·I + β·x` per group.
+    fn eye_axpy_inplace(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: &mut Self::Buf,
+    ) -> Result<()> {
+        fits_i32("eye_axpy", &[groups, n, n])?;
+        need("x", self.len(x), 0, groups * n * n)?;
+        self.counters().launch(counters::Op::EyeAxpy);
+        // SAFETY: the size the hook relies on was checked just above.
+        unsafe { self.raw_eye_axpy(groups, n, alpha, beta, None, x) }
+    }
+    /// # Safety
+    /// `x` (when given, else `out` itself is the input) and `out` hold
+    /// `groups·N·N` elements.
+    #[doc(hidden)]
+    unsafe fn raw_eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
     /// A device scalar: `out[slot] += Σ x` (`squares` false) or `Σ x²`
     /// (true) over the first `n` elements of x; nothing leaves the device.
     fn reduce_acc(
@@ -1606,6 +1696,37 @@ impl BackwardOps for CpuOps {
         slot: usize,
     ) -> Result<()> {
         out[slot] += bref::reduce(squares, &x[..n]);
+        Ok(())
+    }
+    unsafe fn raw_dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &Vec<f32>,
+        m: &mut Vec<f32>,
+    ) -> Result<()> {
+        bref::dbp_step(groups, n, scale, eta, kappa, max_norm, z, m);
+        Ok(())
+    }
+    unsafe fn raw_eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let nn = groups * n * n;
+        let src: Vec<f32> = match x {
+            Some(x) => x[..nn].to_vec(),
+            None => out[..nn].to_vec(),
+        };
+        bref::eye_axpy(groups, n, alpha, beta, &src, &mut out[..nn]);
         Ok(())
     }
     unsafe fn raw_sumsq(&self, n: usize, x: &Vec<f32>) -> Result<f64> {

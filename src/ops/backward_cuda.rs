@@ -9,12 +9,12 @@ use super::cuda::CudaOps;
 use super::{Act, DeviceOps};
 use crate::cuda::cuda_err;
 use crate::error::Result;
-use crate::params::ReduceParams;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
     LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
     UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
+use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 
@@ -46,6 +46,10 @@ unsafe impl DeviceRepr for SumsqParams {}
 unsafe impl DeviceRepr for SumBatchParams {}
 // SAFETY: #[repr(C)] plain old data (i32 and u64 fields), as above.
 unsafe impl DeviceRepr for ReduceParams {}
+// SAFETY: #[repr(C)] plain old data (i32, f32 and u64 fields), as above.
+unsafe impl DeviceRepr for DbpStepParams {}
+// SAFETY: #[repr(C)] plain old data (i32, f32 and u64 fields), as above.
+unsafe impl DeviceRepr for EyeAxpyParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for UpFwdParams {}
 // SAFETY: as above.
@@ -704,6 +708,60 @@ impl BackwardOps for CudaOps {
         // SAFETY: p, g, m, v ≥ n floats (checked by the caller); p, m, v distinct
         // buffers; guards alive until queued.
         unsafe { self.tune("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    unsafe fn raw_dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (zp, _g1) = z.device_ptr(st);
+        let (mp, _g2) = m.device_ptr_mut(st);
+        let p = DbpStepParams {
+            groups: groups as i32,
+            N: n as i32,
+            scale,
+            eta,
+            kappa,
+            max_norm,
+            z: zp,
+            m: mp,
+        };
+        // SAFETY: z, m ≥ groups·N·N floats, N ≤ 1024 (checked by the caller),
+        // distinct buffers; guards alive until queued.
+        unsafe { self.tune("tune_dbp_step_f32", block_geom(&self.geom, groups), &p) }
+    }
+
+    unsafe fn raw_eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let xg = x.map(|x| x.device_ptr(st));
+        let (op, _g2) = out.device_ptr_mut(st);
+        let p = EyeAxpyParams {
+            groups: groups as i32,
+            N: n as i32,
+            alpha,
+            beta,
+            x: xg.as_ref().map_or(op, |(q, _)| *q),
+            out: op,
+        };
+        // SAFETY: x (or out itself, element-wise in place) and out hold
+        // groups·N·N floats (checked by the caller); guards alive until queued.
+        unsafe { self.tune("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
     }
 
     unsafe fn raw_reduce_acc(

@@ -9,12 +9,12 @@ use super::emu::EmuOps;
 use super::{Act, DeviceOps, Geom};
 use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
-use crate::params::ReduceParams;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
     LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
     UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
+use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
 
 type Dims3 = (u32, u32, u32);
 
@@ -526,6 +526,55 @@ impl BackwardOps for EmuOps {
         // SAFETY: sizes checked by the caller: p, g, m, v ≥ n floats; p, m, v are
         // distinct &mut borrows.
         unsafe { run("tune_adam_f32", self.geom.elems(n), &q) }
+    }
+
+    unsafe fn raw_dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &Vec<f32>,
+        m: &mut Vec<f32>,
+    ) -> Result<()> {
+        let p = DbpStepParams {
+            groups: groups as i32,
+            N: n as i32,
+            scale,
+            eta,
+            kappa,
+            max_norm,
+            z: ptr(z),
+            m: ptr_mut(m),
+        };
+        // SAFETY: z, m ≥ groups·N·N floats, N ≤ 1024 (checked by the caller);
+        // m is a distinct &mut borrow.
+        unsafe { run("tune_dbp_step_f32", block_geom(&self.geom, groups), &p) }
+    }
+
+    unsafe fn raw_eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = ptr_mut(out);
+        let p = EyeAxpyParams {
+            groups: groups as i32,
+            N: n as i32,
+            alpha,
+            beta,
+            x: x.map_or(op, |x| ptr(x)),
+            out: op,
+        };
+        // SAFETY: x (or out itself, element-wise in place) and out hold
+        // groups·N·N floats (checked by the caller).
+        unsafe { run("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
     }
 
     unsafe fn raw_reduce_acc(

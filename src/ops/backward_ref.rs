@@ -549,6 +549,58 @@ pub fn reduce(squares: bool, x: &[f32]) -> f32 {
     }
 }
 
+/// DBP's step per group, as `tune_dbp_step_f32` computes it (f32): with
+/// `Z = scale·z`, `step = η((1−κ) offdiag Z + κ(diag Z − I))` scaled down
+/// to a row-sum norm ≤ `max_norm`; `m = I − step`.
+#[allow(clippy::too_many_arguments)]
+pub fn dbp_step(
+    groups: usize,
+    n: usize,
+    scale: f32,
+    eta: f32,
+    kappa: f32,
+    max_norm: f32,
+    z: &[f32],
+    m: &mut [f32],
+) {
+    let nn = n * n;
+    for g in 0..groups {
+        let (z, m) = (&z[g * nn..(g + 1) * nn], &mut m[g * nn..(g + 1) * nn]);
+        for i in 0..n {
+            for j in 0..n {
+                let zij = scale * z[i * n + j];
+                m[i * n + j] = if i == j {
+                    eta * kappa * (zij - 1.0)
+                } else {
+                    eta * (1.0 - kappa) * zij
+                };
+            }
+        }
+        let norm = (0..n)
+            .map(|i| m[i * n..(i + 1) * n].iter().map(|v| v.abs()).sum::<f32>())
+            .fold(0.0f32, f32::max);
+        let f = if norm > max_norm {
+            max_norm / norm
+        } else {
+            1.0
+        };
+        for i in 0..n {
+            for j in 0..n {
+                m[i * n + j] = if i == j { 1.0 } else { 0.0 } - f * m[i * n + j];
+            }
+        }
+    }
+}
+
+/// `out = α·I + β·x` per `[N, N]` group.
+pub fn eye_axpy(groups: usize, n: usize, alpha: f32, beta: f32, x: &[f32], out: &mut [f32]) {
+    let nn = n * n;
+    for e in 0..groups * nn {
+        let k = e % nn;
+        out[e] = if k / n == k % n { alpha } else { 0.0 } + beta * x[e];
+    }
+}
+
 /// `dst[i] = (accumulate ? dst[i] : 0) + Σ_b src[b·n + i]`, summed in f32
 /// in batch order (as the kernel does).
 pub fn sum_batch(b: usize, n: usize, src: &[f32], dst: &mut [f32], accumulate: bool) {

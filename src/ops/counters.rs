@@ -63,6 +63,8 @@ ops! {
     Sumsq => "sumsq",
     SumBatch => "sum_batch",
     Reduce => "reduce_acc",
+    DbpStep => "dbp_step",
+    EyeAxpy => "eye_axpy",
     Fill => "fill",
 }
 

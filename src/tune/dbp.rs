@@ -52,7 +52,7 @@ pub struct Dbp {
 
 /// Largest allowed `‖ηΔ‖∞` (row-sum norm) of one step; keeps `I − ηΔ` well
 /// conditioned (invertible, ‖(I−ηΔ)⁻¹‖∞ ≤ 2).
-const MAX_STEP_NORM: f64 = 0.5;
+pub const MAX_STEP_NORM: f64 = 0.5;
 
 impl Dbp {
     /// Identity decorrelators for `cfg`. `eta > 0`, `kappa ∈ [0, 1]`.

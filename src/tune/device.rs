@@ -33,7 +33,7 @@
 //! The math is the one of [`super::grad`] (the CPU engine); the tests in
 //! `tests/tune_device.rs` compare the two on random and real models.
 use super::data::Dataset;
-use super::dbp::{Dbp, DbpStats};
+use super::dbp::{Dbp, DbpStats, MAX_STEP_NORM as DBP_MAX_STEP_NORM};
 use super::engine::{check_engine_state, Engine, EngineState, StepOut};
 use super::grad::{check_batch, effective_len, Example, GradOpts, TunedState};
 use super::optim::AdamConfig;
@@ -224,6 +224,8 @@ pub struct StepWs<B> {
     head: HeadWs<B>,
     /// per layer `[H, N, N]`: `g·Rᵀ` under DBP
     dbp_tmp: Option<Vec<B>>,
+    /// `[H, N, N]` temporaries of the device DBP update
+    dbp_ws: Option<[B; 5]>,
 }
 
 impl<B> StepWs<B> {
@@ -247,6 +249,33 @@ fn pad(h: &[u32], n: usize) -> Vec<u32> {
     let mut v = h.to_vec();
     v.resize(n.max(h.len()), 0);
     v
+}
+
+/// Newton–Schulz iterations of the inverse: with `‖I − M‖∞ ≤ 1/2` (DBP's
+/// step clip), the residual `I − M·X` squares every iteration from `I − M`,
+/// so 6 iterations leave at most `2^-64` of it: f32 rounding decides.
+pub const NEWTON_SCHULZ_ITERS: usize = 6;
+
+/// `x = M⁻¹` per `[N, N]` group by [`NEWTON_SCHULZ_ITERS`] iterations of
+/// `X ← X(2I − M X)` from `X = I` (`y`, `a` are scratch).
+#[allow(clippy::too_many_arguments)]
+pub fn inverse_newton_schulz<O: BackwardOps>(
+    o: &O,
+    groups: usize,
+    n: usize,
+    m: &O::Buf,
+    x: &mut O::Buf,
+    y: &mut O::Buf,
+    a: &mut O::Buf,
+) -> Result<()> {
+    o.eye_axpy(groups, n, 1.0, 0.0, m, x)?;
+    for _ in 0..NEWTON_SCHULZ_ITERS {
+        o.batched_matmul(groups, n, m, x, false, y)?;
+        o.eye_axpy_inplace(groups, n, 2.0, -1.0, y)?;
+        o.batched_matmul(groups, n, x, y, false, a)?;
+        o.copy(a, 0, x, 0, groups * n * n)?;
+    }
+    Ok(())
 }
 
 /// `x[..n] += y[..n]`.
@@ -659,6 +688,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
             },
             dbp_tmp: if dbp {
                 Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
+            } else {
+                None
+            },
+            dbp_ws: if dbp {
+                Some([z(hnn)?, z(hnn)?, z(hnn)?, z(hnn)?, z(hnn)?])
             } else {
                 None
             },
@@ -1535,6 +1569,20 @@ impl<O: BackwardOps> DeviceEngine<O> {
         c.n_head * c.head_size * c.head_size
     }
 
+    /// The device's R matrices `[L, H, N, N]` (f64 for the checkpoint).
+    fn download_r(&self, r: &[O::Buf]) -> Result<Vec<f64>> {
+        let hnn = self.hnn();
+        let mut out = Vec::with_capacity(r.len() * hnn);
+        for b in r {
+            out.extend(
+                self.tuner.ops().download(b)?[..hnn]
+                    .iter()
+                    .map(|&x| x as f64),
+            );
+        }
+        Ok(out)
+    }
+
     fn upload_r(&self, d: &Dbp) -> Result<Vec<O::Buf>> {
         let hnn = self.hnn();
         (0..self.nl())
@@ -1687,27 +1735,33 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         // a non-finite norm: the kernels left every parameter unchanged
         super::engine::check_grad_norm(grad_norm)?;
         self.t = t;
-        if let (Some(acc), true) = (&ws.acc, self.dbp.is_some()) {
-            let stats = self.tuner.stats(acc, info.count)?;
-            let hnn = self.hnn();
-            let (tr, r_new) = {
-                let (d, _) = self.dbp.as_mut().ok_or_else(|| Error::Tune("dbp".into()))?;
-                let (tr, _rep) = d.update_transfer(&stats)?;
-                let d = d.clone();
-                (tr, self.upload_r(&d)?)
-            };
-            for l in 0..nl {
-                let f: Vec<f32> = tr[l * hnn..(l + 1) * hnn]
-                    .iter()
-                    .map(|&x| x as f32)
-                    .collect();
-                let m = o.upload(&f)?;
-                let mut out = o.zeros(hnn)?;
-                o.batched_matmul(h, n, &self.params[l], &m, false, &mut out)?;
-                self.params[l] = out;
-            }
-            if let Some((_, r)) = self.dbp.as_mut() {
-                *r = r_new;
+        // DBP on the device: Z = R Σxxᵀ Rᵀ, M = I − ηΔ, R ← M R,
+        // T = M⁻¹ (Newton–Schulz), S′ ← S′ T (S = S′R unchanged)
+        if let (Some((d, r)), Some(acc), Some(dw)) =
+            (self.dbp.as_mut(), ws.acc.as_ref(), ws.dbp_ws.as_mut())
+        {
+            if info.count > 0.0 {
+                let [a, bz, m, x, y] = dw;
+                let scale = (1.0 / info.count) as f32;
+                for l in 0..nl {
+                    o.batched_matmul(h, n, &r[l], &acc[l], false, a)?;
+                    o.batched_matmul(h, n, a, &r[l], true, bz)?;
+                    o.dbp_step(
+                        h,
+                        n,
+                        scale,
+                        d.eta as f32,
+                        d.kappa as f32,
+                        DBP_MAX_STEP_NORM as f32,
+                        bz,
+                        m,
+                    )?;
+                    o.batched_matmul(h, n, m, &r[l], false, a)?;
+                    o.copy(a, 0, &mut r[l], 0, hnn)?;
+                    inverse_newton_schulz(o, h, n, m, x, y, a)?;
+                    o.batched_matmul(h, n, &self.params[l], x, false, a)?;
+                    o.copy(a, 0, &mut self.params[l], 0, hnn)?;
+                }
             }
         }
         o.sync()?;
@@ -1734,7 +1788,10 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             adam_m: dl(&self.m)?,
             adam_v: dl(&self.v)?,
             adam_t: self.t,
-            dbp_r: self.dbp.as_ref().map(|(d, _)| d.r.clone()),
+            dbp_r: match &self.dbp {
+                Some((_, r)) => Some(self.download_r(r)?),
+                None => None,
+            },
         })
     }
     fn load(&mut self, s: EngineState) -> Result<()> {
@@ -1782,7 +1839,12 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             dst.copy_from_slice(&o.download(b)?[..n]);
         }
         match &self.dbp {
-            Some((d, _)) => d.effective_state(&s),
+            Some((d, r)) => {
+                // R lives on the device (updated there every step)
+                let mut d = d.clone();
+                d.r = self.download_r(r)?;
+                d.effective_state(&s)
+            }
             None => Ok(s),
         }
     }
