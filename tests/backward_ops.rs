@@ -827,6 +827,7 @@ fn check_batched<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, 
     let mut want_y = vec![0f32; b * sl];
     let mut want_g: Vec<Vec<f32>> = (0..6).map(|_| vec![0f32; b * sl]).collect();
     let mut want_h = vec![0f32; b * hl];
+    let mut want_ht = vec![0f32; b * hl];
     let ins = [&p.r, &p.w, &p.k, &p.v, &p.a, &p.b];
     for i in 0..b {
         let part: Vec<Vec<f32>> = ins
@@ -838,6 +839,7 @@ fn check_batched<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, 
         let mut y = vec![0f32; sl];
         cpu.wkv(t, h, n, pr, &mut s, &mut y).unwrap();
         want_y[i * sl..(i + 1) * sl].copy_from_slice(&y);
+        want_ht[i * hl..(i + 1) * hl].copy_from_slice(&s);
         let mut g: Vec<Vec<f32>> = (0..6).map(|_| vec![0f32; sl]).collect();
         let mut dh = vec![0f32; hl];
         {
@@ -867,9 +869,17 @@ fn check_batched<D: BackwardOps>(d: &D, be: &str, t: usize, h: usize, n: usize, 
     let (mut ckpt, mut scratch) = (d.zeros(ck).unwrap(), d.zeros(sc).unwrap());
     let h0 = up(&p.h0);
     let mut y = d.zeros(b * sl).unwrap();
-    d.wkv_fwd_ckpt(b, t, h, n, di, &h0, &mut y, &mut ckpt)
+    let mut ht = d.zeros(b * hl + 3).unwrap();
+    d.wkv_fwd_ckpt(b, t, h, n, di, &h0, &mut y, &mut ckpt, Some(&mut ht))
         .unwrap();
     let mut e = ok(be, "wkv_fwd_ckpt y", &down(&y), &want_y, WKV_TOL);
+    e = e.max(ok(
+        be,
+        "wkv_fwd_ckpt h_t",
+        &down(&ht)[..b * hl],
+        &want_ht,
+        WKV_TOL,
+    ));
     let mut got: Vec<D::Buf> = (0..6).map(|_| d.zeros(b * sl).unwrap()).collect();
     let mut got_h = d.zeros(b * hl).unwrap();
     {

@@ -237,8 +237,9 @@ pub trait BackwardOps: DeviceOps {
 
     /// WKV-7 forward of `b` sequences from `h0 [B, H, N, N]` (read only)
     /// that keeps its state checkpoints in `ckpt` (length from
-    /// [`Self::wkv_ws_len`]) for [`Self::wkv_bwd_ckpt`]; r … b, y
-    /// `[B, T, H, N]`, exact lengths.
+    /// [`Self::wkv_ws_len`]) for [`Self::wkv_bwd_ckpt`] and, when asked,
+    /// the final state in `h_t` `[B, H, N, N]` (distinct from h0); r … b, y
+    /// `[B, T, H, N]`; buffers at least that long.
     fn wkv_fwd_ckpt(
         &self,
         b: usize,
@@ -249,6 +250,7 @@ pub trait BackwardOps: DeviceOps {
         h0: &Self::Buf,
         y: &mut Self::Buf,
         ckpt: &mut Self::Buf,
+        h_t: Option<&mut Self::Buf>,
     ) -> Result<()> {
         let names = ["r", "w", "k", "v", "a", "b"];
         let mut seq: Vec<(&str, usize)> = names
@@ -257,16 +259,21 @@ pub trait BackwardOps: DeviceOps {
             .zip(rwkvab.iter().map(|x| self.len(x)))
             .collect();
         seq.push(("y", self.len(y)));
-        check::wkv_ckpt(b, t, h, n, &seq, &[("h0", self.len(h0))])?;
+        let mut st = vec![("h0", self.len(h0))];
+        if let Some(ht) = &h_t {
+            st.push(("h_t", self.len(ht)));
+        }
+        check::wkv_ckpt(b, t, h, n, &seq, &st)?;
         let (ck, _) = self.wkv_ws_len(b, t, h, n);
         need("ckpt", self.len(ckpt), 0, ck)?;
         self.counters().launch(counters::Op::WkvFwd);
         // SAFETY: the sizes the hook relies on were checked just above.
-        unsafe { self.raw_wkv_fwd_ckpt(b, t, h, n, rwkvab, h0, y, ckpt) }
+        unsafe { self.raw_wkv_fwd_ckpt(b, t, h, n, rwkvab, h0, y, ckpt, h_t) }
     }
     /// # Safety
     /// The sizes must pass what [`Self::wkv_fwd_ckpt`] checks.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn raw_wkv_fwd_ckpt(
         &self,
         b: usize,
@@ -277,6 +284,7 @@ pub trait BackwardOps: DeviceOps {
         h0: &Self::Buf,
         y: &mut Self::Buf,
         ckpt: &mut Self::Buf,
+        h_t: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
     /// WKV-7 backward of `b` sequences from the checkpoints a
@@ -1418,6 +1426,7 @@ impl BackwardOps for CpuOps {
         h0: &Vec<f32>,
         y: &mut Vec<f32>,
         _ckpt: &mut Vec<f32>,
+        h_t: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let d = crate::wkv7::Dims { b, t, h, n };
         let (sl, hl) = (d.seq_len(), d.state_len());
@@ -1435,6 +1444,9 @@ impl BackwardOps for CpuOps {
             },
         )?;
         y[..sl].copy_from_slice(&out.y);
+        if let Some(ht) = h_t {
+            ht[..hl].copy_from_slice(&out.h_t);
+        }
         Ok(())
     }
     unsafe fn raw_wkv_bwd_ckpt(

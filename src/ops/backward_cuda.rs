@@ -222,6 +222,7 @@ impl BackwardOps for CudaOps {
         h0: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         ckpt: &mut CudaSlice<f32>,
+        h_t: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         let d = crate::wkv7::Dims { b, t, h, n };
         let ver = self.wkv_version(n);
@@ -230,12 +231,15 @@ impl BackwardOps for CudaOps {
         let (h0p, _g1) = h0.device_ptr(st);
         let (yp, _g2) = y.device_ptr_mut(st);
         let (cp, _g3) = ckpt.device_ptr_mut(st);
+        let ht = h_t.map(|x| x.device_ptr_mut(st));
         let mut p = ver.base_params(&d);
         (p.r, p.w, p.k, p.v, p.a, p.b) = (g[0].0, g[1].0, g[2].0, g[3].0, g[4].0, g[5].0);
         (p.h0, p.y, p.ckpt) = (h0p, yp, cp);
+        p.h_t = ht.as_ref().map_or(0, |(q, _)| *q);
         // SAFETY: r … b and y hold exactly B·T·H·N floats, h0 B·H·N·N and
-        // ckpt at least the checkpoint length of either version (checked by
-        // the caller); h_t and scratch are null; guards alive until queued.
+        // ckpt at least the checkpoint length of either version, h_t (when
+        // given, a distinct &mut) B·H·N·N (checked by the caller); scratch is
+        // null; guards alive until queued.
         unsafe {
             crate::wkv7::cuda::launch_raw_v(
                 self.gpu(),

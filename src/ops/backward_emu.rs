@@ -160,6 +160,7 @@ impl BackwardOps for EmuOps {
         h0: &Vec<f32>,
         y: &mut Vec<f32>,
         ckpt: &mut Vec<f32>,
+        h_t: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let d = crate::wkv7::Dims { b, t, h, n };
         let sl = d.seq_len();
@@ -173,7 +174,7 @@ impl BackwardOps for EmuOps {
             b: bb,
             h0: Some(&h0[..d.state_len()]),
         };
-        crate::wkv7::emu::forward_ckpt(self.wkv, &d, &x, y, ckpt)
+        crate::wkv7::emu::forward_ckpt(self.wkv, &d, &x, y, ckpt, h_t.map(|v| v.as_mut_slice()))
     }
 
     unsafe fn raw_wkv_bwd_ckpt(

@@ -805,6 +805,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             &st.wkv,
             &mut tp.y,
             &mut tp.ckpt,
+            None,
         )?;
         // kernel-upscaled read-out: y += U φ(r)
         if let Some(ub) = self.up_bufs(l, st)? {

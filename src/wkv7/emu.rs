@@ -99,8 +99,9 @@ fn check_at_least(name: &str, len: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Forward that writes `y` and the chunk checkpoints into the caller's
-/// buffers (for [`backward_ckpt`]); `x.h0` is read, never written.
+/// Forward that writes `y`, the chunk checkpoints and (when given) the
+/// final state `h_t` into the caller's buffers (for [`backward_ckpt`]);
+/// `x.h0` is read, never written.
 /// `ckpt` ≥ [`Version::ckpt_len`].
 pub fn forward_ckpt(
     ver: Version,
@@ -108,20 +109,26 @@ pub fn forward_ckpt(
     x: &Inputs<f32>,
     y: &mut [f32],
     ckpt: &mut [f32],
+    h_t: Option<&mut [f32]>,
 ) -> Result<()> {
     x.check(d)?;
     let ver = ver.effective(d, x.w);
     check_at_least("y", y.len(), d.seq_len())?;
     check_at_least("ckpt", ckpt.len(), ver.ckpt_len(d))?;
+    if let Some(ht) = &h_t {
+        check_at_least("h_t", ht.len(), d.state_len())?;
+    }
     let name = ver.kernel_name(Dir::Fwd, crate::dtype::DType::F32, d.n)?;
     let mut p = ver.base_params(d);
     set_inputs(&mut p, x);
     p.y = addr_mut(y);
     p.ckpt = addr_mut(ckpt);
+    p.h_t = h_t.map_or(0, addr_mut);
     let (g, b) = ver.launch_dims(d);
-    // SAFETY: the inputs were checked against `d` above, y and ckpt hold at
-    // least the documented lengths; h_t and scratch are null (unused by the
-    // forward); all buffers outlive the synchronous call.
+    // SAFETY: the inputs were checked against `d` above, y, ckpt and h_t
+    // (when given; a distinct &mut from h0) hold at least the documented
+    // lengths; scratch is null (unused by the forward); all buffers outlive
+    // the synchronous call.
     unsafe { crate::emu::launch_wkv7(&name, g, b, &p) }
 }
 
