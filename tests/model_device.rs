@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Config, Logits, Model, State, Weights};
-use rwkv_tune::ops::{emu::EmuOps, CpuOps, DeviceOps};
+use rwkv_tune::ops::{emu::EmuOps, CpuOps};
 
 const TOL: f64 = 1e-4;
 
@@ -55,7 +55,7 @@ fn tokens(t: usize) -> Vec<u32> {
 
 /// Sequence mode (T = 20 from a non-zero state) and one-token mode (6 steps)
 /// vs the CPU model.
-fn check_device<D: DeviceOps>(ops: D, label: &str) {
+fn check_device<D: rwkv_tune::ops::backward::BackwardOps>(ops: D, label: &str) {
     let (w, cpu) = random_model();
     let t0 = Instant::now();
     let dm = DeviceModel::new(ops, &w).unwrap();

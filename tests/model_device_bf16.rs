@@ -152,7 +152,7 @@ fn random_model() -> (Weights, Model) {
 
 /// The bf16 device model vs the f32 CPU model: sequence mode (T = 20 from a
 /// non-zero state) and 4 one-token steps. Returns the worst logits error.
-fn check_bf16_model<D: DeviceOps>(ops: D, label: &str) -> f64 {
+fn check_bf16_model<D: rwkv_tune::ops::backward::BackwardOps>(ops: D, label: &str) -> f64 {
     assert_eq!(ops.gemm_precision(), GemmPrecision::Bf16);
     let (w, cpu) = random_model();
     let dm = DeviceModel::new(ops, &w).unwrap();

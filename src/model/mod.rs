@@ -19,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod forward;
 pub mod init;
+pub mod layer;
 pub mod load;
 pub mod sample;
 pub mod state;

@@ -40,51 +40,21 @@ use super::optim::AdamConfig;
 use super::train::{evaluate_with, EvalResult};
 use super::upscale::{Kernel, UpscaledState, UpscaledStateOf};
 use crate::error::{Error, Result};
-use crate::model::device::{upload_emb_ln, upload_layers, DevLayer};
+use crate::model::device::upload_emb_ln;
+pub use crate::model::layer::LStart;
+use crate::model::layer::{
+    matmul_buf, matmul_t_buf, upload_layers, BwdWs, DevLayer, FwdWs, Layer, Tape, UpKernel,
+};
 use crate::model::{Config, Model, Weights};
-use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use crate::ops::backward::BackwardOps;
 use crate::ops::backward_ref::AdamStep;
-use crate::ops::{Act, BonusBufs, Ids, LN_EPS};
+use crate::ops::{Ids, LN_EPS};
 
 /// Rows of the head (`ln_out`, logits, loss) processed at once.
 pub const HEAD_ROWS: usize = 128;
 
 /// One layer's weights: every matrix f32 (`[out, in]`) in a plain buffer.
 type TLayer<B> = DevLayer<B, B>;
-
-/// The activations of one layer's forward that its backward reads, each
-/// `[T, C]` unless noted.
-struct Tape<B> {
-    r: B,
-    k: B,
-    vraw: B,
-    v: B,
-    kt: B,
-    a: B,
-    b: B,
-    wdec: B,
-    /// pre-activation of the decay (`w0` is added by the op)
-    wpre: B,
-    /// `[T, d_w]` pre-tanh
-    hw_pre: B,
-    /// α LoRA output (pre-sigmoid, without a0)
-    dapre: B,
-    /// value-residual LoRA output (layers with a value residual)
-    dvpre: Option<B>,
-    /// `[T, d_g]` pre-sigmoid
-    hg_pre: B,
-    g: B,
-    /// WKV output (before GroupNorm)
-    y: B,
-    /// residual stream after the time mix (input of ln2)
-    x_mid: B,
-    /// `[T, F]` pre-relu²
-    hpre: B,
-    /// `[T, H, M]` the upscaled read-out's features (when upscaled)
-    phi: Option<B>,
-    /// the WKV forward's state checkpoints, read by the WKV backward
-    ckpt: B,
-}
 
 /// What the tuner keeps between the forward and the backward of a step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -132,54 +102,6 @@ pub struct StepInfo {
     pub count: f64,
     /// [`DeviceTuner::plan_bytes`] of the workspace.
     pub peak_bytes: usize,
-}
-
-/// A layer forward's temporaries (reused by every layer).
-pub struct FwdWs<B> {
-    xa: B,
-    mix: B,
-    hw: B,
-    ha: B,
-    hv: B,
-    hg: B,
-    out: B,
-    att: B,
-    xf: B,
-    kx: B,
-    hid: B,
-    ffn: B,
-    sa: B,
-    sf: B,
-}
-
-/// A layer backward's temporaries (reused by every layer).
-pub struct BwdWs<B> {
-    dh: B,
-    dkx: B,
-    dsf: B,
-    dxf: B,
-    dout: B,
-    dy: B,
-    dr: B,
-    dkt: B,
-    dv: B,
-    dg: B,
-    dhg: B,
-    /// the gradients of the six token-shift mixes
-    dmix: [B; 6],
-    /// the WKV backward's dr … db
-    wg: [B; 6],
-    dh0: B,
-    scratch: B,
-    dk: B,
-    ddapre: B,
-    dha: B,
-    dhw: B,
-    ddv: B,
-    dhv: B,
-    dres: B,
-    dsa: B,
-    dxa: B,
 }
 
 /// The head's temporaries for one block of [`HEAD_ROWS`] rows.
@@ -276,22 +198,6 @@ pub fn inverse_newton_schulz<O: BackwardOps>(
         o.copy(a, 0, x, 0, groups * n * n)?;
     }
     Ok(())
-}
-
-/// `x[..n] += y[..n]`.
-fn add_n<O: BackwardOps>(o: &O, x: &mut O::Buf, y: &O::Buf, n: usize) -> Result<()> {
-    o.add_n(x, y, n)
-}
-
-/// A layer's initial state on the device: att_x `[C]`, ffn_x `[C]`, wkv
-/// `[H, N, N]`, and with the kernel-upscaled read-out its `U` `[H, N, M]`.
-pub struct LStart<B> {
-    pub sa: B,
-    pub sf: B,
-    pub wkv: B,
-    /// The upscaled state `U` (value-major); `Some` exactly when the tuner
-    /// has a kernel ([`DeviceTuner::new_upscaled`]).
-    pub u: Option<B>,
 }
 
 /// The fixed part of the kernel-upscaled read-out on the device: per layer
@@ -468,23 +374,20 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok(st)
     }
 
-    /// The kernel and `U` of layer `l` for the upscale ops (`None`: plain).
-    fn up_bufs<'a>(
-        &'a self,
-        l: usize,
-        st: &'a LStart<O::Buf>,
-    ) -> Result<Option<UpBufs<'a, O::Buf>>> {
-        match (&self.up, &st.u) {
-            (None, _) => Ok(None),
-            (Some(up), Some(u)) => Ok(Some(UpBufs {
-                m: up.m,
-                centres: &up.centres[l],
-                gamma: &up.gamma[l],
-                u,
-            })),
-            (Some(_), None) => Err(Error::Tune(format!(
-                "layer {l}: the device tuner is upscaled but the initial state has no U"
-            ))),
+    /// Layer `l` bound to this tuner's backend, f32 weights and kernel.
+    fn layer(&self, l: usize) -> Layer<'_, O, O::Buf> {
+        Layer {
+            ops: &self.ops,
+            cfg: &self.cfg,
+            l,
+            ly: &self.layers[l],
+            mm: matmul_buf::<O>,
+            mt: Some(matmul_t_buf::<O>),
+            up: self.up.as_ref().map(|u| UpKernel {
+                m: u.m,
+                centres: &u.centres[l],
+                gamma: &u.gamma[l],
+            }),
         }
     }
 
@@ -497,11 +400,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// Bytes of one layer's tape at `rows` rows (for the memory plan),
     /// the WKV checkpoints of `b` sequences of `t` tokens included.
     fn tape_bytes(&self, b: usize, t: usize) -> usize {
-        let c = &self.cfg;
-        let m = self.up.as_ref().map_or(0, |u| u.m);
-        let rows = b * t;
-        let (ck, _) = self.ops.wkv_ws_len(b, t, c.n_head, c.head_size);
-        4 * (rows * (15 * c.n_embd + c.d_w + c.d_g + c.d_ffn + c.n_head * m) + ck)
+        Tape::<O::Buf>::bytes(&self.ops, &self.cfg, b, t, self.up.as_ref().map(|u| u.m))
     }
 
     /// Bytes of the forward and backward temporaries of a layer (reused by
@@ -572,35 +471,9 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let ul = self.u_len();
         let o = &self.ops;
         let z = |k: usize| o.zeros(k.max(1));
-        let (ck, sc) = o.wkv_ws_len(b, t, h, n);
         let has_vres = self.layers.iter().any(|l| l.vres.is_some());
         let m = self.up.as_ref().map(|u| u.m);
-        let tape = || -> Result<Tape<O::Buf>> {
-            Ok(Tape {
-                r: z(tc)?,
-                k: z(tc)?,
-                vraw: z(tc)?,
-                v: z(tc)?,
-                kt: z(tc)?,
-                a: z(tc)?,
-                b: z(tc)?,
-                wdec: z(tc)?,
-                wpre: z(tc)?,
-                hw_pre: z(rows * cfg.d_w)?,
-                dapre: z(tc)?,
-                dvpre: if has_vres { Some(z(tc)?) } else { None },
-                hg_pre: z(rows * cfg.d_g)?,
-                g: z(tc)?,
-                y: z(tc)?,
-                x_mid: z(tc)?,
-                hpre: z(rows * cfg.d_ffn)?,
-                phi: match m {
-                    Some(m) => Some(z(rows * h * m)?),
-                    None => None,
-                },
-                ckpt: z(ck)?,
-            })
-        };
+        let tape = || Tape::new(o, cfg, b, t, has_vres, m);
         let n_tapes = match policy {
             Recompute::KeepAll => nl,
             Recompute::PerLayer => 1,
@@ -638,48 +511,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             dvf: z(tc)?,
             xin: (0..nl).map(|_| z(tc)).collect::<Result<_>>()?,
             tapes: (0..n_tapes).map(|_| tape()).collect::<Result<_>>()?,
-            fw: FwdWs {
-                xa: z(tc)?,
-                mix: z(6 * tc)?,
-                hw: z(rows * cfg.d_w)?,
-                ha: z(rows * cfg.d_a)?,
-                hv: z(rows * cfg.d_v)?,
-                hg: z(rows * cfg.d_g)?,
-                out: z(tc)?,
-                att: z(tc)?,
-                xf: z(tc)?,
-                kx: z(tc)?,
-                hid: z(rows * cfg.d_ffn)?,
-                ffn: z(tc)?,
-                sa: z(b * c)?,
-                sf: z(b * c)?,
-            },
-            bw: BwdWs {
-                dh: z(rows * cfg.d_ffn)?,
-                dkx: z(tc)?,
-                dsf: z(b * c)?,
-                dxf: z(tc)?,
-                dout: z(tc)?,
-                dy: z(tc)?,
-                dr: z(tc)?,
-                dkt: z(tc)?,
-                dv: z(tc)?,
-                dg: z(tc)?,
-                dhg: z(rows * cfg.d_g)?,
-                dmix: [z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?],
-                wg: [z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?, z(tc)?],
-                dh0: z(b * hnn)?,
-                scratch: z(sc)?,
-                dk: z(tc)?,
-                ddapre: z(tc)?,
-                dha: z(rows * cfg.d_a)?,
-                dhw: z(rows * cfg.d_w)?,
-                ddv: z(tc)?,
-                dhv: z(rows * cfg.d_v)?,
-                dres: z(tc)?,
-                dsa: z(b * c)?,
-                dxa: z(tc)?,
-            },
+            fw: FwdWs::new(o, cfg, b, t)?,
+            bw: BwdWs::new(o, cfg, b, t)?,
             head: HeadWs {
                 xn: z(hr * c)?,
                 lg: z(hr * v)?,
@@ -725,285 +558,6 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok(())
     }
 
-    /// One layer's forward over `b` sequences of `t` rows each (`x`
-    /// `[B·T, C]`, updated in place) from the per-sequence states `st`
-    /// (`sa`, `sf` `[B, C]`, `wkv` `[B, H, N, N]`), writing every
-    /// activation the backward needs into `tp` (the WKV checkpoints
-    /// included); `vf` is v_first (written by layer 0, read by the others);
-    /// with `dbp`, adds `Σ r rᵀ` over the first `lens[i]` rows of each
-    /// sequence `i`. No allocation: every buffer is the workspace's.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_fwd(
-        &self,
-        l: usize,
-        x: &mut O::Buf,
-        b: usize,
-        t: usize,
-        st: &LStart<O::Buf>,
-        vf: &mut O::Buf,
-        tp: &mut Tape<O::Buf>,
-        fw: &mut FwdWs<O::Buf>,
-        dbp: Option<(&mut O::Buf, &[usize])>,
-    ) -> Result<()> {
-        let cfg = &self.cfg;
-        let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
-        let rows = b * t;
-        let tc = rows * c;
-        let o = &self.ops;
-        let ly = &self.layers[l];
-        let (dw, da, dv, dg, df) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g, cfg.d_ffn);
-        // ---- time mix ----
-        o.layer_norm(x, 0, rows, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut fw.xa)?;
-        o.copy(&st.sa, 0, &mut fw.sa, 0, b * c)?;
-        o.token_shift_b(b, t, c, &fw.xa, &mut fw.sa, &ly.mu6, 6, &mut fw.mix)?;
-        let ld = 6 * c;
-        let mix = &fw.mix;
-        o.matmul(mix, 0, ld, rows, &ly.r, c, c, &mut tp.r)?;
-        o.matmul(mix, 2 * c, ld, rows, &ly.k, c, c, &mut tp.k)?;
-        o.matmul(mix, 3 * c, ld, rows, &ly.v, c, c, &mut tp.vraw)?;
-        o.matmul(mix, c, ld, rows, &ly.w1, dw, c, &mut tp.hw_pre)?;
-        o.copy(&tp.hw_pre, 0, &mut fw.hw, 0, rows * dw)?;
-        o.act(Act::Tanh, &mut fw.hw, dw, None)?;
-        o.matmul(&fw.hw, 0, dw, rows, &ly.w2, c, dw, &mut tp.wpre)?;
-        o.copy(&tp.wpre, 0, &mut tp.wdec, 0, tc)?;
-        o.act(Act::Decay, &mut tp.wdec, c, Some(&ly.w0))?;
-        o.matmul(mix, 4 * c, ld, rows, &ly.a1, da, c, &mut fw.ha)?;
-        o.matmul(&fw.ha, 0, da, rows, &ly.a2, c, da, &mut tp.dapre)?;
-        o.copy(&tp.vraw, 0, &mut tp.v, 0, tc)?;
-        if l == 0 {
-            o.copy(&tp.vraw, 0, vf, 0, tc)?;
-        } else if let Some((v0, v1, v2)) = &ly.vres {
-            let dvpre = tp
-                .dvpre
-                .as_mut()
-                .ok_or_else(|| Error::Tune("internal: no value-residual buffer".into()))?;
-            o.matmul(mix, 3 * c, ld, rows, v1, dv, c, &mut fw.hv)?;
-            o.matmul(&fw.hv, 0, dv, rows, v2, c, dv, dvpre)?;
-            o.value_residual(c, &mut tp.v, vf, v0, dvpre)?;
-        }
-        o.matmul(mix, 5 * c, ld, rows, &ly.g1, dg, c, &mut tp.hg_pre)?;
-        o.copy(&tp.hg_pre, 0, &mut fw.hg, 0, rows * dg)?;
-        o.act(Act::Sigmoid, &mut fw.hg, dg, None)?;
-        o.matmul(&fw.hg, 0, dg, rows, &ly.g2, c, dg, &mut tp.g)?;
-        o.kk_prep(
-            rows, h, n, &tp.k, &tp.dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut tp.kt, &mut tp.a,
-            &mut tp.b,
-        )?;
-        if let Some((acc, lens)) = dbp {
-            for (i, &len) in lens.iter().enumerate().take(b) {
-                if len > 0 {
-                    o.outer_acc_rows(i * t, len.min(t), h, n, &tp.r, acc)?;
-                }
-            }
-        }
-        o.wkv_fwd_ckpt(
-            b,
-            t,
-            h,
-            n,
-            [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
-            &st.wkv,
-            &mut tp.y,
-            &mut tp.ckpt,
-            None,
-        )?;
-        // kernel-upscaled read-out: y += U φ(r)
-        if let Some(ub) = self.up_bufs(l, st)? {
-            let phi = tp
-                .phi
-                .as_mut()
-                .ok_or_else(|| Error::Tune("internal: no upscale buffer".into()))?;
-            o.up_fwd(rows, h, n, &ub, &tp.r, phi, &mut tp.y)?;
-        }
-        o.copy(&tp.y, 0, &mut fw.out, 0, tc)?;
-        o.group_norm(
-            rows,
-            h,
-            n,
-            LN_EPS * n as f32,
-            &mut fw.out,
-            &ly.ln_x.0,
-            &ly.ln_x.1,
-            Some(BonusBufs {
-                r: &tp.r,
-                k: &tp.kt,
-                v: &tp.v,
-                r_k: &ly.r_k,
-            }),
-            Some(&tp.g),
-        )?;
-        o.matmul(&fw.out, 0, c, rows, &ly.o, c, c, &mut fw.att)?;
-        add_n(o, x, &fw.att, tc)?;
-        o.copy(x, 0, &mut tp.x_mid, 0, tc)?;
-        // ---- channel mix ----
-        o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut fw.xf)?;
-        o.copy(&st.sf, 0, &mut fw.sf, 0, b * c)?;
-        o.token_shift_b(b, t, c, &fw.xf, &mut fw.sf, &ly.ffn_mu, 1, &mut fw.kx)?;
-        o.matmul(&fw.kx, 0, c, rows, &ly.fk, df, c, &mut tp.hpre)?;
-        o.copy(&tp.hpre, 0, &mut fw.hid, 0, rows * df)?;
-        o.act(Act::ReluSq, &mut fw.hid, df, None)?;
-        o.matmul(&fw.hid, 0, df, rows, &ly.fv, c, df, &mut fw.ffn)?;
-        add_n(o, x, &fw.ffn, tc)
-    }
-
-    /// Backward of [`Self::layer_fwd`] over `b` sequences of `t` rows:
-    /// `dx` holds ∂L/∂(layer output) and becomes ∂L/∂(layer input); `xin`
-    /// is the layer input; `dvf` accumulates ∂L/∂v_first (layers ≥ 1) and
-    /// is consumed by layer 0. Writes the state gradients, summed over the
-    /// batch, into `g` (`sa`, `sf` `[C]`, `wkv` `[H, N, N]`; `u` `+=`).
-    #[allow(clippy::too_many_arguments)]
-    fn layer_bwd(
-        &self,
-        l: usize,
-        tp: &Tape<O::Buf>,
-        xin: &O::Buf,
-        st: &LStart<O::Buf>,
-        vf: &O::Buf,
-        dx: &mut O::Buf,
-        b: usize,
-        t: usize,
-        dvf: &mut O::Buf,
-        g: &mut LStart<O::Buf>,
-        w: &mut BwdWs<O::Buf>,
-    ) -> Result<()> {
-        let cfg = &self.cfg;
-        let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
-        let (dwd, dad, dvd, dgd, df) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g, cfg.d_ffn);
-        let rows = b * t;
-        let tc = rows * c;
-        let hnn = h * n * n;
-        let o = &self.ops;
-        let ly = &self.layers[l];
-        // ---- channel mix ----
-        o.matmul_t(dx, rows, &ly.fv, c, df, &mut w.dh)?;
-        o.act_bwd(Act::ReluSq, rows * df, df, &tp.hpre, None, &mut w.dh)?;
-        o.matmul_t(&w.dh, rows, &ly.fk, df, c, &mut w.dkx)?;
-        o.zero(&mut w.dsf)?;
-        o.token_shift_bwd_b(b, t, c, &[&w.dkx], &ly.ffn_mu, &mut w.dsf, &mut w.dxf)?;
-        o.sum_batch(b, c, &w.dsf, &mut g.sf, false)?;
-        o.layer_norm_bwd(&tp.x_mid, 0, rows, c, &ly.ln2.0, LN_EPS, &w.dxf, dx)?;
-        // ---- output projection, GroupNorm, bonus, gate ----
-        o.matmul_t(dx, rows, &ly.o, c, c, &mut w.dout)?;
-        o.group_norm_bwd(
-            rows,
-            h,
-            n,
-            LN_EPS * n as f32,
-            &GnBwdBufs {
-                y: &tp.y,
-                weight: &ly.ln_x.0,
-                bias: &ly.ln_x.1,
-                r: &tp.r,
-                k: &tp.kt,
-                v: &tp.v,
-                r_k: &ly.r_k,
-                g: &tp.g,
-                dout: &w.dout,
-            },
-            GnBwdGrads {
-                dy: &mut w.dy,
-                dr: &mut w.dr,
-                dk: &mut w.dkt,
-                dv: &mut w.dv,
-                dg: &mut w.dg,
-            },
-        )?;
-        let [dm0, dm1, dm2, dm3, dm4, dm5] = &mut w.dmix;
-        o.matmul_t(&w.dg, rows, &ly.g2, c, dgd, &mut w.dhg)?;
-        o.act_bwd(Act::Sigmoid, rows * dgd, dgd, &tp.hg_pre, None, &mut w.dhg)?;
-        o.matmul_t(&w.dhg, rows, &ly.g1, dgd, c, dm5)?;
-        // ---- WKV (from the forward's checkpoints) ----
-        {
-            let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut w.wg;
-            o.wkv_bwd_ckpt(
-                b,
-                t,
-                h,
-                n,
-                [&tp.r, &tp.wdec, &tp.kt, &tp.v, &tp.a, &tp.b],
-                &st.wkv,
-                &tp.ckpt,
-                &w.dy,
-                [w_r, w_w, w_k, w_v, w_a, w_b],
-                &mut w.dh0,
-                &mut w.scratch,
-            )?;
-        }
-        // the upscaled read-out: dU (+=), and its part of dr
-        if let Some(ub) = self.up_bufs(l, st)? {
-            match (&tp.phi, g.u.as_mut()) {
-                (Some(phi), Some(du)) => {
-                    o.up_bwd(rows, h, n, &ub, &tp.r, phi, &w.dy, du, &mut w.dr)?
-                }
-                _ => {
-                    return Err(Error::Tune(
-                        "internal: upscale tape or gradient missing".into(),
-                    ))
-                }
-            }
-        }
-        o.sum_batch(b, hnn, &w.dh0, &mut g.wkv, false)?;
-        let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut w.wg;
-        add_n(o, &mut w.dr, w_r, tc)?;
-        add_n(o, &mut w.dkt, w_k, tc)?;
-        add_n(o, &mut w.dv, w_v, tc)?;
-        // ---- k̃, a, b → k, α ----
-        o.kk_prep_bwd(
-            rows,
-            h,
-            n,
-            &KkBwdBufs {
-                k: &tp.k,
-                da: &tp.dapre,
-                a0: &ly.a0,
-                k_k: &ly.k_k,
-                k_a: &ly.k_a,
-                d_kout: &w.dkt,
-                d_a: &*w_a,
-                d_b: &*w_b,
-            },
-            &mut w.dk,
-            &mut w.ddapre,
-        )?;
-        o.matmul_t(&w.ddapre, rows, &ly.a2, c, dad, &mut w.dha)?;
-        o.matmul_t(&w.dha, rows, &ly.a1, dad, c, dm4)?;
-        // ---- decay ----
-        o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), w_w)?;
-        o.matmul_t(w_w, rows, &ly.w2, c, dwd, &mut w.dhw)?;
-        o.act_bwd(Act::Tanh, rows * dwd, dwd, &tp.hw_pre, None, &mut w.dhw)?;
-        o.matmul_t(&w.dhw, rows, &ly.w1, dwd, c, dm1)?;
-        // ---- value residual ----
-        let mut res = false;
-        if l == 0 {
-            add_n(o, &mut w.dv, dvf, tc)?;
-        } else if let (Some((v0, v1, v2)), Some(dvpre)) = (&ly.vres, &tp.dvpre) {
-            o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut w.dv, dvf, &mut w.ddv)?;
-            o.matmul_t(&w.ddv, rows, v2, c, dvd, &mut w.dhv)?;
-            o.matmul_t(&w.dhv, rows, v1, dvd, c, &mut w.dres)?;
-            res = true;
-        }
-        // ---- projections ----
-        o.matmul_t(&w.dr, rows, &ly.r, c, c, dm0)?;
-        o.matmul_t(&w.dk, rows, &ly.k, c, c, dm2)?;
-        o.matmul_t(&w.dv, rows, &ly.v, c, c, dm3)?;
-        if res {
-            add_n(o, dm3, &w.dres, tc)?;
-        }
-        o.zero(&mut w.dsa)?;
-        o.token_shift_bwd_b(
-            b,
-            t,
-            c,
-            &[&*dm0, &*dm1, &*dm2, &*dm3, &*dm4, &*dm5],
-            &ly.mu6,
-            &mut w.dsa,
-            &mut w.dxa,
-        )?;
-        o.sum_batch(b, c, &w.dsa, &mut g.sa, false)?;
-        o.layer_norm_bwd(xin, 0, rows, c, &ly.ln1.0, LN_EPS, &w.dxa, dx)?;
-        Ok(())
-    }
-
     /// Logits `[T, V]` (host) of `tokens` from the initial state `st`.
     pub fn logits(&self, st: &[LStart<O::Buf>], tokens: &[u32]) -> Result<Vec<f32>> {
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
@@ -1029,7 +583,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
         o.write_ids(&pad(tokens, ids.len()), v, ids)?;
         o.embed_ids(ids, &self.emb_ln, c, x)?;
         for (l, s) in stb.iter().enumerate() {
-            self.layer_fwd(l, x, 1, t, s, vf, &mut tapes[0], fw, None)?;
+            self.layer(l)
+                .forward(x, 1, t, s.view(), vf, &mut tapes[0], fw, None, None)?;
         }
         let mut out = Vec::with_capacity(t * v);
         for r0 in (0..t).step_by(HEAD_ROWS) {
@@ -1267,7 +822,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             ops.copy(x, 0, &mut xin[l], 0, tc)?;
             let a = acc.as_mut().map(|a| (&mut a[l], &lens[..]));
             let tp = &mut tapes[if keep { l } else { 0 }];
-            self.layer_fwd(l, x, b, t, s, vf, tp, fw, a)?;
+            self.layer(l)
+                .forward(x, b, t, s.view(), vf, tp, fw, a, None)?;
         }
         // head: loss (summed on the device) and ∂L/∂x, in row blocks over
         // the batch
@@ -1315,14 +871,14 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 let tp = &mut tapes[0];
                 // the forward again from the layer's input (x is free now)
                 ops.copy(&xin[l], 0, x, 0, tc)?;
-                self.layer_fwd(l, x, b, t, &stb[l], vf, tp, fw, None)?;
+                self.layer(l)
+                    .forward(x, b, t, stb[l].view(), vf, tp, fw, None, None)?;
                 tp
             };
-            self.layer_bwd(
-                l,
+            self.layer(l).backward(
                 tp,
                 &xin[l],
-                &stb[l],
+                stb[l].view(),
                 vf,
                 dx,
                 b,

@@ -27,7 +27,6 @@ use super::state::{Example, TunedState};
 use crate::error::{Error, Result};
 use crate::model::device::DeviceModel;
 use crate::model::{Logits, Model, State};
-use crate::ops::DeviceOps;
 
 // Validation moved to [`super::eval`] and the state conversions to
 // [`super::state`]; these paths keep working.
@@ -154,13 +153,13 @@ impl SoftTargets for Observer {
 
 /// The observer's forward on a device ([`DeviceModel`]): the same soft
 /// targets as [`Observer`], for the device engine.
-pub struct DeviceObserver<D: DeviceOps> {
+pub struct DeviceObserver<D: crate::ops::backward::BackwardOps> {
     pub model: DeviceModel<D>,
     /// Softmax temperature applied to the observer's logits.
     pub temperature: f32,
 }
 
-impl<D: DeviceOps> SoftTargets for DeviceObserver<D>
+impl<D: crate::ops::backward::BackwardOps> SoftTargets for DeviceObserver<D>
 where
     DeviceModel<D>: Sync,
 {
