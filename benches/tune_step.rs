@@ -145,6 +145,19 @@ fn bench(c: &mut Criterion) {
     g.bench_function("tiny_b4_t256", |bn| {
         bn.iter_custom(|n| time_steps(&mut e, &bt, n))
     });
+    // the device engine over the CPU twins (the one-layer code on the CPU)
+    let mut d = DeviceEngine::new(
+        rwkv_tune::ops::CpuOps::new(),
+        &w,
+        &TunedState::zeros(&w.config, false),
+        AdamConfig::default(),
+        None,
+        GradOpts::default(),
+    )
+    .unwrap();
+    g.bench_function("device_engine_cpu_ops_tiny_b4_t256", |bn| {
+        bn.iter_custom(|n| time_steps(&mut d, &bt, n))
+    });
     g.finish();
     emu_counters();
     match rwkv_tune::cuda::Gpu::new(0) {
