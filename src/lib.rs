@@ -9,6 +9,7 @@
 //! - [`cuda`]: the CUDA device (driver check, context, stream, modules).
 //! - [`emu`]: the CPU-emulated kernel entry points.
 //! - [`dtype`]: the I/O element types (f32, bf16).
+//! - [`real`]: the float trait (f32 / f64) of the CPU code.
 //! - [`rng`]: a small seeded RNG for tests, benches and initialisation.
 //! - [`tensors`]: reading and writing f32 safetensors maps.
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod emu;
 pub mod error;
 pub mod model;
 pub mod params;
+pub mod real;
 pub mod rng;
 pub mod tensors;
 pub mod tokenizer;

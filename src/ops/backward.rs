@@ -1368,7 +1368,7 @@ impl BackwardOps for CpuOps {
         k: usize,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        bref::matmul_t(dy, m, w, n, k, dx);
+        super::gemm::xw(dy, m, n, w, k, dx);
         Ok(())
     }
     unsafe fn raw_layer_norm_bwd(

@@ -33,6 +33,7 @@ pub mod backward_ref;
 pub mod counters;
 pub mod cuda;
 pub mod emu;
+pub mod gemm;
 pub mod reference;
 
 use crate::error::{Error, Result};
@@ -1210,7 +1211,10 @@ impl DeviceOps for CpuOps {
         k: usize,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        host_matmul(x, x_off, ldx, m, w, n, k, y)
+        if m > 0 {
+            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
+        }
+        Ok(())
     }
     type Mat = Vec<f32>;
     fn gemm_precision(&self) -> GemmPrecision {
@@ -1233,7 +1237,10 @@ impl DeviceOps for CpuOps {
         k: usize,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        host_matmul(x, x_off, ldx, m, w, n, k, y)
+        if m > 0 {
+            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
+        }
+        Ok(())
     }
     unsafe fn raw_layer_norm(
         &self,

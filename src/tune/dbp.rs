@@ -19,11 +19,11 @@
 //! so that the effective state `S` (and so the model's behaviour) is unchanged;
 //! [`Dbp::update`] only changes `R` (the state jumps). Rationale and the open
 //! choices are in `docs/dbp.md`.
-use super::grad::Real;
 pub use super::state::DbpStats;
 use super::state::TunedStateOf;
 use crate::error::{Error, Result};
 use crate::model::weights::Config;
+use crate::real::Real;
 
 /// What one [`Dbp::update`] did.
 #[derive(Clone, Debug, Default, PartialEq)]

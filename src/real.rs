@@ -1,0 +1,107 @@
+//! The float types the CPU code runs in: `f32` (training) and `f64`
+//! (checks), behind one small trait used by the CPU gradient engine, DBP
+//! and the CPU GEMMs (`ops::gemm`).
+use std::borrow::Cow;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// The float type the engine runs in: `f32` for training, `f64` for checks.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + Debug
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn to_f32(self) -> f32;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn tanh(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// The weights as this type: borrowed for `f32`, converted for `f64`.
+    fn cow(x: &[f32]) -> Cow<'_, [Self]>;
+    #[inline(always)]
+    fn max(self, o: Self) -> Self {
+        if self >= o {
+            self
+        } else {
+            o
+        }
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        Self::ONE / (Self::ONE + (-self).exp())
+    }
+}
+
+macro_rules! impl_real {
+    ($t:ty, $cow:expr) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+            fn cow(x: &[f32]) -> Cow<'_, [Self]> {
+                $cow(x)
+            }
+        }
+    };
+}
+fn cow_f32(x: &[f32]) -> Cow<'_, [f32]> {
+    Cow::Borrowed(x)
+}
+fn cow_f64(x: &[f32]) -> Cow<'_, [f64]> {
+    Cow::Owned(x.iter().map(|&v| v as f64).collect())
+}
+impl_real!(f32, cow_f32);
+impl_real!(f64, cow_f64);
