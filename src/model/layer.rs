@@ -5,7 +5,7 @@
 //! ([`super::device::DeviceModel`]) and the device tuner
 //! (`tune::device::DeviceTuner`) both run [`Layer::forward`]; the tuner
 //! runs [`Layer::backward`]. Also owns the layer's weights on a device
-//! ([`DevLayer`], [`upload_layers`]), its initial state ([`LStart`]) and
+//! ([`DevLayer`], `upload_layers`), its initial state ([`LStart`]) and
 //! the buffers a forward / backward writes ([`Tape`], [`FwdWs`], [`BwdWs`]),
 //! so a caller allocates them once and no op allocates.
 //!

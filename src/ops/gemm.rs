@@ -1,5 +1,5 @@
 //! The CPU matrix products, generic over the float type ([`Real`]): `y =
-//! x·Wᵀ` ([`xwt`], W stored `[n, k]` as `nn.Linear`) and `y = x·W` ([`xw`],
+//! x·Wᵀ` (`xwt`, W stored `[n, k]` as `nn.Linear`) and `y = x·W` (`xw`,
 //! W `[k, n]`), register-blocked, compiled for AVX2+FMA when the CPU has it
 //! (checked at run time), split over rows across threads when large. Used
 //! by the CPU gradient engine and by the CPU ops backend (`CpuOps`'s
