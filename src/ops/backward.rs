@@ -1413,8 +1413,9 @@ impl BackwardOps for CpuOps {
         bref::sum_batch(b, n, src, dst, accumulate);
         Ok(())
     }
-    fn wkv_ws_len(&self, _b: usize, _t: usize, _h: usize, _n: usize) -> (usize, usize) {
-        (1, 1)
+    fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+        let (ck, sc) = crate::wkv7::fast::ws_len(b, t, h, n);
+        (ck.max(1), sc.max(1))
     }
     unsafe fn raw_wkv_fwd_ckpt(
         &self,
@@ -1425,28 +1426,19 @@ impl BackwardOps for CpuOps {
         rwkvab: [&Vec<f32>; 6],
         h0: &Vec<f32>,
         y: &mut Vec<f32>,
-        _ckpt: &mut Vec<f32>,
+        ckpt: &mut Vec<f32>,
         h_t: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        let d = crate::wkv7::Dims { b, t, h, n };
-        let (sl, hl) = (d.seq_len(), d.state_len());
-        let x = rwkvab.map(|v| &v[..sl]);
-        let out = crate::wkv7::Backend::Cpu.forward(
-            &d,
-            &crate::wkv7::Inputs {
-                r: x[0],
-                w: x[1],
-                k: x[2],
-                v: x[3],
-                a: x[4],
-                b: x[5],
-                h0: Some(&h0[..hl]),
-            },
-        )?;
-        y[..sl].copy_from_slice(&out.y);
-        if let Some(ht) = h_t {
-            ht[..hl].copy_from_slice(&out.h_t);
-        }
+        let [r, w, k, v, a, bb] = rwkvab.map(|x| x.as_slice());
+        let x = crate::wkv7::fast::Inputs {
+            r,
+            w,
+            k,
+            v,
+            a,
+            b: bb,
+        };
+        crate::wkv7::fast::forward(b, t, h, n, &x, h0, y, ckpt, h_t.map(|v| v.as_mut_slice()));
         Ok(())
     }
     unsafe fn raw_wkv_bwd_ckpt(
@@ -1456,40 +1448,35 @@ impl BackwardOps for CpuOps {
         h: usize,
         n: usize,
         rwkvab: [&Vec<f32>; 6],
-        h0: &Vec<f32>,
-        _ckpt: &Vec<f32>,
+        _h0: &Vec<f32>,
+        ckpt: &Vec<f32>,
         dy: &Vec<f32>,
         grads: [&mut Vec<f32>; 6],
         dh0: &mut Vec<f32>,
-        _scratch: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
     ) -> Result<()> {
-        let d = crate::wkv7::Dims { b, t, h, n };
-        let (sl, hl) = (d.seq_len(), d.state_len());
-        let x = rwkvab.map(|v| &v[..sl]);
-        let (_, g) = crate::wkv7::Backend::Cpu.forward_backward(
-            &d,
-            &crate::wkv7::Inputs {
-                r: x[0],
-                w: x[1],
-                k: x[2],
-                v: x[3],
-                a: x[4],
-                b: x[5],
-                h0: Some(&h0[..hl]),
-            },
-            &crate::wkv7::GradInputs {
-                dy: &dy[..sl],
-                dh_t: None,
-            },
-        )?;
-        let [dr, dw, dk, dv, da, db] = grads;
-        for (dst, src) in [dr, dw, dk, dv, da, db]
-            .into_iter()
-            .zip([g.dr, g.dw, g.dk, g.dv, g.da, g.db])
-        {
-            dst[..sl].copy_from_slice(&src);
-        }
-        dh0[..hl].copy_from_slice(&g.dh0);
+        let [r, w, k, v, a, bb] = rwkvab.map(|x| x.as_slice());
+        let x = crate::wkv7::fast::Inputs {
+            r,
+            w,
+            k,
+            v,
+            a,
+            b: bb,
+        };
+        let [g0, g1, g2, g3, g4, g5] = grads;
+        crate::wkv7::fast::backward(
+            b,
+            t,
+            h,
+            n,
+            &x,
+            ckpt,
+            dy,
+            [g0, g1, g2, g3, g4, g5].map(|g| g.as_mut_slice()),
+            dh0,
+            scratch,
+        );
         Ok(())
     }
     unsafe fn raw_act_bwd(

@@ -20,6 +20,7 @@
 //! the reference never divide by w, so no lower bound on w is needed.
 pub mod cuda;
 pub mod emu;
+pub mod fast;
 pub mod reference;
 pub mod testdata;
 pub mod v2;
