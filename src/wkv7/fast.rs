@@ -14,7 +14,7 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 use rayon::prelude::*;
 
-use crate::ops::gemm::{dispatched, dot_imp, madd};
+use crate::ops::gemm::{dot_imp, has_avx2_fma, madd};
 use crate::real::Real;
 
 /// Tokens between saved states.
@@ -72,7 +72,7 @@ fn step<R: Real, const F: bool>(
 /// (in: h0, out: h_T), `ck` its `ceil(T/16)` checkpoints, `y` the pair's
 /// outputs `[T, N]` (compact).
 #[inline(always)]
-fn fwd_pair_imp<R: Real, const F: bool>(
+fn fwd_pair_imp<const F: bool>(
     x: &Inputs<'_>,
     t_len: usize,
     c: usize,
@@ -104,7 +104,39 @@ fn fwd_pair_imp<R: Real, const F: bool>(
         y[t * n..(t + 1) * n].copy_from_slice(&yv);
     }
 }
-dispatched!(fwd_pair(x: &Inputs<'_>, t_len: usize, c: usize, o: usize, n: usize, s: &mut [f32], ck: &mut [f32], y: &mut [f32]) => fwd_pair_imp);
+/// [`fwd_pair_imp`] compiled for AVX2+FMA when the CPU has them.
+fn fwd_pair(
+    x: &Inputs<'_>,
+    t_len: usize,
+    c: usize,
+    o: usize,
+    n: usize,
+    s: &mut [f32],
+    ck: &mut [f32],
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(
+            x: &Inputs<'_>,
+            t_len: usize,
+            c: usize,
+            o: usize,
+            n: usize,
+            s: &mut [f32],
+            ck: &mut [f32],
+            y: &mut [f32],
+        ) {
+            fwd_pair_imp::<true>(x, t_len, c, o, n, s, ck, y)
+        }
+        if has_avx2_fma() {
+            // SAFETY: the CPU reports avx2 and fma (checked just above).
+            return unsafe { fast(x, t_len, c, o, n, s, ck, y) };
+        }
+    }
+    fwd_pair_imp::<false>(x, t_len, c, o, n, s, ck, y)
+}
 
 /// Forward over `B × H` pairs in parallel: y, the checkpoints and (when
 /// given) the final states. The caller checked every length.
@@ -142,7 +174,7 @@ pub fn forward(
                 b: &x.b[base..base + t * c],
             };
             let mut yl = vec![0f32; t * n];
-            fwd_pair::<f32>(&xs, t, c, hh * n, n, s, ck, &mut yl);
+            fwd_pair(&xs, t, c, hh * n, n, s, ck, &mut yl);
             *yp = yl;
         });
     for (p, yl) in ys.iter().enumerate() {
@@ -170,7 +202,7 @@ struct PairGrads {
 /// Backward of one pair from its checkpoints: `ds` in: zero (no gradient
 /// on the final state), out: dh0. `st` scratch of `(CHUNK + 1)·N²`.
 #[inline(always)]
-fn bwd_pair_imp<R: Real, const F: bool>(
+fn bwd_pair_imp<const F: bool>(
     x: &Inputs<'_>,
     dy: &[f32],
     t_len: usize,
@@ -268,7 +300,43 @@ fn bwd_pair_imp<R: Real, const F: bool>(
         }
     }
 }
-dispatched!(bwd_pair(x: &Inputs<'_>, dy: &[f32], t_len: usize, c: usize, o: usize, n: usize, ck: &[f32], ds: &mut [f32], st: &mut [f32], g: &mut PairGrads) => bwd_pair_imp);
+/// [`bwd_pair_imp`] compiled for AVX2+FMA when the CPU has them.
+fn bwd_pair(
+    x: &Inputs<'_>,
+    dy: &[f32],
+    t_len: usize,
+    c: usize,
+    o: usize,
+    n: usize,
+    ck: &[f32],
+    ds: &mut [f32],
+    st: &mut [f32],
+    g: &mut PairGrads,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(
+            x: &Inputs<'_>,
+            dy: &[f32],
+            t_len: usize,
+            c: usize,
+            o: usize,
+            n: usize,
+            ck: &[f32],
+            ds: &mut [f32],
+            st: &mut [f32],
+            g: &mut PairGrads,
+        ) {
+            bwd_pair_imp::<true>(x, dy, t_len, c, o, n, ck, ds, st, g)
+        }
+        if has_avx2_fma() {
+            // SAFETY: the CPU reports avx2 and fma (checked just above).
+            return unsafe { fast(x, dy, t_len, c, o, n, ck, ds, st, g) };
+        }
+    }
+    bwd_pair_imp::<false>(x, dy, t_len, c, o, n, ck, ds, st, g)
+}
 
 /// Backward over `B × H` pairs in parallel from the checkpoints of
 /// [`forward`] with the same inputs (zero gradient on the final state):
@@ -325,7 +393,7 @@ pub fn backward(
                 db: z(),
             };
             ds.fill(0.0);
-            bwd_pair::<f32>(
+            bwd_pair(
                 &xs,
                 &dy[base..base + tc],
                 t,
