@@ -1382,7 +1382,20 @@ impl BackwardOps for CpuOps {
         dy: &Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        bref::layer_norm_bwd(&x[off..], rows, c, weight, eps, dy, &mut dx[off..]);
+        // rows are independent: dx rows and (x, dy) rows split together
+        let (x, dx) = (&x[off..], &mut dx[off..off + rows * c]);
+        let dy = &dy[..rows * c];
+        use rayon::prelude::*;
+        let per = (1usize << 15) / c.max(1);
+        if rows <= per.max(1) || rayon::current_num_threads() < 2 {
+            bref::layer_norm_bwd(x, rows, c, weight, eps, dy, dx);
+        } else {
+            dx.par_chunks_mut(per * c).enumerate().for_each(|(i, dc)| {
+                let r0 = i * per;
+                let nr = dc.len() / c;
+                bref::layer_norm_bwd(&x[r0 * c..], nr, c, weight, eps, &dy[r0 * c..], dc)
+            });
+        }
         Ok(())
     }
     unsafe fn raw_token_shift_bwd(
@@ -1396,10 +1409,18 @@ impl BackwardOps for CpuOps {
         dx: &mut Vec<f32>,
     ) -> Result<()> {
         let tc = t * c;
-        for i in 0..b {
-            let dm: Vec<&[f32]> = dmix.iter().map(|d| &d[i * tc..]).collect();
-            bref::token_shift_bwd(t, c, &dm, mu, &mut dstate[i * c..], &mut dx[i * tc..]);
+        if t == 0 {
+            return Ok(());
         }
+        use rayon::prelude::*;
+        dstate[..b * c]
+            .par_chunks_mut(c)
+            .zip(dx[..b * tc].par_chunks_mut(tc))
+            .enumerate()
+            .for_each(|(i, (ds, dxi))| {
+                let dm: Vec<&[f32]> = dmix.iter().map(|d| &d[i * tc..]).collect();
+                bref::token_shift_bwd(t, c, &dm, mu, ds, dxi);
+            });
         Ok(())
     }
     unsafe fn raw_sum_batch(
@@ -1488,7 +1509,13 @@ impl BackwardOps for CpuOps {
         bias: Option<&Vec<f32>>,
         dy: &mut Vec<f32>,
     ) -> Result<()> {
-        bref::act_bwd(mode, n, c, pre, bias.map(|b| b.as_slice()), dy);
+        let bias = bias.map(|b| b.as_slice());
+        let rows = n / c;
+        let (dh, dt) = dy[..n].split_at_mut(rows * c);
+        super::par_rows(rows, c, c, &pre[..rows * c], dh, |p, nr, d| {
+            bref::act_bwd(mode, nr * c, c, p, bias, d)
+        });
+        bref::act_bwd(mode, n - rows * c, c, &pre[rows * c..], bias, dt);
         Ok(())
     }
     unsafe fn raw_kk_prep_bwd(

@@ -1022,6 +1022,48 @@ pub(crate) mod check {
 
 // ---- the CPU implementation (the Rust twins) -------------------------------
 
+/// Rows per parallel piece of the CPU twins' row-wise ops: pieces of at
+/// least this many elements (below it one thread does all).
+const PAR_ELEMS: usize = 1 << 15;
+
+/// Runs `f(x rows, rows, y rows)` over pieces of `rows` rows in parallel
+/// (`ldx`, `ldy` elements per row), each piece a whole number of rows.
+pub(crate) fn par_rows(
+    rows: usize,
+    ldx: usize,
+    ldy: usize,
+    x: &[f32],
+    y: &mut [f32],
+    f: impl Fn(&[f32], usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let per = (PAR_ELEMS / ldy.max(1)).max(1);
+    if rows <= per || rayon::current_num_threads() < 2 {
+        f(x, rows, y);
+        return;
+    }
+    y[..rows * ldy]
+        .par_chunks_mut(per * ldy)
+        .enumerate()
+        .for_each(|(i, yc)| f(&x[i * per * ldx..], yc.len() / ldy, yc));
+}
+
+/// [`par_rows`] for an op in place on `[rows, ld]`.
+pub(crate) fn par_rows_mut(
+    rows: usize,
+    ld: usize,
+    x: &mut [f32],
+    f: impl Fn(&mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let per = (PAR_ELEMS / ld.max(1)).max(1);
+    if rows <= per || rayon::current_num_threads() < 2 {
+        f(&mut x[..rows * ld]);
+        return;
+    }
+    x[..rows * ld].par_chunks_mut(per * ld).for_each(f);
+}
+
 /// The operations on the CPU: [`reference`](mod@reference) functions on `Vec<f32>`.
 #[derive(Clone, Debug, Default)]
 pub struct CpuOps {
@@ -1253,7 +1295,10 @@ impl DeviceOps for CpuOps {
         eps: f32,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        reference::layer_norm(&x[x_off..], rows, c, weight, bias, eps, y);
+        let x = &x[x_off..];
+        par_rows(rows, c, c, x, &mut y[..rows * c], |xr, nr, yr| {
+            reference::layer_norm(xr, nr, c, weight, bias, eps, yr)
+        });
         Ok(())
     }
     unsafe fn raw_group_norm(
@@ -1325,7 +1370,11 @@ impl DeviceOps for CpuOps {
         c: usize,
         bias: Option<&Vec<f32>>,
     ) -> Result<()> {
-        reference::act(mode, x, c, bias.map(|b| &b[..]));
+        let bias = bias.map(|b| &b[..]);
+        let rows = x.len() / c;
+        let (head, tail) = x.split_at_mut(rows * c);
+        par_rows_mut(rows, c, head, |xr| reference::act(mode, xr, c, bias));
+        reference::act(mode, tail, c, bias);
         Ok(())
     }
     unsafe fn raw_value_residual(
