@@ -11,13 +11,19 @@
 //! - [`dtype`]: the I/O element types (f32, bf16).
 //! - [`rng`]: a small seeded RNG for tests, benches and initialisation.
 //! - [`tensors`]: reading and writing f32 safetensors maps.
+//! - [`pth`]: PyTorch `.pth` checkpoints (zip + restricted unpickler), read
+//!   and written.
+//! - [`convert`]: converting models and states between safetensors, `.pth`
+//!   and the RWKV-PEFT state layout.
 pub mod bench;
+pub mod convert;
 pub mod cuda;
 pub mod dtype;
 pub mod emu;
 pub mod error;
 pub mod model;
 pub mod params;
+pub mod pth;
 pub mod rng;
 pub mod tensors;
 pub mod tokenizer;
