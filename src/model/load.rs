@@ -305,6 +305,42 @@ pub fn write_f32_tensors(
     safetensors::serialize(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// Writes per-document logits to a safetensors file: `doc{i}.tokens` [T]
+/// (i64, the tokens fed) and `doc{i}.logits` [T, vocab] (f32; row t follows
+/// token t).
+pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) -> Result<()> {
+    let mut bufs = Vec::with_capacity(docs.len() * 2);
+    for (i, (toks, logits)) in docs.iter().enumerate() {
+        if logits.len() != toks.len() * vocab {
+            return Err(Error::Shape {
+                name: format!("doc{i}.logits"),
+                expected: vec![toks.len(), vocab],
+                got: vec![logits.len()],
+            });
+        }
+        let tb: Vec<u8> = toks
+            .iter()
+            .flat_map(|&t| (t as i64).to_le_bytes())
+            .collect();
+        let lb: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bufs.push((format!("doc{i}.tokens"), Dtype::I64, vec![toks.len()], tb));
+        bufs.push((
+            format!("doc{i}.logits"),
+            Dtype::F32,
+            vec![toks.len(), vocab],
+            lb,
+        ));
+    }
+    let mut views = Vec::with_capacity(bufs.len());
+    for (name, dt, shape, b) in &bufs {
+        let v = TensorView::new(*dt, shape.clone(), b)
+            .map_err(|e| Error::Invalid(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), v));
+    }
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::tensors::write_atomic(path, &bytes)
+}
+
 /// Writes bytes to a file, mapping I/O errors to [`Error::Io`].
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
