@@ -66,12 +66,15 @@ fn state_layer(name: &str) -> Option<usize> {
 
 /// Converts `input` (safetensors or `.pth`, told by content) to `output`.
 /// `to` defaults to the output's extension; `dtype` defaults to the input's
-/// dtype when all tensors share one of f32 / f16 / bf16, else f32.
+/// dtype when all tensors share one of f32 / f16 / bf16, else f32. With
+/// `transpose_state` every `[N, N]` block of a state file is transposed (to
+/// repair a state saved key-major, see docs/file-formats.md).
 pub fn convert(
     input: &Path,
     output: &Path,
     to: Option<Target>,
     dtype: Option<StoreDType>,
+    transpose_state: bool,
 ) -> Result<Report> {
     let to = match to.or_else(|| Target::from_extension(output)) {
         Some(t) => t,
@@ -95,6 +98,31 @@ pub fn convert(
     let mut tensors: Vec<F32Tensor> = typed.into_iter().map(|t| t.0).collect();
     let is_state = !tensors.is_empty() && tensors.iter().all(|t| state_layer(&t.name).is_some());
     let n = tensors.len();
+    if transpose_state {
+        if !is_state {
+            return Err(Error::Options(
+                "--transpose-state needs a state file (only blocks.N.att.time_state tensors)"
+                    .into(),
+            ));
+        }
+        for t in &mut tensors {
+            let k = *t.shape.last().unwrap_or(&0);
+            if t.shape.len() < 2 || t.shape[t.shape.len() - 2] != k || k == 0 {
+                return Err(Error::Shape {
+                    name: t.name.clone(),
+                    expected: vec![0, k, k],
+                    got: t.shape.clone(),
+                });
+            }
+            for block in t.data.chunks_exact_mut(k * k) {
+                for i in 0..k {
+                    for j in i + 1..k {
+                        block.swap(i * k + j, j * k + i);
+                    }
+                }
+            }
+        }
+    }
     let out = match to {
         Target::SafeTensors => {
             let mut meta = std::collections::HashMap::new();

@@ -630,9 +630,9 @@ fn convert_round_trips_bit_identical() {
         let a = dir.join("a.safetensors");
         w.save(&a, Naming::Official, dt).unwrap();
         let (b, c) = (dir.join("b.pth"), dir.join("c.safetensors"));
-        let r = convert(&a, &b, None, None).unwrap();
+        let r = convert(&a, &b, None, None, false).unwrap();
         assert_eq!((r.to, r.dtype, r.is_state), (Target::Pth, dt, false));
-        convert(&b, &c, None, None).unwrap();
+        convert(&b, &c, None, None, false).unwrap();
         let ra = std::fs::read(&a).unwrap();
         let rc = std::fs::read(&c).unwrap();
         assert_eq!(
@@ -666,19 +666,36 @@ fn convert_round_trips_bit_identical() {
     )
     .unwrap();
     let s_peft = dir.join("s.peft");
-    let r = convert(&s_in, &s_peft, Some(Target::Peft), None).unwrap();
+    let r = convert(&s_in, &s_peft, Some(Target::Peft), None, false).unwrap();
     assert!(r.is_state);
     let got = read_pth(&std::fs::read(&s_peft).unwrap(), &s_peft).unwrap();
     assert!(got
         .iter()
         .all(|t| t.0.shape == [cfg.n_head, cfg.head_size, cfg.head_size]));
     assert_eq!(State::load(&s_peft, &cfg).unwrap(), st);
+    // --transpose-state: S[h][i][j] becomes S[h][j][i]; twice is the identity
+    let (s_t, s_tt) = (dir.join("t.pth"), dir.join("tt.safetensors"));
+    convert(&s_peft, &s_t, None, None, true).unwrap();
+    convert(&s_t, &s_tt, None, None, true).unwrap();
+    let t = State::load(&s_t, &cfg).unwrap();
+    let n = cfg.head_size;
+    for (a, b) in t.layers.iter().zip(&st.layers) {
+        for h in 0..cfg.n_head {
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(a.wkv[h * n * n + i * n + j], b.wkv[h * n * n + j * n + i]);
+                }
+            }
+        }
+    }
+    assert_ne!(t, st);
+    assert_eq!(State::load(&s_tt, &cfg).unwrap(), st);
     // a model is not a state
     let m = dir.join("a.safetensors");
-    let e = convert(&m, &dir.join("x.pth"), Some(Target::Peft), None).unwrap_err();
+    let e = convert(&m, &dir.join("x.pth"), Some(Target::Peft), None, false).unwrap_err();
     assert!(e.to_string().contains("needs a state file"), "{e}");
     // unknown extension without --to
-    let e = convert(&m, &dir.join("x.bin"), None, None).unwrap_err();
+    let e = convert(&m, &dir.join("x.bin"), None, None, false).unwrap_err();
     assert!(e.to_string().contains("--to"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

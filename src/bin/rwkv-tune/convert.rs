@@ -24,10 +24,14 @@ pub struct ConvertArgs {
     /// output's extension.
     #[arg(long)]
     pub to: Option<Target>,
+    /// Transpose every [N,N] block of a state (repairs a state saved
+    /// key-major by a v6-era script; see docs/file-formats.md).
+    #[arg(long)]
+    pub transpose_state: bool,
 }
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
-    let r = convert(&a.input, &a.output, a.to, a.dtype)
+    let r = convert(&a.input, &a.output, a.to, a.dtype, a.transpose_state)
         .with_context(|| format!("converting {}", a.input.display()))?;
     println!(
         "{} {:?} → {:?}: {} tensors{}, stored as {:?} in {}",
