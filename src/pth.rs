@@ -156,6 +156,41 @@ enum Value {
     Tensor(Rc<TensorRef>),
 }
 
+/// Drops nested containers with a work list instead of recursion, so a
+/// deeply nested pickle (one byte per level) cannot overflow the stack.
+impl Drop for Value {
+    fn drop(&mut self) {
+        fn take(v: &mut Value, work: &mut Vec<Value>) {
+            match v {
+                Value::Tuple(rc) => {
+                    if let Some(items) = Rc::get_mut(rc) {
+                        work.append(items);
+                    }
+                }
+                Value::List(rc) => {
+                    if let Some(items) = Rc::get_mut(rc) {
+                        work.append(items.get_mut());
+                    }
+                }
+                Value::Dict(rc) => {
+                    if let Some(items) = Rc::get_mut(rc) {
+                        for (k, x) in items.get_mut().drain(..) {
+                            work.push(k);
+                            work.push(x);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut work = Vec::new();
+        take(self, &mut work);
+        while let Some(mut v) = work.pop() {
+            take(&mut v, &mut work);
+        }
+    }
+}
+
 impl Value {
     fn kind(&self) -> &'static str {
         match self {
@@ -470,9 +505,8 @@ impl<'a> Unpickler<'a> {
 fn as_usize(v: &Value, what: &str) -> PResult<usize> {
     match v {
         Value::Int(i) if *i >= 0 => usize::try_from(*i).map_err(|_| format!("{what} too large")),
-        other => Err(format!(
-            "{what} should be a non-negative int, got {other:?}"
-        )),
+        Value::Int(i) => Err(format!("{what} should be non-negative, got {i}")),
+        other => Err(format!("{what} should be an int, got a {}", other.kind())),
     }
 }
 
@@ -502,8 +536,9 @@ fn persistent_storage(pid: &Value) -> PResult<Value> {
             })))
         }
         _ => Err(format!(
-            "persistent id {t:?} is not ('storage', torch.<dtype>Storage, key, location, numel) \
-             of a supported dtype"
+            "persistent id ({}) is not ('storage', torch.<dtype>Storage, key, location, numel) \
+             of a supported dtype",
+            t.iter().map(Value::kind).collect::<Vec<_>>().join(", ")
         )),
     }
 }
@@ -590,6 +625,17 @@ pub fn read_pth(bytes: &[u8], path: &Path) -> Result<Vec<(F32Tensor, StorageDTyp
             .by_name(name)
             .map_err(|e| err(path, format!("entry `{name}`: {e}")))?;
         let size = f.size();
+        let stored = f.compression() == zip::CompressionMethod::Stored;
+        if f.compressed_size() > bytes.len() as u64 || (stored && f.compressed_size() != size) {
+            return Err(err(
+                path,
+                format!(
+                    "entry `{name}` claims {size} bytes ({} compressed) in a file of {} bytes",
+                    f.compressed_size(),
+                    bytes.len()
+                ),
+            ));
+        }
         if let Some(w) = want {
             if size != w {
                 return Err(err(
@@ -757,10 +803,12 @@ fn state_dict_items(root: &Value) -> PResult<Vec<(String, Rc<TensorRef>)>> {
             root.kind()
         ));
     };
-    let d = d.borrow();
-    if let [(Value::Str(k), inner @ Value::Dict(_))] = d.as_slice() {
+    let mut d = d.borrow().clone();
+    // one wrapper level: {"state_dict": {...}} (not recursive: untrusted depth)
+    if let [(Value::Str(k), Value::Dict(inner))] = d.as_slice() {
         if ["state_dict", "model", "module"].contains(&&**k) {
-            return state_dict_items(inner);
+            let inner = inner.borrow().clone();
+            d = inner;
         }
     }
     let mut out = Vec::with_capacity(d.len());

@@ -575,6 +575,21 @@ fn pth_refuses_malicious_and_odd_files() {
     check(&zip_of(&[("a/data.pkl", &k, false)]), "opcode 0x81");
     k = vec![0x80, 2, b'K', 1, b'.'];
     check(&zip_of(&[("a/data.pkl", &k, false)]), "holds a int");
+    // 2M levels of nested 1-tuples (one byte each): no stack overflow
+    let mut k = vec![0x80, 2, b'K', 0];
+    k.extend(std::iter::repeat_n(0x85u8, 2_000_000));
+    k.push(b'.');
+    check(&zip_of(&[("a/data.pkl", &k, false)]), "holds a tuple");
+    // a central directory that claims a ~4 GiB storage entry in a tiny file
+    let mut lying = one_tensor(rebuild, b"K\x04", b"(K\x04t(K\x01t", 4);
+    let cd = lying
+        .windows(4)
+        .rposition(|w| w == b"PK\x01\x02")
+        .expect("central directory entry");
+    for off in [20, 24] {
+        lying[cd + off..cd + off + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    }
+    check(&lying, "evil.pth");
     // a zip that is not a torch checkpoint
     check(
         &zip_of(&[("readme.txt", b"hi", false)]),
