@@ -132,7 +132,7 @@ pub fn convert(
             }
             write_f32_tensors(&tensors, dtype, Some(meta))?
         }
-        Target::Pth => crate::pth::write_pth(&tensors, dtype)?,
+        Target::Pth => crate::model::load::write_pth(&tensors, dtype)?,
         Target::Peft => {
             if !is_state {
                 let bad = tensors
@@ -163,7 +163,7 @@ pub fn convert(
                     });
                 }
             }
-            crate::pth::write_pth(&tensors, dtype)?
+            crate::model::load::write_pth(&tensors, dtype)?
         }
     };
     crate::tensors::write_atomic(output, &out)?;

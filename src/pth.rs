@@ -24,7 +24,6 @@ use std::path::Path;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::model::load::{F32Tensor, StoreDType};
 
 /// The largest `data.pkl` accepted (a state dict's pickle holds names and
 /// shapes only; an RWKV-7 7B one is well under 1 MiB).
@@ -79,30 +78,12 @@ impl StorageDType {
         }
     }
 
-    /// The matching store dtype (`None` for f64, which we only read).
-    pub fn store(self) -> Option<StoreDType> {
-        match self {
-            StorageDType::F32 => Some(StoreDType::F32),
-            StorageDType::F16 => Some(StoreDType::F16),
-            StorageDType::BF16 => Some(StoreDType::BF16),
-            StorageDType::F64 => None,
-        }
-    }
-
     fn class_name(self) -> &'static str {
         match self {
             StorageDType::F32 => "FloatStorage",
             StorageDType::F16 => "HalfStorage",
             StorageDType::BF16 => "BFloat16Storage",
             StorageDType::F64 => "DoubleStorage",
-        }
-    }
-
-    fn from_store(d: StoreDType) -> StorageDType {
-        match d {
-            StoreDType::F32 => StorageDType::F32,
-            StoreDType::F16 => StorageDType::F16,
-            StoreDType::BF16 => StorageDType::BF16,
         }
     }
 }
@@ -588,9 +569,18 @@ fn reduce(f: &Value, args: &Value) -> PResult<Value> {
 
 // ------------------------------------------------------------------ reading
 
+/// One tensor of a state dict, widened to f32, with the dtype it was stored in.
+#[derive(Clone, Debug)]
+pub struct PthTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub dtype: StorageDType,
+}
+
 /// Reads a PyTorch zip checkpoint into named f32 tensors with the dtype each
 /// was stored in, in the state dict's order. `path` is for messages.
-pub fn read_pth(bytes: &[u8], path: &Path) -> Result<Vec<(F32Tensor, StorageDType)>> {
+pub fn read(bytes: &[u8], path: &Path) -> Result<Vec<PthTensor>> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
         err(
             path,
@@ -781,14 +771,12 @@ pub fn read_pth(bytes: &[u8], path: &Path) -> Result<Vec<(F32Tensor, StorageDTyp
                     ),
                 )
             })?;
-        out.push((
-            F32Tensor {
-                name,
-                shape: t.shape.clone(),
-                data,
-            },
-            s.dtype,
-        ));
+        out.push(PthTensor {
+            name,
+            shape: t.shape.clone(),
+            data,
+            dtype: s.dtype,
+        });
     }
     Ok(out)
 }
@@ -935,22 +923,23 @@ fn put_tuple(out: &mut Vec<u8>, xs: &[usize]) {
 
 /// Serialises named tensors as a PyTorch zip checkpoint (an `OrderedDict`
 /// state dict of contiguous tensors, one storage each, all in `dtype`) that
-/// `torch.load(..., weights_only=True)` and [`read_pth`] read.
-pub fn write_pth(tensors: &[F32Tensor], dtype: StoreDType) -> Result<Vec<u8>> {
-    let sd = StorageDType::from_store(dtype);
+/// `torch.load(..., weights_only=True)` and [`read`] read. Each tensor is
+/// `(name, shape, data)`.
+pub fn write(tensors: &[(&str, &[usize], &[f32])], dtype: StorageDType) -> Result<Vec<u8>> {
+    let sd = dtype;
     let mut pkl = vec![0x80, 2];
     pkl.extend(b"ccollections\nOrderedDict\n)R");
     pkl.push(b'(');
-    for (i, t) in tensors.iter().enumerate() {
-        let n: usize = t.shape.iter().product();
-        if n != t.data.len() {
+    for (i, &(name, shape, data)) in tensors.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
             return Err(Error::Shape {
-                name: t.name.clone(),
-                expected: t.shape.clone(),
-                got: vec![t.data.len()],
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: vec![data.len()],
             });
         }
-        put_str(&mut pkl, &t.name);
+        put_str(&mut pkl, name);
         pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
         pkl.push(b'(');
         put_str(&mut pkl, "storage");
@@ -960,10 +949,10 @@ pub fn write_pth(tensors: &[F32Tensor], dtype: StoreDType) -> Result<Vec<u8>> {
         put_int(&mut pkl, n);
         pkl.extend(b"tQ");
         put_int(&mut pkl, 0);
-        put_tuple(&mut pkl, &t.shape);
-        let mut stride = vec![1usize; t.shape.len()];
-        for k in (0..t.shape.len().saturating_sub(1)).rev() {
-            stride[k] = stride[k + 1] * t.shape[k + 1];
+        put_tuple(&mut pkl, shape);
+        let mut stride = vec![1usize; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            stride[k] = stride[k + 1] * shape[k + 1];
         }
         put_tuple(&mut pkl, &stride);
         pkl.push(0x89);
@@ -988,18 +977,20 @@ pub fn write_pth(tensors: &[F32Tensor], dtype: StoreDType) -> Result<Vec<u8>> {
     };
     put("data.pkl", &pkl)?;
     put("byteorder", b"little")?;
-    for (i, t) in tensors.iter().enumerate() {
+    for (i, &(_, _, data)) in tensors.iter().enumerate() {
         let bytes: Vec<u8> = match dtype {
-            StoreDType::F32 => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            StoreDType::F16 => t
-                .data
+            StorageDType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StorageDType::F16 => data
                 .iter()
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                 .collect(),
-            StoreDType::BF16 => t
-                .data
+            StorageDType::BF16 => data
                 .iter()
                 .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            StorageDType::F64 => data
+                .iter()
+                .flat_map(|&x| (x as f64).to_le_bytes())
                 .collect(),
         };
         put(&format!("data/{i}"), &bytes)?;

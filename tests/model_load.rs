@@ -337,9 +337,9 @@ fn logits_tiny(w: Weights) -> Vec<f32> {
 // strided views, `_metadata`, deflate), so the reader is checked against
 // values computed independently of it.
 
-use rwkv_tune::model::load::{read_tensors, read_tensors_typed};
+use rwkv_tune::model::load::{read_pth, read_tensors, read_tensors_typed, write_pth};
 use rwkv_tune::model::State;
-use rwkv_tune::pth::{read_pth, write_pth, StorageDType};
+use rwkv_tune::pth::StorageDType;
 
 fn bits(t: &[F32Tensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
     let mut v: Vec<_> = t

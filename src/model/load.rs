@@ -197,9 +197,9 @@ pub fn read_tensors_typed(
 ) -> Result<Vec<(F32Tensor, Option<StoreDType>)>> {
     use crate::pth::FileFormat;
     match FileFormat::detect(bytes) {
-        FileFormat::PyTorch => Ok(crate::pth::read_pth(bytes, path)?
+        FileFormat::PyTorch => Ok(read_pth(bytes, path)?
             .into_iter()
-            .map(|(t, d)| (t, d.store()))
+            .map(|(t, d)| (t, store_of(d)))
             .collect()),
         FileFormat::LegacyPyTorch => Err(legacy_err(path)),
         FileFormat::SafeTensors => {
@@ -227,6 +227,50 @@ pub fn read_tensors_typed(
             Ok(out)
         }
     }
+}
+
+/// The store dtype of a `.pth` storage dtype (`None` for f64, read only).
+fn store_of(d: crate::pth::StorageDType) -> Option<StoreDType> {
+    use crate::pth::StorageDType as S;
+    match d {
+        S::F32 => Some(StoreDType::F32),
+        S::F16 => Some(StoreDType::F16),
+        S::BF16 => Some(StoreDType::BF16),
+        S::F64 => None,
+    }
+}
+
+/// Reads a PyTorch `.pth` state dict ([`crate::pth::read`]) as named f32
+/// tensors with their stored dtypes, in state-dict order.
+pub fn read_pth(bytes: &[u8], path: &Path) -> Result<Vec<(F32Tensor, crate::pth::StorageDType)>> {
+    Ok(crate::pth::read(bytes, path)?
+        .into_iter()
+        .map(|t| {
+            let d = t.dtype;
+            let t = F32Tensor {
+                name: t.name,
+                shape: t.shape,
+                data: t.data,
+            };
+            (t, d)
+        })
+        .collect())
+}
+
+/// Serialises named tensors as a PyTorch `.pth` state dict in `dtype`
+/// ([`crate::pth::write`]).
+pub fn write_pth(tensors: &[F32Tensor], dtype: StoreDType) -> Result<Vec<u8>> {
+    use crate::pth::StorageDType as S;
+    let d = match dtype {
+        StoreDType::F32 => S::F32,
+        StoreDType::F16 => S::F16,
+        StoreDType::BF16 => S::BF16,
+    };
+    let views: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.data.as_slice()))
+        .collect();
+    crate::pth::write(&views, d)
 }
 
 /// Reads named f32 tensors from a safetensors or PyTorch `.pth` buffer (told
