@@ -54,6 +54,10 @@ pub enum Error {
     /// A safetensors file could not be read or written.
     #[error("safetensors file {path}: {msg}")]
     SafeTensors { path: PathBuf, msg: String },
+    /// A PyTorch `.pth` file could not be read (or was refused: the restricted
+    /// unpickler names what it would not run).
+    #[error("PyTorch file {path}: {msg}")]
+    PyTorch { path: PathBuf, msg: String },
     /// Model / checkpoint problems (config inference, names).
     #[error("model: {0}")]
     Model(String),

@@ -12,13 +12,19 @@
 //! - [`real`]: the float trait (f32 / f64) of the CPU code.
 //! - [`rng`]: a small seeded RNG for tests, benches and initialisation.
 //! - [`tensors`]: reading and writing f32 safetensors maps.
+//! - [`pth`]: PyTorch `.pth` checkpoints (zip + restricted unpickler), read
+//!   and written.
+//! - [`convert`]: converting models and states between safetensors, `.pth`
+//!   and the RWKV-PEFT state layout.
 pub mod bench;
+pub mod convert;
 pub mod cuda;
 pub mod dtype;
 pub mod emu;
 pub mod error;
 pub mod model;
 pub mod params;
+pub mod pth;
 pub mod real;
 pub mod rng;
 pub mod tensors;

@@ -328,3 +328,407 @@ fn logits_tiny(w: Weights) -> Vec<f32> {
     let mut st = m.new_state();
     m.forward_seq(&toks, &mut st).unwrap()
 }
+
+// ------------------------------------------------------------ PyTorch .pth
+//
+// Fixtures are built here: with the library's writer (round trips against
+// the safetensors twin, bit for bit), and by hand, opcode by opcode, in the
+// shape `torch.save(model.state_dict())` writes (memo, shared storages,
+// strided views, `_metadata`, deflate), so the reader is checked against
+// values computed independently of it.
+
+use rwkv_tune::model::load::{read_pth, read_tensors, read_tensors_typed, write_pth};
+use rwkv_tune::model::State;
+use rwkv_tune::pth::StorageDType;
+
+fn bits(t: &[F32Tensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    let mut v: Vec<_> = t
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.clone(),
+                t.data.iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn pth_equals_its_safetensors_twin_bit_for_bit() {
+    let w = Weights::random(&small(), 5).unwrap();
+    let want = logits(w.clone());
+    for naming in [Naming::Official, Naming::Fla] {
+        for dt in [StoreDType::F32, StoreDType::F16, StoreDType::BF16] {
+            let st = w.to_safetensors_bytes(naming, dt).unwrap();
+            let pth = write_pth(&w.named_tensors(naming), dt).unwrap();
+            assert_eq!(&pth[..4], b"PK\x03\x04");
+            let a = read_tensors(&st, p()).unwrap();
+            let typed = read_tensors_typed(&pth, Path::new("m.pth")).unwrap();
+            assert!(typed.iter().all(|t| t.1 == Some(dt)), "{dt:?}");
+            let b: Vec<F32Tensor> = typed.into_iter().map(|t| t.0).collect();
+            assert_eq!(bits(&a), bits(&b), "{naming:?} {dt:?}");
+            let ws = Weights::from_bytes(&st, p()).unwrap();
+            let wp = Weights::from_bytes(&pth, Path::new("m.pth")).unwrap();
+            let (ls, lp) = (logits(ws), logits(wp));
+            assert_eq!(ls, lp, "{naming:?} {dt:?}");
+            if dt == StoreDType::F32 {
+                assert_eq!(lp, want);
+            }
+        }
+    }
+    // a .pth handed to the safetensors-only parser says what it is
+    let pth = write_pth(&w.named_tensors(Naming::Official), StoreDType::F32).unwrap();
+    let e = Weights::from_safetensors_bytes(&pth, p()).unwrap_err();
+    assert!(e.to_string().contains("this is a PyTorch file"), "{e}");
+}
+
+/// Pickle writer helpers for hand-built fixtures.
+fn s(out: &mut Vec<u8>, x: &str) {
+    out.push(b'X');
+    out.extend((x.len() as u32).to_le_bytes());
+    out.extend(x.as_bytes());
+}
+
+fn zip_of(entries: &[(&str, &[u8], bool)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data, deflate) in entries {
+        let m = if *deflate {
+            zip::CompressionMethod::Deflated
+        } else {
+            zip::CompressionMethod::Stored
+        };
+        let o = zip::write::SimpleFileOptions::default().compression_method(m);
+        z.start_file(name.to_string(), o).unwrap();
+        z.write_all(data).unwrap();
+    }
+    z.finish().unwrap().into_inner()
+}
+
+/// A state dict as torch.save writes it: `a` [3,4] f32 over storage 0,
+/// `b.t` its transpose (a strided view of the same storage), `c` an
+/// nn.Parameter over f16 storage 1 (offset 1, stride 2), memoized globals,
+/// the OrderedDict `_metadata` BUILD, storage 0 deflated.
+fn torch_like(storage0: &[f32], storage1: &[half::f16], numel0: usize) -> Vec<u8> {
+    let mut k = vec![0x80, 2];
+    k.extend(b"ccollections\nOrderedDict\nq\x00)Rq\x01(");
+    s(&mut k, "a");
+    k.extend(b"ctorch._utils\n_rebuild_tensor_v2\nq\x02((");
+    s(&mut k, "storage");
+    k.extend(b"ctorch\nFloatStorage\nq\x03");
+    s(&mut k, "0");
+    s(&mut k, "cpu");
+    k.push(b'M');
+    k.extend((numel0 as u16).to_le_bytes());
+    k.extend(b"tQK\x00(K\x03K\x04t(K\x04K\x01t\x89h\x00)RtRq\x04");
+    s(&mut k, "b.t");
+    k.extend(b"h\x02((");
+    s(&mut k, "storage");
+    k.extend(b"h\x03");
+    s(&mut k, "0");
+    s(&mut k, "cpu");
+    k.push(b'M');
+    k.extend((numel0 as u16).to_le_bytes());
+    k.extend(b"tQK\x00(K\x04K\x03t(K\x01K\x04t\x89h\x00)RtRq\x05");
+    s(&mut k, "c");
+    k.extend(b"ctorch._utils\n_rebuild_parameter\n(h\x02((");
+    s(&mut k, "storage");
+    k.extend(b"ctorch\nHalfStorage\n");
+    s(&mut k, "1");
+    s(&mut k, "cuda:0");
+    k.extend(b"K\x05tQK\x01(K\x02t(K\x02t\x89h\x00)Rtr\x06\x00\x00\x00R\x88h\x00)RtR");
+    k.extend(b"u}(");
+    s(&mut k, "_metadata");
+    k.extend(b"h\x00)R(");
+    s(&mut k, "");
+    k.extend(b"}(");
+    s(&mut k, "version");
+    k.extend(b"K\x01uuub.");
+    let b0: Vec<u8> = storage0.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let b1: Vec<u8> = storage1.iter().flat_map(|x| x.to_le_bytes()).collect();
+    zip_of(&[
+        ("model/data.pkl", &k, false),
+        ("model/byteorder", b"little", false),
+        ("model/data/0", &b0, true),
+        ("model/data/1", &b1, false),
+        ("model/version", b"3\n", false),
+    ])
+}
+
+#[test]
+fn pth_torch_layout_memo_views_and_parameters() {
+    let mut rng = rwkv_tune::rng::Rng::new(9);
+    let s0: Vec<f32> = (0..12).map(|_| rng.normal() as f32).collect();
+    let s1: Vec<half::f16> = (0..5)
+        .map(|_| half::f16::from_f32(rng.normal() as f32))
+        .collect();
+    let got = read_pth(&torch_like(&s0, &s1, 12), Path::new("t.pth")).unwrap();
+    let names: Vec<&str> = got.iter().map(|t| t.0.name.as_str()).collect();
+    assert_eq!(names, ["a", "b.t", "c"]);
+    assert_eq!(got[0].0.shape, [3, 4]);
+    assert_eq!(got[0].0.data, s0);
+    assert_eq!(got[0].1, StorageDType::F32);
+    assert_eq!(got[1].0.shape, [4, 3]);
+    let bt: Vec<f32> = (0..4)
+        .flat_map(|i| (0..3).map(move |j| (i, j)))
+        .map(|(i, j)| s0[j * 4 + i])
+        .collect();
+    assert_eq!(got[1].0.data, bt);
+    assert_eq!(got[2].0.data, [s1[1].to_f32(), s1[3].to_f32()]);
+    assert_eq!(got[2].1, StorageDType::F16);
+    // The storage is shorter than its persistent id claims.
+    let e = read_pth(&torch_like(&s0[..10], &s1, 12), Path::new("t.pth")).unwrap_err();
+    assert!(matches!(e, Error::PyTorch { .. }));
+    assert!(
+        e.to_string()
+            .contains("holds 40 bytes but the pickle says 48"),
+        "{e}"
+    );
+    // ... or claims fewer elements than the [3,4] view needs.
+    let e = read_pth(&torch_like(&s0[..10], &s1, 10), Path::new("t.pth")).unwrap_err();
+    assert!(e.to_string().contains("views a storage of 10"), "{e}");
+}
+
+/// A one-tensor pickle with custom pieces, zipped with a storage of `len` f32.
+fn one_tensor(global: &[u8], pid_numel: &[u8], size: &[u8], len: usize) -> Vec<u8> {
+    let mut k = vec![0x80, 2, b'}', b'('];
+    s(&mut k, "x");
+    k.extend(global);
+    k.extend(b"((");
+    s(&mut k, "storage");
+    k.extend(b"ctorch\nFloatStorage\n");
+    s(&mut k, "0");
+    s(&mut k, "cpu");
+    k.extend(pid_numel);
+    k.extend(b"tQK\x00");
+    k.extend(size);
+    k.extend(b"\x89ccollections\nOrderedDict\n)RtRu.");
+    let data = vec![0u8; len * 4];
+    zip_of(&[("a/data.pkl", &k, false), ("a/data/0", &data, false)])
+}
+
+#[test]
+fn pth_refuses_malicious_and_odd_files() {
+    let rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n";
+    let ok = one_tensor(rebuild, b"K\x04", b"(K\x04t(K\x01t", 4);
+    assert_eq!(read_pth(&ok, p()).unwrap()[0].0.data, [0.0; 4]);
+    let check = |bytes: &[u8], want: &str| {
+        let t0 = std::time::Instant::now();
+        let e = read_pth(bytes, Path::new("evil.pth")).unwrap_err();
+        assert!(matches!(e, Error::PyTorch { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(want), "want `{want}` in: {msg}");
+        assert!(msg.contains("evil.pth"), "{msg}");
+        // refused before any large allocation or work
+        assert!(t0.elapsed().as_secs_f64() < 1.0);
+    };
+    // an unknown global (what a code-execution payload names)
+    check(
+        &one_tensor(b"cos\nsystem\n", b"K\x04", b"(K\x04t(K\x01t", 4),
+        "`os.system`",
+    );
+    check(
+        &one_tensor(b"cbuiltins\neval\n", b"K\x04", b"(K\x04t(K\x01t", 4),
+        "`builtins.eval`",
+    );
+    // REDUCE of a whitelisted name that is not a callable here
+    check(
+        &one_tensor(b"ctorch\nFloatStorage\n", b"K\x04", b"(K\x04t(K\x01t", 4),
+        "REDUCE of Storage",
+    );
+    // truncated zip
+    check(&ok[..ok.len() / 2], "zip cannot be read");
+    check(&ok[..ok.len() - 10], "zip cannot be read");
+    // storage smaller than the shape
+    check(
+        &one_tensor(rebuild, b"K\x04", b"(K\x05t(K\x01t", 4),
+        "views a storage of 4",
+    );
+    // a view reaching past its storage (stride)
+    check(
+        &one_tensor(rebuild, b"K\x04", b"(K\x02t(K\x04t", 4),
+        "reaches past its storage",
+    );
+    // huge claimed storage (2^60 elements) and huge shapes: refused by size checks
+    check(
+        &one_tensor(rebuild, b"\x8a\x08\0\0\0\0\0\0\0\x40", b"(K\x04t(K\x01t", 4),
+        "storage `0` size overflows",
+    );
+    check(
+        &one_tensor(rebuild, b"\x8a\x08\0\0\0\0\0\0\x10\0", b"(K\x04t(K\x01t", 4),
+        "holds 16 bytes but the pickle says",
+    );
+    check(
+        &one_tensor(
+            rebuild,
+            b"K\x04",
+            b"(\x8a\x05\0\0\0\0\x01\x8a\x05\0\0\0\0\x01t(K\x01K\x01t",
+            4,
+        ),
+        "overflows",
+    );
+    // an unknown opcode (NEWOBJ) and a non-dict root
+    let mut k = vec![0x80, 2, 0x81, b'.'];
+    check(&zip_of(&[("a/data.pkl", &k, false)]), "opcode 0x81");
+    k = vec![0x80, 2, b'K', 1, b'.'];
+    check(&zip_of(&[("a/data.pkl", &k, false)]), "holds a int");
+    // 2M levels of nested 1-tuples (one byte each): no stack overflow
+    let mut k = vec![0x80, 2, b'K', 0];
+    k.extend(std::iter::repeat_n(0x85u8, 2_000_000));
+    k.push(b'.');
+    check(&zip_of(&[("a/data.pkl", &k, false)]), "holds a tuple");
+    // a central directory that claims a ~4 GiB storage entry in a tiny file
+    let mut lying = one_tensor(rebuild, b"K\x04", b"(K\x04t(K\x01t", 4);
+    let cd = lying
+        .windows(4)
+        .rposition(|w| w == b"PK\x01\x02")
+        .expect("central directory entry");
+    for off in [20, 24] {
+        lying[cd + off..cd + off + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    }
+    check(&lying, "evil.pth");
+    // a zip that is not a torch checkpoint
+    check(
+        &zip_of(&[("readme.txt", b"hi", false)]),
+        "without `<name>/data.pkl`",
+    );
+    // legacy (pre-1.6) torch files are named as such
+    let legacy = [
+        0x80u8, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0,
+    ];
+    let e = Weights::from_bytes(&legacy, Path::new("old.pth")).unwrap_err();
+    assert!(e.to_string().contains("before PyTorch 1.6"), "{e}");
+}
+
+#[test]
+fn pth_peft_states_load_like_safetensors() {
+    let cfg = small();
+    let (h, n) = (cfg.n_head, cfg.head_size);
+    let mut rng = rwkv_tune::rng::Rng::new(4);
+    let ts: Vec<F32Tensor> = (0..cfg.n_layer)
+        .map(|l| F32Tensor {
+            name: format!("blocks.{l}.att.time_state"),
+            shape: vec![h, n, n],
+            data: (0..h * n * n).map(|_| rng.normal() as f32).collect(),
+        })
+        .collect();
+    for dt in [StoreDType::F32, StoreDType::BF16] {
+        let st = write_f32_tensors(&ts, dt, None).unwrap();
+        let want = State::from_safetensors_bytes(&st, p(), &cfg).unwrap();
+        let pth = write_pth(&ts, dt).unwrap();
+        let got = State::from_bytes(&pth, Path::new("s.pth"), &cfg).unwrap();
+        assert_eq!(got, want);
+        // with a leading batch dimension of 1, as some RWKV-PEFT versions save
+        let ts4: Vec<F32Tensor> = ts
+            .iter()
+            .map(|t| F32Tensor {
+                shape: vec![1, h, n, n],
+                ..t.clone()
+            })
+            .collect();
+        let got4 =
+            State::from_bytes(&write_pth(&ts4, dt).unwrap(), Path::new("s.pth"), &cfg).unwrap();
+        assert_eq!(got4, want);
+    }
+}
+
+#[test]
+fn convert_round_trips_bit_identical() {
+    use rwkv_tune::convert::{convert, Target};
+    let dir = std::env::temp_dir().join(format!("rwkv-tune-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = Weights::random(&small(), 8).unwrap();
+    for dt in [StoreDType::F32, StoreDType::F16, StoreDType::BF16] {
+        let a = dir.join("a.safetensors");
+        w.save(&a, Naming::Official, dt).unwrap();
+        let (b, c) = (dir.join("b.pth"), dir.join("c.safetensors"));
+        let r = convert(&a, &b, None, None, false).unwrap();
+        assert_eq!((r.to, r.dtype, r.is_state), (Target::Pth, dt, false));
+        convert(&b, &c, None, None, false).unwrap();
+        let ra = std::fs::read(&a).unwrap();
+        let rc = std::fs::read(&c).unwrap();
+        assert_eq!(
+            bits(&read_tensors(&ra, &a).unwrap()),
+            bits(&read_tensors(&rc, &c).unwrap())
+        );
+        assert_eq!(
+            bits(&read_tensors(&ra, &a).unwrap()),
+            bits(&read_tensors(&std::fs::read(&b).unwrap(), &b).unwrap())
+        );
+    }
+    // a state with a leading 1 → RWKV-PEFT layout [H,N,N] .pth, and back
+    let cfg = small();
+    let mut st = State::zeros(&cfg);
+    let mut rng = rwkv_tune::rng::Rng::new(2);
+    for l in &mut st.layers {
+        l.wkv.iter_mut().for_each(|x| *x = rng.normal() as f32);
+    }
+    let ts: Vec<F32Tensor> = st
+        .time_state_tensors(&cfg)
+        .into_iter()
+        .map(|mut t| {
+            t.shape.insert(0, 1);
+            t
+        })
+        .collect();
+    let s_in = dir.join("s.safetensors");
+    std::fs::write(
+        &s_in,
+        write_f32_tensors(&ts, StoreDType::F32, None).unwrap(),
+    )
+    .unwrap();
+    let s_peft = dir.join("s.peft");
+    let r = convert(&s_in, &s_peft, Some(Target::Peft), None, false).unwrap();
+    assert!(r.is_state);
+    let got = read_pth(&std::fs::read(&s_peft).unwrap(), &s_peft).unwrap();
+    assert!(got
+        .iter()
+        .all(|t| t.0.shape == [cfg.n_head, cfg.head_size, cfg.head_size]));
+    assert_eq!(State::load(&s_peft, &cfg).unwrap(), st);
+    // --transpose-state: S[h][i][j] becomes S[h][j][i]; twice is the identity
+    let (s_t, s_tt) = (dir.join("t.pth"), dir.join("tt.safetensors"));
+    convert(&s_peft, &s_t, None, None, true).unwrap();
+    convert(&s_t, &s_tt, None, None, true).unwrap();
+    let t = State::load(&s_t, &cfg).unwrap();
+    let n = cfg.head_size;
+    for (a, b) in t.layers.iter().zip(&st.layers) {
+        for h in 0..cfg.n_head {
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(a.wkv[h * n * n + i * n + j], b.wkv[h * n * n + j * n + i]);
+                }
+            }
+        }
+    }
+    assert_ne!(t, st);
+    assert_eq!(State::load(&s_tt, &cfg).unwrap(), st);
+    // a model is not a state
+    let m = dir.join("a.safetensors");
+    let e = convert(&m, &dir.join("x.pth"), Some(Target::Peft), None, false).unwrap_err();
+    assert!(e.to_string().contains("needs a state file"), "{e}");
+    // unknown extension without --to
+    let e = convert(&m, &dir.join("x.bin"), None, None, false).unwrap_err();
+    assert!(e.to_string().contains("--to"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tiny_fixture_through_pth_equals_safetensors() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/rwkv7-tiny-834k/rwkv7-tiny-834k.safetensors");
+    if !path.is_file() {
+        eprintln!("SKIP: {} not found", path.display());
+        return;
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let typed = read_tensors_typed(&bytes, &path).unwrap();
+    let dt = typed[0].1.unwrap();
+    let ts: Vec<F32Tensor> = typed.into_iter().map(|t| t.0).collect();
+    let pth = write_pth(&ts, dt).unwrap();
+    let from_pth = Weights::from_bytes(&pth, Path::new("tiny.pth")).unwrap();
+    let from_st = Weights::load(&path).unwrap();
+    assert_eq!(logits_tiny(from_pth), logits_tiny(from_st));
+}

@@ -1,4 +1,5 @@
-//! Reading and writing safetensors checkpoints.
+//! Reading and writing checkpoints: safetensors, and PyTorch `.pth` through
+//! [`crate::pth`] (the format is told by the file's first bytes).
 //!
 //! Two naming schemes are understood: the official BlinkDL x070 names
 //! (`blocks.N.att.x_r` `[1,1,C]`, `blocks.N.att.w1` `[C,D]`, …) and the fla /
@@ -71,6 +72,17 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// where possible (called after the safetensors crate refused it).
 fn diagnose(bytes: &[u8], path: &Path, fallback: String) -> Error {
     let len = bytes.len();
+    match crate::pth::FileFormat::detect(bytes) {
+        crate::pth::FileFormat::PyTorch => {
+            return st_err(
+                path,
+                "this is a PyTorch file (a zip archive, `PK\\x03\\x04`), not safetensors; \
+                 load it with Weights::load / State::load or `rwkv-tune convert` it",
+            )
+        }
+        crate::pth::FileFormat::LegacyPyTorch => return legacy_err(path),
+        crate::pth::FileFormat::SafeTensors => {}
+    }
     if len < 8 {
         return st_err(
             path,
@@ -166,6 +178,110 @@ fn to_f32(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+fn legacy_err(path: &Path) -> Error {
+    Error::PyTorch {
+        path: path.to_path_buf(),
+        msg: "this is a PyTorch file in the format before PyTorch 1.6 (a bare pickle, not a \
+              zip), which is not read; re-save it with a recent torch.save (the zip format is \
+              the default since 1.6) or as safetensors"
+            .into(),
+    }
+}
+
+/// Reads named f32 tensors from a safetensors or PyTorch `.pth` buffer (told
+/// apart by content), each with the dtype it was stored in (`None` = f64).
+/// safetensors tensors come sorted by name, `.pth` ones in state-dict order.
+pub fn read_tensors_typed(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<(F32Tensor, Option<StoreDType>)>> {
+    use crate::pth::FileFormat;
+    match FileFormat::detect(bytes) {
+        FileFormat::PyTorch => Ok(read_pth(bytes, path)?
+            .into_iter()
+            .map(|(t, d)| (t, store_of(d)))
+            .collect()),
+        FileFormat::LegacyPyTorch => Err(legacy_err(path)),
+        FileFormat::SafeTensors => {
+            let st = match SafeTensors::deserialize(bytes) {
+                Ok(st) => st,
+                Err(e) => return Err(diagnose(bytes, path, e.to_string())),
+            };
+            let mut out = Vec::with_capacity(st.len());
+            for (name, view) in st.iter() {
+                let data = to_f32(&view, name)?;
+                let d = match view.dtype() {
+                    Dtype::F16 => Some(StoreDType::F16),
+                    Dtype::BF16 => Some(StoreDType::BF16),
+                    Dtype::F32 => Some(StoreDType::F32),
+                    _ => None,
+                };
+                let t = F32Tensor {
+                    name: name.to_string(),
+                    shape: view.shape().to_vec(),
+                    data,
+                };
+                out.push((t, d));
+            }
+            out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            Ok(out)
+        }
+    }
+}
+
+/// The store dtype of a `.pth` storage dtype (`None` for f64, read only).
+fn store_of(d: crate::pth::StorageDType) -> Option<StoreDType> {
+    use crate::pth::StorageDType as S;
+    match d {
+        S::F32 => Some(StoreDType::F32),
+        S::F16 => Some(StoreDType::F16),
+        S::BF16 => Some(StoreDType::BF16),
+        S::F64 => None,
+    }
+}
+
+/// Reads a PyTorch `.pth` state dict ([`crate::pth::read`]) as named f32
+/// tensors with their stored dtypes, in state-dict order.
+pub fn read_pth(bytes: &[u8], path: &Path) -> Result<Vec<(F32Tensor, crate::pth::StorageDType)>> {
+    Ok(crate::pth::read(bytes, path)?
+        .into_iter()
+        .map(|t| {
+            let d = t.dtype;
+            let t = F32Tensor {
+                name: t.name,
+                shape: t.shape,
+                data: t.data,
+            };
+            (t, d)
+        })
+        .collect())
+}
+
+/// Serialises named tensors as a PyTorch `.pth` state dict in `dtype`
+/// ([`crate::pth::write`]).
+pub fn write_pth(tensors: &[F32Tensor], dtype: StoreDType) -> Result<Vec<u8>> {
+    use crate::pth::StorageDType as S;
+    let d = match dtype {
+        StoreDType::F32 => S::F32,
+        StoreDType::F16 => S::F16,
+        StoreDType::BF16 => S::BF16,
+    };
+    let views: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.data.as_slice()))
+        .collect();
+    crate::pth::write(&views, d)
+}
+
+/// Reads named f32 tensors from a safetensors or PyTorch `.pth` buffer (told
+/// apart by content, not extension). `path` is only used in messages.
+pub fn read_tensors(bytes: &[u8], path: &Path) -> Result<Vec<F32Tensor>> {
+    Ok(read_tensors_typed(bytes, path)?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect())
+}
+
 /// Parses a safetensors buffer into f32 tensors (sorted by name), converting
 /// f16 / bf16 / f64. `path` is only used in error messages.
 pub fn read_f32_tensors(bytes: &[u8], path: &Path) -> Result<Vec<F32Tensor>> {
@@ -231,6 +347,42 @@ pub fn write_f32_tensors(
         views.push((name.clone(), v));
     }
     safetensors::serialize(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Writes per-document logits to a safetensors file: `doc{i}.tokens` [T]
+/// (i64, the tokens fed) and `doc{i}.logits` [T, vocab] (f32; row t follows
+/// token t).
+pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) -> Result<()> {
+    let mut bufs = Vec::with_capacity(docs.len() * 2);
+    for (i, (toks, logits)) in docs.iter().enumerate() {
+        if logits.len() != toks.len() * vocab {
+            return Err(Error::Shape {
+                name: format!("doc{i}.logits"),
+                expected: vec![toks.len(), vocab],
+                got: vec![logits.len()],
+            });
+        }
+        let tb: Vec<u8> = toks
+            .iter()
+            .flat_map(|&t| (t as i64).to_le_bytes())
+            .collect();
+        let lb: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bufs.push((format!("doc{i}.tokens"), Dtype::I64, vec![toks.len()], tb));
+        bufs.push((
+            format!("doc{i}.logits"),
+            Dtype::F32,
+            vec![toks.len(), vocab],
+            lb,
+        ));
+    }
+    let mut views = Vec::with_capacity(bufs.len());
+    for (name, dt, shape, b) in &bufs {
+        let v = TensorView::new(*dt, shape.clone(), b)
+            .map_err(|e| Error::Invalid(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), v));
+    }
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::tensors::write_atomic(path, &bytes)
 }
 
 /// Writes bytes to a file, mapping I/O errors to [`Error::Io`].
@@ -392,11 +544,18 @@ struct Entry {
 }
 
 impl Weights {
-    /// Loads a safetensors checkpoint (official or fla names; f32/f16/bf16).
+    /// Loads a checkpoint: safetensors or PyTorch `.pth` (told apart by
+    /// content), official or fla names, f32/f16/bf16.
     pub fn load(path: impl AsRef<Path>) -> Result<Weights> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
-        Self::from_safetensors_bytes(&bytes, path)
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses a safetensors or `.pth` checkpoint already in memory (`path` for
+    /// messages).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Weights> {
+        Self::from_tensors(read_tensors(bytes, path)?)
     }
 
     /// Parses a checkpoint already in memory. `path` is used in error messages.

@@ -8,11 +8,12 @@
 //! State files use the layout of ai00 / web-rwkv / RWKV-PEFT state tuning: one
 //! tensor `blocks.N.att.time_state` of shape `[H, N, N]` (value-major) per
 //! layer; only the WKV part is stored (the token-shift vectors start at zero).
+//! They are read from safetensors or PyTorch `.pth` (RWKV-PEFT) files alike.
 use std::collections::HashMap;
 use std::path::Path;
 
 use super::load::{
-    read_f32_tensors, read_file, write_f32_tensors, write_file, F32Tensor, StoreDType,
+    read_f32_tensors, read_file, read_tensors, write_f32_tensors, write_file, F32Tensor, StoreDType,
 };
 use super::weights::Config;
 use crate::error::{Error, Result};
@@ -121,12 +122,24 @@ impl State {
     pub fn load(path: impl AsRef<Path>, cfg: &Config) -> Result<State> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
-        Self::from_safetensors_bytes(&bytes, path, cfg)
+        Self::from_bytes(&bytes, path, cfg)
     }
 
-    /// Like [`State::load`] for bytes already in memory (`path` for messages).
+    /// Like [`State::load`] for safetensors bytes already in memory (`path`
+    /// for messages).
     pub fn from_safetensors_bytes(bytes: &[u8], path: &Path, cfg: &Config) -> Result<State> {
-        let mut tensors = read_f32_tensors(bytes, path)?;
+        Self::from_tensors(read_f32_tensors(bytes, path)?, path, cfg)
+    }
+
+    /// Like [`State::load`] for safetensors or PyTorch `.pth` bytes (told
+    /// apart by content), e.g. an RWKV-PEFT state file.
+    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &Config) -> Result<State> {
+        Self::from_tensors(read_tensors(bytes, path)?, path, cfg)
+    }
+
+    /// Builds a state from `blocks.N.att.time_state` tensors (`path` for
+    /// messages).
+    pub fn from_tensors(mut tensors: Vec<F32Tensor>, path: &Path, cfg: &Config) -> Result<State> {
         // Check layers in order so errors name the first offending layer.
         let layer_of = |n: &str| {
             n.strip_prefix("blocks.")

@@ -26,7 +26,7 @@ use crate::generate::{tokenizer_for, Device, Gemm, Runner};
     after_help = "Example:\n  rwkv-tune eval --model rwkv7-tiny-834k.safetensors --data lambada-test.jsonl --limit 500"
 )]
 pub struct EvalArgs {
-    /// Model checkpoint (.safetensors).
+    /// Model checkpoint: safetensors or PyTorch `.pth` (told apart by content).
     #[arg(long)]
     pub model: PathBuf,
     /// Dataset: `.jsonl` with a "text" field per line, or a plain text file.
@@ -48,8 +48,26 @@ pub struct EvalArgs {
     /// Start every document (or the plain-text stream) from this state file
     /// (ai00 / web-rwkv layout, e.g. from `rwkv-tune tune --out`) instead of
     /// the zero state. An upscale sidecar next to it is not used by eval.
-    #[arg(long, value_name = "STATE.safetensors")]
+    /// Accepts safetensors or `.pth` (RWKV-PEFT) state files.
+    #[arg(long, value_name = "STATE")]
     pub state: Option<PathBuf>,
+    /// Print one JSON object (full precision) instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the per-token logits of the first --logits-docs documents (JSONL)
+    /// or forward passes (plain text) to this safetensors file:
+    /// `doc{i}.tokens` [T] (i64, the tokens fed) and `doc{i}.logits` [T, vocab].
+    #[arg(long, value_name = "FILE")]
+    pub logits: Option<PathBuf>,
+    /// How many documents --logits writes.
+    #[arg(long, default_value_t = 1)]
+    pub logits_docs: usize,
+}
+
+/// The logits kept for --logits.
+struct LogitsSink {
+    want: usize,
+    docs: Vec<(Vec<u32>, Vec<f32>)>,
 }
 
 #[derive(Default)]
@@ -71,6 +89,7 @@ fn score(
     toks: &[u32],
     tot: &mut Totals,
     state: &mut rwkv_tune::model::State,
+    sink: &mut LogitsSink,
 ) -> anyhow::Result<Vec<(f64, bool)>> {
     // Returns (nll, argmax-correct) for each token of `toks` that is predicted.
     let v = tot.vocab;
@@ -80,6 +99,10 @@ fn score(
         return Ok(Vec::new());
     }
     let logits = model.forward(&input[..input.len() - 1], state, Logits::All)?;
+    if sink.docs.len() < sink.want {
+        sink.docs
+            .push((input[..input.len() - 1].to_vec(), logits.clone()));
+    }
     let mut out = Vec::new();
     let first = input.len() - toks.len(); // index in `input` of toks[0]
     for (pos, &target) in input.iter().enumerate().skip(first.max(1)) {
@@ -99,10 +122,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         Some(p) => {
             let st =
                 State::load(p, &cfg).with_context(|| format!("loading state {}", p.display()))?;
-            println!("initial state:    {}", p.display());
+            if !a.json {
+                println!("initial state:    {}", p.display());
+            }
             let side = rwkv_tune::tune::upscale::sidecar_path(p);
             if side.is_file() {
-                println!(
+                eprintln!(
                     "note: {} (upscaled read-out) is not used by eval; the N×N states are",
                     side.display()
                 );
@@ -123,6 +148,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let mut tot = Totals {
         vocab: cfg.vocab,
         ..Totals::default()
+    };
+    let mut sink = LogitsSink {
+        want: if a.logits.is_some() { a.logits_docs } else { 0 },
+        docs: Vec::new(),
     };
     let start = std::time::Instant::now();
     if jsonl {
@@ -160,7 +189,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let mut all = ctx_ids.clone();
             all.extend_from_slice(&tgt_ids);
             let mut state = start_state.clone();
-            let scored = score(&model, &tok, &prefix, &all, &mut tot, &mut state)?;
+            let scored = score(&model, &tok, &prefix, &all, &mut tot, &mut state, &mut sink)?;
             tot.docs += 1;
             if !tgt_ids.is_empty() && scored.len() >= tgt_ids.len() {
                 let tail = &scored[scored.len() - tgt_ids.len()..];
@@ -198,7 +227,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         while startpos + 1 < ids.len() {
             let end = (startpos + chunk).min(ids.len());
             let pre: &[u32] = if first { &prefix } else { &[] };
-            score(&model, &tok, pre, &ids[startpos..end], &mut tot, &mut state)?;
+            score(
+                &model,
+                &tok,
+                pre,
+                &ids[startpos..end],
+                &mut tot,
+                &mut state,
+                &mut sink,
+            )?;
             // `score` fed all but the last token; continue from it.
             startpos = end - 1;
             first = false;
@@ -209,14 +246,50 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let loss = tot.nll / tot.tokens.max(1) as f64;
+    if let Some(path) = &a.logits {
+        rwkv_tune::model::load::write_logits(path, &sink.docs, cfg.vocab)
+            .with_context(|| format!("writing logits to {}", path.display()))?;
+        if !a.json {
+            println!(
+                "logits:           {} ({} documents)",
+                path.display(),
+                sink.docs.len()
+            );
+        }
+    }
+    let bpb = tot.nll / std::f64::consts::LN_2 / tot.bytes.max(1) as f64;
+    if a.json {
+        let mut j = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "data": a.data.display().to_string(),
+            "state": a.state.as_ref().map(|p| p.display().to_string()),
+            "device": format!("{:?}", a.device).to_lowercase(),
+            "documents": tot.docs,
+            "tokens": tot.tokens,
+            "bytes": tot.bytes,
+            "loss": loss,
+            "bits_per_byte": bpb,
+            "perplexity": loss.exp(),
+            "seconds": secs,
+            "tokens_per_second": tot.tokens as f64 / secs.max(1e-9),
+        });
+        if jsonl && tot.target_tokens > 0 {
+            j["last_word_accuracy"] = (tot.correct as f64 / tot.target_tokens as f64).into();
+            j["last_word_correct"] = tot.correct.into();
+            j["last_word_count"] = tot.target_tokens.into();
+            j["last_word_perplexity"] = (tot.target_nll / tot.target_tokens as f64).exp().into();
+        }
+        if let Some(p) = &a.logits {
+            j["logits_file"] = p.display().to_string().into();
+        }
+        println!("{j}");
+        return Ok(());
+    }
     println!("data:             {}", a.data.display());
     println!("documents:        {}", tot.docs);
     println!("scored tokens:    {}  ({} bytes)", tot.tokens, tot.bytes);
     println!("loss:             {loss:.4} nats/token");
-    println!(
-        "bits per byte:    {:.4}",
-        tot.nll / std::f64::consts::LN_2 / tot.bytes.max(1) as f64
-    );
+    println!("bits per byte:    {bpb:.4}");
     println!("perplexity:       {:.3}", loss.exp());
     if jsonl && tot.target_tokens > 0 {
         println!(

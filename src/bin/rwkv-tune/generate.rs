@@ -110,10 +110,12 @@ impl Runner {
     rwkv-tune generate --model rwkv7-g1-0.1b.safetensors --tokenizer world:rwkv_vocab_v20230424.txt \\\n      \
     --state tuned.safetensors --prompt 'User: hi\\n\\nAssistant:' --temperature 1.0 --top-p 0.3")]
 pub struct GenerateArgs {
-    /// Model checkpoint (.safetensors; official BlinkDL x070 or fla/HF names; f32/f16/bf16).
+    /// Model checkpoint (safetensors or PyTorch .pth, told apart by content;
+    /// official BlinkDL x070 or fla/HF names; f32/f16/bf16).
     #[arg(long)]
     pub model: PathBuf,
-    /// Initial WKV state (`blocks.N.att.time_state` [H,N,N] safetensors, e.g. from state tuning).
+    /// Initial WKV state (`blocks.N.att.time_state` [H,N,N], safetensors or an
+    /// RWKV-PEFT `.pth`, e.g. from state tuning).
     /// When `<stem>.upscale.safetensors` (from `tune --upscale`) lies next to
     /// it, the kernel-upscaled read-out is used too (--device cpu only; that
     /// path re-runs the whole sequence for every generated token, so it is

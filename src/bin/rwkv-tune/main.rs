@@ -2,6 +2,7 @@
 //! library, print. One file per subcommand.
 mod bench;
 mod compare;
+mod convert;
 mod eval;
 mod generate;
 mod tune;
@@ -36,6 +37,10 @@ enum Cmd {
     /// Compare plain / DBP / kernel-upscaled / observer state tuning on one
     /// task at the same budget and write a markdown table.
     Compare(compare::CompareArgs),
+    /// Convert models and states between safetensors and PyTorch `.pth`
+    /// (tensors bit-identical when the dtype is kept), or a state to the
+    /// RWKV-PEFT layout.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Tune(a) => tune::run(*a),
         Cmd::Compare(a) => compare::run(a),
+        Cmd::Convert(a) => convert::run(a),
     }
 }
