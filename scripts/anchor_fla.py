@@ -28,7 +28,7 @@ reference. Two subcommands:
 
 fla's conventions (docs/kernels.md): decay argument = log(w), state [B,H,K,V]
 (key-major, the transpose of ours), scale = 1. Our dw = d(log w) / w.
-fla lives in the fla-core wheel (+ einops), unzipped by .ci/gpu-run.
+fla lives in the fla-core wheel (+ einops, packaging), unzipped by .ci/gpu-run.
 """
 import argparse
 import array
@@ -262,14 +262,16 @@ def rel_fro(a, ref):
 
 
 def restrict_autotune(k):
-    """Wraps triton.autotune so each kernel keeps ≤ k configs (evenly spaced);
-    returns the list of (offered, kept) per decorated kernel."""
-    import triton
+    """Keeps ≤ k configs (evenly spaced) in every Triton autotuner created
+    from now on: fla decorates with triton.autotune and with its own
+    fla_cache_autotune, both build a triton Autotuner, so its constructor is
+    the one place to cut. Returns [(offered, kept)] per autotuned kernel."""
+    from triton.runtime.autotuner import Autotuner
 
     stats = []
-    orig = triton.autotune
+    orig = Autotuner.__init__
 
-    def limited(*args, **kw):
+    def init(self, fn, arg_names, *args, **kw):
         args = list(args)
         configs = kw.pop("configs") if "configs" in kw else args.pop(0)
         n = len(configs)
@@ -277,9 +279,9 @@ def restrict_autotune(k):
             idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
             configs = [configs[i] for i in idx]
         stats.append((n, len(configs)))
-        return orig(configs, *args, **kw)
+        orig(self, fn, arg_names, configs, *args, **kw)
 
-    triton.autotune = limited
+    Autotuner.__init__ = init
     return stats
 
 
@@ -335,7 +337,7 @@ def time_fla(path, warmup, reps):
 
     def fwd_bwd():
         o, sT = chunk_rwkv7(r=p["r"], w=logw, k=p["k"], v=p["v"], a=p["a"], b=p["b"], scale=1.0, initial_state=h0, output_final_state=True)
-        torch.autograd.backward([o, sT], [dy, dhT])
+        torch.autograd.backward([o, sT], [dy.to(o.dtype), dhT.to(sT.dtype)])
 
     def timed(fn):
         ts = []
