@@ -25,6 +25,11 @@ reference. Two subcommands:
          configurations per kernel (evenly spaced in fla's list); the JSON says
          so, with the numbers of configurations kept and offered.
       The JSON is rewritten after each part, so a timeout keeps what was done.
+      Order: rwkv-tune vs f64, fla timing, fla vs f64 and vs rwkv-tune.
+
+  report  --json anchor.json [--bench-json bench.json]
+      Short lines for .ci/gpu-run's summary, with our bench rows as multiples
+      of fla's time.
 
 fla's conventions (docs/kernels.md): decay argument = log(w), state [B,H,K,V]
 (key-major, the transpose of ours), scale = 1. Our dw = d(log w) / w.
@@ -371,13 +376,13 @@ def cmd_anchor(a):
     res = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "backend": a.backend, "check_shape": a.check_shape}
 
     def save():
+        res["wall_s"] = round(time.time() - t_start, 1)
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=1)
 
-    torch_ok = have_torch()
-    stats = None
     res["fla"] = None
-    if torch_ok:
+    stats = None
+    if have_torch():
         import torch
 
         res["torch"] = torch.__version__
@@ -389,26 +394,32 @@ def cmd_anchor(a):
 
             res["fla"] = getattr(fla, "__version__", "?")
         except Exception as e:  # noqa: BLE001
-            res["fla_error"] = f"{type(e).__name__}: {e}"
+            res["fla_error"] = f"{type(e).__name__}: {e}"[:400]
     else:
         res["fla_error"] = "torch not importable (dry run / no GPU stack): fla skipped"
-    if stats is not None:
-        res["autotune"] = {
-            "restricted_to": a.autotune_configs,
-            "kernels": len(stats),
-            "configs_offered": sum(n for n, _ in stats),
-            "configs_kept": sum(k for _, k in stats),
-        }
+
+    def autotune_stats():
+        if stats is not None:
+            res["autotune"] = {
+                "restricted_to": a.autotune_configs,
+                "kernels": len(stats),
+                "configs_offered": sum(n for n, _ in stats),
+                "configs_kept": sum(k for _, k in stats),
+            }
+
+    autotune_stats()
     save()
 
-    # 1. accuracy at the check shape
+    # 1. rwkv-tune against the f64 reference at the check shape
     dims = tuple(map(int, a.check_shape.split(",")))
     B, T, H, N = dims
     x = python_inputs(B, T, H, N, 1)
     t0 = time.time()
     ref = reference_f64(x, dims)
     res["reference_f64_s"] = round(time.time() - t0, 1)
+    res["accuracy_note"] = "relative Frobenius error against the sequential f64 recurrence (this script), inputs exactly representable in bf16"
     acc, vs, outs = {}, {}, {}
+    res["accuracy_vs_f64"], res["rwkv_tune_vs_fla"] = acc, vs
     with tempfile.TemporaryDirectory() as td:
         shp = {n: [B, T, H, N] for n in SEQ} | {n: [B, H, N, N] for n in STATE}
         inp = os.path.join(td, "in.safetensors")
@@ -427,6 +438,22 @@ def cmd_anchor(a):
                 acc[name] = {n: rel_fro(got[n], ref[n]) for n in OUTS}
                 if dt == "bf16":
                     outs[ker] = got
+    save()
+
+    # 2. fla timed at the shape of the inputs file (first: the number the
+    # anchor exists for; its Triton compiles happen here)
+    if res["fla"] is not None:
+        res["fla_timing"] = {"error": "not run: no --inputs file"}
+        if a.inputs and os.path.exists(a.inputs):
+            try:
+                res["fla_timing"] = time_fla(a.inputs, a.warmup, a.reps)
+                res["fla_timing"]["autotune_note"] = f"Triton autotuning restricted to <= {a.autotune_configs} configs per kernel (evenly spaced in fla's list)"
+            except Exception as e:  # noqa: BLE001
+                res["fla_timing"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        autotune_stats()
+        save()
+
+    # 3. fla against the f64 reference and against rwkv-tune
     if res["fla"] is not None:
         import torch
 
@@ -440,44 +467,39 @@ def cmd_anchor(a):
                         vs[f"rwkv-tune {a.backend} {ker} bf16 vs fla bf16"] = {n: rel_fro(o[n], f[n]) for n in OUTS}
             except Exception as e:  # noqa: BLE001
                 acc[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    res["accuracy_vs_f64"] = acc
-    res["rwkv_tune_vs_fla"] = vs
-    res["accuracy_note"] = "relative Frobenius error against the sequential f64 recurrence (this script), inputs exactly representable in bf16"
+            autotune_stats()
+            save()
     save()
+    return 0
 
-    # 2. fla timing at the shape of the inputs file
-    if res["fla"] is not None and a.inputs:
-        try:
-            res["fla_timing"] = time_fla(a.inputs, a.warmup, a.reps)
-            res["fla_timing"]["autotune_note"] = f"Triton autotuning restricted to <= {a.autotune_configs} configs per kernel (evenly spaced in fla's list)"
-        except Exception as e:  # noqa: BLE001
-            res["fla_timing"] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    res["wall_s"] = round(time.time() - t_start, 1)
-    save()
 
-    # short lines for the summary
-    print(f"anchor: fla {res['fla'] or 'unavailable'}" + (f" ({res.get('fla_error')})" if res["fla"] is None else "") + f"; check shape {a.check_shape}; f64 reference {res['reference_f64_s']} s")
-    if "autotune" in res:
-        at = res["autotune"]
-        print(f"anchor: autotune restricted to <= {at['restricted_to']} configs/kernel: {at['configs_kept']} of {at['configs_offered']} kept over {at['kernels']} kernels")
-    print(f"  {'implementation':<28} {'y':>9} {'hT':>9} {'worst grad':>10}  (rel. Frobenius error vs f64)")
-    for name, e in acc.items():
+def cmd_report(a):
+    """Short lines for the summary from anchor.json (and bench.json)."""
+    if not os.path.exists(a.json):
+        print(f"anchor: no {a.json}")
+        return 1
+    res = json.load(open(a.json))
+    fla = res.get("fla")
+    print(f"anchor: fla {fla or 'unavailable'}" + (f" ({res.get('fla_error')})" if not fla else "") + f"; check shape {res.get('check_shape')}; f64 reference {res.get('reference_f64_s', '?')} s; wall {res.get('wall_s')} s")
+    at = res.get("autotune")
+    if at:
+        print(f"anchor: Triton autotune restricted to <= {at['restricted_to']} configs/kernel: {at['configs_kept']} of {at['configs_offered']} kept over {at['kernels']} kernels")
+    print(f"  {'implementation':<30} {'y':>9} {'hT':>9} {'worst grad':>10}  (rel. Frobenius error vs f64)")
+    for name, e in res.get("accuracy_vs_f64", {}).items():
         if "error" in e:
-            print(f"  {name:<28} ERROR {e['error'][:120]}")
+            print(f"  {name:<30} ERROR {e['error'][:160]}")
         else:
             g = max(e[n] for n in OUTS[2:])
-            print(f"  {name:<28} {e['y']:9.2e} {e['hT']:9.2e} {g:10.2e}")
-    for name, e in vs.items():
-        print(f"  {name:<28} y {e['y']:.2e} hT {e['hT']:.2e} worst grad {max(e[n] for n in OUTS[2:]):.2e} (rel. difference)")
+            print(f"  {name:<30} {e['y']:9.2e} {e['hT']:9.2e} {g:10.2e}")
+    for name, e in res.get("rwkv_tune_vs_fla", {}).items():
+        print(f"  {name}: y {e['y']:.2e} hT {e['hT']:.2e} worst grad {max(e[n] for n in OUTS[2:]):.2e} (rel. difference)")
     ft = res.get("fla_timing")
     if ft and "error" not in ft:
-        line = f"anchor: fla bf16 B={ft['B']} T={ft['T']} H={ft['H']} N={ft['N']}: forward {ft['forward']['median_ms']:.3f} ms, forward+backward {ft['forward_backward']['median_ms']:.3f} ms (median of {a.reps}, restricted autotune)"
-        print(line)
+        print(f"anchor: fla bf16 B={ft['B']} T={ft['T']} H={ft['H']} N={ft['N']}: forward {ft['forward']['median_ms']:.3f} ms, forward+backward {ft['forward_backward']['median_ms']:.3f} ms (median of {ft['forward']['reps']}, restricted autotune)")
         if a.bench_json and os.path.exists(a.bench_json):
-            rows = json.load(open(a.bench_json))
-            for r in rows:
+            for r in json.load(open(a.bench_json)):
                 key = {"forward": "forward", "forward+backward": "forward_backward"}.get(r["pass"])
-                if key and r["b"] == ft["B"] and r["t"] == ft["T"] and r["h"] == ft["H"] and r["n"] == ft["N"]:
+                if key and (r["b"], r["t"], r["h"], r["n"]) == (ft["B"], ft["T"], ft["H"], ft["N"]):
                     print(f"  rwkv-tune {r['kernel']} {r['pass']}: {r['median_ms']:.3f} ms = {r['median_ms'] / ft[key]['median_ms']:.2f}x fla")
     elif ft:
         print(f"anchor: fla timing ERROR {ft['error'][:200]}")
@@ -502,8 +524,11 @@ def main():
     pa.add_argument("--warmup", type=int, default=3)
     pa.add_argument("--reps", type=int, default=10)
     pa.add_argument("--out", required=True)
+    pr = sub.add_parser("report")
+    pr.add_argument("--json", required=True)
+    pr.add_argument("--bench-json")
     a = ap.parse_args()
-    return cmd_inputs(a) if a.cmd == "inputs" else cmd_anchor(a)
+    return {"inputs": cmd_inputs, "anchor": cmd_anchor, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":
