@@ -12,6 +12,7 @@
 //! printed: launches per op, device allocations, transfers.
 //!
 //! `cargo bench --bench tune_step`; CI runs it once in test mode.
+//! `TUNE_STEP_SHAPES=0.1b` limits the device rows to the shapes so named.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,7 +88,15 @@ fn device_rows<O: BackwardOps>(c: &mut Criterion, ops: impl Fn() -> O, label: &s
             512,
         ),
     ];
+    // TUNE_STEP_SHAPES=0.1b (comma-separated name prefixes) builds and times
+    // only those shapes (.ci/gpu-run: the 0.1B row within its time budget).
+    let only = std::env::var("TUNE_STEP_SHAPES").ok();
     for (name, make, b, t) in shapes {
+        if let Some(o) = &only {
+            if !o.split(',').any(|p| !p.is_empty() && name.starts_with(p)) {
+                continue;
+            }
+        }
         let w = &make();
         let bt = batch(b, t, w.config.vocab);
         let init = TunedState::zeros(&w.config, false);
@@ -133,6 +142,10 @@ fn emu_counters() {
 }
 
 fn bench(c: &mut Criterion) {
+    if std::env::var_os("TUNE_STEP_SHAPES").is_some() {
+        // the GPU check: only the named device rows
+        return cuda_rows(c);
+    }
     let w = tiny_weights();
     let mut g = c.benchmark_group("tune_step_cpu");
     g.sample_size(10);
@@ -160,6 +173,10 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
     emu_counters();
+    cuda_rows(c);
+}
+
+fn cuda_rows(c: &mut Criterion) {
     match rwkv_tune::cuda::Gpu::new(0) {
         Ok(gpu) => {
             let gpu = Arc::new(gpu);

@@ -4,7 +4,7 @@
 //! median over repeats after warm-up, on random (never zero) inputs.
 use crate::dtype::{DType, IoType};
 use crate::error::Result;
-use crate::wkv7::testdata::random_problem;
+use crate::wkv7::testdata::{random_problem, Problem};
 use crate::wkv7::{Backend, Dims, GradInputs, Inputs, Version};
 use serde::Serialize;
 use std::time::Instant;
@@ -65,6 +65,9 @@ pub struct Row {
     pub tflop_per_s: f64,
     /// Percent of the memory roofline at `peak_gb_per_s`, when known.
     pub pct_roofline: Option<f64>,
+    /// Where the inputs came from (the random seed, or the file given to
+    /// `rwkv-tune bench --inputs`).
+    pub inputs: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,9 +75,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The seed of the benchmark's random problems (`inputs` of the rows).
+pub const SEED: u64 = 0x5eed;
+
+/// The random problem `rwkv-tune bench` times for dims `d` (decays in
+/// [0.55, 1), so v2 runs wherever the head size allows).
+pub fn bench_problem(d: &Dims) -> Problem {
+    random_problem(*d, SEED, 0.55, 1.0)
+}
+
+/// The token·head inputs of a problem converted to the I/O type once.
+struct Converted<X> {
+    r: Vec<X>,
+    w: Vec<X>,
+    k: Vec<X>,
+    v: Vec<X>,
+    a: Vec<X>,
+    b: Vec<X>,
+    dy: Vec<X>,
+}
+
+impl<X: IoType> Converted<X> {
+    fn new(p: &Problem) -> Self {
+        let c = |v: &[f32]| v.iter().map(|&e| X::from_f32(e)).collect::<Vec<X>>();
+        Converted {
+            r: c(&p.r),
+            w: c(&p.w),
+            k: c(&p.k),
+            v: c(&p.v),
+            a: c(&p.a),
+            b: c(&p.b),
+            dy: c(&p.dy),
+        }
+    }
+}
+
 /// Times `pass` of the WKV-7 op (kernel `version`; v2 falls back to v1 where
-/// it cannot run) on `backend` for dims `d` and dtype X: `warmup` untimed
-/// runs, then `reps` timed ones; returns per-run ms.
+/// it cannot run) on `backend` for dims `d` and dtype X on the benchmark's
+/// random problem: `warmup` untimed runs, then `reps` timed ones; returns
+/// per-run ms.
 pub fn time_wkv7<X: IoType>(
     backend: &Backend,
     version: Version,
@@ -83,24 +122,35 @@ pub fn time_wkv7<X: IoType>(
     warmup: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
-    let p = random_problem(*d, 0x5eed, 0.55, 1.0);
-    let c = |v: &[f32]| v.iter().map(|&e| X::from_f32(e)).collect::<Vec<X>>();
-    let (r, w, k, v, a, b, dy) = (
-        c(&p.r),
-        c(&p.w),
-        c(&p.k),
-        c(&p.v),
-        c(&p.a),
-        c(&p.b),
-        c(&p.dy),
-    );
+    let p = bench_problem(d);
+    time_converted(
+        backend,
+        version,
+        &p,
+        &Converted::<X>::new(&p),
+        pass,
+        warmup,
+        reps,
+    )
+}
+
+fn time_converted<X: IoType>(
+    backend: &Backend,
+    version: Version,
+    p: &Problem,
+    c: &Converted<X>,
+    pass: Pass,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    let d = &p.dims;
     if let Backend::Cuda(gpu) = backend {
         return crate::wkv7::cuda::time_device::<X>(
             gpu,
             d,
-            [&r, &w, &k, &v, &a, &b],
+            [&c.r, &c.w, &c.k, &c.v, &c.a, &c.b],
             &p.h0,
-            &dy,
+            &c.dy,
             &p.dh_t,
             version,
             pass,
@@ -109,16 +159,16 @@ pub fn time_wkv7<X: IoType>(
         );
     }
     let x = Inputs {
-        r: &r,
-        w: &w,
-        k: &k,
-        v: &v,
-        a: &a,
-        b: &b,
+        r: &c.r,
+        w: &c.w,
+        k: &c.k,
+        v: &c.v,
+        a: &c.a,
+        b: &c.b,
         h0: Some(&p.h0),
     };
     let g = GradInputs {
-        dy: &dy,
+        dy: &c.dy,
         dh_t: Some(&p.dh_t),
     };
     let mut times = Vec::with_capacity(reps);
@@ -143,6 +193,7 @@ pub fn time_wkv7<X: IoType>(
 
 /// Runs every (shape, dtype, pass) on `backend` and returns the table rows.
 /// `peak_gb_per_s` sets the roofline (e.g. 3000 for an H100); None = unknown.
+/// Each shape's random problem is generated once (see [`run_problem`]).
 pub fn run_suite(
     backend: &Backend,
     version: Version,
@@ -151,12 +202,64 @@ pub fn run_suite(
     reps: usize,
     peak_gb_per_s: Option<f64>,
 ) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (d, dtype) in shapes {
+        let p = bench_problem(d);
+        let src = format!("random seed {SEED:#x}");
+        rows.extend(run_problem(
+            backend,
+            &[version],
+            &p,
+            &src,
+            *dtype,
+            warmup,
+            reps,
+            peak_gb_per_s,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// Every pass of every kernel in `versions` on one problem `p` (described by
+/// `inputs` in the rows): the inputs are converted to `dtype` once, and on a
+/// GPU each measurement uploads them before its timed region.
+#[allow(clippy::too_many_arguments)]
+pub fn run_problem(
+    backend: &Backend,
+    versions: &[Version],
+    p: &Problem,
+    inputs: &str,
+    dtype: DType,
+    warmup: usize,
+    reps: usize,
+    peak_gb_per_s: Option<f64>,
+) -> Result<Vec<Row>> {
+    match dtype {
+        DType::F32 => run_typed::<f32>(backend, versions, p, inputs, warmup, reps, peak_gb_per_s),
+        DType::BF16 => {
+            run_typed::<half::bf16>(backend, versions, p, inputs, warmup, reps, peak_gb_per_s)
+        }
+    }
+}
+
+fn run_typed<X: IoType>(
+    backend: &Backend,
+    versions: &[Version],
+    p: &Problem,
+    inputs: &str,
+    warmup: usize,
+    reps: usize,
+    peak_gb_per_s: Option<f64>,
+) -> Result<Vec<Row>> {
     let device = match backend {
         Backend::Cuda(gpu) => gpu.describe(),
         _ => format!("CPU ({} threads)", rayon::current_num_threads()),
     };
+    let d = &p.dims;
+    let dtype = X::DTYPE;
+    let c = Converted::<X>::new(p);
     let mut rows = Vec::new();
-    for (d, dtype) in shapes {
+    for &version in versions {
         let mut medians = std::collections::HashMap::new();
         for pass in [Pass::Forward, Pass::ForwardBackward, Pass::Backward] {
             let host_bwd = pass == Pass::Backward && !matches!(backend, Backend::Cuda(_));
@@ -165,17 +268,12 @@ pub fn run_suite(
                 let f: f64 = medians[&Pass::Forward];
                 ((fb - f).max(0.0), (fb - f).max(0.0))
             } else {
-                let t = match dtype {
-                    DType::F32 => time_wkv7::<f32>(backend, version, d, pass, warmup, reps)?,
-                    DType::BF16 => {
-                        time_wkv7::<half::bf16>(backend, version, d, pass, warmup, reps)?
-                    }
-                };
+                let t = time_converted(backend, version, p, &c, pass, warmup, reps)?;
                 let min = t.iter().cloned().fold(f64::MAX, f64::min);
                 (median(t), min)
             };
             medians.insert(pass, med);
-            let bytes = bytes_moved(d, *dtype, pass);
+            let bytes = bytes_moved(d, dtype, pass);
             let gbs = if med > 0.0 {
                 bytes / (med * 1e-3) / 1e9
             } else {
@@ -183,7 +281,7 @@ pub fn run_suite(
             };
             rows.push(Row {
                 backend: backend.name().into(),
-                kernel: format!("{:?}", effective(version, backend, d)),
+                kernel: format!("{:?}", effective(version, backend, d, &c.w)),
                 device: device.clone(),
                 b: d.b,
                 t: d.t,
@@ -201,6 +299,7 @@ pub fn run_suite(
                     0.0
                 },
                 pct_roofline: peak_gb_per_s.map(|p| 100.0 * gbs / p),
+                inputs: inputs.to_string(),
             });
         }
     }
@@ -245,13 +344,12 @@ pub fn format_table(rows: &[Row]) -> String {
     s
 }
 
-/// The kernel version that runs for the benchmark's inputs (decays in
-/// [0.55, 1), so only the head size can make v2 fall back to v1). The CPU
-/// backend runs the reference whatever the version.
-fn effective(version: Version, backend: &Backend, d: &Dims) -> Version {
+/// The kernel version that runs on these inputs (v2 falls back to v1 for
+/// other head sizes or decays below its bound). The CPU backend runs the
+/// reference whatever the version.
+fn effective<X: IoType>(version: Version, backend: &Backend, d: &Dims, w: &[X]) -> Version {
     match backend {
         Backend::Cpu => Version::V1,
-        _ if version == Version::V2 && !matches!(d.n, 32 | 64) => Version::V1,
-        _ => version,
+        _ => version.effective(d, w),
     }
 }

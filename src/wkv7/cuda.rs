@@ -400,8 +400,8 @@ pub fn forward_backward_host<X: IoType + DeviceRepr + ValidAsZeroBits>(
 }
 
 /// Times `pass` on the GPU with CUDA events (per repetition, after `warmup`
-/// untimed runs), with every buffer allocated and uploaded beforehand.
-/// Returns milliseconds per repetition.
+/// untimed runs, the L2 cache flushed before each), with every buffer allocated
+/// and uploaded beforehand. Returns milliseconds per repetition.
 #[allow(clippy::too_many_arguments)]
 pub fn time_device<X: IoType>(
     gpu: &Gpu,
@@ -449,8 +449,19 @@ pub fn time_device<X: IoType>(
     if pass == Pass::Backward {
         forward_dev_v(gpu, ver, d, &xi, &mut y, Some(&mut h_t), Some(&mut ckpt))?;
     }
+    // L2 flush between repetitions (outside the timed region): zero a buffer
+    // of twice the L2 size (64 MiB when the attribute is unavailable) so that
+    // no rep reads inputs left in L2 by the previous one.
+    let l2 = gpu
+        .ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .ok()
+        .filter(|&b| b > 0)
+        .map_or(32 << 20, |b| b as usize);
+    let mut flush = zeros::<u8>(gpu, 2 * l2)?;
     let mut times = Vec::with_capacity(reps);
     for i in 0..warmup + reps {
+        gpu.stream.memset_zeros(&mut flush).map_err(cuda_err)?;
         let start = gpu
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))

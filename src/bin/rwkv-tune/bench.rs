@@ -1,8 +1,10 @@
 //! `rwkv-tune bench`: time the WKV-7 op over a table of shapes and passes,
 //! print median ms, GB/s, TFLOP/s and % of the memory roofline, write JSON.
 use anyhow::{bail, Context, Result};
-use rwkv_tune::bench::{format_table, run_suite};
+use rwkv_tune::bench::{bench_problem, format_table, run_problem, SEED};
 use rwkv_tune::dtype::DType;
+use rwkv_tune::tensors::read_f32;
+use rwkv_tune::wkv7::testdata::Problem;
 use rwkv_tune::wkv7::{Backend, Dims, Version};
 use std::path::PathBuf;
 
@@ -25,10 +27,19 @@ pub struct BenchArgs {
     /// small shapes on the CPU)
     #[arg(long)]
     shapes: Option<String>,
-    /// kernel version: v1 (FMA, any decay) or v2 (tensor cores, N = 32/64,
-    /// decays ≥ 0.5 — the benchmark's random decays are in [0.55, 1))
-    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    /// kernel version: v1 (FMA, any decay), v2 (tensor cores, N = 32/64,
+    /// decays ≥ 0.5 — the benchmark's random decays are in [0.55, 1)), or
+    /// all (every version on the same inputs)
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2", "all"])]
     kernel: String,
+    /// time these inputs instead of random ones: a safetensors file with
+    /// r, w, k, v, a, b, h0, dy, dhT (as `rwkv-tune wkv7` reads; the shape
+    /// comes from the file, --shapes is ignored)
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// I/O precision for --inputs
+    #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
+    dtype: String,
     /// timed repetitions per measurement (median reported)
     #[arg(long, default_value_t = 10)]
     reps: usize,
@@ -71,6 +82,50 @@ fn parse_shapes(s: &str) -> Result<Vec<(Dims, DType)>> {
     Ok(out)
 }
 
+/// Reads a problem (r … b, h0, dy, dhT, all required) from a safetensors file.
+fn read_problem(path: &std::path::Path) -> Result<Problem> {
+    let mut t = read_f32(path)?;
+    let shape = t
+        .get("r")
+        .with_context(|| format!("{}: no tensor `r`", path.display()))?
+        .shape
+        .clone();
+    let [b, tt, h, n] = shape[..] else {
+        bail!(
+            "{}: `r` has shape {shape:?}, expected [B, T, H, N]",
+            path.display()
+        );
+    };
+    let dims = Dims { b, t: tt, h, n };
+    dims.validate()?;
+    let (s, st) = (dims.seq_shape(), dims.state_shape());
+    let mut take = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
+        let x = t
+            .remove(name)
+            .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+        if x.shape != want {
+            bail!(
+                "{}: `{name}` has shape {:?}, expected {want:?}",
+                path.display(),
+                x.shape
+            );
+        }
+        Ok(x.data)
+    };
+    Ok(Problem {
+        dims,
+        r: take("r", &s)?,
+        w: take("w", &s)?,
+        k: take("k", &s)?,
+        v: take("v", &s)?,
+        a: take("a", &s)?,
+        b: take("b", &s)?,
+        h0: take("h0", &st)?,
+        dy: take("dy", &s)?,
+        dh_t: take("dhT", &st)?,
+    })
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let backend = match a.backend.as_str() {
         "auto" => match Backend::from_name("cuda") {
@@ -101,14 +156,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
-    let version = if a.kernel == "v2" {
-        Version::V2
-    } else {
-        Version::V1
+    let versions = match a.kernel.as_str() {
+        "v1" => vec![Version::V1],
+        "v2" => vec![Version::V2],
+        _ => vec![Version::V1, Version::V2],
     };
-    let rows = run_suite(&backend, version, &shapes, a.warmup, a.reps, peak)?;
+    let rows = match &a.inputs {
+        None => {
+            let mut rows = Vec::new();
+            for (d, dtype) in &shapes {
+                let p = bench_problem(d);
+                let src = format!("random seed {SEED:#x}");
+                rows.extend(run_problem(
+                    &backend, &versions, &p, &src, *dtype, a.warmup, a.reps, peak,
+                )?);
+            }
+            rows
+        }
+        Some(path) => {
+            let p = read_problem(path)?;
+            let dtype = if a.dtype == "f32" {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            let src = path.display().to_string();
+            run_problem(&backend, &versions, &p, &src, dtype, a.warmup, a.reps, peak)?
+        }
+    };
     if let Some(r) = rows.first() {
         println!("device: {}", r.device);
+        println!("inputs: {}", r.inputs);
     }
     print!("{}", format_table(&rows));
     if let Some(p) = &a.json {

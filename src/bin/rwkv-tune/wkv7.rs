@@ -2,7 +2,7 @@
 //! users can cross-check the kernels against their own pipelines.
 use anyhow::{bail, Context, Result};
 use rwkv_tune::tensors::{read_f32, write_f32, F32Tensor};
-use rwkv_tune::wkv7::{Backend, Dims, GradInputs, Inputs};
+use rwkv_tune::wkv7::{Backend, Dims, GradInputs, Inputs, Version};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -33,6 +33,10 @@ pub struct Wkv7Args {
     /// I/O precision inside the kernels (state and accumulation are always f32)
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
+    /// kernel version on the emu / cuda backends: v1 (FMA, any decay) or v2
+    /// (tensor cores; falls back to v1 for other head sizes or decays < 0.5)
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    kernel: String,
 }
 
 fn take<'a>(t: &'a BTreeMap<String, F32Tensor>, name: &str, shape: &[usize]) -> Result<&'a [f32]> {
@@ -102,14 +106,21 @@ pub fn run(a: Wkv7Args) -> Result<()> {
             },
         );
     };
+    let ver = if a.kernel == "v2" {
+        Version::V2
+    } else {
+        Version::V1
+    };
+    let x = [r, w, k, v, aa, bb];
     match a.dtype.as_str() {
-        "f32" => run_typed::<f32>(&backend, &d, [r, w, k, v, aa, bb], h0, dy, dht, &mut put)?,
-        _ => run_typed::<half::bf16>(&backend, &d, [r, w, k, v, aa, bb], h0, dy, dht, &mut put)?,
+        "f32" => run_typed::<f32>(&backend, ver, &d, x, h0, dy, dht, &mut put)?,
+        _ => run_typed::<half::bf16>(&backend, ver, &d, x, h0, dy, dht, &mut put)?,
     }
     write_f32(&a.output, &out)?;
     eprintln!(
-        "wkv7: B={b} T={tt} H={h} N={n} backend={} dtype={} {} -> {}",
+        "wkv7: B={b} T={tt} H={h} N={n} backend={} kernel={} dtype={} {} -> {}",
         backend.name(),
+        a.kernel,
         a.dtype,
         if dy.is_some() {
             "forward+backward"
@@ -124,8 +135,10 @@ pub fn run(a: Wkv7Args) -> Result<()> {
 /// Receives each output tensor: (name, shape, data).
 type Sink<'a> = dyn FnMut(&str, &[usize], Vec<f32>) + 'a;
 
+#[allow(clippy::too_many_arguments)]
 fn run_typed<X: rwkv_tune::dtype::IoType>(
     backend: &Backend,
+    ver: Version,
     d: &Dims,
     x: [&[f32]; 6],
     h0: Option<&[f32]>,
@@ -148,13 +161,14 @@ fn run_typed<X: rwkv_tune::dtype::IoType>(
     let (s, st) = (d.seq_shape(), d.state_shape());
     match dy {
         None => {
-            let o = backend.forward(d, &inp)?;
+            let o = backend.forward_v(ver, d, &inp)?;
             put("y", &s, back(o.y));
             put("hT", &st, o.h_t);
         }
         Some(dy) => {
             let dyx = c(dy);
-            let (o, g) = backend.forward_backward(
+            let (o, g) = backend.forward_backward_v(
+                ver,
                 d,
                 &inp,
                 &GradInputs {
