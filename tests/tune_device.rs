@@ -578,3 +578,14 @@ fn device_dbp_update_matches_the_f64_host_update() {
     check_dbp_update(CpuOps::new(), "cpu");
     check_dbp_update(EmuOps::default(), "emu");
 }
+
+#[test]
+fn cuda_dbp_update_matches_the_f64_host_update() {
+    match rwkv_tune::cuda::Gpu::new(0) {
+        Ok(gpu) => check_dbp_update(
+            rwkv_tune::ops::cuda::CudaOps::new(std::sync::Arc::new(gpu)).unwrap(),
+            "cuda",
+        ),
+        Err(e) => rwkv_tune::cuda::skip_gpu("DBP update on cuda", &e),
+    }
+}
