@@ -15,7 +15,6 @@
 use rayon::prelude::*;
 
 use crate::ops::gemm::{dot_imp, has_avx2_fma, madd};
-use crate::real::Real;
 
 /// Tokens between saved states.
 pub const CHUNK: usize = 16;
@@ -38,32 +37,37 @@ pub struct Inputs<'a> {
     pub b: &'a [f32],
 }
 
-/// One token for one (sequence, head): `S ← S diag(w) + (S a) bᵀ + v kᵀ`,
-/// `y = S r`; writes `S a` into `sa` when given.
+/// One token for one (sequence, head), its inputs at `x.*[q..q + n]`:
+/// `S ← S diag(w) + (S a) bᵀ + v kᵀ`, `y = S r`; writes `S a` into `sa`
+/// when given.
 #[inline(always)]
-fn step<R: Real, const F: bool>(
-    s: &mut [R],
+fn step<const F: bool>(
+    s: &mut [f32],
     n: usize,
-    r: &[R],
-    w: &[R],
-    k: &[R],
-    v: &[R],
-    a: &[R],
-    b: &[R],
-    y: &mut [R],
-    mut sa: Option<&mut [R]>,
+    x: &Inputs<'_>,
+    q: usize,
+    y: &mut [f32],
+    mut sa: Option<&mut [f32]>,
 ) {
+    let (r, w, k, v, a, b) = (
+        &x.r[q..q + n],
+        &x.w[q..q + n],
+        &x.k[q..q + n],
+        &x.v[q..q + n],
+        &x.a[q..q + n],
+        &x.b[q..q + n],
+    );
     for i in 0..n {
         let si = &mut s[i * n..(i + 1) * n];
-        let sai = dot_imp::<R, F>(si, a);
+        let sai = dot_imp::<f32, F>(si, a);
         if let Some(sa) = sa.as_deref_mut() {
             sa[i] = sai;
         }
         let vi = v[i];
         for j in 0..n {
-            si[j] = madd::<R, F>(vi, k[j], madd::<R, F>(sai, b[j], si[j] * w[j]));
+            si[j] = madd::<f32, F>(vi, k[j], madd::<f32, F>(sai, b[j], si[j] * w[j]));
         }
-        y[i] = dot_imp::<R, F>(si, r);
+        y[i] = dot_imp::<f32, F>(si, r);
     }
 }
 
@@ -89,18 +93,7 @@ fn fwd_pair_imp<const F: bool>(
             ck[(t / CHUNK) * nn..(t / CHUNK + 1) * nn].copy_from_slice(s);
         }
         let q = t * c + o;
-        step::<f32, F>(
-            s,
-            n,
-            &x.r[q..q + n],
-            &x.w[q..q + n],
-            &x.k[q..q + n],
-            &x.v[q..q + n],
-            &x.a[q..q + n],
-            &x.b[q..q + n],
-            &mut yv,
-            None,
-        );
+        step::<F>(s, n, x, q, &mut yv, None);
         y[t * n..(t + 1) * n].copy_from_slice(&yv);
     }
 }
@@ -229,18 +222,7 @@ fn bwd_pair_imp<const F: bool>(
             let (prev, next) = st.split_at_mut((u + 1) * nn);
             let s = &mut next[..nn];
             s.copy_from_slice(&prev[u * nn..(u + 1) * nn]);
-            step::<f32, F>(
-                s,
-                n,
-                &x.r[q..q + n],
-                &x.w[q..q + n],
-                &x.k[q..q + n],
-                &x.v[q..q + n],
-                &x.a[q..q + n],
-                &x.b[q..q + n],
-                &mut yv,
-                Some(&mut sa[u * n..(u + 1) * n]),
-            );
+            step::<F>(s, n, x, q, &mut yv, Some(&mut sa[u * n..(u + 1) * n]));
         }
         for u in (0..len).rev() {
             let q = (t0 + u) * c + o;
