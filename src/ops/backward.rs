@@ -563,7 +563,6 @@ pub trait BackwardOps: DeviceOps {
                 .zip(grads.iter().map(|b| self.len(b))),
         );
         check::wkv_bwd(
-            1,
             t,
             h,
             n,
@@ -1032,6 +1031,17 @@ pub trait BackwardOps: DeviceOps {
     unsafe fn raw_sumsq(&self, n: usize, x: &Self::Buf) -> Result<f64>;
 }
 
+/// (checkpoints, scratch) of the checkpointing WKV ops on the emulator and
+/// CUDA: enough for either kernel version (the version that runs can depend
+/// on the decays), at least 1 each.
+pub(super) fn kernel_wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+    use crate::wkv7::Version;
+    let d = crate::wkv7::Dims { b, t, h, n };
+    let ck = Version::V1.ckpt_len(&d).max(Version::V2.ckpt_len(&d));
+    let sc = Version::V1.scratch_len(&d).max(Version::V2.scratch_len(&d));
+    (ck.max(1), sc.max(1))
+}
+
 // ---- shape checks shared by the implementations ---------------------------
 
 pub(crate) mod check {
@@ -1245,14 +1255,13 @@ pub(crate) mod check {
     }
 
     pub fn wkv_bwd(
-        b: usize,
         t: usize,
         h: usize,
         n: usize,
         seq: &[(&str, usize)],
         st: &[(&str, usize)],
     ) -> Result<()> {
-        let d = crate::wkv7::Dims { b, t, h, n };
+        let d = crate::wkv7::Dims { b: 1, t, h, n };
         d.validate()?;
         for (name, len) in seq {
             exact(name, *len, d.seq_len())?;
@@ -1312,25 +1321,7 @@ pub(crate) fn host_wkv_bwd(
     grads: [&mut Vec<f32>; 6],
     dh0: &mut Vec<f32>,
 ) -> Result<()> {
-    host_wkv_bwd_b(be, ver, 1, t, h, n, x, h0, dy, grads, dh0)
-}
-
-/// [`host_wkv_bwd`] for `b` sequences (h0, dh0 `[B, H, N, N]`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn host_wkv_bwd_b(
-    be: &crate::wkv7::Backend,
-    ver: crate::wkv7::Version,
-    b: usize,
-    t: usize,
-    h: usize,
-    n: usize,
-    x: [&Vec<f32>; 6],
-    h0: &[f32],
-    dy: &[f32],
-    grads: [&mut Vec<f32>; 6],
-    dh0: &mut Vec<f32>,
-) -> Result<()> {
-    let d = crate::wkv7::Dims { b, t, h, n };
+    let d = crate::wkv7::Dims { b: 1, t, h, n };
     let (_, g) = be.forward_backward_v(
         ver,
         &d,
@@ -1383,19 +1374,10 @@ impl BackwardOps for CpuOps {
         dx: &mut Vec<f32>,
     ) -> Result<()> {
         // rows are independent: dx rows and (x, dy) rows split together
-        let (x, dx) = (&x[off..], &mut dx[off..off + rows * c]);
-        let dy = &dy[..rows * c];
-        use rayon::prelude::*;
-        let per = (1usize << 15) / c.max(1);
-        if rows <= per.max(1) || rayon::current_num_threads() < 2 {
-            bref::layer_norm_bwd(x, rows, c, weight, eps, dy, dx);
-        } else {
-            dx.par_chunks_mut(per * c).enumerate().for_each(|(i, dc)| {
-                let r0 = i * per;
-                let nr = dc.len() / c;
-                bref::layer_norm_bwd(&x[r0 * c..], nr, c, weight, eps, &dy[r0 * c..], dc)
-            });
-        }
+        let (x, dx) = (&x[off..], &mut dx[off..]);
+        super::par_rows(rows, c, dx, |r0, nr, dc| {
+            bref::layer_norm_bwd(&x[r0 * c..], nr, c, weight, eps, &dy[r0 * c..], dc)
+        });
         Ok(())
     }
     unsafe fn raw_token_shift_bwd(
@@ -1512,8 +1494,8 @@ impl BackwardOps for CpuOps {
         let bias = bias.map(|b| b.as_slice());
         let rows = n / c;
         let (dh, dt) = dy[..n].split_at_mut(rows * c);
-        super::par_rows(rows, c, c, &pre[..rows * c], dh, |p, nr, d| {
-            bref::act_bwd(mode, nr * c, c, p, bias, d)
+        super::par_rows(rows, c, dh, |r0, nr, d| {
+            bref::act_bwd(mode, nr * c, c, &pre[r0 * c..], bias, d)
         });
         bref::act_bwd(mode, n - rows * c, c, &pre[rows * c..], bias, dt);
         Ok(())

@@ -209,7 +209,7 @@ impl BackwardOps for CudaOps {
     }
 
     fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
-        super::backward_emu::wkv_ws_len(b, t, h, n)
+        super::backward::kernel_wkv_ws_len(b, t, h, n)
     }
 
     unsafe fn raw_wkv_fwd_ckpt(

@@ -147,7 +147,7 @@ impl BackwardOps for EmuOps {
     }
 
     fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
-        wkv_ws_len(b, t, h, n)
+        super::backward::kernel_wkv_ws_len(b, t, h, n)
     }
 
     unsafe fn raw_wkv_fwd_ckpt(
@@ -615,15 +615,4 @@ impl BackwardOps for EmuOps {
         self.counters().download(4 * partial.len());
         Ok(partial.iter().map(|&v| v as f64).sum())
     }
-}
-
-/// (checkpoints, scratch) of the WKV workspace on the emulator and CUDA:
-/// enough for either kernel version (the version that runs can depend on
-/// the decays), at least 1 each.
-pub(super) fn wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
-    use crate::wkv7::Version;
-    let d = crate::wkv7::Dims { b, t, h, n };
-    let ck = Version::V1.ckpt_len(&d).max(Version::V2.ckpt_len(&d));
-    let sc = Version::V1.scratch_len(&d).max(Version::V2.scratch_len(&d));
-    (ck.max(1), sc.max(1))
 }

@@ -1026,42 +1026,27 @@ pub(crate) mod check {
 /// least this many elements (below it one thread does all).
 const PAR_ELEMS: usize = 1 << 15;
 
-/// Runs `f(x rows, rows, y rows)` over pieces of `rows` rows in parallel
-/// (`ldx`, `ldy` elements per row), each piece a whole number of rows.
+/// Runs `f(r0, n, y_rows)` over pieces of the `rows` rows of `y` (`ld`
+/// elements per row) in parallel: each piece is rows `r0 .. r0 + n`, a
+/// whole number of rows of at least [`PAR_ELEMS`] elements (one piece,
+/// on this thread, when the op is smaller or there is one thread). The
+/// caller slices its inputs at row `r0`.
 pub(crate) fn par_rows(
     rows: usize,
-    ldx: usize,
-    ldy: usize,
-    x: &[f32],
-    y: &mut [f32],
-    f: impl Fn(&[f32], usize, &mut [f32]) + Sync + Send,
-) {
-    use rayon::prelude::*;
-    let per = (PAR_ELEMS / ldy.max(1)).max(1);
-    if rows <= per || rayon::current_num_threads() < 2 {
-        f(x, rows, y);
-        return;
-    }
-    y[..rows * ldy]
-        .par_chunks_mut(per * ldy)
-        .enumerate()
-        .for_each(|(i, yc)| f(&x[i * per * ldx..], yc.len() / ldy, yc));
-}
-
-/// [`par_rows`] for an op in place on `[rows, ld]`.
-pub(crate) fn par_rows_mut(
-    rows: usize,
     ld: usize,
-    x: &mut [f32],
-    f: impl Fn(&mut [f32]) + Sync + Send,
+    y: &mut [f32],
+    f: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
 ) {
     use rayon::prelude::*;
     let per = (PAR_ELEMS / ld.max(1)).max(1);
     if rows <= per || rayon::current_num_threads() < 2 {
-        f(&mut x[..rows * ld]);
+        f(0, rows, &mut y[..rows * ld]);
         return;
     }
-    x[..rows * ld].par_chunks_mut(per * ld).for_each(f);
+    y[..rows * ld]
+        .par_chunks_mut(per * ld)
+        .enumerate()
+        .for_each(|(i, yc)| f(i * per, yc.len() / ld.max(1), yc));
 }
 
 /// The operations on the CPU: [`reference`](mod@reference) functions on `Vec<f32>`.
@@ -1186,23 +1171,7 @@ pub(crate) fn host_wkv(
     state: &mut Vec<f32>,
     y: &mut Vec<f32>,
 ) -> Result<()> {
-    host_wkv_b(be, ver, 1, t, h, n, x, state, y)
-}
-
-/// [`host_wkv`] for `b` sequences (state `[B, H, N, N]`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn host_wkv_b(
-    be: &crate::wkv7::Backend,
-    ver: crate::wkv7::Version,
-    b: usize,
-    t: usize,
-    h: usize,
-    n: usize,
-    x: [&Vec<f32>; 6],
-    state: &mut Vec<f32>,
-    y: &mut Vec<f32>,
-) -> Result<()> {
-    let d = crate::wkv7::Dims { b, t, h, n };
+    let d = crate::wkv7::Dims { b: 1, t, h, n };
     let out = be.forward_v(
         ver,
         &d,
@@ -1296,8 +1265,8 @@ impl DeviceOps for CpuOps {
         y: &mut Vec<f32>,
     ) -> Result<()> {
         let x = &x[x_off..];
-        par_rows(rows, c, c, x, &mut y[..rows * c], |xr, nr, yr| {
-            reference::layer_norm(xr, nr, c, weight, bias, eps, yr)
+        par_rows(rows, c, y, |r0, nr, yr| {
+            reference::layer_norm(&x[r0 * c..], nr, c, weight, bias, eps, yr)
         });
         Ok(())
     }
@@ -1373,7 +1342,7 @@ impl DeviceOps for CpuOps {
         let bias = bias.map(|b| &b[..]);
         let rows = x.len() / c;
         let (head, tail) = x.split_at_mut(rows * c);
-        par_rows_mut(rows, c, head, |xr| reference::act(mode, xr, c, bias));
+        par_rows(rows, c, head, |_, _, xr| reference::act(mode, xr, c, bias));
         reference::act(mode, tail, c, bias);
         Ok(())
     }
