@@ -166,13 +166,6 @@ fn batch_shape(batch: &[Example]) -> (usize, usize) {
         .fold((0, 0), |(b, t), te| (b + 1, t.max(te)))
 }
 
-/// `h` padded with zeros to `n`.
-fn pad(h: &[u32], n: usize) -> Vec<u32> {
-    let mut v = h.to_vec();
-    v.resize(n.max(h.len()), 0);
-    v
-}
-
 /// Newton–Schulz iterations of the inverse: with `‖I − M‖∞ ≤ 1/2` (DBP's
 /// step clip), the residual `I − M·X` squares every iteration from `I − M`,
 /// so 6 iterations leave at most `2^-64` of it: f32 rounding decides.
@@ -391,12 +384,6 @@ impl<O: BackwardOps> DeviceTuner<O> {
         }
     }
 
-    fn dup(&self, x: &O::Buf, n: usize) -> Result<O::Buf> {
-        let mut y = self.ops.zeros(n)?;
-        self.ops.copy(x, 0, &mut y, 0, n)?;
-        Ok(y)
-    }
-
     /// Bytes of one layer's tape at `rows` rows (for the memory plan),
     /// the WKV checkpoints of `b` sequences of `t` tokens included.
     fn tape_bytes(&self, b: usize, t: usize) -> usize {
@@ -558,38 +545,47 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok(())
     }
 
-    /// Logits `[T, V]` (host) of `tokens` from the initial state `st`.
+    /// Logits `[T, V]` (host) of `tokens` from the initial state `st`:
+    /// the forward only, so only a forward's buffers (one tape reused by
+    /// every layer, the head's block).
     pub fn logits(&self, st: &[LStart<O::Buf>], tokens: &[u32]) -> Result<Vec<f32>> {
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
+        let cfg = &self.cfg;
+        let (c, v) = (cfg.n_embd, cfg.vocab);
         let t = tokens.len();
         if t == 0 {
             return Ok(Vec::new());
         }
-        // one tape, reused by every layer
-        let mut ws = self.workspace_for(1, t, false, false, Recompute::PerLayer)?;
-        self.load_states(&mut ws, st)?;
-        self.broadcast(&mut ws, 1)?;
         let o = &self.ops;
-        let StepWs {
-            ids,
-            x,
-            vf,
-            stb,
-            tapes,
-            fw,
-            head,
-            ..
-        } = &mut ws;
-        o.write_ids(&pad(tokens, ids.len()), v, ids)?;
-        o.embed_ids(ids, &self.emb_ln, c, x)?;
-        for (l, s) in stb.iter().enumerate() {
-            self.layer(l)
-                .forward(x, 1, t, s.view(), vf, &mut tapes[0], fw, None, None)?;
+        let vres = self.layers.iter().any(|l| l.vres.is_some());
+        let mut tape = Tape::new(o, cfg, 1, t, vres, self.up.as_ref().map(|u| u.m))?;
+        let mut fw = FwdWs::new(o, cfg, 1, t)?;
+        let hr = HEAD_ROWS.min(t);
+        let mut head = HeadWs {
+            xn: o.zeros(hr * c)?,
+            lg: o.zeros(hr * v)?,
+            lrow: o.zeros(1)?,
+            dxn: o.zeros(1)?,
+        };
+        let mut x = o.zeros(t * c)?;
+        o.embed(tokens, &self.emb_ln, c, &mut x)?;
+        let mut vf = o.zeros(t * c)?;
+        for (l, s) in st.iter().enumerate() {
+            self.layer(l).forward(
+                &mut x,
+                1,
+                t,
+                s.view(),
+                &mut vf,
+                &mut tape,
+                &mut fw,
+                None,
+                None,
+            )?;
         }
         let mut out = Vec::with_capacity(t * v);
         for r0 in (0..t).step_by(HEAD_ROWS) {
             let rows = HEAD_ROWS.min(t - r0);
-            self.head_logits(x, r0, rows, head)?;
+            self.head_logits(&x, r0, rows, &mut head)?;
             let hst = o.download(&head.lg)?;
             out.extend_from_slice(&hst[..rows * v]);
         }
@@ -746,7 +742,10 @@ impl<O: BackwardOps> DeviceTuner<O> {
             .map(|e| (e, effective_len(e)))
             .filter(|&(_, te)| te > 0)
             .collect();
-        let (b, t) = batch_shape(batch);
+        let (b, t) = (
+            live.len(),
+            live.iter().map(|&(_, te)| te).max().unwrap_or(0),
+        );
         let lam = o.observer_weight;
         if b > ws.cap_b || t > ws.cap_t || (lam > 0.0 && ws.soft.is_none()) {
             return Err(Error::Tune(format!(
@@ -1156,65 +1155,37 @@ impl<O: BackwardOps> DeviceEngine<O> {
     /// The effective initial states on the device (`S′·R` under DBP).
     fn states(&self) -> Result<Vec<LStart<O::Buf>>> {
         let cfg = self.tuner.config();
-        let (c, h, n, nl) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer);
+        let (c, hnn) = (cfg.n_embd, self.hnn());
         let o = self.tuner.ops();
-        (0..nl)
+        let mut st = (0..cfg.n_layer)
             .map(|l| {
-                let wkv = match &self.dbp {
-                    Some((_, r)) => {
-                        let mut s = o.zeros(h * n * n)?;
-                        o.batched_matmul(h, n, &self.params[l], &r[l], false, &mut s)?;
-                        s
-                    }
-                    None => self.tuner.dup(&self.params[l], h * n * n)?,
-                };
-                let (sa, sf) = if self.with_shift {
-                    (
-                        self.tuner.dup(&self.params[nl + l], c)?,
-                        self.tuner.dup(&self.params[2 * nl + l], c)?,
-                    )
-                } else {
-                    (o.zeros(c)?, o.zeros(c)?)
-                };
-                let u = match self.params.get(self.n_state + l) {
-                    Some(p) => Some(self.tuner.dup(p, self.sizes[self.n_state + l])?),
-                    None => None,
-                };
-                Ok(LStart { sa, sf, wkv, u })
+                Ok(LStart {
+                    sa: o.zeros(c)?,
+                    sf: o.zeros(c)?,
+                    wkv: o.zeros(hnn)?,
+                    u: match self.sizes.get(self.n_state + l) {
+                        Some(&len) => Some(o.zeros(len)?),
+                        None => None,
+                    },
+                })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.write_states(&mut st)?;
+        Ok(st)
     }
-}
 
-impl<O: BackwardOps> Engine for DeviceEngine<O> {
-    fn device(&self) -> &'static str {
-        self.tuner.ops().name()
-    }
-    fn sizes(&self) -> Vec<usize> {
-        self.sizes.clone()
-    }
-    fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
-        let cfg = self.tuner.config().clone();
+    /// Writes the effective initial states (`S′·R` under DBP; zero shift
+    /// states when they are not tuned; every `U`) into `dst`, per layer.
+    fn write_states(&self, dst: &mut [LStart<O::Buf>]) -> Result<()> {
+        let cfg = self.tuner.config();
         let (c, h, n, nl) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer);
-        let hnn = h * n * n;
-        check_batch(batch, &self.opts, cfg.vocab)?;
-        let (b, t) = batch_shape(batch);
-        let observer = self.opts.observer_weight > 0.0;
-        self.tuner
-            .fit_ws(&mut self.ws, b, t, observer, self.dbp.is_some())?;
-        let ws = self
-            .ws
-            .as_mut()
-            .ok_or_else(|| Error::Tune("internal: no workspace".into()))?;
         let o = self.tuner.ops();
-        // the effective initial states (S = S′·R under DBP) into ws.st1
-        for l in 0..nl {
-            let d = &mut ws.st1[l];
+        for (l, d) in dst.iter_mut().enumerate().take(nl) {
             match &self.dbp {
                 Some((_, r)) => {
                     o.batched_matmul(h, n, &self.params[l], &r[l], false, &mut d.wkv)?
                 }
-                None => o.copy(&self.params[l], 0, &mut d.wkv, 0, hnn)?,
+                None => o.copy(&self.params[l], 0, &mut d.wkv, 0, h * n * n)?,
             }
             if self.with_shift {
                 o.copy(&self.params[nl + l], 0, &mut d.sa, 0, c)?;
@@ -1227,6 +1198,22 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 o.copy(p, 0, u, 0, self.sizes[self.n_state + l])?;
             }
         }
+        Ok(())
+    }
+
+    /// One optimiser step on the workspace `ws` (fitted to the batch).
+    fn step_in(
+        &mut self,
+        ws: &mut StepWs<O::Buf>,
+        batch: &[Example],
+        lr: f64,
+        clip: f64,
+    ) -> Result<StepOut> {
+        let cfg = self.tuner.config().clone();
+        let (h, n, nl) = (cfg.n_head, cfg.head_size, cfg.n_layer);
+        let hnn = h * n * n;
+        self.write_states(&mut ws.st1)?;
+        let o = self.tuner.ops();
         let info = self.tuner.step_ws(ws, batch, &self.opts)?;
         self.last_peak_bytes = info.peak_bytes;
         // gradients in params order; g′ = g·Rᵀ under DBP
@@ -1327,6 +1314,29 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             n_tokens: info.n_tokens,
             grad_norm,
         })
+    }
+}
+
+impl<O: BackwardOps> Engine for DeviceEngine<O> {
+    fn device(&self) -> &'static str {
+        self.tuner.ops().name()
+    }
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.clone()
+    }
+    fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
+        check_batch(batch, &self.opts, self.tuner.config().vocab)?;
+        let (b, t) = batch_shape(batch);
+        let observer = self.opts.observer_weight > 0.0;
+        self.tuner
+            .fit_ws(&mut self.ws, b, t, observer, self.dbp.is_some())?;
+        let mut ws = self
+            .ws
+            .take()
+            .ok_or_else(|| Error::Tune("internal: no workspace".into()))?;
+        let out = self.step_in(&mut ws, batch, lr, clip);
+        self.ws = Some(ws);
+        out
     }
     fn save(&self) -> Result<EngineState> {
         let o = self.tuner.ops();
