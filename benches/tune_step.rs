@@ -1,5 +1,5 @@
 //! One state-tuning optimiser step (loss, state gradients, clipping, Adam;
-//! DBP off): the CPU engine (`tune::engine::HostEngine`) on the tiny model
+//! DBP off): the CPU engine (`DeviceEngine` over `CpuOps`) on the tiny model
 //! shape (12 layers, C = 64, byte vocab; the real fixture when ../shared has
 //! it), and the device engine (`tune::device::DeviceEngine`, the whole batch
 //! in one pass, activations kept) on a GPU when one is present, on the tiny
@@ -22,7 +22,7 @@ use rwkv_tune::model::{Config, Weights};
 use rwkv_tune::ops::backward::BackwardOps;
 use rwkv_tune::ops::DeviceOps;
 use rwkv_tune::tune::device::DeviceEngine;
-use rwkv_tune::tune::engine::{Engine, HostEngine};
+use rwkv_tune::tune::engine::Engine;
 use rwkv_tune::tune::grad::{Example, GradOpts, TunedState};
 use rwkv_tune::tune::optim::AdamConfig;
 
@@ -151,16 +151,9 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     let (b, t) = (4, 256);
     let bt = batch(b, t, w.config.vocab);
-    let init = TunedState::zeros(&w.config, false);
-    let mut e =
-        HostEngine::new(&w, init, AdamConfig::default(), None, GradOpts::default()).unwrap();
-    g.throughput(Throughput::Elements((b * t) as u64));
-    g.bench_function("tiny_b4_t256", |bn| {
-        bn.iter_custom(|n| time_steps(&mut e, &bt, n))
-    });
-    // the device engine over the CPU twins (the one-layer code on the CPU)
-    let mut d = DeviceEngine::new(
-        rwkv_tune::ops::CpuOps::new(),
+    // the CPU engine: the device engine over the CPU twins
+    let mut e = DeviceEngine::new(
+        rwkv_tune::ops::cpu::CpuOps::new(),
         &w,
         &TunedState::zeros(&w.config, false),
         AdamConfig::default(),
@@ -168,8 +161,9 @@ fn bench(c: &mut Criterion) {
         GradOpts::default(),
     )
     .unwrap();
-    g.bench_function("device_engine_cpu_ops_tiny_b4_t256", |bn| {
-        bn.iter_custom(|n| time_steps(&mut d, &bt, n))
+    g.throughput(Throughput::Elements((b * t) as u64));
+    g.bench_function("tiny_b4_t256", |bn| {
+        bn.iter_custom(|n| time_steps(&mut e, &bt, n))
     });
     g.finish();
     emu_counters();

@@ -25,6 +25,7 @@ pub trait Real:
 {
     const ZERO: Self;
     const ONE: Self;
+    const NEG_INFINITY: Self;
     fn from_f32(x: f32) -> Self;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -34,6 +35,8 @@ pub trait Real:
     fn tanh(self) -> Self;
     fn sqrt(self) -> Self;
     fn mul_add(self, a: Self, b: Self) -> Self;
+    fn abs(self) -> Self;
+    fn is_finite(self) -> bool;
     /// The weights as this type: borrowed for `f32`, converted for `f64`.
     fn cow(x: &[f32]) -> Cow<'_, [Self]>;
     #[inline(always)]
@@ -48,6 +51,16 @@ pub trait Real:
     fn sigmoid(self) -> Self {
         Self::ONE / (Self::ONE + (-self).exp())
     }
+    /// `x` as this type (for constants in generic code).
+    #[inline(always)]
+    fn c(x: f64) -> Self {
+        Self::from_f64(x)
+    }
+    /// `Σ x` in order.
+    #[inline(always)]
+    fn sum(x: impl IntoIterator<Item = Self>) -> Self {
+        x.into_iter().fold(Self::ZERO, |a, b| a + b)
+    }
 }
 
 macro_rules! impl_real {
@@ -55,6 +68,7 @@ macro_rules! impl_real {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             #[inline(always)]
             fn from_f32(x: f32) -> Self {
                 x as $t
@@ -90,6 +104,14 @@ macro_rules! impl_real {
             #[inline(always)]
             fn mul_add(self, a: Self, b: Self) -> Self {
                 <$t>::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
             }
             fn cow(x: &[f32]) -> Cow<'_, [Self]> {
                 $cow(x)

@@ -24,7 +24,7 @@
 use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use rwkv_tune::ops::backward_ref::{self as bref, AdamStep};
 use rwkv_tune::ops::emu::EmuOps;
-use rwkv_tune::ops::{reference, Act, CpuOps, DeviceOps, Geom};
+use rwkv_tune::ops::{cpu::CpuOps, reference, Act, DeviceOps, Geom};
 use rwkv_tune::rng::Rng;
 use rwkv_tune::Error;
 

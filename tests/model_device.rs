@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use rwkv_tune::model::device::DeviceModel;
 use rwkv_tune::model::{Config, Logits, Model, State, Weights};
-use rwkv_tune::ops::{emu::EmuOps, CpuOps};
+use rwkv_tune::ops::{cpu::CpuOps, emu::EmuOps};
 
 const TOL: f64 = 1e-4;
 

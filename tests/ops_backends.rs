@@ -6,7 +6,7 @@
 //! Tolerance: ‖x − ref‖∞ / ‖ref‖∞ ≤ 1e-5 (f32).
 use std::sync::Arc;
 
-use rwkv_tune::ops::{self, reference, Act, BonusBufs, CpuOps, DeviceOps, Geom};
+use rwkv_tune::ops::{self, cpu::CpuOps, reference, Act, BonusBufs, DeviceOps, Geom};
 use rwkv_tune::rng::Rng;
 
 const TOL: f64 = 1e-5;

@@ -73,7 +73,9 @@ fn the_engine_builder_picks_the_engine_from_the_options() {
     let mut t = b.build(&model, &tr, Some(&va), tc(), &mut quiet).unwrap();
     assert_eq!(t.config.dbp, Some((0.05, 0.0)));
     assert_eq!(t.engine().device(), "cpu");
-    assert_eq!((t.upscale(), t.peak_bytes()), (None, None));
+    // the CPU engine is the device engine over the CPU ops: it plans memory
+    assert_eq!(t.upscale(), None);
+    assert!(t.peak_bytes().is_some());
     let hnn = cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size;
     assert_eq!(t.n_params, hnn);
     let rep = t.run().unwrap();

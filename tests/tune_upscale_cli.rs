@@ -1,5 +1,5 @@
 //! The kernel-upscaled state end to end: its files (the ai00 state file plus
-//! the `<stem>.upscale.safetensors` sidecar), `UpscaleEngine` driven by the
+//! the `<stem>.upscale.safetensors` sidecar), the CPU engine driven by the
 //! ordinary tuning loop (`train_with`), exact engine save/load, and the CLI
 //! (`tune --upscale M`, resume, `generate --state` with the sidecar).
 use std::path::{Path, PathBuf};
@@ -8,16 +8,18 @@ use std::process::Command;
 use rwkv_tune::model::load::{read_f32_tensors, read_metadata, write_f32_tensors};
 use rwkv_tune::model::weights::{Config, Weights};
 use rwkv_tune::model::{Model, Naming, State, StoreDType};
+use rwkv_tune::ops::cpu::CpuOps;
 use rwkv_tune::rng::Rng;
 use rwkv_tune::tune::data::{pad_batch, ByteTokenizer};
 use rwkv_tune::tune::demo;
+use rwkv_tune::tune::device::DeviceEngine;
 use rwkv_tune::tune::engine::Engine;
 use rwkv_tune::tune::grad::{Example, GradOpts, TunedState};
 use rwkv_tune::tune::optim::AdamConfig;
 use rwkv_tune::tune::train::{train_with, TrainConfig};
 use rwkv_tune::tune::upscale::{
     evaluate_upscaled, forward_logits_upscaled, load_upscaled, save_upscaled, sidecar_from_bytes,
-    sidecar_path, sidecar_to_bytes, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState,
+    sidecar_path, sidecar_to_bytes, Kernel, UpscaleConfig, UpscaledState,
 };
 use rwkv_tune::Error;
 
@@ -205,10 +207,11 @@ fn upscale_engine_trains_through_the_loop_and_its_files_reproduce_the_logits() {
     // DBP is refused.
     let start = UpscaledState::new(zero.clone(), &k);
     assert!(matches!(
-        UpscaleEngine::new(
+        DeviceEngine::new_upscaled(
+            CpuOps::new(),
             &w,
-            k.clone(),
-            start.clone(),
+            &k,
+            &start,
             AdamConfig::default(),
             Some((0.05, 0.0)),
             GradOpts::default()
@@ -216,10 +219,11 @@ fn upscale_engine_trains_through_the_loop_and_its_files_reproduce_the_logits() {
         Err(Error::Tune(m)) if m.contains("DBP")
     ));
 
-    let mut eng = UpscaleEngine::new(
+    let mut eng = DeviceEngine::new_upscaled(
+        CpuOps::new(),
         &w,
-        k.clone(),
-        start.clone(),
+        &k,
+        &start,
         AdamConfig::default(),
         None,
         GradOpts::default(),
@@ -243,20 +247,21 @@ fn upscale_engine_trains_through_the_loop_and_its_files_reproduce_the_logits() {
         b.loss,
         a.loss
     );
+    let es = eng.upscaled().unwrap();
     assert!(
-        eng.state.u.iter().flatten().any(|&x| x != 0.0),
+        es.u.iter().flatten().any(|&x| x != 0.0),
         "U was not trained"
     );
-    assert_eq!(rep.state, eng.state.state);
+    assert_eq!(rep.state, es.state);
 
     // Write both files, load them: the same logits and the same validation.
     let dir = tmp_dir("engine");
     let out = dir.join("state.safetensors");
-    save_upscaled(&out, &cfg, &eng.kernel, &eng.state).unwrap();
+    save_upscaled(&out, &cfg, &k, &es).unwrap();
     let (k2, s2) = load_upscaled(&out, &cfg).unwrap().unwrap();
-    assert_eq!(bits(&s2), bits(&eng.state));
+    assert_eq!(bits(&s2), bits(&es));
     for e in va.examples.iter().take(4) {
-        let x = forward_logits_upscaled(&w, &eng.kernel, &eng.state, &e.tokens).unwrap();
+        let x = forward_logits_upscaled(&w, &k, &es, &e.tokens).unwrap();
         let y = forward_logits_upscaled(&w, &k2, &s2, &e.tokens).unwrap();
         assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
@@ -272,10 +277,11 @@ fn upscale_engine_trains_through_the_loop_and_its_files_reproduce_the_logits() {
         })
         .collect();
     let new_eng = || {
-        UpscaleEngine::new(
+        DeviceEngine::new_upscaled(
+            CpuOps::new(),
             &w,
-            k.clone(),
-            start.clone(),
+            &k,
+            &start,
             AdamConfig::default(),
             None,
             GradOpts::default(),
@@ -295,7 +301,7 @@ fn upscale_engine_trains_through_the_loop_and_its_files_reproduce_the_logits() {
     for bt in &batches[3..] {
         e2.step(bt, 0.5, 1.0).unwrap();
     }
-    assert_eq!(bits(&e1.state), bits(&e2.state));
+    assert_eq!(bits(&e1.upscaled().unwrap()), bits(&e2.upscaled().unwrap()));
     let mut with_dbp = saved.clone();
     with_dbp.dbp_r = Some(vec![0.0; 4]);
     assert!(matches!(new_eng().load(with_dbp), Err(Error::Tune(_))));

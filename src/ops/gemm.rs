@@ -1,8 +1,8 @@
 //! The CPU matrix products, generic over the float type ([`Real`]): `y =
-//! x·Wᵀ` (`xwt`, W stored `[n, k]` as `nn.Linear`) and `y = x·W` (`xw`,
+//! x·Wᵀ` (`xwt_ld`, W stored `[n, k]` as `nn.Linear`) and `y = x·W` (`xw`,
 //! W `[k, n]`), register-blocked, compiled for AVX2+FMA when the CPU has it
 //! (checked at run time), split over rows across threads when large. Used
-//! by the CPU gradient engine and by the CPU ops backend (`CpuOps`'s
+//! by the CPU ops backend (`CpuOps`'s
 //! `matmul` / `matmul_t`), so both run the same code.
 // The kernels walk several parallel arrays with one index.
 #![allow(clippy::needless_range_loop)]
@@ -197,8 +197,6 @@ macro_rules! dispatched {
     };
 }
 
-pub(crate) use dispatched;
-
 dispatched!(xwt_d(x: &[R], ldx: usize, rows: usize, k: usize, w: &[R], n: usize, y: &mut [R]) => xwt_imp);
 dispatched!(xw_d(x: &[R], ldx: usize, rows: usize, k: usize, w: &[R], n: usize, y: &mut [R]) => xw_imp);
 
@@ -235,12 +233,8 @@ fn par_split<R: Real>(
         });
 }
 
-/// `y = x · wᵀ` with `w` stored `[n, k]` (x: `[rows, k]`, y: `[rows, n]`).
-pub(crate) fn xwt<R: Real>(x: &[R], rows: usize, k: usize, w: &[R], n: usize, y: &mut [R]) {
-    xwt_ld(x, k, rows, k, w, n, y)
-}
-
-/// [`xwt`] with row `t` of x at `x[t·ldx ..][..k]`.
+/// `y = x · wᵀ` with `w` stored `[n, k]` (x: `[rows, k]`, y: `[rows, n]`),
+/// row `t` of x at `x[t·ldx ..][..k]`.
 pub(crate) fn xwt_ld<R: Real>(
     x: &[R],
     ldx: usize,

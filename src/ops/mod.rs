@@ -5,7 +5,7 @@
 //!
 //! | impl | buffers | element-wise ops | GEMM | WKV |
 //! |---|---|---|---|---|
-//! | [`CpuOps`] | `Vec<f32>` | [`reference`](mod@reference) (Rust twins) | [`reference::matmul`] | `wkv7` Cpu |
+//! | [`cpu::CpuOps`] | `Vec<f32>` / `Vec<f64>` | [`reference`](mod@reference) (Rust twins, generic over the float) | [`gemm`] | `wkv7` reference (f64) |
 //! | [`emu::EmuOps`] | `Vec<f32>` | `kernels/model_ops.cu` on the CPU emulator | [`reference::matmul`] / [`reference::matmul_bf16`] | `wkv7` Emu |
 //! | [`cuda::CudaOps`] | `CudaSlice<f32>` | `kernels/model_ops.cu` on the GPU | cuBLAS sgemm / `cublasGemmEx` bf16 | `wkv7::cuda::forward_dev` |
 //!
@@ -31,6 +31,7 @@ pub mod backward_cuda;
 pub mod backward_emu;
 pub mod backward_ref;
 pub mod counters;
+pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod gemm;
@@ -305,6 +306,16 @@ pub trait DeviceOps {
     fn upload(&self, h: &[f32]) -> Result<Self::Buf>;
     /// The whole buffer, copied to the host.
     fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
+    /// A buffer holding `h`, rounded to the backend's float type (f32 on
+    /// every backend but `CpuOps<f64>`, which keeps it exactly).
+    fn upload_f64(&self, h: &[f64]) -> Result<Self::Buf> {
+        let h: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        self.upload(&h)
+    }
+    /// [`Self::download`] widened to f64 (exact: no rounding on any backend).
+    fn download_f64(&self, b: &Self::Buf) -> Result<Vec<f64>> {
+        Ok(self.download(b)?.into_iter().map(f64::from).collect())
+    }
     /// `dst[..h.len()] = h`.
     fn write(&self, h: &[f32], dst: &mut Self::Buf) -> Result<()> {
         need("dst", self.len(dst), 0, h.len())?;
@@ -1031,11 +1042,11 @@ const PAR_ELEMS: usize = 1 << 15;
 /// whole number of rows of at least [`PAR_ELEMS`] elements (one piece,
 /// on this thread, when the op is smaller or there is one thread). The
 /// caller slices its inputs at row `r0`.
-pub(crate) fn par_rows(
+pub(crate) fn par_rows<T: Send>(
     rows: usize,
     ld: usize,
-    y: &mut [f32],
-    f: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+    y: &mut [T],
+    f: impl Fn(usize, usize, &mut [T]) + Sync + Send,
 ) {
     use rayon::prelude::*;
     let per = (PAR_ELEMS / ld.max(1)).max(1);
@@ -1049,21 +1060,8 @@ pub(crate) fn par_rows(
         .for_each(|(i, yc)| f(i * per, yc.len() / ld.max(1), yc));
 }
 
-/// The operations on the CPU: [`reference`](mod@reference) functions on `Vec<f32>`.
-#[derive(Clone, Debug, Default)]
-pub struct CpuOps {
-    counters: std::sync::Arc<counters::Counters>,
-}
-
-impl CpuOps {
-    /// The CPU backend with fresh counters.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
 /// The buffer-management methods of [`DeviceOps`] for backends whose buffers
-/// are host `Vec<f32>` ([`CpuOps`] and [`emu::EmuOps`]). The hooks slice
+/// are host `Vec<f32>` ([`emu::EmuOps`]). The hooks slice
 /// safely (a size the provided method did not check would panic, never read
 /// out of bounds).
 macro_rules! host_buffer_ops {
@@ -1188,197 +1186,4 @@ pub(crate) fn host_wkv(
     *y = out.y;
     *state = out.h_t;
     Ok(())
-}
-
-// The CPU hooks run the Rust twins, which index safely (a size the provided
-// method did not check would panic, never read out of bounds).
-impl DeviceOps for CpuOps {
-    type Buf = Vec<f32>;
-
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
-    host_buffer_ops!();
-    unsafe fn raw_embed(
-        &self,
-        t: usize,
-        ids: &Vec<f32>,
-        table: &Vec<f32>,
-        c: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let toks: Vec<u32> = ids[..t].iter().map(|x| x.to_bits()).collect();
-        reference::embed(&toks, table, c, out);
-        Ok(())
-    }
-    unsafe fn raw_matmul(
-        &self,
-        x: &Vec<f32>,
-        x_off: usize,
-        ldx: usize,
-        m: usize,
-        w: &Vec<f32>,
-        n: usize,
-        k: usize,
-        y: &mut Vec<f32>,
-    ) -> Result<()> {
-        if m > 0 {
-            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
-        }
-        Ok(())
-    }
-    type Mat = Vec<f32>;
-    fn gemm_precision(&self) -> GemmPrecision {
-        GemmPrecision::F32
-    }
-    fn upload_mat(&self, h: &[f32]) -> Result<Vec<f32>> {
-        Ok(h.to_vec())
-    }
-    fn mat_len(&self, w: &Vec<f32>) -> usize {
-        w.len()
-    }
-    unsafe fn raw_matmul_w(
-        &self,
-        x: &Vec<f32>,
-        x_off: usize,
-        ldx: usize,
-        m: usize,
-        w: &Vec<f32>,
-        n: usize,
-        k: usize,
-        y: &mut Vec<f32>,
-    ) -> Result<()> {
-        if m > 0 {
-            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
-        }
-        Ok(())
-    }
-    unsafe fn raw_layer_norm(
-        &self,
-        x: &Vec<f32>,
-        x_off: usize,
-        rows: usize,
-        c: usize,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        eps: f32,
-        y: &mut Vec<f32>,
-    ) -> Result<()> {
-        let x = &x[x_off..];
-        par_rows(rows, c, y, |r0, nr, yr| {
-            reference::layer_norm(&x[r0 * c..], nr, c, weight, bias, eps, yr)
-        });
-        Ok(())
-    }
-    unsafe fn raw_group_norm(
-        &self,
-        rows: usize,
-        h: usize,
-        n: usize,
-        eps: f32,
-        x: &mut Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        bonus: Option<BonusBufs<'_, Vec<f32>>>,
-        g: Option<&Vec<f32>>,
-    ) -> Result<()> {
-        let bonus = bonus.map(|b| reference::Bonus {
-            r: b.r,
-            k: b.k,
-            v: b.v,
-            r_k: b.r_k,
-        });
-        reference::group_norm(x, rows, h, n, eps, weight, bias, bonus, g.map(|v| &v[..]));
-        Ok(())
-    }
-    unsafe fn raw_kk_prep(
-        &self,
-        rows: usize,
-        h: usize,
-        n: usize,
-        k: &Vec<f32>,
-        da: &Vec<f32>,
-        a0: &Vec<f32>,
-        k_k: &Vec<f32>,
-        k_a: &Vec<f32>,
-        k_out: &mut Vec<f32>,
-        a: &mut Vec<f32>,
-        b: &mut Vec<f32>,
-    ) -> Result<()> {
-        reference::kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b);
-        Ok(())
-    }
-    unsafe fn raw_token_shift(
-        &self,
-        b: usize,
-        t: usize,
-        c: usize,
-        x: &Vec<f32>,
-        state: &mut Vec<f32>,
-        mu: &Vec<f32>,
-        n_mix: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        for i in 0..b {
-            reference::token_shift(
-                t,
-                c,
-                &x[i * t * c..],
-                &mut state[i * c..],
-                mu,
-                n_mix,
-                &mut out[i * t * n_mix * c..],
-            );
-        }
-        Ok(())
-    }
-    unsafe fn raw_act(
-        &self,
-        mode: Act,
-        x: &mut Vec<f32>,
-        c: usize,
-        bias: Option<&Vec<f32>>,
-    ) -> Result<()> {
-        let bias = bias.map(|b| &b[..]);
-        let rows = x.len() / c;
-        let (head, tail) = x.split_at_mut(rows * c);
-        par_rows(rows, c, head, |_, _, xr| reference::act(mode, xr, c, bias));
-        reference::act(mode, tail, c, bias);
-        Ok(())
-    }
-    unsafe fn raw_value_residual(
-        &self,
-        c: usize,
-        v: &mut Vec<f32>,
-        v_first: &Vec<f32>,
-        v0: &Vec<f32>,
-        dv: &Vec<f32>,
-    ) -> Result<()> {
-        reference::value_residual(c, v, v_first, v0, dv);
-        Ok(())
-    }
-    unsafe fn raw_add(&self, n: usize, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
-        reference::add(&mut x[..n], &y[..n]);
-        Ok(())
-    }
-    unsafe fn raw_wkv(
-        &self,
-        t: usize,
-        h: usize,
-        n: usize,
-        rwkvab: [&Vec<f32>; 6],
-        state: &mut Vec<f32>,
-        y: &mut Vec<f32>,
-    ) -> Result<()> {
-        host_wkv(
-            &crate::wkv7::Backend::Cpu,
-            crate::wkv7::Version::V1,
-            t,
-            h,
-            n,
-            rwkvab,
-            state,
-            y,
-        )
-    }
 }

@@ -1,4 +1,5 @@
-//! CPU twins of the kernels in `kernels/model_ops.cu` (plain Rust, f32, the
+//! CPU twins of the kernels in `kernels/model_ops.cu` (plain Rust, generic
+//! over the float type: f32, and f64 for the finite-difference checks; the
 //! same formulas in the same order as the CPU model in `model::forward`), and
 //! the CPU GEMM used by the CPU and emulated op backends.
 //!
@@ -6,31 +7,31 @@
 //! ([`super::DeviceOps`] implementations do it); row-major `[rows, C]`
 //! layouts with `C = H * N`.
 use super::{Act, DECAY_SCALE};
+use crate::real::Real;
+
+/// Floor of the L2 norm in `normalize(k ⊙ k_k)`.
+pub const NORM_EPS: f64 = 1e-12;
 use half::bf16;
 use rayon::prelude::*;
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// LayerNorm of each row of `C`: `y = (x − mean)/√(var + eps) · weight + bias`.
-pub fn layer_norm(
-    x: &[f32],
+pub fn layer_norm<R: Real>(
+    x: &[R],
     rows: usize,
     c: usize,
-    weight: &[f32],
-    bias: &[f32],
+    weight: &[R],
+    bias: &[R],
     eps: f32,
-    y: &mut [f32],
+    y: &mut [R],
 ) {
+    let eps = R::from_f32(eps);
     for r in 0..rows {
         let xr = &x[r * c..(r + 1) * c];
         let yr = &mut y[r * c..(r + 1) * c];
-        let n = c as f32;
-        let mean = xr.iter().sum::<f32>() / n;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        let inv = 1.0 / (var + eps).sqrt();
+        let n = R::c(c as f64);
+        let mean = R::sum(xr.iter().copied()) / n;
+        let var = R::sum(xr.iter().map(|&v| (v - mean) * (v - mean))) / n;
+        let inv = R::ONE / (var + eps).sqrt();
         for j in 0..c {
             yr[j] = (xr[j] - mean) * inv * weight[j] + bias[j];
         }
@@ -39,37 +40,38 @@ pub fn layer_norm(
 
 /// The r_k bonus inputs of [`group_norm`]: r, k̃, v `[rows, C]` and r_k `[C]`.
 #[derive(Clone, Copy)]
-pub struct Bonus<'a> {
-    pub r: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub r_k: &'a [f32],
+pub struct Bonus<'a, R = f32> {
+    pub r: &'a [R],
+    pub k: &'a [R],
+    pub v: &'a [R],
+    pub r_k: &'a [R],
 }
 
 /// In place, per (token, head) group of `n`: GroupNorm (eps), affine, plus
 /// `(Σ_j r_j k_j r_k[h,j]) · v` when `bonus` is given, times `g` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm(
-    x: &mut [f32],
+pub fn group_norm<R: Real>(
+    x: &mut [R],
     rows: usize,
     h: usize,
     n: usize,
     eps: f32,
-    weight: &[f32],
-    bias: &[f32],
-    bonus: Option<Bonus<'_>>,
-    g: Option<&[f32]>,
+    weight: &[R],
+    bias: &[R],
+    bonus: Option<Bonus<'_, R>>,
+    g: Option<&[R]>,
 ) {
     let c = h * n;
+    let (eps, nf) = (R::from_f32(eps), R::c(n as f64));
     for t in 0..rows {
         for h0 in (0..c).step_by(n) {
             let base = t * c + h0;
             let yh = &mut x[base..base + n];
-            let mean = yh.iter().sum::<f32>() / n as f32;
-            let var = yh.iter().map(|z| (z - mean) * (z - mean)).sum::<f32>() / n as f32;
-            let inv = 1.0 / (var + eps).sqrt();
+            let mean = R::sum(yh.iter().copied()) / nf;
+            let var = R::sum(yh.iter().map(|&z| (z - mean) * (z - mean))) / nf;
+            let inv = R::ONE / (var + eps).sqrt();
             let bs = bonus.map(|b| {
-                let mut s = 0.0f32;
+                let mut s = R::ZERO;
                 for j in 0..n {
                     s += b.r[base + j] * b.k[base + j] * b.r_k[h0 + j];
                 }
@@ -93,36 +95,36 @@ pub fn group_norm(
 /// Per (token, head): α = σ(a0 + da), κ̂ = normalize(k ⊙ k_k),
 /// `a = −κ̂`, `b = κ̂ ⊙ α`, `k_out = k ⊙ (1 + (α − 1) ⊙ k_a)`.
 #[allow(clippy::too_many_arguments)]
-pub fn kk_prep(
+pub fn kk_prep<R: Real>(
     rows: usize,
     h: usize,
     n: usize,
-    k: &[f32],
-    da: &[f32],
-    a0: &[f32],
-    k_k: &[f32],
-    k_a: &[f32],
-    k_out: &mut [f32],
-    a: &mut [f32],
-    b: &mut [f32],
+    k: &[R],
+    da: &[R],
+    a0: &[R],
+    k_k: &[R],
+    k_a: &[R],
+    k_out: &mut [R],
+    a: &mut [R],
+    b: &mut [R],
 ) {
     let c = h * n;
     for t in 0..rows {
         for h0 in (0..c).step_by(n) {
             let base = t * c + h0;
-            let mut ss = 0.0f32;
+            let mut ss = R::ZERO;
             for j in 0..n {
                 let q = k[base + j] * k_k[h0 + j];
                 ss += q * q;
             }
-            let inv = 1.0 / ss.sqrt().max(1e-12);
+            let inv = R::ONE / ss.sqrt().max(R::c(NORM_EPS));
             for j in 0..n {
                 let (i, q) = (base + j, h0 + j);
-                let al = sigmoid(a0[q] + da[i]);
+                let al = (a0[q] + da[i]).sigmoid();
                 let kh = k[i] * k_k[q] * inv;
                 a[i] = -kh;
                 b[i] = kh * al;
-                k_out[i] = k[i] * (1.0 + (al - 1.0) * k_a[q]);
+                k_out[i] = k[i] * (R::ONE + (al - R::ONE) * k_a[q]);
             }
         }
     }
@@ -130,14 +132,14 @@ pub fn kk_prep(
 
 /// Token shift + lerp: `out[t, m, :] = x_t + (x_{t−1} − x_t) ⊙ mu[m]` with
 /// `x_{−1} = state`; then `state = x_{T−1}`.
-pub fn token_shift(
+pub fn token_shift<R: Real>(
     t: usize,
     c: usize,
-    x: &[f32],
-    state: &mut [f32],
-    mu: &[f32],
+    x: &[R],
+    state: &mut [R],
+    mu: &[R],
     n_mix: usize,
-    out: &mut [f32],
+    out: &mut [R],
 ) {
     if t == 0 {
         return;
@@ -161,7 +163,8 @@ pub fn token_shift(
 }
 
 /// In place: `x = f(bias + x)` (bias `[C]` broadcast over rows, or none).
-pub fn act(mode: Act, x: &mut [f32], c: usize, bias: Option<&[f32]>) {
+pub fn act<R: Real>(mode: Act, x: &mut [R], c: usize, bias: Option<&[R]>) {
+    let ds = R::from_f32(DECAY_SCALE);
     for (i, z) in x.iter_mut().enumerate() {
         let v = match bias {
             Some(b) => b[i % c] + *z,
@@ -169,32 +172,32 @@ pub fn act(mode: Act, x: &mut [f32], c: usize, bias: Option<&[f32]>) {
         };
         *z = match mode {
             Act::Tanh => v.tanh(),
-            Act::Sigmoid => sigmoid(v),
+            Act::Sigmoid => v.sigmoid(),
             Act::ReluSq => {
-                let q = v.max(0.0);
+                let q = v.max(R::ZERO);
                 q * q
             }
-            Act::Decay => (-DECAY_SCALE * sigmoid(v)).exp(),
+            Act::Decay => (-ds * v.sigmoid()).exp(),
         };
     }
 }
 
 /// Value residual, in place: `v += (v_first − v) ⊙ σ(v0 + dv)`.
-pub fn value_residual(c: usize, v: &mut [f32], v_first: &[f32], v0: &[f32], dv: &[f32]) {
+pub fn value_residual<R: Real>(c: usize, v: &mut [R], v_first: &[R], v0: &[R], dv: &[R]) {
     for (i, vv) in v.iter_mut().enumerate() {
-        *vv += (v_first[i] - *vv) * sigmoid(v0[i % c] + dv[i]);
+        *vv += (v_first[i] - *vv) * (v0[i % c] + dv[i]).sigmoid();
     }
 }
 
 /// Residual add, in place: `x += y`.
-pub fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
+pub fn add<R: Real>(x: &mut [R], y: &[R]) {
+    for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
     }
 }
 
 /// Embedding gather: `out[t, :] = table[tokens[t], :]`.
-pub fn embed(tokens: &[u32], table: &[f32], c: usize, out: &mut [f32]) {
+pub fn embed<R: Real>(tokens: &[u32], table: &[R], c: usize, out: &mut [R]) {
     for (row, &tok) in out.chunks_mut(c).zip(tokens) {
         let e = tok as usize * c;
         row.copy_from_slice(&table[e..e + c]);

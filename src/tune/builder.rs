@@ -18,15 +18,16 @@ use std::time::Instant;
 
 use super::data::Dataset;
 use super::device::DeviceEngine;
-use super::engine::{Engine, HostEngine};
+use super::engine::Engine;
 use super::state::{export_state, from_model_state, TunedState};
 use super::train::{train_with, DeviceObserver, Observer, SoftTargets, TrainConfig, TrainReport};
-use super::upscale::{self, Kernel, UpscaleConfig, UpscaleEngine, UpscaledState};
+use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::model::device::DeviceModel;
 use crate::model::{Model, State};
 use crate::ops::backward::BackwardOps;
+use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::CudaOps;
 use crate::ops::emu::EmuOps;
 use crate::wkv7::Version;
@@ -34,7 +35,7 @@ use crate::wkv7::Version;
 /// Where the gradient and the optimiser step run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceKind {
-    /// The CPU engines ([`HostEngine`], [`UpscaleEngine`]).
+    /// [`DeviceEngine`] on the CPU ([`CpuOps`]: the Rust twins, f32).
     #[default]
     Cpu,
     /// [`DeviceEngine`] on the CPU emulator ([`EmuOps`]): the CUDA kernel
@@ -74,8 +75,7 @@ pub struct EngineOptions {
     pub init_state: Option<PathBuf>,
     /// Seed of the upscale kernel's k-means fit.
     pub seed: u64,
-    /// What the device engines keep between forward and backward
-    /// (ignored on the CPU, whose engine recomputes per chunk).
+    /// What the engine keeps between forward and backward.
     pub recompute: Recompute,
 }
 
@@ -201,7 +201,22 @@ impl EngineBuilder {
         let (adam, dbp, grad) = (tc.adam, tc.dbp, tc.grad.clone());
         let engine: Box<dyn Built + 'a> = match up {
             Some((kernel, start)) => match o.device {
-                DeviceKind::Cpu => Box::new(UpscaleEngine::new(w, kernel, start, adam, dbp, grad)?),
+                DeviceKind::Cpu => {
+                    let mut eng = DeviceEngine::new_upscaled(
+                        CpuOps::new(),
+                        w,
+                        &kernel,
+                        &start,
+                        adam,
+                        dbp,
+                        grad,
+                    )?;
+                    eng.set_recompute(o.recompute);
+                    Box::new(OnDevice {
+                        eng,
+                        kernel: Some(kernel),
+                    })
+                }
                 DeviceKind::Emu => {
                     let ops = EmuOps::default().with_wkv(o.wkv);
                     let mut eng =
@@ -232,7 +247,11 @@ impl EngineBuilder {
             None => {
                 let start = init.unwrap_or_else(|| TunedState::zeros(&cfg, tc.with_shift));
                 match o.device {
-                    DeviceKind::Cpu => Box::new(HostEngine::new(w, start, adam, dbp, grad)?),
+                    DeviceKind::Cpu => {
+                        let mut eng = DeviceEngine::new(CpuOps::new(), w, &start, adam, dbp, grad)?;
+                        eng.set_recompute(o.recompute);
+                        Box::new(OnDevice { eng, kernel: None })
+                    }
                     DeviceKind::Emu => {
                         let ops = EmuOps::default().with_wkv(o.wkv);
                         let mut eng = DeviceEngine::new(ops, w, &start, adam, dbp, grad)?;
@@ -403,27 +422,6 @@ trait Built {
     /// The ops counters so far (device engines).
     fn counters(&self) -> Option<Snapshot> {
         None
-    }
-}
-
-impl Built for HostEngine<'_> {
-    fn engine(&self) -> &dyn Engine {
-        self
-    }
-    fn engine_mut(&mut self) -> &mut dyn Engine {
-        self
-    }
-}
-
-impl Built for UpscaleEngine<'_> {
-    fn engine(&self) -> &dyn Engine {
-        self
-    }
-    fn engine_mut(&mut self) -> &mut dyn Engine {
-        self
-    }
-    fn upscaled(&self) -> Result<Option<(&Kernel, UpscaledState)>> {
-        Ok(Some((&self.kernel, self.state.clone())))
     }
 }
 

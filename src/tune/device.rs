@@ -28,17 +28,22 @@
 //!   backward ([`BackwardOps::up_bwd`]: `dU`, and `dr` into the receptance
 //!   gradient). [`DeviceEngine::new_upscaled`] trains `S_0` and `U` (the
 //!   parameter order of [`UpscaledStateOf::params`], so checkpoints are
-//!   interchangeable with [`super::upscale::UpscaleEngine`]'s); without DBP.
+//!   the same on every backend); without DBP.
 //!
-//! The math is the one of [`super::grad`] (the CPU engine); the tests in
-//! `tests/tune_device.rs` compare the two on random and real models.
+//! This is the only tuning engine: on the CPU it runs over `CpuOps` (f32
+//! for training, f64 for the finite-difference checks of
+//! `tests/tune_grad.rs`, through the host entry points of [`super::grad`]);
+//! `tests/tune_device.rs` compares the backends with each other and the
+//! optimiser step with a host reference.
 use super::data::Dataset;
 use super::dbp::{Dbp, DbpStats, MAX_STEP_NORM as DBP_MAX_STEP_NORM};
 use super::engine::{check_engine_state, Engine, EngineState, StepOut};
-use super::grad::{check_batch, effective_len, Example, GradOpts, TunedState};
+use super::eval::{evaluate_with, EvalResult};
 use super::optim::AdamConfig;
-use super::train::{evaluate_with, EvalResult};
-use super::upscale::{Kernel, UpscaledState, UpscaledStateOf};
+use super::state::{
+    check_batch, effective_len, Example, GradOpts, HeadVector, TunedState, TunedStateOf,
+};
+use super::state::{refuse_dbp, Kernel, UpscaledState, UpscaledStateOf};
 use crate::error::{Error, Result};
 use crate::model::device::upload_emb_ln;
 pub use crate::model::layer::LStart;
@@ -49,6 +54,7 @@ use crate::model::{Config, Model, Weights};
 use crate::ops::backward::BackwardOps;
 use crate::ops::backward_ref::AdamStep;
 use crate::ops::{Ids, LN_EPS};
+use crate::real::Real;
 
 /// Rows of the head (`ln_out`, logits, loss) processed at once.
 pub const HEAD_ROWS: usize = 128;
@@ -236,7 +242,7 @@ pub struct DevGrad<B> {
 impl<B> DevGrad<B> {
     /// The loss sum (one download of the device scalars).
     pub fn loss<O: BackwardOps<Buf = B>>(&self, ops: &O) -> Result<f64> {
-        Ok(ops.download(&self.stats)?[0] as f64)
+        Ok(ops.download_f64(&self.stats)?[0])
     }
 }
 
@@ -269,16 +275,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
     pub fn new_upscaled(ops: O, w: &Weights, kernel: &Kernel) -> Result<Self> {
         kernel.check(&w.config)?;
         let mut t = Self::new(ops, w)?;
-        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let centres = kernel
             .centres
             .iter()
-            .map(|c| t.ops.upload(&f32s(c)))
+            .map(|c| t.ops.upload_f64(c))
             .collect::<Result<Vec<_>>>()?;
         let gamma = kernel
             .gamma
             .iter()
-            .map(|g| t.ops.upload(&f32s(g)))
+            .map(|g| t.ops.upload_f64(g))
             .collect::<Result<Vec<_>>>()?;
         t.ops.sync()?;
         t.up = Some(DevUp {
@@ -322,21 +327,33 @@ impl<O: BackwardOps> DeviceTuner<O> {
         &self.cfg
     }
 
+    /// `h` on the device, in the backend's float type (exact for f32 on
+    /// every backend and for f64 on `CpuOps<f64>`).
+    fn up_real<R: Real>(&self, h: &[R]) -> Result<O::Buf> {
+        let h: Vec<f64> = h.iter().map(|v| v.to_f64()).collect();
+        self.ops.upload_f64(&h)
+    }
+
+    /// The first `n` elements of `b`, downloaded into the host float type.
+    fn down_real<R: Real>(&self, b: &O::Buf, dst: &mut [R]) -> Result<()> {
+        let h = self.ops.download_f64(b)?;
+        for (d, &x) in dst.iter_mut().zip(&h) {
+            *d = R::from_f64(x);
+        }
+        Ok(())
+    }
+
     /// Uploads a tuned state (token-shift states zero when not tuned).
-    pub fn upload_state(&self, s: &TunedState) -> Result<Vec<LStart<O::Buf>>> {
+    pub fn upload_state<R: Real>(&self, s: &TunedStateOf<R>) -> Result<Vec<LStart<O::Buf>>> {
         s.check(&self.cfg)?;
         let c = self.cfg.n_embd;
-        let zero = vec![0.0f32; c];
+        let zero = vec![R::ZERO; c];
         (0..self.cfg.n_layer)
             .map(|l| {
                 Ok(LStart {
-                    sa: self
-                        .ops
-                        .upload(s.shift_att.as_ref().map_or(&zero, |v| &v[l]))?,
-                    sf: self
-                        .ops
-                        .upload(s.shift_ffn.as_ref().map_or(&zero, |v| &v[l]))?,
-                    wkv: self.ops.upload(&s.wkv[l])?,
+                    sa: self.up_real(s.shift_att.as_ref().map_or(&zero, |v| &v[l]))?,
+                    sf: self.up_real(s.shift_ffn.as_ref().map_or(&zero, |v| &v[l]))?,
+                    wkv: self.up_real(&s.wkv[l])?,
                     u: None,
                 })
             })
@@ -344,7 +361,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
     }
 
     /// Uploads an upscaled state (the tuner must have a kernel of the same M).
-    pub fn upload_upscaled(&self, s: &UpscaledState) -> Result<Vec<LStart<O::Buf>>> {
+    pub fn upload_upscaled<R: Real>(&self, s: &UpscaledStateOf<R>) -> Result<Vec<LStart<O::Buf>>> {
         let ul = self.u_len();
         if self.up.is_none() {
             return Err(Error::Tune(
@@ -362,7 +379,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         }
         let mut st = self.upload_state(&s.state)?;
         for (l, x) in st.iter_mut().zip(&s.u) {
-            l.u = Some(self.ops.upload(x)?);
+            l.u = Some(self.up_real(x)?);
         }
         Ok(st)
     }
@@ -660,6 +677,27 @@ impl<O: BackwardOps> DeviceTuner<O> {
         o: &GradOpts,
         dbp: bool,
     ) -> Result<DevGrad<O::Buf>> {
+        self.check_states(st)?;
+        check_batch(batch, o, self.cfg.vocab)?;
+        let (b, t) = batch_shape(batch);
+        let mut ws = self.workspace(b, t, o.observer_weight > 0.0, dbp)?;
+        self.load_states(&mut ws, st)?;
+        let info = self.step_ws(&mut ws, batch, o)?;
+        let StepWs {
+            grads, acc, stats, ..
+        } = ws;
+        Ok(DevGrad {
+            stats,
+            n_tokens: info.n_tokens,
+            grads,
+            dbp: acc.map(|a| (a, info.count)),
+            peak_bytes: info.peak_bytes,
+        })
+    }
+
+    /// One initial state per layer, each with a `U` exactly when the tuner
+    /// has a kernel.
+    fn check_states(&self, st: &[LStart<O::Buf>]) -> Result<()> {
         let nl = self.cfg.n_layer;
         if st.len() != nl {
             return Err(Error::Shape {
@@ -688,21 +726,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 }
             }
         }
-        check_batch(batch, o, self.cfg.vocab)?;
-        let (b, t) = batch_shape(batch);
-        let mut ws = self.workspace(b, t, o.observer_weight > 0.0, dbp)?;
-        self.load_states(&mut ws, st)?;
-        let info = self.step_ws(&mut ws, batch, o)?;
-        let StepWs {
-            grads, acc, stats, ..
-        } = ws;
-        Ok(DevGrad {
-            stats,
-            n_tokens: info.n_tokens,
-            grads,
-            dbp: acc.map(|a| (a, info.count)),
-            peak_bytes: info.peak_bytes,
-        })
+        Ok(())
     }
 
     /// The step on a workspace: from the states in `ws.st1`, writes the
@@ -726,6 +750,18 @@ impl<O: BackwardOps> DeviceTuner<O> {
         ws: &mut StepWs<O::Buf>,
         batch: &[Example],
         o: &GradOpts,
+    ) -> Result<StepInfo> {
+        self.run_ws(ws, batch, o, true)
+    }
+
+    /// [`Self::step_ws`], or (`backward` false) only the forward and the
+    /// loss: `ws.stats[0]` is written, the gradients are left alone.
+    fn run_ws(
+        &self,
+        ws: &mut StepWs<O::Buf>,
+        batch: &[Example],
+        o: &GradOpts,
+        backward: bool,
     ) -> Result<StepInfo> {
         let cfg = &self.cfg;
         let (c, nl, v) = (cfg.n_embd, cfg.n_layer, cfg.vocab);
@@ -858,8 +894,18 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 &mut head.lrow,
             )?;
             ops.reduce_acc(false, nr, &head.lrow, stats, 0)?;
+            if !backward {
+                continue;
+            }
             ops.matmul_t(&head.lg, nr, &self.head, v, c, &mut head.dxn)?;
             ops.layer_norm_bwd(x, r0 * c, nr, c, &self.ln_out.0, LN_EPS, &head.dxn, dx)?;
+        }
+        if !backward {
+            return Ok(StepInfo {
+                n_tokens,
+                count,
+                peak_bytes,
+            });
         }
         // backward, last layer first (recomputing the layer under PerLayer)
         ops.zero(dvf)?;
@@ -896,27 +942,18 @@ impl<O: BackwardOps> DeviceTuner<O> {
 
     /// Host convenience: loss, token count and the gradient of a host
     /// tuned state (layout of `s`), plus DBP statistics when asked for.
-    pub fn loss_and_grad(
+    #[allow(clippy::type_complexity)]
+    pub fn loss_and_grad<R: Real>(
         &self,
-        s: &TunedState,
+        s: &TunedStateOf<R>,
         batch: &[Example],
         o: &GradOpts,
         dbp: bool,
-    ) -> Result<(f64, f64, TunedState, Option<DbpStats>, usize)> {
+    ) -> Result<(f64, f64, TunedStateOf<R>, Option<DbpStats>, usize)> {
         let st = self.upload_state(s)?;
         let dg = self.grad(&st, batch, o, dbp)?;
-        let cfg = &self.cfg;
-        let (c, hnn) = (cfg.n_embd, cfg.n_head * cfg.head_size * cfg.head_size);
         let mut g = s.zeros_like();
-        for (l, gl) in dg.grads.iter().enumerate() {
-            g.wkv[l].copy_from_slice(&self.ops.download(&gl.wkv)?[..hnn]);
-            if let Some(a) = g.shift_att.as_mut() {
-                a[l].copy_from_slice(&self.ops.download(&gl.sa)?[..c]);
-            }
-            if let Some(f) = g.shift_ffn.as_mut() {
-                f[l].copy_from_slice(&self.ops.download(&gl.sf)?[..c]);
-            }
-        }
+        self.download_grads(&dg, &mut g, None)?;
         let stats = match &dg.dbp {
             Some((acc, count)) => Some(self.stats(acc, *count)?),
             None => None,
@@ -927,34 +964,132 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// Host convenience for the upscaled read-out: loss, token count, the
     /// gradient of `S_0` and `U` (layout of `s`) and the peak activation
     /// bytes. The tuner must have a kernel ([`Self::new_upscaled`]).
-    pub fn loss_and_grad_upscaled(
+    pub fn loss_and_grad_upscaled<R: Real>(
         &self,
-        s: &UpscaledState,
+        s: &UpscaledStateOf<R>,
         batch: &[Example],
         o: &GradOpts,
-    ) -> Result<(f64, f64, UpscaledState, usize)> {
+    ) -> Result<(f64, f64, UpscaledStateOf<R>, usize)> {
         let st = self.upload_upscaled(s)?;
         let dg = self.grad(&st, batch, o, false)?;
-        let cfg = &self.cfg;
-        let (c, hnn, ul) = (
-            cfg.n_embd,
-            cfg.n_head * cfg.head_size * cfg.head_size,
-            self.u_len(),
-        );
         let mut g = s.zeros_like();
+        self.download_grads(&dg, &mut g.state, Some(&mut g.u))?;
+        Ok((dg.loss(&self.ops)?, dg.n_tokens, g, dg.peak_bytes))
+    }
+
+    /// The state gradients of `dg` into `g` (and the `U` gradients into `u`).
+    fn download_grads<R: Real>(
+        &self,
+        dg: &DevGrad<O::Buf>,
+        g: &mut TunedStateOf<R>,
+        mut u: Option<&mut Vec<Vec<R>>>,
+    ) -> Result<()> {
         for (l, gl) in dg.grads.iter().enumerate() {
-            g.state.wkv[l].copy_from_slice(&self.ops.download(&gl.wkv)?[..hnn]);
-            if let Some(a) = g.state.shift_att.as_mut() {
-                a[l].copy_from_slice(&self.ops.download(&gl.sa)?[..c]);
+            self.down_real(&gl.wkv, &mut g.wkv[l])?;
+            if let Some(a) = g.shift_att.as_mut() {
+                self.down_real(&gl.sa, &mut a[l])?;
             }
-            if let Some(f) = g.state.shift_ffn.as_mut() {
-                f[l].copy_from_slice(&self.ops.download(&gl.sf)?[..c]);
+            if let Some(f) = g.shift_ffn.as_mut() {
+                self.down_real(&gl.sf, &mut f[l])?;
             }
-            if let Some(du) = &gl.u {
-                g.u[l].copy_from_slice(&self.ops.download(du)?[..ul]);
+            if let (Some(du), Some(u)) = (&gl.u, u.as_deref_mut()) {
+                self.down_real(du, &mut u[l])?;
             }
         }
-        Ok((dg.loss(&self.ops)?, dg.n_tokens, g, dg.peak_bytes))
+        Ok(())
+    }
+
+    /// `(Σ loss, Σ mask)` of `batch` from the initial states `st`: the
+    /// forward and the head only (no backward, one tape reused by every
+    /// layer).
+    pub fn loss_only_dev(
+        &self,
+        st: &[LStart<O::Buf>],
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64)> {
+        self.check_states(st)?;
+        check_batch(batch, o, self.cfg.vocab)?;
+        let (b, t) = batch_shape(batch);
+        let mut ws =
+            self.workspace_for(b, t, o.observer_weight > 0.0, false, Recompute::PerLayer)?;
+        self.load_states(&mut ws, st)?;
+        let info = self.run_ws(&mut ws, batch, o, false)?;
+        Ok((self.ops.download_f64(&ws.stats)?[0], info.n_tokens))
+    }
+
+    /// [`Self::loss_only_dev`] of a host tuned state.
+    pub fn loss_only<R: Real>(
+        &self,
+        s: &TunedStateOf<R>,
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64)> {
+        self.loss_only_dev(&self.upload_state(s)?, batch, o)
+    }
+
+    /// [`Self::loss_only_dev`] of a host upscaled state.
+    pub fn loss_only_upscaled<R: Real>(
+        &self,
+        s: &UpscaledStateOf<R>,
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64)> {
+        self.loss_only_dev(&self.upload_upscaled(s)?, batch, o)
+    }
+
+    /// The per-head vectors (`[L][H]`, each a flat list of length-N rows)
+    /// the model produces at every position of `batch` that can affect the
+    /// loss, starting from `st`: the receptances or the keys written into
+    /// the state (see [`HeadVector`]). One example at a time.
+    pub fn head_inputs(
+        &self,
+        st: &[LStart<O::Buf>],
+        batch: &[Example],
+        which: HeadVector,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.check_states(st)?;
+        check_batch(batch, &GradOpts::default(), self.cfg.vocab)?;
+        let cfg = &self.cfg;
+        let (c, hh, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
+        let o = &self.ops;
+        let mut out = vec![vec![Vec::new(); hh]; cfg.n_layer];
+        let vres = self.layers.iter().any(|l| l.vres.is_some());
+        for ex in batch {
+            let t = effective_len(ex);
+            if t == 0 {
+                continue;
+            }
+            let mut tape = Tape::new(o, cfg, 1, t, vres, self.up.as_ref().map(|u| u.m))?;
+            let mut fw = FwdWs::new(o, cfg, 1, t)?;
+            let mut x = o.zeros(t * c)?;
+            o.embed(&ex.tokens[..t], &self.emb_ln, c, &mut x)?;
+            let mut vf = o.zeros(t * c)?;
+            for (l, s) in st.iter().enumerate() {
+                self.layer(l).forward(
+                    &mut x,
+                    1,
+                    t,
+                    s.view(),
+                    &mut vf,
+                    &mut tape,
+                    &mut fw,
+                    None,
+                    None,
+                )?;
+                let src = o.download(match which {
+                    HeadVector::Receptance => &tape.r,
+                    HeadVector::Key => &tape.kt,
+                })?;
+                for tt in 0..t {
+                    for (h, dst) in out[l].iter_mut().enumerate() {
+                        let off = tt * c + h * n;
+                        dst.extend_from_slice(&src[off..off + n]);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn stats(&self, acc: &[O::Buf], count: f64) -> Result<DbpStats> {
@@ -962,10 +1097,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
         let mut s = DbpStats::zeros(cfg.n_layer, cfg.n_head, cfg.head_size);
         for (l, a) in acc.iter().enumerate() {
-            let h = self.ops.download(a)?;
-            for (d, &x) in s.second_moment[l * hnn..(l + 1) * hnn].iter_mut().zip(&h) {
-                *d = x as f64;
-            }
+            self.down_real(a, &mut s.second_moment[l * hnn..(l + 1) * hnn])?;
         }
         s.count = count;
         Ok(s)
@@ -1012,9 +1144,9 @@ impl<O: BackwardOps> DeviceEngine<O> {
 
     /// The engine of the kernel-upscaled state (docs/upscale.md): uploads
     /// the model, `kernel` and the starting `S_0` and `U` of `init`, and
-    /// trains both (the recipe of [`super::upscale::UpscaleEngine`], on the
+    /// trains both (the recipe of the plain engine, on the
     /// device). `dbp` must be `None`: DBP on the upscaled state is not
-    /// supported (an [`Error::Tune`], as for `UpscaleEngine`).
+    /// supported (an [`Error::Tune`]).
     pub fn new_upscaled(
         ops: O,
         w: &Weights,
@@ -1024,7 +1156,7 @@ impl<O: BackwardOps> DeviceEngine<O> {
         dbp: Option<(f64, f64)>,
         opts: GradOpts,
     ) -> Result<Self> {
-        super::upscale::refuse_dbp(dbp)?;
+        refuse_dbp(dbp)?;
         let tuner = DeviceTuner::new_upscaled(ops, w, kernel)?;
         init.state.check(tuner.config())?;
         let ul = tuner.u_len();

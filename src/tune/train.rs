@@ -19,7 +19,8 @@ use rayon::prelude::*;
 
 use super::checkpoint::{remove_stale_temps, Checkpoint};
 use super::data::{pad_batch, Dataset, Loader};
-use super::engine::{Engine, EngineState, HostEngine};
+use super::device::DeviceEngine;
+use super::engine::{Engine, EngineState};
 use super::grad::GradOpts;
 use super::optim::{AdamConfig, Schedule};
 use super::plot::write_loss_png;
@@ -27,6 +28,7 @@ use super::state::{Example, TunedState};
 use crate::error::{Error, Result};
 use crate::model::device::DeviceModel;
 use crate::model::{Logits, Model, State};
+use crate::ops::cpu::CpuOps;
 
 // Validation moved to [`super::eval`] and the state conversions to
 // [`super::state`]; these paths keep working.
@@ -274,7 +276,8 @@ pub fn train(
 }
 
 /// Runs state tuning from `init` (zeros when `None`; a checkpoint, when
-/// resuming, takes precedence) on the CPU engine ([`HostEngine`]).
+/// resuming, takes precedence) on the CPU: [`DeviceEngine`] over
+/// [`CpuOps`].
 pub fn train_from(
     model: &Model,
     train: &Dataset,
@@ -291,7 +294,14 @@ pub fn train_from(
         }
         None => TunedState::zeros(&mcfg, cfg.with_shift),
     };
-    let mut engine = HostEngine::new(model.weights(), init, cfg.adam, cfg.dbp, cfg.grad.clone())?;
+    let mut engine = DeviceEngine::new(
+        CpuOps::new(),
+        model.weights(),
+        &init,
+        cfg.adam,
+        cfg.dbp,
+        cfg.grad.clone(),
+    )?;
     train_with(model, &mut engine, train, valid, cfg, observer)
 }
 

@@ -34,22 +34,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use super::data::Dataset;
-use super::engine::{check_engine_state, host_update, Engine, EngineState, StepOut};
+use super::device::DeviceTuner;
 use super::eval::{argmax, log_softmax_at, EvalResult};
-use super::grad::{
-    self, head_inputs, Example, GradOpts, HeadVector, Real, TunedState, TunedStateOf, UpW,
-};
-use super::optim::{Adam, AdamConfig};
+use super::grad::{head_inputs, Example, GradOpts, HeadVector, TunedState};
 use super::state::{export_state, from_model_state};
+pub use super::state::{Kernel, UpscaledState, UpscaledStateOf};
 use crate::error::{Error, Result};
 use crate::model::load::{
     read_f32_tensors, read_file, read_metadata, write_f32_tensors, F32Tensor,
 };
 use crate::model::weights::{Config, Weights};
-use crate::model::{Model, State, StoreDType};
+use crate::model::{State, StoreDType};
+use crate::ops::cpu::{CpuOps, CpuReal};
 use crate::rng::Rng;
 
 /// How to build the kernel (support vectors and widths).
@@ -85,78 +82,6 @@ impl UpscaleConfig {
     }
 }
 
-/// The fixed part of the kernel upscaling: support vectors and RBF widths.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Kernel {
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub head_size: usize,
-    /// Support vectors per head (M).
-    pub m: usize,
-    /// Per layer `[H, M, N]`.
-    pub centres: Vec<Vec<f64>>,
-    /// Per layer `[H]`: `γ = 1/(2σ²)`.
-    pub gamma: Vec<Vec<f64>>,
-}
-
-/// A tuned state plus the upscaled read-out `U` (per layer `[H, N, M]`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct UpscaledStateOf<R> {
-    /// The ordinary per-layer initial states (trained as in plain tuning).
-    pub state: TunedStateOf<R>,
-    /// Per layer `[H, N, M]`: the upscaled state, value-major.
-    pub u: Vec<Vec<R>>,
-}
-
-/// [`UpscaledStateOf`] in `f32` (what is trained).
-pub type UpscaledState = UpscaledStateOf<f32>;
-
-impl<R: Real> UpscaledStateOf<R> {
-    /// `state` with `U = 0` for `kernel`.
-    pub fn new(state: TunedStateOf<R>, kernel: &Kernel) -> Self {
-        let len = kernel.n_head * kernel.head_size * kernel.m;
-        UpscaledStateOf {
-            state,
-            u: vec![vec![R::ZERO; len]; kernel.n_layer],
-        }
-    }
-
-    /// Zeros with the same layout.
-    pub fn zeros_like(&self) -> Self {
-        UpscaledStateOf {
-            state: self.state.zeros_like(),
-            u: self.u.iter().map(|x| vec![R::ZERO; x.len()]).collect(),
-        }
-    }
-
-    /// Trainable tensors: the state's [`TunedStateOf::params`], then every
-    /// layer's `U`.
-    pub fn params(&self) -> Vec<&[R]> {
-        let mut p = self.state.params();
-        p.extend(self.u.iter().map(|v| v.as_slice()));
-        p
-    }
-
-    /// Mutable [`params`](Self::params), same order.
-    pub fn params_mut(&mut self) -> Vec<&mut [R]> {
-        let mut p = self.state.params_mut();
-        p.extend(self.u.iter_mut().map(|v| v.as_mut_slice()));
-        p
-    }
-
-    /// Converts every value.
-    pub fn map<S>(&self, f: impl Fn(R) -> S + Copy) -> UpscaledStateOf<S> {
-        UpscaledStateOf {
-            state: self.state.map(f),
-            u: self
-                .u
-                .iter()
-                .map(|x| x.iter().map(|&a| f(a)).collect())
-                .collect(),
-        }
-    }
-}
-
 /// Result of [`loss_and_grad_upscaled`].
 #[derive(Clone, Debug)]
 pub struct UpGradOut {
@@ -171,64 +96,6 @@ pub struct UpGradOut {
 }
 
 impl Kernel {
-    /// Builds a kernel from explicit parts (checked).
-    pub fn from_parts(
-        cfg: &Config,
-        m: usize,
-        centres: Vec<Vec<f64>>,
-        gamma: Vec<Vec<f64>>,
-    ) -> Result<Kernel> {
-        let k = Kernel {
-            n_layer: cfg.n_layer,
-            n_head: cfg.n_head,
-            head_size: cfg.head_size,
-            m,
-            centres,
-            gamma,
-        };
-        k.check(cfg)?;
-        Ok(k)
-    }
-
-    /// Checks the kernel against the model's shape and its values.
-    pub fn check(&self, cfg: &Config) -> Result<()> {
-        if (self.n_layer, self.n_head, self.head_size) != (cfg.n_layer, cfg.n_head, cfg.head_size) {
-            return Err(Error::Shape {
-                name: "kernel (layers, heads, head size)".into(),
-                expected: vec![cfg.n_layer, cfg.n_head, cfg.head_size],
-                got: vec![self.n_layer, self.n_head, self.head_size],
-            });
-        }
-        if self.m == 0 {
-            return Err(Error::Tune("kernel: M must be at least 1".into()));
-        }
-        let (h, n, m) = (self.n_head, self.head_size, self.m);
-        for (name, v, len) in [
-            ("centres", &self.centres, h * m * n),
-            ("gamma", &self.gamma, h),
-        ] {
-            if v.len() != self.n_layer || v.iter().any(|x| x.len() != len) {
-                return Err(Error::Shape {
-                    name: format!("kernel.{name}"),
-                    expected: vec![self.n_layer, len],
-                    got: vec![v.len(), v.first().map_or(0, |x| x.len())],
-                });
-            }
-        }
-        if self.centres.iter().flatten().any(|x| !x.is_finite()) {
-            return Err(Error::Tune("kernel: non-finite support vector".into()));
-        }
-        if self
-            .gamma
-            .iter()
-            .flatten()
-            .any(|g| !(g.is_finite() && *g > 0.0))
-        {
-            return Err(Error::Tune("kernel: γ must be finite and > 0".into()));
-        }
-        Ok(())
-    }
-
     /// Fits the support vectors by k-means on the vectors each head produces
     /// on `batch` (from state `s`, usually zeros), and the widths from the
     /// k-means distortion.
@@ -297,20 +164,6 @@ impl Kernel {
         format!("{h:016x}")
     }
 
-    fn engine<R: Real>(&self, u: &[Vec<R>]) -> UpW<R> {
-        let conv = |v: &Vec<Vec<f64>>| -> Vec<Vec<R>> {
-            v.iter()
-                .map(|x| x.iter().map(|&a| R::from_f64(a)).collect())
-                .collect()
-        };
-        UpW {
-            m: self.m,
-            centres: conv(&self.centres),
-            gamma: conv(&self.gamma),
-            u: u.to_vec(),
-        }
-    }
-
     /// The normalised features `φ(x)` (length M) of layer `l`, head `h`.
     pub fn features(&self, l: usize, h: usize, x: &[f64]) -> Result<Vec<f64>> {
         let (n, m) = (self.head_size, self.m);
@@ -353,25 +206,9 @@ fn check_u<R>(k: &Kernel, s: &UpscaledStateOf<R>) -> Result<()> {
     Ok(())
 }
 
-fn run<R: Real>(
-    w: &Weights,
-    k: &Kernel,
-    s: &UpscaledStateOf<R>,
-    batch: &[Example],
-    o: &GradOpts,
-    want_grad: bool,
-) -> Result<grad::RunOut<R>> {
-    k.check(&w.config)?;
-    check_u(k, s)?;
-    grad::run_up(
-        w,
-        &s.state,
-        Some(k.engine(&s.u)),
-        batch,
-        o,
-        want_grad,
-        false,
-    )
+/// A CPU tuner of `w` with kernel `k`, in float type `R`.
+fn cpu_tuner<R: CpuReal>(w: &Weights, k: &Kernel) -> Result<DeviceTuner<CpuOps<R>>> {
+    DeviceTuner::new_upscaled(CpuOps::<R>::default(), w, k)
 }
 
 /// Loss, token count and gradient (state and `U`) of the upscaled model.
@@ -382,15 +219,14 @@ pub fn loss_and_grad_upscaled(
     batch: &[Example],
     o: &GradOpts,
 ) -> Result<UpGradOut> {
-    let r = run::<f32>(w, k, s, batch, o, true)?;
+    check_u(k, s)?;
+    let (loss, n_tokens, grad, peak_bytes) =
+        cpu_tuner::<f32>(w, k)?.loss_and_grad_upscaled(s, batch, o)?;
     Ok(UpGradOut {
-        loss: r.loss,
-        n_tokens: r.n_tokens,
-        grad: UpscaledStateOf {
-            state: r.grad.unwrap_or_else(|| s.state.zeros_like()),
-            u: r.up_grad.unwrap_or_else(|| s.zeros_like().u),
-        },
-        peak_bytes: r.peak_bytes,
+        loss,
+        n_tokens,
+        grad,
+        peak_bytes,
     })
 }
 
@@ -402,8 +238,8 @@ pub fn loss_only_upscaled(
     batch: &[Example],
     o: &GradOpts,
 ) -> Result<(f64, f64)> {
-    let r = run::<f32>(w, k, s, batch, o, false)?;
-    Ok((r.loss, r.n_tokens))
+    check_u(k, s)?;
+    cpu_tuner::<f32>(w, k)?.loss_only_upscaled(s, batch, o)
 }
 
 /// [`loss_and_grad_upscaled`] in `f64` (for finite-difference checks).
@@ -414,12 +250,9 @@ pub fn loss_and_grad_upscaled_f64(
     batch: &[Example],
     o: &GradOpts,
 ) -> Result<(f64, f64, UpscaledStateOf<f64>)> {
-    let r = run::<f64>(w, k, s, batch, o, true)?;
-    let g = UpscaledStateOf {
-        state: r.grad.unwrap_or_else(|| s.state.zeros_like()),
-        u: r.up_grad.unwrap_or_else(|| s.zeros_like().u),
-    };
-    Ok((r.loss, r.n_tokens, g))
+    check_u(k, s)?;
+    let (loss, n, g, _) = cpu_tuner::<f64>(w, k)?.loss_and_grad_upscaled(s, batch, o)?;
+    Ok((loss, n, g))
 }
 
 /// `(Σ loss, Σ mask)` in `f64`.
@@ -430,8 +263,8 @@ pub fn loss_only_upscaled_f64(
     batch: &[Example],
     o: &GradOpts,
 ) -> Result<(f64, f64)> {
-    let r = run::<f64>(w, k, s, batch, o, false)?;
-    Ok((r.loss, r.n_tokens))
+    check_u(k, s)?;
+    cpu_tuner::<f64>(w, k)?.loss_only_upscaled(s, batch, o)
 }
 
 /// Logits `[T, V]` of the upscaled model after every token.
@@ -441,9 +274,9 @@ pub fn forward_logits_upscaled(
     s: &UpscaledState,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
-    k.check(&w.config)?;
     check_u(k, s)?;
-    grad::forward_logits_up::<f32>(w, &s.state, Some(k.engine(&s.u)), tokens)
+    let t = cpu_tuner::<f32>(w, k)?;
+    t.logits(&t.upload_upscaled(s)?, tokens)
 }
 
 // ---------------------------------------------------------------------------
@@ -461,14 +294,16 @@ pub fn evaluate_upscaled(
     ds: &Dataset,
     max: usize,
 ) -> Result<EvalResult> {
-    k.check(&w.config)?;
     check_u(k, s)?;
+    let tuner = cpu_tuner::<f32>(w, k)?;
+    let st = tuner.upload_upscaled(s)?;
+    let logits_of = |tokens: &[u32]| tuner.logits(&st, tokens);
     let v = w.config.vocab;
     let take = |n: usize| if max == 0 { n } else { n.min(max) };
     let sums = ds.examples[..take(ds.examples.len())]
-        .par_iter()
+        .iter()
         .map(|e| -> Result<(f64, f64)> {
-            let logits = forward_logits_upscaled(w, k, s, &e.tokens)?;
+            let logits = logits_of(&e.tokens)?;
             let mut sum = 0.0;
             let mut n = 0.0;
             for (i, (&tgt, &m)) in e.targets.iter().zip(&e.mask).enumerate() {
@@ -486,7 +321,7 @@ pub fn evaluate_upscaled(
         None
     } else {
         let hits = tasks
-            .par_iter()
+            .iter()
             .map(|t| -> Result<bool> {
                 if t.prompt.is_empty() || t.response.is_empty() {
                     return Ok(false);
@@ -497,7 +332,7 @@ pub fn evaluate_upscaled(
                     .chain(&t.response[..t.response.len() - 1])
                     .copied()
                     .collect();
-                let logits = forward_logits_upscaled(w, k, s, &seq)?;
+                let logits = logits_of(&seq)?;
                 let p = t.prompt.len();
                 Ok(t.response
                     .iter()
@@ -515,120 +350,8 @@ pub fn evaluate_upscaled(
 }
 
 // ---------------------------------------------------------------------------
-// The engine
+// Training: `DeviceEngine::new_upscaled` (any backend, CpuOps on the CPU)
 // ---------------------------------------------------------------------------
-
-/// The CPU [`Engine`] of the upscaled state: [`loss_and_grad_upscaled`], the
-/// gradient divided by the target-token count, global-norm clipping and one
-/// Adam step over [`UpscaledStateOf::params`] (the tuned `S_0`, then every
-/// layer's `U`) — the recipe of [`super::engine::HostEngine`]. The kernel is
-/// fixed. DBP is not supported with the upscaled state.
-pub struct UpscaleEngine<'w> {
-    weights: &'w Weights,
-    opts: GradOpts,
-    /// The fixed support vectors and widths.
-    pub kernel: Kernel,
-    /// The trained parameters (`S_0` and `U`).
-    pub state: UpscaledState,
-    pub adam: Adam,
-}
-
-/// DBP is not defined for the kernel-upscaled state: an [`Error::Tune`]
-/// when `dbp` is given.
-pub(crate) fn refuse_dbp(dbp: Option<(f64, f64)>) -> Result<()> {
-    if dbp.is_some() {
-        return Err(Error::Tune(
-            "DBP is not supported together with the kernel-upscaled state: train the \
-             upscaled state without DBP (dbp = None / --no-dbp)"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
-impl<'w> UpscaleEngine<'w> {
-    /// Starts from `init` (usually [`UpscaledStateOf::new`] with `U = 0`).
-    /// `dbp` must be `None`: DBP on the upscaled state is not supported.
-    pub fn new(
-        weights: &'w Weights,
-        kernel: Kernel,
-        init: UpscaledState,
-        adam: AdamConfig,
-        dbp: Option<(f64, f64)>,
-        opts: GradOpts,
-    ) -> Result<Self> {
-        refuse_dbp(dbp)?;
-        kernel.check(&weights.config)?;
-        init.state.check(&weights.config)?;
-        check_u(&kernel, &init)?;
-        let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
-        Ok(UpscaleEngine {
-            weights,
-            opts,
-            kernel,
-            state: init,
-            adam: Adam::new(adam, &sizes),
-        })
-    }
-}
-
-impl Engine for UpscaleEngine<'_> {
-    fn device(&self) -> &'static str {
-        "cpu"
-    }
-    fn sizes(&self) -> Vec<usize> {
-        self.state.params().iter().map(|p| p.len()).collect()
-    }
-    fn step(&mut self, batch: &[Example], lr: f64, clip: f64) -> Result<StepOut> {
-        let o = loss_and_grad_upscaled(self.weights, &self.kernel, &self.state, batch, &self.opts)?;
-        let mut g = o.grad;
-        let grad_norm = host_update(
-            &mut self.adam,
-            self.state.params_mut(),
-            g.params_mut(),
-            o.n_tokens,
-            clip,
-            lr,
-        )?;
-        Ok(StepOut {
-            loss_sum: o.loss,
-            n_tokens: o.n_tokens,
-            grad_norm,
-        })
-    }
-    fn save(&self) -> Result<EngineState> {
-        Ok(EngineState {
-            params: self.state.params().iter().map(|p| p.to_vec()).collect(),
-            adam_m: self.adam.m.clone(),
-            adam_v: self.adam.v.clone(),
-            adam_t: self.adam.t,
-            dbp_r: None,
-        })
-    }
-    fn load(&mut self, s: EngineState) -> Result<()> {
-        check_engine_state(&s, &self.sizes(), "the checkpoint")?;
-        if s.dbp_r.is_some() {
-            return Err(Error::Tune(
-                "the checkpoint holds DBP matrices, but the upscaled state is trained without \
-                 DBP"
-                .into(),
-            ));
-        }
-        for (dst, src) in self.state.params_mut().into_iter().zip(&s.params) {
-            dst.copy_from_slice(src);
-        }
-        self.adam.m = s.adam_m;
-        self.adam.v = s.adam_v;
-        self.adam.t = s.adam_t;
-        Ok(())
-    }
-    fn tuned(&self) -> Result<TunedState> {
-        Ok(self.state.state.clone())
-    }
-    fn evaluate(&self, _model: &Model, ds: &Dataset, max: usize) -> Result<EvalResult> {
-        evaluate_upscaled(self.weights, &self.kernel, &self.state, ds, max)
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Files: the sidecar next to an ai00 / web-rwkv state file

@@ -112,3 +112,109 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-300)
 }
+
+/// The reference optimiser step the engines are checked against, on the
+/// host: the summed gradient divided by the target-token count `n`,
+/// clipped to global norm `clip` (0 = off), one host Adam step
+/// (`tune::optim`) at `lr`. Returns the norm before clipping; a non-finite
+/// norm is an error and nothing changes.
+#[allow(dead_code)]
+pub fn host_update(
+    adam: &mut rwkv_tune::tune::optim::Adam,
+    mut params: Vec<&mut [f32]>,
+    mut grads: Vec<&mut [f32]>,
+    n: f64,
+    clip: f64,
+    lr: f64,
+) -> rwkv_tune::Result<f64> {
+    let inv = (1.0 / n.max(1.0)) as f32;
+    for t in grads.iter_mut() {
+        t.iter_mut().for_each(|x| *x *= inv);
+    }
+    let norm = rwkv_tune::tune::optim::clip_global_norm(&mut grads, clip);
+    if !norm.is_finite() {
+        return Err(rwkv_tune::Error::Tune(format!(
+            "the gradient norm is {norm}: not applied"
+        )));
+    }
+    let g: Vec<&[f32]> = grads.iter().map(|t| &**t).collect();
+    adam.step(&mut params, &g, lr)?;
+    Ok(norm)
+}
+
+/// The reference engine of the plain state: the gradient from the host
+/// entry points (`tune::grad`), Adam, clipping and DBP (`tune::dbp::Dbp`,
+/// f64 matrices) on the host, as the engine did before it moved to the
+/// device. The device engine's step logic is checked against it.
+#[allow(dead_code)]
+pub struct RefEngine<'w> {
+    pub w: &'w rwkv_tune::model::Weights,
+    pub opts: rwkv_tune::tune::grad::GradOpts,
+    /// The trained parameters (`S′` under DBP).
+    pub state: TunedState,
+    pub adam: rwkv_tune::tune::optim::Adam,
+    pub dbp: Option<rwkv_tune::tune::dbp::Dbp>,
+}
+
+#[allow(dead_code)]
+impl<'w> RefEngine<'w> {
+    pub fn new(
+        w: &'w rwkv_tune::model::Weights,
+        init: TunedState,
+        adam: rwkv_tune::tune::optim::AdamConfig,
+        dbp: Option<(f64, f64)>,
+        opts: rwkv_tune::tune::grad::GradOpts,
+    ) -> Self {
+        let sizes: Vec<usize> = init.params().iter().map(|p| p.len()).collect();
+        RefEngine {
+            w,
+            opts,
+            state: init,
+            adam: rwkv_tune::tune::optim::Adam::new(adam, &sizes),
+            dbp: dbp.map(|(e, k)| rwkv_tune::tune::dbp::Dbp::new(&w.config, e, k).unwrap()),
+        }
+    }
+
+    /// One step: `(loss sum, tokens, gradient norm)`.
+    pub fn step(
+        &mut self,
+        batch: &[Example],
+        lr: f64,
+        clip: f64,
+    ) -> rwkv_tune::Result<(f64, f64, f64)> {
+        use rwkv_tune::tune::grad;
+        let mut stats = None;
+        let (loss, n, mut g) = match &self.dbp {
+            Some(d) => {
+                let eff = d.effective_state(&self.state)?;
+                let o = grad::loss_and_grad_dbp(self.w, &eff, batch, &self.opts)?;
+                stats = o.dbp_stats;
+                (o.loss, o.n_tokens, d.grad_to_prime(&o.grad)?)
+            }
+            None => {
+                let o = grad::loss_and_grad(self.w, &self.state, batch, &self.opts)?;
+                (o.loss, o.n_tokens, o.grad)
+            }
+        };
+        let norm = host_update(
+            &mut self.adam,
+            self.state.params_mut(),
+            g.params_mut(),
+            n,
+            clip,
+            lr,
+        )?;
+        if let (Some(d), Some(st)) = (self.dbp.as_mut(), stats.as_ref()) {
+            d.update_keep_state(st, &mut self.state)?;
+        }
+        Ok((loss, n, norm))
+    }
+
+    /// The state the model runs with (`S′·R` under DBP).
+    pub fn tuned(&self) -> TunedState {
+        match &self.dbp {
+            Some(d) => d.effective_state(&self.state).unwrap(),
+            None => self.state.clone(),
+        }
+    }
+}

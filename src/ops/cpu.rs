@@ -1,0 +1,838 @@
+//! The CPU backend of the ops traits: [`CpuOps<R>`] runs the Rust twins
+//! ([`reference`](mod@super::reference), [`backward_ref`](mod@super::backward_ref))
+//! on host `Vec<R>` buffers, for `R = f32` (the CPU tuning engine, fast:
+//! the chunked WKV of [`crate::wkv7::fast`], the blocked GEMM of
+//! [`super::gemm`]) and `R = f64` (the finite-difference checks run the
+//! production code path in double precision: the plain WKV reference
+//! [`crate::wkv7::reference`]).
+//!
+//! The traits speak f32 at the host boundary (`upload`, `download`,
+//! `write`); [`DeviceOps::upload_f64`] / [`DeviceOps::download_f64`] move
+//! f64 data without rounding. Token ids are stored as the f32 bit patterns of
+//! the `u32` ids (as on every backend); in an f64 buffer they are those f32
+//! values widened, which is exact, and read back through f32.
+//!
+//! The hooks run the Rust twins, which index safely (a size the provided
+//! method did not check would panic, never read out of bounds).
+use std::marker::PhantomData;
+
+use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use super::backward_ref::{self as bref, AdamStep};
+use super::{counters, gemm, par_rows, reference, Act, BonusBufs, DeviceOps, GemmPrecision};
+use crate::error::Result;
+use crate::real::Real;
+use crate::wkv7::{self, reference::RefInputs, Dims};
+
+/// The float types [`CpuOps`] runs in, with the WKV implementation each
+/// uses: `f32` the chunked, checkpointing [`crate::wkv7::fast`]; `f64` the
+/// plain reference [`crate::wkv7::reference`] (which keeps no checkpoints:
+/// its backward re-runs the forward from the initial state).
+pub trait CpuReal: Real + wkv7::reference::Real {
+    /// (checkpoints, scratch) elements of [`Self::wkv_fwd_ckpt`] /
+    /// [`Self::wkv_bwd_ckpt`], at least 1 each.
+    fn wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize);
+    /// WKV forward of `b` sequences from `h0`, writing `y`, the checkpoints
+    /// and (when given) the final state.
+    #[allow(clippy::too_many_arguments)]
+    fn wkv_fwd_ckpt(
+        d: &Dims,
+        x: [&[Self]; 6],
+        h0: &[Self],
+        y: &mut [Self],
+        ckpt: &mut [Self],
+        h_t: Option<&mut [Self]>,
+    ) -> Result<()>;
+    /// WKV backward from the forward's checkpoints (or from `h0`).
+    #[allow(clippy::too_many_arguments)]
+    fn wkv_bwd_ckpt(
+        d: &Dims,
+        x: [&[Self]; 6],
+        h0: &[Self],
+        ckpt: &[Self],
+        dy: &[Self],
+        grads: [&mut [Self]; 6],
+        dh0: &mut [Self],
+        scratch: &mut [Self],
+    ) -> Result<()>;
+}
+
+impl CpuReal for f32 {
+    fn wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+        let (ck, sc) = wkv7::fast::ws_len(b, t, h, n);
+        (ck.max(1), sc.max(1))
+    }
+    fn wkv_fwd_ckpt(
+        d: &Dims,
+        x: [&[f32]; 6],
+        h0: &[f32],
+        y: &mut [f32],
+        ckpt: &mut [f32],
+        h_t: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let [r, w, k, v, a, b] = x;
+        let x = wkv7::fast::Inputs { r, w, k, v, a, b };
+        wkv7::fast::forward(d.b, d.t, d.h, d.n, &x, h0, y, ckpt, h_t);
+        Ok(())
+    }
+    fn wkv_bwd_ckpt(
+        d: &Dims,
+        x: [&[f32]; 6],
+        _h0: &[f32],
+        ckpt: &[f32],
+        dy: &[f32],
+        grads: [&mut [f32]; 6],
+        dh0: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<()> {
+        let [r, w, k, v, a, b] = x;
+        let x = wkv7::fast::Inputs { r, w, k, v, a, b };
+        wkv7::fast::backward(d.b, d.t, d.h, d.n, &x, ckpt, dy, grads, dh0, scratch);
+        Ok(())
+    }
+}
+
+/// The reference's inputs from the six `[B, T, H, N]` slices (cut to the
+/// problem's size) and `h0`.
+fn ref_inputs<'a, R>(d: &Dims, x: [&'a [R]; 6], h0: &'a [R]) -> RefInputs<'a, R> {
+    let (sl, st) = (d.seq_len(), d.state_len());
+    RefInputs {
+        r: &x[0][..sl],
+        w: &x[1][..sl],
+        k: &x[2][..sl],
+        v: &x[3][..sl],
+        a: &x[4][..sl],
+        b: &x[5][..sl],
+        h0: Some(&h0[..st]),
+    }
+}
+
+impl CpuReal for f64 {
+    fn wkv_ws_len(_b: usize, _t: usize, _h: usize, _n: usize) -> (usize, usize) {
+        (1, 1)
+    }
+    fn wkv_fwd_ckpt(
+        d: &Dims,
+        x: [&[f64]; 6],
+        h0: &[f64],
+        y: &mut [f64],
+        _ckpt: &mut [f64],
+        h_t: Option<&mut [f64]>,
+    ) -> Result<()> {
+        let (yy, hh) = wkv7::reference::forward(d, &ref_inputs(d, x, h0))?;
+        y[..yy.len()].copy_from_slice(&yy);
+        if let Some(h_t) = h_t {
+            h_t[..hh.len()].copy_from_slice(&hh);
+        }
+        Ok(())
+    }
+    fn wkv_bwd_ckpt(
+        d: &Dims,
+        x: [&[f64]; 6],
+        h0: &[f64],
+        _ckpt: &[f64],
+        dy: &[f64],
+        grads: [&mut [f64]; 6],
+        dh0: &mut [f64],
+        _scratch: &mut [f64],
+    ) -> Result<()> {
+        let g = wkv7::reference::backward(d, &ref_inputs(d, x, h0), &dy[..d.seq_len()], None)?;
+        let [dr, dw, dk, dv, da, db] = grads;
+        for (dst, src) in [dr, dw, dk, dv, da, db]
+            .into_iter()
+            .zip([&g.dr, &g.dw, &g.dk, &g.dv, &g.da, &g.db])
+        {
+            dst[..src.len()].copy_from_slice(src);
+        }
+        dh0[..g.dh0.len()].copy_from_slice(&g.dh0);
+        Ok(())
+    }
+}
+
+/// The operations on the CPU in float type `R` (f32 by default).
+#[derive(Clone, Debug, Default)]
+pub struct CpuOps<R = f32> {
+    counters: std::sync::Arc<counters::Counters>,
+    _r: PhantomData<R>,
+}
+
+impl CpuOps {
+    /// The f32 CPU backend with fresh counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl CpuOps<f64> {
+    /// The f64 CPU backend with fresh counters (for checks).
+    pub fn f64() -> Self {
+        Self::default()
+    }
+}
+
+/// `x` converted element-wise.
+fn conv<A: Real, B: Real>(x: &[A]) -> Vec<B> {
+    x.iter().map(|&v| B::from_f64(v.to_f64())).collect()
+}
+
+/// The `u32` ids stored (as f32 bit patterns) in the first `n` elements.
+fn ids_of<R: Real>(x: &[R], n: usize) -> Vec<u32> {
+    x[..n].iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// The WKV forward of `b = 1` sequence in f64 (the reference), from and
+/// into `state`: what [`DeviceOps::wkv`] and [`BackwardOps::wkv_bwd`] run on
+/// the CPU in every float type.
+fn wkv_f64<R: Real>(t: usize, h: usize, n: usize, x: [&[R]; 6], h0: &[R]) -> Result<WkvF64> {
+    let d = Dims { b: 1, t, h, n };
+    let (sl, st) = (d.seq_len(), d.state_len());
+    let f: Vec<Vec<f64>> = x.iter().map(|v| conv(&v[..sl])).collect();
+    let h0: Vec<f64> = conv(&h0[..st]);
+    Ok(WkvF64 { d, f, h0 })
+}
+
+/// f64 copies of a WKV problem (see [`wkv_f64`]).
+struct WkvF64 {
+    d: Dims,
+    f: Vec<Vec<f64>>,
+    h0: Vec<f64>,
+}
+
+impl WkvF64 {
+    fn inputs(&self) -> RefInputs<'_, f64> {
+        RefInputs {
+            r: &self.f[0],
+            w: &self.f[1],
+            k: &self.f[2],
+            v: &self.f[3],
+            a: &self.f[4],
+            b: &self.f[5],
+            h0: Some(&self.h0),
+        }
+    }
+}
+
+fn put<R: Real>(dst: &mut [R], src: &[f64]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = R::from_f64(s);
+    }
+}
+
+impl<R: CpuReal> DeviceOps for CpuOps<R> {
+    type Buf = Vec<R>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn len(&self, b: &Vec<R>) -> usize {
+        b.len()
+    }
+    fn counters(&self) -> &counters::Counters {
+        &self.counters
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<R>> {
+        self.counters.alloc(std::mem::size_of::<R>() * n);
+        Ok(vec![R::ZERO; n])
+    }
+    fn upload(&self, h: &[f32]) -> Result<Vec<R>> {
+        let bytes = std::mem::size_of::<R>() * h.len();
+        self.counters.alloc(bytes);
+        self.counters.upload(bytes);
+        Ok(conv(h))
+    }
+    fn download(&self, b: &Vec<R>) -> Result<Vec<f32>> {
+        self.counters.download(std::mem::size_of::<R>() * b.len());
+        Ok(conv(b))
+    }
+    fn upload_f64(&self, h: &[f64]) -> Result<Vec<R>> {
+        let bytes = std::mem::size_of::<R>() * h.len();
+        self.counters.alloc(bytes);
+        self.counters.upload(bytes);
+        Ok(conv(h))
+    }
+    fn download_f64(&self, b: &Vec<R>) -> Result<Vec<f64>> {
+        self.counters.download(std::mem::size_of::<R>() * b.len());
+        Ok(conv(b))
+    }
+    unsafe fn raw_write(&self, h: &[f32], dst: &mut Vec<R>) -> Result<()> {
+        put(&mut dst[..h.len()], &conv::<f32, f64>(h));
+        Ok(())
+    }
+    unsafe fn raw_zero(&self, x: &mut Vec<R>) -> Result<()> {
+        x.fill(R::ZERO);
+        Ok(())
+    }
+    unsafe fn raw_copy(
+        &self,
+        src: &Vec<R>,
+        src_off: usize,
+        dst: &mut Vec<R>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+        Ok(())
+    }
+    unsafe fn raw_embed(
+        &self,
+        t: usize,
+        ids: &Vec<R>,
+        table: &Vec<R>,
+        c: usize,
+        out: &mut Vec<R>,
+    ) -> Result<()> {
+        reference::embed(&ids_of(ids, t), table, c, out);
+        Ok(())
+    }
+    unsafe fn raw_matmul(
+        &self,
+        x: &Vec<R>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Vec<R>,
+        n: usize,
+        k: usize,
+        y: &mut Vec<R>,
+    ) -> Result<()> {
+        if m > 0 {
+            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
+        }
+        Ok(())
+    }
+    type Mat = Vec<R>;
+    fn gemm_precision(&self) -> GemmPrecision {
+        GemmPrecision::F32
+    }
+    fn upload_mat(&self, h: &[f32]) -> Result<Vec<R>> {
+        Ok(conv(h))
+    }
+    fn mat_len(&self, w: &Vec<R>) -> usize {
+        w.len()
+    }
+    unsafe fn raw_matmul_w(
+        &self,
+        x: &Vec<R>,
+        x_off: usize,
+        ldx: usize,
+        m: usize,
+        w: &Vec<R>,
+        n: usize,
+        k: usize,
+        y: &mut Vec<R>,
+    ) -> Result<()> {
+        if m > 0 {
+            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
+        }
+        Ok(())
+    }
+    unsafe fn raw_layer_norm(
+        &self,
+        x: &Vec<R>,
+        x_off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Vec<R>,
+        bias: &Vec<R>,
+        eps: f32,
+        y: &mut Vec<R>,
+    ) -> Result<()> {
+        let x = &x[x_off..];
+        par_rows(rows, c, y, |r0, nr, yr| {
+            reference::layer_norm(&x[r0 * c..], nr, c, weight, bias, eps, yr)
+        });
+        Ok(())
+    }
+    unsafe fn raw_group_norm(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &mut Vec<R>,
+        weight: &Vec<R>,
+        bias: &Vec<R>,
+        bonus: Option<BonusBufs<'_, Vec<R>>>,
+        g: Option<&Vec<R>>,
+    ) -> Result<()> {
+        let bonus = bonus.map(|b| reference::Bonus {
+            r: b.r,
+            k: b.k,
+            v: b.v,
+            r_k: b.r_k,
+        });
+        reference::group_norm(x, rows, h, n, eps, weight, bias, bonus, g.map(|v| &v[..]));
+        Ok(())
+    }
+    unsafe fn raw_kk_prep(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &Vec<R>,
+        da: &Vec<R>,
+        a0: &Vec<R>,
+        k_k: &Vec<R>,
+        k_a: &Vec<R>,
+        k_out: &mut Vec<R>,
+        a: &mut Vec<R>,
+        b: &mut Vec<R>,
+    ) -> Result<()> {
+        reference::kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b);
+        Ok(())
+    }
+    unsafe fn raw_token_shift(
+        &self,
+        b: usize,
+        t: usize,
+        c: usize,
+        x: &Vec<R>,
+        state: &mut Vec<R>,
+        mu: &Vec<R>,
+        n_mix: usize,
+        out: &mut Vec<R>,
+    ) -> Result<()> {
+        for i in 0..b {
+            reference::token_shift(
+                t,
+                c,
+                &x[i * t * c..],
+                &mut state[i * c..],
+                mu,
+                n_mix,
+                &mut out[i * t * n_mix * c..],
+            );
+        }
+        Ok(())
+    }
+    unsafe fn raw_act(
+        &self,
+        mode: Act,
+        x: &mut Vec<R>,
+        c: usize,
+        bias: Option<&Vec<R>>,
+    ) -> Result<()> {
+        let bias = bias.map(|b| &b[..]);
+        let rows = x.len() / c;
+        let (head, tail) = x.split_at_mut(rows * c);
+        par_rows(rows, c, head, |_, _, xr| reference::act(mode, xr, c, bias));
+        reference::act(mode, tail, c, bias);
+        Ok(())
+    }
+    unsafe fn raw_value_residual(
+        &self,
+        c: usize,
+        v: &mut Vec<R>,
+        v_first: &Vec<R>,
+        v0: &Vec<R>,
+        dv: &Vec<R>,
+    ) -> Result<()> {
+        reference::value_residual(c, v, v_first, v0, dv);
+        Ok(())
+    }
+    unsafe fn raw_add(&self, n: usize, x: &mut Vec<R>, y: &Vec<R>) -> Result<()> {
+        reference::add(&mut x[..n], &y[..n]);
+        Ok(())
+    }
+    unsafe fn raw_wkv(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<R>; 6],
+        state: &mut Vec<R>,
+        y: &mut Vec<R>,
+    ) -> Result<()> {
+        let p = wkv_f64(t, h, n, rwkvab.map(|v| v.as_slice()), state)?;
+        let (yy, hh) = wkv7::reference::forward(&p.d, &p.inputs())?;
+        *y = conv(&yy);
+        *state = conv(&hh);
+        Ok(())
+    }
+}
+
+impl<R: CpuReal> BackwardOps for CpuOps<R> {
+    unsafe fn raw_matmul_t(
+        &self,
+        dy: &Vec<R>,
+        m: usize,
+        w: &Vec<R>,
+        n: usize,
+        k: usize,
+        dx: &mut Vec<R>,
+    ) -> Result<()> {
+        gemm::xw(dy, m, n, w, k, dx);
+        Ok(())
+    }
+    unsafe fn raw_layer_norm_bwd(
+        &self,
+        x: &Vec<R>,
+        off: usize,
+        rows: usize,
+        c: usize,
+        weight: &Vec<R>,
+        eps: f32,
+        dy: &Vec<R>,
+        dx: &mut Vec<R>,
+    ) -> Result<()> {
+        // rows are independent: dx rows and (x, dy) rows split together
+        let (x, dx) = (&x[off..], &mut dx[off..]);
+        par_rows(rows, c, dx, |r0, nr, dc| {
+            bref::layer_norm_bwd(&x[r0 * c..], nr, c, weight, eps, &dy[r0 * c..], dc)
+        });
+        Ok(())
+    }
+    unsafe fn raw_token_shift_bwd(
+        &self,
+        b: usize,
+        t: usize,
+        c: usize,
+        dmix: &[&Vec<R>],
+        mu: &Vec<R>,
+        dstate: &mut Vec<R>,
+        dx: &mut Vec<R>,
+    ) -> Result<()> {
+        let tc = t * c;
+        if t == 0 {
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        dstate[..b * c]
+            .par_chunks_mut(c)
+            .zip(dx[..b * tc].par_chunks_mut(tc))
+            .enumerate()
+            .for_each(|(i, (ds, dxi))| {
+                let dm: Vec<&[R]> = dmix.iter().map(|d| &d[i * tc..]).collect();
+                bref::token_shift_bwd(t, c, &dm, mu, ds, dxi);
+            });
+        Ok(())
+    }
+    unsafe fn raw_sum_batch(
+        &self,
+        b: usize,
+        n: usize,
+        src: &Vec<R>,
+        dst: &mut Vec<R>,
+        accumulate: bool,
+    ) -> Result<()> {
+        bref::sum_batch(b, n, src, dst, accumulate);
+        Ok(())
+    }
+    fn wkv_ws_len(&self, b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
+        R::wkv_ws_len(b, t, h, n)
+    }
+    unsafe fn raw_wkv_fwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<R>; 6],
+        h0: &Vec<R>,
+        y: &mut Vec<R>,
+        ckpt: &mut Vec<R>,
+        h_t: Option<&mut Vec<R>>,
+    ) -> Result<()> {
+        let d = Dims { b, t, h, n };
+        R::wkv_fwd_ckpt(
+            &d,
+            rwkvab.map(|x| x.as_slice()),
+            h0,
+            y,
+            ckpt,
+            h_t.map(|v| v.as_mut_slice()),
+        )
+    }
+    unsafe fn raw_wkv_bwd_ckpt(
+        &self,
+        b: usize,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<R>; 6],
+        h0: &Vec<R>,
+        ckpt: &Vec<R>,
+        dy: &Vec<R>,
+        grads: [&mut Vec<R>; 6],
+        dh0: &mut Vec<R>,
+        scratch: &mut Vec<R>,
+    ) -> Result<()> {
+        let d = Dims { b, t, h, n };
+        R::wkv_bwd_ckpt(
+            &d,
+            rwkvab.map(|x| x.as_slice()),
+            h0,
+            ckpt,
+            dy,
+            grads.map(|g| g.as_mut_slice()),
+            dh0,
+            scratch,
+        )
+    }
+    unsafe fn raw_act_bwd(
+        &self,
+        mode: Act,
+        n: usize,
+        c: usize,
+        pre: &Vec<R>,
+        bias: Option<&Vec<R>>,
+        dy: &mut Vec<R>,
+    ) -> Result<()> {
+        let bias = bias.map(|b| b.as_slice());
+        let rows = n / c;
+        let (dh, dt) = dy[..n].split_at_mut(rows * c);
+        par_rows(rows, c, dh, |r0, nr, d| {
+            bref::act_bwd(mode, nr * c, c, &pre[r0 * c..], bias, d)
+        });
+        bref::act_bwd(mode, n - rows * c, c, &pre[rows * c..], bias, dt);
+        Ok(())
+    }
+    unsafe fn raw_kk_prep_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &KkBwdBufs<'_, Vec<R>>,
+        dk: &mut Vec<R>,
+        dda: &mut Vec<R>,
+    ) -> Result<()> {
+        let r = bref::KkBwd {
+            k: x.k,
+            da: x.da,
+            a0: x.a0,
+            k_k: x.k_k,
+            k_a: x.k_a,
+            d_kout: x.d_kout,
+            d_a: x.d_a,
+            d_b: x.d_b,
+        };
+        bref::kk_prep_bwd(rows, h, n, &r, dk, dda);
+        Ok(())
+    }
+    unsafe fn raw_value_residual_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        vraw: &Vec<R>,
+        v_first: &Vec<R>,
+        v0: &Vec<R>,
+        dvp: &Vec<R>,
+        dv: &mut Vec<R>,
+        dvf: &mut Vec<R>,
+        ddv: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv);
+        Ok(())
+    }
+    unsafe fn raw_group_norm_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        eps: f32,
+        x: &GnBwdBufs<'_, Vec<R>>,
+        g: GnBwdGrads<'_, Vec<R>>,
+    ) -> Result<()> {
+        let r = bref::GnBwd {
+            y: x.y,
+            weight: x.weight,
+            bias: x.bias,
+            r: x.r,
+            k: x.k,
+            v: x.v,
+            r_k: x.r_k,
+            g: x.g,
+            dout: x.dout,
+        };
+        bref::group_norm_bwd(
+            rows,
+            h,
+            n,
+            eps,
+            &r,
+            bref::GnBwdOut {
+                dy: g.dy,
+                dr: g.dr,
+                dk: g.dk,
+                dv: g.dv,
+                dg: g.dg,
+            },
+        );
+        Ok(())
+    }
+    unsafe fn raw_wkv_bwd(
+        &self,
+        t: usize,
+        h: usize,
+        n: usize,
+        rwkvab: [&Vec<R>; 6],
+        h0: &Vec<R>,
+        dy: &Vec<R>,
+        grads: [&mut Vec<R>; 6],
+        dh0: &mut Vec<R>,
+    ) -> Result<()> {
+        let p = wkv_f64(t, h, n, rwkvab.map(|v| v.as_slice()), h0)?;
+        let dy: Vec<f64> = conv(&dy[..p.d.seq_len()]);
+        let g = wkv7::reference::backward(&p.d, &p.inputs(), &dy, None)?;
+        let [dr, dw, dk, dv, da, db] = grads;
+        for (dst, src) in [dr, dw, dk, dv, da, db]
+            .into_iter()
+            .zip([&g.dr, &g.dw, &g.dk, &g.dv, &g.da, &g.db])
+        {
+            *dst = conv(src);
+        }
+        *dh0 = conv(&g.dh0);
+        Ok(())
+    }
+    unsafe fn raw_xent(
+        &self,
+        r0: usize,
+        rows: usize,
+        v: usize,
+        logits: &mut Vec<R>,
+        targets: &Vec<R>,
+        mask: &Vec<R>,
+        soft: Option<&Vec<R>>,
+        lam: f32,
+        loss: &mut Vec<R>,
+    ) -> Result<()> {
+        let tg = ids_of(&targets[r0..], rows);
+        bref::xent(
+            rows,
+            v,
+            logits,
+            &tg,
+            &mask[r0..],
+            soft.map(|s| s.as_slice()),
+            lam,
+            loss,
+        );
+        Ok(())
+    }
+    unsafe fn raw_outer_acc(
+        &self,
+        off: usize,
+        rows: usize,
+        h: usize,
+        n: usize,
+        r: &Vec<R>,
+        acc: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::outer_acc(rows, h, n, &r[off..], acc);
+        Ok(())
+    }
+    unsafe fn raw_up_fwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<R>>,
+        r: &Vec<R>,
+        phi: &mut Vec<R>,
+        y: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::up_fwd(rows, h, n, &up_ref(k), r, phi, y);
+        Ok(())
+    }
+    unsafe fn raw_up_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        k: &UpBufs<'_, Vec<R>>,
+        r: &Vec<R>,
+        phi: &Vec<R>,
+        dy: &Vec<R>,
+        du: &mut Vec<R>,
+        dr: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::up_bwd(rows, h, n, &up_ref(k), r, phi, dy, du, dr);
+        Ok(())
+    }
+    unsafe fn raw_batched_matmul(
+        &self,
+        groups: usize,
+        n: usize,
+        a: &Vec<R>,
+        b: &Vec<R>,
+        trans_b: bool,
+        out: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::batched_matmul(groups, n, a, b, trans_b, out);
+        Ok(())
+    }
+    unsafe fn raw_adam(
+        &self,
+        n: usize,
+        s: &AdamStep,
+        clip: f32,
+        stats: Option<&Vec<R>>,
+        p: &mut Vec<R>,
+        g: &Vec<R>,
+        m: &mut Vec<R>,
+        v: &mut Vec<R>,
+    ) -> Result<()> {
+        let mut s = *s;
+        if let Some(st) = stats {
+            match bref::clip_scale(st[1].to_f32(), s.grad_scale, clip) {
+                Some(f) => s.grad_scale *= f,
+                None => return Ok(()),
+            }
+        }
+        bref::adam(n, &s, p, g, m, v);
+        Ok(())
+    }
+    unsafe fn raw_reduce_acc(
+        &self,
+        squares: bool,
+        n: usize,
+        x: &Vec<R>,
+        out: &mut Vec<R>,
+        slot: usize,
+    ) -> Result<()> {
+        out[slot] += bref::reduce(squares, &x[..n]);
+        Ok(())
+    }
+    unsafe fn raw_dbp_step(
+        &self,
+        groups: usize,
+        n: usize,
+        scale: f32,
+        eta: f32,
+        kappa: f32,
+        max_norm: f32,
+        z: &Vec<R>,
+        m: &mut Vec<R>,
+    ) -> Result<()> {
+        bref::dbp_step(groups, n, scale, eta, kappa, max_norm, z, m);
+        Ok(())
+    }
+    unsafe fn raw_eye_axpy(
+        &self,
+        groups: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+        x: Option<&Vec<R>>,
+        out: &mut Vec<R>,
+    ) -> Result<()> {
+        let nn = groups * n * n;
+        let src: Vec<R> = match x {
+            Some(x) => x[..nn].to_vec(),
+            None => out[..nn].to_vec(),
+        };
+        bref::eye_axpy(groups, n, alpha, beta, &src, &mut out[..nn]);
+        Ok(())
+    }
+    unsafe fn raw_sumsq(&self, n: usize, x: &Vec<R>) -> Result<f64> {
+        Ok(bref::sumsq(n, x))
+    }
+}
+
+fn up_ref<'a, R>(k: &'a UpBufs<'_, Vec<R>>) -> bref::Up<'a, R> {
+    bref::Up {
+        m: k.m,
+        centres: k.centres,
+        gamma: k.gamma,
+        u: k.u,
+    }
+}
