@@ -316,6 +316,17 @@ typedef struct XentParams {
   const float* soft;
   float* loss;
 } XentParams;
+/*   (see tune_xent_f32) */
+
+typedef struct SoftmaxParams {
+  int32_t rows;
+  int32_t V;
+  float inv_temp;
+  float* x;
+} SoftmaxParams;
+/*   x [rows, V] in place: x = softmax(x · inv_temp) per row, the row's
+ *   maximum subtracted first (the observer's soft targets at temperature
+ *   1 / inv_temp). */
 /*   logits [rows, V] in place (become dL/dlogits); targets [rows] int32 (< V);
  *   mask [rows]; soft [rows, V] soft targets or NULL (= none; also unused when
  *   lam == 0); loss [rows] = mask * (CE + lam * KL(soft || softmax)).

@@ -358,6 +358,29 @@ extern "C" __global__ void __launch_bounds__(256) tune_xent_f32(const __grid_con
 }
 EMU_ENTRY(tune_xent_f32, XentParams)
 
+// Softmax with temperature, in place, one block per row of V (grid-stride
+// over rows; the threads of a block loop over V), as the observer's soft
+// targets: x = exp((x − max)·inv_temp) / Σ exp((x − max)·inv_temp).
+extern "C" __global__ void __launch_bounds__(256) tune_softmax_f32(const __grid_constant__ SoftmaxParams p) {
+  __shared__ float sh[32];
+  const int V = p.V;
+  for (long row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    float* z = p.x + row * V;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, z[j]);
+    mx = tn_block_max(mx, sh);
+    float se = 0.f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+      const float e = expf((z[j] - mx) * p.inv_temp);
+      z[j] = e;
+      se += e;
+    }
+    const float s = tn_block_sum(se, sh);
+    for (int j = threadIdx.x; j < V; j += blockDim.x) z[j] = z[j] / s;
+  }
+}
+EMU_ENTRY(tune_softmax_f32, SoftmaxParams)
+
 // Second moments, one thread per (h, i, j) walking the rows.
 //   r [rows, H, N]; acc [H, N, N]: acc[h, i, j] += Σ_t r[t, h, i] r[t, h, j].
 extern "C" __global__ void __launch_bounds__(256)

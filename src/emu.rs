@@ -201,6 +201,8 @@ emu_ops_table!(TUNE_GROUP_NORM_BWD, crate::params::GroupNormBwdParams;
     "tune_group_norm_bwd_f32" => emu_tune_group_norm_bwd_f32);
 emu_ops_table!(TUNE_XENT, crate::params::XentParams;
     "tune_xent_f32" => emu_tune_xent_f32);
+emu_ops_table!(TUNE_SOFTMAX, crate::params::SoftmaxParams;
+    "tune_softmax_f32" => emu_tune_softmax_f32);
 emu_ops_table!(TUNE_OUTER_ACC, crate::params::OuterAccParams;
     "tune_outer_acc_f32" => emu_tune_outer_acc_f32);
 emu_ops_table!(TUNE_UP_FWD, crate::params::UpFwdParams;

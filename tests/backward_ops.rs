@@ -535,6 +535,56 @@ fn check_xent<D: BackwardOps>(d: &D, be: &str, rows: usize, v: usize, w: &mut Wo
     }
 }
 
+/// Softmax with temperature (the observer's soft targets) on `rows` rows of
+/// `v` logits at temperatures 0.25, 1 and 3: against an f64 softmax written
+/// here (independent of the twin) and the CPU twin; bad temperatures and a
+/// short buffer are typed errors.
+fn check_softmax<D: BackwardOps>(d: &D, be: &str, rows: usize, v: usize, w: &mut Worst) {
+    let mut z = Z(Rng::new(0x50f7 + rows as u64 * 5 + v as u64));
+    let logits = z.v(rows * v, 4.0);
+    for temp in [0.25f32, 1.0, 3.0] {
+        let mut want = vec![0f64; rows * v];
+        for r in 0..rows {
+            let x = &logits[r * v..(r + 1) * v];
+            let mx = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let e: Vec<f64> = x
+                .iter()
+                .map(|&q| ((q as f64 - mx) / temp as f64).exp())
+                .collect();
+            let s: f64 = e.iter().sum();
+            for (o, q) in want[r * v..(r + 1) * v].iter_mut().zip(&e) {
+                *o = q / s;
+            }
+        }
+        let want: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+        let mut twin = logits.clone();
+        CpuOps::new().softmax(rows, v, temp, &mut twin).unwrap();
+        let mut got = d.upload(&logits).unwrap();
+        d.softmax(rows, v, temp, &mut got).unwrap();
+        let tag = format!("softmax V{v} T{temp}");
+        let e = ok(be, &tag, &d.download(&got).unwrap(), &want, TOL).max(ok(
+            "cpu",
+            &format!("{tag} twin"),
+            &twin,
+            &want,
+            TOL,
+        ));
+        w.add("softmax", e);
+    }
+    let mut x = d.upload(&logits).unwrap();
+    for bad in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        assert!(
+            matches!(d.softmax(rows, v, bad, &mut x), Err(Error::Invalid(_))),
+            "{be}: T = {bad}"
+        );
+    }
+    assert!(
+        d.softmax(rows + 1, v, 1.0, &mut x).is_err(),
+        "{be}: short x"
+    );
+    assert!(d.softmax(rows, 0, 1.0, &mut x).is_err(), "{be}: V = 0");
+}
+
 /// Adam over a few steps (with and without weight decay), and Σx².
 fn check_adam_sumsq<D: BackwardOps>(d: &D, be: &str, n: usize, w: &mut Worst) {
     let mut z = Z(Rng::new(0xada + n as u64));
@@ -928,9 +978,11 @@ fn run_backend<D: BackwardOps>(d: &D, be: &str, big: bool) {
     }
     for (rows, v) in [(5, 37), (6, 1000)] {
         check_xent(d, be, rows, v, &mut w);
+        check_softmax(d, be, rows, v, &mut w);
     }
     if big {
         check_xent(d, be, 64, 65536, &mut w);
+        check_softmax(d, be, 64, 65536, &mut w);
     }
     check_adam_sumsq(d, be, if big { 1 << 20 } else { 1000 }, &mut w);
     check_wkv(d, be, 5, 1, 32, &mut w);
@@ -961,6 +1013,7 @@ fn backward_ops_emu_gpu_geometry() {
     check_all(&d, "emu-gpu", 9, 2, 32, &mut w);
     check_all(&d, "emu-gpu", 3, 1, 128, &mut w);
     check_xent(&d, "emu-gpu", 5, 1000, &mut w);
+    check_softmax(&d, "emu-gpu", 5, 1000, &mut w);
     check_adam_sumsq(&d, "emu-gpu", 3000, &mut w);
     w.print("emu-gpu");
 }

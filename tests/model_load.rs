@@ -516,14 +516,11 @@ fn pth_refuses_malicious_and_odd_files() {
     let ok = one_tensor(rebuild, b"K\x04", b"(K\x04t(K\x01t", 4);
     assert_eq!(read_pth(&ok, p()).unwrap()[0].0.data, [0.0; 4]);
     let check = |bytes: &[u8], want: &str| {
-        let t0 = std::time::Instant::now();
         let e = read_pth(bytes, Path::new("evil.pth")).unwrap_err();
         assert!(matches!(e, Error::PyTorch { .. }), "{e:?}");
         let msg = e.to_string();
         assert!(msg.contains(want), "want `{want}` in: {msg}");
         assert!(msg.contains("evil.pth"), "{msg}");
-        // refused before any large allocation or work
-        assert!(t0.elapsed().as_secs_f64() < 1.0);
     };
     // an unknown global (what a code-execution payload names)
     check(

@@ -290,46 +290,78 @@ fn fixture_emulated_gradient_matches_the_cpu_engine() {
     assert!(e <= 1e-3, "{e:.3e}");
 }
 
-/// The observer's forward on the emulated device gives the CPU observer's
-/// soft targets (probabilities; f32, different summation order: 1e-5 abs).
-#[test]
-fn device_observer_matches_the_cpu_observer() {
-    use rwkv_tune::model::device::DeviceModel;
-    use rwkv_tune::tune::train::{DeviceObserver, Observer, SoftTargets};
+/// The observer on the device (a teacher model whose logits are soft-maxed
+/// inside the step, `DeviceTuner::set_teacher`) gives the loss and gradient
+/// of host soft targets from the CPU observer (`train::Observer`: the CPU
+/// model's forward, soft-maxed on the host) — on the cpu backend and on the
+/// emulated kernels. f32 on both sides, different summation orders: 1e-5
+/// relative on the loss, 1e-4 per tensor on the gradient.
+fn check_teacher<O: BackwardOps>(mk: impl Fn() -> O, label: &str) {
+    use rwkv_tune::tune::train::{Observer, SoftTargets};
     let cfg = small_config();
     let w = Weights::random(&cfg, 13).unwrap();
+    let teacher_w = Weights::random(&cfg, 14).unwrap();
     let mut rng = Rng(8);
-    let mut a = vec![
+    let s = random_state(&cfg, true, 0.3, &mut rng);
+    let plain = vec![
         random_example(7, cfg.vocab, false, false, &mut rng),
         random_example(5, cfg.vocab, true, false, &mut rng),
     ];
-    let mut b = a.clone();
-    let cpu = Observer {
-        model: Model::new(w.clone()).unwrap(),
-        temperature: 2.0,
+    let o = GradOpts {
+        observer_weight: 0.3,
+        chunk: 64,
     };
-    let dev = DeviceObserver {
-        model: DeviceModel::new(EmuOps::default(), &w).unwrap(),
+    // host soft targets
+    let mut soft = plain.clone();
+    Observer {
+        model: Model::new(teacher_w.clone()).unwrap(),
         temperature: 2.0,
-    };
-    cpu.fill(&mut a).unwrap();
-    dev.fill(&mut b).unwrap();
-    let mut worst = 0.0f32;
-    for (x, y) in a.iter().zip(&b) {
-        let (p, q) = (x.soft.as_ref().unwrap(), y.soft.as_ref().unwrap());
-        assert_eq!(p.len(), x.tokens.len() * cfg.vocab);
-        for row in q.chunks(cfg.vocab) {
-            let s: f32 = row.iter().sum();
-            assert!((s - 1.0).abs() < 1e-5, "row sums to {s}");
-        }
-        worst = p
-            .iter()
-            .zip(q)
-            .map(|(u, v)| (u - v).abs())
-            .fold(worst, f32::max);
     }
-    println!("device vs cpu observer: max abs difference {worst:.2e}");
-    assert!(worst <= 1e-5, "{worst:.3e}");
+    .fill(&mut soft)
+    .unwrap();
+    let host = DeviceTuner::new(mk(), &w).unwrap();
+    let (la, na, ga, _, _) = host.loss_and_grad(&s, &soft, &o, false).unwrap();
+    // the teacher on the device; the examples carry no soft targets
+    let mut dev = DeviceTuner::new(mk(), &w).unwrap();
+    dev.set_teacher(DeviceTuner::new(mk(), &teacher_w).unwrap(), 2.0)
+        .unwrap();
+    assert!(dev.has_teacher());
+    let (lb, nb, gb, _, _) = dev.loss_and_grad(&s, &plain, &o, false).unwrap();
+    assert_eq!(na, nb);
+    let ga64 = ga.map(|v| v as f64);
+    let e = worst(&gb, &ga64, 1);
+    println!("{label}: teacher on the device: loss {lb:.7} vs host soft targets {la:.7}; worst rel. error {e:.2e}");
+    assert!((la - lb).abs() <= 1e-5 * la.abs(), "{label}: {la} vs {lb}");
+    assert!(e <= 1e-4, "{label}: gradient rel. error {e:.3e}");
+    // without the KL term the teacher changes nothing
+    let o0 = GradOpts::default();
+    let (l0, _, _, _, _) = host.loss_and_grad(&s, &plain, &o0, false).unwrap();
+    let (l1, _, _, _, _) = dev.loss_and_grad(&s, &plain, &o0, false).unwrap();
+    assert_eq!(l0, l1);
+    assert!(
+        (l0 - lb).abs() > 1e-3 * l0.abs(),
+        "the KL term should change the loss"
+    );
+    // a teacher of another vocabulary or a bad temperature is refused
+    let mut other = small_config();
+    other.vocab += 1;
+    let ow = Weights::random(&other, 3).unwrap();
+    assert!(dev
+        .set_teacher(DeviceTuner::new(mk(), &ow).unwrap(), 1.0)
+        .is_err());
+    assert!(dev
+        .set_teacher(DeviceTuner::new(mk(), &teacher_w).unwrap(), 0.0)
+        .is_err());
+}
+
+#[test]
+fn device_teacher_matches_host_soft_targets_cpu() {
+    check_teacher(CpuOps::new, "cpu");
+}
+
+#[test]
+fn device_teacher_matches_host_soft_targets_emu() {
+    check_teacher(EmuOps::default, "emu");
 }
 
 /// A non-finite gradient stops the step before the update: the error names
@@ -435,28 +467,43 @@ fn step_counters_one_wkv_forward_per_layer() {
         .map(|i| random_example(5 + 3 * i, cfg.vocab, true, false, &mut rng))
         .collect();
     let nl = cfg.n_layer as u64;
+    // (policy, WKV forwards, DBP, an observer on the device)
     let cases = [
-        (Recompute::KeepAll, nl, None),
-        (Recompute::PerLayer, 2 * nl, None),
-        (Recompute::KeepAll, nl, Some((0.05, 0.5))),
+        (Recompute::KeepAll, nl, None, false),
+        (Recompute::PerLayer, 2 * nl, None, false),
+        (Recompute::KeepAll, nl, Some((0.05, 0.5)), false),
+        // the teacher's forward adds its layers' WKV forwards
+        (Recompute::KeepAll, 2 * nl, None, true),
     ];
-    for (policy, fwd, dbp) in cases {
-        let mut e = DeviceEngine::new(
-            EmuOps::default(),
-            &w,
-            &init,
-            AdamConfig::default(),
-            dbp,
-            GradOpts::default(),
-        )
-        .unwrap();
+    for (policy, fwd, dbp, teacher) in cases {
+        let ops = EmuOps::default();
+        let opts = GradOpts {
+            observer_weight: if teacher { 0.5 } else { 0.0 },
+            ..GradOpts::default()
+        };
+        let mut e =
+            DeviceEngine::new(ops.clone(), &w, &init, AdamConfig::default(), dbp, opts).unwrap();
         e.set_recompute(policy);
+        if teacher {
+            // the same backend (shared counters): its launches count here too
+            let tw = Weights::random(&cfg, 6).unwrap();
+            e.set_teacher(DeviceTuner::new(ops, &tw).unwrap(), 1.0)
+                .unwrap();
+        }
         e.step(&batch, 1e-2, 1.0).unwrap(); // warm-up
         {
             let c0 = e.tuner().ops().counters().snapshot();
             e.step(&batch, 1e-2, 1.0).unwrap();
             let d = e.tuner().ops().counters().snapshot().since(&c0);
-            println!("{policy:?}, DBP {dbp:?}, one step: {d}");
+            println!("{policy:?}, DBP {dbp:?}, teacher {teacher}, one step: {d}");
+            let sm = if teacher { 1 } else { 0 };
+            assert_eq!(
+                d.launches(Op::Softmax),
+                sm,
+                "softmax launches (one head block)"
+            );
+            // the batch only: ids, targets, mask (no soft targets from the host)
+            assert_eq!(d.uploads, 3, "{policy:?}: uploads per step");
             assert_eq!(d.launches(Op::WkvFwd), fwd, "{policy:?}: WKV forwards");
             assert_eq!(d.launches(Op::WkvBwd), nl, "{policy:?}: WKV backwards");
             assert_eq!(d.launches(Op::Adam), 3 * nl, "{policy:?}: Adam launches");

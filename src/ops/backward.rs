@@ -677,6 +677,38 @@ pub trait BackwardOps: DeviceOps {
         loss: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// Softmax with temperature, in place, per row of `x` `[rows, V]`:
+    /// `x = softmax(x / temperature)` (the observer's soft targets from its
+    /// logits). `temperature` finite and > 0.
+    fn softmax(&self, rows: usize, v: usize, temperature: f32, x: &mut Self::Buf) -> Result<()> {
+        if v == 0 {
+            return Err(Error::Invalid("softmax: V must be at least 1".into()));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::Invalid(format!(
+                "softmax: temperature {temperature} (must be finite and > 0)"
+            )));
+        }
+        fits_i32("softmax", &[rows, v])?;
+        need("x", self.len(x), 0, rows * v)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.counters().launch(counters::Op::Softmax);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_softmax(rows, v, 1.0 / temperature, x) }
+    }
+    /// # Safety
+    /// What [`Self::softmax`] checks: x ≥ rows·V, V ≥ 1, both within int32.
+    #[doc(hidden)]
+    unsafe fn raw_softmax(
+        &self,
+        rows: usize,
+        v: usize,
+        inv_temp: f32,
+        x: &mut Self::Buf,
+    ) -> Result<()>;
+
     /// `acc[h] += Σ_t r_t,h r_t,hᵀ`; r `[rows, H, N]`, acc `[H, N, N]`.
     fn outer_acc(
         &self,

@@ -11,8 +11,8 @@ use crate::cuda::cuda_err;
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
-    UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
+    LayerNormBwdParams, OuterAccParams, SoftmaxParams, SumBatchParams, SumsqParams,
+    TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
@@ -34,6 +34,8 @@ unsafe impl DeviceRepr for ValueResidualBwdParams {}
 unsafe impl DeviceRepr for GroupNormBwdParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for XentParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for SoftmaxParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for OuterAccParams {}
 // SAFETY: as above.
@@ -532,6 +534,26 @@ impl BackwardOps for CudaOps {
         // ids as f32 bits) and mask ≥ r0 + rows, loss ≥ rows (checked by the
         // caller); guards alive until queued.
         unsafe { self.tune("tune_xent_f32", block_geom(&self.geom, rows), &p) }
+    }
+
+    unsafe fn raw_softmax(
+        &self,
+        rows: usize,
+        v: usize,
+        inv_temp: f32,
+        x: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (xp, _g) = x.device_ptr_mut(st);
+        let p = SoftmaxParams {
+            rows: rows as i32,
+            V: v as i32,
+            inv_temp,
+            x: xp,
+        };
+        // SAFETY: x ≥ rows·V floats (checked by the caller); the guard is
+        // alive until the launch is queued.
+        unsafe { self.tune("tune_softmax_f32", block_geom(&self.geom, rows), &p) }
     }
 
     unsafe fn raw_outer_acc(

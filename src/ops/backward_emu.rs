@@ -11,8 +11,8 @@ use crate::emu::{launch_ops, EmuParams};
 use crate::error::Result;
 use crate::params::{
     ActBwdParams, AdamParams, BatchedMatmulParams, GroupNormBwdParams, KkPrepBwdParams,
-    LayerNormBwdParams, OuterAccParams, SumBatchParams, SumsqParams, TokenShiftBwdParams,
-    UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
+    LayerNormBwdParams, OuterAccParams, SoftmaxParams, SumBatchParams, SumsqParams,
+    TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
 
@@ -382,6 +382,24 @@ impl BackwardOps for EmuOps {
         // from r0 ≥ rows, loss ≥ rows; logits and loss are distinct &mut
         // borrows; all alive for the call.
         unsafe { run("tune_xent_f32", block_geom(&self.geom, rows), &p) }
+    }
+
+    unsafe fn raw_softmax(
+        &self,
+        rows: usize,
+        v: usize,
+        inv_temp: f32,
+        x: &mut Vec<f32>,
+    ) -> Result<()> {
+        let p = SoftmaxParams {
+            rows: rows as i32,
+            V: v as i32,
+            inv_temp,
+            x: ptr_mut(x),
+        };
+        // SAFETY: x ≥ rows·V floats (checked by the caller), a distinct &mut
+        // borrow alive for the call.
+        unsafe { run("tune_softmax_f32", block_geom(&self.geom, rows), &p) }
     }
 
     unsafe fn raw_outer_acc(

@@ -353,6 +353,22 @@ pub fn xent<R: Real>(
     }
 }
 
+/// Softmax with temperature per row of `x` `[rows, V]`, in place:
+/// `x = exp((x − max)·inv_temp) / Σ exp((x − max)·inv_temp)` (the CPU twin
+/// of `tune_softmax_f32`).
+pub fn softmax<R: Real>(rows: usize, v: usize, inv_temp: f32, x: &mut [R]) {
+    let it = R::from_f32(inv_temp);
+    for row in x[..rows * v].chunks_mut(v) {
+        let mx = row.iter().fold(R::NEG_INFINITY, |a, &b| a.max(b));
+        let mut s = R::ZERO;
+        for z in row.iter_mut() {
+            *z = ((*z - mx) * it).exp();
+            s += *z;
+        }
+        row.iter_mut().for_each(|z| *z = *z / s);
+    }
+}
+
 /// `acc[h, i, j] += Σ_t r[t, h, i] · r[t, h, j]` (DBP second moments),
 /// r `[rows, H, N]`, acc `[H, N, N]`.
 pub fn outer_acc<R: Real>(rows: usize, h: usize, n: usize, r: &[R], acc: &mut [R]) {

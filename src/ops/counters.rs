@@ -55,6 +55,7 @@ ops! {
     GroupNormBwd => "group_norm_bwd",
     WkvBwd => "wkv_bwd",
     Xent => "xent",
+    Softmax => "softmax",
     OuterAcc => "outer_acc",
     UpFwd => "up_fwd",
     UpBwd => "up_bwd",

@@ -708,6 +708,16 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         );
         Ok(())
     }
+    unsafe fn raw_softmax(
+        &self,
+        rows: usize,
+        v: usize,
+        inv_temp: f32,
+        x: &mut Vec<R>,
+    ) -> Result<()> {
+        par_rows(rows, v, x, |_, nr, xr| bref::softmax(nr, v, inv_temp, xr));
+        Ok(())
+    }
     unsafe fn raw_outer_acc(
         &self,
         off: usize,

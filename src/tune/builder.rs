@@ -1,6 +1,7 @@
 //! One builder for a tuning run's engine: where it runs ([`DeviceKind`]: the
 //! CPU, the CPU emulator, a GPU) × what it trains (the plain state, with or
-//! without DBP, or the kernel-upscaled state) × the observer's soft targets,
+//! without DBP, or the kernel-upscaled state) × the observer (a teacher on
+//! the same device),
 //! all decided from one options struct, [`EngineOptions`].
 //!
 //! [`EngineBuilder::open`] opens the device first, so a machine without one
@@ -17,14 +18,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::data::Dataset;
-use super::device::DeviceEngine;
+use super::device::{DeviceEngine, DeviceTuner};
 use super::engine::Engine;
 use super::state::{export_state, from_model_state, TunedState};
-use super::train::{train_with, DeviceObserver, Observer, SoftTargets, TrainConfig, TrainReport};
+use super::train::{train_with, TrainConfig, TrainReport};
 use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::model::device::DeviceModel;
 use crate::model::{Model, State};
 use crate::ops::backward::BackwardOps;
 use crate::ops::cpu::CpuOps;
@@ -46,7 +46,8 @@ pub enum DeviceKind {
 }
 
 /// The observer (teacher) of a run: `λ·KL(teacher ‖ student)` on the
-/// response tokens ([`Observer`], [`DeviceObserver`] on a device).
+/// response tokens: a frozen model on the run's device whose soft-maxed
+/// logits are made inside each step ([`DeviceTuner::set_teacher`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObserverOptions {
     /// The teacher's checkpoint; its vocabulary must equal the model's.
@@ -199,10 +200,11 @@ impl EngineBuilder {
 
         let w = model.weights();
         let (adam, dbp, grad) = (tc.adam, tc.dbp, tc.grad.clone());
+        let tch = observer.as_ref();
         let engine: Box<dyn Built + 'a> = match up {
             Some((kernel, start)) => match o.device {
                 DeviceKind::Cpu => {
-                    let mut eng = DeviceEngine::new_upscaled(
+                    let eng = DeviceEngine::new_upscaled(
                         CpuOps::new(),
                         w,
                         &kernel,
@@ -211,24 +213,19 @@ impl EngineBuilder {
                         dbp,
                         grad,
                     )?;
-                    eng.set_recompute(o.recompute);
-                    Box::new(OnDevice {
-                        eng,
-                        kernel: Some(kernel),
-                    })
+                    Box::new(on_device(eng, Some(kernel), o.recompute, tch, || {
+                        Ok(CpuOps::new())
+                    })?)
                 }
                 DeviceKind::Emu => {
                     let ops = EmuOps::default().with_wkv(o.wkv);
-                    let mut eng =
-                        DeviceEngine::new_upscaled(ops, w, &kernel, &start, adam, dbp, grad)?;
-                    eng.set_recompute(o.recompute);
-                    Box::new(OnDevice {
-                        eng,
-                        kernel: Some(kernel),
-                    })
+                    let eng = DeviceEngine::new_upscaled(ops, w, &kernel, &start, adam, dbp, grad)?;
+                    Box::new(on_device(eng, Some(kernel), o.recompute, tch, || {
+                        Ok(EmuOps::default().with_wkv(o.wkv))
+                    })?)
                 }
                 DeviceKind::Cuda => {
-                    let mut eng = DeviceEngine::new_upscaled(
+                    let eng = DeviceEngine::new_upscaled(
                         self.cuda()?,
                         w,
                         &kernel,
@@ -237,31 +234,34 @@ impl EngineBuilder {
                         dbp,
                         grad,
                     )?;
-                    eng.set_recompute(o.recompute);
-                    Box::new(OnDevice {
-                        eng,
-                        kernel: Some(kernel),
-                    })
+                    Box::new(on_device(eng, Some(kernel), o.recompute, tch, || {
+                        self.cuda()
+                    })?)
                 }
             },
             None => {
                 let start = init.unwrap_or_else(|| TunedState::zeros(&cfg, tc.with_shift));
                 match o.device {
                     DeviceKind::Cpu => {
-                        let mut eng = DeviceEngine::new(CpuOps::new(), w, &start, adam, dbp, grad)?;
-                        eng.set_recompute(o.recompute);
-                        Box::new(OnDevice { eng, kernel: None })
+                        let eng = DeviceEngine::new(CpuOps::new(), w, &start, adam, dbp, grad)?;
+                        Box::new(on_device(
+                            eng,
+                            None,
+                            o.recompute,
+                            tch,
+                            || Ok(CpuOps::new()),
+                        )?)
                     }
                     DeviceKind::Emu => {
                         let ops = EmuOps::default().with_wkv(o.wkv);
-                        let mut eng = DeviceEngine::new(ops, w, &start, adam, dbp, grad)?;
-                        eng.set_recompute(o.recompute);
-                        Box::new(OnDevice { eng, kernel: None })
+                        let eng = DeviceEngine::new(ops, w, &start, adam, dbp, grad)?;
+                        Box::new(on_device(eng, None, o.recompute, tch, || {
+                            Ok(EmuOps::default().with_wkv(o.wkv))
+                        })?)
                     }
                     DeviceKind::Cuda => {
-                        let mut eng = DeviceEngine::new(self.cuda()?, w, &start, adam, dbp, grad)?;
-                        eng.set_recompute(o.recompute);
-                        Box::new(OnDevice { eng, kernel: None })
+                        let eng = DeviceEngine::new(self.cuda()?, w, &start, adam, dbp, grad)?;
+                        Box::new(on_device(eng, None, o.recompute, tch, || self.cuda())?)
                     }
                 }
             }
@@ -271,7 +271,6 @@ impl EngineBuilder {
             train,
             valid,
             engine,
-            observer,
             config: tc,
             n_params,
             upscale: o.upscale,
@@ -287,8 +286,9 @@ impl EngineBuilder {
         Ok(CudaOps::new(gpu)?.with_wkv(self.opts.wkv))
     }
 
-    /// The observer's soft targets, on the run's device.
-    fn observer(&self, model: &Model) -> Result<Option<Box<dyn SoftTargets>>> {
+    /// The observer model and its temperature, when the options name one
+    /// (its vocabulary checked against the model's).
+    fn observer(&self, model: &Model) -> Result<Option<(Model, f32)>> {
         let Some(ob) = &self.opts.observer else {
             return Ok(None);
         };
@@ -302,21 +302,7 @@ impl EngineBuilder {
                 model.config().vocab
             )));
         }
-        let temperature = ob.temperature;
-        Ok(Some(match (self.opts.device, &self.gpu) {
-            (DeviceKind::Cuda, Some(g)) => Box::new(DeviceObserver {
-                model: DeviceModel::new(CudaOps::new(g.clone())?, om.weights())?,
-                temperature,
-            }),
-            (DeviceKind::Emu, _) => Box::new(DeviceObserver {
-                model: DeviceModel::new(EmuOps::default(), om.weights())?,
-                temperature,
-            }),
-            _ => Box::new(Observer {
-                model: om,
-                temperature,
-            }),
-        }))
+        Ok(Some((om, ob.temperature)))
     }
 
     /// The kernel and the starting upscaled state for `upscale = m`: from
@@ -425,6 +411,26 @@ trait Built {
     }
 }
 
+/// `eng` with the recompute policy and, when there is an observer, its
+/// teacher on the same device (a plain tuner of the observer model on the
+/// ops `teacher_ops` makes).
+fn on_device<O: BackwardOps>(
+    mut eng: DeviceEngine<O>,
+    kernel: Option<Kernel>,
+    recompute: Recompute,
+    teacher: Option<&(Model, f32)>,
+    teacher_ops: impl FnOnce() -> Result<O>,
+) -> Result<OnDevice<O>> {
+    eng.set_recompute(recompute);
+    if let Some((om, temperature)) = teacher {
+        eng.set_teacher(
+            DeviceTuner::new(teacher_ops()?, om.weights())?,
+            *temperature,
+        )?;
+    }
+    Ok(OnDevice { eng, kernel })
+}
+
 /// A device engine and, when upscaled, its kernel.
 struct OnDevice<O: BackwardOps> {
     eng: DeviceEngine<O>,
@@ -462,8 +468,6 @@ pub struct Tuning<'a> {
     train: &'a Dataset,
     valid: Option<&'a Dataset>,
     engine: Box<dyn Built + 'a>,
-    /// The observer's soft targets, when the options name an observer.
-    pub observer: Option<Box<dyn SoftTargets>>,
     /// The loop's configuration (DBP, the observer weight and the run tag
     /// set from the options).
     pub config: TrainConfig,
@@ -516,7 +520,7 @@ impl Tuning<'_> {
             self.train,
             self.valid,
             &self.config,
-            self.observer.as_deref(),
+            None,
         )
     }
 

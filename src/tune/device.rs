@@ -154,6 +154,8 @@ pub struct StepWs<B> {
     dbp_tmp: Option<Vec<B>>,
     /// `[H, N, N]` temporaries of the device DBP update
     dbp_ws: Option<[B; 5]>,
+    /// the teacher's buffers (an observer on the device)
+    teacher: Option<TeacherWs<B>>,
 }
 
 impl<B> StepWs<B> {
@@ -221,6 +223,30 @@ pub struct DeviceTuner<O: BackwardOps> {
     up: Option<DevUp<O::Buf>>,
     /// What the backward recomputes.
     recompute: Recompute,
+    /// The observer, when the soft targets are made in the step.
+    teacher: Option<Teacher<O>>,
+}
+
+/// The observer (teacher) on the tuner's device: a frozen model of the same
+/// vocabulary whose logits, soft-maxed at `temperature` on the device
+/// ([`BackwardOps::softmax`]), are the soft targets of the step's KL term —
+/// no host round trip (docs/observer.md).
+struct Teacher<O: BackwardOps> {
+    model: Box<DeviceTuner<O>>,
+    temperature: f32,
+}
+
+/// The teacher's buffers in a [`StepWs`]: its residual stream and `v_first`
+/// `[B·T, C_t]`, one tape and forward workspace reused by every layer, a
+/// zero initial state per sequence (shared by every layer, read only) and
+/// its head block (the logits become the soft targets in place).
+pub struct TeacherWs<B> {
+    x: B,
+    vf: B,
+    tape: Tape<B>,
+    fw: FwdWs<B>,
+    zero: LStart<B>,
+    head: HeadWs<B>,
 }
 
 /// Loss sum, mask sum and per-layer state gradients of a batch.
@@ -266,6 +292,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             head,
             up: None,
             recompute: Recompute::default(),
+            teacher: None,
         })
     }
 
@@ -303,6 +330,40 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// The recompute policy.
     pub fn recompute(&self) -> Recompute {
         self.recompute
+    }
+
+    /// Makes `teacher` (a plain tuner of the observer model on the same
+    /// device) the source of the soft targets: with an observer weight > 0
+    /// every step runs the teacher's forward over the batch and soft-maxes
+    /// its logits at `temperature` per head block on the device; soft
+    /// targets given in the examples are then ignored.
+    pub fn set_teacher(&mut self, teacher: DeviceTuner<O>, temperature: f32) -> Result<()> {
+        if teacher.cfg.vocab != self.cfg.vocab {
+            return Err(Error::Tune(format!(
+                "the observer's vocabulary ({}) differs from the model's ({})",
+                teacher.cfg.vocab, self.cfg.vocab
+            )));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::Tune(format!(
+                "observer temperature {temperature} (must be finite and > 0)"
+            )));
+        }
+        if teacher.up.is_some() || teacher.teacher.is_some() {
+            return Err(Error::Tune(
+                "the observer must be a plain model (no upscaled read-out, no observer)".into(),
+            ));
+        }
+        self.teacher = Some(Teacher {
+            model: Box::new(teacher),
+            temperature,
+        });
+        Ok(())
+    }
+
+    /// Whether the soft targets come from a teacher on the device.
+    pub fn has_teacher(&self) -> bool {
+        self.teacher.is_some()
     }
 
     /// M of the upscaled read-out (`None`: a plain tuner).
@@ -436,7 +497,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
             Recompute::KeepAll => nl,
             Recompute::PerLayer => 1,
         } * self.tape_bytes(b, t);
-        resid + states + head + tapes + self.work_bytes(b, t)
+        let teacher = self.teacher.as_ref().map_or(0, |tc| {
+            let m = &tc.model;
+            let ct = m.cfg.n_embd;
+            let hnn = m.cfg.n_head * m.cfg.head_size * m.cfg.head_size;
+            4 * (2 * rows * ct + b * (2 * ct + hnn) + HEAD_ROWS.min(rows) * (ct + v))
+                + m.tape_bytes(b, t)
+                + m.work_bytes(b, t)
+        });
+        resid + states + head + tapes + self.work_bytes(b, t) + teacher
     }
 
     /// A workspace for steps of up to `b` sequences of up to `t` tokens
@@ -499,7 +568,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
             ids: o.ids(&vec![0; rows], 1)?,
             tgt: o.ids(&vec![0; rows], 1)?,
             mask: z(rows)?,
-            soft: if observer { Some(z(hr * v)?) } else { None },
+            soft: if observer && self.teacher.is_none() {
+                Some(z(hr * v)?)
+            } else {
+                None
+            },
             st1: (0..nl).map(|_| lstart(1)).collect::<Result<_>>()?,
             stb: (0..nl).map(|_| lstart(b)).collect::<Result<_>>()?,
             grads: (0..nl).map(|_| lstart(1)).collect::<Result<_>>()?,
@@ -532,6 +605,39 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 Some([z(hnn)?, z(hnn)?, z(hnn)?, z(hnn)?, z(hnn)?])
             } else {
                 None
+            },
+            teacher: match (&self.teacher, observer) {
+                (Some(tc), true) => Some(tc.model.teacher_ws(b, t)?),
+                _ => None,
+            },
+        })
+    }
+
+    /// The buffers of this (teacher) model's forward over `b × t` tokens.
+    fn teacher_ws(&self, b: usize, t: usize) -> Result<TeacherWs<O::Buf>> {
+        let cfg = &self.cfg;
+        let o = &self.ops;
+        let (c, v) = (cfg.n_embd, cfg.vocab);
+        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        let rows = b * t;
+        let hr = HEAD_ROWS.min(rows);
+        let vres = self.layers.iter().any(|l| l.vres.is_some());
+        Ok(TeacherWs {
+            x: o.zeros(rows * c)?,
+            vf: o.zeros(rows * c)?,
+            tape: Tape::new(o, cfg, b, t, vres, None)?,
+            fw: FwdWs::new(o, cfg, b, t)?,
+            zero: LStart {
+                sa: o.zeros(b * c)?,
+                sf: o.zeros(b * c)?,
+                wkv: o.zeros(b * hnn)?,
+                u: None,
+            },
+            head: HeadWs {
+                xn: o.zeros(hr * c)?,
+                lg: o.zeros(hr * v)?,
+                lrow: o.zeros(1)?,
+                dxn: o.zeros(1)?,
             },
         })
     }
@@ -783,7 +889,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             live.iter().map(|&(_, te)| te).max().unwrap_or(0),
         );
         let lam = o.observer_weight;
-        if b > ws.cap_b || t > ws.cap_t || (lam > 0.0 && ws.soft.is_none()) {
+        let no_soft = ws.soft.is_none() && ws.teacher.is_none();
+        if b > ws.cap_b || t > ws.cap_t || (lam > 0.0 && no_soft) {
             return Err(Error::Tune(format!(
                 "internal: a workspace for {}×{} used for a batch of {b}×{t}",
                 ws.cap_b, ws.cap_t
@@ -845,6 +952,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             fw,
             bw,
             head,
+            teacher: tws,
             ..
         } = ws;
         ops.write_ids(&tokens, v, ids)?;
@@ -860,15 +968,45 @@ impl<O: BackwardOps> DeviceTuner<O> {
             self.layer(l)
                 .forward(x, b, t, s.view(), vf, tp, fw, a, None)?;
         }
+        // the teacher's forward over the same batch, from its zero state
+        let teacher = match (&self.teacher, tws.as_mut()) {
+            (Some(tc), Some(tw)) if lam > 0.0 => {
+                let m = &tc.model;
+                let ct = m.cfg.n_embd;
+                ops.embed_ids(ids, &m.emb_ln, ct, &mut tw.x)?;
+                for l in 0..m.cfg.n_layer {
+                    m.layer(l).forward(
+                        &mut tw.x,
+                        b,
+                        t,
+                        tw.zero.view(),
+                        &mut tw.vf,
+                        &mut tw.tape,
+                        &mut tw.fw,
+                        None,
+                        None,
+                    )?;
+                }
+                Some((tc, tw))
+            }
+            _ => None,
+        };
         // head: loss (summed on the device) and ∂L/∂x, in row blocks over
         // the batch
         ops.zero(dx)?;
         let mut soft_h = Vec::new();
+        let mut teacher = teacher;
         for r0 in (0..rows).step_by(HEAD_ROWS) {
             let nr = HEAD_ROWS.min(rows - r0);
             self.head_logits(x, r0, nr, head)?;
-            let sb = match (lam > 0.0, soft.as_mut()) {
-                (true, Some(sb)) => {
+            let sb = match (lam > 0.0, soft.as_mut(), teacher.as_mut()) {
+                (true, _, Some((tc, tw))) => {
+                    // the teacher's logits of these rows, soft-maxed in place
+                    tc.model.head_logits(&tw.x, r0, nr, &mut tw.head)?;
+                    ops.softmax(nr, v, tc.temperature, &mut tw.head.lg)?;
+                    Some(&tw.head.lg)
+                }
+                (true, Some(sb), None) => {
                     soft_h.clear();
                     soft_h.resize(nr * v, 0.0);
                     for (j, row) in soft_h.chunks_mut(v).enumerate() {
@@ -1222,6 +1360,14 @@ impl<O: BackwardOps> DeviceEngine<O> {
         self.tuner.recompute = r;
     }
 
+    /// The observer on the device ([`DeviceTuner::set_teacher`]): `teacher`
+    /// is a plain tuner of the observer model on the same device.
+    pub fn set_teacher(&mut self, teacher: DeviceTuner<O>, temperature: f32) -> Result<()> {
+        self.tuner.set_teacher(teacher, temperature)?;
+        self.ws = None; // the next step allocates the teacher's buffers
+        Ok(())
+    }
+
     /// The gradient engine.
     pub fn tuner(&self) -> &DeviceTuner<O> {
         &self.tuner
@@ -1452,6 +1598,9 @@ impl<O: BackwardOps> DeviceEngine<O> {
 impl<O: BackwardOps> Engine for DeviceEngine<O> {
     fn device(&self) -> &'static str {
         self.tuner.ops().name()
+    }
+    fn has_teacher(&self) -> bool {
+        self.tuner.has_teacher()
     }
     fn sizes(&self) -> Vec<usize> {
         self.sizes.clone()

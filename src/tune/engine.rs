@@ -50,6 +50,11 @@ pub trait Engine {
     fn load(&mut self, s: EngineState) -> Result<()>;
     /// The tuned state the model sees (`S′·R` under DBP).
     fn tuned(&self) -> Result<TunedState>;
+    /// Whether the engine makes the observer's soft targets itself (a
+    /// teacher on its device), so the loop fills none.
+    fn has_teacher(&self) -> bool {
+        false
+    }
     /// Validation with the current parameters (default: the CPU model from
     /// [`Engine::tuned`]).
     fn evaluate(&self, model: &Model, ds: &Dataset, max: usize) -> Result<EvalResult> {

@@ -26,8 +26,7 @@ use super::optim::{AdamConfig, Schedule};
 use super::plot::write_loss_png;
 use super::state::{Example, TunedState};
 use crate::error::{Error, Result};
-use crate::model::device::DeviceModel;
-use crate::model::{Logits, Model, State};
+use crate::model::{Logits, Model};
 use crate::ops::cpu::CpuOps;
 
 // Validation moved to [`super::eval`] and the state conversions to
@@ -150,30 +149,6 @@ impl SoftTargets for Observer {
             e.soft = Some(logits);
             Ok(())
         })
-    }
-}
-
-/// The observer's forward on a device ([`DeviceModel`]): the same soft
-/// targets as [`Observer`], for the device engine.
-pub struct DeviceObserver<D: crate::ops::backward::BackwardOps> {
-    pub model: DeviceModel<D>,
-    /// Softmax temperature applied to the observer's logits.
-    pub temperature: f32,
-}
-
-impl<D: crate::ops::backward::BackwardOps> SoftTargets for DeviceObserver<D>
-where
-    DeviceModel<D>: Sync,
-{
-    fn fill(&self, batch: &mut [Example]) -> Result<()> {
-        let cfg = self.model.config();
-        for e in batch.iter_mut() {
-            let mut st = State::zeros(cfg);
-            let mut logits = self.model.forward(&e.tokens, &mut st, Logits::All)?;
-            soften(&mut logits, cfg.vocab, self.temperature);
-            e.soft = Some(logits);
-        }
-        Ok(())
     }
 }
 
@@ -321,7 +296,7 @@ pub fn train_with(
     if cfg.batch == 0 {
         return Err(Error::Tune("batch must be at least 1".into()));
     }
-    if cfg.grad.observer_weight > 0.0 && observer.is_none() {
+    if cfg.grad.observer_weight > 0.0 && observer.is_none() && !engine.has_teacher() {
         return Err(Error::Tune(
             "observer_weight > 0 needs an observer model".into(),
         ));
@@ -466,7 +441,7 @@ pub fn train_with(
         let idx = loader.next_batch(cfg.batch);
         let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
         let mut batch = pad_batch(&refs);
-        if cfg.grad.observer_weight > 0.0 {
+        if cfg.grad.observer_weight > 0.0 && !engine.has_teacher() {
             if let Some(o) = observer {
                 o.fill(&mut batch)?;
             }

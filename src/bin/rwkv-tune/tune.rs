@@ -159,8 +159,9 @@ pub struct TuneArgs {
     /// At most this many validation examples (0 = all).
     #[arg(long)]
     pub eval_max: Option<usize>,
-    /// Tokens per recomputation chunk of the gradient engine.
-    #[arg(long, default_value_t = 64)]
+    /// Accepted for old command lines; no effect (the engine's memory is
+    /// set by --recompute).
+    #[arg(long, default_value_t = 64, hide = true)]
     pub chunk: usize,
     /// Decorrelated backpropagation on the tuned state (arXiv 2504.05097;
     /// docs/dbp.md): train S′ with S = S′·R, R decorrelating the key-space
@@ -186,8 +187,8 @@ pub struct TuneArgs {
     /// DBP is turned off with a note; --dbp is refused). Writes --out (the
     /// N×N states, ai00 / web-rwkv layout) plus <out stem>.upscale.safetensors
     /// (centres, widths, U), which `generate --state` picks up (CPU only).
-    /// Trains on every --device (cpu: `UpscaleEngine`; cuda / emu: the
-    /// device engine with the read-out kernels).
+    /// Trains on every --device (the read-out has its kernels and Rust
+    /// twins).
     #[arg(long, value_name = "M")]
     pub upscale: Option<usize>,
     /// Observer (teacher) model: add λ·KL(teacher ‖ student) on the response
@@ -214,12 +215,12 @@ pub struct TuneArgs {
     /// carry ~1e-5 relative error). Ignored on --device cpu.
     #[arg(long, value_parser = ["v1", "v2"], default_value = "v1")]
     pub wkv: String,
-    /// What the device engines (cuda, emu) keep between a step's forward
-    /// and backward: `keep` every layer's activations (one WKV forward per
-    /// layer; the most memory) or `layer` only the layer inputs, recomputing
-    /// one layer's forward right before its backward (two WKV forwards per
-    /// layer; one layer's activations at a time). The planned device memory
-    /// is printed before training. Ignored on --device cpu.
+    /// What a step keeps between its forward and backward: `keep` every
+    /// layer's activations (one WKV forward per layer; the most memory) or
+    /// `layer` only the layer inputs, recomputing one layer's forward right
+    /// before its backward (two WKV forwards per layer; one layer's
+    /// activations at a time). The planned memory is printed before
+    /// training.
     #[arg(long, value_parser = ["keep", "layer"], default_value = "keep")]
     pub recompute: String,
     /// Print the device's ops counters (launches per op, allocations,
@@ -303,7 +304,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
         .unwrap_or(0);
     if let Some(b) = tuning.plan_bytes(batch, ctx) {
         println!(
-            "device activations planned: {:.1} MiB for a step of {batch} × {ctx} tokens \
+            "activations planned: {:.1} MiB for a step of {batch} × {ctx} tokens \
              (--recompute {recompute}; from the buffer sizes, weights and states not included)",
             mib(b)
         );
