@@ -27,7 +27,7 @@
 //! the same engine as the plain state ([`super::grad`]), checked against
 //! finite differences in f64 by `tests/tune_upscale.rs`.
 //!
-//! [`UpscaleEngine`] trains it in the ordinary loop
+//! `DeviceEngine::new_upscaled` (any backend) trains it in the ordinary loop
 //! ([`super::train::train_with`]); [`save_upscaled`] / [`load_upscaled`]
 //! write and read it as an ai00 state file plus a sidecar
 //! (`<stem>.upscale.safetensors`, see [`save_sidecar`]).
