@@ -535,6 +535,60 @@ fn check_xent<D: BackwardOps>(d: &D, be: &str, rows: usize, v: usize, w: &mut Wo
     }
 }
 
+/// The weight gradient `dw (+)= dyᵀ·x` (x rows at a stride, from an
+/// offset; overwriting and accumulating) against an f64 sum written here.
+fn check_matmul_tn<D: BackwardOps>(d: &D, be: &str, m: usize, n: usize, k: usize, w: &mut Worst) {
+    let mut z = Z(Rng::new(0x7a7 + (m * 31 + n * 7 + k) as u64));
+    let (ldx, off) = (k + 3, 5);
+    let dy = z.v(m * n, 1.0);
+    let x = z.v(off + m * ldx, 1.0);
+    let dw0 = z.v(n * k, 1.0);
+    for acc in [false, true] {
+        let mut want = vec![0f64; n * k];
+        for o in 0..n {
+            for j in 0..k {
+                let mut s = if acc { dw0[o * k + j] as f64 } else { 0.0 };
+                for i in 0..m {
+                    s += dy[i * n + o] as f64 * x[off + i * ldx + j] as f64;
+                }
+                want[o * k + j] = s;
+            }
+        }
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        let mut got = d.upload(&dw0).unwrap();
+        d.matmul_tn(
+            &d.upload(&dy).unwrap(),
+            m,
+            n,
+            &d.upload(&x).unwrap(),
+            off,
+            ldx,
+            k,
+            &mut got,
+            acc,
+        )
+        .unwrap();
+        let what = format!("matmul_tn {m}x{n}x{k} acc={acc}");
+        w.add(
+            "matmul_tn",
+            ok(be, &what, &d.download(&got).unwrap(), &want, TOL),
+        );
+    }
+    // a stride below the width, a short x: typed errors
+    let (dyb, xb) = (d.upload(&dy).unwrap(), d.upload(&x).unwrap());
+    let mut dw = d.upload(&dw0).unwrap();
+    assert!(
+        d.matmul_tn(&dyb, m, n, &xb, 0, k - 1, k, &mut dw, false)
+            .is_err(),
+        "{be}: ldx < k"
+    );
+    assert!(
+        d.matmul_tn(&dyb, m, n, &xb, off + 4, ldx, k, &mut dw, false)
+            .is_err(),
+        "{be}: short x"
+    );
+}
+
 /// Softmax with temperature (the observer's soft targets) on `rows` rows of
 /// `v` logits at temperatures 0.25, 1 and 3: against an f64 softmax written
 /// here (independent of the twin) and the CPU twin; bad temperatures and a
@@ -976,6 +1030,8 @@ fn run_backend<D: BackwardOps>(d: &D, be: &str, big: bool) {
     if big {
         check_all(d, be, 300, 32, 64, &mut w);
     }
+    check_matmul_tn(d, be, 7, 5, 9, &mut w);
+    check_matmul_tn(d, be, 33, 64, 48, &mut w);
     for (rows, v) in [(5, 37), (6, 1000)] {
         check_xent(d, be, rows, v, &mut w);
         check_softmax(d, be, rows, v, &mut w);

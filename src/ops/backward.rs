@@ -107,6 +107,58 @@ pub trait BackwardOps: DeviceOps {
         dx: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// `dw[n, k] (+)= dy[m, n]ᵀ · x[m, k]`: the weight gradient of
+    /// [`DeviceOps::matmul`] (`y = x wᵀ`), for trained matrices (adapter
+    /// factors). Row `i` of x starts at `x_off + i·ldx` (`ldx ≥ k`);
+    /// `accumulate` adds to `dw`, else `dw` is overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_tn(
+        &self,
+        dy: &Self::Buf,
+        m: usize,
+        n: usize,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        k: usize,
+        dw: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        fits_i32("matmul_tn", &[m, n])?;
+        fits_i32("matmul_tn", &[n, k])?;
+        fits_i32("matmul_tn", &[m.max(1), ldx])?;
+        if ldx < k {
+            return Err(Error::Invalid(format!(
+                "matmul_tn: row stride {ldx} of x is below its width {k}"
+            )));
+        }
+        need("dy", self.len(dy), 0, m * n)?;
+        if m > 0 {
+            need("x", self.len(x), x_off, (m - 1) * ldx + k)?;
+        }
+        need("dw", self.len(dw), 0, n * k)?;
+        self.counters().launch(counters::Op::MatmulTn);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_matmul_tn(dy, m, n, x, x_off, ldx, k, dw, accumulate) }
+    }
+    /// # Safety
+    /// What [`Self::matmul_tn`] checks: dy ≥ m·n, x from `x_off` ≥
+    /// (m−1)·ldx + k with ldx ≥ k, dw ≥ n·k, all within int32.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_matmul_tn(
+        &self,
+        dy: &Self::Buf,
+        m: usize,
+        n: usize,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        k: usize,
+        dw: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+
     /// LayerNorm backward, accumulating: rows `[off/C, off/C + rows)` of
     /// `dx` get `+= ∂L/∂x` of `y = LN(x)·weight + bias`, given `dy [rows, C]`
     /// (from element 0). Statistics are recomputed from x (from `off`).

@@ -116,6 +116,51 @@ impl BackwardOps for CudaOps {
         unsafe { self.blas().gemm(cfg, w, dy, dx) }.map_err(cuda_err)
     }
 
+    unsafe fn raw_matmul_tn(
+        &self,
+        dy: &CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        ldx: usize,
+        k: usize,
+        dw: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if n == 0 || k == 0 {
+            return Ok(());
+        }
+        let st = &self.gpu().stream;
+        if m == 0 {
+            // an empty sum: dw unchanged, or 0, as the CPU twin does
+            if !accumulate {
+                st.memset_zeros(&mut dw.slice_mut(..n * k))
+                    .map_err(cuda_err)?;
+            }
+            return Ok(());
+        }
+        // Row-major dw[n, k] = dy[m, n]ᵀ · x[m, k] is column-major
+        // dw_cm[k, n] = x_cm[k, m] · (dy_cm[n, m])ᵀ: A = x (lda = ldx), op(B)
+        // = Bᵀ with B = dy (ldb = n), C = dw (ldc = k).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_T,
+            m: k as i32,
+            n: n as i32,
+            k: m as i32,
+            alpha: 1.0f32,
+            lda: ldx as i32,
+            ldb: n as i32,
+            beta: if accumulate { 1.0f32 } else { 0.0f32 },
+            ldc: k as i32,
+        };
+        let xv = x.slice(x_off..);
+        // SAFETY: sizes checked by the caller (dy m·n, x from x_off (m−1)·ldx
+        // + k, dw ≥ n·k floats, all fitting i32); all on the handle's stream.
+        unsafe { self.blas().gemm(cfg, &xv, dy, dw) }.map_err(cuda_err)
+    }
+
     unsafe fn raw_layer_norm_bwd(
         &self,
         x: &CudaSlice<f32>,

@@ -65,6 +65,23 @@ impl BackwardOps for EmuOps {
         Ok(())
     }
 
+    unsafe fn raw_matmul_tn(
+        &self,
+        dy: &Vec<f32>,
+        m: usize,
+        n: usize,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        k: usize,
+        dw: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        // a GEMM: the Rust twin, as for matmul_t
+        bref::matmul_tn(dy, m, n, &x[x_off..], ldx, k, dw, accumulate);
+        Ok(())
+    }
+
     unsafe fn raw_layer_norm_bwd(
         &self,
         x: &Vec<f32>,

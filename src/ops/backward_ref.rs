@@ -29,6 +29,36 @@ pub fn matmul_t<R: Real>(dy: &[R], m: usize, w: &[R], n: usize, k: usize, dx: &m
     }
 }
 
+/// `dw[n, k] (+)= dy[m, n]ᵀ · x[m, k]` (row `i` of x at `i·ldx`), summed
+/// over `i` in order: the weight gradient of `y = x wᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_tn<R: Real>(
+    dy: &[R],
+    m: usize,
+    n: usize,
+    x: &[R],
+    ldx: usize,
+    k: usize,
+    dw: &mut [R],
+    accumulate: bool,
+) {
+    if !accumulate {
+        dw[..n * k].iter_mut().for_each(|v| *v = R::ZERO);
+    }
+    for i in 0..m {
+        let xr = &x[i * ldx..i * ldx + k];
+        for o in 0..n {
+            let g = dy[i * n + o];
+            if g == R::ZERO {
+                continue;
+            }
+            for (d, &xv) in dw[o * k..(o + 1) * k].iter_mut().zip(xr) {
+                *d += g * xv;
+            }
+        }
+    }
+}
+
 /// LayerNorm backward, accumulating: `dx[r] += ∂/∂x` of `y = x̂·weight + b`
 /// for rows `r` of x `[rows, C]` given `dy [rows, C]` (statistics recomputed
 /// from x). `x` and `dx` start at the same row.

@@ -47,6 +47,7 @@ ops! {
     Add => "add",
     WkvFwd => "wkv_fwd",
     MatmulT => "matmul_t",
+    MatmulTn => "matmul_tn",
     LayerNormBwd => "layer_norm_bwd",
     TokenShiftBwd => "token_shift_bwd",
     ActBwd => "act_bwd",

@@ -463,6 +463,39 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         gemm::xw(dy, m, n, w, k, dx);
         Ok(())
     }
+    unsafe fn raw_matmul_tn(
+        &self,
+        dy: &Vec<R>,
+        m: usize,
+        n: usize,
+        x: &Vec<R>,
+        x_off: usize,
+        ldx: usize,
+        k: usize,
+        dw: &mut Vec<R>,
+        accumulate: bool,
+    ) -> Result<()> {
+        // dw = dyᵀ · x through the blocked GEMM: dyᵀ [n, m] and x [m, k]
+        // made dense first
+        let mut dyt = vec![R::ZERO; n * m];
+        for i in 0..m {
+            for o in 0..n {
+                dyt[o * m + i] = dy[i * n + o];
+            }
+        }
+        let xs = &x[x_off..];
+        let xd: Vec<R> = (0..m)
+            .flat_map(|i| xs[i * ldx..i * ldx + k].iter().copied())
+            .collect();
+        let mut out = vec![R::ZERO; n * k];
+        if m > 0 {
+            gemm::xw(&dyt, n, m, &xd, k, &mut out);
+        }
+        for (d, o) in dw[..n * k].iter_mut().zip(out) {
+            *d = if accumulate { *d + o } else { o };
+        }
+        Ok(())
+    }
     unsafe fn raw_layer_norm_bwd(
         &self,
         x: &Vec<R>,
