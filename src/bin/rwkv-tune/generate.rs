@@ -161,6 +161,13 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
     }
 }
 
+/// Refuses to sample from NaN / Inf logits (they would print garbage),
+/// unless `--allow-nonfinite`.
+fn check_logits(logits: &[f32]) -> anyhow::Result<()> {
+    rwkv_tune::guard::check_finite("the model's logits", logits)?;
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.state {
         let side = upscale::sidecar_path(p);
@@ -204,6 +211,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     } else {
         model.forward(&prompt, &mut state, Logits::Last)?
     };
+    check_logits(&logits)?;
     let stop_at_zero = matches!(tok, Tokenizer::World(_));
     let mut out = std::io::stdout().lock();
     let mut dec = StreamDecoder::new();
@@ -221,6 +229,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         logits = model.step(next, &mut state)?;
+        check_logits(&logits)?;
     }
     out.write_all(dec.finish().as_bytes())?;
     writeln!(out)?;
@@ -261,6 +270,7 @@ fn generate_upscaled(
     let mut n = 0;
     for _ in 0..a.max_tokens {
         let logits = upscale::forward_logits_upscaled(w, k, s, &seq)?;
+        check_logits(&logits[logits.len() - v..])?;
         let next = sampler.sample(&logits[logits.len() - v..]);
         if stop_at_zero && next == 0 {
             break;
