@@ -218,6 +218,52 @@ fn probe_dir(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Bytes free for an unprivileged user on the file system that holds
+/// `path`'s directory (`statvfs`), or `None` where that is unknown.
+pub fn free_space(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: an all-zero `statvfs` is a valid value of this plain C
+        // struct (integers only).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path that outlives the call and
+        // `st` is a valid, writable `statvfs`.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        #[allow(clippy::unnecessary_cast)] // the field types differ by platform
+        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        Some(free)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Refuses to start when the file system of `path` has less free space
+/// than `bytes` (what the output will take, estimated); `flag` names the
+/// output in the message.
+pub fn check_free_space(flag: &str, path: &Path, bytes: u64) -> Result<()> {
+    if let Some(free) = free_space(path) {
+        if bytes > free {
+            return Err(Error::Options(format!(
+                "{flag} {}: about {} bytes will be written but only {free} bytes are free there",
+                path.display(),
+                bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Bytes the host can still allocate (`MemAvailable` of `/proc/meminfo`),
 /// or `None` where that is unknown.
 pub fn available_memory() -> Option<u64> {
@@ -271,6 +317,11 @@ mod tests {
         let e = check_outputs(&[], &[("--out", &dir.join("nope/x.bin"))]).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
         assert!(check_outputs(&[("--model", &a)], &[("--out", &dir.join("o.bin"))]).is_ok());
+        #[cfg(unix)]
+        {
+            assert!(free_space(&dir.join("o.bin")).is_some_and(|f| f > 0));
+            assert!(check_free_space("--out", &dir.join("o.bin"), u64::MAX).is_err());
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -527,6 +527,55 @@ fn ctrl_c_keeps_the_work_and_resume_is_exact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A second Ctrl-C exits at once (130), without waiting for the step.
+#[test]
+fn second_ctrl_c_aborts_at_once() {
+    let dir = tmpdir("sigint2");
+    let out = dir.join("s.safetensors");
+    let m = dir.join("m.jsonl");
+    let mut a = v(&[
+        "tune",
+        "--demo",
+        "--steps",
+        "50",
+        "--throttle-ms",
+        "4000",
+        "--quiet",
+    ]);
+    a.extend(["--out".into(), s(&out), "--metrics".into(), s(&m)]);
+    let child = Command::new(env!("CARGO_BIN_EXE_rwkv-tune"))
+        .args(&a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&m).is_ok_and(|t| t.contains("\"train\"")) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    let t1 = Instant::now();
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(130), "{t}");
+    assert!(
+        t1.elapsed() < Duration::from_millis(3000),
+        "the second Ctrl-C waited for the step ({:?})",
+        t1.elapsed()
+    );
+    assert!(!t.contains("interrupted after step"), "{t}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn library_level_reproducers() {
     let dir = tmpdir("lib");

@@ -159,6 +159,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             backend.name()
         );
     }
+    if let Backend::Cuda(g) = &backend {
+        for (d, _) in &shapes {
+            g.check_memory(
+                &format!("shape {},{},{},{}", d.b, d.t, d.h, d.n),
+                rwkv_tune::bench::host_bytes(d),
+            )?;
+        }
+    }
     let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
     let versions = match a.kernel.as_str() {
         "v1" => vec![Version::V1],

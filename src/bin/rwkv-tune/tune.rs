@@ -367,6 +367,25 @@ fn check_paths(a: &TuneArgs, tc: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// Free space for what the run will write (estimated from the model's
+/// shape), checked before training.
+fn check_space(a: &TuneArgs, tc: &TrainConfig, cfg: &rwkv_tune::model::Config) -> Result<()> {
+    let state = (cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size * 4) as u64;
+    let slack = 1 << 16;
+    if let Some(o) = &a.out {
+        let side = a.upscale.map_or(0, |m| {
+            (cfg.n_layer * cfg.n_head * (2 * m * cfg.head_size + 1) * 4) as u64
+        });
+        rwkv_tune::guard::check_free_space("--out", o, state + side + slack)?;
+    }
+    if let Some(c) = &tc.checkpoint {
+        // parameters, two Adam moments, DBP's f64 matrices, the loss history
+        let bytes = 5 * state + 4 * tc.steps + slack;
+        rwkv_tune::guard::check_free_space("--checkpoint", c, bytes)?;
+    }
+    Ok(())
+}
+
 /// The default --steps, --batch and --eval-max of a demo or a run on files.
 fn defaults_of(demo: Option<DemoKind>) -> (u64, usize, usize) {
     match demo {
@@ -418,6 +437,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
     } = load_data(&a)?;
     let model = Model::new(weights)?;
     let tc = train_config(&a, defaults, decay)?;
+    check_space(&a, &tc, model.config())?;
 
     // The engine for --device × --upscale × DBP × --observer, then the loop.
     let (batch, recompute) = (tc.batch, a.recompute.clone());
@@ -434,6 +454,15 @@ pub fn run(a: TuneArgs) -> Result<()> {
              (--recompute {recompute}; from the buffer sizes, weights and states not included)",
             mib(b)
         );
+        // Say so now instead of failing (or aborting) at the first step.
+        let what = format!(
+            "a step of {batch} × {ctx} tokens (--recompute {recompute}; try --recompute layer, \
+             a smaller --batch or --ctx)"
+        );
+        match builder.gpu() {
+            Some(gpu) => gpu.check_memory(&what, b as u64)?,
+            None => rwkv_tune::guard::check_host_memory(&what, b as u64)?,
+        }
     }
     let c0 = tuning.counters();
     crate::interrupt::install();
