@@ -315,6 +315,43 @@ fn eval_streams_long_documents_in_chunks() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `generate` reads a long prompt in chunks: the same greedy continuation
+/// as one forward over the whole prompt (the library model, in the test).
+#[test]
+fn generate_reads_long_prompts_in_chunks() {
+    let dir = tmpdir("gen");
+    let model = model_file(&dir, "m.safetensors", 13);
+    let prompt: String = (0..2500)
+        .map(|i| (b'a' + (i * 7 % 26) as u8) as char)
+        .collect();
+    let mut a = v(&[
+        "generate",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--model",
+    ]);
+    a.extend([s(&model), "--prompt".into(), prompt.clone()]);
+    let o = run(&a);
+    assert!(o.status.success(), "{}", text(&o));
+    let m = rwkv_tune::model::Model::load(&model).unwrap();
+    let mut st = m.new_state();
+    let toks: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let mut logits = m
+        .forward(&toks, &mut st, rwkv_tune::model::Logits::Last)
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..12 {
+        let t = rwkv_tune::model::argmax(&logits);
+        out.push(t as u8);
+        logits = m.step(t, &mut st).unwrap();
+    }
+    let want = String::from_utf8_lossy(&out).into_owned() + "\n";
+    assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Polls a child's VmHWM (peak resident memory) until it exits; checks it
 /// succeeded.
 fn peak_rss_of(child: &mut std::process::Child) -> u64 {

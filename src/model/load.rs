@@ -387,9 +387,11 @@ pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) ->
     crate::tensors::write_atomic(path, &bytes)
 }
 
-/// Writes bytes to a file, mapping I/O errors to [`Error::Io`].
+/// Writes bytes to a file atomically ([`crate::tensors::write_atomic`]:
+/// a temporary file, fsync'd and renamed), mapping I/O errors to
+/// [`Error::Io`].
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    crate::tensors::write_atomic(path, bytes)
 }
 
 const LORAS: [(&str, char); 4] = [

@@ -161,6 +161,9 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
     }
 }
 
+/// Tokens per forward when reading the prompt.
+const PROMPT_CHUNK: usize = 1024;
+
 /// Refuses to sample from NaN / Inf logits (they would print garbage),
 /// unless `--allow-nonfinite`.
 fn check_logits(logits: &[f32]) -> anyhow::Result<()> {
@@ -209,7 +212,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         // No prompt: start from the end-of-text token 0.
         model.forward(&[0], &mut state, Logits::Last)?
     } else {
-        model.forward(&prompt, &mut state, Logits::Last)?
+        // The prompt in chunks: a long prompt's activations never exist at
+        // once (memory independent of its length).
+        let mut last = Vec::new();
+        for part in prompt.chunks(PROMPT_CHUNK) {
+            last = model.forward(part, &mut state, Logits::Last)?;
+        }
+        last
     };
     check_logits(&logits)?;
     let stop_at_zero = matches!(tok, Tokenizer::World(_));
