@@ -78,6 +78,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The seed of the benchmark's random problems (`inputs` of the rows).
 pub const SEED: u64 = 0x5eed;
 
+/// Host memory (bytes) that timing one problem of dims `d` takes: the f32
+/// problem (7 token·head tensors, 2 states), its converted copy, the
+/// outputs and gradients (7 token·head tensors, 2 states) and the
+/// kernels' workspaces, rounded up generously. Saturates instead of
+/// overflowing.
+pub fn host_bytes(d: &Dims) -> u64 {
+    let seq = [d.b, d.t, d.h, d.n]
+        .iter()
+        .fold(1u64, |a, &x| a.saturating_mul(x as u64));
+    let st = [d.b, d.h, d.n, d.n]
+        .iter()
+        .fold(1u64, |a, &x| a.saturating_mul(x as u64));
+    seq.saturating_mul(24 * 4)
+        .saturating_add(st.saturating_mul(8 * 4))
+}
+
 /// The random problem `rwkv-tune bench` times for dims `d` (decays in
 /// [0.55, 1), so v2 runs wherever the head size allows).
 pub fn bench_problem(d: &Dims) -> Problem {

@@ -108,6 +108,27 @@ impl Gpu {
         })
     }
 
+    /// Free and total device memory in bytes (`cuMemGetInfo`), for checks
+    /// of a problem's size before it is allocated.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda_err)
+    }
+
+    /// Refuses a plan that needs more device memory than is free; `what`
+    /// names the plan in the message.
+    pub fn check_memory(&self, what: &str, bytes: u64) -> Result<()> {
+        let (free, _) = self.mem_info()?;
+        if bytes > free as u64 {
+            return Err(Error::Invalid(format!(
+                "{what} needs {:.2} GiB of GPU memory but only {:.2} GiB is free on {}",
+                bytes as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                self.describe()
+            )));
+        }
+        Ok(())
+    }
+
     /// Device name and compute capability, e.g. `NVIDIA H100 80GB HBM3 (sm_90)`.
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());

@@ -71,6 +71,16 @@ pub enum Error {
     /// the message names them as the command line does.
     #[error("{0}")]
     Options(String),
+    /// A NaN or infinite value where finite numbers are required (a loaded
+    /// or exported tensor; `--allow-nonfinite` lets them through).
+    #[error(
+        "{what} holds a non-finite value ({value} at element {index}); refusing it          (--allow-nonfinite overrides)"
+    )]
+    NonFinite {
+        what: String,
+        index: usize,
+        value: f32,
+    },
     /// What was being done when `source` happened (e.g. `loading observer
     /// big.safetensors`).
     #[error("{what}")]

@@ -14,6 +14,8 @@
 //! - [`tensors`]: reading and writing f32 safetensors maps.
 //! - [`pth`]: PyTorch `.pth` checkpoints (zip + restricted unpickler), read
 //!   and written.
+//! - [`guard`]: regular-file reads, output-vs-input identity, NaN/Inf and
+//!   memory checks (what the CLI promises in the README).
 //! - [`convert`]: converting models and states between safetensors, `.pth`
 //!   and the RWKV-PEFT state layout.
 pub mod bench;
@@ -22,6 +24,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod emu;
 pub mod error;
+pub mod guard;
 pub mod model;
 pub mod params;
 pub mod pth;

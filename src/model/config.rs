@@ -178,17 +178,33 @@ impl Config {
         };
         let [vocab, n_embd] = dim2("emb.weight")?;
         let mut n_layer = 0usize;
+        let mut layers = std::collections::BTreeSet::new();
+        let mut highest = "";
         for k in shapes.keys() {
             if let Some(rest) = k.strip_prefix("blocks.") {
                 let idx = rest.split('.').next().unwrap_or("");
                 let l: usize = idx.parse().map_err(|_| {
                     Error::Model(format!("tensor `{k}`: `{idx}` is not a layer index"))
                 })?;
-                n_layer = n_layer.max(l + 1);
+                if l.checked_add(1).is_none_or(|n| n > n_layer) {
+                    highest = k;
+                }
+                n_layer = n_layer.max(l.saturating_add(1));
+                layers.insert(l);
             }
         }
         if n_layer == 0 {
             return Err(Error::MissingTensor("blocks.0.*".into()));
+        }
+        // Every layer index below the highest must be present, before any
+        // per-layer list is built from n_layer (a stray `blocks.1000000.*`
+        // must not make the loader allocate a million layers).
+        if layers.len() != n_layer {
+            let missing = (0..n_layer).find(|l| !layers.contains(l)).unwrap_or(0);
+            return Err(Error::Model(format!(
+                "tensor `{highest}` implies {n_layer} layers, but layer {missing} has no tensors \
+                 (layer indices must be 0..n_layer without gaps)"
+            )));
         }
         let [n_head, head_size] = dim2("blocks.0.att.r_k")?;
         let d_w = dim2("blocks.0.att.w1")?[1];

@@ -63,9 +63,10 @@ fn st_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Reads a whole file, mapping I/O errors to [`Error::Io`].
+/// Reads a whole regular file (a FIFO or device is refused:
+/// [`crate::guard::read_regular`]), mapping I/O errors to [`Error::Io`].
 pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    crate::guard::read_regular(path)
 }
 
 /// Explains why a buffer is not a valid safetensors file, with byte offsets
@@ -346,7 +347,7 @@ pub fn write_f32_tensors(
             .map_err(|e| Error::Invalid(format!("tensor `{name}` with shape {shape:?}: {e}")))?;
         views.push((name.clone(), v));
     }
-    safetensors::serialize(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
+    crate::tensors::serialize_sorted(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Writes per-document logits to a safetensors file: `doc{i}.tokens` [T]
@@ -381,13 +382,16 @@ pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) ->
             .map_err(|e| Error::Invalid(format!("tensor `{name}`: {e}")))?;
         views.push((name.clone(), v));
     }
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(e.to_string()))?;
+    let bytes =
+        crate::tensors::serialize_sorted(views, None).map_err(|e| Error::Invalid(e.to_string()))?;
     crate::tensors::write_atomic(path, &bytes)
 }
 
-/// Writes bytes to a file, mapping I/O errors to [`Error::Io`].
+/// Writes bytes to a file atomically ([`crate::tensors::write_atomic`]:
+/// a temporary file, fsync'd and renamed), mapping I/O errors to
+/// [`Error::Io`].
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    crate::tensors::write_atomic(path, bytes)
 }
 
 const LORAS: [(&str, char); 4] = [
@@ -564,8 +568,13 @@ impl Weights {
         Self::from_tensors(tensors)
     }
 
-    /// Builds weights from named f32 tensors (official or fla names).
+    /// Builds weights from named f32 tensors (official or fla names). A
+    /// NaN or infinite value is refused ([`Error::NonFinite`]) unless
+    /// [`crate::guard::set_allow_nonfinite`] is on.
     pub fn from_tensors(tensors: Vec<F32Tensor>) -> Result<Weights> {
+        for t in &tensors {
+            crate::guard::check_finite(&format!("tensor `{}`", t.name), &t.data)?;
+        }
         let naming = detect_naming(tensors.iter().map(|t| t.name.as_str()));
         let mut map: HashMap<String, Entry> = HashMap::with_capacity(tensors.len());
         for t in tensors {

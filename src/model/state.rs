@@ -170,6 +170,14 @@ impl State {
                     t.name, cfg.n_layer
                 )));
             }
+            if seen[l] {
+                return Err(Error::Model(format!(
+                    "state file {} has two tensors for layer {l} (`{}` is the second); refusing \
+                     to pick one",
+                    path.display(),
+                    t.name
+                )));
+            }
             let ok = t.shape == [h, n, n] || t.shape == [1, h, n, n];
             if !ok {
                 return Err(Error::Shape {
@@ -178,6 +186,7 @@ impl State {
                     got: t.shape,
                 });
             }
+            crate::guard::check_finite(&format!("state tensor `{}`", t.name), &t.data)?;
             state.layers[l].wkv = t.data;
             seen[l] = true;
         }

@@ -512,6 +512,11 @@ impl Tuning<'_> {
         self.engine.counters()
     }
 
+    /// The loop's configuration (steps, checkpoint path, …).
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
     /// The tuning loop ([`train_with`]) on this run's engine.
     pub fn run(&mut self) -> Result<TrainReport> {
         train_with(

@@ -93,7 +93,7 @@ impl Checkpoint {
         meta.insert("pos".to_string(), self.loader.pos.to_string());
         meta.insert("n_params".to_string(), self.params.len().to_string());
         meta.insert("fingerprint".to_string(), self.fingerprint.clone());
-        safetensors::serialize(views, Some(meta)).map_err(|e| st_err(path, e))
+        crate::tensors::serialize_sorted(views, Some(meta)).map_err(|e| st_err(path, e))
     }
 
     /// Writes the checkpoint atomically (see the module docs).
@@ -104,7 +104,7 @@ impl Checkpoint {
 
     /// Reads a checkpoint written by [`Checkpoint::save`].
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::guard::read_regular(path)?;
         Checkpoint::from_bytes(&bytes, path)
     }
 
@@ -131,12 +131,27 @@ impl Checkpoint {
                     format!("tensor `{name}` is {:?}, not F32", v.dtype()),
                 ));
             }
-            Ok(v.data()
+            let data: Vec<f32> = v
+                .data()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
+                .collect();
+            crate::guard::check_finite(&format!("{}: tensor `{name}`", path.display()), &data)?;
+            Ok(data)
         };
-        let n = num("n_params")? as usize;
+        // Three tensors per parameter are in the file: a count beyond that
+        // is corrupt (and must not size an allocation).
+        let n = num("n_params")?;
+        if n == 0 || n.saturating_mul(3) > st.len() as u64 {
+            return Err(st_err(
+                path,
+                format!(
+                    "metadata `n_params` = {n} does not fit the file's {} tensors",
+                    st.len()
+                ),
+            ));
+        }
+        let n = n as usize;
         let mut params = Vec::with_capacity(n);
         let mut adam_m = Vec::with_capacity(n);
         let mut adam_v = Vec::with_capacity(n);
@@ -145,8 +160,19 @@ impl Checkpoint {
             adam_m.push(get(&format!("adam.m.{i}"))?);
             adam_v.push(get(&format!("adam.v.{i}"))?);
         }
+        let step = num("step")?;
+        let history = get("history.loss")?;
+        if history.len() as u64 != step {
+            return Err(st_err(
+                path,
+                format!(
+                    "step {step} but `history.loss` holds {} losses (one per step)",
+                    history.len()
+                ),
+            ));
+        }
         Ok(Checkpoint {
-            step: num("step")?,
+            step,
             params,
             adam_m,
             adam_v,
@@ -155,7 +181,7 @@ impl Checkpoint {
                 epoch: num("epoch")?,
                 pos: num("pos")?,
             },
-            history: get("history.loss")?,
+            history,
             fingerprint: meta.get("fingerprint").cloned().unwrap_or_default(),
             dbp_r: match st.tensor("dbp.r") {
                 Ok(v) if v.dtype() == Dtype::F64 => Some(

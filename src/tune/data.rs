@@ -233,7 +233,14 @@ pub fn load_dataset(path: &Path, tok: &dyn Tokenize, ctx: usize) -> Result<Datas
 /// (at least one when there are two or more) going to validation.
 /// A single text record (a plain-text file) is split by position instead:
 /// its last `frac` of tokens become the validation text.
+/// `frac` outside [0, 1] (or NaN) is clamped (NaN = 0): callers should
+/// refuse such values; this never panics on them.
 pub fn split_records(mut records: Vec<Record>, frac: f64, seed: u64) -> (Vec<Record>, Vec<Record>) {
+    let frac = if frac.is_nan() {
+        0.0
+    } else {
+        frac.clamp(0.0, 1.0)
+    };
     if let [Record::Text(t)] = records.as_slice() {
         let cut = t.len() - ((t.len() as f64) * frac).round() as usize;
         return (

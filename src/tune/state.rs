@@ -237,7 +237,15 @@ pub fn from_model_state(cfg: &Config, st: &State, with_shift: bool) -> Result<Tu
 
 /// Writes the WKV part of a tuned state as an ai00 / web-rwkv state file
 /// (`blocks.N.att.time_state` `[H, N, N]` f32), atomically.
+///
+/// A NaN or infinite value is refused ([`Error::NonFinite`]: a diverged run
+/// must not leave a state file that evaluates to NaN) unless
+/// [`crate::guard::set_allow_nonfinite`] is on.
 pub fn export_state(path: &Path, cfg: &Config, s: &TunedState) -> Result<()> {
+    s.check(cfg)?;
+    for (l, w) in s.wkv.iter().enumerate() {
+        crate::guard::check_finite(&format!("the tuned state of layer {l}"), w)?;
+    }
     let bytes = to_model_state(cfg, s).to_safetensors_bytes(cfg, StoreDType::F32)?;
     crate::tensors::write_atomic(path, &bytes)
 }

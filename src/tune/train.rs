@@ -104,6 +104,98 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Checks every number of the run before any work: at least one step
+    /// and one example per step; learning rates, clipping, weight decay and
+    /// Adam's ε finite and in range, β₁ and β₂ in [0, 1), the observer
+    /// weight finite and ≥ 0, DBP's η ≥ 0 and κ ∈ [0, 1], the recomputation
+    /// chunk ≥ 1 ([`Error::Options`], naming the CLI flag).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Options(m));
+        let fin = |flag: &str, x: f64, ok: bool, range: &str| -> Result<()> {
+            if !x.is_finite() || !ok {
+                return Err(Error::Options(format!("{flag} is {x}; it must be {range}")));
+            }
+            Ok(())
+        };
+        if self.steps == 0 {
+            return bad("--steps is 0: nothing would be trained (give at least 1)".into());
+        }
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        let s = &self.schedule;
+        fin("--lr", s.lr, s.lr > 0.0, "a finite number > 0")?;
+        fin(
+            "--lr-final",
+            s.lr_final,
+            s.lr_final >= 0.0,
+            "a finite number >= 0",
+        )?;
+        fin(
+            "--clip",
+            self.clip,
+            self.clip >= 0.0,
+            "finite and >= 0 (0 = off)",
+        )?;
+        let a = &self.adam;
+        fin(
+            "--weight-decay",
+            a.weight_decay,
+            a.weight_decay >= 0.0,
+            "finite and >= 0",
+        )?;
+        fin(
+            "--beta1",
+            a.beta1,
+            (0.0..1.0).contains(&a.beta1),
+            "in [0, 1)",
+        )?;
+        fin(
+            "--beta2",
+            a.beta2,
+            (0.0..1.0).contains(&a.beta2),
+            "in [0, 1)",
+        )?;
+        fin("--adam-eps", a.eps, a.eps > 0.0, "a finite number > 0")?;
+        let ow = self.grad.observer_weight as f64;
+        fin("--observer-weight", ow, ow >= 0.0, "finite and >= 0")?;
+        if let Some((eta, kappa)) = self.dbp {
+            fin("--dbp-eta", eta, eta >= 0.0, "finite and >= 0")?;
+            fin(
+                "--dbp-kappa",
+                kappa,
+                (0.0..=1.0).contains(&kappa),
+                "in [0, 1]",
+            )?;
+        }
+        if self.grad.chunk == 0 {
+            return bad("--chunk must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running [`train_with`] loop to stop after the step it is on: it
+/// then writes the checkpoint (when it has a path) and returns a report
+/// with [`TrainReport::interrupted`] set. Safe to call from a signal
+/// handler (one atomic store).
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called (and not cleared).
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Clears a [`request_stop`] (for a process that runs several loops).
+pub fn clear_stop() {
+    STOP.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The gradient options used when none are given.
 pub fn default_grad_opts() -> GradOpts {
     GradOpts::default()
@@ -168,11 +260,14 @@ pub struct TrainReport {
     /// Wall time of this invocation's training steps, and token throughput.
     pub seconds: f64,
     pub tokens_per_sec: f64,
+    /// The run stopped early at `steps` because [`request_stop`] was
+    /// called (Ctrl-C); the checkpoint holds that step, and `after` is not
+    /// computed.
+    pub interrupted: bool,
 }
 
-/// FNV-1a over the training data, the model shape and the hyper-parameters,
-/// so a resume with different inputs is refused.
-fn fingerprint(model: &Model, train: &Dataset, cfg: &TrainConfig) -> String {
+/// FNV-1a over a data set's examples (tokens, targets, masks).
+fn data_hash(ds: &Dataset) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |x: u64| {
         for b in x.to_le_bytes() {
@@ -180,17 +275,58 @@ fn fingerprint(model: &Model, train: &Dataset, cfg: &TrainConfig) -> String {
             h = h.wrapping_mul(0x100_0000_01b3);
         }
     };
-    for e in &train.examples {
+    for e in &ds.examples {
         eat(e.tokens.len() as u64);
         e.tokens.iter().for_each(|&t| eat(t as u64));
         e.targets.iter().for_each(|&t| eat(t as u64));
         e.mask.iter().for_each(|&m| eat(m.to_bits() as u64));
     }
+    h
+}
+
+/// A content hash of the model's weights (every tensor's bits, in the
+/// official order), so a resume with another model of the same shape is
+/// refused. Tensors are hashed in parallel, 32-bit words at a time.
+pub fn weights_hash(model: &Model) -> u64 {
+    let w = model.weights();
+    let specs = w.config.tensor_specs();
+    let per: Vec<u64> = specs
+        .par_iter()
+        .map(|spec| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in spec.name.bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+            if let Some(d) = w.get(&spec.name) {
+                for x in d {
+                    h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+            h
+        })
+        .collect();
+    per.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x).wrapping_mul(0x100_0000_01b3).rotate_left(17)
+    })
+}
+
+/// The run's identity: the model (shape and a hash of its weights), the
+/// training and validation data, and the hyper-parameters, so a resume
+/// with different inputs is refused.
+fn fingerprint(
+    model: &Model,
+    train: &Dataset,
+    valid: Option<&Dataset>,
+    cfg: &TrainConfig,
+) -> String {
+    let h = data_hash(train);
+    let vh = valid.map(data_hash).unwrap_or(0);
     let s = &cfg.schedule;
     format!(
-        "model={:?}; data={h:016x}/{}; steps={}; batch={}; lr={}->{} warmup={} {:?}; adam={:?}; \
+        "model={:?}; weights={:016x}; data={h:016x}/{}; valid={vh:016x}; steps={}; batch={}; lr={}->{} warmup={} {:?}; adam={:?}; \
          clip={}; seed={}; shift={}; observer_weight={}; dbp={:?}; {}",
         model.config(),
+        weights_hash(model),
         train.examples.len(),
         cfg.steps,
         cfg.batch,
@@ -209,18 +345,25 @@ fn fingerprint(model: &Model, train: &Dataset, cfg: &TrainConfig) -> String {
 }
 
 /// Keeps the metrics lines of steps `<= step` (dropping those a killed run
-/// wrote after its last checkpoint), rewriting the file atomically.
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// wrote after its last checkpoint), rewriting the file atomically. The
+/// final validation line of a finished run (`step == total`) is dropped
+/// too: a resume of a finished run writes it again.
+fn truncate_metrics(path: &Path, step: u64, total: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
     let kept: String = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s <= step)
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                return false;
+            };
+            let Some(s) = v.get("step").and_then(|s| s.as_u64()) else {
+                return false;
+            };
+            let final_valid =
+                s == total && s > 0 && v.get("type").and_then(|t| t.as_str()) == Some("valid");
+            s <= step && !final_valid
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -293,15 +436,13 @@ pub fn train_with(
     if train.examples.is_empty() {
         return Err(Error::Tune("the training set is empty".into()));
     }
-    if cfg.batch == 0 {
-        return Err(Error::Tune("batch must be at least 1".into()));
-    }
+    cfg.validate()?;
     if cfg.grad.observer_weight > 0.0 && observer.is_none() && !engine.has_teacher() {
         return Err(Error::Tune(
             "observer_weight > 0 needs an observer model".into(),
         ));
     }
-    let fp = fingerprint(model, train, cfg);
+    let fp = fingerprint(model, train, valid, cfg);
     let say = |pb: &indicatif::ProgressBar, m: String| {
         if cfg.verbose {
             pb.suspend(|| eprintln!("{m}"));
@@ -336,6 +477,16 @@ pub fn train_with(
                     ck_path.display(),
                     ck.fingerprint,
                     fp
+                )));
+            }
+            if ck.step > cfg.steps {
+                return Err(Error::Tune(format!(
+                    "checkpoint {} is at step {}, beyond this run's {} steps; refusing to \
+                     resume (delete it, or give --steps >= {})",
+                    ck_path.display(),
+                    ck.step,
+                    cfg.steps,
+                    ck.step
                 )));
             }
             engine
@@ -376,7 +527,7 @@ pub fn train_with(
     let mut metrics = Metrics(None, cfg.metrics.clone());
     if let Some(p) = &cfg.metrics {
         if resumed_from.is_some() {
-            truncate_metrics(p, step0)?;
+            truncate_metrics(p, step0, cfg.steps)?;
         } else {
             crate::tensors::write_atomic(p, b"")?;
         }
@@ -437,7 +588,12 @@ pub fn train_with(
     let t_start = Instant::now();
     let mut tokens_done = 0f64;
     let mut smooth: Option<f64> = None;
+    let mut stopped_at = None;
     for step in step0..cfg.steps {
+        if stop_requested() {
+            stopped_at = Some(step);
+            break;
+        }
         let idx = loader.next_batch(cfg.batch);
         let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
         let mut batch = pad_batch(&refs);
@@ -491,12 +647,12 @@ pub fn train_with(
     }
     pb.finish_and_clear();
     let seconds = t_start.elapsed().as_secs_f64();
-    let steps_done = cfg.steps.max(step0);
+    let steps_done = stopped_at.unwrap_or(cfg.steps.max(step0));
     save_ck(&*engine, &loader, &history, steps_done)?;
 
     let state = engine.tuned()?;
     let after = match valid {
-        Some(v) if !v.examples.is_empty() => {
+        Some(v) if !v.examples.is_empty() && stopped_at.is_none() => {
             let r = engine.evaluate(model, v, cfg.eval_max)?;
             metrics.line(serde_json::json!({
                 "type": "valid", "step": steps_done, "valid_loss": r.loss,
@@ -524,5 +680,6 @@ pub fn train_with(
         } else {
             0.0
         },
+        interrupted: stopped_at.is_some(),
     })
 }

@@ -445,6 +445,12 @@ pub fn sidecar_to_bytes(cfg: &Config, k: &Kernel, s: &UpscaledState) -> Result<V
 /// Centres and widths are stored as f32: the f32 engine converts them to
 /// f32 anyway, so the loaded kernel gives bit-identical f32 logits.
 pub fn save_sidecar(path: &Path, cfg: &Config, k: &Kernel, s: &UpscaledState) -> Result<()> {
+    for (l, u) in s.u.iter().enumerate() {
+        crate::guard::check_finite(&format!("the tuned U of layer {l}"), u)?;
+    }
+    for (l, w) in s.state.wkv.iter().enumerate() {
+        crate::guard::check_finite(&format!("the tuned state of layer {l}"), w)?;
+    }
     let bytes = sidecar_to_bytes(cfg, k, s)?;
     crate::tensors::write_atomic(path, &bytes)
 }
@@ -522,6 +528,7 @@ pub fn sidecar_from_bytes(
                 got: t.shape,
             });
         }
+        crate::guard::check_finite(&format!("sidecar tensor `{name}`"), &t.data)?;
         Ok(t.data)
     };
     let (mut centres, mut gamma, mut u) = (Vec::new(), Vec::new(), Vec::new());

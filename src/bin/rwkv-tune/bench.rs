@@ -77,6 +77,10 @@ fn parse_shapes(s: &str) -> Result<Vec<(Dims, DType)>> {
             n: num(3)?,
         };
         d.validate()?;
+        rwkv_tune::guard::check_host_memory(
+            &format!("shape `{item}`"),
+            rwkv_tune::bench::host_bytes(&d),
+        )?;
         out.push((d, dtype));
     }
     Ok(out)
@@ -155,12 +159,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
             backend.name()
         );
     }
+    if let Backend::Cuda(g) = &backend {
+        for (d, _) in &shapes {
+            g.check_memory(
+                &format!("shape {},{},{},{}", d.b, d.t, d.h, d.n),
+                rwkv_tune::bench::host_bytes(d),
+            )?;
+        }
+    }
     let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
     let versions = match a.kernel.as_str() {
         "v1" => vec![Version::V1],
         "v2" => vec![Version::V2],
         _ => vec![Version::V1, Version::V2],
     };
+    if let (Some(j), Some(i)) = (&a.json, &a.inputs) {
+        rwkv_tune::guard::check_outputs(&[("--inputs", i.as_path())], &[("--json", j.as_path())])?;
+    } else if let Some(j) = &a.json {
+        rwkv_tune::guard::check_outputs(&[], &[("--json", j.as_path())])?;
+    }
     let rows = match &a.inputs {
         None => {
             let mut rows = Vec::new();

@@ -31,6 +31,10 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
+    rwkv_tune::guard::check_outputs(
+        &[("the input", a.input.as_path())],
+        &[("the output", a.output.as_path())],
+    )?;
     let r = convert(&a.input, &a.output, a.to, a.dtype, a.transpose_state)
         .with_context(|| format!("converting {}", a.input.display()))?;
     println!(

@@ -82,42 +82,97 @@ struct Totals {
     target_tokens: usize,
 }
 
+/// Scores `toks` (after `prefix`, which is context only) from `state`,
+/// feeding at most `chunk` tokens per forward so the `[T, V]` logits of a
+/// long document never exist at once (memory independent of its length).
+/// Returns (nll, argmax-correct) of the predicted tokens among the last
+/// `tail` of `toks` (the last word), oldest first.
+#[allow(clippy::too_many_arguments)]
 fn score(
     model: &Runner,
     tok: &Tokenizer,
     prefix: &[u32],
     toks: &[u32],
+    tail: usize,
+    chunk: usize,
     tot: &mut Totals,
     state: &mut rwkv_tune::model::State,
     sink: &mut LogitsSink,
 ) -> anyhow::Result<Vec<(f64, bool)>> {
-    // Returns (nll, argmax-correct) for each token of `toks` that is predicted.
     let v = tot.vocab;
     let mut input = prefix.to_vec();
     input.extend_from_slice(toks);
     if input.len() < 2 {
         return Ok(Vec::new());
     }
-    let logits = model.forward(&input[..input.len() - 1], state, Logits::All)?;
-    if sink.docs.len() < sink.want {
-        sink.docs
-            .push((input[..input.len() - 1].to_vec(), logits.clone()));
-    }
+    let fed = input.len() - 1;
+    let first = (input.len() - toks.len()).max(1); // index in `input` of the first scored token
+    let tail_from = input.len() - tail.min(toks.len());
+    let keep = sink.docs.len() < sink.want;
+    let mut kept = Vec::new();
     let mut out = Vec::new();
-    let first = input.len() - toks.len(); // index in `input` of toks[0]
-    for (pos, &target) in input.iter().enumerate().skip(first.max(1)) {
-        let row = &logits[(pos - 1) * v..pos * v];
-        let lp = log_softmax(row)[target as usize];
-        out.push((-lp, argmax(row) == target));
-        tot.nll -= lp;
-        tot.tokens += 1;
-        tot.bytes += tok.decode(&[target])?.len();
+    let mut start = 0;
+    while start < fed {
+        let end = (start + chunk).min(fed);
+        let logits = model.forward(&input[start..end], state, Logits::All)?;
+        for p in start..end {
+            let pos = p + 1; // the token that row p predicts
+            if pos < first {
+                continue;
+            }
+            let target = input[pos];
+            let row = &logits[(p - start) * v..(p - start + 1) * v];
+            let lp = log_softmax(row)[target as usize];
+            if pos >= tail_from {
+                out.push((-lp, argmax(row) == target));
+            }
+            tot.nll -= lp;
+            tot.tokens += 1;
+            tot.bytes += tok.decode(&[target])?.len();
+        }
+        if keep {
+            kept.extend_from_slice(&logits);
+        }
+        start = end;
+    }
+    if keep {
+        sink.docs.push((input[..fed].to_vec(), kept));
     }
     Ok(out)
 }
 
+/// The most tokens one forward of `eval` may take.
+const MAX_CHUNK: usize = 1 << 20;
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if a.chunk == 0 || a.chunk > MAX_CHUNK {
+        bail!(
+            "--chunk {}: give 1 to {MAX_CHUNK} tokens per forward",
+            a.chunk
+        );
+    }
+    if a.limit == Some(0) {
+        bail!("--limit 0 would evaluate nothing; give at least 1 (or leave it out for all)");
+    }
+    if let Some(out) = &a.logits {
+        let mut ins: Vec<(&str, &std::path::Path)> =
+            vec![("--model", a.model.as_path()), ("--data", a.data.as_path())];
+        if let Some(p) = &a.state {
+            ins.push(("--state", p.as_path()));
+        }
+        rwkv_tune::guard::check_outputs(&ins, &[("--logits", out.as_path())])?;
+    }
     let (model, cfg) = Runner::load(&a.model, a.device, Gemm::F32)?;
+    // One forward's logits, activations and FFN rows, as f32.
+    let per_token = cfg.vocab + 8 * cfg.n_embd + cfg.d_ffn;
+    let chunk_bytes = (a.chunk as u64).saturating_mul(per_token as u64 * 4);
+    rwkv_tune::guard::check_host_memory(
+        &format!(
+            "--chunk {} (a forward of {} tokens with a vocabulary of {})",
+            a.chunk, a.chunk, cfg.vocab
+        ),
+        chunk_bytes,
+    )?;
     let start_state = match &a.state {
         Some(p) => {
             let st =
@@ -189,7 +244,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let mut all = ctx_ids.clone();
             all.extend_from_slice(&tgt_ids);
             let mut state = start_state.clone();
-            let scored = score(&model, &tok, &prefix, &all, &mut tot, &mut state, &mut sink)?;
+            let scored = score(
+                &model,
+                &tok,
+                &prefix,
+                &all,
+                tgt_ids.len(),
+                a.chunk,
+                &mut tot,
+                &mut state,
+                &mut sink,
+            )?;
             tot.docs += 1;
             if !tgt_ids.is_empty() && scored.len() >= tgt_ids.len() {
                 let tail = &scored[scored.len() - tgt_ids.len()..];
@@ -232,6 +297,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 &tok,
                 pre,
                 &ids[startpos..end],
+                0,
+                chunk,
                 &mut tot,
                 &mut state,
                 &mut sink,
@@ -245,7 +312,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         tot.docs = 1;
     }
     let secs = start.elapsed().as_secs_f64();
-    let loss = tot.nll / tot.tokens.max(1) as f64;
+    if tot.tokens == 0 {
+        bail!(
+            "no token was scored: {} gave no document of at least two tokens (empty, \
+             whitespace only, or every text too short); a loss over zero tokens means nothing",
+            a.data.display()
+        );
+    }
+    let loss = tot.nll / tot.tokens as f64;
+    if !loss.is_finite() && !rwkv_tune::guard::allow_nonfinite() {
+        bail!("the loss is {loss} (the model's logits are not finite on this data)");
+    }
     if let Some(path) = &a.logits {
         rwkv_tune::model::load::write_logits(path, &sink.docs, cfg.vocab)
             .with_context(|| format!("writing logits to {}", path.display()))?;

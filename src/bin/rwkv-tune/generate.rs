@@ -161,6 +161,16 @@ pub fn tokenizer_for(spec: Option<&str>, vocab: usize) -> anyhow::Result<Tokeniz
     }
 }
 
+/// Tokens per forward when reading the prompt.
+const PROMPT_CHUNK: usize = 1024;
+
+/// Refuses to sample from NaN / Inf logits (they would print garbage),
+/// unless `--allow-nonfinite`.
+fn check_logits(logits: &[f32]) -> anyhow::Result<()> {
+    rwkv_tune::guard::check_finite("the model's logits", logits)?;
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.state {
         let side = upscale::sidecar_path(p);
@@ -202,8 +212,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         // No prompt: start from the end-of-text token 0.
         model.forward(&[0], &mut state, Logits::Last)?
     } else {
-        model.forward(&prompt, &mut state, Logits::Last)?
+        // The prompt in chunks: a long prompt's activations never exist at
+        // once (memory independent of its length).
+        let mut last = Vec::new();
+        for part in prompt.chunks(PROMPT_CHUNK) {
+            last = model.forward(part, &mut state, Logits::Last)?;
+        }
+        last
     };
+    check_logits(&logits)?;
     let stop_at_zero = matches!(tok, Tokenizer::World(_));
     let mut out = std::io::stdout().lock();
     let mut dec = StreamDecoder::new();
@@ -221,6 +238,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         logits = model.step(next, &mut state)?;
+        check_logits(&logits)?;
     }
     out.write_all(dec.finish().as_bytes())?;
     writeln!(out)?;
@@ -261,6 +279,7 @@ fn generate_upscaled(
     let mut n = 0;
     for _ in 0..a.max_tokens {
         let logits = upscale::forward_logits_upscaled(w, k, s, &seq)?;
+        check_logits(&logits[logits.len() - v..])?;
         let next = sampler.sample(&logits[logits.len() - v..]);
         if stop_at_zero && next == 0 {
             break;

@@ -5,6 +5,7 @@ mod compare;
 mod convert;
 mod eval;
 mod generate;
+mod interrupt;
 mod tune;
 mod wkv7;
 
@@ -14,6 +15,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "rwkv-tune", version, about, long_about = None)]
 struct Cli {
+    /// Let NaN / Inf through: by default a model, state, checkpoint or
+    /// kernel input holding one is refused, and so is a tuned state that
+    /// would be written with one.
+    #[arg(long, global = true)]
+    allow_nonfinite: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -45,6 +51,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    rwkv_tune::guard::set_allow_nonfinite(cli.allow_nonfinite);
     match cli.cmd {
         Cmd::Wkv7(a) => wkv7::run(a),
         Cmd::Generate(a) => generate::run(a),

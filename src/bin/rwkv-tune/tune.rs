@@ -264,8 +264,155 @@ fn print_eval(label: &str, r: &EvalResult, unit: &str) {
     println!("  {label:<7} {}", r.summary(unit));
 }
 
+/// The most worker threads `--threads` accepts: 4 per core, at least 64
+/// (more only thrash; 100000 threads stall the machine).
+fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).max(64)
+}
+
+/// Checks the flags that the library's [`TrainConfig::validate`] does not
+/// see (the data split, the observer's temperature, sizes) before anything
+/// is loaded.
+fn check_flags(a: &TuneArgs) -> Result<()> {
+    let f = a.valid_frac;
+    if !f.is_finite() || !(0.0..1.0).contains(&f) {
+        bail!("--valid-frac is {f}; it must be in [0, 1) (0 = no validation)");
+    }
+    let t = a.observer_temp;
+    if !t.is_finite() || t <= 0.0 {
+        bail!("--observer-temp is {t}; it must be a finite number > 0");
+    }
+    let w = a.observer_weight;
+    if !w.is_finite() || w < 0.0 {
+        bail!("--observer-weight is {w}; it must be finite and >= 0");
+    }
+    if let Some(t) = a.threads {
+        let max = max_threads();
+        if t == 0 || t > max {
+            bail!("--threads {t}: give 1 to {max} (4 per core on this machine, at least 64)");
+        }
+    }
+    const MAX_CTX: usize = 1 << 20;
+    if let Some(c) = a.ctx {
+        if c == 0 || c > MAX_CTX {
+            bail!("--ctx {c}: give 1 to {MAX_CTX} tokens");
+        }
+    }
+    if a.chunk == 0 || a.chunk > MAX_CTX {
+        bail!("--chunk {}: give 1 to {MAX_CTX} tokens", a.chunk);
+    }
+    if let Some(b) = a.batch {
+        if b == 0 || b > 1 << 16 {
+            bail!("--batch {b}: give 1 to 65536 examples per step");
+        }
+    }
+    if let Some(m) = a.upscale {
+        if m == 0 || m > 1 << 16 {
+            bail!("--upscale {m}: give 1 to 65536 support vectors per head");
+        }
+    }
+    Ok(())
+}
+
+/// Inputs and outputs of the run, by flag: no output may be an input or
+/// another output, and every output's directory must accept a file, before
+/// any work starts.
+fn check_paths(a: &TuneArgs, tc: &TrainConfig) -> Result<()> {
+    let mut inputs: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, p) in [
+        ("--model", &a.model),
+        ("--data", &a.data),
+        ("--valid", &a.valid),
+        ("--init-state", &a.init_state),
+        ("--observer", &a.observer),
+    ] {
+        if let Some(p) = p {
+            inputs.push((flag, p.clone()));
+        }
+    }
+    if let Some(p) = &a.init_state {
+        let side = rwkv_tune::tune::upscale::sidecar_path(p);
+        if side.exists() {
+            inputs.push(("the sidecar of --init-state", side));
+        }
+    }
+    if let Some(spec) = &a.tokenizer {
+        if let Some(p) = spec
+            .strip_prefix("world:")
+            .or_else(|| spec.strip_prefix("hf:"))
+        {
+            inputs.push(("--tokenizer", PathBuf::from(p)));
+        }
+    }
+    let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(o) = &a.out {
+        outputs.push(("--out", o.clone()));
+        outputs.push((
+            "the upscale sidecar of --out",
+            rwkv_tune::tune::upscale::sidecar_path(o),
+        ));
+    }
+    if let Some(c) = &tc.checkpoint {
+        outputs.push(("--checkpoint", c.clone()));
+    }
+    if let Some(m) = &a.metrics {
+        outputs.push(("--metrics", m.clone()));
+    }
+    if let Some(p) = &a.plot {
+        outputs.push(("--plot", p.clone()));
+    }
+    let ins: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    let outs: Vec<(&str, &Path)> = outputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    rwkv_tune::guard::check_outputs(&ins, &outs)?;
+    Ok(())
+}
+
+/// Free space for what the run will write (estimated from the model's
+/// shape), checked before training.
+fn check_space(a: &TuneArgs, tc: &TrainConfig, cfg: &rwkv_tune::model::Config) -> Result<()> {
+    let state = (cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size * 4) as u64;
+    let slack = 1 << 16;
+    if let Some(o) = &a.out {
+        let side = a.upscale.map_or(0, |m| {
+            (cfg.n_layer * cfg.n_head * (2 * m * cfg.head_size + 1) * 4) as u64
+        });
+        rwkv_tune::guard::check_free_space("--out", o, state + side + slack)?;
+    }
+    if let Some(c) = &tc.checkpoint {
+        // parameters, two Adam moments, DBP's f64 matrices, the loss history
+        let bytes = 5 * state + 4 * tc.steps + slack;
+        rwkv_tune::guard::check_free_space("--checkpoint", c, bytes)?;
+    }
+    Ok(())
+}
+
+/// The default --steps, --batch and --eval-max of a demo or a run on files.
+fn defaults_of(demo: Option<DemoKind>) -> (u64, usize, usize) {
+    match demo {
+        Some(DemoKind::Synthetic) => (300, 16, 0),
+        Some(DemoKind::Shakespeare) => (200, 8, 64),
+        None => (200, 4, 0),
+    }
+}
+
 pub fn run(a: TuneArgs) -> Result<()> {
     let mut say = |line: &str| println!("{line}");
+    // Every flag and path is checked before the GPU, the model or the data
+    // is touched: a bad number or an output over an input costs nothing.
+    check_flags(&a)?;
+    let decay: Decay = a.decay.parse()?;
+    {
+        let mut tc = train_config(&a, defaults_of(a.demo), decay)?;
+        tc.grad.observer_weight = if a.observer.is_some() {
+            a.observer_weight
+        } else {
+            0.0
+        };
+        tc.dbp = (!a.no_dbp && a.upscale.is_none()).then_some((a.dbp_eta, a.dbp_kappa));
+        tc.validate()?;
+        check_paths(&a, &tc)?;
+    }
     if a.device == Device::Emu {
         eprintln!(
             "note: --device emu runs the CUDA kernel source on the CPU emulator (one OS \
@@ -276,12 +423,11 @@ pub fn run(a: TuneArgs) -> Result<()> {
     let builder = EngineBuilder::open(engine_options(&a), &mut say)?;
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
+            .num_threads(t)
             .build_global()
             .context("setting the thread count")?;
     }
     let t0 = Instant::now();
-    let decay: Decay = a.decay.parse()?;
 
     let Data {
         weights,
@@ -292,6 +438,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
     } = load_data(&a)?;
     let model = Model::new(weights)?;
     let tc = train_config(&a, defaults, decay)?;
+    check_space(&a, &tc, model.config())?;
 
     // The engine for --device × --upscale × DBP × --observer, then the loop.
     let (batch, recompute) = (tc.batch, a.recompute.clone());
@@ -308,12 +455,22 @@ pub fn run(a: TuneArgs) -> Result<()> {
              (--recompute {recompute}; from the buffer sizes, weights and states not included)",
             mib(b)
         );
+        // Say so now instead of failing (or aborting) at the first step.
+        let what = format!(
+            "a step of {batch} × {ctx} tokens (--recompute {recompute}; try --recompute layer, \
+             a smaller --batch or --ctx)"
+        );
+        match builder.gpu() {
+            Some(gpu) => gpu.check_memory(&what, b as u64)?,
+            None => rwkv_tune::guard::check_host_memory(&what, b as u64)?,
+        }
     }
     let c0 = tuning.counters();
+    crate::interrupt::install();
     let rep = tuning.run()?;
     if let Some(b) = tuning.peak_bytes() {
         println!(
-            "device activations: {:.1} MiB in the last step's workspace",
+            "activations: {:.1} MiB in the last step's workspace",
             mib(b)
         );
     }
@@ -332,6 +489,9 @@ pub fn run(a: TuneArgs) -> Result<()> {
     }
     if let Some(s) = rep.resumed_from {
         println!("resumed from step {s}");
+    }
+    if rep.interrupted {
+        println!("interrupted: stopped after step {}", rep.steps);
     }
     println!(
         "trained {} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}",
@@ -381,6 +541,24 @@ pub fn run(a: TuneArgs) -> Result<()> {
         println!("wrote {}", p.display());
     }
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    if rep.interrupted {
+        match tuning.config().checkpoint.as_ref() {
+            Some(c) => eprintln!(
+                "interrupted after step {} of {}: checkpoint {} (continue with the same \
+                 arguments and --resume)",
+                rep.steps,
+                tuning.config().steps,
+                c.display()
+            ),
+            None => eprintln!(
+                "interrupted after step {} of {} (no --out or --checkpoint: nothing to resume \
+                 from)",
+                rep.steps,
+                tuning.config().steps
+            ),
+        }
+        std::process::exit(130);
+    }
     Ok(())
 }
 
@@ -412,7 +590,7 @@ fn load_data(a: &TuneArgs) -> Result<Data> {
                 w.config.head_size,
                 w.config.n_params(),
             );
-            (w, tr, Some(va), (300, 16, 0), "byte")
+            (w, tr, Some(va), defaults_of(a.demo), "byte")
         }
         Some(DemoKind::Shakespeare) => {
             let Some((m, t)) = demo::shakespeare_paths() else {
@@ -434,7 +612,7 @@ fn load_data(a: &TuneArgs) -> Result<Data> {
                 w,
                 Dataset::from_records(&tr, ctx)?,
                 Some(Dataset::from_records(&va, ctx)?),
-                (200, 8, 64),
+                defaults_of(a.demo),
                 "byte",
             )
         }
@@ -466,7 +644,7 @@ fn load_data(a: &TuneArgs) -> Result<Data> {
             } else {
                 "token"
             };
-            (w, tr, va, (200, 4, 0), unit)
+            (w, tr, va, defaults_of(None), unit)
         }
     };
     if train.examples.is_empty() {
@@ -517,7 +695,7 @@ fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Re
     tc.plot = a.plot.clone();
     tc.eval_every = a.eval_every;
     tc.eval_max = a.eval_max.unwrap_or(def_eval_max);
-    tc.grad.chunk = a.chunk.max(1);
+    tc.grad.chunk = a.chunk;
     tc.verbose = !a.quiet;
     tc.throttle_ms = a.throttle_ms;
     tc.tag = format!("demo={:?}", a.demo);

@@ -65,6 +65,10 @@ fn opt<'a>(
 }
 
 pub fn run(a: Wkv7Args) -> Result<()> {
+    rwkv_tune::guard::check_outputs(
+        &[("--input", a.input.as_path())],
+        &[("--output", a.output.as_path())],
+    )?;
     let t = read_f32(&a.input)?;
     let r = t
         .get("r")
@@ -89,6 +93,31 @@ pub fn run(a: Wkv7Args) -> Result<()> {
     let h0 = opt(&t, "h0", &st)?;
     let dy = opt(&t, "dy", &s)?;
     let dht = opt(&t, "dhT", &st)?;
+    if dht.is_some() && dy.is_none() {
+        bail!(
+            "the input has `dhT` but no `dy`: the backward runs only with `dy` (add a zero \
+             `dy` of shape {s:?} to back-propagate dhT alone)"
+        );
+    }
+    for (name, x) in [("r", r), ("w", w), ("k", k), ("v", v), ("a", aa), ("b", bb)]
+        .into_iter()
+        .chain(h0.map(|x| ("h0", x)))
+        .chain(dy.map(|x| ("dy", x)))
+        .chain(dht.map(|x| ("dhT", x)))
+    {
+        rwkv_tune::guard::check_finite(&format!("input tensor `{name}`"), x)?;
+    }
+    // (NaN / Inf decays were refused above, or let through on purpose.)
+    if let Some(i) = w
+        .iter()
+        .position(|&x| x.is_finite() && !(x > 0.0 && x <= 1.0))
+    {
+        bail!(
+            "`w` (the decay) must be in (0, 1]; element {i} is {} (the recurrence is unstable \
+             above 1)",
+            w[i]
+        );
+    }
     let known = ["r", "w", "k", "v", "a", "b", "h0", "dy", "dhT"];
     for name in t.keys() {
         if !known.contains(&name.as_str()) {
