@@ -482,7 +482,7 @@ fn cli_tune_upscale_on_the_emulated_device() {
     assert!(ok, "tune --upscale --device emu failed:\n{so}\n{se}");
     assert!(so.contains("upscale: fitting M = 16"), "{so}");
     assert!(so.contains("upscaled read-out"), "{so}");
-    assert!(so.contains("device activations"), "{so}");
+    assert!(so.contains("activations: "), "{so}");
     let side = dir.join("state.upscale.safetensors");
     assert!(out.is_file() && side.is_file(), "{so}");
     let cfg = demo::demo_config();
