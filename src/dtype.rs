@@ -25,6 +25,19 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// What a device buffer element needs: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with feature `cuda`, nothing without it.
+#[cfg(feature = "cuda")]
+pub trait DeviceElem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElem for T {}
+/// What a device buffer element needs: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with feature `cuda`, nothing without it.
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceElem {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceElem for T {}
+
 /// An element type the kernels read and write.
 pub trait IoType:
     Copy
@@ -33,8 +46,7 @@ pub trait IoType:
     + Sync
     + 'static
     + std::fmt::Debug
-    + cudarc::driver::DeviceRepr
-    + cudarc::driver::ValidAsZeroBits
+    + DeviceElem
 {
     /// The matching [`DType`].
     const DTYPE: DType;

@@ -38,9 +38,29 @@ pub enum Error {
          NVCC=/path/to/nvcc, then rebuild"
     )]
     KernelsNotBuilt,
-    /// An error reported by the CUDA driver or cuBLAS.
-    #[error("CUDA error: {0}")]
-    Cuda(String),
+    /// An error reported by the CUDA driver, with what was being done.
+    /// Match `source` to tell, e.g., out of memory
+    /// (`CUDA_ERROR_OUT_OF_MEMORY`, see [`Error::is_out_of_memory`]) from a
+    /// bad launch.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA error while {what}: {source}")]
+    Cuda {
+        /// What was being done (`launching wkv7_fwd_v1_f32_n64`).
+        what: String,
+        /// The driver's error code.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// An error reported by cuBLAS, with what was being done.
+    #[cfg(feature = "model")]
+    #[error("cuBLAS error while {what}: {source}")]
+    Cublas {
+        /// What was being done.
+        what: String,
+        /// cuBLAS's status code.
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
     /// An emulated kernel launch failed (watchdog, divergent barrier, bad launch).
     #[error("emulated kernel `{kernel}` failed: {reason}")]
     Emu { kernel: String, reason: String },
@@ -90,6 +110,19 @@ impl Error {
         Error::Context {
             what: what.into(),
             source: Box::new(self),
+        }
+    }
+
+    /// Whether this error (or the one it wraps, see [`Error::Context`]) is
+    /// the CUDA driver running out of device memory.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Error::Cuda { source, .. } => {
+                source.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
+            }
+            Error::Context { source, .. } => source.is_out_of_memory(),
+            _ => false,
         }
     }
 

@@ -16,21 +16,32 @@
 //!   and written.
 //! - [`convert`]: converting models and states between safetensors, `.pth`
 //!   and the RWKV-PEFT state layout.
+#[cfg(feature = "model")]
 pub mod bench;
+#[cfg(feature = "model")]
 pub mod convert;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
+#[cfg(feature = "emu")]
 pub mod emu;
 pub mod error;
+#[cfg(feature = "model")]
 pub mod model;
+#[cfg(feature = "model")]
+pub mod ops;
 pub mod params;
+#[cfg(feature = "model")]
 pub mod pth;
+#[cfg(feature = "model")]
 pub mod real;
 pub mod rng;
+#[cfg(feature = "model")]
 pub mod tensors;
+#[cfg(feature = "tune")]
 pub mod tokenizer;
+#[cfg(feature = "tune")]
+pub mod tune;
 pub mod wkv7;
 
 pub use error::{Error, Result};
-pub mod ops;
-pub mod tune;

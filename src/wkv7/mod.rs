@@ -18,15 +18,20 @@
 //!
 //! w is the per-step decay in (0, 1] (not a log or logit). The v1 kernels and
 //! the reference never divide by w, so no lower bound on w is needed.
+#[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "emu")]
 pub mod emu;
+#[cfg(feature = "model")]
 pub mod fast;
 pub mod reference;
+#[doc(hidden)]
 pub mod testdata;
 pub mod v2;
 
 use crate::dtype::IoType;
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 /// Problem sizes: batch B, sequence length T, heads H, head size N.
@@ -172,8 +177,10 @@ pub enum Backend {
     /// The Rust reference in f32 (multi-threaded over (b, h)).
     Cpu,
     /// The CUDA kernel source run on the CPU under the emulation header.
+    #[cfg(feature = "emu")]
     Emu,
     /// The CUDA kernels on a GPU.
+    #[cfg(feature = "cuda")]
     Cuda(Arc<crate::cuda::Gpu>),
 }
 
@@ -182,7 +189,9 @@ impl Backend {
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "cpu" => Ok(Backend::Cpu),
+            #[cfg(feature = "emu")]
             "emu" => Ok(Backend::Emu),
+            #[cfg(feature = "cuda")]
             "cuda" => Ok(Backend::Cuda(Arc::new(crate::cuda::Gpu::new(0)?))),
             other => Err(Error::Invalid(format!(
                 "unknown backend `{other}` (expected cpu, emu or cuda)"
@@ -194,7 +203,9 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            #[cfg(feature = "emu")]
             Backend::Emu => "emu",
+            #[cfg(feature = "cuda")]
             Backend::Cuda(_) => "cuda",
         }
     }
@@ -211,7 +222,9 @@ impl Backend {
                     h_t,
                 })
             }
+            #[cfg(feature = "emu")]
             Backend::Emu => emu::forward(Version::V1, d, x),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(gpu) => cuda::forward_host(gpu, Version::V1, d, x),
         }
     }
@@ -246,7 +259,9 @@ impl Backend {
                     },
                 ))
             }
+            #[cfg(feature = "emu")]
             Backend::Emu => emu::forward_backward(Version::V1, d, x, g),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(gpu) => cuda::forward_backward_host(gpu, Version::V1, d, x, g),
         }
     }
@@ -384,7 +399,9 @@ impl Backend {
     ) -> Result<Outputs<X>> {
         x.check(d)?;
         match (self, version.effective(d, x.w)) {
+            #[cfg(feature = "emu")]
             (Backend::Emu, Version::V2) => emu::forward(Version::V2, d, x),
+            #[cfg(feature = "cuda")]
             (Backend::Cuda(gpu), Version::V2) => cuda::forward_host(gpu, Version::V2, d, x),
             _ => self.forward(d, x),
         }
@@ -401,7 +418,9 @@ impl Backend {
         x.check(d)?;
         g.check(d)?;
         match (self, version.effective(d, x.w)) {
+            #[cfg(feature = "emu")]
             (Backend::Emu, Version::V2) => emu::forward_backward(Version::V2, d, x, g),
+            #[cfg(feature = "cuda")]
             (Backend::Cuda(gpu), Version::V2) => {
                 cuda::forward_backward_host(gpu, Version::V2, d, x, g)
             }
@@ -412,13 +431,17 @@ impl Backend {
 
 /// What a benchmark times (see [`crate::bench`]): the forward, the
 /// backward, or both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "model", derive(serde::Serialize))]
 pub enum Pass {
-    #[serde(rename = "forward")]
+    /// The forward alone.
+    #[cfg_attr(feature = "model", serde(rename = "forward"))]
     Forward,
-    #[serde(rename = "backward")]
+    /// The backward alone (after an untimed forward saved the checkpoints).
+    #[cfg_attr(feature = "model", serde(rename = "backward"))]
     Backward,
-    #[serde(rename = "forward+backward")]
+    /// The forward then the backward.
+    #[cfg_attr(feature = "model", serde(rename = "forward+backward"))]
     ForwardBackward,
 }
 
@@ -454,6 +477,31 @@ pub fn kernel_name(dir: Dir, dtype: crate::dtype::DType, n: usize) -> Result<Str
 /// Launch geometry of the v1 kernels: grid (H, B), block N.
 pub fn launch_dims(d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((d.h as u32, d.b as u32, 1), (d.n as u32, 1, 1))
+}
+
+/// The sizes of a filled [`crate::params::Wkv7Params`] for version `ver`,
+/// checked: every size valid ([`Dims::validate`]) and `chunk` / `n_chunks`
+/// those of `ver` ([`Version::base_params`] fills them). Shared by the raw
+/// launches of the emulated and CUDA backends.
+pub fn raw_dims(ver: Version, p: &crate::params::Wkv7Params) -> Result<Dims> {
+    let size = |name: &str, x: i32| {
+        usize::try_from(x).map_err(|_| Error::Invalid(format!("Wkv7Params: {name} = {x} < 0")))
+    };
+    let d = Dims {
+        b: size("B", p.B)?,
+        t: size("T", p.T)?,
+        h: size("H", p.H)?,
+        n: size("N", p.N)?,
+    };
+    d.validate()?;
+    let want = ver.base_params(&d);
+    if p.chunk != want.chunk || p.n_chunks != want.n_chunks {
+        return Err(Error::Invalid(format!(
+            "Wkv7Params: chunk = {} / n_chunks = {} do not match the {ver:?} kernels ({} / {})",
+            p.chunk, p.n_chunks, want.chunk, want.n_chunks
+        )));
+    }
+    Ok(d)
 }
 
 /// Number of saved states (chunks of [`crate::params::WKV7_V1_CHUNK`] tokens).
