@@ -2,7 +2,6 @@
 //! constructors panic when `libcuda` is missing), owns the context, the
 //! stream and the loaded kernel modules (fatbins embedded by build.rs).
 use crate::error::{Error, Result};
-use crate::wkv7::cuda::Wkv7Kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -88,6 +87,38 @@ pub(crate) fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<Cuda
         .map_err(cuda_ctx(format!("loading the kernels/{stem}.cu fatbin")))
 }
 
+/// The WKV-7 kernels loaded for one CUDA stream (the caller's own, or a
+/// [`Gpu`]'s): both kernel versions, both directions, both I/O dtypes and
+/// every head size, each function resolved once when this is built
+/// (`Wkv7Kernels::new`, in `wkv7::cuda` with the launch methods). Every
+/// launch is queued on [`Wkv7Kernels::stream`]; nothing runs on the
+/// context's legacy default stream, and no launch formats a kernel name or
+/// takes a lock.
+///
+/// The buffers given to `forward` and `backward` may have been allocated on
+/// any stream of the same context: cudarc orders the launch after their
+/// pending work.
+pub struct Wkv7Kernels {
+    pub(crate) stream: Arc<CudaStream>,
+    /// Indexed by `wkv7::cuda::slot`.
+    pub(crate) funcs: Vec<Option<CudaFunction>>,
+}
+
+impl Wkv7Kernels {
+    /// The stream every launch is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl std::fmt::Debug for Wkv7Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wkv7Kernels")
+            .field("kernels", &self.funcs.iter().flatten().count())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One GPU: context, stream, and the kernel modules loaded on it. Every
 /// launch and copy of the project runs on `stream`: a stream of its own
 /// ([`Gpu::new`]) or the caller's ([`Gpu::on_stream`]), never the context's
@@ -120,9 +151,7 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(|e| {
             Error::CudaUnavailable(format!("cannot open CUDA device {ordinal}: {e:?}"))
         })?;
-        let stream = ctx
-            .new_stream()
-            .map_err(cuda_ctx("creating a stream"))?;
+        let stream = ctx.new_stream().map_err(cuda_ctx("creating a stream"))?;
         Ok(Gpu {
             ctx,
             stream,
@@ -193,13 +222,16 @@ impl Gpu {
         Ok(f)
     }
 
-    /// The WKV-7 kernels on this GPU's stream, loaded on first use and
-    /// kept (every kernel function resolved once).
-    pub fn wkv7(&self) -> Result<&Wkv7Kernels> {
+    /// The WKV-7 kernels on this GPU's stream, built by `load` on first
+    /// use and kept (see `wkv7::cuda`, which defines `Gpu::wkv7` on top).
+    pub(crate) fn wkv7_with(
+        &self,
+        load: impl FnOnce(Arc<CudaStream>) -> Result<Wkv7Kernels>,
+    ) -> Result<&Wkv7Kernels> {
         if let Some(k) = self.wkv7.get() {
             return Ok(k);
         }
-        let k = Wkv7Kernels::new(self.stream.clone())?;
+        let k = load(self.stream.clone())?;
         // Another thread may have won the race: either copy is equivalent.
         Ok(self.wkv7.get_or_init(|| k))
     }

@@ -39,15 +39,7 @@ pub trait DeviceElem {}
 impl<T> DeviceElem for T {}
 
 /// An element type the kernels read and write.
-pub trait IoType:
-    Copy
-    + Default
-    + Send
-    + Sync
-    + 'static
-    + std::fmt::Debug
-    + DeviceElem
-{
+pub trait IoType: Copy + Default + Send + Sync + 'static + std::fmt::Debug + DeviceElem {
     /// The matching [`DType`].
     const DTYPE: DType;
     /// Widen to f32.

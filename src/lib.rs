@@ -45,3 +45,9 @@ pub mod tune;
 pub mod wkv7;
 
 pub use error::{Error, Result};
+
+/// The cudarc this crate is built against (0.19): use its types
+/// (`CudaContext`, `CudaStream`, `CudaSlice`) to hand the kernels your own
+/// stream and buffers.
+#[cfg(feature = "cuda")]
+pub use cudarc;

@@ -16,13 +16,14 @@
 //! Nothing here uses the context's legacy default stream: every launch,
 //! allocation and copy is queued on the stream given.
 use super::{Dims, Dir, GradInputs, Grads, Inputs, Outputs, Version};
+pub use crate::cuda::Wkv7Kernels;
 use crate::cuda::{cuda_ctx, cuda_err, kernels_built, load_module, Gpu};
 use crate::dtype::{DType, IoType};
 use crate::error::{Error, Result};
 use crate::params::Wkv7Params;
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use std::sync::Arc;
 
@@ -115,30 +116,6 @@ fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
     Some(((v * 2 + dr) * 2 + t) * 3 + ni)
 }
 
-/// The WKV-7 kernels loaded for one CUDA stream (the caller's own, or a
-/// [`Gpu`]'s): both kernel versions, both directions, both I/O dtypes and
-/// every head size, each function resolved once when this is built. Every
-/// launch is queued on [`Wkv7Kernels::stream`]; nothing runs on the
-/// context's legacy default stream, and no launch formats a kernel name or
-/// takes a lock.
-///
-/// The buffers given to [`Wkv7Kernels::forward`] and
-/// [`Wkv7Kernels::backward`] may have been allocated on any stream of the
-/// same context: cudarc orders the launch after their pending work.
-pub struct Wkv7Kernels {
-    stream: Arc<CudaStream>,
-    /// Indexed by [`slot`].
-    funcs: Vec<Option<CudaFunction>>,
-}
-
-impl std::fmt::Debug for Wkv7Kernels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wkv7Kernels")
-            .field("kernels", &self.funcs.iter().flatten().count())
-            .finish_non_exhaustive()
-    }
-}
-
 /// The device buffers the backward needs besides inputs and gradients:
 /// the checkpoints the forward writes (`ckpt`, [`Version::ckpt_len`]
 /// elements) and the backward's scratch ([`Version::scratch_len`]), both f32.
@@ -178,11 +155,6 @@ impl Wkv7Kernels {
             }
         }
         Ok(Wkv7Kernels { stream, funcs })
-    }
-
-    /// The stream every launch is queued on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
     }
 
     /// Allocates (zeroed, on [`Wkv7Kernels::stream`]) the checkpoint and
@@ -368,11 +340,18 @@ impl Wkv7Kernels {
         let (db, _h6) = g.db.device_ptr_mut(st);
         let (dh0, _h7) = g.dh0.device_ptr_mut(st);
         let (sc, _h8) = scratch.device_ptr_mut(st);
-        (p.dr, p.dw, p.dk, p.dv, p.da, p.db, p.dh0, p.scratch) =
-            (dr, dw, dk, dv, da, db, dh0, sc);
+        (p.dr, p.dw, p.dk, p.dv, p.da, p.db, p.dh0, p.scratch) = (dr, dw, dk, dv, da, db, dh0, sc);
         // SAFETY: every address comes from a CudaSlice of this context whose
         // length was checked above; the guards keep them alive until queued.
         unsafe { self.launch_raw(ver, Dir::Bwd, X::DTYPE, &p) }
+    }
+}
+
+impl Gpu {
+    /// The WKV-7 kernels on this GPU's stream, loaded on first use and
+    /// kept (every kernel function resolved once).
+    pub fn wkv7(&self) -> Result<&Wkv7Kernels> {
+        self.wkv7_with(Wkv7Kernels::new)
     }
 }
 
