@@ -5,7 +5,9 @@ use half::bf16;
 /// The kernels' I/O dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
+    /// bfloat16 (8 exponent, 7 mantissa bits).
     BF16,
 }
 

@@ -8,15 +8,21 @@ pub enum Error {
     /// A tensor has the wrong shape (or length for its declared shape).
     #[error("shape mismatch for `{name}`: expected {expected:?}, got {got:?}")]
     Shape {
+        /// The tensor.
         name: String,
+        /// The shape it must have.
         expected: Vec<usize>,
+        /// The shape (or length) it has.
         got: Vec<usize>,
     },
     /// A tensor has the wrong dtype.
     #[error("dtype mismatch for `{name}`: expected {expected}, got {got}")]
     DType {
+        /// The tensor.
         name: String,
+        /// The dtype it must have.
         expected: String,
+        /// The dtype it has.
         got: String,
     },
     /// A required tensor is absent.
@@ -63,21 +69,38 @@ pub enum Error {
     },
     /// An emulated kernel launch failed (watchdog, divergent barrier, bad launch).
     #[error("emulated kernel `{kernel}` failed: {reason}")]
-    Emu { kernel: String, reason: String },
+    Emu {
+        /// The kernel symbol.
+        kernel: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// File-system error, with the path involved.
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// A safetensors file could not be read or written.
     #[error("safetensors file {path}: {msg}")]
-    SafeTensors { path: PathBuf, msg: String },
+    SafeTensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
     /// A PyTorch `.pth` file could not be read (or was refused: the restricted
     /// unpickler names what it would not run).
     #[error("PyTorch file {path}: {msg}")]
-    PyTorch { path: PathBuf, msg: String },
+    PyTorch {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, or what was refused.
+        msg: String,
+    },
     /// Model / checkpoint problems (config inference, names).
     #[error("model: {0}")]
     Model(String),
@@ -95,7 +118,9 @@ pub enum Error {
     /// big.safetensors`).
     #[error("{what}")]
     Context {
+        /// What was being done.
         what: String,
+        /// The error it ran into.
         #[source]
         source: Box<Error>,
     },

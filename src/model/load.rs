@@ -29,8 +29,11 @@ pub enum Naming {
 /// Element type used when writing tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreDType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
@@ -51,8 +54,11 @@ impl std::str::FromStr for StoreDType {
 /// One tensor read from a file, converted to f32.
 #[derive(Clone, Debug)]
 pub struct F32Tensor {
+    /// Tensor name.
     pub name: String,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Elements, row-major.
     pub data: Vec<f32>,
 }
 

@@ -41,6 +41,7 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Learning-rate schedule (its `total` should equal `steps`).
     pub schedule: Schedule,
+    /// Optimiser hyper-parameters.
     pub adam: AdamConfig,
     /// Clip gradients to this global norm (0 = no clipping).
     pub clip: f64,
@@ -51,6 +52,7 @@ pub struct TrainConfig {
     /// Checkpoint file (written atomically every `checkpoint_every` steps and
     /// at the end); `None` disables checkpoints.
     pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints (0 = none).
     pub checkpoint_every: u64,
     /// Continue from `checkpoint` if it exists.
     pub resume: bool,
@@ -111,6 +113,7 @@ pub fn default_grad_opts() -> GradOpts {
 /// Fills `Example::soft` (per-position next-token probabilities `[T, V]`)
 /// for observer / distillation training.
 pub trait SoftTargets: Sync {
+    /// Fills `batch` with the next examples.
     fn fill(&self, batch: &mut [Example]) -> Result<()>;
 }
 
@@ -118,6 +121,7 @@ pub trait SoftTargets: Sync {
 /// target: the "observer" of arXiv 2504.05097 as read in
 /// docs/state-tuning.md. Its vocabulary must equal the tuned model's.
 pub struct Observer {
+    /// The frozen model.
     pub model: Model,
     /// Softmax temperature applied to the observer's logits.
     pub temperature: f32,
@@ -154,6 +158,7 @@ impl SoftTargets for Observer {
 /// The observer's forward on a device ([`DeviceModel`]): the same soft
 /// targets as [`Observer`], for the device engine.
 pub struct DeviceObserver<D: crate::ops::backward::BackwardOps> {
+    /// The frozen model.
     pub model: DeviceModel<D>,
     /// Softmax temperature applied to the observer's logits.
     pub temperature: f32,
@@ -177,12 +182,15 @@ where
 
 /// Result of a run.
 pub struct TrainReport {
+    /// The tuned state.
     pub state: TunedState,
     /// Validation on the zero state and after tuning (when a valid set is given).
     pub before: Option<EvalResult>,
+    /// Validation after the last step, if run.
     pub after: Option<EvalResult>,
     /// Steps done in total, and the step the run resumed from.
     pub steps: u64,
+    /// The checkpoint step the run resumed from, if any.
     pub resumed_from: Option<u64>,
     /// Train loss per step (all steps, including those before a resume).
     pub history: Vec<f32>,
@@ -190,6 +198,7 @@ pub struct TrainReport {
     pub valid_history: Vec<(u64, f64)>,
     /// Wall time of this invocation's training steps, and token throughput.
     pub seconds: f64,
+    /// Training throughput, tokens per second (on the machine that ran it).
     pub tokens_per_sec: f64,
 }
 

@@ -88,8 +88,11 @@ impl UpscaleConfig {
 /// The fixed part of the kernel upscaling: support vectors and RBF widths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
+    /// Layers.
     pub n_layer: usize,
+    /// Heads per layer.
     pub n_head: usize,
+    /// Head size N.
     pub head_size: usize,
     /// Support vectors per head (M).
     pub m: usize,
@@ -530,6 +533,7 @@ pub struct UpscaleEngine<'w> {
     pub kernel: Kernel,
     /// The trained parameters (`S_0` and `U`).
     pub state: UpscaledState,
+    /// The optimiser of the upscaled state.
     pub adam: Adam,
 }
 

@@ -37,9 +37,13 @@ use std::sync::Arc;
 /// Problem sizes: batch B, sequence length T, heads H, head size N.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Batch size B.
     pub b: usize,
+    /// Sequence length T.
     pub t: usize,
+    /// Number of heads H.
     pub h: usize,
+    /// Head size N (the kernels take 32, 64 or 128).
     pub n: usize,
 }
 
@@ -103,12 +107,19 @@ pub(crate) fn check_len<T>(name: &str, data: &[T], shape: &[usize]) -> Result<()
 /// Forward inputs. r … b `[B, T, H, N]`; h0 `[B, H, N, N]` (None = zero state).
 #[derive(Clone, Copy)]
 pub struct Inputs<'a, X> {
+    /// Receptance `[B, T, H, N]`.
     pub r: &'a [X],
+    /// Per-step decay in (0, 1] `[B, T, H, N]`.
     pub w: &'a [X],
+    /// Key `[B, T, H, N]`.
     pub k: &'a [X],
+    /// Value `[B, T, H, N]`.
     pub v: &'a [X],
+    /// In-context learning term `a` (the model passes −κ̂) `[B, T, H, N]`.
     pub a: &'a [X],
+    /// In-context learning term `b` (the model passes κ̂ ⊙ α) `[B, T, H, N]`.
     pub b: &'a [X],
+    /// Initial state `[B, H, N, N]` (None = zero).
     pub h0: Option<&'a [f32]>,
 }
 
@@ -137,7 +148,9 @@ impl<X> Inputs<'_, X> {
 /// Backward inputs: dy `[B, T, H, N]`; dh_t `[B, H, N, N]` (None = zero).
 #[derive(Clone, Copy)]
 pub struct GradInputs<'a, X> {
+    /// Gradient of the loss with respect to y `[B, T, H, N]`.
     pub dy: &'a [X],
+    /// Gradient on the final state `[B, H, N, N]` (None = zero).
     pub dh_t: Option<&'a [f32]>,
 }
 
@@ -155,19 +168,28 @@ impl<X> GradInputs<'_, X> {
 /// Forward outputs: y `[B, T, H, N]`, h_t `[B, H, N, N]`.
 #[derive(Clone, Debug)]
 pub struct Outputs<X> {
+    /// Output `[B, T, H, N]`.
     pub y: Vec<X>,
+    /// Final state `[B, H, N, N]`.
     pub h_t: Vec<f32>,
 }
 
 /// Gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]`.
 #[derive(Clone, Debug)]
 pub struct Grads<X> {
+    /// Gradient of r.
     pub dr: Vec<X>,
+    /// Gradient of w.
     pub dw: Vec<X>,
+    /// Gradient of k.
     pub dk: Vec<X>,
+    /// Gradient of v.
     pub dv: Vec<X>,
+    /// Gradient of a.
     pub da: Vec<X>,
+    /// Gradient of b.
     pub db: Vec<X>,
+    /// Gradient of the initial state `[B, H, N, N]`.
     pub dh0: Vec<f32>,
 }
 
@@ -301,7 +323,9 @@ fn widen<'a, X: IoType>(x: &Inputs<'a, X>) -> Widened<'a> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Version {
     #[default]
+    /// FMA kernels, one thread per value row, any w in (0, 1], N = 32, 64, 128.
     V1,
+    /// Chunked tensor-core kernels (N = 32, 64, w ≥ `v2::W_MIN`).
     V2,
 }
 
@@ -446,6 +470,7 @@ pub enum Pass {
 }
 
 impl Pass {
+    /// The name used in benchmark tables and JSON.
     pub fn name(self) -> &'static str {
         match self {
             Pass::Forward => "forward",
@@ -458,7 +483,9 @@ impl Pass {
 /// Which kernel: forward or backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
+    /// The forward kernel.
     Fwd,
+    /// The backward kernel.
     Bwd,
 }
 

@@ -49,7 +49,9 @@ pub trait Real:
     + std::ops::AddAssign
     + 'static
 {
+    /// Converts from f64 (rounding for f32).
     fn from_f64(x: f64) -> Self;
+    /// Widens to f64.
     fn to_f64(self) -> f64;
 }
 impl Real for f32 {
@@ -72,24 +74,38 @@ impl Real for f64 {
 /// Reference inputs: r, w, k, v, a, b `[B, T, H, N]`; h0 `[B, H, N, N]`.
 #[derive(Clone, Copy)]
 pub struct RefInputs<'a, F> {
+    /// Receptance `[B, T, H, N]`.
     pub r: &'a [F],
+    /// Per-step decay in (0, 1] `[B, T, H, N]`.
     pub w: &'a [F],
+    /// Key `[B, T, H, N]`.
     pub k: &'a [F],
+    /// Value `[B, T, H, N]`.
     pub v: &'a [F],
+    /// In-context learning term `a` (the model passes −κ̂) `[B, T, H, N]`.
     pub a: &'a [F],
+    /// In-context learning term `b` (the model passes κ̂ ⊙ α) `[B, T, H, N]`.
     pub b: &'a [F],
+    /// Initial state `[B, H, N, N]` (None = zero).
     pub h0: Option<&'a [F]>,
 }
 
 /// Reference gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]`.
 #[derive(Clone, Debug, Default)]
 pub struct RefGrads<F> {
+    /// Gradient of r.
     pub dr: Vec<F>,
+    /// Gradient of w.
     pub dw: Vec<F>,
+    /// Gradient of k.
     pub dk: Vec<F>,
+    /// Gradient of v.
     pub dv: Vec<F>,
+    /// Gradient of a.
     pub da: Vec<F>,
+    /// Gradient of b.
     pub db: Vec<F>,
+    /// Gradient of the initial state `[B, H, N, N]`.
     pub dh0: Vec<F>,
 }
 
