@@ -355,8 +355,8 @@ pub fn write_f32_tensors(
     safetensors::serialize(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-/// Writes per-document logits to a safetensors file: `doc{i}.tokens` [T]
-/// (i64, the tokens fed) and `doc{i}.logits` [T, vocab] (f32; row t follows
+/// Writes per-document logits to a safetensors file: `doc{i}.tokens` `[T]`
+/// (i64, the tokens fed) and `doc{i}.logits` `[T, vocab]` (f32; row t follows
 /// token t).
 pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) -> Result<()> {
     let mut bufs = Vec::with_capacity(docs.len() * 2);

@@ -15,6 +15,42 @@
 //!
 //! Nothing here uses the context's legacy default stream: every launch,
 //! allocation and copy is queued on the stream given.
+//!
+//! # Embedding
+//!
+//! Your context, your stream, your buffers (the README's "Embed the
+//! kernels" shows the same code; `examples/wkv7_cuda.rs` adds random
+//! inputs, timing and the check against the CPU reference):
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # if !rwkv_tune::cuda::driver_present() || !rwkv_tune::cuda::kernels_built() {
+//! #     return Ok(()); // no GPU here: the example compiles, and runs where there is one
+//! # }
+//! # if rwkv_tune::cudarc::driver::CudaContext::new(0).is_err() { return Ok(()); }
+//! use rwkv_tune::cudarc::driver::CudaContext;
+//! use rwkv_tune::wkv7::cuda::{DevGrads, DevInputs, Wkv7Kernels};
+//! use rwkv_tune::wkv7::{Dims, Version};
+//!
+//! let ctx = CudaContext::new(0)?;
+//! let stream = ctx.new_stream()?; // yours: the kernels never use the default stream
+//! let kernels = Wkv7Kernels::new(stream.clone())?; // every kernel resolved once
+//! let d = Dims { b: 1, t: 64, h: 4, n: 64 };
+//! // your buffers (any stream of this context): r, w, k, v, a, b, dy [B, T, H, N]
+//! let [r, w, k, v, a, b, dy] = [0.1f32, 0.9, 0.2, 0.3, -0.1, 0.05, 1.0]
+//!     .map(|x| stream.clone_htod(&vec![x; d.seq_len()]))
+//!     .map(Result::unwrap);
+//! let x = DevInputs { r: &r, w: &w, k: &k, v: &v, a: &a, b: &b, h0: None };
+//! let mut y = stream.alloc_zeros::<f32>(d.seq_len())?;
+//! let mut ws = kernels.workspace(Version::V1, &d)?; // checkpoints + backward scratch
+//! kernels.forward(Version::V1, &d, &x, &mut y, None, Some(&mut ws.ckpt))?;
+//! let z = |n| stream.alloc_zeros::<f32>(n);
+//! let (s, hs) = (d.seq_len(), d.state_len());
+//! let mut g = DevGrads { dr: z(s)?, dw: z(s)?, dk: z(s)?, dv: z(s)?, da: z(s)?, db: z(s)?, dh0: z(hs)? };
+//! kernels.backward(Version::V1, &d, &x, &ws.ckpt, &dy, None, &mut g, &mut ws.scratch)?;
+//! # Ok(())
+//! # }
+//! ```
 use super::{Dims, Dir, GradInputs, Grads, Inputs, Outputs, Version};
 pub use crate::cuda::Wkv7Kernels;
 use crate::cuda::{cuda_ctx, cuda_err, kernels_built, load_module, Gpu};
