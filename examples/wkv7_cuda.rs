@@ -101,7 +101,16 @@ fn main() -> Result<(), rwkv_tune::Error> {
     // Timed path: launches and events only, all on the caller's stream.
     let mut run = || -> Result<(), rwkv_tune::Error> {
         kernels.forward(ver, &d, &x, &mut y, Some(&mut h_t), Some(&mut ws.ckpt))?;
-        kernels.backward(ver, &d, &x, &ws.ckpt, &dy, None, &mut g, &mut ws.scratch)
+        kernels.backward(
+            ver,
+            &d,
+            &x,
+            &ws.ckpt,
+            &dy,
+            None,
+            g.as_mut(),
+            &mut ws.scratch,
+        )
     };
     run()?; // warm-up
     let reps = 20;

@@ -231,8 +231,14 @@ fn cuda_kernels_on_the_callers_stream() {
         up(&p.dy),
         up(&p.dh_t),
     );
+    // r as a view of a larger buffer (offset 3): views work like slices.
+    let mut r_big = stream.alloc_zeros::<f32>(d.seq_len() + 5).unwrap();
+    stream
+        .memcpy_dtod(&r, &mut r_big.slice_mut(3..3 + d.seq_len()))
+        .unwrap();
+    let r_view = r_big.slice(3..3 + d.seq_len());
     let x = DevInputs {
-        r: &r,
+        r: &r_view,
         w: &w,
         k: &k,
         v: &v,
@@ -265,7 +271,7 @@ fn cuda_kernels_on_the_callers_stream() {
             &ws.ckpt,
             &dy,
             Some(&dht),
-            &mut g,
+            g.as_mut(),
             &mut ws.scratch,
         )
         .unwrap();
@@ -287,4 +293,10 @@ fn cuda_kernels_on_the_callers_stream() {
     let bad = DevInputs { r: &short, ..x };
     let e = kernels.forward(ver, &d, &bad, &mut y, None, None);
     assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    // A buffer of another context is refused, not launched.
+    let other = CudaContext::new_non_primary(0, 0).unwrap();
+    let foreign = other.new_stream().unwrap().clone_htod(&p.r).unwrap();
+    let bad = DevInputs { r: &foreign, ..x };
+    let e = kernels.forward(ver, &d, &bad, &mut y, None, None);
+    assert!(matches!(e, Err(Error::Invalid(_))), "{e:?}");
 }

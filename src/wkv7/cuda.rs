@@ -29,7 +29,7 @@
 //! # }
 //! # if rwkv_tune::cudarc::driver::CudaContext::new(0).is_err() { return Ok(()); }
 //! use rwkv_tune::cudarc::driver::CudaContext;
-//! use rwkv_tune::wkv7::cuda::{DevGrads, DevInputs, Wkv7Kernels};
+//! use rwkv_tune::wkv7::cuda::{DevGradsMut, DevInputs, Wkv7Kernels};
 //! use rwkv_tune::wkv7::{Dims, Version};
 //!
 //! let ctx = CudaContext::new(0)?;
@@ -37,17 +37,16 @@
 //! let kernels = Wkv7Kernels::new(stream.clone())?; // every kernel resolved once
 //! let d = Dims { b: 1, t: 64, h: 4, n: 64 };
 //! // your buffers (any stream of this context): r, w, k, v, a, b, dy [B, T, H, N]
-//! let [r, w, k, v, a, b, dy] = [0.1f32, 0.9, 0.2, 0.3, -0.1, 0.05, 1.0]
-//!     .map(|x| stream.clone_htod(&vec![x; d.seq_len()]))
-//!     .map(Result::unwrap);
-//! let x = DevInputs { r: &r, w: &w, k: &k, v: &v, a: &a, b: &b, h0: None };
-//! let mut y = stream.alloc_zeros::<f32>(d.seq_len())?;
+//! let up = |x: f32| stream.clone_htod(&vec![x; d.seq_len()]);
+//! let (r, w, k, v, a, b, dy) = (up(0.1)?, up(0.9)?, up(0.2)?, up(0.3)?, up(-0.1)?, up(0.05)?, up(1.0)?);
+//! let x = DevInputs { r: &r.slice(..), w: &w, k: &k, v: &v, a: &a, b: &b, h0: None }; // views or slices
+//! let (z, s, hs) = (|n| stream.alloc_zeros::<f32>(n), d.seq_len(), d.state_len());
+//! let (mut y, mut dr, mut dw, mut dk) = (z(s)?, z(s)?, z(s)?, z(s)?);
+//! let (mut dv, mut da, mut db, mut dh0) = (z(s)?, z(s)?, z(s)?, z(hs)?);
 //! let mut ws = kernels.workspace(Version::V1, &d)?; // checkpoints + backward scratch
 //! kernels.forward(Version::V1, &d, &x, &mut y, None, Some(&mut ws.ckpt))?;
-//! let z = |n| stream.alloc_zeros::<f32>(n);
-//! let (s, hs) = (d.seq_len(), d.state_len());
-//! let mut g = DevGrads { dr: z(s)?, dw: z(s)?, dk: z(s)?, dv: z(s)?, da: z(s)?, db: z(s)?, dh0: z(hs)? };
-//! kernels.backward(Version::V1, &d, &x, &ws.ckpt, &dy, None, &mut g, &mut ws.scratch)?;
+//! let g = DevGradsMut { dr: &mut dr, dw: &mut dw, dk: &mut dk, dv: &mut dv, da: &mut da, db: &mut db, dh0: &mut dh0 };
+//! kernels.backward(Version::V1, &d, &x, &ws.ckpt, &dy, None, g, &mut ws.scratch)?;
 //! # Ok(())
 //! # }
 //! ```
@@ -63,26 +62,62 @@ use cudarc::driver::{
 };
 use std::sync::Arc;
 
+/// A device buffer the kernels read: a `CudaSlice` or a `CudaView` (any
+/// stream of the kernels' context).
+pub type DevIn<'a, T> = &'a dyn DevicePtr<T>;
+
+/// A device buffer the kernels write: a `CudaSlice` or a `CudaViewMut`.
+pub type DevOut<'a, T> = &'a mut dyn DevicePtrMut<T>;
+
 /// Device inputs: r … b `[B, T, H, N]`, h0 `[B, H, N, N]` f32 (None = zero).
+/// Each is a `&CudaSlice` or a `&CudaView` (the field takes either).
 pub struct DevInputs<'a, X> {
     /// Receptance.
-    pub r: &'a CudaSlice<X>,
+    pub r: DevIn<'a, X>,
     /// Per-step decay in (0, 1].
-    pub w: &'a CudaSlice<X>,
+    pub w: DevIn<'a, X>,
     /// Key.
-    pub k: &'a CudaSlice<X>,
+    pub k: DevIn<'a, X>,
     /// Value.
-    pub v: &'a CudaSlice<X>,
+    pub v: DevIn<'a, X>,
     /// In-context learning rate term `a` (the model passes −κ̂).
-    pub a: &'a CudaSlice<X>,
+    pub a: DevIn<'a, X>,
     /// In-context learning rate term `b` (the model passes κ̂ ⊙ α).
-    pub b: &'a CudaSlice<X>,
+    pub b: DevIn<'a, X>,
     /// Initial state (None = zero).
-    pub h0: Option<&'a CudaSlice<f32>>,
+    pub h0: Option<DevIn<'a, f32>>,
 }
 
-/// Device gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]` f32. The
-/// caller's buffers move in and can be taken back out (fields are public).
+impl<X> Clone for DevInputs<'_, X> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<X> Copy for DevInputs<'_, X> {}
+
+/// The gradient buffers [`Wkv7Kernels::backward`] overwrites: dr … db
+/// `[B, T, H, N]`, dh0 `[B, H, N, N]` f32, each a `&mut CudaSlice` or a
+/// `&mut CudaViewMut` of the caller's.
+pub struct DevGradsMut<'a, X> {
+    /// Gradient of r.
+    pub dr: DevOut<'a, X>,
+    /// Gradient of w.
+    pub dw: DevOut<'a, X>,
+    /// Gradient of k.
+    pub dk: DevOut<'a, X>,
+    /// Gradient of v.
+    pub dv: DevOut<'a, X>,
+    /// Gradient of a.
+    pub da: DevOut<'a, X>,
+    /// Gradient of b.
+    pub db: DevOut<'a, X>,
+    /// Gradient of the initial state.
+    pub dh0: DevOut<'a, f32>,
+}
+
+/// Owned device gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]` f32
+/// (what [`backward_dev`] fills; [`DevGrads::as_mut`] lends them to
+/// [`Wkv7Kernels::backward`]).
 pub struct DevGrads<X> {
     /// Gradient of r.
     pub dr: CudaSlice<X>,
@@ -100,12 +135,39 @@ pub struct DevGrads<X> {
     pub dh0: CudaSlice<f32>,
 }
 
+impl<X: DeviceRepr> DevGrads<X> {
+    /// The buffers, borrowed for [`Wkv7Kernels::backward`].
+    pub fn as_mut(&mut self) -> DevGradsMut<'_, X> {
+        DevGradsMut {
+            dr: &mut self.dr,
+            dw: &mut self.dw,
+            dk: &mut self.dk,
+            dv: &mut self.dv,
+            da: &mut self.da,
+            db: &mut self.db,
+            dh0: &mut self.dh0,
+        }
+    }
+}
+
 /// `[B, H, ceil(T / chunk), N, N]`
 fn ckpt_shape(ver: Version, d: &Dims) -> Vec<usize> {
     vec![d.b, d.h, d.t.div_ceil(ver.chunk()), d.n, d.n]
 }
 
-fn check_dev<T>(name: &str, s: &CudaSlice<T>, shape: Vec<usize>) -> Result<()> {
+/// Checks that buffer `name` has the elements of `shape` and lives in the
+/// context of `stream` (a pointer of another context is not valid there).
+fn check_dev<T>(
+    stream: &CudaStream,
+    name: &str,
+    s: &(impl cudarc::driver::DeviceSlice<T> + ?Sized),
+    shape: Vec<usize>,
+) -> Result<()> {
+    if s.stream().context().cu_ctx() != stream.context().cu_ctx() {
+        return Err(Error::Invalid(format!(
+            "device buffer `{name}` belongs to another CUDA context than the kernels' stream"
+        )));
+    }
     let want: usize = shape.iter().product();
     if s.len() != want {
         return Err(Error::Shape {
@@ -250,33 +312,29 @@ impl Wkv7Kernels {
     /// Forward of `ver` on device buffers: writes `y` `[B, T, H, N]`,
     /// `h_t` `[B, H, N, N]` when given, and the checkpoints for
     /// [`Wkv7Kernels::backward`] when `ckpt` ([`Version::ckpt_len`]
-    /// elements, e.g. [`Workspace::ckpt`]) is given. For v2 every w must be
+    /// elements, e.g. [`Workspace::ckpt`]) is given. Every buffer is a
+    /// `CudaSlice` or a `CudaView(Mut)` of this stream's context; lengths
+    /// are checked (an error names the buffer). For v2 every w must be
     /// ≥ [`super::v2::W_MIN`] (use [`Version::effective`] on host data).
     pub fn forward<X: IoType + DeviceRepr>(
         &self,
         ver: Version,
         d: &Dims,
         x: &DevInputs<X>,
-        y: &mut CudaSlice<X>,
-        h_t: Option<&mut CudaSlice<f32>>,
-        ckpt: Option<&mut CudaSlice<f32>>,
+        y: DevOut<X>,
+        h_t: Option<DevOut<f32>>,
+        ckpt: Option<DevOut<f32>>,
     ) -> Result<()> {
         d.validate()?;
-        for (n, s) in [
-            ("r", x.r),
-            ("w", x.w),
-            ("k", x.k),
-            ("v", x.v),
-            ("a", x.a),
-            ("b", x.b),
-        ] {
-            check_dev(n, s, d.seq_shape())?;
-        }
-        check_dev("y", y, d.seq_shape())?;
-        if let Some(h0) = x.h0 {
-            check_dev("h0", h0, d.state_shape())?;
-        }
         let st = &self.stream;
+        self.check_inputs(d, x)?;
+        check_dev(st, "y", y, d.seq_shape())?;
+        if let Some(s) = &h_t {
+            check_dev(st, "h_t", *s, d.state_shape())?;
+        }
+        if let Some(s) = &ckpt {
+            check_dev(st, "ckpt", *s, ckpt_shape(ver, d))?;
+        }
         let mut p = ver.base_params(d);
         let (r, _g1) = x.r.device_ptr(st);
         let (w, _g2) = x.w.device_ptr(st);
@@ -288,30 +346,21 @@ impl Wkv7Kernels {
         let (yp, _g7) = y.device_ptr_mut(st);
         (p.r, p.w, p.k, p.v, p.a, p.b, p.y) = (r, w, k, v, a, bb, yp);
         p.h0 = h0.as_ref().map_or(0, |(q, _)| *q);
-        let ht = match h_t {
-            Some(s) => {
-                check_dev("h_t", s, d.state_shape())?;
-                Some(s.device_ptr_mut(st))
-            }
-            None => None,
-        };
+        let ht = h_t.map(|s| s.device_ptr_mut(st));
         p.h_t = ht.as_ref().map_or(0, |(q, _)| *q);
-        let ck = match ckpt {
-            Some(s) => {
-                check_dev("ckpt", s, ckpt_shape(ver, d))?;
-                Some(s.device_ptr_mut(st))
-            }
-            None => None,
-        };
+        let ck = ckpt.map(|s| s.device_ptr_mut(st));
         p.ckpt = ck.as_ref().map_or(0, |(q, _)| *q);
-        // SAFETY: every address comes from a CudaSlice of this context whose
-        // length was checked above; the guards keep them alive until queued.
+        // SAFETY: every address comes from a buffer of this stream's context
+        // (checked) whose length was checked above against what params.h
+        // documents for `ver` and `d`; the outputs are distinct `&mut`
+        // borrows; the guards keep every buffer alive until the launch is
+        // queued and order it after (and later work after) their other uses.
         unsafe { self.launch_raw(ver, Dir::Fwd, X::DTYPE, &p) }
     }
 
     /// Backward of `ver` on device buffers, after [`Wkv7Kernels::forward`]
-    /// with the same version and inputs filled `ckpt`: writes every
-    /// gradient of `g` (overwritten, not accumulated); `scratch` has
+    /// with the same version and inputs filled `ckpt`: overwrites every
+    /// gradient of `g` (not accumulated); `scratch` has
     /// [`Version::scratch_len`] elements (e.g. [`Workspace::scratch`]);
     /// `dh_t` `[B, H, N, N]` is the gradient on the final state (None = 0).
     #[allow(clippy::too_many_arguments)]
@@ -320,41 +369,32 @@ impl Wkv7Kernels {
         ver: Version,
         d: &Dims,
         x: &DevInputs<X>,
-        ckpt: &CudaSlice<f32>,
-        dy: &CudaSlice<X>,
-        dh_t: Option<&CudaSlice<f32>>,
-        g: &mut DevGrads<X>,
-        scratch: &mut CudaSlice<f32>,
+        ckpt: DevIn<f32>,
+        dy: DevIn<X>,
+        dh_t: Option<DevIn<f32>>,
+        g: DevGradsMut<X>,
+        scratch: DevOut<f32>,
     ) -> Result<()> {
         d.validate()?;
-        for (n, s) in [
-            ("r", x.r),
-            ("w", x.w),
-            ("k", x.k),
-            ("v", x.v),
-            ("a", x.a),
-            ("b", x.b),
-            ("dy", dy),
-        ] {
-            check_dev(n, s, d.seq_shape())?;
-        }
-        for (n, s) in [
-            ("dr", &g.dr),
-            ("dw", &g.dw),
-            ("dk", &g.dk),
-            ("dv", &g.dv),
-            ("da", &g.da),
-            ("db", &g.db),
-        ] {
-            check_dev(n, s, d.seq_shape())?;
-        }
-        check_dev("dh0", &g.dh0, d.state_shape())?;
-        check_dev("ckpt", ckpt, ckpt_shape(ver, d))?;
-        check_dev("scratch", scratch, vec![ver.scratch_len(d)])?;
-        if let Some(s) = dh_t {
-            check_dev("dh_t", s, d.state_shape())?;
-        }
         let st = &self.stream;
+        self.check_inputs(d, x)?;
+        check_dev(st, "dy", dy, d.seq_shape())?;
+        for (n, s) in [
+            ("dr", &*g.dr),
+            ("dw", &*g.dw),
+            ("dk", &*g.dk),
+            ("dv", &*g.dv),
+            ("da", &*g.da),
+            ("db", &*g.db),
+        ] {
+            check_dev(st, n, s, d.seq_shape())?;
+        }
+        check_dev(st, "dh0", &*g.dh0, d.state_shape())?;
+        check_dev(st, "ckpt", ckpt, ckpt_shape(ver, d))?;
+        check_dev(st, "scratch", &*scratch, vec![ver.scratch_len(d)])?;
+        if let Some(s) = dh_t {
+            check_dev(st, "dh_t", s, d.state_shape())?;
+        }
         let mut p = ver.base_params(d);
         let (r, _g1) = x.r.device_ptr(st);
         let (w, _g2) = x.w.device_ptr(st);
@@ -368,18 +408,48 @@ impl Wkv7Kernels {
         let dht = dh_t.map(|s| s.device_ptr(st));
         (p.ckpt, p.dy) = (ck, dyp);
         p.dh_t = dht.as_ref().map_or(0, |(q, _)| *q);
-        let (dr, _h1) = g.dr.device_ptr_mut(st);
-        let (dw, _h2) = g.dw.device_ptr_mut(st);
-        let (dk, _h3) = g.dk.device_ptr_mut(st);
-        let (dv, _h4) = g.dv.device_ptr_mut(st);
-        let (da, _h5) = g.da.device_ptr_mut(st);
-        let (db, _h6) = g.db.device_ptr_mut(st);
-        let (dh0, _h7) = g.dh0.device_ptr_mut(st);
+        let DevGradsMut {
+            dr,
+            dw,
+            dk,
+            dv,
+            da,
+            db,
+            dh0,
+        } = g;
+        let (dr, _h1) = dr.device_ptr_mut(st);
+        let (dw, _h2) = dw.device_ptr_mut(st);
+        let (dk, _h3) = dk.device_ptr_mut(st);
+        let (dv, _h4) = dv.device_ptr_mut(st);
+        let (da, _h5) = da.device_ptr_mut(st);
+        let (db, _h6) = db.device_ptr_mut(st);
+        let (dh0, _h7) = dh0.device_ptr_mut(st);
         let (sc, _h8) = scratch.device_ptr_mut(st);
         (p.dr, p.dw, p.dk, p.dv, p.da, p.db, p.dh0, p.scratch) = (dr, dw, dk, dv, da, db, dh0, sc);
-        // SAFETY: every address comes from a CudaSlice of this context whose
-        // length was checked above; the guards keep them alive until queued.
+        // SAFETY: as in `forward`: every buffer is of this context with the
+        // length params.h documents for `ver` and `d` (checked above), the
+        // outputs are distinct `&mut` borrows, and the guards keep them
+        // alive and ordered until the launch is queued.
         unsafe { self.launch_raw(ver, Dir::Bwd, X::DTYPE, &p) }
+    }
+
+    /// Checks r … b and h0 against `d` and this stream's context.
+    fn check_inputs<X>(&self, d: &Dims, x: &DevInputs<X>) -> Result<()> {
+        let st = &self.stream;
+        for (n, s) in [
+            ("r", x.r),
+            ("w", x.w),
+            ("k", x.k),
+            ("v", x.v),
+            ("a", x.a),
+            ("b", x.b),
+        ] {
+            check_dev(st, n, s, d.seq_shape())?;
+        }
+        if let Some(h0) = x.h0 {
+            check_dev(st, "h0", h0, d.state_shape())?;
+        }
+        Ok(())
     }
 }
 
@@ -443,6 +513,8 @@ pub fn forward_dev_v<X: IoType + DeviceRepr>(
     h_t: Option<&mut CudaSlice<f32>>,
     ckpt: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
+    let h_t = h_t.map(|s| s as DevOut<f32>);
+    let ckpt = ckpt.map(|s| s as DevOut<f32>);
     gpu.wkv7()?.forward(ver, d, x, y, h_t, ckpt)
 }
 
@@ -475,7 +547,9 @@ pub fn backward_dev_v<X: IoType + DeviceRepr>(
     g: &mut DevGrads<X>,
     scratch: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    gpu.wkv7()?.backward(ver, d, x, ckpt, dy, dh_t, g, scratch)
+    let dh_t = dh_t.map(|s| s as DevIn<f32>);
+    gpu.wkv7()?
+        .backward(ver, d, x, ckpt, dy, dh_t, g.as_mut(), scratch)
 }
 
 fn up<T: DeviceRepr>(gpu: &Gpu, s: &[T]) -> Result<CudaSlice<T>> {
@@ -501,7 +575,7 @@ impl<X> Uploaded<X> {
             v: &self.t[3],
             a: &self.t[4],
             b: &self.t[5],
-            h0: self.h0.as_ref(),
+            h0: self.h0.as_ref().map(|h| h as DevIn<f32>),
         }
     }
 }
