@@ -120,7 +120,6 @@ fn main() -> Result<(), rwkv_tune::Error> {
     }
     let end = dev(stream.record_event(None), "event");
     let ms = dev(start.elapsed_ms(&end), "elapsed") as f64 / reps as f64;
-    drop(run);
 
     // One copy back, after the timing, and the check against the CPU.
     let down = |s: &CudaSlice<f32>| dev(stream.clone_dtoh(s), "download");
