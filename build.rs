@@ -265,6 +265,10 @@ fn gen_rust(structs: &[CStruct]) -> String {
             st.name
         )
         .unwrap();
+        if st.name.contains("Test") {
+            // self-test kernels' parameters: for the crate's tests only
+            writeln!(s, "#[doc(hidden)]").unwrap();
+        }
         writeln!(s, "#[repr(C)]\n#[allow(non_snake_case)]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {} {{", st.name).unwrap();
         for (ty, name) in &st.fields {
             writeln!(s, "    /// `{ty}` in C").unwrap();

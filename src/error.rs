@@ -139,12 +139,16 @@ impl Error {
     }
 
     /// Whether this error (or the one it wraps, see [`Error::Context`]) is
-    /// the CUDA driver running out of device memory.
+    /// the CUDA driver (or cuBLAS) running out of device memory.
     pub fn is_out_of_memory(&self) -> bool {
         match self {
             #[cfg(feature = "cuda")]
             Error::Cuda { source, .. } => {
                 source.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
+            }
+            #[cfg(feature = "model")]
+            Error::Cublas { source, .. } => {
+                source.0 == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED
             }
             Error::Context { source, .. } => source.is_out_of_memory(),
             _ => false,
