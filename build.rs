@@ -7,10 +7,13 @@
 //! 2. Compile every `kernels/*.cu` with the host C++ compiler against the
 //!    emulation header (`-DCUDA_EMU`), so the kernels run on the CPU.
 //! 3. Feature `cuda`, if nvcc is found (env `NVCC`, `$CUDA_HOME/bin/nvcc`, `./.venv-cuda`
-//!    from `.ci/setup-nvcc`, or `PATH`), compile every `kernels/*.cu` into a
-//!    fatbin (sm_80 + sm_90 machine code and compute_90 PTX) embedded in the
-//!    crate. Without nvcc the crate still builds; the CUDA backend then
-//!    reports that the kernels were not built and how to build them.
+//!    from `.ci/setup-nvcc`, or `PATH`), compile every `kernels/*.cu` (only
+//!    `wkv7_*.cu` without feature `model`) into a fatbin (sm_80 + sm_90
+//!    machine code and compute_90 PTX) embedded in the crate. Fatbins are
+//!    cached in `target/rwkv-tune-fatbins/`, keyed by nvcc, flags and the
+//!    contents of kernels/, so other feature sets and profiles reuse them.
+//!    Without nvcc the crate still builds; the CUDA backend then reports
+//!    that the kernels were not built and how to build them.
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -28,6 +31,7 @@ fn main() {
         "CUDA_PATH",
         "RWKV_TUNE_NO_NVCC",
         "RWKV_CUDA_ARCHS",
+        "RWKV_TUNE_NO_FATBIN_CACHE",
         "PATH",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -60,7 +64,20 @@ fn main() {
 
     // ---- 3. nvcc -> fatbins --------------------------------------------------
     if want_cuda {
-        build_fatbins(&manifest, &kdir, &out, &cu_files);
+        // The lean build (no `model`) needs only the WKV-7 kernels.
+        let fat_files: Vec<PathBuf> = if env::var_os("CARGO_FEATURE_MODEL").is_some() {
+            cu_files.clone()
+        } else {
+            cu_files
+                .iter()
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("wkv7_"))
+                })
+                .cloned()
+                .collect()
+        };
+        build_fatbins(&manifest, &kdir, &out, &fat_files);
     }
 }
 
@@ -101,9 +118,21 @@ fn build_fatbins(manifest: &Path, kdir: &Path, out: &Path, cu_files: &[PathBuf])
     let mut built = false;
     match &nvcc {
         Some(nvcc) => {
+            let cache = fatbin_cache_dir(out);
             for cu in cu_files {
                 let stem = cu.file_stem().unwrap().to_string_lossy().to_string();
                 let fatbin = out.join(format!("{stem}.fatbin"));
+                let cached = cache.as_ref().map(|dir| {
+                    dir.join(format!(
+                        "{stem}-{:016x}.fatbin",
+                        fatbin_key(nvcc, &archs, kdir, cu)
+                    ))
+                });
+                if let Some(c) = cached.as_ref().filter(|c| c.is_file()) {
+                    if fs::copy(c, &fatbin).is_ok() {
+                        continue;
+                    }
+                }
                 let mut cmd = Command::new(nvcc);
                 cmd.arg("-fatbin")
                     .arg("-O3")
@@ -126,6 +155,9 @@ fn build_fatbins(manifest: &Path, kdir: &Path, out: &Path, cu_files: &[PathBuf])
                         String::from_utf8_lossy(&res.stdout),
                         String::from_utf8_lossy(&res.stderr)
                     );
+                }
+                if let Some(c) = &cached {
+                    store_in_cache(&fatbin, c);
                 }
             }
             built = true;
@@ -162,6 +194,69 @@ fn build_fatbins(manifest: &Path, kdir: &Path, out: &Path, cu_files: &[PathBuf])
     }
     writeln!(rs, "];").unwrap();
     fs::write(out.join("fatbins.rs"), rs).unwrap();
+}
+
+/// Where compiled fatbins are kept across feature sets and profiles (each
+/// runs this script in its own OUT_DIR): `<target>/rwkv-tune-fatbins/`,
+/// found from OUT_DIR = `<target>[/<triple>]/<profile>/build/<pkg>-<hash>/out`.
+/// None (no cache) when OUT_DIR does not look like that, or with
+/// RWKV_TUNE_NO_FATBIN_CACHE set.
+fn fatbin_cache_dir(out: &Path) -> Option<PathBuf> {
+    if env::var_os("RWKV_TUNE_NO_FATBIN_CACHE").is_some() {
+        return None;
+    }
+    let build = out.parent()?.parent()?;
+    if build.file_name()? != "build" {
+        return None;
+    }
+    Some(build.parent()?.parent()?.join("rwkv-tune-fatbins"))
+}
+
+/// Everything a fatbin depends on: the nvcc binary (path, size, mtime), the
+/// architectures, the flags, and every file under kernels/ (the .cu file's
+/// includes are there).
+fn fatbin_key(nvcc: &Path, archs: &str, kdir: &Path, cu: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nvcc.hash(&mut h);
+    if let Ok(m) = fs::metadata(nvcc) {
+        m.len().hash(&mut h);
+        m.modified().ok().hash(&mut h);
+    }
+    archs.hash(&mut h);
+    "-fatbin -O3 -std=c++17 -lineinfo v1".hash(&mut h);
+    cu.file_name().hash(&mut h);
+    let mut files = Vec::new();
+    let mut stack = vec![kdir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        f.strip_prefix(kdir).unwrap_or(&f).hash(&mut h);
+        fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Copies `fatbin` to `cached` through a temporary name, so a concurrent
+/// build never reads a partial file; failures only cost the cache.
+fn store_in_cache(fatbin: &Path, cached: &Path) {
+    let Some(dir) = cached.parent() else { return };
+    if fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+    if fs::copy(fatbin, &tmp).is_ok() && fs::rename(&tmp, cached).is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
