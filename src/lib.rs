@@ -7,10 +7,10 @@
 //! With `rwkv-tune = { version = "0.1", default-features = false, features
 //! = ["cuda"] }` the crate builds only the kernels and their API (its
 //! dependencies: cudarc, half, thiserror). On a GPU,
-//! [`wkv7::cuda::Wkv7Kernels`] runs them on your own `CudaStream` with your
+//! `wkv7::cuda::Wkv7Kernels` runs them on your own `CudaStream` with your
 //! own `CudaSlice` buffers (see `examples/wkv7_cuda.rs`); the same recurrence
 //! runs on the CPU reference ([`wkv7::reference`], always built) and on the
-//! kernel source emulated on the CPU ([`wkv7::Backend::Emu`], feature `emu`):
+//! kernel source emulated on the CPU (`wkv7::Backend::Emu`, feature `emu`):
 //!
 //! ```
 //! use rwkv_tune::rng::Rng;

@@ -80,7 +80,7 @@ pub fn forward_backward<X: IoType>(
 
 /// Runs the emulated `ver` kernel for `dir` and `dtype` with parameters
 /// whose pointers are host addresses: the emulator's counterpart of
-/// [`super::cuda::Wkv7Kernels::launch_raw`], with the same checks of the
+/// `super::cuda::Wkv7Kernels::launch_raw` (feature `cuda`), with the same checks of the
 /// sizes, `chunk` and `n_chunks` ([`super::raw_dims`]).
 ///
 /// # Safety

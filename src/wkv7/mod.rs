@@ -4,8 +4,8 @@
 //! | backend | module | what runs |
 //! |---|---|---|
 //! | [`Backend::Cpu`] | [`reference`](mod@reference) | Rust loops (f32 here; f64 available for tests) |
-//! | [`Backend::Emu`] | [`emu`] | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
-//! | [`Backend::Cuda`] | [`cuda`] | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
+//! | `Backend::Emu` (feature `emu`) | `emu` | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
+//! | `Backend::Cuda` (feature `cuda`) | `cuda` | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
 //!
 //! Shapes and layouts (every backend):
 //!
@@ -453,7 +453,7 @@ impl Backend {
     }
 }
 
-/// What a benchmark times (see [`crate::bench`]): the forward, the
+/// What a benchmark times (see `crate::bench`, feature `model`): the forward, the
 /// backward, or both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "model", derive(serde::Serialize))]
