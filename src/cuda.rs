@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 mod fatbins {
     include!(concat!(env!("OUT_DIR"), "/fatbins.rs"));
@@ -125,14 +125,16 @@ impl std::fmt::Debug for Wkv7Kernels {
 /// legacy default stream.
 ///
 /// The WKV-7 kernels are resolved once per `Gpu` ([`Gpu::wkv7`]); the model's
-/// element-wise kernels ([`Gpu::function`]) are looked up by name.
+/// element-wise kernels ([`Gpu::function`]) are looked up by name in a
+/// read-locked table (no key is formatted).
 pub struct Gpu {
     /// The CUDA context (device) everything runs in.
     pub ctx: Arc<CudaContext>,
     /// The stream every launch and copy of this `Gpu` is queued on.
     pub stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// stem → kernel name → function: looked up without building a key.
+    functions: RwLock<HashMap<&'static str, HashMap<String, CudaFunction>>>,
     wkv7: OnceLock<Wkv7Kernels>,
 }
 
@@ -156,7 +158,7 @@ impl Gpu {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            functions: RwLock::new(HashMap::new()),
             wkv7: OnceLock::new(),
         })
     }
@@ -176,7 +178,7 @@ impl Gpu {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            functions: RwLock::new(HashMap::new()),
             wkv7: OnceLock::new(),
         })
     }
@@ -192,12 +194,12 @@ impl Gpu {
 
     /// The kernel `name` from `kernels/<stem>.cu`, loading the module once.
     pub fn function(&self, stem: &'static str, name: &str) -> Result<CudaFunction> {
-        let key = format!("{stem}/{name}");
         if let Some(f) = self
             .functions
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(stem)
+            .and_then(|m| m.get(name))
         {
             return Ok(f.clone());
         }
@@ -216,9 +218,11 @@ impl Gpu {
             .load_function(name)
             .map_err(cuda_ctx(format!("looking up kernel {name}")))?;
         self.functions
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, f.clone());
+            .entry(stem)
+            .or_default()
+            .insert(name.to_string(), f.clone());
         Ok(f)
     }
 

@@ -11,8 +11,12 @@
 //! - the raw launch refuses parameters that do not match the kernel version;
 //! - [`Error::Cuda`] keeps the driver's error as its source (out of memory
 //!   is recognisable);
-//! - on a GPU (else SKIPPED): [`Wkv7Kernels`] on a stream the test creates,
-//!   forward + backward against the f64 reference, same tolerance.
+//! - on a GPU (else SKIPPED): [`Wkv7Kernels`] on a stream the test creates
+//!   (not the default one), with r given as a `CudaView` into a larger
+//!   buffer: forward + backward against the f64 reference, same tolerance;
+//!   `Wkv7Kernels::launch_raw` on device addresses, same check; a short
+//!   buffer, a buffer of another context and parameters of another version
+//!   are refused before any launch.
 use rwkv_tune::cudarc::driver::sys::cudaError_enum;
 use rwkv_tune::cudarc::driver::DriverError;
 use rwkv_tune::dtype::DType;
@@ -275,7 +279,7 @@ fn cuda_kernels_on_the_callers_stream() {
             &mut ws.scratch,
         )
         .unwrap();
-    let down = |s| stream.clone_dtoh(s).unwrap();
+    let down = |s: &rwkv_tune::cudarc::driver::CudaSlice<f32>| stream.clone_dtoh(s).unwrap();
     let got = vec![
         ("y", down(&y)),
         ("h_t", down(&h_t)),
@@ -293,6 +297,39 @@ fn cuda_kernels_on_the_callers_stream() {
     let bad = DevInputs { r: &short, ..x };
     let e = kernels.forward(ver, &d, &bad, &mut y, None, None);
     assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    // The raw launch on device addresses: a forward-only run into a fresh
+    // buffer, against the reference; parameters of another version are
+    // refused before the launch.
+    let mut y2 = z(d.seq_len());
+    {
+        use rwkv_tune::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let mut prm = ver.base_params(&d);
+        let (rp, _g1) = r.device_ptr(&stream);
+        let (wp, _g2) = w.device_ptr(&stream);
+        let (kp, _g3) = k.device_ptr(&stream);
+        let (vp, _g4) = v.device_ptr(&stream);
+        let (ap, _g5) = a.device_ptr(&stream);
+        let (bp, _g6) = b.device_ptr(&stream);
+        let (hp, _g7) = h0.device_ptr(&stream);
+        let (yp, _g8) = y2.device_ptr_mut(&stream);
+        (prm.r, prm.w, prm.k, prm.v, prm.a, prm.b, prm.h0, prm.y) =
+            (rp, wp, kp, vp, ap, bp, hp, yp);
+        // SAFETY: every address is a buffer of this context allocated above
+        // with the length params.h documents for these sizes (v1, forward:
+        // inputs [B, T, H, N], h0 [B, H, N, N], y [B, T, H, N]; h_t, ckpt
+        // null); the guards keep them alive until the launch is queued.
+        unsafe { kernels.launch_raw(ver, Dir::Fwd, DType::F32, &prm) }.unwrap();
+        let mut other = prm;
+        other.chunk = 8;
+        // SAFETY: refused before the launch.
+        let e = unsafe { kernels.launch_raw(ver, Dir::Fwd, DType::F32, &other) };
+        assert!(matches!(e, Err(Error::Invalid(_))), "{e:?}");
+    }
+    check(
+        &[("y", down(&y2))],
+        &reference_of(&p)[..1],
+        "cuda Wkv7Kernels::launch_raw",
+    );
     // A buffer of another context is refused, not launched.
     let other = CudaContext::new_non_primary(0, 0).unwrap();
     let foreign = other.new_stream().unwrap().clone_htod(&p.r).unwrap();
