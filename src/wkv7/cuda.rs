@@ -2,10 +2,11 @@
 //! CUDA stream. What this module owns:
 //! - [`Wkv7Kernels`]: the kernels loaded for the caller's own stream (every
 //!   kernel function resolved once), with [`Wkv7Kernels::forward`],
-//!   [`Wkv7Kernels::backward`] on device buffers (`CudaSlice`), the
-//!   [`Workspace`] the backward needs, and [`Wkv7Kernels::launch_raw`] (a
-//!   filled [`Wkv7Params`] with raw device addresses, e.g. of `CudaView`s or
-//!   of another runtime's allocations). This is the API for embedding.
+//!   [`Wkv7Kernels::backward`] on device buffers (each a `CudaSlice` or a
+//!   `CudaView`, see [`DevInputs`], [`DevGradsMut`]), the [`Workspace`] the
+//!   backward needs, and [`Wkv7Kernels::launch_raw`] (a filled
+//!   [`Wkv7Params`] with raw device addresses, e.g. of another runtime's
+//!   allocations). This is the API for embedding.
 //! - Free functions on a [`Gpu`] (which holds one [`Wkv7Kernels`] for its
 //!   stream, see [`Gpu::wkv7`]): [`forward_host`] / [`forward_backward_host`]
 //!   (host slices in and out), [`forward_dev`] / [`backward_dev`] (device
@@ -771,4 +772,34 @@ pub fn time_device<X: IoType>(
         }
     }
     Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the versions name has its own slot in the table, and
+    /// head sizes without a kernel have none (so `launch_raw` reports them).
+    #[test]
+    fn every_kernel_has_its_own_slot() {
+        let mut seen = std::collections::HashSet::new();
+        for ver in [Version::V1, Version::V2] {
+            for dir in [Dir::Fwd, Dir::Bwd] {
+                for dtype in [DType::F32, DType::BF16] {
+                    for n in [16, 32, 48, 64, 128, 256] {
+                        let named = ver.kernel_name(dir, dtype, n).is_ok();
+                        match slot(ver, dir, dtype, n) {
+                            Some(i) => {
+                                assert!(named, "{ver:?} n={n} has a slot but no kernel");
+                                assert!(i < 2 * 2 * 2 * 3, "slot {i} out of the table");
+                                assert!(seen.insert(i), "slot {i} used twice");
+                            }
+                            None => assert!(!named, "{ver:?} {dir:?} {dtype} n={n}: no slot"),
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(seen.len(), 2 * 2 * (3 + 2));
+    }
 }
