@@ -48,20 +48,33 @@ pub fn flops(d: &Dims, pass: Pass) -> f64 {
 /// One row of the benchmark table.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// Backend name (`cpu`, `emu`, `cuda`).
     pub backend: String,
     /// Kernel version that ran (`V1` or `V2`).
     pub kernel: String,
+    /// What ran it (GPU name or CPU thread count).
     pub device: String,
+    /// Batch size B.
     pub b: usize,
+    /// Sequence length T.
     pub t: usize,
+    /// Heads H.
     pub h: usize,
+    /// Head size N.
     pub n: usize,
+    /// I/O dtype (`f32`, `bf16`).
     pub dtype: String,
+    /// What was timed.
     pub pass: Pass,
+    /// Median milliseconds per repetition.
     pub median_ms: f64,
+    /// Fastest repetition, milliseconds.
     pub min_ms: f64,
+    /// Timed repetitions.
     pub reps: usize,
+    /// Bytes moved (inputs, outputs, states) per second at the median, GB/s.
     pub gb_per_s: f64,
+    /// FLOP rate at the median, TFLOP/s.
     pub tflop_per_s: f64,
     /// Percent of the memory roofline at `peak_gb_per_s`, when known.
     pub pct_roofline: Option<f64>,

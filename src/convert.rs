@@ -48,9 +48,13 @@ impl Target {
 /// What [`convert`] did.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The input file format.
     pub from: FileFormat,
+    /// What was written.
     pub to: Target,
+    /// Number of tensors written.
     pub tensors: usize,
+    /// Element type written.
     pub dtype: StoreDType,
     /// Every tensor is a `blocks.N.att.time_state` (a state file).
     pub is_state: bool,

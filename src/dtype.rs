@@ -5,7 +5,9 @@ use half::bf16;
 /// The kernels' I/O dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
+    /// bfloat16 (8 exponent, 7 mantissa bits).
     BF16,
 }
 
@@ -25,17 +27,21 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// What a device buffer element needs: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with feature `cuda`, nothing without it.
+#[cfg(feature = "cuda")]
+pub trait DeviceElem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElem for T {}
+/// What a device buffer element needs: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with feature `cuda`, nothing without it.
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceElem {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceElem for T {}
+
 /// An element type the kernels read and write.
-pub trait IoType:
-    Copy
-    + Default
-    + Send
-    + Sync
-    + 'static
-    + std::fmt::Debug
-    + cudarc::driver::DeviceRepr
-    + cudarc::driver::ValidAsZeroBits
-{
+pub trait IoType: Copy + Default + Send + Sync + 'static + std::fmt::Debug + DeviceElem {
     /// The matching [`DType`].
     const DTYPE: DType;
     /// Widen to f32.

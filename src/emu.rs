@@ -86,6 +86,7 @@ pub unsafe fn launch_wkv7(
     unsafe { launch(table, kernel, grid, block, p) }
 }
 
+#[doc(hidden)] // for tests/mma_emu.rs and tests/emu_selftest.rs only
 /// Runs the tensor-core helper self-test kernel (`kernels/mma_selftest.cu`)
 /// on one warp.
 ///
@@ -97,6 +98,7 @@ pub unsafe fn launch_mma_selftest(p: &MmaTestParams) -> Result<()> {
     unsafe { launch(MMA_SELFTEST, "mma_selftest", (1, 1, 1), (32, 1, 1), p) }
 }
 
+#[doc(hidden)] // for tests/mma_emu.rs and tests/emu_selftest.rs only
 /// Runs an emulator self-test kernel (`kernels/emu_selftest.cu`).
 ///
 /// # Safety

@@ -8,15 +8,21 @@ pub enum Error {
     /// A tensor has the wrong shape (or length for its declared shape).
     #[error("shape mismatch for `{name}`: expected {expected:?}, got {got:?}")]
     Shape {
+        /// The tensor.
         name: String,
+        /// The shape it must have.
         expected: Vec<usize>,
+        /// The shape (or length) it has.
         got: Vec<usize>,
     },
     /// A tensor has the wrong dtype.
     #[error("dtype mismatch for `{name}`: expected {expected}, got {got}")]
     DType {
+        /// The tensor.
         name: String,
+        /// The dtype it must have.
         expected: String,
+        /// The dtype it has.
         got: String,
     },
     /// A required tensor is absent.
@@ -38,26 +44,63 @@ pub enum Error {
          NVCC=/path/to/nvcc, then rebuild"
     )]
     KernelsNotBuilt,
-    /// An error reported by the CUDA driver or cuBLAS.
-    #[error("CUDA error: {0}")]
-    Cuda(String),
+    /// An error reported by the CUDA driver, with what was being done.
+    /// Match `source` to tell, e.g., out of memory
+    /// (`CUDA_ERROR_OUT_OF_MEMORY`, see [`Error::is_out_of_memory`]) from a
+    /// bad launch.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA error while {what}: {source}")]
+    Cuda {
+        /// What was being done (`launching wkv7_fwd_v1_f32_n64`).
+        what: String,
+        /// The driver's error code.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// An error reported by cuBLAS, with what was being done.
+    #[cfg(feature = "model")]
+    #[error("cuBLAS error while {what}: {source}")]
+    Cublas {
+        /// What was being done.
+        what: String,
+        /// cuBLAS's status code.
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
     /// An emulated kernel launch failed (watchdog, divergent barrier, bad launch).
     #[error("emulated kernel `{kernel}` failed: {reason}")]
-    Emu { kernel: String, reason: String },
+    Emu {
+        /// The kernel symbol.
+        kernel: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// File-system error, with the path involved.
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// A safetensors file could not be read or written.
     #[error("safetensors file {path}: {msg}")]
-    SafeTensors { path: PathBuf, msg: String },
+    SafeTensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
     /// A PyTorch `.pth` file could not be read (or was refused: the restricted
     /// unpickler names what it would not run).
     #[error("PyTorch file {path}: {msg}")]
-    PyTorch { path: PathBuf, msg: String },
+    PyTorch {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, or what was refused.
+        msg: String,
+    },
     /// Model / checkpoint problems (config inference, names).
     #[error("model: {0}")]
     Model(String),
@@ -74,18 +117,23 @@ pub enum Error {
     /// A NaN or infinite value where finite numbers are required (a loaded
     /// or exported tensor; `--allow-nonfinite` lets them through).
     #[error(
-        "{what} holds a non-finite value ({value} at element {index}); refusing it          (--allow-nonfinite overrides)"
+        "{what} holds a non-finite value ({value} at element {index}); refusing it (--allow-nonfinite overrides)"
     )]
     NonFinite {
+        /// The tensor (file and name).
         what: String,
+        /// The first non-finite element.
         index: usize,
+        /// Its value.
         value: f32,
     },
     /// What was being done when `source` happened (e.g. `loading observer
     /// big.safetensors`).
     #[error("{what}")]
     Context {
+        /// What was being done.
         what: String,
+        /// The error it ran into.
         #[source]
         source: Box<Error>,
     },
@@ -100,6 +148,23 @@ impl Error {
         Error::Context {
             what: what.into(),
             source: Box::new(self),
+        }
+    }
+
+    /// Whether this error (or the one it wraps, see [`Error::Context`]) is
+    /// the CUDA driver (or cuBLAS) running out of device memory.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Error::Cuda { source, .. } => {
+                source.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
+            }
+            #[cfg(feature = "model")]
+            Error::Cublas { source, .. } => {
+                source.0 == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED
+            }
+            Error::Context { source, .. } => source.is_out_of_memory(),
+            _ => false,
         }
     }
 

@@ -8,6 +8,7 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 /// (`WKV7_V1_CHUNK` in params.h; `tests/params_layout.rs` checks they agree).
 pub const WKV7_V1_CHUNK: usize = 16;
 
+#[cfg(feature = "cuda")]
 // SAFETY: Wkv7Params is #[repr(C)] plain old data (i32 and u64 fields only),
 // matching the C struct the kernels take by value; any bit pattern is valid.
 unsafe impl cudarc::driver::DeviceRepr for Wkv7Params {}

@@ -62,9 +62,13 @@ const LEGACY_MAGIC: [u8; 14] = [
 /// Element type of a PyTorch storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StorageDType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
+    /// 64-bit float.
     F64,
 }
 
@@ -572,9 +576,13 @@ fn reduce(f: &Value, args: &Value) -> PResult<Value> {
 /// One tensor of a state dict, widened to f32, with the dtype it was stored in.
 #[derive(Clone, Debug)]
 pub struct PthTensor {
+    /// Tensor name.
     pub name: String,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Elements, row-major.
     pub data: Vec<f32>,
+    /// Element type it was stored in.
     pub dtype: StorageDType,
 }
 

@@ -23,23 +23,38 @@ pub trait Real:
     + SubAssign
     + MulAssign
 {
+    /// 0.
     const ZERO: Self;
+    /// 1.
     const ONE: Self;
+    /// −∞.
     const NEG_INFINITY: Self;
+    /// Converts from f32.
     fn from_f32(x: f32) -> Self;
+    /// Converts from f64 (rounding for f32).
     fn from_f64(x: f64) -> Self;
+    /// Widens to f64.
     fn to_f64(self) -> f64;
+    /// Converts to f32 (rounding for f64).
     fn to_f32(self) -> f32;
+    /// eˣ.
     fn exp(self) -> Self;
+    /// Natural logarithm.
     fn ln(self) -> Self;
+    /// Hyperbolic tangent.
     fn tanh(self) -> Self;
+    /// Square root.
     fn sqrt(self) -> Self;
+    /// `self * a + b` with one rounding.
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// |x|.
     fn abs(self) -> Self;
+    /// Neither infinite nor NaN.
     fn is_finite(self) -> bool;
     /// The weights as this type: borrowed for `f32`, converted for `f64`.
     fn cow(x: &[f32]) -> Cow<'_, [Self]>;
     #[inline(always)]
+    /// The larger of the two (`self` when they compare equal or unordered).
     fn max(self, o: Self) -> Self {
         if self >= o {
             self
@@ -48,6 +63,7 @@ pub trait Real:
         }
     }
     #[inline(always)]
+    /// 1 / (1 + e⁻ˣ).
     fn sigmoid(self) -> Self {
         Self::ONE / (Self::ONE + (-self).exp())
     }

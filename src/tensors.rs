@@ -8,7 +8,9 @@ use std::path::Path;
 /// A named f32 tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct F32Tensor {
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Elements, row-major.
     pub data: Vec<f32>,
 }
 

@@ -18,9 +18,12 @@ pub(crate) enum Kind {
 /// whether it may be absent (layer-0 `v0/v1/v2`).
 #[derive(Clone, Debug)]
 pub struct TensorSpec {
+    /// Tensor name.
     pub name: String,
+    /// Shape.
     pub shape: Vec<usize>,
     pub(crate) kind: Kind,
+    /// Whether the tensor may be absent.
     pub optional: bool,
 }
 

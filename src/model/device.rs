@@ -31,6 +31,7 @@ const SEQ_CHUNK: usize = 512;
 /// The recurrent state on the device, per layer: att_x `[C]`, ffn_x `[C]`,
 /// wkv `[H, N, N]` (value-major), like [`State`].
 pub struct DeviceState<B> {
+    /// Per layer: att_x `[C]`, ffn_x `[C]`, wkv `[H, N, N]`.
     pub layers: Vec<(B, B, B)>,
 }
 

@@ -118,8 +118,11 @@ pub(crate) fn upload_layers<B, M>(
 /// `[H, N, N]` (or `[B, C]`, `[B, C]`, `[B, H, N, N]` per sequence), and
 /// with the kernel-upscaled read-out its `U` `[H, N, M]`.
 pub struct LStart<B> {
+    /// Token-shift state of the time mix (`att_x`).
     pub sa: B,
+    /// Token-shift state of the channel mix (`ffn_x`).
     pub sf: B,
+    /// The WKV state `[H, N, N]`, value-major.
     pub wkv: B,
     /// The upscaled state `U` (value-major), when the tuner has a kernel.
     pub u: Option<B>,
@@ -129,9 +132,13 @@ pub struct LStart<B> {
 /// model's state buffers), what [`Layer::forward`] / [`Layer::backward`]
 /// read.
 pub struct StartRef<'a, B> {
+    /// Token-shift state of the time mix (`att_x`).
     pub sa: &'a B,
+    /// Token-shift state of the channel mix (`ffn_x`).
     pub sf: &'a B,
+    /// The WKV state `[H, N, N]`, value-major.
     pub wkv: &'a B,
+    /// The upscaled state `U`, when the tuner has a kernel.
     pub u: Option<&'a B>,
 }
 
@@ -228,18 +235,25 @@ pub fn matmul_t_buf<O: BackwardOps>(
 /// The kernel-upscaled read-out's fixed part for one layer: support
 /// vectors `[H, M, N]` and widths `[H]`.
 pub struct UpKernel<'a, B> {
+    /// Support vectors per head (M).
     pub m: usize,
+    /// Support vectors `[H, M, N]`.
     pub centres: &'a B,
+    /// RBF widths `[H]` (γ = 1/(2σ²)).
     pub gamma: &'a B,
 }
 
 /// One layer, bound to its backend, weights and GEMMs.
 pub struct Layer<'a, O: BackwardOps, M> {
+    /// The backend.
     pub ops: &'a O,
+    /// The model configuration.
     pub cfg: &'a Config,
     /// Layer index (0 writes v_first; the others read it).
     pub l: usize,
+    /// This layer's weights on the backend.
     pub ly: &'a DevLayer<O::Buf, M>,
+    /// The forward's weight GEMMs.
     pub mm: MatMul<O, M>,
     /// The backward's GEMM (`None`: forward only).
     pub mt: Option<MatMulT<O, M>>,

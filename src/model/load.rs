@@ -29,8 +29,11 @@ pub enum Naming {
 /// Element type used when writing tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreDType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
@@ -51,8 +54,11 @@ impl std::str::FromStr for StoreDType {
 /// One tensor read from a file, converted to f32.
 #[derive(Clone, Debug)]
 pub struct F32Tensor {
+    /// Tensor name.
     pub name: String,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Elements, row-major.
     pub data: Vec<f32>,
 }
 
@@ -350,8 +356,8 @@ pub fn write_f32_tensors(
     crate::tensors::serialize_sorted(views, metadata).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-/// Writes per-document logits to a safetensors file: `doc{i}.tokens` [T]
-/// (i64, the tokens fed) and `doc{i}.logits` [T, vocab] (f32; row t follows
+/// Writes per-document logits to a safetensors file: `doc{i}.tokens` `[T]`
+/// (i64, the tokens fed) and `doc{i}.logits` `[T, vocab]` (f32; row t follows
 /// token t).
 pub fn write_logits(path: &Path, docs: &[(Vec<u32>, Vec<f32>)], vocab: usize) -> Result<()> {
     let mut bufs = Vec::with_capacity(docs.len() * 2);

@@ -32,6 +32,7 @@ pub struct LayerState {
 /// Recurrent state of the whole model (one [`LayerState`] per layer).
 #[derive(Clone, Debug, PartialEq)]
 pub struct State {
+    /// One state per layer.
     pub layers: Vec<LayerState>,
 }
 

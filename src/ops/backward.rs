@@ -25,11 +25,15 @@ pub struct KkBwdBufs<'a, B> {
     pub da: &'a B,
     /// `[C]` a0, k_k, k_a
     pub a0: &'a B,
+    /// `[C]` the k_k weight.
     pub k_k: &'a B,
+    /// `[C]` the k_a weight.
     pub k_a: &'a B,
     /// `[rows, C]` gradients of k̃ (k_out), a and b
     pub d_kout: &'a B,
+    /// `[rows, C]` gradient of a.
     pub d_a: &'a B,
+    /// `[rows, C]` gradient of b.
     pub d_b: &'a B,
 }
 
@@ -39,13 +43,17 @@ pub struct GnBwdBufs<'a, B> {
     pub y: &'a B,
     /// `[C]` GroupNorm affine
     pub weight: &'a B,
+    /// `[C]` GroupNorm bias.
     pub bias: &'a B,
     /// `[rows, C]` r, k̃, v of the bonus term, and the gate g
     pub r: &'a B,
+    /// `[rows, C]` k̃ of the bonus term.
     pub k: &'a B,
+    /// `[rows, C]` v of the bonus term.
     pub v: &'a B,
     /// `[C]`
     pub r_k: &'a B,
+    /// `[rows, C]` the gate g.
     pub g: &'a B,
     /// `[rows, C]` ∂L/∂(z ⊙ g)
     pub dout: &'a B,
@@ -53,10 +61,15 @@ pub struct GnBwdBufs<'a, B> {
 
 /// The outputs of [`BackwardOps::group_norm_bwd`], each `[rows, C]`, overwritten.
 pub struct GnBwdGrads<'a, B> {
+    /// Gradient of the WKV output.
     pub dy: &'a mut B,
+    /// Gradient of r.
     pub dr: &'a mut B,
+    /// Gradient of k̃.
     pub dk: &'a mut B,
+    /// Gradient of v.
     pub dv: &'a mut B,
+    /// Gradient of the gate g.
     pub dg: &'a mut B,
 }
 
@@ -65,9 +78,13 @@ pub struct GnBwdGrads<'a, B> {
 /// per head, `centres [H, M, N]`, `gamma [H]` (`γ = 1/(2σ²)`) and the
 /// upscaled state `u [H, N, M]` (value-major).
 pub struct UpBufs<'a, B> {
+    /// Support vectors per head (M).
     pub m: usize,
+    /// Support vectors `[H, M, N]`.
     pub centres: &'a B,
+    /// RBF widths `[H]`.
     pub gamma: &'a B,
+    /// The upscaled state `[H, N, M]`, value-major.
     pub u: &'a B,
 }
 

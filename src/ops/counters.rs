@@ -21,7 +21,7 @@ macro_rules! ops {
     ($($v:ident => $s:literal,)*) => {
         /// The kinds of op launch that are counted.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum Op { $($v,)* }
+        pub enum Op { $(#[doc = $s] $v,)* }
         impl Op {
             /// Every kind, in counter order.
             pub const ALL: &'static [Op] = &[$(Op::$v,)*];

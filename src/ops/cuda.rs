@@ -47,7 +47,9 @@ fn addr<G>(o: &Option<(u64, G)>) -> u64 {
 
 /// A weight matrix on the GPU ([`DeviceOps::Mat`] of [`CudaOps`]).
 pub enum DevMat {
+    /// 32-bit float.
     F32(CudaSlice<f32>),
+    /// bf16 elements (for cuBLAS `GemmEx`).
     Bf16(CudaSlice<bf16>),
 }
 

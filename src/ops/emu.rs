@@ -20,6 +20,7 @@ use crate::params::{
 /// `gemm` the precision of the weight GEMMs (default f32).
 #[derive(Clone, Debug)]
 pub struct EmuOps {
+    /// Launch geometry of the emulated kernels.
     pub geom: Geom,
     /// Precision [`DeviceOps::upload_mat`] stores matrices in
     /// ([`DeviceOps::matmul_w`] follows the matrix it is given).

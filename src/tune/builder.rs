@@ -61,6 +61,7 @@ pub struct ObserverOptions {
 /// Everything that decides which engine a run gets.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineOptions {
+    /// Where the step runs.
     pub device: DeviceKind,
     /// WKV kernels of the device engines (a note on the CPU, which has its
     /// own recurrence).
@@ -70,6 +71,7 @@ pub struct EngineOptions {
     pub dbp: Option<(f64, f64)>,
     /// The kernel-upscaled state with M ≥ 1 support vectors per head.
     pub upscale: Option<usize>,
+    /// Soft targets from a stronger model, if any.
     pub observer: Option<ObserverOptions>,
     /// Start from this state file instead of zeros (with `upscale`: also
     /// from its upscale sidecar when it has one, M must match).
@@ -106,6 +108,7 @@ impl EngineBuilder {
         Ok(EngineBuilder { opts, gpu })
     }
 
+    /// The options this engine was built from.
     pub fn options(&self) -> &EngineOptions {
         &self.opts
     }
@@ -482,6 +485,7 @@ impl Tuning<'_> {
         self.engine.engine()
     }
 
+    /// The engine, to run steps on.
     pub fn engine_mut(&mut self) -> &mut dyn Engine {
         self.engine.engine_mut()
     }
@@ -563,8 +567,16 @@ impl Tuning<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Exported {
     /// The N×N states, and the sidecar with the kernel and `U`.
-    Upscaled { sidecar: PathBuf, m: usize },
+    Upscaled {
+        /// Path of the sidecar written.
+        sidecar: PathBuf,
+        /// Support vectors per head.
+        m: usize,
+    },
     /// The N×N states; `removed_sidecar` is the stale sidecar of an earlier
     /// upscaled run that was deleted.
-    Plain { removed_sidecar: Option<PathBuf> },
+    Plain {
+        /// The stale sidecar deleted, if there was one.
+        removed_sidecar: Option<PathBuf>,
+    },
 }

@@ -29,7 +29,9 @@ pub struct Checkpoint {
     pub params: Vec<Vec<f32>>,
     /// Adam first and second moments and update count.
     pub adam_m: Vec<Vec<f32>>,
+    /// Adam's second moments, per layer.
     pub adam_v: Vec<Vec<f32>>,
+    /// Adam's step count.
     pub adam_t: u64,
     /// Data loader position after the last step.
     pub loader: LoaderPos,

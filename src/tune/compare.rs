@@ -87,6 +87,7 @@ pub struct CompareConfig {
     pub seed: u64,
     /// Training / held-out examples of the synthetic task.
     pub n_train: usize,
+    /// Held-out examples.
     pub n_valid: usize,
     /// Held-out evaluation every this many steps (≥ 1).
     pub eval_every: u64,
@@ -99,16 +100,21 @@ pub struct CompareConfig {
     pub target: Option<f64>,
     /// DBP learning rate η and whitening κ.
     pub dbp_eta: f64,
+    /// DBP κ (mix of the two terms of the rule).
     pub dbp_kappa: f64,
     /// Support vectors per head of the upscaled state (M), and which head
     /// vectors k-means places them on.
     pub upscale_m: usize,
+    /// What the upscaled state is initialised from.
     pub upscale_source: HeadVector,
     /// Observer: layers of the stronger model, KL weight λ, temperature, and
     /// the steps its own state is tuned for before it teaches.
     pub observer_layers: usize,
+    /// Weight of the soft-target loss.
     pub observer_weight: f32,
+    /// Temperature of the soft targets.
     pub observer_temperature: f32,
+    /// Tuning steps of the observer's own state.
     pub observer_steps: u64,
     /// Positions carrying the KL term.
     pub observer_positions: KlPositions,
@@ -120,6 +126,7 @@ pub struct CompareConfig {
     /// `observer_labelled_only`, else on the whole training set (a stronger
     /// model that already does the task). `None`: all labelled.
     pub labelled: Option<usize>,
+    /// Whether the observer method sees the labelled examples only.
     pub observer_labelled_only: bool,
 }
 
@@ -196,6 +203,7 @@ impl CompareConfig {
 /// One method's result.
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// Which method this row is.
     pub method: Method,
     /// Trainable parameters.
     pub params: usize,
@@ -217,6 +225,7 @@ pub struct Row {
     /// Largest global gradient norm before clipping (after the 1/n mean),
     /// and the steps whose norm exceeded the clip.
     pub max_grad_norm: f64,
+    /// Steps whose gradient norm exceeded the clip.
     pub clipped_steps: u64,
     /// Wall time of the training steps and evaluations.
     pub seconds: f64,
@@ -225,6 +234,7 @@ pub struct Row {
 /// The comparison's result.
 #[derive(Clone, Debug)]
 pub struct Comparison {
+    /// The configuration the comparison ran.
     pub config: CompareConfig,
     /// Task and model description.
     pub task: String,
@@ -232,25 +242,32 @@ pub struct Comparison {
     pub observer: String,
     /// Held-out loss and accuracy of the untuned (zero-state) model.
     pub base_loss: f64,
+    /// Exact-match accuracy of the untuned model.
     pub base_accuracy: Option<f64>,
     /// The observer's own held-out loss and accuracy (after its tuning), and
     /// the seconds spent preparing it.
     pub observer_loss: f64,
+    /// The observer's exact-match accuracy.
     pub observer_accuracy: Option<f64>,
+    /// Seconds spent preparing the observer.
     pub observer_seconds: f64,
     /// The observer's soft targets on the training examples against their
     /// labels, rows `soft[t−1]`, `soft[t]` (as used), `soft[t+1]`; and on the
     /// held-out examples (`soft[t]`).
     pub observer_train_stats: [SoftStats; 3],
+    /// The observer's soft targets on the held-out examples (`soft[t]`).
     pub observer_valid_stats: SoftStats,
     /// Labelled training examples, unlabelled prompts given to the observer
     /// method, and the observer's greedy responses on them that equal the
     /// withheld reference.
     pub labelled: usize,
+    /// Unlabelled prompts given to the observer method.
     pub unlabelled: usize,
+    /// The observer's greedy responses that equal the withheld reference.
     pub greedy_hits: usize,
     /// The target used for "steps to reach".
     pub target: f64,
+    /// One row per method.
     pub rows: Vec<Row>,
 }
 

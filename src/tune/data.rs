@@ -62,7 +62,9 @@ pub enum Record {
     Text(Vec<u32>),
     /// Loss on the response tokens only.
     Pair {
+        /// Prompt tokens.
         prompt: Vec<u32>,
+        /// Response tokens.
         response: Vec<u32>,
     },
 }
@@ -71,7 +73,9 @@ pub enum Record {
 /// response).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
+    /// Prompt tokens.
     pub prompt: Vec<u32>,
+    /// Response tokens.
     pub response: Vec<u32>,
 }
 
@@ -79,7 +83,9 @@ pub struct Task {
 /// (if any) for exact-match accuracy.
 #[derive(Default)]
 pub struct Dataset {
+    /// Training examples.
     pub examples: Vec<Example>,
+    /// Prompt/response pairs for exact-match accuracy.
     pub tasks: Vec<Task>,
     /// Number of positions with a non-zero mask, over all examples.
     pub n_target_tokens: usize,
@@ -272,7 +278,9 @@ pub fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
 /// checkpoints so a resumed run sees exactly the same batches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoaderPos {
+    /// Epochs completed.
     pub epoch: u64,
+    /// Position in the current epoch.
     pub pos: u64,
 }
 

@@ -39,8 +39,11 @@ pub struct DbpReport {
 /// Decorrelation matrices, one `[N, N]` per layer and head (row-major, f64).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dbp {
+    /// Layers.
     pub n_layer: usize,
+    /// Heads per layer.
     pub n_head: usize,
+    /// Head size N.
     pub head_size: usize,
     /// Learning rate of the decorrelation rule.
     pub eta: f64,

@@ -254,6 +254,7 @@ pub struct DevGrad<B> {
     /// `[2]` on the device: the loss sum in slot 0 (slot 1 is left 0 for
     /// the engine's gradient sum of squares); [`DevGrad::loss`] downloads it.
     pub stats: B,
+    /// Tokens the loss is averaged over.
     pub n_tokens: f64,
     /// Per layer: d/d(att_x), d/d(ffn_x), d/d(wkv), on the device.
     pub grads: Vec<LStart<B>>,

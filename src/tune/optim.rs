@@ -39,10 +39,15 @@ impl std::str::FromStr for Decay {
 /// Learning-rate schedule over `total` steps (steps are numbered from 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Schedule {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Learning rate at the end of the decay.
     pub lr_final: f64,
+    /// Linear warm-up steps.
     pub warmup: u64,
+    /// Total steps (the decay ends here).
     pub total: u64,
+    /// Shape of the decay after warm-up.
     pub decay: Decay,
 }
 
@@ -90,8 +95,11 @@ impl Schedule {
 /// Adam / AdamW hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
+    /// First-moment decay β₁.
     pub beta1: f64,
+    /// Second-moment decay β₂.
     pub beta2: f64,
+    /// ε added to the denominator.
     pub eps: f64,
     /// Decoupled weight decay (AdamW); 0 gives Adam.
     pub weight_decay: f64,
@@ -112,6 +120,7 @@ impl Default for AdamConfig {
 /// the number of updates taken (for bias correction).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adam {
+    /// Hyper-parameters.
     pub cfg: AdamConfig,
     /// First moments, parallel to the parameter list.
     pub m: Vec<Vec<f32>>,

@@ -9,7 +9,9 @@ use crate::error::Result;
 /// An RGB image.
 #[derive(Clone, Debug)]
 pub struct Canvas {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
     /// Row-major RGB bytes.
     pub pixels: Vec<u8>,

@@ -144,8 +144,11 @@ pub struct Example {
 /// state, gathered over a batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DbpStats {
+    /// Layers.
     pub n_layer: usize,
+    /// Heads per layer.
     pub n_head: usize,
+    /// Head size N.
     pub head_size: usize,
     /// `[L, H, N, N]`: `Σ_t x_t x_tᵀ` (not divided by the count).
     pub second_moment: Vec<f64>,
@@ -369,8 +372,11 @@ pub(crate) fn effective_len(ex: &Example) -> usize {
 /// The fixed part of the kernel upscaling: support vectors and RBF widths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
+    /// Layers.
     pub n_layer: usize,
+    /// Heads per layer.
     pub n_head: usize,
+    /// Head size N.
     pub head_size: usize,
     /// Support vectors per head (M).
     pub m: usize,

@@ -42,6 +42,7 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Learning-rate schedule (its `total` should equal `steps`).
     pub schedule: Schedule,
+    /// Optimiser hyper-parameters.
     pub adam: AdamConfig,
     /// Clip gradients to this global norm (0 = no clipping).
     pub clip: f64,
@@ -52,6 +53,7 @@ pub struct TrainConfig {
     /// Checkpoint file (written atomically every `checkpoint_every` steps and
     /// at the end); `None` disables checkpoints.
     pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints (0 = none).
     pub checkpoint_every: u64,
     /// Continue from `checkpoint` if it exists.
     pub resume: bool,
@@ -204,6 +206,7 @@ pub fn default_grad_opts() -> GradOpts {
 /// Fills `Example::soft` (per-position next-token probabilities `[T, V]`)
 /// for observer / distillation training.
 pub trait SoftTargets: Sync {
+    /// Fills `batch` with the next examples.
     fn fill(&self, batch: &mut [Example]) -> Result<()>;
 }
 
@@ -211,6 +214,7 @@ pub trait SoftTargets: Sync {
 /// target: the "observer" of arXiv 2504.05097 as read in
 /// docs/state-tuning.md. Its vocabulary must equal the tuned model's.
 pub struct Observer {
+    /// The frozen model.
     pub model: Model,
     /// Softmax temperature applied to the observer's logits.
     pub temperature: f32,
@@ -246,12 +250,15 @@ impl SoftTargets for Observer {
 
 /// Result of a run.
 pub struct TrainReport {
+    /// The tuned state.
     pub state: TunedState,
     /// Validation on the zero state and after tuning (when a valid set is given).
     pub before: Option<EvalResult>,
+    /// Validation after the last step, if run.
     pub after: Option<EvalResult>,
     /// Steps done in total, and the step the run resumed from.
     pub steps: u64,
+    /// The checkpoint step the run resumed from, if any.
     pub resumed_from: Option<u64>,
     /// Train loss per step (all steps, including those before a resume).
     pub history: Vec<f32>,
@@ -259,6 +266,7 @@ pub struct TrainReport {
     pub valid_history: Vec<(u64, f64)>,
     /// Wall time of this invocation's training steps, and token throughput.
     pub seconds: f64,
+    /// Training throughput, tokens per second (on the machine that ran it).
     pub tokens_per_sec: f64,
     /// The run stopped early at `steps` because [`request_stop`] was
     /// called (Ctrl-C); the checkpoint holds that step, and `after` is not

@@ -78,6 +78,28 @@ pub fn forward_backward<X: IoType>(
     Ok((Outputs { y, h_t }, g))
 }
 
+/// Runs the emulated `ver` kernel for `dir` and `dtype` with parameters
+/// whose pointers are host addresses: the emulator's counterpart of
+/// `super::cuda::Wkv7Kernels::launch_raw` (feature `cuda`), with the same checks of the
+/// sizes, `chunk` and `n_chunks` ([`super::raw_dims`]).
+///
+/// # Safety
+/// Every non-zero address in `p` must be host memory of the size
+/// `kernels/params.h` documents for the sizes in `p` and version `ver`,
+/// valid for the duration of the call, with the outputs not aliased.
+pub unsafe fn launch_raw(
+    ver: Version,
+    dir: Dir,
+    dtype: crate::dtype::DType,
+    p: &crate::params::Wkv7Params,
+) -> Result<()> {
+    let d = super::raw_dims(ver, p)?;
+    let name = ver.kernel_name(dir, dtype, d.n)?;
+    let (g, b) = ver.launch_dims(&d);
+    // SAFETY: forwarded from the caller; the sizes were checked above.
+    unsafe { crate::emu::launch_wkv7(&name, g, b, p) }
+}
+
 fn set_inputs<X>(p: &mut crate::params::Wkv7Params, x: &Inputs<X>) {
     p.r = addr(x.r);
     p.w = addr(x.w);

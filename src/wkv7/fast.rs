@@ -29,11 +29,17 @@ pub fn ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
 
 /// The inputs of one problem `[B, T, H, N]`.
 pub struct Inputs<'a> {
+    /// Receptance `[B, T, H, N]`.
     pub r: &'a [f32],
+    /// Per-step decay in (0, 1] `[B, T, H, N]`.
     pub w: &'a [f32],
+    /// Key `[B, T, H, N]`.
     pub k: &'a [f32],
+    /// Value `[B, T, H, N]`.
     pub v: &'a [f32],
+    /// In-context learning term `a` (the model passes −κ̂) `[B, T, H, N]`.
     pub a: &'a [f32],
+    /// In-context learning term `b` (the model passes κ̂ ⊙ α) `[B, T, H, N]`.
     pub b: &'a [f32],
 }
 

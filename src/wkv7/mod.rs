@@ -4,8 +4,8 @@
 //! | backend | module | what runs |
 //! |---|---|---|
 //! | [`Backend::Cpu`] | [`reference`](mod@reference) | Rust loops (f32 here; f64 available for tests) |
-//! | [`Backend::Emu`] | [`emu`] | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
-//! | [`Backend::Cuda`] | [`cuda`] | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
+//! | `Backend::Emu` (feature `emu`) | `emu` | `kernels/wkv7_v1.cu` compiled for the CPU (emulation header) |
+//! | `Backend::Cuda` (feature `cuda`) | `cuda` | `kernels/wkv7_v1.cu` on an NVIDIA GPU through cudarc |
 //!
 //! Shapes and layouts (every backend):
 //!
@@ -18,23 +18,32 @@
 //!
 //! w is the per-step decay in (0, 1] (not a log or logit). The v1 kernels and
 //! the reference never divide by w, so no lower bound on w is needed.
+#[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "emu")]
 pub mod emu;
+#[cfg(feature = "model")]
 pub mod fast;
 pub mod reference;
+#[doc(hidden)]
 pub mod testdata;
 pub mod v2;
 
 use crate::dtype::IoType;
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 /// Problem sizes: batch B, sequence length T, heads H, head size N.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Batch size B.
     pub b: usize,
+    /// Sequence length T.
     pub t: usize,
+    /// Number of heads H.
     pub h: usize,
+    /// Head size N (the kernels take 32, 64 or 128).
     pub n: usize,
 }
 
@@ -98,12 +107,19 @@ pub(crate) fn check_len<T>(name: &str, data: &[T], shape: &[usize]) -> Result<()
 /// Forward inputs. r … b `[B, T, H, N]`; h0 `[B, H, N, N]` (None = zero state).
 #[derive(Clone, Copy)]
 pub struct Inputs<'a, X> {
+    /// Receptance `[B, T, H, N]`.
     pub r: &'a [X],
+    /// Per-step decay in (0, 1] `[B, T, H, N]`.
     pub w: &'a [X],
+    /// Key `[B, T, H, N]`.
     pub k: &'a [X],
+    /// Value `[B, T, H, N]`.
     pub v: &'a [X],
+    /// In-context learning term `a` (the model passes −κ̂) `[B, T, H, N]`.
     pub a: &'a [X],
+    /// In-context learning term `b` (the model passes κ̂ ⊙ α) `[B, T, H, N]`.
     pub b: &'a [X],
+    /// Initial state `[B, H, N, N]` (None = zero).
     pub h0: Option<&'a [f32]>,
 }
 
@@ -132,7 +148,9 @@ impl<X> Inputs<'_, X> {
 /// Backward inputs: dy `[B, T, H, N]`; dh_t `[B, H, N, N]` (None = zero).
 #[derive(Clone, Copy)]
 pub struct GradInputs<'a, X> {
+    /// Gradient of the loss with respect to y `[B, T, H, N]`.
     pub dy: &'a [X],
+    /// Gradient on the final state `[B, H, N, N]` (None = zero).
     pub dh_t: Option<&'a [f32]>,
 }
 
@@ -150,19 +168,28 @@ impl<X> GradInputs<'_, X> {
 /// Forward outputs: y `[B, T, H, N]`, h_t `[B, H, N, N]`.
 #[derive(Clone, Debug)]
 pub struct Outputs<X> {
+    /// Output `[B, T, H, N]`.
     pub y: Vec<X>,
+    /// Final state `[B, H, N, N]`.
     pub h_t: Vec<f32>,
 }
 
 /// Gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]`.
 #[derive(Clone, Debug)]
 pub struct Grads<X> {
+    /// Gradient of r.
     pub dr: Vec<X>,
+    /// Gradient of w.
     pub dw: Vec<X>,
+    /// Gradient of k.
     pub dk: Vec<X>,
+    /// Gradient of v.
     pub dv: Vec<X>,
+    /// Gradient of a.
     pub da: Vec<X>,
+    /// Gradient of b.
     pub db: Vec<X>,
+    /// Gradient of the initial state `[B, H, N, N]`.
     pub dh0: Vec<f32>,
 }
 
@@ -172,8 +199,10 @@ pub enum Backend {
     /// The Rust reference in f32 (multi-threaded over (b, h)).
     Cpu,
     /// The CUDA kernel source run on the CPU under the emulation header.
+    #[cfg(feature = "emu")]
     Emu,
     /// The CUDA kernels on a GPU.
+    #[cfg(feature = "cuda")]
     Cuda(Arc<crate::cuda::Gpu>),
 }
 
@@ -182,7 +211,9 @@ impl Backend {
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "cpu" => Ok(Backend::Cpu),
+            #[cfg(feature = "emu")]
             "emu" => Ok(Backend::Emu),
+            #[cfg(feature = "cuda")]
             "cuda" => Ok(Backend::Cuda(Arc::new(crate::cuda::Gpu::new(0)?))),
             other => Err(Error::Invalid(format!(
                 "unknown backend `{other}` (expected cpu, emu or cuda)"
@@ -194,7 +225,9 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            #[cfg(feature = "emu")]
             Backend::Emu => "emu",
+            #[cfg(feature = "cuda")]
             Backend::Cuda(_) => "cuda",
         }
     }
@@ -211,7 +244,9 @@ impl Backend {
                     h_t,
                 })
             }
+            #[cfg(feature = "emu")]
             Backend::Emu => emu::forward(Version::V1, d, x),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(gpu) => cuda::forward_host(gpu, Version::V1, d, x),
         }
     }
@@ -246,7 +281,9 @@ impl Backend {
                     },
                 ))
             }
+            #[cfg(feature = "emu")]
             Backend::Emu => emu::forward_backward(Version::V1, d, x, g),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(gpu) => cuda::forward_backward_host(gpu, Version::V1, d, x, g),
         }
     }
@@ -286,7 +323,9 @@ fn widen<'a, X: IoType>(x: &Inputs<'a, X>) -> Widened<'a> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Version {
     #[default]
+    /// FMA kernels, one thread per value row, any w in (0, 1], N = 32, 64, 128.
     V1,
+    /// Chunked tensor-core kernels (N = 32, 64, w ≥ `v2::W_MIN`).
     V2,
 }
 
@@ -384,7 +423,9 @@ impl Backend {
     ) -> Result<Outputs<X>> {
         x.check(d)?;
         match (self, version.effective(d, x.w)) {
+            #[cfg(feature = "emu")]
             (Backend::Emu, Version::V2) => emu::forward(Version::V2, d, x),
+            #[cfg(feature = "cuda")]
             (Backend::Cuda(gpu), Version::V2) => cuda::forward_host(gpu, Version::V2, d, x),
             _ => self.forward(d, x),
         }
@@ -401,7 +442,9 @@ impl Backend {
         x.check(d)?;
         g.check(d)?;
         match (self, version.effective(d, x.w)) {
+            #[cfg(feature = "emu")]
             (Backend::Emu, Version::V2) => emu::forward_backward(Version::V2, d, x, g),
+            #[cfg(feature = "cuda")]
             (Backend::Cuda(gpu), Version::V2) => {
                 cuda::forward_backward_host(gpu, Version::V2, d, x, g)
             }
@@ -410,19 +453,24 @@ impl Backend {
     }
 }
 
-/// What a benchmark times (see [`crate::bench`]): the forward, the
+/// What a benchmark times (see `crate::bench`, feature `model`): the forward, the
 /// backward, or both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "model", derive(serde::Serialize))]
 pub enum Pass {
-    #[serde(rename = "forward")]
+    /// The forward alone.
+    #[cfg_attr(feature = "model", serde(rename = "forward"))]
     Forward,
-    #[serde(rename = "backward")]
+    /// The backward alone (after an untimed forward saved the checkpoints).
+    #[cfg_attr(feature = "model", serde(rename = "backward"))]
     Backward,
-    #[serde(rename = "forward+backward")]
+    /// The forward then the backward.
+    #[cfg_attr(feature = "model", serde(rename = "forward+backward"))]
     ForwardBackward,
 }
 
 impl Pass {
+    /// The name used in benchmark tables and JSON.
     pub fn name(self) -> &'static str {
         match self {
             Pass::Forward => "forward",
@@ -435,7 +483,9 @@ impl Pass {
 /// Which kernel: forward or backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
+    /// The forward kernel.
     Fwd,
+    /// The backward kernel.
     Bwd,
 }
 
@@ -454,6 +504,31 @@ pub fn kernel_name(dir: Dir, dtype: crate::dtype::DType, n: usize) -> Result<Str
 /// Launch geometry of the v1 kernels: grid (H, B), block N.
 pub fn launch_dims(d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((d.h as u32, d.b as u32, 1), (d.n as u32, 1, 1))
+}
+
+/// The sizes of a filled [`crate::params::Wkv7Params`] for version `ver`,
+/// checked: every size valid ([`Dims::validate`]) and `chunk` / `n_chunks`
+/// those of `ver` ([`Version::base_params`] fills them). Shared by the raw
+/// launches of the emulated and CUDA backends.
+pub fn raw_dims(ver: Version, p: &crate::params::Wkv7Params) -> Result<Dims> {
+    let size = |name: &str, x: i32| {
+        usize::try_from(x).map_err(|_| Error::Invalid(format!("Wkv7Params: {name} = {x} < 0")))
+    };
+    let d = Dims {
+        b: size("B", p.B)?,
+        t: size("T", p.T)?,
+        h: size("H", p.H)?,
+        n: size("N", p.N)?,
+    };
+    d.validate()?;
+    let want = ver.base_params(&d);
+    if p.chunk != want.chunk || p.n_chunks != want.n_chunks {
+        return Err(Error::Invalid(format!(
+            "Wkv7Params: chunk = {} / n_chunks = {} do not match the {ver:?} kernels ({} / {})",
+            p.chunk, p.n_chunks, want.chunk, want.n_chunks
+        )));
+    }
+    Ok(d)
 }
 
 /// Number of saved states (chunks of [`crate::params::WKV7_V1_CHUNK`] tokens).

@@ -22,7 +22,21 @@
 //! ```
 use super::{check_len, Dims};
 use crate::error::Result;
-use rayon::prelude::*;
+
+/// Runs `f` for every (b, h) index `0..count` and collects the results in
+/// order: on rayon's pool with feature `model`, one after the other in the
+/// lean build (which has no thread pool dependency).
+fn per_head<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    #[cfg(feature = "model")]
+    {
+        use rayon::prelude::*;
+        (0..count).into_par_iter().map(f).collect()
+    }
+    #[cfg(not(feature = "model"))]
+    {
+        (0..count).map(f).collect()
+    }
+}
 
 /// The float types the reference runs in.
 pub trait Real:
@@ -35,7 +49,9 @@ pub trait Real:
     + std::ops::AddAssign
     + 'static
 {
+    /// Converts from f64 (rounding for f32).
     fn from_f64(x: f64) -> Self;
+    /// Widens to f64.
     fn to_f64(self) -> f64;
 }
 impl Real for f32 {
@@ -58,24 +74,38 @@ impl Real for f64 {
 /// Reference inputs: r, w, k, v, a, b `[B, T, H, N]`; h0 `[B, H, N, N]`.
 #[derive(Clone, Copy)]
 pub struct RefInputs<'a, F> {
+    /// Receptance `[B, T, H, N]`.
     pub r: &'a [F],
+    /// Per-step decay in (0, 1] `[B, T, H, N]`.
     pub w: &'a [F],
+    /// Key `[B, T, H, N]`.
     pub k: &'a [F],
+    /// Value `[B, T, H, N]`.
     pub v: &'a [F],
+    /// In-context learning term `a` (the model passes −κ̂) `[B, T, H, N]`.
     pub a: &'a [F],
+    /// In-context learning term `b` (the model passes κ̂ ⊙ α) `[B, T, H, N]`.
     pub b: &'a [F],
+    /// Initial state `[B, H, N, N]` (None = zero).
     pub h0: Option<&'a [F]>,
 }
 
 /// Reference gradients: dr … db `[B, T, H, N]`, dh0 `[B, H, N, N]`.
 #[derive(Clone, Debug, Default)]
 pub struct RefGrads<F> {
+    /// Gradient of r.
     pub dr: Vec<F>,
+    /// Gradient of w.
     pub dw: Vec<F>,
+    /// Gradient of k.
     pub dk: Vec<F>,
+    /// Gradient of v.
     pub dv: Vec<F>,
+    /// Gradient of a.
     pub da: Vec<F>,
+    /// Gradient of b.
     pub db: Vec<F>,
+    /// Gradient of the initial state `[B, H, N, N]`.
     pub dh0: Vec<F>,
 }
 
@@ -168,13 +198,10 @@ impl<F> RefInputs<'_, F> {
 pub fn forward<F: Real>(d: &Dims, x: &RefInputs<F>) -> Result<(Vec<F>, Vec<F>)> {
     x.check(d)?;
     let n = d.n;
-    let per: Vec<(Vec<F>, Vec<F>)> = (0..d.b * d.h)
-        .into_par_iter()
-        .map(|bh| {
-            let (y, s, _) = fwd_one(d, x, bh / d.h, bh % d.h, false);
-            (y, s)
-        })
-        .collect();
+    let per: Vec<(Vec<F>, Vec<F>)> = per_head(d.b * d.h, |bh| {
+        let (y, s, _) = fwd_one(d, x, bh / d.h, bh % d.h, false);
+        (y, s)
+    });
     let mut y = vec![F::default(); d.seq_len()];
     let mut h_t = vec![F::default(); d.state_len()];
     for (bh, (yy, s)) in per.into_iter().enumerate() {
@@ -203,77 +230,74 @@ pub fn backward<F: Real>(
     }
     let n = d.n;
     type One<F> = (Vec<[F; 6]>, Vec<F>);
-    let per: Vec<One<F>> = (0..d.b * d.h)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / d.h, bh % d.h);
-            let (_, states, sas) = fwd_one(d, x, b, h, true);
-            let mut ds = vec![F::default(); n * n];
-            if let Some(g) = dh_t {
-                ds.copy_from_slice(&g[bh * n * n..(bh + 1) * n * n]);
-            }
-            // per (t, i): [dr, dw, dk, dv, da, db]
-            let mut g = vec![[F::default(); 6]; d.t * n];
-            let mut dsa = vec![F::default(); n];
-            for t in (0..d.t).rev() {
-                let o = at(d, b, t, h, 0);
-                let (r, w, k, v, a, bb) = (
-                    &x.r[o..o + n],
-                    &x.w[o..o + n],
-                    &x.k[o..o + n],
-                    &x.v[o..o + n],
-                    &x.a[o..o + n],
-                    &x.b[o..o + n],
-                );
-                let dyt = &dy[o..o + n];
-                let s_prev = &states[t * n * n..(t + 1) * n * n];
-                let s_cur = &states[(t + 1) * n * n..(t + 2) * n * n];
-                let sa = &sas[t * n..(t + 1) * n];
-                for i in 0..n {
-                    for j in 0..n {
-                        ds[i * n + j] += dyt[i] * r[j];
-                    }
-                }
-                for i in 0..n {
-                    let (mut dv, mut dsai) = (F::default(), F::default());
-                    for j in 0..n {
-                        dv += ds[i * n + j] * k[j];
-                        dsai += ds[i * n + j] * bb[j];
-                    }
-                    g[t * n + i][3] = dv;
-                    dsa[i] = dsai;
-                }
+    let per: Vec<One<F>> = per_head(d.b * d.h, |bh| {
+        let (b, h) = (bh / d.h, bh % d.h);
+        let (_, states, sas) = fwd_one(d, x, b, h, true);
+        let mut ds = vec![F::default(); n * n];
+        if let Some(g) = dh_t {
+            ds.copy_from_slice(&g[bh * n * n..(bh + 1) * n * n]);
+        }
+        // per (t, i): [dr, dw, dk, dv, da, db]
+        let mut g = vec![[F::default(); 6]; d.t * n];
+        let mut dsa = vec![F::default(); n];
+        for t in (0..d.t).rev() {
+            let o = at(d, b, t, h, 0);
+            let (r, w, k, v, a, bb) = (
+                &x.r[o..o + n],
+                &x.w[o..o + n],
+                &x.k[o..o + n],
+                &x.v[o..o + n],
+                &x.a[o..o + n],
+                &x.b[o..o + n],
+            );
+            let dyt = &dy[o..o + n];
+            let s_prev = &states[t * n * n..(t + 1) * n * n];
+            let s_cur = &states[(t + 1) * n * n..(t + 2) * n * n];
+            let sa = &sas[t * n..(t + 1) * n];
+            for i in 0..n {
                 for j in 0..n {
-                    let (mut dr, mut dk, mut db, mut dw, mut da) = (
-                        F::default(),
-                        F::default(),
-                        F::default(),
-                        F::default(),
-                        F::default(),
-                    );
-                    for i in 0..n {
-                        dr += dyt[i] * s_cur[i * n + j];
-                        dk += ds[i * n + j] * v[i];
-                        db += ds[i * n + j] * sa[i];
-                        dw += ds[i * n + j] * s_prev[i * n + j];
-                        da += dsa[i] * s_prev[i * n + j];
-                    }
-                    let e = &mut g[t * n + j];
-                    e[0] = dr;
-                    e[1] = dw;
-                    e[2] = dk;
-                    e[4] = da;
-                    e[5] = db;
-                }
-                for i in 0..n {
-                    for j in 0..n {
-                        ds[i * n + j] = ds[i * n + j] * w[j] + dsa[i] * a[j];
-                    }
+                    ds[i * n + j] += dyt[i] * r[j];
                 }
             }
-            (g, ds)
-        })
-        .collect();
+            for i in 0..n {
+                let (mut dv, mut dsai) = (F::default(), F::default());
+                for j in 0..n {
+                    dv += ds[i * n + j] * k[j];
+                    dsai += ds[i * n + j] * bb[j];
+                }
+                g[t * n + i][3] = dv;
+                dsa[i] = dsai;
+            }
+            for j in 0..n {
+                let (mut dr, mut dk, mut db, mut dw, mut da) = (
+                    F::default(),
+                    F::default(),
+                    F::default(),
+                    F::default(),
+                    F::default(),
+                );
+                for i in 0..n {
+                    dr += dyt[i] * s_cur[i * n + j];
+                    dk += ds[i * n + j] * v[i];
+                    db += ds[i * n + j] * sa[i];
+                    dw += ds[i * n + j] * s_prev[i * n + j];
+                    da += dsa[i] * s_prev[i * n + j];
+                }
+                let e = &mut g[t * n + j];
+                e[0] = dr;
+                e[1] = dw;
+                e[2] = dk;
+                e[4] = da;
+                e[5] = db;
+            }
+            for i in 0..n {
+                for j in 0..n {
+                    ds[i * n + j] = ds[i * n + j] * w[j] + dsa[i] * a[j];
+                }
+            }
+        }
+        (g, ds)
+    });
     let z = || vec![F::default(); d.seq_len()];
     let mut out = RefGrads {
         dr: z(),

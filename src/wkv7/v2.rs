@@ -11,8 +11,8 @@
 //! host-data entry points ([`Backend::forward_v`](super::Backend::forward_v))
 //! check the bound on the w they are given and run v1 when it does not hold
 //! (or the head size is not 32/64); the device-buffer entry points
-//! ([`super::cuda::forward_dev_v`], [`super::cuda::launch_raw_v`]) trust the
-//! caller. Launching is the shared code of [`super::emu`] and [`super::cuda`],
+//! (`super::cuda::forward_dev_v`, `super::cuda::launch_raw_v`) trust the
+//! caller. Launching is the shared code of `super::emu` and `super::cuda`,
 //! parameterised by [`super::Version`].
 use super::{Dims, Dir};
 use crate::dtype::{DType, IoType};
