@@ -633,3 +633,25 @@ fn cuda_dbp_update_matches_the_f64_host_update() {
         Err(e) => rwkv_tune::cuda::skip_gpu("DBP update on cuda", &e),
     }
 }
+
+/// A step larger than the backend's memory is refused before anything is
+/// allocated, with a message that names the plan and the way out; a normal
+/// one fits (cpu backend: the host's available memory).
+#[test]
+fn a_step_beyond_memory_is_refused_before_allocating() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 2).unwrap();
+    let t = DeviceTuner::new(CpuOps::new(), &w).unwrap();
+    // 4096 × 65536 tokens: hundreds of GiB of activations
+    let before = t.ops().counters().snapshot();
+    match t.workspace(4096, 1 << 16, false, false) {
+        Err(rwkv_tune::Error::Invalid(m)) => {
+            assert!(m.contains("needs") && m.contains("--recompute"), "{m}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a step of 4096 × 65536 tokens was planned"),
+    }
+    let d = t.ops().counters().snapshot().since(&before);
+    assert_eq!(d.allocs, 0, "allocated before refusing");
+    assert!(t.workspace(2, 16, false, false).is_ok());
+}

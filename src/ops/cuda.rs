@@ -224,6 +224,10 @@ const F32_BYTES: u64 = 4;
 impl DeviceOps for CudaOps {
     type Buf = CudaSlice<f32>;
 
+    fn check_memory(&self, what: &str, bytes: u64) -> Result<()> {
+        self.gpu().check_memory(what, bytes)
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }

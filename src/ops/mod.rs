@@ -381,6 +381,13 @@ pub trait DeviceOps {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    /// Refuses a plan of `bytes` more than the backend's memory can hold
+    /// (host backends: the host's available memory; CUDA: the device's free
+    /// memory), so a too-large problem is a clear error before anything is
+    /// allocated; `what` names the plan.
+    fn check_memory(&self, what: &str, bytes: u64) -> Result<()> {
+        crate::guard::check_host_memory(what, bytes)
+    }
 
     /// Token ids on the device (uploaded once; each id must be `< bound`).
     fn ids(&self, h: &[u32], bound: usize) -> Result<Ids<Self::Buf>> {

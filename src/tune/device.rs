@@ -165,6 +165,23 @@ impl<B> StepWs<B> {
     }
 }
 
+/// The memory check before a workspace is allocated: the planned bytes
+/// against what the backend has ([`crate::ops::DeviceOps::check_memory`]).
+fn check_plan<O: BackwardOps>(
+    t: &DeviceTuner<O>,
+    b: usize,
+    tt: usize,
+    policy: Recompute,
+) -> Result<()> {
+    let what = format!(
+        "a tuning step of {b} × {tt} tokens (--recompute {}; try --recompute layer, a smaller \
+         --batch or --ctx)",
+        policy.name()
+    );
+    t.ops
+        .check_memory(&what, t.plan_bytes(b, tt, policy) as u64)
+}
+
 /// Sequences with a masked position and the longest effective length.
 fn batch_shape(batch: &[Example]) -> (usize, usize) {
     batch
@@ -539,6 +556,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             cfg.vocab,
         );
         let (b, t) = (b.max(1), t.max(1));
+        check_plan(self, b, t, policy)?;
         let rows = b * t;
         let tc = rows * c;
         let hnn = h * n * n;
