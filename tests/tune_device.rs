@@ -655,3 +655,41 @@ fn a_step_beyond_memory_is_refused_before_allocating() {
     assert_eq!(d.allocs, 0, "allocated before refusing");
     assert!(t.workspace(2, 16, false, false).is_ok());
 }
+
+/// The CPU engine cuts a batch into a fixed number of parts run on the
+/// host's threads: two steps give bit-identical parameters on 1 and on 3
+/// threads (the split depends on the batch only).
+#[test]
+fn cpu_steps_are_bit_identical_on_any_thread_count() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 31).unwrap();
+    let mut rng = Rng(32);
+    let init = random_state(&cfg, true, 0.2, &mut rng);
+    let batch: Vec<Example> = (0..5)
+        .map(|i| random_example(6 + i, cfg.vocab, i % 2 == 0, false, &mut rng))
+        .collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut e = DeviceEngine::new(
+                CpuOps::new(),
+                &w,
+                &init,
+                AdamConfig::default(),
+                Some((0.05, 0.5)),
+                GradOpts::default(),
+            )
+            .unwrap();
+            let a = e.step(&batch, 0.05, 1.0).unwrap();
+            let b = e.step(&batch[1..], 0.05, 1.0).unwrap();
+            (a, b, e.save().unwrap())
+        })
+    };
+    let (a1, b1, s1) = run(1);
+    let (a3, b3, s3) = run(3);
+    assert_eq!((a1, b1), (a3, b3));
+    assert_eq!(s1, s3);
+}

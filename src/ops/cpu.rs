@@ -18,10 +18,14 @@ use std::marker::PhantomData;
 
 use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
 use super::backward_ref::{self as bref, AdamStep};
-use super::{counters, gemm, par_rows, reference, Act, BonusBufs, DeviceOps, GemmPrecision};
+use super::{
+    counters, gemm, par_rows, reference, row_pieces, split_rows, Act, BonusBufs, DeviceOps,
+    GemmPrecision,
+};
 use crate::error::Result;
 use crate::real::Real;
 use crate::wkv7::{self, reference::RefInputs, Dims};
+use rayon::prelude::*;
 
 /// The float types [`CpuOps`] runs in, with the WKV implementation each
 /// uses: `f32` the chunked, checkpointing [`crate::wkv7::fast`]; `f64` the
@@ -148,6 +152,12 @@ impl CpuReal for f64 {
     }
 }
 
+/// Parts a tuning step cuts a batch of several sequences into on the CPU
+/// ([`DeviceOps::host_parts`]): run at once on rayon's threads, each a
+/// batched step of its own (as many as the 2-core machines CI and
+/// development run on, times two, so the parts also balance on 4 cores).
+pub const HOST_PARTS: usize = 4;
+
 /// The operations on the CPU in float type `R` (f32 by default).
 #[derive(Clone, Debug, Default)]
 pub struct CpuOps<R = f32> {
@@ -222,6 +232,9 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+    fn host_parts(&self) -> usize {
+        HOST_PARTS
     }
     fn len(&self, b: &Vec<R>) -> usize {
         b.len()
@@ -354,13 +367,20 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         bonus: Option<BonusBufs<'_, Vec<R>>>,
         g: Option<&Vec<R>>,
     ) -> Result<()> {
-        let bonus = bonus.map(|b| reference::Bonus {
-            r: b.r,
-            k: b.k,
-            v: b.v,
-            r_k: b.r_k,
+        let c = h * n;
+        let pcs = row_pieces(rows, c);
+        let xs = split_rows(x, &pcs, c);
+        pcs.par_iter().zip(xs).for_each(|(&(r0, nr), xr)| {
+            let o = r0 * c;
+            let bonus = bonus.as_ref().map(|b| reference::Bonus {
+                r: &b.r[o..],
+                k: &b.k[o..],
+                v: &b.v[o..],
+                r_k: b.r_k,
+            });
+            let g = g.map(|v| &v[o..]);
+            reference::group_norm(xr, nr, h, n, eps, weight, bias, bonus, g);
         });
-        reference::group_norm(x, rows, h, n, eps, weight, bias, bonus, g.map(|v| &v[..]));
         Ok(())
     }
     unsafe fn raw_kk_prep(
@@ -377,7 +397,21 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         a: &mut Vec<R>,
         b: &mut Vec<R>,
     ) -> Result<()> {
-        reference::kk_prep(rows, h, n, k, da, a0, k_k, k_a, k_out, a, b);
+        let c = h * n;
+        let pcs = row_pieces(rows, c);
+        let (ko, aa, bb) = (
+            split_rows(k_out, &pcs, c),
+            split_rows(a, &pcs, c),
+            split_rows(b, &pcs, c),
+        );
+        pcs.par_iter()
+            .zip(ko)
+            .zip(aa)
+            .zip(bb)
+            .for_each(|(((&(r0, nr), ko), aa), bb)| {
+                let o = r0 * c;
+                reference::kk_prep(nr, h, n, &k[o..], &da[o..], a0, k_k, k_a, ko, aa, bb);
+            });
         Ok(())
     }
     unsafe fn raw_token_shift(
@@ -391,17 +425,17 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         n_mix: usize,
         out: &mut Vec<R>,
     ) -> Result<()> {
-        for i in 0..b {
-            reference::token_shift(
-                t,
-                c,
-                &x[i * t * c..],
-                &mut state[i * c..],
-                mu,
-                n_mix,
-                &mut out[i * t * n_mix * c..],
-            );
-        }
+        let pcs: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
+        let (ss, os) = (
+            split_rows(state, &pcs, c),
+            split_rows(out, &pcs, t * n_mix * c),
+        );
+        ss.into_par_iter()
+            .zip(os)
+            .enumerate()
+            .for_each(|(i, (st, o))| {
+                reference::token_shift(t, c, &x[i * t * c..], st, mu, n_mix, o);
+            });
         Ok(())
     }
     unsafe fn raw_act(
@@ -426,11 +460,14 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         v0: &Vec<R>,
         dv: &Vec<R>,
     ) -> Result<()> {
-        reference::value_residual(c, v, v_first, v0, dv);
+        let rows = v.len() / c;
+        par_rows(rows, c, v, |r0, _, vr| {
+            reference::value_residual(c, vr, &v_first[r0 * c..], v0, &dv[r0 * c..])
+        });
         Ok(())
     }
     unsafe fn raw_add(&self, n: usize, x: &mut Vec<R>, y: &Vec<R>) -> Result<()> {
-        reference::add(&mut x[..n], &y[..n]);
+        par_rows(n, 1, x, |i0, ni, xr| reference::add(xr, &y[i0..i0 + ni]));
         Ok(())
     }
     unsafe fn raw_wkv(
@@ -528,7 +565,6 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         if t == 0 {
             return Ok(());
         }
-        use rayon::prelude::*;
         dstate[..b * c]
             .par_chunks_mut(c)
             .zip(dx[..b * tc].par_chunks_mut(tc))
@@ -638,7 +674,26 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
             d_a: x.d_a,
             d_b: x.d_b,
         };
-        bref::kk_prep_bwd(rows, h, n, &r, dk, dda);
+        let c = h * n;
+        let pcs = row_pieces(rows, c);
+        let (ks, ds) = (split_rows(dk, &pcs, c), split_rows(dda, &pcs, c));
+        pcs.par_iter()
+            .zip(ks)
+            .zip(ds)
+            .for_each(|((&(r0, nr), dk), dda)| {
+                let o = r0 * c;
+                let r = bref::KkBwd {
+                    k: &r.k[o..],
+                    da: &r.da[o..],
+                    a0: r.a0,
+                    k_k: r.k_k,
+                    k_a: r.k_a,
+                    d_kout: &r.d_kout[o..],
+                    d_a: &r.d_a[o..],
+                    d_b: &r.d_b[o..],
+                };
+                bref::kk_prep_bwd(nr, h, n, &r, dk, dda);
+            });
         Ok(())
     }
     unsafe fn raw_value_residual_bwd(
@@ -653,7 +708,25 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         dvf: &mut Vec<R>,
         ddv: &mut Vec<R>,
     ) -> Result<()> {
-        bref::value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv);
+        if n % c != 0 {
+            bref::value_residual_bwd(n, c, vraw, v_first, v0, dvp, dv, dvf, ddv);
+            return Ok(());
+        }
+        let pcs = row_pieces(n / c, c);
+        let (a, b, d) = (
+            split_rows(dv, &pcs, c),
+            split_rows(dvf, &pcs, c),
+            split_rows(ddv, &pcs, c),
+        );
+        pcs.par_iter()
+            .zip(a)
+            .zip(b)
+            .zip(d)
+            .for_each(|(((&(r0, nr), dv), dvf), ddv)| {
+                let o = r0 * c;
+                let (vr, vf, dp) = (&vraw[o..], &v_first[o..], &dvp[o..]);
+                bref::value_residual_bwd(nr * c, c, vr, vf, v0, dp, dv, dvf, ddv);
+            });
         Ok(())
     }
     unsafe fn raw_group_norm_bwd(
@@ -676,20 +749,31 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
             g: x.g,
             dout: x.dout,
         };
-        bref::group_norm_bwd(
-            rows,
-            h,
-            n,
-            eps,
-            &r,
-            bref::GnBwdOut {
-                dy: g.dy,
-                dr: g.dr,
-                dk: g.dk,
-                dv: g.dv,
-                dg: g.dg,
-            },
-        );
+        let c = h * n;
+        let pcs = row_pieces(rows, c);
+        let outs = split_rows(g.dy, &pcs, c)
+            .into_iter()
+            .zip(split_rows(g.dr, &pcs, c))
+            .zip(split_rows(g.dk, &pcs, c))
+            .zip(split_rows(g.dv, &pcs, c))
+            .zip(split_rows(g.dg, &pcs, c))
+            .map(|((((dy, dr), dk), dv), dg)| bref::GnBwdOut { dy, dr, dk, dv, dg })
+            .collect::<Vec<_>>();
+        pcs.par_iter().zip(outs).for_each(|(&(r0, nr), out)| {
+            let o = r0 * c;
+            let r = bref::GnBwd {
+                y: &r.y[o..],
+                weight: r.weight,
+                bias: r.bias,
+                r: &r.r[o..],
+                k: &r.k[o..],
+                v: &r.v[o..],
+                r_k: r.r_k,
+                g: &r.g[o..],
+                dout: &r.dout[o..],
+            };
+            bref::group_norm_bwd(nr, h, n, eps, &r, out);
+        });
         Ok(())
     }
     unsafe fn raw_wkv_bwd(
@@ -729,16 +813,16 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         loss: &mut Vec<R>,
     ) -> Result<()> {
         let tg = ids_of(&targets[r0..], rows);
-        bref::xent(
-            rows,
-            v,
-            logits,
-            &tg,
-            &mask[r0..],
-            soft.map(|s| s.as_slice()),
-            lam,
-            loss,
-        );
+        let mask = &mask[r0..];
+        let pcs = row_pieces(rows, v);
+        let (ls, ss) = (split_rows(logits, &pcs, v), split_rows(loss, &pcs, 1));
+        pcs.par_iter()
+            .zip(ls)
+            .zip(ss)
+            .for_each(|((&(q0, nr), lg), lo)| {
+                let soft = soft.map(|s| &s[q0 * v..]);
+                bref::xent(nr, v, lg, &tg[q0..], &mask[q0..], soft, lam, lo);
+            });
         Ok(())
     }
     unsafe fn raw_softmax(

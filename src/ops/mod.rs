@@ -300,9 +300,9 @@ pub struct BonusBufs<'a, B> {
 /// (hidden from the docs), which may rely on those checks. Implementors write
 /// the buffer management (`len`, `zeros`, `upload`, …) and the hooks.
 #[allow(clippy::too_many_arguments)]
-pub trait DeviceOps {
+pub trait DeviceOps: Sync {
     /// An f32 buffer on the device.
-    type Buf;
+    type Buf: Send + Sync;
 
     /// Short name (`cpu`, `emu`, `cuda`).
     fn name(&self) -> &'static str;
@@ -380,6 +380,13 @@ pub trait DeviceOps {
     /// Waits for queued work (no-op on the CPU backends).
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+    /// Parts a host backend's tuning step cuts a batch into, run at once
+    /// on the host's threads (1 for a device, whose work is queued, not run
+    /// by the caller). A constant, not the thread count, so results do not
+    /// depend on the machine.
+    fn host_parts(&self) -> usize {
+        1
     }
     /// Refuses a plan of `bytes` more than the backend's memory can hold
     /// (host backends: the host's available memory; CUDA: the device's free
@@ -1077,6 +1084,39 @@ pub(crate) fn par_rows<T: Send>(
         .par_chunks_mut(per * ld)
         .enumerate()
         .for_each(|(i, yc)| f(i * per, yc.len() / ld.max(1), yc));
+}
+
+/// The row pieces [`par_rows`] uses for `rows` rows of `ld` elements:
+/// `(first row, rows)`, contiguous from row 0 (one piece when the op is
+/// small or there is one thread).
+pub(crate) fn row_pieces(rows: usize, ld: usize) -> Vec<(usize, usize)> {
+    let per = (PAR_ELEMS / ld.max(1)).max(1);
+    if rows <= per || rayon::current_num_threads() < 2 {
+        return vec![(0, rows)];
+    }
+    (0..rows)
+        .step_by(per)
+        .map(|r0| (r0, per.min(rows - r0)))
+        .collect()
+}
+
+/// The rows of each piece of `pieces` (from [`row_pieces`]) in `buf`, `ld`
+/// elements per row, as disjoint mutable slices (for twins with several
+/// outputs split over threads together).
+pub(crate) fn split_rows<'a, T>(
+    buf: &'a mut [T],
+    pieces: &[(usize, usize)],
+    ld: usize,
+) -> Vec<&'a mut [T]> {
+    let mut rest = buf;
+    pieces
+        .iter()
+        .map(|&(_, nr)| {
+            let (p, r) = std::mem::take(&mut rest).split_at_mut(nr * ld);
+            rest = r;
+            p
+        })
+        .collect()
 }
 
 /// The buffer-management methods of [`DeviceOps`] for backends whose buffers

@@ -156,6 +156,10 @@ pub struct StepWs<B> {
     dbp_ws: Option<[B; 5]>,
     /// the teacher's buffers (an observer on the device)
     teacher: Option<TeacherWs<B>>,
+    /// On a host backend with several threads: one workspace per thread,
+    /// each running a contiguous part of the batch; this one then holds
+    /// only the states, the summed results and one sequence's buffers.
+    parts: Vec<StepWs<B>>,
 }
 
 impl<B> StepWs<B> {
@@ -538,8 +542,38 @@ impl<O: BackwardOps> DeviceTuner<O> {
         self.workspace_for(b, t, observer, dbp, self.recompute)
     }
 
-    /// [`Self::workspace`] with the tapes of `policy`.
+    /// [`Self::workspace`] with the tapes of `policy`. On a backend that
+    /// runs on host threads ([`crate::ops::DeviceOps::host_parts`] > 1) a
+    /// batch of several sequences is split into that many parts, run at
+    /// once on the host's threads; their results are summed in part order.
+    /// The split depends on the batch only (not on the thread count or the
+    /// workspace's capacity), so a step is bit-for-bit the same on any
+    /// machine and after a resume.
     fn workspace_for(
+        &self,
+        b: usize,
+        t: usize,
+        observer: bool,
+        dbp: bool,
+        policy: Recompute,
+    ) -> Result<StepWs<O::Buf>> {
+        let b = b.max(1);
+        let g = self.ops.host_parts().min(b);
+        if g < 2 {
+            return self.alloc_ws(b, t, observer, dbp, policy);
+        }
+        check_plan(self, b, t.max(1), policy)?;
+        let per = b.div_ceil(g);
+        let mut ws = self.alloc_ws(1, t, observer, dbp, policy)?;
+        ws.cap_b = b;
+        ws.parts = (0..g)
+            .map(|_| self.alloc_ws(per, t, observer, dbp, policy))
+            .collect::<Result<_>>()?;
+        Ok(ws)
+    }
+
+    /// The buffers of one workspace for `b × t`.
+    fn alloc_ws(
         &self,
         b: usize,
         t: usize,
@@ -629,6 +663,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 (Some(tc), true) => Some(tc.model.teacher_ws(b, t)?),
                 _ => None,
             },
+            parts: Vec::new(),
         })
     }
 
@@ -879,6 +914,106 @@ impl<O: BackwardOps> DeviceTuner<O> {
         self.run_ws(ws, batch, o, true)
     }
 
+    /// [`Self::run_ws`] over `ws.parts`: the batch cut into contiguous
+    /// pieces of at most a part's capacity in live sequences, each part
+    /// started from `ws.st1` and run at once, then the loss, the gradients
+    /// and the DBP moments summed into `ws` in part order.
+    fn run_parts(
+        &self,
+        ws: &mut StepWs<O::Buf>,
+        batch: &[Example],
+        o: &GradOpts,
+        backward: bool,
+        n_tokens: f64,
+    ) -> Result<StepInfo> {
+        use rayon::prelude::*;
+        let ops = &self.ops;
+        // from the batch alone: `g` parts of at most `per` live sequences
+        let b = batch.iter().filter(|e| effective_len(e) > 0).count();
+        let g = self.ops.host_parts().min(b);
+        let per = b.div_ceil(g.max(1));
+        if g > ws.parts.len() || per > ws.parts[0].cap_b {
+            return Err(Error::Tune(
+                "internal: the batch does not fit the parts".into(),
+            ));
+        }
+        // cut the batch where a piece has `per` live sequences
+        let mut pieces: Vec<&[Example]> = Vec::new();
+        let (mut start, mut live) = (0, 0);
+        for (i, e) in batch.iter().enumerate() {
+            if effective_len(e) > 0 {
+                if live == per {
+                    pieces.push(&batch[start..i]);
+                    (start, live) = (i, 0);
+                }
+                live += 1;
+            }
+        }
+        pieces.push(&batch[start..]);
+        if pieces.len() > ws.parts.len() {
+            return Err(Error::Tune("internal: more batch pieces than parts".into()));
+        }
+        let StepWs {
+            parts,
+            st1,
+            stats,
+            grads,
+            acc,
+            ..
+        } = ws;
+        for p in parts.iter_mut() {
+            self.load_states(p, st1)?;
+        }
+        let infos = parts
+            .par_iter_mut()
+            .zip(pieces.par_iter())
+            .map(|(p, piece)| self.run_ws(p, piece, o, backward))
+            .collect::<Result<Vec<StepInfo>>>()?;
+        let used = &parts[..infos.len()];
+        ops.zero(stats)?;
+        for p in used {
+            ops.add_n(stats, &p.stats, 1)?;
+        }
+        if backward {
+            for (l, g) in grads.iter_mut().enumerate() {
+                for (i, p) in used.iter().enumerate() {
+                    let q = &p.grads[l];
+                    let first = i == 0;
+                    for (d, s) in [(&mut g.sa, &q.sa), (&mut g.sf, &q.sf), (&mut g.wkv, &q.wkv)] {
+                        if first {
+                            ops.copy(s, 0, d, 0, ops.len(d).min(ops.len(s)))?;
+                        } else {
+                            ops.add_n(d, s, ops.len(d).min(ops.len(s)))?;
+                        }
+                    }
+                    if let (Some(d), Some(s)) = (g.u.as_mut(), q.u.as_ref()) {
+                        let n = ops.len(d).min(ops.len(s));
+                        if first {
+                            ops.copy(s, 0, d, 0, n)?;
+                        } else {
+                            ops.add_n(d, s, n)?;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(acc) = acc.as_mut() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                ops.zero(a)?;
+                for p in used {
+                    if let Some(pa) = &p.acc {
+                        ops.add_n(a, &pa[l], ops.len(a))?;
+                    }
+                }
+            }
+        }
+        Ok(StepInfo {
+            n_tokens,
+            count: infos.iter().map(|i| i.count).sum(),
+            peak_bytes: infos.iter().map(|i| i.peak_bytes).sum(),
+        })
+    }
+
     /// [`Self::step_ws`], or (`backward` false) only the forward and the
     /// loss: `ws.stats[0]` is written, the gradients are left alone.
     fn run_ws(
@@ -914,6 +1049,9 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 "internal: a workspace for {}×{} used for a batch of {b}×{t}",
                 ws.cap_b, ws.cap_t
             )));
+        }
+        if b >= 2 && !ws.parts.is_empty() {
+            return self.run_parts(ws, batch, o, backward, n_tokens);
         }
         ops.zero(&mut ws.stats)?;
         if let Some(acc) = ws.acc.as_mut() {
