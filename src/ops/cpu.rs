@@ -844,7 +844,31 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         r: &Vec<R>,
         acc: &mut Vec<R>,
     ) -> Result<()> {
-        bref::outer_acc(rows, h, n, &r[off..], acc);
+        // per head, Σ_t r rᵀ = Rᵀ·R through the blocked GEMM (R the head's
+        // [rows, N] columns, made dense), heads in parallel
+        let (c, nn) = (h * n, n * n);
+        let r = &r[off..];
+        acc[..h * nn]
+            .par_chunks_mut(nn)
+            .enumerate()
+            .for_each(|(hh, a)| {
+                let mut rt = vec![R::ZERO; n * rows];
+                let mut rd = vec![R::ZERO; rows * n];
+                for t in 0..rows {
+                    for i in 0..n {
+                        let v = r[t * c + hh * n + i];
+                        rt[i * rows + t] = v;
+                        rd[t * n + i] = v;
+                    }
+                }
+                let mut o = vec![R::ZERO; nn];
+                if rows > 0 {
+                    gemm::xw(&rt, n, rows, &rd, n, &mut o);
+                }
+                for (d, v) in a.iter_mut().zip(o) {
+                    *d += v;
+                }
+            });
         Ok(())
     }
     unsafe fn raw_up_fwd(
@@ -884,7 +908,19 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         trans_b: bool,
         out: &mut Vec<R>,
     ) -> Result<()> {
-        bref::batched_matmul(groups, n, a, b, trans_b, out);
+        // one blocked GEMM per [N, N] group, groups in parallel
+        let nn = n * n;
+        out[..groups * nn]
+            .par_chunks_mut(nn)
+            .enumerate()
+            .for_each(|(g, o)| {
+                let (a, b) = (&a[g * nn..(g + 1) * nn], &b[g * nn..(g + 1) * nn]);
+                if trans_b {
+                    gemm::xwt_ld(a, n, n, n, b, n, o);
+                } else {
+                    gemm::xw(a, n, n, b, n, o);
+                }
+            });
         Ok(())
     }
     unsafe fn raw_adam(
