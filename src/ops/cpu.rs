@@ -172,6 +172,21 @@ impl CpuOps {
     }
 }
 
+impl<R: Real> CpuOps<R> {
+    /// A new buffer holding `h` converted (counted as an upload).
+    fn up<A: Real>(&self, h: &[A]) -> Vec<R> {
+        let bytes = std::mem::size_of::<R>() * h.len();
+        self.counters.alloc(bytes);
+        self.counters.upload(bytes);
+        conv(h)
+    }
+    /// `b` converted to the host type (counted as a download).
+    fn down<A: Real>(&self, b: &[R]) -> Vec<A> {
+        self.counters.download(std::mem::size_of::<R>() * b.len());
+        conv(b)
+    }
+}
+
 impl CpuOps<f64> {
     /// The f64 CPU backend with fresh counters (for checks).
     pub fn f64() -> Self {
@@ -247,24 +262,16 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         Ok(vec![R::ZERO; n])
     }
     fn upload(&self, h: &[f32]) -> Result<Vec<R>> {
-        let bytes = std::mem::size_of::<R>() * h.len();
-        self.counters.alloc(bytes);
-        self.counters.upload(bytes);
-        Ok(conv(h))
+        Ok(self.up(h))
     }
     fn download(&self, b: &Vec<R>) -> Result<Vec<f32>> {
-        self.counters.download(std::mem::size_of::<R>() * b.len());
-        Ok(conv(b))
+        Ok(self.down(b))
     }
     fn upload_f64(&self, h: &[f64]) -> Result<Vec<R>> {
-        let bytes = std::mem::size_of::<R>() * h.len();
-        self.counters.alloc(bytes);
-        self.counters.upload(bytes);
-        Ok(conv(h))
+        Ok(self.up(h))
     }
     fn download_f64(&self, b: &Vec<R>) -> Result<Vec<f64>> {
-        self.counters.download(std::mem::size_of::<R>() * b.len());
-        Ok(conv(b))
+        Ok(self.down(b))
     }
     unsafe fn raw_write(&self, h: &[f32], dst: &mut Vec<R>) -> Result<()> {
         put(&mut dst[..h.len()], &conv::<f32, f64>(h));
@@ -333,10 +340,9 @@ impl<R: CpuReal> DeviceOps for CpuOps<R> {
         k: usize,
         y: &mut Vec<R>,
     ) -> Result<()> {
-        if m > 0 {
-            gemm::xwt_ld(&x[x_off..], ldx, m, k, w, n, y);
-        }
-        Ok(())
+        // matrices are plain buffers here: the same product as `matmul`
+        // SAFETY: the caller checked the same sizes `raw_matmul` relies on.
+        unsafe { self.raw_matmul(x, x_off, ldx, m, w, n, k, y) }
     }
     unsafe fn raw_layer_norm(
         &self,
