@@ -182,7 +182,7 @@ impl<R: Real> CpuOps<R> {
     }
     /// `b` converted to the host type (counted as a download).
     fn down<A: Real>(&self, b: &[R]) -> Vec<A> {
-        self.counters.download(std::mem::size_of::<R>() * b.len());
+        self.counters.download(std::mem::size_of_val(b));
         conv(b)
     }
 }
