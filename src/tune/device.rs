@@ -118,6 +118,26 @@ pub struct HeadWs<B> {
     dxn: B,
 }
 
+impl<B> HeadWs<B> {
+    /// The buffers for blocks of `hr` rows of width `c` and `v` logits;
+    /// with `loss` also the per-row losses and `∂L/∂xn` of the backward
+    /// (else one element each: the forward leaves them alone).
+    fn new<O: crate::ops::DeviceOps<Buf = B>>(
+        o: &O,
+        hr: usize,
+        c: usize,
+        v: usize,
+        loss: bool,
+    ) -> Result<Self> {
+        Ok(HeadWs {
+            xn: o.zeros(hr * c)?,
+            lg: o.zeros(hr * v)?,
+            lrow: o.zeros(if loss { hr } else { 1 })?,
+            dxn: o.zeros(if loss { hr * c } else { 1 })?,
+        })
+    }
+}
+
 /// Every device buffer a tuning step uses, allocated once for steps of up
 /// to `cap_b` sequences of up to `cap_t` tokens ([`DeviceTuner::workspace`],
 /// [`DeviceTuner::fit_ws`]) and reused: after the first step of a shape a
@@ -643,12 +663,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             tapes: (0..n_tapes).map(|_| tape()).collect::<Result<_>>()?,
             fw: FwdWs::new(o, cfg, b, t)?,
             bw: BwdWs::new(o, cfg, b, t)?,
-            head: HeadWs {
-                xn: z(hr * c)?,
-                lg: z(hr * v)?,
-                lrow: z(hr)?,
-                dxn: z(hr * c)?,
-            },
+            head: HeadWs::new(o, hr, c, v, true)?,
             dbp_tmp: if dbp {
                 Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
             } else {
@@ -687,12 +702,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 wkv: o.zeros(b * hnn)?,
                 u: None,
             },
-            head: HeadWs {
-                xn: o.zeros(hr * c)?,
-                lg: o.zeros(hr * v)?,
-                lrow: o.zeros(1)?,
-                dxn: o.zeros(1)?,
-            },
+            head: HeadWs::new(o, hr, c, v, false)?,
         })
     }
 
@@ -733,16 +743,33 @@ impl<O: BackwardOps> DeviceTuner<O> {
             return Ok(Vec::new());
         }
         let o = &self.ops;
+        let x = self.forward_seq(st, tokens, |_, _| Ok(()))?;
+        let mut head = HeadWs::new(o, HEAD_ROWS.min(t), c, v, false)?;
+        let mut out = Vec::with_capacity(t * v);
+        for r0 in (0..t).step_by(HEAD_ROWS) {
+            let rows = HEAD_ROWS.min(t - r0);
+            self.head_logits(&x, r0, rows, &mut head)?;
+            let hst = o.download(&head.lg)?;
+            out.extend_from_slice(&hst[..rows * v]);
+        }
+        Ok(out)
+    }
+
+    /// The forward of one sequence `tokens` (not empty) from the initial
+    /// states `st`, with a forward's buffers only (one tape reused by every
+    /// layer); `each(l, tape)` sees layer `l`'s tape right after its
+    /// forward. Returns the final residual `[T, C]`.
+    fn forward_seq(
+        &self,
+        st: &[LStart<O::Buf>],
+        tokens: &[u32],
+        mut each: impl FnMut(usize, &Tape<O::Buf>) -> Result<()>,
+    ) -> Result<O::Buf> {
+        let (cfg, o) = (&self.cfg, &self.ops);
+        let (c, t) = (cfg.n_embd, tokens.len());
         let vres = self.layers.iter().any(|l| l.vres.is_some());
         let mut tape = Tape::new(o, cfg, 1, t, vres, self.up.as_ref().map(|u| u.m))?;
         let mut fw = FwdWs::new(o, cfg, 1, t)?;
-        let hr = HEAD_ROWS.min(t);
-        let mut head = HeadWs {
-            xn: o.zeros(hr * c)?,
-            lg: o.zeros(hr * v)?,
-            lrow: o.zeros(1)?,
-            dxn: o.zeros(1)?,
-        };
         let mut x = o.zeros(t * c)?;
         o.embed(tokens, &self.emb_ln, c, &mut x)?;
         let mut vf = o.zeros(t * c)?;
@@ -758,15 +785,9 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 None,
                 None,
             )?;
+            each(l, &tape)?;
         }
-        let mut out = Vec::with_capacity(t * v);
-        for r0 in (0..t).step_by(HEAD_ROWS) {
-            let rows = HEAD_ROWS.min(t - r0);
-            self.head_logits(&x, r0, rows, &mut head)?;
-            let hst = o.download(&head.lg)?;
-            out.extend_from_slice(&hst[..rows * v]);
-        }
-        Ok(out)
+        Ok(x)
     }
 
     /// The head on rows `[r0, r0 + rows)` of the final residual `x`:
@@ -970,41 +991,39 @@ impl<O: BackwardOps> DeviceTuner<O> {
             .map(|(p, piece)| self.run_ws(p, piece, o, backward))
             .collect::<Result<Vec<StepInfo>>>()?;
         let used = &parts[..infos.len()];
-        ops.zero(stats)?;
-        for p in used {
-            ops.add_n(stats, &p.stats, 1)?;
-        }
+        // the parts' sums, in part order: the loss (slot 0), the state
+        // gradients (and U's), the DBP moments
+        let sum = |d: &mut O::Buf, src: &mut dyn Iterator<Item = &O::Buf>, n: usize| {
+            ops.zero(d)?;
+            for s in src {
+                ops.add_n(d, s, n)?;
+            }
+            Ok::<(), Error>(())
+        };
+        sum(stats, &mut used.iter().map(|p| &p.stats), 1)?;
         if backward {
             for (l, g) in grads.iter_mut().enumerate() {
-                for (i, p) in used.iter().enumerate() {
-                    let q = &p.grads[l];
-                    let first = i == 0;
-                    for (d, s) in [(&mut g.sa, &q.sa), (&mut g.sf, &q.sf), (&mut g.wkv, &q.wkv)] {
-                        if first {
-                            ops.copy(s, 0, d, 0, ops.len(d).min(ops.len(s)))?;
-                        } else {
-                            ops.add_n(d, s, ops.len(d).min(ops.len(s)))?;
-                        }
-                    }
-                    if let (Some(d), Some(s)) = (g.u.as_mut(), q.u.as_ref()) {
-                        let n = ops.len(d).min(ops.len(s));
-                        if first {
-                            ops.copy(s, 0, d, 0, n)?;
-                        } else {
-                            ops.add_n(d, s, n)?;
-                        }
-                    }
+                let q: Vec<&LStart<O::Buf>> = used.iter().map(|p| &p.grads[l]).collect();
+                let n = ops.len(&g.sa);
+                sum(&mut g.sa, &mut q.iter().map(|p| &p.sa), n)?;
+                let n = ops.len(&g.sf);
+                sum(&mut g.sf, &mut q.iter().map(|p| &p.sf), n)?;
+                let n = ops.len(&g.wkv);
+                sum(&mut g.wkv, &mut q.iter().map(|p| &p.wkv), n)?;
+                if let Some(u) = g.u.as_mut() {
+                    let n = ops.len(u);
+                    sum(u, &mut q.iter().filter_map(|p| p.u.as_ref()), n)?;
                 }
             }
         }
         if let Some(acc) = acc.as_mut() {
             for (l, a) in acc.iter_mut().enumerate() {
-                ops.zero(a)?;
-                for p in used {
-                    if let Some(pa) = &p.acc {
-                        ops.add_n(a, &pa[l], ops.len(a))?;
-                    }
-                }
+                let n = ops.len(a);
+                sum(
+                    a,
+                    &mut used.iter().filter_map(|p| p.acc.as_ref().map(|x| &x[l])),
+                    n,
+                )?;
             }
         }
         Ok(StepInfo {
@@ -1349,29 +1368,12 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let (c, hh, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
         let o = &self.ops;
         let mut out = vec![vec![Vec::new(); hh]; cfg.n_layer];
-        let vres = self.layers.iter().any(|l| l.vres.is_some());
         for ex in batch {
             let t = effective_len(ex);
             if t == 0 {
                 continue;
             }
-            let mut tape = Tape::new(o, cfg, 1, t, vres, self.up.as_ref().map(|u| u.m))?;
-            let mut fw = FwdWs::new(o, cfg, 1, t)?;
-            let mut x = o.zeros(t * c)?;
-            o.embed(&ex.tokens[..t], &self.emb_ln, c, &mut x)?;
-            let mut vf = o.zeros(t * c)?;
-            for (l, s) in st.iter().enumerate() {
-                self.layer(l).forward(
-                    &mut x,
-                    1,
-                    t,
-                    s.view(),
-                    &mut vf,
-                    &mut tape,
-                    &mut fw,
-                    None,
-                    None,
-                )?;
+            self.forward_seq(st, &ex.tokens[..t], |l, tape| {
                 let src = o.download(match which {
                     HeadVector::Receptance => &tape.r,
                     HeadVector::Key => &tape.kt,
@@ -1382,7 +1384,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
                         dst.extend_from_slice(&src[off..off + n]);
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(out)
     }
