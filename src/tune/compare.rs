@@ -17,12 +17,16 @@ use std::time::Instant;
 use super::data::{pad_batch, ByteTokenizer, Dataset, Loader};
 use super::dbp::Dbp;
 use super::demo;
+use super::device::{DeviceTuner, LStart};
 use super::grad::{self, Example, GradOpts, HeadVector, TunedState};
-use super::observer::{fill_soft_targets, kl_only_loss_and_grad, soft_target_stats, SoftStats};
+use super::observer::{
+    fill_soft_targets_on, kl_only_loss_and_grad_on, soft_target_stats, SoftStats,
+};
 use super::optim::{clip_global_norm, Adam, AdamConfig, Schedule};
-use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
+use super::upscale::{Kernel, UpscaleConfig, UpscaledState};
 use crate::error::{Error, Result};
 use crate::model::weights::{Config, Weights};
+use crate::ops::cpu::CpuOps;
 
 /// The four methods compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,6 +275,9 @@ pub struct Comparison {
     pub rows: Vec<Row>,
 }
 
+/// A CPU tuner and a state uploaded to it.
+type CpuSession = (DeviceTuner<CpuOps>, Vec<LStart<Vec<f32>>>);
+
 /// A trained state of any method (for evaluation).
 enum Trained<'a> {
     State(TunedState),
@@ -278,19 +285,21 @@ enum Trained<'a> {
 }
 
 impl Trained<'_> {
-    fn logits(&self, w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// A CPU tuner of `w` (the weights uploaded once, with the kernel when
+    /// upscaled) and this state on it, for the evaluations of a pass.
+    fn session(&self, w: &Weights) -> Result<CpuSession> {
         match self {
-            Trained::State(s) => grad::forward_logits(w, s, tokens),
-            Trained::Up(k, s) => upscale::forward_logits_upscaled(w, k, s, tokens),
+            Trained::State(s) => {
+                let t = grad::cpu_tuner::<f32>(w)?;
+                let st = t.upload_state(s)?;
+                Ok((t, st))
+            }
+            Trained::Up(k, s) => {
+                let t = DeviceTuner::new_upscaled(CpuOps::new(), w, k)?;
+                let st = t.upload_upscaled(s)?;
+                Ok((t, st))
+            }
         }
-    }
-    fn loss(&self, w: &Weights, ds: &[Example]) -> Result<f64> {
-        let o = GradOpts::default();
-        let (l, n) = match self {
-            Trained::State(s) => grad::loss_only_with(w, s, ds, &o)?,
-            Trained::Up(k, s) => upscale::loss_only_upscaled(w, k, s, ds, &o)?,
-        };
-        Ok(if n > 0.0 { l / n } else { 0.0 })
     }
 }
 
@@ -304,7 +313,9 @@ fn held_out_loss(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<f64> {
             e
         })
         .collect();
-    t.loss(w, &b)
+    let (tuner, st) = t.session(w)?;
+    let (l, n) = tuner.loss_only_dev(&st, &b, &GradOpts::default())?;
+    Ok(if n > 0.0 { l / n } else { 0.0 })
 }
 
 /// Exact match of the teacher-forced greedy response (every response
@@ -315,6 +326,7 @@ fn accuracy(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<Option<f64>
         return Ok(None);
     }
     let v = w.config.vocab;
+    let (tuner, st) = t.session(w)?;
     let mut hits = 0usize;
     for task in &valid.tasks {
         if task.prompt.is_empty() || task.response.is_empty() {
@@ -326,7 +338,7 @@ fn accuracy(w: &Weights, t: &Trained<'_>, valid: &Dataset) -> Result<Option<f64>
             .chain(&task.response[..task.response.len() - 1])
             .copied()
             .collect();
-        let lg = t.logits(w, &seq)?;
+        let lg = tuner.logits(&st, &seq)?;
         let p = task.prompt.len();
         let ok = task.response.iter().enumerate().all(|(j, &r)| {
             let row = &lg[(p - 1 + j) * v..(p + j) * v];
@@ -444,6 +456,11 @@ fn train_method(
     }
     let is_obs = method == Method::Observer;
     let (mut max_norm, mut clipped) = (0.0f64, 0u64);
+    // one CPU tuner (the weights uploaded once) for every step
+    let tuner = match &ups {
+        Some((k, _)) => DeviceTuner::new_upscaled(CpuOps::new(), w, k)?,
+        None => grad::cpu_tuner::<f32>(w)?,
+    };
     for step in 0..steps {
         let idx = loader.next_batch(cc.batch);
         let refs: Vec<&Example> = idx
@@ -463,37 +480,37 @@ fn train_method(
             clipped += (cc.clip > 0.0 && norm > cc.clip) as u64;
         };
         let (loss, n) = match (&mut ups, &mut dbp) {
-            (Some((k, u)), _) => {
-                let o = upscale::loss_and_grad_upscaled(w, k, u, &batch, &opts)?;
-                let mut g = to_vecs(o.grad.params());
-                clip_norm(&mut g, o.n_tokens);
+            (Some((_, u)), _) => {
+                let (loss, n, grad, _) = tuner.loss_and_grad_upscaled(u, &batch, &opts)?;
+                let mut g = to_vecs(grad.params());
+                clip_norm(&mut g, n);
                 let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
                 adam.step(&mut u.params_mut(), &gr, lr)?;
-                (o.loss, o.n_tokens)
+                (loss, n)
             }
             (None, Some(d)) => {
                 let s = d.effective_state(&st)?;
-                let o = grad::loss_and_grad_dbp(w, &s, &batch, &opts)?;
-                let gp = d.grad_to_prime(&o.grad)?;
+                let (loss, n, grad, stats, _) = tuner.loss_and_grad(&s, &batch, &opts, true)?;
+                let gp = d.grad_to_prime(&grad)?;
                 let mut g = to_vecs(gp.params());
-                clip_norm(&mut g, o.n_tokens);
+                clip_norm(&mut g, n);
                 let gr: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
                 adam.step(&mut st.params_mut(), &gr, lr)?;
-                if let Some(stats) = &o.dbp_stats {
+                if let Some(stats) = &stats {
                     d.update_keep_state(stats, &mut st)?;
                 }
-                (o.loss, o.n_tokens)
+                (loss, n)
             }
             (None, None) => {
                 let (mut loss, mut n, mut g) = if batch.is_empty() {
                     let z: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![0.0; k]).collect();
                     (0.0, 0.0, z)
                 } else {
-                    let o = grad::loss_and_grad(w, &st, &batch, &opts)?;
-                    (o.loss, o.n_tokens, to_vecs(o.grad.params()))
+                    let (loss, n, grad, _, _) = tuner.loss_and_grad(&st, &batch, &opts, false)?;
+                    (loss, n, to_vecs(grad.params()))
                 };
                 if !kl_batch.is_empty() {
-                    let (kl, nk, gk) = kl_only_loss_and_grad(w, &st, &kl_batch, &opts)?;
+                    let (kl, nk, gk) = kl_only_loss_and_grad_on(&tuner, &st, &kl_batch, &opts)?;
                     for (x, y) in g.iter_mut().zip(gk.params()) {
                         x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
                     }
@@ -624,10 +641,14 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         0.0,
     )?;
     let temp = cc.observer_temperature;
+    // the tuned observer on one CPU tuner (its weights uploaded once) for
+    // its soft targets and greedy responses below
+    let otuner = grad::cpu_tuner::<f32>(&ow)?;
+    let ost = otuner.upload_state(&ostate)?;
     // The observer's targets on the labelled training examples, and how they
     // line up with the labels (shift 0 is how the engine pairs them).
     let mut soft_all = train_ds.examples.clone();
-    fill_soft_targets(&ow, Some(&ostate), &mut soft_all, temp)?;
+    fill_soft_targets_on(&otuner, &ost, &mut soft_all, temp)?;
     let v = cfg.vocab;
     let observer_train_stats = [
         soft_target_stats(&soft_all, v, -1)?,
@@ -635,7 +656,7 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         soft_target_stats(&soft_all, v, 1)?,
     ];
     let mut soft_valid = valid.examples.clone();
-    fill_soft_targets(&ow, Some(&ostate), &mut soft_valid, temp)?;
+    fill_soft_targets_on(&otuner, &ost, &mut soft_valid, temp)?;
     let observer_valid_stats = soft_target_stats(&soft_valid, v, 0)?;
     // The observer method's data: CE + λ·KL on the labelled responses;
     // λ·KL alone on the prompts (positions = all) and on the unlabelled
@@ -664,7 +685,7 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
         let mut seq = prompt.to_vec();
         let max_new = 16;
         for _ in 0..max_new {
-            let lg = grad::forward_logits(&ow, &ostate, &seq)?;
+            let lg = otuner.logits(&ost, &seq)?;
             let row = &lg[lg.len() - v..];
             let mut best = 0;
             for (j, &x) in row.iter().enumerate() {
@@ -700,7 +721,7 @@ pub fn run_comparison(cc: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Res
                 .collect(),
             soft: None,
         };
-        fill_soft_targets(&ow, Some(&ostate), std::slice::from_mut(&mut t), temp)?;
+        fill_soft_targets_on(&otuner, &ost, std::slice::from_mut(&mut t), temp)?;
         kl_only.push(Some(t));
         // no labels: nothing carries the CE
         obs_train.push(Example {

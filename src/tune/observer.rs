@@ -6,9 +6,11 @@
 //! (`GradOpts::observer_weight`, implemented in [`super::grad`]).
 use rayon::prelude::*;
 
-use super::grad::{forward_logits, loss_and_grad, Example, GradOpts, TunedState};
+use super::device::{DeviceTuner, LStart};
+use super::grad::{cpu_tuner, Example, GradOpts, TunedState};
 use crate::error::{Error, Result};
 use crate::model::weights::Weights;
+use crate::ops::cpu::CpuOps;
 
 /// Fills `soft` (`[T, V]`) of every example with the observer's next-token
 /// distribution `softmax(logits / temperature)`, the observer starting from
@@ -20,11 +22,6 @@ pub fn fill_soft_targets(
     batch: &mut [Example],
     temperature: f32,
 ) -> Result<()> {
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::Tune(format!(
-            "observer temperature = {temperature} (must be finite and > 0)"
-        )));
-    }
     let zero;
     let s = match state {
         Some(s) => s,
@@ -33,10 +30,28 @@ pub fn fill_soft_targets(
             &zero
         }
     };
-    let v = observer.config.vocab;
+    let tuner = cpu_tuner::<f32>(observer)?;
+    let st = tuner.upload_state(s)?;
+    fill_soft_targets_on(&tuner, &st, batch, temperature)
+}
+
+/// [`fill_soft_targets`] with the observer on a CPU tuner the caller holds
+/// and its state `st` on it (a loop uploads the weights once).
+pub fn fill_soft_targets_on(
+    tuner: &DeviceTuner<CpuOps>,
+    st: &[LStart<Vec<f32>>],
+    batch: &mut [Example],
+    temperature: f32,
+) -> Result<()> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Tune(format!(
+            "observer temperature = {temperature} (must be finite and > 0)"
+        )));
+    }
+    let v = tuner.config().vocab;
     let inv_t = 1.0 / temperature;
     batch.par_iter_mut().try_for_each(|e| -> Result<()> {
-        let mut p = forward_logits(observer, s, &e.tokens)?;
+        let mut p = tuner.logits(st, &e.tokens)?;
         for row in p.chunks_mut(v) {
             let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0.0f64;
@@ -64,26 +79,32 @@ pub fn kl_only_loss_and_grad(
     batch: &[Example],
     o: &GradOpts,
 ) -> Result<(f64, f64, TunedState)> {
+    kl_only_loss_and_grad_on(&cpu_tuner::<f32>(w)?, s, batch, o)
+}
+
+/// [`kl_only_loss_and_grad`] on a CPU tuner the caller holds (a loop
+/// uploads the weights once).
+pub fn kl_only_loss_and_grad_on(
+    tuner: &DeviceTuner<CpuOps>,
+    s: &TunedState,
+    batch: &[Example],
+    o: &GradOpts,
+) -> Result<(f64, f64, TunedState)> {
     if let Some(i) = batch.iter().position(|e| e.soft.is_none()) {
         return Err(Error::Tune(format!(
             "kl_only_loss_and_grad: batch[{i}] has no soft targets"
         )));
     }
-    let a = loss_and_grad(w, s, batch, o)?;
-    let b = loss_and_grad(
-        w,
-        s,
-        batch,
-        &GradOpts {
-            observer_weight: 0.0,
-            ..o.clone()
-        },
-    )?;
-    let mut g = a.grad;
-    for (x, y) in g.params_mut().into_iter().zip(b.grad.params()) {
+    let (la, n, mut g, _, _) = tuner.loss_and_grad(s, batch, o, false)?;
+    let ce_only = GradOpts {
+        observer_weight: 0.0,
+        ..o.clone()
+    };
+    let (lb, _, gb, _, _) = tuner.loss_and_grad(s, batch, &ce_only, false)?;
+    for (x, y) in g.params_mut().into_iter().zip(gb.params()) {
         x.iter_mut().zip(y).for_each(|(x, y)| *x -= y);
     }
-    Ok((a.loss - b.loss, a.n_tokens, g))
+    Ok((la - lb, n, g))
 }
 
 /// How well soft targets predict the hard targets, over the masked
