@@ -442,6 +442,26 @@ typedef struct EyeAxpyParams {
 } EyeAxpyParams;
 /*   x, out [groups, N, N] (out may be x): out = alpha I + beta x per group. */
 
+typedef struct LoraInParams {
+  int32_t rows;
+  int32_t K;
+  int32_t ldx;
+  int32_t T;
+  int32_t seq0;
+  int32_t seed;
+  float keep;
+  float scale;
+  const float* x;
+  float* out;
+} LoraInParams;
+/*   x [rows, ldx] (row i from x + i*ldx, K <= ldx), out [rows, K]; the rows
+ *   are sequences of T rows, the first being sequence seq0 of the batch:
+ *   out[i, j] = x[i, j] * scale * d, d = 1 when the element is kept (keep ==
+ *   1: always; else when a hash of (seed, sequence, position, j) is below
+ *   keep) and 0 when dropped: the mask does not depend on how a batch is
+ *   split into launches. The LoRA branch's input (dropout and alpha/r in one pass)
+ *   and, with the same seed, its gradient towards x (tune_lora_in_f32). */
+
 typedef struct ReduceParams {
   int32_t n;
   int32_t mode;

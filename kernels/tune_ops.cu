@@ -646,3 +646,35 @@ extern "C" __global__ void __launch_bounds__(256) tune_sumsq_f32(const __grid_co
   if (threadIdx.x == 0) p.partial[blockIdx.x] = s;
 }
 EMU_ENTRY(tune_sumsq_f32, SumsqParams)
+
+// The LoRA branch's input (docs/lora.md): dropout and the alpha/r scale in
+// one element-wise pass, from a strided x into a dense [rows, K].
+//   x [rows, ldx] (K <= ldx), out [rows, K].
+// An element is kept when keep == 1, else when the hash of (seed, sequence,
+// position, column) as a uniform in [0, 1) is below keep; out = x * scale if kept, else 0. The
+// mask is a pure function of (seed, index), so the backward reapplies it to
+// the gradient with the same seed (the CPU twin hashes identically).
+__device__ __forceinline__ unsigned tn_hash(unsigned seed, unsigned i) {
+  unsigned h = i * 0x9E3779B9u ^ seed;
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return h;
+}
+extern "C" __global__ void __launch_bounds__(256) tune_lora_in_f32(const __grid_constant__ LoraInParams p) {
+  const long K = p.K, T = p.T;
+  ELEM_LOOP(i, (long)p.rows * K) {
+    const long row = i / K, j = i % K;
+    float v = p.x[row * p.ldx + j] * p.scale;
+    if (p.keep < 1.f) {
+      const unsigned s = tn_hash((unsigned)p.seed, (unsigned)(p.seq0 + row / T));
+      const unsigned e = (unsigned)((row % T) * K + j);
+      const float u = (float)(tn_hash(s, e) >> 8) * (1.f / 16777216.f);
+      if (!(u < p.keep)) v = 0.f;
+    }
+    p.out[i] = v;
+  }
+}
+EMU_ENTRY(tune_lora_in_f32, LoraInParams)

@@ -222,6 +222,8 @@ emu_ops_table!(TUNE_DBP_STEP, crate::params::DbpStepParams;
     "tune_dbp_step_f32" => emu_tune_dbp_step_f32);
 emu_ops_table!(TUNE_EYE_AXPY, crate::params::EyeAxpyParams;
     "tune_eye_axpy_f32" => emu_tune_eye_axpy_f32);
+emu_ops_table!(TUNE_LORA_IN, crate::params::LoraInParams;
+    "tune_lora_in_f32" => emu_tune_lora_in_f32);
 emu_ops_table!(TUNE_REDUCE, crate::params::ReduceParams;
     "tune_reduce_f32" => emu_tune_reduce_f32);
 emu_ops_table!(TUNE_SUM_BATCH, crate::params::SumBatchParams;

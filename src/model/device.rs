@@ -247,6 +247,7 @@ impl<D: BackwardOps> DeviceModel<D> {
                 mm: matmul_mat::<D>,
                 mt: None,
                 up: None,
+                lora: None,
             };
             let (att_x, ffn_x, wkv) = &mut state.layers[l];
             let st = StartRef {

@@ -12,6 +12,7 @@
 //! Shapes: activations `[B·T, C]` row-major (sequence-major), `C = H·N`;
 //! per-sequence states `[B, C]` (token shift) and `[B, H, N, N]` (WKV,
 //! value-major); matrices `[out, in]` applied as `y = x Wᵀ`.
+use super::lora::LoraTarget;
 use super::weights::{Config, Weights};
 use crate::error::{Error, Result};
 use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
@@ -243,6 +244,109 @@ pub struct UpKernel<'a, B> {
     pub gamma: &'a B,
 }
 
+/// One LoRA factor pair on a device: `A [r, in]`, `B [out, r]`.
+pub type LoraPair<B> = (B, B);
+
+/// A layer's LoRA adapters on a device, indexed by
+/// [`LoraTarget::index`] (`None`: not adapted): the factors, or their
+/// gradients (summed, `+=`).
+pub type LoraPairs<B> = Vec<Option<LoraPair<B>>>;
+
+/// What a layer's forward and backward read of its LoRA adapters: rank,
+/// `α/r`, the keep probability of the dropout on the branch input (1: no
+/// dropout, as in evaluation) and the step's dropout seed.
+pub struct LoraRef<'a, B> {
+    /// Rank r.
+    pub rank: usize,
+    /// `α/r`.
+    pub scale: f32,
+    /// `1 − dropout` (1 outside training).
+    pub keep: f32,
+    /// The step's seed (mixed with the layer and target per matrix).
+    pub seed: u32,
+    /// The batch index of the first sequence this layer runs (a part of a
+    /// split batch starts past 0), so dropout masks do not depend on the
+    /// split.
+    pub seq0: usize,
+    /// The factors of this layer.
+    pub ab: &'a [Option<LoraPair<B>>],
+}
+
+/// The LoRA branch's temporaries (reused by every adapted matrix):
+/// `xs [rows, max in]` the scaled, dropped-out input, `t`, `g` `[rows, r]`,
+/// `y [rows, max(in, out)]`, `d [rows, max in]`.
+pub struct LoraWs<B> {
+    xs: B,
+    t: B,
+    g: B,
+    y: B,
+    d: B,
+}
+
+impl<B> LoraWs<B> {
+    /// The temporaries for `rows` rows at rank `r`.
+    pub fn new<O: BackwardOps<Buf = B>>(
+        o: &O,
+        cfg: &Config,
+        rows: usize,
+        r: usize,
+    ) -> Result<Self> {
+        let w = LoraTarget::ALL
+            .iter()
+            .map(|t| {
+                let (a, b) = t.dims(cfg);
+                a.max(b)
+            })
+            .max()
+            .unwrap_or(1);
+        let z = |k: usize| o.zeros(k.max(1));
+        Ok(LoraWs {
+            xs: z(rows * w)?,
+            t: z(rows * r)?,
+            g: z(rows * r)?,
+            y: z(rows * w)?,
+            d: z(rows * w)?,
+        })
+    }
+
+    /// Bytes of [`Self::new`].
+    pub fn bytes(cfg: &Config, rows: usize, r: usize) -> usize {
+        let w = cfg.d_ffn.max(cfg.n_embd);
+        4 * rows * (3 * w + 2 * r)
+    }
+}
+
+/// Where the backward of one adapted GEMM reads and writes: `dy [rows,
+/// out]`, the forward input `x` (rows at `x_off + i·ldx`), `dx [rows, in]`
+/// (already `dy·W`; the branch adds its part).
+struct LinBwd<'x, B> {
+    dy: &'x B,
+    x: &'x B,
+    x_off: usize,
+    ldx: usize,
+    out: usize,
+    inp: usize,
+}
+
+/// A [`LinBwd`] from its fields.
+fn lb<'x, B>(
+    dy: &'x B,
+    x: &'x B,
+    x_off: usize,
+    ldx: usize,
+    out: usize,
+    inp: usize,
+) -> LinBwd<'x, B> {
+    LinBwd {
+        dy,
+        x,
+        x_off,
+        ldx,
+        out,
+        inp,
+    }
+}
+
 /// One layer, bound to its backend, weights and GEMMs.
 pub struct Layer<'a, O: BackwardOps, M> {
     /// The backend.
@@ -259,6 +363,9 @@ pub struct Layer<'a, O: BackwardOps, M> {
     pub mt: Option<MatMulT<O, M>>,
     /// The upscaled read-out's kernel, when the state has a `U`.
     pub up: Option<UpKernel<'a, O::Buf>>,
+    /// The layer's LoRA adapters (then [`FwdWs`] must have LoRA
+    /// temporaries: [`FwdWs::with_lora`]).
+    pub lora: Option<LoraRef<'a, O::Buf>>,
 }
 
 /// Every activation of one layer's forward that its backward reads, each
@@ -312,6 +419,8 @@ pub struct FwdWs<B> {
     /// `[B, C]`: the token-shift states (the final ones after a forward)
     pub(crate) sa: B,
     pub(crate) sf: B,
+    /// the LoRA branch's temporaries (layers with adapters)
+    pub(crate) lora: Option<LoraWs<B>>,
 }
 
 /// A layer backward's temporaries (reused by every layer).
@@ -421,7 +530,23 @@ impl<B> FwdWs<B> {
             ffn: z(tc)?,
             sa: z(b * c)?,
             sf: z(b * c)?,
+            lora: None,
         })
+    }
+
+    /// The same workspace with LoRA temporaries of rank `r` (`None`: none).
+    pub fn with_lora<O: BackwardOps<Buf = B>>(
+        mut self,
+        o: &O,
+        cfg: &Config,
+        rows: usize,
+        r: Option<usize>,
+    ) -> Result<Self> {
+        self.lora = match r {
+            Some(r) => Some(LoraWs::new(o, cfg, rows, r)?),
+            None => None,
+        };
+        Ok(self)
     }
 }
 
@@ -462,6 +587,83 @@ impl<B> BwdWs<B> {
 }
 
 impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
+    /// The adapter of `tg` and its dropout seed, when adapted.
+    fn lora_of(&self, tg: LoraTarget) -> Option<(&'a LoraPair<O::Buf>, u32)> {
+        let lr = self.lora.as_ref()?;
+        let ab = lr.ab.get(tg.index())?.as_ref()?;
+        let mix = (self.l as u32)
+            .wrapping_mul(64)
+            .wrapping_add(tg.index() as u32);
+        Some((ab, crate::ops::backward_ref::lora_hash(lr.seed, mix)))
+    }
+
+    /// `y = x Wᵀ` through the layer's GEMM, plus the LoRA branch
+    /// `(α/r)·(drop(x) Aᵀ) Bᵀ` when `tg` is adapted.
+    #[allow(clippy::too_many_arguments)]
+    fn lin(
+        &self,
+        tg: LoraTarget,
+        (x, off, ld): (&O::Buf, usize, usize),
+        (rows, t): (usize, usize),
+        w: &M,
+        n: usize,
+        k: usize,
+        y: &mut O::Buf,
+        lw: &mut Option<LoraWs<O::Buf>>,
+    ) -> Result<()> {
+        let o = self.ops;
+        (self.mm)(o, x, off, ld, rows, w, n, k, y)?;
+        let (Some(lr), Some(((a, b), seed))) = (self.lora.as_ref(), self.lora_of(tg)) else {
+            return Ok(());
+        };
+        let ws = lw
+            .as_mut()
+            .ok_or_else(|| Error::Tune("internal: no LoRA workspace".into()))?;
+        let r = lr.rank;
+        let sq = (t, lr.seq0);
+        o.lora_in(rows, k, x, off, ld, sq, seed, lr.keep, lr.scale, &mut ws.xs)?;
+        o.matmul(&ws.xs, 0, k, rows, a, r, k, &mut ws.t)?;
+        o.matmul(&ws.t, 0, r, rows, b, n, r, &mut ws.y)?;
+        o.add_n(y, &ws.y, rows * n)
+    }
+
+    /// The LoRA part of the backward of [`Self::lin`] (the base `dy·W` is
+    /// already in `dx`): `dB += dyᵀ t`, `dA += (dy B)ᵀ xs` into `grads`
+    /// and `dx += drop((dy B) A)·α/r`.
+    fn lin_bwd(
+        &self,
+        tg: LoraTarget,
+        (rows, t): (usize, usize),
+        p: LinBwd<'_, O::Buf>,
+        dx: &mut O::Buf,
+        lw: &mut Option<LoraWs<O::Buf>>,
+        grads: &mut Option<&mut LoraPairs<O::Buf>>,
+    ) -> Result<()> {
+        let o = self.ops;
+        let (Some(lr), Some(((a, b), seed))) = (self.lora.as_ref(), self.lora_of(tg)) else {
+            return Ok(());
+        };
+        let internal = |w: &str| Error::Tune(format!("internal: no LoRA {w}"));
+        let ws = lw.as_mut().ok_or_else(|| internal("workspace"))?;
+        let (ga, gb) = grads
+            .as_mut()
+            .and_then(|g| g.get_mut(tg.index()))
+            .and_then(|g| g.as_mut())
+            .ok_or_else(|| internal("gradient"))?;
+        let (r, k, n) = (lr.rank, p.inp, p.out);
+        let sq = (t, lr.seq0);
+        o.lora_in(
+            rows, k, p.x, p.x_off, p.ldx, sq, seed, lr.keep, lr.scale, &mut ws.xs,
+        )?;
+        o.matmul(&ws.xs, 0, k, rows, a, r, k, &mut ws.t)?;
+        o.matmul_tn(p.dy, rows, n, &ws.t, 0, r, r, gb, true)?;
+        o.matmul_t(p.dy, rows, b, n, r, &mut ws.g)?;
+        o.matmul_tn(&ws.g, rows, r, &ws.xs, 0, k, k, ga, true)?;
+        o.matmul_t(&ws.g, rows, a, r, k, &mut ws.y)?;
+        o.lora_in(rows, k, &ws.y, 0, k, sq, seed, lr.keep, lr.scale, &mut ws.d)?;
+        o.add_n(dx, &ws.d, rows * k)
+    }
+
     /// The upscale ops' view of the kernel and `st.u` (`None`: plain).
     fn up_bufs<'b>(&'b self, st: StartRef<'b, O::Buf>) -> Result<Option<UpBufs<'b, O::Buf>>> {
         match (&self.up, st.u) {
@@ -501,8 +703,8 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         dbp: Option<(&mut O::Buf, &[usize])>,
         h_t: Option<&mut O::Buf>,
     ) -> Result<()> {
+        use LoraTarget as T;
         let (cfg, o, ly, l) = (self.cfg, self.ops, self.ly, self.l);
-        let mm = self.mm;
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
         let rows = b * t;
         let tc = rows * c;
@@ -513,17 +715,80 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         o.token_shift_b(b, t, c, &fw.xa, &mut fw.sa, &ly.mu6, 6, &mut fw.mix)?;
         let ld = 6 * c;
         let mix = &fw.mix;
-        mm(o, mix, 0, ld, rows, &ly.r, c, c, &mut tp.r)?;
-        mm(o, mix, 2 * c, ld, rows, &ly.k, c, c, &mut tp.k)?;
-        mm(o, mix, 3 * c, ld, rows, &ly.v, c, c, &mut tp.vraw)?;
-        mm(o, mix, c, ld, rows, &ly.w1, dw, c, &mut tp.hw_pre)?;
+        self.lin(
+            T::R,
+            (mix, 0, ld),
+            (rows, t),
+            &ly.r,
+            c,
+            c,
+            &mut tp.r,
+            &mut fw.lora,
+        )?;
+        self.lin(
+            T::K,
+            (mix, 2 * c, ld),
+            (rows, t),
+            &ly.k,
+            c,
+            c,
+            &mut tp.k,
+            &mut fw.lora,
+        )?;
+        self.lin(
+            T::V,
+            (mix, 3 * c, ld),
+            (rows, t),
+            &ly.v,
+            c,
+            c,
+            &mut tp.vraw,
+            &mut fw.lora,
+        )?;
+        self.lin(
+            T::W1,
+            (mix, c, ld),
+            (rows, t),
+            &ly.w1,
+            dw,
+            c,
+            &mut tp.hw_pre,
+            &mut fw.lora,
+        )?;
         o.copy(&tp.hw_pre, 0, &mut fw.hw, 0, rows * dw)?;
         o.act(Act::Tanh, &mut fw.hw, dw, None)?;
-        mm(o, &fw.hw, 0, dw, rows, &ly.w2, c, dw, &mut tp.wpre)?;
+        self.lin(
+            T::W2,
+            (&fw.hw, 0, dw),
+            (rows, t),
+            &ly.w2,
+            c,
+            dw,
+            &mut tp.wpre,
+            &mut fw.lora,
+        )?;
         o.copy(&tp.wpre, 0, &mut tp.wdec, 0, tc)?;
         o.act(Act::Decay, &mut tp.wdec, c, Some(&ly.w0))?;
-        mm(o, mix, 4 * c, ld, rows, &ly.a1, da, c, &mut fw.ha)?;
-        mm(o, &fw.ha, 0, da, rows, &ly.a2, c, da, &mut tp.dapre)?;
+        self.lin(
+            T::A1,
+            (mix, 4 * c, ld),
+            (rows, t),
+            &ly.a1,
+            da,
+            c,
+            &mut fw.ha,
+            &mut fw.lora,
+        )?;
+        self.lin(
+            T::A2,
+            (&fw.ha, 0, da),
+            (rows, t),
+            &ly.a2,
+            c,
+            da,
+            &mut tp.dapre,
+            &mut fw.lora,
+        )?;
         o.copy(&tp.vraw, 0, &mut tp.v, 0, tc)?;
         if l == 0 {
             o.copy(&tp.vraw, 0, vf, 0, tc)?;
@@ -532,14 +797,50 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
                 .dvpre
                 .as_mut()
                 .ok_or_else(|| Error::Tune("internal: no value-residual buffer".into()))?;
-            mm(o, mix, 3 * c, ld, rows, v1, dv, c, &mut fw.hv)?;
-            mm(o, &fw.hv, 0, dv, rows, v2, c, dv, dvpre)?;
+            self.lin(
+                T::V1,
+                (mix, 3 * c, ld),
+                (rows, t),
+                v1,
+                dv,
+                c,
+                &mut fw.hv,
+                &mut fw.lora,
+            )?;
+            self.lin(
+                T::V2,
+                (&fw.hv, 0, dv),
+                (rows, t),
+                v2,
+                c,
+                dv,
+                dvpre,
+                &mut fw.lora,
+            )?;
             o.value_residual(c, &mut tp.v, vf, v0, dvpre)?;
         }
-        mm(o, mix, 5 * c, ld, rows, &ly.g1, dg, c, &mut tp.hg_pre)?;
+        self.lin(
+            T::G1,
+            (mix, 5 * c, ld),
+            (rows, t),
+            &ly.g1,
+            dg,
+            c,
+            &mut tp.hg_pre,
+            &mut fw.lora,
+        )?;
         o.copy(&tp.hg_pre, 0, &mut fw.hg, 0, rows * dg)?;
         o.act(Act::Sigmoid, &mut fw.hg, dg, None)?;
-        mm(o, &fw.hg, 0, dg, rows, &ly.g2, c, dg, &mut tp.g)?;
+        self.lin(
+            T::G2,
+            (&fw.hg, 0, dg),
+            (rows, t),
+            &ly.g2,
+            c,
+            dg,
+            &mut tp.g,
+            &mut fw.lora,
+        )?;
         o.kk_prep(
             rows, h, n, &tp.k, &tp.dapre, &ly.a0, &ly.k_k, &ly.k_a, &mut tp.kt, &mut tp.a,
             &mut tp.b,
@@ -587,17 +888,44 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             }),
             Some(&tp.g),
         )?;
-        mm(o, &fw.out, 0, c, rows, &ly.o, c, c, &mut fw.att)?;
+        self.lin(
+            T::O,
+            (&fw.out, 0, c),
+            (rows, t),
+            &ly.o,
+            c,
+            c,
+            &mut fw.att,
+            &mut fw.lora,
+        )?;
         o.add_n(x, &fw.att, tc)?;
         o.copy(x, 0, &mut tp.x_mid, 0, tc)?;
         // ---- channel mix ----
         o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut fw.xf)?;
         o.copy(st.sf, 0, &mut fw.sf, 0, b * c)?;
         o.token_shift_b(b, t, c, &fw.xf, &mut fw.sf, &ly.ffn_mu, 1, &mut fw.kx)?;
-        mm(o, &fw.kx, 0, c, rows, &ly.fk, df, c, &mut tp.hpre)?;
+        self.lin(
+            T::FfnKey,
+            (&fw.kx, 0, c),
+            (rows, t),
+            &ly.fk,
+            df,
+            c,
+            &mut tp.hpre,
+            &mut fw.lora,
+        )?;
         o.copy(&tp.hpre, 0, &mut fw.hid, 0, rows * df)?;
         o.act(Act::ReluSq, &mut fw.hid, df, None)?;
-        mm(o, &fw.hid, 0, df, rows, &ly.fv, c, df, &mut fw.ffn)?;
+        self.lin(
+            T::FfnValue,
+            (&fw.hid, 0, df),
+            (rows, t),
+            &ly.fv,
+            c,
+            df,
+            &mut fw.ffn,
+            &mut fw.lora,
+        )?;
         o.add_n(x, &fw.ffn, tc)
     }
 
@@ -606,6 +934,9 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
     /// is the layer input; `dvf` accumulates ∂L/∂v_first (layers ≥ 1) and
     /// is consumed by layer 0. Writes the state gradients, summed over the
     /// batch, into `g` (`sa`, `sf` `[C]`, `wkv` `[H, N, N]`; `u` `+=`).
+    /// `fw` must hold this layer's forward over the same batch (the GEMM
+    /// inputs the LoRA gradients read); with adapters, their gradients are
+    /// added into `lg`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -619,7 +950,10 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         dvf: &mut O::Buf,
         g: &mut LStart<O::Buf>,
         w: &mut BwdWs<O::Buf>,
+        fw: &mut FwdWs<O::Buf>,
+        mut lg: Option<&mut LoraPairs<O::Buf>>,
     ) -> Result<()> {
+        use LoraTarget as T;
         let (cfg, o, ly, l) = (self.cfg, self.ops, self.ly, self.l);
         let mt = self.mt.ok_or_else(|| {
             Error::Tune("internal: a layer without a transposed GEMM has no backward".into())
@@ -631,14 +965,20 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         let hnn = h * n * n;
         // ---- channel mix ----
         mt(o, dx, rows, &ly.fv, c, df, &mut w.dh)?;
+        let p = lb(&*dx, &fw.hid, 0, df, c, df);
+        self.lin_bwd(T::FfnValue, (rows, t), p, &mut w.dh, &mut fw.lora, &mut lg)?;
         o.act_bwd(Act::ReluSq, rows * df, df, &tp.hpre, None, &mut w.dh)?;
         mt(o, &w.dh, rows, &ly.fk, df, c, &mut w.dkx)?;
+        let p = lb(&w.dh, &fw.kx, 0, c, df, c);
+        self.lin_bwd(T::FfnKey, (rows, t), p, &mut w.dkx, &mut fw.lora, &mut lg)?;
         o.zero(&mut w.dsf)?;
         o.token_shift_bwd_b(b, t, c, &[&w.dkx], &ly.ffn_mu, &mut w.dsf, &mut w.dxf)?;
         o.sum_batch(b, c, &w.dsf, &mut g.sf, false)?;
         o.layer_norm_bwd(&tp.x_mid, 0, rows, c, &ly.ln2.0, LN_EPS, &w.dxf, dx)?;
         // ---- output projection, GroupNorm, bonus, gate ----
         mt(o, dx, rows, &ly.o, c, c, &mut w.dout)?;
+        let p = lb(&*dx, &fw.out, 0, c, c, c);
+        self.lin_bwd(T::O, (rows, t), p, &mut w.dout, &mut fw.lora, &mut lg)?;
         o.group_norm_bwd(
             rows,
             h,
@@ -665,8 +1005,12 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         )?;
         let [dm0, dm1, dm2, dm3, dm4, dm5] = &mut w.dmix;
         mt(o, &w.dg, rows, &ly.g2, c, dgd, &mut w.dhg)?;
+        let p = lb(&w.dg, &fw.hg, 0, dgd, c, dgd);
+        self.lin_bwd(T::G2, (rows, t), p, &mut w.dhg, &mut fw.lora, &mut lg)?;
         o.act_bwd(Act::Sigmoid, rows * dgd, dgd, &tp.hg_pre, None, &mut w.dhg)?;
         mt(o, &w.dhg, rows, &ly.g1, dgd, c, dm5)?;
+        let p = lb(&w.dhg, &fw.mix, 5 * c, 6 * c, dgd, c);
+        self.lin_bwd(T::G1, (rows, t), p, dm5, &mut fw.lora, &mut lg)?;
         // ---- WKV (from the forward's checkpoints) ----
         {
             let [w_r, w_w, w_k, w_v, w_a, w_b] = &mut w.wg;
@@ -721,12 +1065,20 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             &mut w.ddapre,
         )?;
         mt(o, &w.ddapre, rows, &ly.a2, c, dad, &mut w.dha)?;
+        let p = lb(&w.ddapre, &fw.ha, 0, dad, c, dad);
+        self.lin_bwd(T::A2, (rows, t), p, &mut w.dha, &mut fw.lora, &mut lg)?;
         mt(o, &w.dha, rows, &ly.a1, dad, c, dm4)?;
+        let p = lb(&w.dha, &fw.mix, 4 * c, 6 * c, dad, c);
+        self.lin_bwd(T::A1, (rows, t), p, dm4, &mut fw.lora, &mut lg)?;
         // ---- decay ----
         o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), w_w)?;
         mt(o, w_w, rows, &ly.w2, c, dwd, &mut w.dhw)?;
+        let p = lb(&*w_w, &fw.hw, 0, dwd, c, dwd);
+        self.lin_bwd(T::W2, (rows, t), p, &mut w.dhw, &mut fw.lora, &mut lg)?;
         o.act_bwd(Act::Tanh, rows * dwd, dwd, &tp.hw_pre, None, &mut w.dhw)?;
         mt(o, &w.dhw, rows, &ly.w1, dwd, c, dm1)?;
+        let p = lb(&w.dhw, &fw.mix, c, 6 * c, dwd, c);
+        self.lin_bwd(T::W1, (rows, t), p, dm1, &mut fw.lora, &mut lg)?;
         // ---- value residual ----
         let mut res = false;
         if l == 0 {
@@ -734,13 +1086,23 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         } else if let (Some((v0, v1, v2)), Some(dvpre)) = (&ly.vres, &tp.dvpre) {
             o.value_residual_bwd(tc, c, &tp.vraw, vf, v0, dvpre, &mut w.dv, dvf, &mut w.ddv)?;
             mt(o, &w.ddv, rows, v2, c, dvd, &mut w.dhv)?;
+            let p = lb(&w.ddv, &fw.hv, 0, dvd, c, dvd);
+            self.lin_bwd(T::V2, (rows, t), p, &mut w.dhv, &mut fw.lora, &mut lg)?;
             mt(o, &w.dhv, rows, v1, dvd, c, &mut w.dres)?;
+            let p = lb(&w.dhv, &fw.mix, 3 * c, 6 * c, dvd, c);
+            self.lin_bwd(T::V1, (rows, t), p, &mut w.dres, &mut fw.lora, &mut lg)?;
             res = true;
         }
         // ---- projections ----
         mt(o, &w.dr, rows, &ly.r, c, c, dm0)?;
+        let p = lb(&w.dr, &fw.mix, 0, 6 * c, c, c);
+        self.lin_bwd(T::R, (rows, t), p, dm0, &mut fw.lora, &mut lg)?;
         mt(o, &w.dk, rows, &ly.k, c, c, dm2)?;
+        let p = lb(&w.dk, &fw.mix, 2 * c, 6 * c, c, c);
+        self.lin_bwd(T::K, (rows, t), p, dm2, &mut fw.lora, &mut lg)?;
         mt(o, &w.dv, rows, &ly.v, c, c, dm3)?;
+        let p = lb(&w.dv, &fw.mix, 3 * c, 6 * c, c, c);
+        self.lin_bwd(T::V, (rows, t), p, dm3, &mut fw.lora, &mut lg)?;
         if res {
             o.add_n(dm3, &w.dres, tc)?;
         }

@@ -11,6 +11,7 @@
 //! - [`init`]: seeded random weights with realistic magnitudes.
 //! - [`forward`]: [`Model`], the multi-threaded CPU forward pass in sequence
 //!   mode and one-token (RNN) mode.
+//! - [`lora`]: LoRA adapters: targets, files, the exact merge.
 //! - [`state`]: [`State`], the per-layer recurrent state, and state files in
 //!   the ai00 / web-rwkv / RWKV-PEFT layout (`blocks.N.att.time_state`).
 //! - [`sample`]: temperature / top-p sampling and greedy argmax.
@@ -21,6 +22,7 @@ pub mod forward;
 pub mod init;
 pub mod layer;
 pub mod load;
+pub mod lora;
 pub mod sample;
 pub mod state;
 pub mod weights;

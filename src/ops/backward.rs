@@ -1088,6 +1088,71 @@ pub trait BackwardOps: DeviceOps {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// The LoRA branch's input (docs/lora.md): `out[i, j] = x[i, j]·scale`
+    /// where element `(i, j)` survives dropout, else 0, for `rows` rows of
+    /// width `k` read from `x_off + i·ldx` into a dense `out [rows, k]`.
+    /// The rows are sequences of `t` rows, the first of them sequence
+    /// `seq0` of the batch (`seqs = (t, seq0)`). With `keep` = 1 nothing is
+    /// dropped; else an element survives when
+    /// [`backward_ref::lora_keep`](super::backward_ref::lora_keep) says so
+    /// (a hash of seed, sequence, position and column: the same on every
+    /// backend and however a batch is split). Applied with the same seed to
+    /// `∂L/∂out` it gives `∂L/∂x` (the map is diagonal).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_in(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        seqs: (usize, usize),
+        seed: u32,
+        keep: f32,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        fits_i32("lora_in", &[rows, k])?;
+        fits_i32("lora_in", &[rows.max(1), ldx])?;
+        fits_i32("lora_in", &[seqs.0.max(1), seqs.1 + rows])?;
+        if ldx < k || seqs.0 == 0 {
+            return Err(Error::Invalid(format!(
+                "lora_in: row stride {ldx} of x is below its width {k}, or 0 rows per sequence"
+            )));
+        }
+        if !(keep > 0.0 && keep <= 1.0) || !scale.is_finite() {
+            return Err(Error::Invalid(format!(
+                "lora_in: keep probability {keep} (must be in (0, 1]) or scale {scale} \
+                 (must be finite)"
+            )));
+        }
+        if rows > 0 {
+            need("x", self.len(x), x_off, (rows - 1) * ldx + k)?;
+        }
+        need("out", self.len(out), 0, rows * k)?;
+        self.counters().launch(counters::Op::LoraIn);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_lora_in(rows, k, x, x_off, ldx, seqs, seed, keep, scale, out) }
+    }
+    /// # Safety
+    /// What [`Self::lora_in`] checks: x from `x_off` ≥ (rows−1)·ldx + k with
+    /// ldx ≥ k, out ≥ rows·k, all within int32.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_lora_in(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &Self::Buf,
+        x_off: usize,
+        ldx: usize,
+        seqs: (usize, usize),
+        seed: u32,
+        keep: f32,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
     /// A device scalar: `out[slot] += Σ x` (`squares` false) or `Σ x²`
     /// (true) over the first `n` elements of x; nothing leaves the device.
     fn reduce_acc(

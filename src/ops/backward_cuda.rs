@@ -14,7 +14,7 @@ use crate::params::{
     LayerNormBwdParams, OuterAccParams, SoftmaxParams, SumBatchParams, SumsqParams,
     TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
-use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
+use crate::params::{DbpStepParams, EyeAxpyParams, LoraInParams, ReduceParams};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 
@@ -52,6 +52,8 @@ unsafe impl DeviceRepr for ReduceParams {}
 unsafe impl DeviceRepr for DbpStepParams {}
 // SAFETY: #[repr(C)] plain old data (i32, f32 and u64 fields), as above.
 unsafe impl DeviceRepr for EyeAxpyParams {}
+// SAFETY: as above (int32, f32 and u64 device-pointer fields only).
+unsafe impl DeviceRepr for LoraInParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for UpFwdParams {}
 // SAFETY: as above.
@@ -833,6 +835,39 @@ impl BackwardOps for CudaOps {
         // SAFETY: x (or out itself, element-wise in place) and out hold
         // groups·N·N floats (checked by the caller); guards alive until queued.
         unsafe { self.tune("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
+    }
+
+    unsafe fn raw_lora_in(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &CudaSlice<f32>,
+        x_off: usize,
+        ldx: usize,
+        seqs: (usize, usize),
+        seed: u32,
+        keep: f32,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (xp, _g1) = x.device_ptr(st);
+        let (op, _g2) = out.device_ptr_mut(st);
+        let p = LoraInParams {
+            rows: rows as i32,
+            K: k as i32,
+            ldx: ldx as i32,
+            T: seqs.0 as i32,
+            seq0: seqs.1 as i32,
+            seed: seed as i32,
+            keep,
+            scale,
+            x: xp + 4 * x_off as u64,
+            out: op,
+        };
+        // SAFETY: x from x_off holds (rows−1)·ldx + k floats and out rows·k
+        // (checked by the caller); guards alive until queued.
+        unsafe { self.tune("tune_lora_in_f32", self.geom.elems(rows * k), &p) }
     }
 
     unsafe fn raw_reduce_acc(

@@ -14,7 +14,7 @@ use crate::params::{
     LayerNormBwdParams, OuterAccParams, SoftmaxParams, SumBatchParams, SumsqParams,
     TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
-use crate::params::{DbpStepParams, EyeAxpyParams, ReduceParams};
+use crate::params::{DbpStepParams, EyeAxpyParams, LoraInParams, ReduceParams};
 
 type Dims3 = (u32, u32, u32);
 
@@ -611,6 +611,36 @@ impl BackwardOps for EmuOps {
         // SAFETY: x (or out itself, element-wise in place) and out hold
         // groups·N·N floats (checked by the caller).
         unsafe { run("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
+    }
+
+    unsafe fn raw_lora_in(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &Vec<f32>,
+        x_off: usize,
+        ldx: usize,
+        seqs: (usize, usize),
+        seed: u32,
+        keep: f32,
+        scale: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let p = LoraInParams {
+            rows: rows as i32,
+            K: k as i32,
+            ldx: ldx as i32,
+            T: seqs.0 as i32,
+            seq0: seqs.1 as i32,
+            seed: seed as i32,
+            keep,
+            scale,
+            x: ptr(x) + 4 * x_off as u64,
+            out: ptr_mut(out),
+        };
+        // SAFETY: x from x_off holds (rows−1)·ldx + k floats and out rows·k
+        // (checked by the caller); out is a distinct &mut borrow.
+        unsafe { run("tune_lora_in_f32", self.geom.elems(rows * k), &p) }
     }
 
     unsafe fn raw_reduce_acc(

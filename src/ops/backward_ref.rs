@@ -686,3 +686,58 @@ pub fn sum_batch<R: Real>(b: usize, n: usize, src: &[R], dst: &mut [R], accumula
 pub fn sumsq<R: Real>(n: usize, x: &[R]) -> f64 {
     x[..n].iter().map(|&v| v.to_f64() * v.to_f64()).sum()
 }
+
+/// The 32-bit hash of `tune_lora_in_f32` (`tn_hash`): the same bits on
+/// every backend.
+pub fn lora_hash(seed: u32, i: u32) -> u32 {
+    let mut h = i.wrapping_mul(0x9E37_79B9) ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7FEB_352D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846C_A68B);
+    h ^= h >> 16;
+    h
+}
+
+/// Whether column `j` at position `pos` of sequence `seq` (of width `k`)
+/// survives LoRA dropout with seed `seed` and keep probability `keep`
+/// (always when `keep` ≥ 1): the top 24 bits of the hash as a uniform in
+/// `[0, 1)`, below `keep`.
+pub fn lora_keep(seed: u32, seq: usize, pos: usize, k: usize, j: usize, keep: f32) -> bool {
+    if keep >= 1.0 {
+        return true;
+    }
+    let s = lora_hash(seed, seq as u32);
+    ((lora_hash(s, (pos * k + j) as u32) >> 8) as f32 * (1.0 / 16_777_216.0)) < keep
+}
+
+/// The CPU twin of `tune_lora_in_f32`: `out [rows, k]` = `x` (rows at
+/// `i·ldx`) times `scale` where kept, else 0; the rows are sequences of `t`
+/// rows, `row0` is the launch row of `out`'s first row (for row-split
+/// callers) and `seq0` the batch index of the launch's first sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_in<R: Real>(
+    rows: usize,
+    k: usize,
+    x: &[R],
+    ldx: usize,
+    (t, seq0, row0): (usize, usize, usize),
+    seed: u32,
+    keep: f32,
+    scale: f32,
+    out: &mut [R],
+) {
+    let s = R::from_f32(scale);
+    let t = t.max(1);
+    for i in 0..rows {
+        let row = row0 + i;
+        for j in 0..k {
+            let e = i * k + j;
+            out[e] = if lora_keep(seed, seq0 + row / t, row % t, k, j, keep) {
+                x[i * ldx + j] * s
+            } else {
+                R::ZERO
+            };
+        }
+    }
+}

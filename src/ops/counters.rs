@@ -68,6 +68,7 @@ ops! {
     DbpStep => "dbp_step",
     EyeAxpy => "eye_axpy",
     Fill => "fill",
+    LoraIn => "lora_in",
 }
 
 const N_OPS: usize = Op::ALL.len();

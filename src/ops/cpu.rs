@@ -975,6 +975,27 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         bref::dbp_step(groups, n, scale, eta, kappa, max_norm, z, m);
         Ok(())
     }
+    unsafe fn raw_lora_in(
+        &self,
+        rows: usize,
+        k: usize,
+        x: &Vec<R>,
+        x_off: usize,
+        ldx: usize,
+        seqs: (usize, usize),
+        seed: u32,
+        keep: f32,
+        scale: f32,
+        out: &mut Vec<R>,
+    ) -> Result<()> {
+        let x = &x[x_off..];
+        let (t, seq0) = seqs;
+        par_rows(rows, k, out, |r0, nr, o| {
+            let at = (t, seq0, r0);
+            bref::lora_in(nr, k, &x[r0 * ldx..], ldx, at, seed, keep, scale, o)
+        });
+        Ok(())
+    }
     unsafe fn raw_eye_axpy(
         &self,
         groups: usize,

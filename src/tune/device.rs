@@ -48,8 +48,10 @@ use crate::error::{Error, Result};
 use crate::model::device::upload_emb_ln;
 pub use crate::model::layer::LStart;
 use crate::model::layer::{
-    matmul_buf, matmul_t_buf, upload_layers, BwdWs, DevLayer, FwdWs, Layer, Tape, UpKernel,
+    matmul_buf, matmul_t_buf, upload_layers, BwdWs, DevLayer, FwdWs, Layer, LoraPairs, LoraRef,
+    LoraWs, Tape, UpKernel,
 };
+use crate::model::lora::{LoraAdapter, LoraTarget, LoraTensor};
 use crate::model::{Config, Model, Weights};
 use crate::ops::backward::BackwardOps;
 use crate::ops::backward_ref::AdamStep;
@@ -158,6 +160,8 @@ pub struct StepWs<B> {
     stb: Vec<LStart<B>>,
     /// per layer, the state gradients summed over the batch
     grads: Vec<LStart<B>>,
+    /// per layer, the LoRA factors' gradients summed over the batch
+    lgrads: Option<Vec<LoraPairs<B>>>,
     acc: Option<Vec<B>>,
     /// `[2]`: the loss sum, the gradient's sum of squares
     stats: B,
@@ -250,6 +254,37 @@ struct DevUp<B> {
     gamma: Vec<B>,
 }
 
+/// LoRA adapters on the device (docs/lora.md): per layer the factor
+/// pairs, indexed by [`LoraTarget::index`]; the branch's scale and dropout;
+/// the seed of the current step's dropout masks.
+struct DevLora<B> {
+    rank: usize,
+    alpha: f32,
+    keep: f32,
+    /// the run's seed; each step's seed is derived from it and the step
+    seed0: u32,
+    /// the current step's seed
+    seed: u32,
+    layers: Vec<LoraPairs<B>>,
+}
+
+/// The buffers of per-layer factor pairs in parameter order (layer-major,
+/// targets in [`LoraTarget::ALL`] order, A then B).
+fn pairs_flat<B>(p: &[LoraPairs<B>]) -> Vec<&B> {
+    p.iter()
+        .flat_map(|l| l.iter().flatten())
+        .flat_map(|(a, b)| [a, b])
+        .collect()
+}
+
+/// [`pairs_flat`], mutable.
+fn pairs_flat_mut<B>(p: &mut [LoraPairs<B>]) -> Vec<&mut B> {
+    p.iter_mut()
+        .flat_map(|l| l.iter_mut().flatten())
+        .flat_map(|(a, b)| [a, b])
+        .collect()
+}
+
 /// The frozen model on a device, for state-gradient computations.
 pub struct DeviceTuner<O: BackwardOps> {
     ops: O,
@@ -266,6 +301,8 @@ pub struct DeviceTuner<O: BackwardOps> {
     recompute: Recompute,
     /// The observer, when the soft targets are made in the step.
     teacher: Option<Teacher<O>>,
+    /// LoRA adapters (trained by [`DeviceEngine::new_lora`]).
+    lora: Option<DevLora<O::Buf>>,
 }
 
 /// The observer (teacher) on the tuner's device: a frozen model of the same
@@ -301,6 +338,8 @@ pub struct DevGrad<B> {
     pub grads: Vec<LStart<B>>,
     /// Per layer `[H, N, N]` `Σ r rᵀ` (when asked for) and the vector count.
     pub dbp: Option<(Vec<B>, f64)>,
+    /// Per layer the LoRA factors' gradients (a tuner with LoRA).
+    pub lora: Option<Vec<LoraPairs<B>>>,
     /// Bytes of activations the step planned to hold at once
     /// ([`DeviceTuner::plan_bytes`]: computed from the buffer sizes; weights,
     /// the state and the optimiser's moments not included).
@@ -335,6 +374,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             up: None,
             recompute: Recompute::default(),
             teacher: None,
+            lora: None,
         })
     }
 
@@ -401,6 +441,167 @@ impl<O: BackwardOps> DeviceTuner<O> {
             temperature,
         });
         Ok(())
+    }
+
+    /// Attaches the LoRA adapter `ad` (uploaded; its factors become this
+    /// tuner's, replacing any earlier adapter): every forward adds the
+    /// branches, and a step's backward also returns the factors'
+    /// gradients. `dropout` (in [0, 1)) applies to the branch inputs in
+    /// training steps only, with masks drawn from `seed` and the step.
+    pub fn set_lora(&mut self, ad: &LoraAdapter, dropout: f32, seed: u64) -> Result<()> {
+        ad.check(&self.cfg)?;
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::Options(format!(
+                "LoRA dropout {dropout} (must be in [0, 1))"
+            )));
+        }
+        if self.up.is_some() {
+            return Err(Error::Tune(
+                "LoRA on an upscaled tuner is not supported".into(),
+            ));
+        }
+        let mut layers: Vec<LoraPairs<O::Buf>> = (0..self.cfg.n_layer)
+            .map(|_| (0..LoraTarget::ALL.len()).map(|_| None).collect())
+            .collect();
+        for t in &ad.tensors {
+            layers[t.layer][t.target.index()] =
+                Some((self.ops.upload(&t.a)?, self.ops.upload(&t.b)?));
+        }
+        let seed0 = (seed ^ (seed >> 32)) as u32;
+        self.lora = Some(DevLora {
+            rank: ad.rank,
+            alpha: ad.alpha,
+            keep: 1.0 - dropout,
+            seed0,
+            seed: seed0,
+            layers,
+        });
+        Ok(())
+    }
+
+    /// The attached LoRA adapter, downloaded (`None`: none).
+    pub fn lora_adapter(&self) -> Result<Option<LoraAdapter>> {
+        let Some(d) = &self.lora else {
+            return Ok(None);
+        };
+        let mut tensors = Vec::new();
+        for (l, pairs) in d.layers.iter().enumerate() {
+            for (t, p) in LoraTarget::ALL.iter().zip(pairs) {
+                if let Some((a, b)) = p {
+                    let (out, inp) = t.dims(&self.cfg);
+                    let mut a = self.ops.download(a)?;
+                    a.truncate(d.rank * inp);
+                    let mut b = self.ops.download(b)?;
+                    b.truncate(out * d.rank);
+                    tensors.push(LoraTensor {
+                        layer: l,
+                        target: *t,
+                        a,
+                        b,
+                    });
+                }
+            }
+        }
+        Ok(Some(LoraAdapter {
+            rank: d.rank,
+            alpha: d.alpha,
+            tensors,
+        }))
+    }
+
+    /// Elements of the LoRA factors (0 without LoRA).
+    pub fn lora_params(&self) -> usize {
+        self.lora.as_ref().map_or(0, |d| {
+            pairs_flat(&d.layers).iter().map(|b| self.ops.len(b)).sum()
+        })
+    }
+
+    /// The LoRA factors in parameter order, downloaded as f64 (exact on
+    /// `CpuOps<f64>`; for the finite-difference checks).
+    pub fn lora_params_f64(&self) -> Result<Vec<Vec<f64>>> {
+        let Some(d) = &self.lora else {
+            return Ok(Vec::new());
+        };
+        pairs_flat(&d.layers)
+            .into_iter()
+            .map(|b| self.ops.download_f64(b))
+            .collect()
+    }
+
+    /// Replaces the LoRA factors (parameter order, f64 uploaded without
+    /// rounding on `CpuOps<f64>`).
+    pub fn set_lora_params_f64(&mut self, p: &[Vec<f64>]) -> Result<()> {
+        let ops = &self.ops;
+        let Some(d) = self.lora.as_mut() else {
+            return Err(Error::Tune("the tuner has no LoRA adapter".into()));
+        };
+        let bufs = pairs_flat_mut(&mut d.layers);
+        if bufs.len() != p.len() {
+            return Err(Error::Tune(format!(
+                "{} LoRA tensors given for {}",
+                p.len(),
+                bufs.len()
+            )));
+        }
+        for (b, h) in bufs.into_iter().zip(p) {
+            if ops.len(b) != h.len() {
+                return Err(Error::Tune("a LoRA tensor of the wrong size".into()));
+            }
+            *b = ops.upload_f64(h)?;
+        }
+        Ok(())
+    }
+
+    /// Loss sum, token count and the LoRA factors' gradients (parameter
+    /// order, f64) of `batch` from the initial states `st`.
+    pub fn loss_and_grad_lora(
+        &self,
+        st: &[LStart<O::Buf>],
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64, Vec<Vec<f64>>)> {
+        let dg = self.grad(st, batch, o, false)?;
+        let g = match &dg.lora {
+            Some(g) => pairs_flat(g)
+                .into_iter()
+                .map(|b| self.ops.download_f64(b))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok((dg.loss(&self.ops)?, dg.n_tokens, g))
+    }
+
+    /// Zero gradient buffers shaped like the LoRA factors (`None`: no LoRA).
+    fn lora_grads(&self) -> Result<Option<Vec<LoraPairs<O::Buf>>>> {
+        let Some(d) = &self.lora else {
+            return Ok(None);
+        };
+        let o = &self.ops;
+        let g = d
+            .layers
+            .iter()
+            .map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|p| match p {
+                        Some((a, b)) => Ok(Some((o.zeros(o.len(a))?, o.zeros(o.len(b))?))),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<LoraPairs<O::Buf>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(g))
+    }
+
+    /// The forward temporaries for `b × t` (with the LoRA branch's when
+    /// adapted).
+    fn fwd_ws(&self, b: usize, t: usize) -> Result<FwdWs<O::Buf>> {
+        FwdWs::new(&self.ops, &self.cfg, b, t)?.with_lora(
+            &self.ops,
+            &self.cfg,
+            b * t,
+            self.lora.as_ref().map(|d| d.rank),
+        )
     }
 
     /// Whether the soft targets come from a teacher on the device.
@@ -487,8 +688,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
         Ok(st)
     }
 
-    /// Layer `l` bound to this tuner's backend, f32 weights and kernel.
+    /// Layer `l` bound to this tuner's backend, f32 weights and kernel
+    /// (LoRA dropout off).
     fn layer(&self, l: usize) -> Layer<'_, O, O::Buf> {
+        self.layer_t(l, false, 0)
+    }
+
+    /// Layer `l`; `train` turns LoRA dropout on; `seq0` is the batch index
+    /// of the first sequence it runs (for the dropout masks).
+    fn layer_t(&self, l: usize, train: bool, seq0: usize) -> Layer<'_, O, O::Buf> {
         Layer {
             ops: &self.ops,
             cfg: &self.cfg,
@@ -500,6 +708,14 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 m: u.m,
                 centres: &u.centres[l],
                 gamma: &u.gamma[l],
+            }),
+            lora: self.lora.as_ref().map(|d| LoraRef {
+                rank: d.rank,
+                scale: d.alpha / d.rank as f32,
+                keep: if train { d.keep } else { 1.0 },
+                seed: d.seed,
+                seq0,
+                ab: &d.layers[l],
             }),
         }
     }
@@ -536,9 +752,12 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let states = 4 * (b + 2) * (2 * c.n_embd + hnn + self.u_len()) * nl;
         let head = 4 * HEAD_ROWS.min(rows) * (3 * v + 2 * c.n_embd + 1);
         let tapes = match policy {
-            Recompute::KeepAll => nl,
-            Recompute::PerLayer => 1,
+            Recompute::KeepAll if self.lora.is_none() => nl,
+            _ => 1,
         } * self.tape_bytes(b, t);
+        let lora = self.lora.as_ref().map_or(0, |d| {
+            LoraWs::<O::Buf>::bytes(c, rows, d.rank) + 8 * self.lora_params()
+        });
         let teacher = self.teacher.as_ref().map_or(0, |tc| {
             let m = &tc.model;
             let ct = m.cfg.n_embd;
@@ -547,7 +766,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 + m.tape_bytes(b, t)
                 + m.work_bytes(b, t)
         });
-        resid + states + head + tapes + self.work_bytes(b, t) + teacher
+        resid + states + head + tapes + self.work_bytes(b, t) + teacher + lora
     }
 
     /// A workspace for steps of up to `b` sequences of up to `t` tokens
@@ -620,9 +839,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let has_vres = self.layers.iter().any(|l| l.vres.is_some());
         let m = self.up.as_ref().map(|u| u.m);
         let tape = || Tape::new(o, cfg, b, t, has_vres, m);
+        // with LoRA the backward reads each layer's GEMM inputs from the
+        // forward workspace, so every layer is recomputed (one tape)
         let n_tapes = match policy {
-            Recompute::KeepAll => nl,
-            Recompute::PerLayer => 1,
+            Recompute::KeepAll if self.lora.is_none() => nl,
+            _ => 1,
         };
         let lstart = |k: usize| -> Result<LStart<O::Buf>> {
             Ok(LStart {
@@ -661,8 +882,9 @@ impl<O: BackwardOps> DeviceTuner<O> {
             dvf: z(tc)?,
             xin: (0..nl).map(|_| z(tc)).collect::<Result<_>>()?,
             tapes: (0..n_tapes).map(|_| tape()).collect::<Result<_>>()?,
-            fw: FwdWs::new(o, cfg, b, t)?,
+            fw: self.fwd_ws(b, t)?,
             bw: BwdWs::new(o, cfg, b, t)?,
+            lgrads: self.lora_grads()?,
             head: HeadWs::new(o, hr, c, v, true)?,
             dbp_tmp: if dbp {
                 Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
@@ -769,7 +991,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let (c, t) = (cfg.n_embd, tokens.len());
         let vres = self.layers.iter().any(|l| l.vres.is_some());
         let mut tape = Tape::new(o, cfg, 1, t, vres, self.up.as_ref().map(|u| u.m))?;
-        let mut fw = FwdWs::new(o, cfg, 1, t)?;
+        let mut fw = self.fwd_ws(1, t)?;
         let mut x = o.zeros(t * c)?;
         o.embed(tokens, &self.emb_ln, c, &mut x)?;
         let mut vf = o.zeros(t * c)?;
@@ -865,12 +1087,17 @@ impl<O: BackwardOps> DeviceTuner<O> {
         self.load_states(&mut ws, st)?;
         let info = self.step_ws(&mut ws, batch, o)?;
         let StepWs {
-            grads, acc, stats, ..
+            grads,
+            lgrads,
+            acc,
+            stats,
+            ..
         } = ws;
         Ok(DevGrad {
             stats,
             n_tokens: info.n_tokens,
             grads,
+            lora: lgrads,
             dbp: acc.map(|a| (a, info.count)),
             peak_bytes: info.peak_bytes,
         })
@@ -932,7 +1159,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         batch: &[Example],
         o: &GradOpts,
     ) -> Result<StepInfo> {
-        self.run_ws(ws, batch, o, true)
+        self.run_ws(ws, batch, o, true, 0)
     }
 
     /// [`Self::run_ws`] over `ws.parts`: the batch cut into contiguous
@@ -971,6 +1198,15 @@ impl<O: BackwardOps> DeviceTuner<O> {
             }
         }
         pieces.push(&batch[start..]);
+        // each piece's first live sequence in the batch (dropout masks)
+        let seq0s: Vec<usize> = pieces
+            .iter()
+            .scan(0, |n, p| {
+                let s0 = *n;
+                *n += p.iter().filter(|e| effective_len(e) > 0).count();
+                Some(s0)
+            })
+            .collect();
         if pieces.len() > ws.parts.len() {
             return Err(Error::Tune("internal: more batch pieces than parts".into()));
         }
@@ -979,6 +1215,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             st1,
             stats,
             grads,
+            lgrads,
             acc,
             ..
         } = ws;
@@ -988,7 +1225,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let infos = parts
             .par_iter_mut()
             .zip(pieces.par_iter())
-            .map(|(p, piece)| self.run_ws(p, piece, o, backward))
+            .zip(seq0s.par_iter())
+            .map(|((p, piece), &s0)| self.run_ws(p, piece, o, backward, s0))
             .collect::<Result<Vec<StepInfo>>>()?;
         let used = &parts[..infos.len()];
         // the parts' sums, in part order: the loss (slot 0), the state
@@ -1016,6 +1254,16 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 }
             }
         }
+        if let (true, Some(lg)) = (backward, lgrads.as_mut()) {
+            let parts_g: Vec<Vec<&O::Buf>> = used
+                .iter()
+                .map(|p| p.lgrads.as_ref().map(|g| pairs_flat(g)).unwrap_or_default())
+                .collect();
+            for (i, d) in pairs_flat_mut(lg).into_iter().enumerate() {
+                let n = ops.len(d);
+                sum(d, &mut parts_g.iter().filter_map(|g| g.get(i).copied()), n)?;
+            }
+        }
         if let Some(acc) = acc.as_mut() {
             for (l, a) in acc.iter_mut().enumerate() {
                 let n = ops.len(a);
@@ -1041,6 +1289,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         batch: &[Example],
         o: &GradOpts,
         backward: bool,
+        seq0: usize,
     ) -> Result<StepInfo> {
         let cfg = &self.cfg;
         let (c, nl, v) = (cfg.n_embd, cfg.n_layer, cfg.vocab);
@@ -1083,6 +1332,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 ops.zero(u)?;
             }
         }
+        if let Some(lg) = ws.lgrads.as_mut() {
+            for g in pairs_flat_mut(lg) {
+                ops.zero(g)?;
+            }
+        }
         if b == 0 {
             for g in ws.grads.iter_mut() {
                 ops.zero(&mut g.sa)?;
@@ -1117,6 +1371,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             soft,
             stb,
             grads,
+            lgrads,
             acc,
             stats,
             x,
@@ -1134,14 +1389,16 @@ impl<O: BackwardOps> DeviceTuner<O> {
         ops.write_ids(&tokens, v, ids)?;
         ops.write_ids(&targets, v, tgt)?;
         ops.write(&mask, mask_d)?;
-        let keep = tapes.len() == nl;
+        // with LoRA every layer is recomputed before its backward (the
+        // backward reads the GEMM inputs from the forward workspace)
+        let keep = tapes.len() == nl && self.lora.is_none();
         // forward: keep every layer's input (and, under KeepAll, its tape)
         ops.embed_ids(ids, &self.emb_ln, c, x)?;
         for (l, s) in stb.iter().enumerate() {
             ops.copy(x, 0, &mut xin[l], 0, tc)?;
             let a = acc.as_mut().map(|a| (&mut a[l], &lens[..]));
             let tp = &mut tapes[if keep { l } else { 0 }];
-            self.layer(l)
+            self.layer_t(l, backward, seq0)
                 .forward(x, b, t, s.view(), vf, tp, fw, a, None)?;
         }
         // the teacher's forward over the same batch, from its zero state
@@ -1230,11 +1487,20 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 let tp = &mut tapes[0];
                 // the forward again from the layer's input (x is free now)
                 ops.copy(&xin[l], 0, x, 0, tc)?;
-                self.layer(l)
-                    .forward(x, b, t, stb[l].view(), vf, tp, fw, None, None)?;
+                self.layer_t(l, true, seq0).forward(
+                    x,
+                    b,
+                    t,
+                    stb[l].view(),
+                    vf,
+                    tp,
+                    fw,
+                    None,
+                    None,
+                )?;
                 tp
             };
-            self.layer(l).backward(
+            self.layer_t(l, true, seq0).backward(
                 tp,
                 &xin[l],
                 stb[l].view(),
@@ -1245,6 +1511,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 dvf,
                 &mut grads[l],
                 bw,
+                fw,
+                lgrads.as_mut().map(|g| &mut g[l]),
             )?;
         }
         Ok(StepInfo {
@@ -1328,7 +1596,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let mut ws =
             self.workspace_for(b, t, o.observer_weight > 0.0, false, Recompute::PerLayer)?;
         self.load_states(&mut ws, st)?;
-        let info = self.run_ws(&mut ws, batch, o, false)?;
+        let info = self.run_ws(&mut ws, batch, o, false, 0)?;
         Ok((self.ops.download_f64(&ws.stats)?[0], info.n_tokens))
     }
 
@@ -1468,6 +1736,45 @@ impl<O: BackwardOps> DeviceEngine<O> {
         Self::build(tuner, w, &init.state, &init.params(), adam, None, opts)
     }
 
+    /// The LoRA engine (docs/lora.md): uploads the model and the adapter
+    /// `ad` and trains its factors (every other weight frozen, the initial
+    /// state zero, no DBP). `dropout` applies to the branch inputs in
+    /// training steps, with masks from `seed` and the step number (so a
+    /// resumed run draws the same masks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_lora(
+        ops: O,
+        w: &Weights,
+        ad: &LoraAdapter,
+        dropout: f32,
+        seed: u64,
+        adam: AdamConfig,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        let mut tuner = DeviceTuner::new(ops, w)?;
+        tuner.set_lora(ad, dropout, seed)?;
+        let init = TunedState::zeros(tuner.config(), false);
+        let mut e = Self::build(tuner, w, &init, &[], adam, None, opts)?;
+        e.n_state = 0;
+        let o = &e.tuner.ops;
+        for p in ad.params() {
+            e.sizes.push(p.len());
+            e.m.push(o.zeros(p.len())?);
+            e.v.push(o.zeros(p.len())?);
+        }
+        Ok(e)
+    }
+
+    /// Every trained buffer in parameter order: the state's tensors (and
+    /// `U`s), then the LoRA factors.
+    fn all_params(&self) -> Vec<&O::Buf> {
+        let mut p: Vec<&O::Buf> = self.params.iter().collect();
+        if let Some(d) = &self.tuner.lora {
+            p.extend(pairs_flat(&d.layers));
+        }
+        p
+    }
+
     /// Uploads `params` (the state's tensors, then any `U`s) and zero moments.
     fn build(
         tuner: DeviceTuner<O>,
@@ -1601,9 +1908,9 @@ impl<O: BackwardOps> DeviceEngine<O> {
                     sa: o.zeros(c)?,
                     sf: o.zeros(c)?,
                     wkv: o.zeros(hnn)?,
-                    u: match self.sizes.get(self.n_state + l) {
-                        Some(&len) => Some(o.zeros(len)?),
-                        None => None,
+                    u: match (&self.tuner.up, self.sizes.get(self.n_state + l)) {
+                        (Some(_), Some(&len)) => Some(o.zeros(len)?),
+                        _ => None,
                     },
                 })
             })
@@ -1619,6 +1926,13 @@ impl<O: BackwardOps> DeviceEngine<O> {
         let (c, h, n, nl) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer);
         let o = self.tuner.ops();
         for (l, d) in dst.iter_mut().enumerate().take(nl) {
+            if self.n_state == 0 {
+                // the state is not trained: the plain model's zero state
+                o.zero(&mut d.wkv)?;
+                o.zero(&mut d.sa)?;
+                o.zero(&mut d.sf)?;
+                continue;
+            }
             match &self.dbp {
                 Some((_, r)) => {
                     o.batched_matmul(h, n, &self.params[l], &r[l], false, &mut d.wkv)?
@@ -1651,7 +1965,11 @@ impl<O: BackwardOps> DeviceEngine<O> {
         let (h, n, nl) = (cfg.n_head, cfg.head_size, cfg.n_layer);
         let hnn = h * n * n;
         self.write_states(&mut ws.st1)?;
-        let o = self.tuner.ops();
+        if let Some(d) = self.tuner.lora.as_mut() {
+            // this step's dropout masks: from the run's seed and the step
+            d.seed = crate::ops::backward_ref::lora_hash(d.seed0, (self.t + 1) as u32);
+        }
+        let o = &self.tuner.ops;
         let info = self.tuner.step_ws(ws, batch, &self.opts)?;
         self.last_peak_bytes = info.peak_bytes;
         // gradients in params order; g′ = g·Rᵀ under DBP
@@ -1661,7 +1979,7 @@ impl<O: BackwardOps> DeviceEngine<O> {
             }
         }
         let mut grads: Vec<&O::Buf> = Vec::with_capacity(self.params.len());
-        for l in 0..nl {
+        for l in (0..nl).filter(|_| self.n_state > 0) {
             grads.push(match (&self.dbp, &ws.dbp_tmp) {
                 (Some(_), Some(tmp)) => &tmp[l],
                 _ => &ws.grads[l].wkv,
@@ -1672,11 +1990,14 @@ impl<O: BackwardOps> DeviceEngine<O> {
             grads.extend(ws.grads.iter().map(|g| &g.sf));
         }
         grads.extend(ws.grads.iter().filter_map(|g| g.u.as_ref()));
-        if grads.len() != self.params.len() {
+        if let Some(lg) = ws.lgrads.as_ref() {
+            grads.extend(pairs_flat(lg));
+        }
+        if grads.len() != self.sizes.len() {
             return Err(Error::Tune(format!(
                 "internal: {} gradients for {} parameters",
                 grads.len(),
-                self.params.len()
+                self.sizes.len()
             )));
         }
         // norm, clipping and Adam on the device: Σ g² into the step's
@@ -1698,13 +2019,17 @@ impl<O: BackwardOps> DeviceEngine<O> {
             bc2: (1.0 - a.beta2.powi(t as i32)) as f32,
             grad_scale: inv as f32,
         };
-        for (i, g) in grads.iter().enumerate() {
+        let mut pbufs: Vec<&mut O::Buf> = self.params.iter_mut().collect();
+        if let Some(d) = self.tuner.lora.as_mut() {
+            pbufs.extend(pairs_flat_mut(&mut d.layers));
+        }
+        for (i, (g, p)) in grads.iter().zip(pbufs).enumerate() {
             o.adam_clipped(
                 self.sizes[i],
                 &s,
                 clip as f32,
                 stats,
-                &mut self.params[i],
+                p,
                 g,
                 &mut self.m[i],
                 &mut self.v[i],
@@ -1781,7 +2106,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
     }
     fn save(&self) -> Result<EngineState> {
         let o = self.tuner.ops();
-        let dl = |v: &[O::Buf]| -> Result<Vec<Vec<f32>>> {
+        let dl = |v: &[&O::Buf]| -> Result<Vec<Vec<f32>>> {
             v.iter()
                 .zip(&self.sizes)
                 .map(|(b, &n)| {
@@ -1792,9 +2117,9 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 .collect()
         };
         Ok(EngineState {
-            params: dl(&self.params)?,
-            adam_m: dl(&self.m)?,
-            adam_v: dl(&self.v)?,
+            params: dl(&self.all_params())?,
+            adam_m: dl(&self.m.iter().collect::<Vec<_>>())?,
+            adam_v: dl(&self.v.iter().collect::<Vec<_>>())?,
             adam_t: self.t,
             dbp_r: match &self.dbp {
                 Some((_, r)) => Some(self.download_r(r)?),
@@ -1829,11 +2154,21 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
                 }
             }
         }
+        let mut p = p;
+        let lora_p = p.split_off(self.params.len());
+        if let Some(d) = self.tuner.lora.as_mut() {
+            for (dst, src) in pairs_flat_mut(&mut d.layers).into_iter().zip(lora_p) {
+                *dst = src;
+            }
+        }
         self.params = p;
         self.m = m;
         self.v = v;
         self.t = s.adam_t;
         Ok(())
+    }
+    fn adapter(&self) -> Result<Option<LoraAdapter>> {
+        self.tuner.lora_adapter()
     }
     fn tuned(&self) -> Result<TunedState> {
         let cfg = self.tuner.config();

@@ -50,6 +50,10 @@ pub trait Engine {
     fn load(&mut self, s: EngineState) -> Result<()>;
     /// The tuned state the model sees (`S′·R` under DBP).
     fn tuned(&self) -> Result<TunedState>;
+    /// The trained LoRA adapter, when the engine trains one (else `None`).
+    fn adapter(&self) -> Result<Option<crate::model::lora::LoraAdapter>> {
+        Ok(None)
+    }
     /// Whether the engine makes the observer's soft targets itself (a
     /// teacher on its device), so the loop fills none.
     fn has_teacher(&self) -> bool {

@@ -1,0 +1,430 @@
+//! LoRA on the one tuning engine (docs/lora.md): the factors' gradients
+//! against f64 central finite differences (every target kind, with and
+//! without dropout), the exact merge (merged model's logits equal the
+//! adapted ones, and the CPU model of the merged file agrees), adapter
+//! files (round trip, bad files refused with named errors), the engine's
+//! training (loss goes down, the base weights never change, resume is
+//! bit-exact) and the emulated kernels against the CPU twins.
+//!
+//! Tolerances: f64 gradients vs f64 finite differences (h = 1e-5) within
+//! 1e-5 relative per tensor group; f32 within 2e-2 (the bound the state
+//! gradient's f32 check uses, tests/tune_grad.rs).
+use rwkv_tune::model::lora::{LoraAdapter, LoraTarget};
+use rwkv_tune::model::weights::{Config, Weights};
+use rwkv_tune::model::Model;
+use rwkv_tune::ops::cpu::CpuOps;
+use rwkv_tune::ops::emu::EmuOps;
+use rwkv_tune::tune::device::{DeviceEngine, DeviceTuner};
+use rwkv_tune::tune::engine::Engine;
+use rwkv_tune::tune::grad::{Example, GradOpts, TunedState, TunedStateOf};
+use rwkv_tune::tune::optim::AdamConfig;
+use rwkv_tune::Error;
+
+mod common;
+use common::tune::{random_example, random_state, rel_err, small_config, tiny_config, Rng};
+
+/// An adapter on `targets` with random A and B (B nonzero, so every
+/// factor's gradient is nonzero).
+fn random_adapter(cfg: &Config, targets: &[LoraTarget], rank: usize, seed: u64) -> LoraAdapter {
+    let mut ad = LoraAdapter::init(cfg, rank, 2.0 * rank as f32, targets, seed).unwrap();
+    let mut rng = Rng(seed ^ 0x55);
+    for p in ad.params_mut() {
+        for v in p.iter_mut() {
+            *v = rng.sym(0.3) as f32;
+        }
+    }
+    ad
+}
+
+fn batch(cfg: &Config, rng: &mut Rng) -> Vec<Example> {
+    vec![
+        random_example(9, cfg.vocab, false, false, rng),
+        random_example(12, cfg.vocab, true, false, rng),
+    ]
+}
+
+/// Per parameter tensor, `k` sampled entries: FD of the training loss vs
+/// the engine's gradient; returns the worst relative error.
+fn fd_check(
+    tuner: &mut DeviceTuner<CpuOps<f64>>,
+    names: &[String],
+    s: &TunedStateOf<f64>,
+    b: &[Example],
+    o: &GradOpts,
+    k: usize,
+    rng: &mut Rng,
+) -> f64 {
+    let st = tuner.upload_state(s).unwrap();
+    let (_, _, g) = tuner.loss_and_grad_lora(&st, b, o).unwrap();
+    let p0 = tuner.lora_params_f64().unwrap();
+    assert_eq!(g.len(), p0.len());
+    let h = 1e-5;
+    let mut worst = 0.0f64;
+    for (t, name) in names.iter().enumerate() {
+        let idx: Vec<usize> = (0..k).map(|_| rng.below(p0[t].len())).collect();
+        let mut fd = Vec::new();
+        for &i in &idx {
+            let mut p = p0.clone();
+            p[t][i] += h;
+            tuner.set_lora_params_f64(&p).unwrap();
+            let lp = tuner.loss_and_grad_lora(&st, b, o).unwrap().0;
+            p[t][i] -= 2.0 * h;
+            tuner.set_lora_params_f64(&p).unwrap();
+            let lm = tuner.loss_and_grad_lora(&st, b, o).unwrap().0;
+            fd.push((lp - lm) / (2.0 * h));
+        }
+        tuner.set_lora_params_f64(&p0).unwrap();
+        let an: Vec<f64> = idx.iter().map(|&i| g[t][i]).collect();
+        let fnorm = fd.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let e = rel_err(&an, &fd);
+        println!("{name:>28}: |fd| = {fnorm:.3e}  rel.err = {e:.2e}");
+        assert!(fnorm > 1e-9, "{name}: finite differences ~0 (vacuous)");
+        worst = worst.max(e);
+    }
+    worst
+}
+
+fn param_names(ad: &LoraAdapter) -> Vec<String> {
+    ad.tensors
+        .iter()
+        .flat_map(|t| {
+            let b = format!("blocks.{}.{}", t.layer, t.target.name());
+            [format!("{b}.lora_A"), format!("{b}.lora_B")]
+        })
+        .collect()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_on_every_target() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 3).unwrap();
+    let mut rng = Rng(21);
+    let ad = random_adapter(&cfg, &LoraTarget::ALL, 2, 5);
+    let s = random_state(&cfg, true, 0.5, &mut rng).map(|v| v as f64);
+    let b = batch(&cfg, &mut rng);
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let names = param_names(&ad);
+    for dropout in [0.0f32, 0.3] {
+        let mut t = DeviceTuner::new(CpuOps::<f64>::default(), &w).unwrap();
+        t.set_lora(&ad, dropout, 9).unwrap();
+        let e = fd_check(&mut t, &names, &s, &b, &o, 4, &mut rng);
+        println!("dropout {dropout}: worst f64 relative error {e:.2e}");
+        assert!(
+            e <= 1e-5,
+            "dropout {dropout}: f64 LoRA gradient vs FD: {e:.3e}"
+        );
+    }
+    // the f32 engine's gradients against the f64 ones
+    let mut t64 = DeviceTuner::new(CpuOps::<f64>::default(), &w).unwrap();
+    t64.set_lora(&ad, 0.0, 9).unwrap();
+    let (_, _, g64) = t64
+        .loss_and_grad_lora(&t64.upload_state(&s).unwrap(), &b, &o)
+        .unwrap();
+    let mut t32 = DeviceTuner::new(CpuOps::<f32>::default(), &w).unwrap();
+    t32.set_lora(&ad, 0.0, 9).unwrap();
+    let s32 = s.map(|v| v as f32);
+    let (_, _, g32) = t32
+        .loss_and_grad_lora(&t32.upload_state(&s32).unwrap(), &b, &o)
+        .unwrap();
+    let e = g32
+        .iter()
+        .zip(&g64)
+        .map(|(a, r)| rel_err(a, r))
+        .fold(0.0f64, f64::max);
+    println!("f32 vs f64 LoRA gradients: worst per-tensor {e:.2e}");
+    assert!(e <= 2e-2, "f32 LoRA gradient: {e:.3e}");
+}
+
+#[test]
+fn merged_model_equals_the_adapted_one() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 4).unwrap();
+    let ad = random_adapter(&cfg, &LoraTarget::ALL, 3, 8);
+    let mut rng = Rng(3);
+    let tokens: Vec<u32> = (0..17).map(|_| rng.below(cfg.vocab) as u32).collect();
+    let zero = TunedStateOf::<f64>::zeros(&cfg, false);
+    // adapted, f64 throughout
+    let mut ta = DeviceTuner::new(CpuOps::<f64>::default(), &w).unwrap();
+    ta.set_lora(&ad, 0.0, 1).unwrap();
+    let la = ta
+        .logits(&ta.upload_state(&zero).unwrap(), &tokens)
+        .unwrap();
+    // merged (f32 weights), evaluated in f64
+    let mut wm = w.clone();
+    ad.merge_into(&mut wm).unwrap();
+    let tm = DeviceTuner::new(CpuOps::<f64>::default(), &wm).unwrap();
+    let lm = tm
+        .logits(&tm.upload_state(&zero).unwrap(), &tokens)
+        .unwrap();
+    let (a, m): (Vec<f64>, Vec<f64>) = la
+        .iter()
+        .zip(&lm)
+        .map(|(&a, &m)| (a as f64, m as f64))
+        .unzip();
+    let e = rel_err(&m, &a);
+    println!("merged vs adapted logits: rel. err {e:.2e}");
+    assert!(e <= 1e-5, "merge is not exact to f32 rounding: {e:.3e}");
+    // the merge changed the logits at all (else the check is vacuous)
+    let t0 = DeviceTuner::new(CpuOps::<f64>::default(), &w).unwrap();
+    let l0 = t0
+        .logits(&t0.upload_state(&zero).unwrap(), &tokens)
+        .unwrap();
+    let base: Vec<f64> = l0.iter().map(|&v| v as f64).collect();
+    assert!(
+        rel_err(&base, &a) > 1e-3,
+        "the adapter does not change the model"
+    );
+    // the CPU model (its own forward code) on the merged weights agrees
+    let model = Model::new(wm).unwrap();
+    let mut state = model.new_state();
+    let lc = model
+        .forward(&tokens, &mut state, rwkv_tune::model::Logits::All)
+        .unwrap();
+    let c: Vec<f64> = lc.iter().map(|&v| v as f64).collect();
+    let e = rel_err(&c, &a);
+    println!("CPU model of the merged weights vs adapted: rel. err {e:.2e}");
+    assert!(e <= 1e-4, "CPU model of merged weights: {e:.3e}");
+}
+
+#[test]
+fn adapter_files_round_trip_and_bad_files_are_refused() {
+    let cfg = small_config();
+    let ad = random_adapter(&cfg, &LoraTarget::DEFAULT, 2, 1);
+    let dir = tempfile_dir("lora_files");
+    let p = dir.join("a.safetensors");
+    ad.save(&p, &cfg).unwrap();
+    let back = LoraAdapter::load(&p, &cfg).unwrap();
+    assert_eq!(back, ad, "round trip is not exact");
+    // another model shape
+    let other = tiny_config();
+    let e = chain(&LoraAdapter::load(&p, &other).unwrap_err());
+    assert!(e.contains("att.receptance") || e.contains("shape"), "{e}");
+    // hand-made bad files
+    use rwkv_tune::tensors::{write_f32, F32Tensor};
+    use std::collections::BTreeMap;
+    let t = |shape: Vec<usize>, v: f32| F32Tensor {
+        data: vec![v; shape.iter().product()],
+        shape,
+    };
+    let c = cfg.n_embd;
+    let cases: Vec<(&str, Vec<(&str, F32Tensor)>, &str)> = vec![
+        (
+            "rank mismatch",
+            vec![
+                ("blocks.0.att.key.lora_A", t(vec![2, c], 0.1)),
+                ("blocks.0.att.key.lora_B", t(vec![c, 3], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "rank",
+        ),
+        (
+            "wrong width",
+            vec![
+                ("blocks.0.att.key.lora_A", t(vec![2, c + 1], 0.1)),
+                ("blocks.0.att.key.lora_B", t(vec![c, 2], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "blocks.0.att.key",
+        ),
+        (
+            "unknown name",
+            vec![
+                ("blocks.0.att.keys.lora_A", t(vec![2, c], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "unknown tensor",
+        ),
+        (
+            "missing half",
+            vec![
+                ("blocks.0.att.key.lora_A", t(vec![2, c], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "lora_B",
+        ),
+        (
+            "NaN",
+            vec![
+                ("blocks.0.att.key.lora_A", t(vec![2, c], f32::NAN)),
+                ("blocks.0.att.key.lora_B", t(vec![c, 2], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "lora_A",
+        ),
+        (
+            "no alpha",
+            vec![
+                ("blocks.0.att.key.lora_A", t(vec![2, c], 0.1)),
+                ("blocks.0.att.key.lora_B", t(vec![c, 2], 0.1)),
+            ],
+            "lora_alpha",
+        ),
+        (
+            "layer out of range",
+            vec![
+                ("blocks.9.att.key.lora_A", t(vec![2, c], 0.1)),
+                ("blocks.9.att.key.lora_B", t(vec![c, 2], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "no such matrix",
+        ),
+        (
+            "v1 in layer 0",
+            vec![
+                ("blocks.0.att.v1.lora_A", t(vec![2, c], 0.1)),
+                ("blocks.0.att.v1.lora_B", t(vec![cfg.d_v, 2], 0.1)),
+                ("lora_alpha", t(vec![1], 2.0)),
+            ],
+            "no such matrix",
+        ),
+    ];
+    for (what, tensors, want) in cases {
+        let m: BTreeMap<String, F32Tensor> = tensors
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        let p = dir.join(format!("{}.safetensors", what.replace(' ', "_")));
+        write_f32(&p, &m).unwrap();
+        let e = chain(&LoraAdapter::load(&p, &cfg).expect_err(what));
+        println!("{what}: {e}");
+        assert!(
+            e.contains(want),
+            "{what}: error '{e}' does not mention '{want}'"
+        );
+    }
+    // bad options
+    assert!(matches!(
+        LoraAdapter::init(&cfg, 0, 1.0, &LoraTarget::DEFAULT, 1),
+        Err(Error::Options(_))
+    ));
+    assert!(LoraTarget::parse_list("r,bogus").is_err());
+    assert_eq!(
+        LoraTarget::parse_list("proj").unwrap(),
+        LoraTarget::DEFAULT.to_vec()
+    );
+}
+
+/// The error and every source, joined (what a user sees from the CLI).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rwkv_tune_{tag}_{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn engine<O: rwkv_tune::ops::backward::BackwardOps>(
+    ops: O,
+    w: &Weights,
+    ad: &LoraAdapter,
+) -> DeviceEngine<O> {
+    DeviceEngine::new_lora(
+        ops,
+        w,
+        ad,
+        0.1,
+        7,
+        AdamConfig::default(),
+        GradOpts {
+            observer_weight: 0.0,
+            chunk: 4,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn lora_engine_trains_and_resumes_bit_exactly() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 6).unwrap();
+    let ad = LoraAdapter::init(&cfg, 4, 8.0, &LoraTarget::DEFAULT, 2).unwrap();
+    let mut rng = Rng(8);
+    let data: Vec<Vec<Example>> = (0..6).map(|_| batch(&cfg, &mut rng)).collect();
+    let mut e = engine(CpuOps::new(), &w, &ad);
+    assert_eq!(e.sizes().len(), 2 * ad.tensors.len());
+    let first = e.step(&data[0], 1e-2, 1.0).unwrap();
+    for b in &data[1..3] {
+        e.step(b, 1e-2, 1.0).unwrap();
+    }
+    // resume: a fresh engine loaded from the checkpoint continues identically
+    let ck = e.save().unwrap();
+    let mut r = engine(CpuOps::new(), &w, &ad);
+    r.load(ck).unwrap();
+    for b in &data[3..] {
+        let a = e.step(b, 1e-2, 1.0).unwrap();
+        let c = r.step(b, 1e-2, 1.0).unwrap();
+        assert_eq!(a.loss_sum.to_bits(), c.loss_sum.to_bits(), "resumed loss");
+    }
+    let (x, y) = (e.adapter().unwrap().unwrap(), r.adapter().unwrap().unwrap());
+    assert_eq!(x, y, "resumed adapter differs");
+    // training moved B away from zero and lowered the loss on the first batch
+    assert!(x.tensors.iter().any(|t| t.b.iter().any(|&v| v != 0.0)));
+    let again = e.step(&data[0], 0.0, 1.0).unwrap();
+    println!(
+        "loss on batch 0: {:.4} → {:.4}",
+        first.loss_sum / first.n_tokens,
+        again.loss_sum / again.n_tokens
+    );
+    assert!(
+        again.loss_sum < first.loss_sum,
+        "training did not lower the loss"
+    );
+    // the state is not trained: the engine's state is zero
+    let st: TunedState = e.tuned().unwrap();
+    assert!(st.wkv.iter().all(|l| l.iter().all(|&v| v == 0.0)));
+}
+
+#[test]
+fn emulated_lora_step_matches_the_cpu_twins() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 9).unwrap();
+    let ad = random_adapter(
+        &cfg,
+        &[LoraTarget::K, LoraTarget::FfnValue, LoraTarget::W2],
+        2,
+        4,
+    );
+    let mut rng = Rng(4);
+    let b = vec![
+        random_example(6, cfg.vocab, false, false, &mut rng),
+        random_example(5, cfg.vocab, true, false, &mut rng),
+    ];
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let s = random_state(&cfg, false, 0.5, &mut rng);
+    for dropout in [0.0f32, 0.25] {
+        let mut tc = DeviceTuner::new(CpuOps::<f32>::default(), &w).unwrap();
+        tc.set_lora(&ad, dropout, 3).unwrap();
+        let (lc, _, gc) = tc
+            .loss_and_grad_lora(&tc.upload_state(&s).unwrap(), &b, &o)
+            .unwrap();
+        let mut te = DeviceTuner::new(EmuOps::default(), &w).unwrap();
+        te.set_lora(&ad, dropout, 3).unwrap();
+        let (le, _, ge) = te
+            .loss_and_grad_lora(&te.upload_state(&s).unwrap(), &b, &o)
+            .unwrap();
+        let worst = gc
+            .iter()
+            .zip(&ge)
+            .map(|(c, e)| rel_err(e, c))
+            .fold(0.0f64, f64::max);
+        println!(
+            "dropout {dropout}: loss cpu {lc:.6} emu {le:.6}; worst gradient rel. err {worst:.2e}"
+        );
+        assert!((lc - le).abs() <= 1e-4 * lc.abs(), "loss {lc} vs {le}");
+        assert!(worst <= 1e-3, "emu vs cpu LoRA gradient {worst:.3e}");
+    }
+}
