@@ -210,7 +210,8 @@ fn adapter_files_round_trip_and_bad_files_are_refused() {
         shape,
     };
     let c = cfg.n_embd;
-    let cases: Vec<(&str, Vec<(&str, F32Tensor)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, F32Tensor)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "rank mismatch",
             vec![
@@ -427,4 +428,132 @@ fn emulated_lora_step_matches_the_cpu_twins() {
         assert!((lc - le).abs() <= 1e-4 * lc.abs(), "loss {lc} vs {le}");
         assert!(worst <= 1e-3, "emu vs cpu LoRA gradient {worst:.3e}");
     }
+}
+
+/// Runs the CLI, panicking with its output when it fails.
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rwkv-tune"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "rwkv-tune {args:?} failed:\n{text}");
+    text
+}
+
+/// The `"loss"` of `eval --json`.
+fn json_loss(out: &str) -> f64 {
+    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn cli_tune_lora_then_merge_equals_eval_with_the_adapter() {
+    let mut cfg = small_config();
+    cfg.vocab = 256;
+    let w = Weights::random(&cfg, 12).unwrap();
+    let dir = tempfile_dir("lora_cli");
+    let (m, d, a, merged) = (
+        dir.join("m.safetensors"),
+        dir.join("d.txt"),
+        dir.join("a.safetensors"),
+        dir.join("merged.safetensors"),
+    );
+    w.save(
+        &m,
+        rwkv_tune::model::Naming::Official,
+        rwkv_tune::model::StoreDType::F32,
+    )
+    .unwrap();
+    let text: String = (0..60)
+        .map(|i| format!("line {i}: the quick brown fox {} jumps.\n", i % 7))
+        .collect();
+    std::fs::write(&d, text).unwrap();
+    let (ms, ds, as_, me) = (
+        m.to_str().unwrap(),
+        d.to_str().unwrap(),
+        a.to_str().unwrap(),
+        merged.to_str().unwrap(),
+    );
+    let out = cli(&[
+        "tune",
+        "--method",
+        "lora",
+        "--model",
+        ms,
+        "--data",
+        ds,
+        "--ctx",
+        "32",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "r,v,ffn.value,w2",
+        "--out",
+        as_,
+        "--quiet",
+    ]);
+    assert!(out.contains("LoRA adapter"), "{out}");
+    let ad = LoraAdapter::load(&a, &cfg).unwrap();
+    assert_eq!(ad.rank, 2);
+    assert_eq!(
+        ad.targets(),
+        vec![
+            LoraTarget::R,
+            LoraTarget::V,
+            LoraTarget::FfnValue,
+            LoraTarget::W2
+        ]
+    );
+    cli(&["merge", "--model", ms, "--adapter", as_, "--out", me]);
+    let with_adapter = json_loss(&cli(&[
+        "eval",
+        "--model",
+        ms,
+        "--adapter",
+        as_,
+        "--data",
+        ds,
+        "--json",
+    ]));
+    let merged_loss = json_loss(&cli(&["eval", "--model", me, "--data", ds, "--json"]));
+    let base = json_loss(&cli(&["eval", "--model", ms, "--data", ds, "--json"]));
+    println!("eval loss: base {base:.6}, --adapter {with_adapter:.6}, merged {merged_loss:.6}");
+    assert_eq!(with_adapter.to_bits(), merged_loss.to_bits());
+    assert!(with_adapter < base, "4 LoRA steps did not lower the loss");
+    // merging onto the wrong model is refused with the tensor's name
+    let mut other = cfg.clone();
+    other.n_embd = 32;
+    other.head_size = 16;
+    let wo = Weights::random(&other, 1).unwrap();
+    let mo = dir.join("other.safetensors");
+    wo.save(
+        &mo,
+        rwkv_tune::model::Naming::Official,
+        rwkv_tune::model::StoreDType::F32,
+    )
+    .unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_rwkv-tune"))
+        .args([
+            "merge",
+            "--model",
+            mo.to_str().unwrap(),
+            "--adapter",
+            as_,
+            "--out",
+        ])
+        .arg(dir.join("x.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("blocks.0"), "{err}");
 }

@@ -1120,7 +1120,7 @@ pub trait BackwardOps: DeviceOps {
                 "lora_in: row stride {ldx} of x is below its width {k}, or 0 rows per sequence"
             )));
         }
-        if !(keep > 0.0 && keep <= 1.0) || !scale.is_finite() {
+        if !(keep > 0.0 && keep <= 1.0 && scale.is_finite()) {
             return Err(Error::Invalid(format!(
                 "lora_in: keep probability {keep} (must be in (0, 1]) or scale {scale} \
                  (must be finite)"

@@ -25,6 +25,7 @@ use super::train::{train_with, TrainConfig, TrainReport};
 use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
+use crate::model::lora::{LoraAdapter, LoraTarget};
 use crate::model::{Model, State};
 use crate::ops::backward::BackwardOps;
 use crate::ops::cpu::CpuOps;
@@ -58,6 +59,19 @@ pub struct ObserverOptions {
     pub temperature: f32,
 }
 
+/// LoRA instead of state tuning (docs/lora.md).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraOptions {
+    /// Rank r.
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`.
+    pub alpha: f32,
+    /// Dropout on the branch inputs during training.
+    pub dropout: f32,
+    /// The adapted matrices.
+    pub targets: Vec<LoraTarget>,
+}
+
 /// Everything that decides which engine a run gets.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineOptions {
@@ -80,6 +94,9 @@ pub struct EngineOptions {
     pub seed: u64,
     /// What the engine keeps between forward and backward.
     pub recompute: Recompute,
+    /// Train LoRA adapters instead of the state (then no DBP, no upscale,
+    /// no initial state).
+    pub lora: Option<LoraOptions>,
 }
 
 /// The engine builder: the options and the opened device.
@@ -143,6 +160,9 @@ impl EngineBuilder {
             _ => 0.0,
         };
         tc.dbp = None;
+        if let Some(lo) = &o.lora {
+            return self.build_lora(lo, model, train, valid, tc, observer, say);
+        }
         if o.upscale.is_some() {
             if o.dbp.is_some() {
                 say(
@@ -277,6 +297,92 @@ impl EngineBuilder {
             config: tc,
             n_params,
             upscale: o.upscale,
+        })
+    }
+
+    /// [`Self::build`] for LoRA: a fresh adapter (seeded by the run's seed)
+    /// on every layer's `lo.targets`, trained by [`DeviceEngine::new_lora`]
+    /// on the chosen device; the state stays zero.
+    #[allow(clippy::too_many_arguments)]
+    fn build_lora<'a>(
+        &self,
+        lo: &LoraOptions,
+        model: &'a Model,
+        train: &'a Dataset,
+        valid: Option<&'a Dataset>,
+        mut tc: TrainConfig,
+        observer: Option<(Model, f32)>,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Tuning<'a>> {
+        let o = &self.opts;
+        if o.upscale.is_some() || o.init_state.is_some() {
+            return Err(Error::Options(
+                "--upscale and --init-state apply to state tuning, not to --method lora".into(),
+            ));
+        }
+        if o.dbp.is_some() {
+            say("note: DBP applies to state tuning; --method lora trains without it");
+        }
+        let cfg = model.config();
+        let ad = LoraAdapter::init(cfg, lo.rank, lo.alpha, &lo.targets, o.seed)?;
+        let names: Vec<&str> = ad.targets().iter().map(|t| t.short()).collect();
+        tc.tag += &format!(
+            "; lora r={} alpha={} dropout={} targets={}",
+            lo.rank,
+            lo.alpha,
+            lo.dropout,
+            names.join(",")
+        );
+        let n_params = ad.n_params();
+        let s = &tc.schedule;
+        say(&format!(
+            "LoRA: {n_params} parameters (rank {}, alpha {}, dropout {}) on {} over {} layers \
+             (base weights frozen): {} train examples ({} target tokens), {} steps × batch {}, \
+             lr {} → {} (warm-up {}, {:?})",
+            lo.rank,
+            lo.alpha,
+            lo.dropout,
+            names.join(", "),
+            cfg.n_layer,
+            train.examples.len(),
+            train.n_target_tokens,
+            tc.steps,
+            tc.batch,
+            s.lr,
+            s.lr_final,
+            s.warmup,
+            s.decay
+        ));
+        let w = model.weights();
+        let (adam, grad, seed) = (tc.adam, tc.grad.clone(), o.seed);
+        let tch = observer.as_ref();
+        let rc = o.recompute;
+        let engine: Box<dyn Built + 'a> = match o.device {
+            DeviceKind::Cpu => {
+                let e =
+                    DeviceEngine::new_lora(CpuOps::new(), w, &ad, lo.dropout, seed, adam, grad)?;
+                Box::new(on_device(e, None, rc, tch, || Ok(CpuOps::new()))?)
+            }
+            DeviceKind::Emu => {
+                let ops = EmuOps::default().with_wkv(o.wkv);
+                let e = DeviceEngine::new_lora(ops, w, &ad, lo.dropout, seed, adam, grad)?;
+                Box::new(on_device(e, None, rc, tch, || {
+                    Ok(EmuOps::default().with_wkv(o.wkv))
+                })?)
+            }
+            DeviceKind::Cuda => {
+                let e = DeviceEngine::new_lora(self.cuda()?, w, &ad, lo.dropout, seed, adam, grad)?;
+                Box::new(on_device(e, None, rc, tch, || self.cuda())?)
+            }
+        };
+        Ok(Tuning {
+            model,
+            train,
+            valid,
+            engine,
+            config: tc,
+            n_params,
+            upscale: None,
         })
     }
 
@@ -540,6 +646,12 @@ impl Tuning<'_> {
     /// match the state).
     pub fn export(&self, out: &Path, state: &TunedState) -> Result<Exported> {
         let cfg = self.model.config();
+        if let Some(ad) = self.engine().adapter()? {
+            ad.save(out, cfg)?;
+            return Ok(Exported::Adapter {
+                params: ad.n_params(),
+            });
+        }
         match self.engine.upscaled()? {
             Some((k, s)) => {
                 let sidecar = upscale::save_upscaled(out, cfg, k, &s)?;
@@ -572,6 +684,11 @@ pub enum Exported {
         sidecar: PathBuf,
         /// Support vectors per head.
         m: usize,
+    },
+    /// A LoRA adapter (safetensors, docs/lora.md).
+    Adapter {
+        /// Its parameter count.
+        params: usize,
     },
     /// The N×N states; `removed_sidecar` is the stale sidecar of an earlier
     /// upscaled run that was deleted.

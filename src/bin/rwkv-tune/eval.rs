@@ -51,6 +51,10 @@ pub struct EvalArgs {
     /// Accepts safetensors or `.pth` (RWKV-PEFT) state files.
     #[arg(long, value_name = "STATE")]
     pub state: Option<PathBuf>,
+    /// A LoRA adapter (from `rwkv-tune tune --method lora`), applied in
+    /// memory: the same exact merge as `rwkv-tune merge`, no file written.
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter: Option<PathBuf>,
     /// Print one JSON object (full precision) instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -162,7 +166,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
         rwkv_tune::guard::check_outputs(&ins, &[("--logits", out.as_path())])?;
     }
-    let (model, cfg) = Runner::load(&a.model, a.device, Gemm::F32)?;
+    let (model, cfg) = Runner::load(&a.model, a.adapter.as_deref(), a.device, Gemm::F32)?;
     // One forward's logits, activations and FFN rows, as f32.
     let per_token = cfg.vocab + 8 * cfg.n_embd + cfg.d_ffn;
     let chunk_bytes = (a.chunk as u64).saturating_mul(per_token as u64 * 4);

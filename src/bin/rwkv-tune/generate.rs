@@ -50,16 +50,31 @@ pub enum Runner {
 
 impl Runner {
     /// Loads `path` onto `device`, with weight GEMMs in `gemm` precision
-    /// (`Gemm::Bf16` needs `cuda` or `emu`).
+    /// (`Gemm::Bf16` needs `cuda` or `emu`); with `adapter`, a LoRA adapter
+    /// file applied in memory (the exact merge of `rwkv-tune merge`; no
+    /// file is written).
     pub fn load(
         path: &std::path::Path,
+        adapter: Option<&std::path::Path>,
         device: Device,
         gemm: Gemm,
     ) -> anyhow::Result<(Runner, rwkv_tune::model::Config)> {
         if device == Device::Cpu && gemm != Gemm::F32 {
             bail!("--gemm bf16 needs --device cuda or emu (the cpu model is f32 only)");
         }
-        let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+        let mut model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+        if let Some(p) = adapter {
+            let mut w = model.weights().clone();
+            let ad = rwkv_tune::model::lora::LoraAdapter::load(p, &w.config)?;
+            ad.merge_into(&mut w)?;
+            eprintln!(
+                "adapter: {} (LoRA rank {}, {} matrices) applied",
+                p.display(),
+                ad.rank,
+                ad.tensors.len()
+            );
+            model = Model::new(w)?;
+        }
         let cfg = model.config().clone();
         let prec = GemmPrecision::from(gemm);
         let r = match device {
@@ -122,6 +137,10 @@ pub struct GenerateArgs {
     /// O(T²) and meant for short generations).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// A LoRA adapter (from `rwkv-tune tune --method lora`), applied in
+    /// memory: the same exact merge as `rwkv-tune merge`, no file written.
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter: Option<PathBuf>,
     /// Prompt text.
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -182,7 +201,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let (model, cfg) = Runner::load(&a.model, a.device, a.gemm)?;
+    let (model, cfg) = Runner::load(&a.model, a.adapter.as_deref(), a.device, a.gemm)?;
     let tok = tokenizer_for(a.tokenizer.as_deref(), cfg.vocab)?;
     if let (Some(p), Runner::Cpu(m)) = (&a.state, &model) {
         if let Some((k, s)) = upscale::load_upscaled(p, &cfg)

@@ -6,6 +6,7 @@ mod convert;
 mod eval;
 mod generate;
 mod interrupt;
+mod merge;
 mod tune;
 mod wkv7;
 
@@ -37,12 +38,15 @@ enum Cmd {
     /// Benchmark the WKV-7 kernels over a table of shapes (GPU when present,
     /// else the CPU paths) and write JSON.
     Bench(bench::BenchArgs),
-    /// State tuning: train only the initial recurrent state of each layer of
-    /// a frozen model (try `rwkv-tune tune --demo`).
+    /// Tune a frozen model: its initial recurrent state per layer (default)
+    /// or LoRA adapters (`--method lora`); try `rwkv-tune tune --demo`.
     Tune(Box<tune::TuneArgs>),
     /// Compare plain / DBP / kernel-upscaled / observer state tuning on one
     /// task at the same budget and write a markdown table.
     Compare(compare::CompareArgs),
+    /// Merge a LoRA adapter into its base model and write a plain model
+    /// (official x070 names) that any RWKV-7 runtime loads.
+    Merge(merge::MergeArgs),
     /// Convert models and states between safetensors and PyTorch `.pth`
     /// (tensors bit-identical when the dtype is kept), or a state to the
     /// RWKV-PEFT layout.
@@ -60,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Tune(a) => tune::run(*a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Merge(a) => merge::run(a),
     }
 }

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use rwkv_tune::model::lora::LoraTarget;
 use rwkv_tune::model::{Model, Weights};
 use rwkv_tune::tokenizer::Tokenizer;
 use rwkv_tune::tune::builder::{
-    DeviceKind, EngineBuilder, EngineOptions, Exported, ObserverOptions,
+    DeviceKind, EngineBuilder, EngineOptions, Exported, LoraOptions, ObserverOptions,
 };
 use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
@@ -18,6 +19,33 @@ use rwkv_tune::tune::eval::EvalResult;
 use rwkv_tune::tune::optim::{AdamConfig, Decay, Schedule};
 use rwkv_tune::tune::train::TrainConfig;
 use rwkv_tune::wkv7::Version;
+
+/// What is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Method {
+    /// The initial state of every layer (arXiv 2504.05097; DBP on by
+    /// default, --upscale optional). Writes a state file.
+    #[default]
+    State,
+    /// LoRA adapters on the chosen matrices (docs/lora.md; --lora-*); base
+    /// weights frozen. Writes an adapter file (use with `merge`, or
+    /// `generate` / `eval --adapter`).
+    Lora,
+}
+
+impl Method {
+    /// Default (peak lr, final lr): state tuning's RWKV-PEFT recipe; for
+    /// LoRA the values docs/lora.md measured on the demo.
+    fn lr_defaults(self) -> (f64, f64) {
+        match self {
+            Method::State => (1.0, 0.01),
+            Method::Lora => (LORA_LR, LORA_LR / 10.0),
+        }
+    }
+}
+
+/// LoRA's default peak learning rate (docs/lora.md).
+const LORA_LR: f64 = 1e-2;
 
 /// Which demo to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,12 +136,30 @@ pub struct TuneArgs {
     /// Longest example, in tokens (RWKV-PEFT uses 512 or less).
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// Peak learning rate (after warm-up).
-    #[arg(long, default_value_t = 1.0)]
-    pub lr: f64,
-    /// Learning rate at the last step.
-    #[arg(long, default_value_t = 0.01)]
-    pub lr_final: f64,
+    /// What to train: `state` (default) or `lora`.
+    #[arg(long, value_enum, default_value = "state")]
+    pub method: Method,
+    /// LoRA rank r (--method lora).
+    #[arg(long, default_value_t = 8, value_name = "R")]
+    pub lora_rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / r (default: r, scale 1).
+    #[arg(long, value_name = "A")]
+    pub lora_alpha: Option<f32>,
+    /// Dropout on the LoRA branch inputs during training (0 … <1).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Matrices that get adapters, comma-separated: r, k, v, o, ffn.key,
+    /// ffn.value, w1, w2, a1, a2, v1, v2, g1, g2, or the groups proj (r, k,
+    /// v, o, ffn.key, ffn.value), att, ffn, gen (w1 … g2), all.
+    #[arg(long, default_value = "proj", value_name = "LIST")]
+    pub lora_targets: String,
+    /// Peak learning rate (after warm-up). Default: 1 for --method state
+    /// (the RWKV-PEFT recipe), 0.01 for lora.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate at the last step. Default: 0.01 (state), lr / 10 (lora).
+    #[arg(long)]
+    pub lr_final: Option<f64>,
     /// Warm-up steps (lr ramps from 1% to 100%).
     #[arg(long, default_value_t = 10)]
     pub warmup: u64,
@@ -275,6 +321,23 @@ fn max_threads() -> usize {
 /// see (the data split, the observer's temperature, sizes) before anything
 /// is loaded.
 fn check_flags(a: &TuneArgs) -> Result<()> {
+    if a.method == Method::Lora {
+        LoraTarget::parse_list(&a.lora_targets)?;
+        if a.lora_rank == 0 || a.lora_rank > 4096 {
+            bail!("--lora-rank {}: give 1 to 4096", a.lora_rank);
+        }
+        if let Some(al) = a.lora_alpha {
+            if !(al.is_finite() && al > 0.0) {
+                bail!("--lora-alpha {al}: must be finite and > 0");
+            }
+        }
+        if !(0.0..1.0).contains(&a.lora_dropout) {
+            bail!("--lora-dropout {}: must be in [0, 1)", a.lora_dropout);
+        }
+        if a.dbp || a.upscale.is_some() || a.init_state.is_some() {
+            bail!("--dbp, --upscale and --init-state apply to --method state, not lora");
+        }
+    }
     let f = a.valid_frac;
     if !f.is_finite() || !(0.0..1.0).contains(&f) {
         bail!("--valid-frac is {f}; it must be in [0, 1) (0 = no validation)");
@@ -409,7 +472,8 @@ pub fn run(a: TuneArgs) -> Result<()> {
         } else {
             0.0
         };
-        tc.dbp = (!a.no_dbp && a.upscale.is_none()).then_some((a.dbp_eta, a.dbp_kappa));
+        tc.dbp = (!a.no_dbp && a.upscale.is_none() && a.method == Method::State)
+            .then_some((a.dbp_eta, a.dbp_kappa));
         tc.validate()?;
         check_paths(&a, &tc)?;
     }
@@ -515,6 +579,13 @@ pub fn run(a: TuneArgs) -> Result<()> {
     }
     if let Some(o) = &a.out {
         match tuning.export(o, &rep.state)? {
+            Exported::Adapter { params } => println!(
+                "wrote {} (LoRA adapter, {params} parameters; use: rwkv-tune merge --model M \
+                 --adapter {} --out M2.safetensors, or generate / eval --adapter {})",
+                o.display(),
+                o.display(),
+                o.display()
+            ),
             Exported::Upscaled { sidecar, m } => println!(
                 "wrote {} (the N×N states, ai00 / web-rwkv layout) and {} (kernel and U, M = \
                  {m}); use: rwkv-tune generate --state {} (picks up the sidecar; cpu only)",
@@ -664,11 +735,16 @@ fn load_data(a: &TuneArgs) -> Result<Data> {
 fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Result<TrainConfig> {
     let (def_steps, def_batch, def_eval_max) = defaults;
     let steps = a.steps.unwrap_or(def_steps);
+    let lr = a.lr.unwrap_or(a.method.lr_defaults().0);
+    let lr_final = a.lr_final.unwrap_or(match a.method {
+        Method::State => a.method.lr_defaults().1,
+        Method::Lora => lr / 10.0,
+    });
     let mut tc = TrainConfig::new(steps);
     tc.batch = a.batch.unwrap_or(def_batch);
     tc.schedule = Schedule {
-        lr: a.lr,
-        lr_final: a.lr_final,
+        lr,
+        lr_final,
         warmup: a.warmup,
         total: steps,
         decay,
@@ -725,7 +801,19 @@ fn engine_options(a: &TuneArgs) -> EngineOptions {
         } else {
             Recompute::KeepAll
         },
+        lora: lora_options(a),
     }
+}
+
+/// The LoRA options of --method lora (`None` for state tuning; targets
+/// checked by [`check_flags`]).
+fn lora_options(a: &TuneArgs) -> Option<LoraOptions> {
+    (a.method == Method::Lora).then(|| LoraOptions {
+        rank: a.lora_rank,
+        alpha: a.lora_alpha.unwrap_or(a.lora_rank as f32),
+        dropout: a.lora_dropout,
+        targets: LoraTarget::parse_list(&a.lora_targets).unwrap_or_default(),
+    })
 }
 
 fn append_ext(p: &Path, ext: &str) -> PathBuf {
