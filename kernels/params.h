@@ -462,6 +462,39 @@ typedef struct LoraInParams {
  *   split into launches. The LoRA branch's input (dropout and alpha/r in one pass)
  *   and, with the same seed, its gradient towards x (tune_lora_in_f32). */
 
+typedef struct SdtBwdParams {
+  int32_t rows;
+  int32_t H;
+  int32_t N;
+  const float* k;
+  const float* da;
+  const float* a0;
+  const float* k_k;
+  const float* d_kout;
+  const float* d_a;
+  const float* d_b;
+  const float* r;
+  const float* kt;
+  const float* v;
+  const float* g;
+  const float* dout;
+  float* dkk;
+  float* dka;
+  float* drk;
+} SdtBwdParams;
+/*   k, da, d_kout, d_a, d_b (as in KkPrepBwdParams), r, kt, v, g, dout (as in
+ *   GroupNormBwdParams), dkk, dka, drk [rows, H*N]; a0, k_k [H*N]. Per element
+ *   the gradient of the key-indexed vectors k_k, k_a and r_k (summed over
+ *   rows by the caller): dkk = dkappa * k, dka = d_kout * k * (alpha - 1),
+ *   drk = dbonus * r * kt (tune_sdt_bwd_f32; docs/sdt.md). */
+
+typedef struct MaskMulParams {
+  int32_t n;
+  const float* m;
+  float* x;
+} MaskMulParams;
+/*   x, m [n]: x *= m (masks the gradient of a sparse delta). */
+
 typedef struct ReduceParams {
   int32_t n;
   int32_t mode;

@@ -678,3 +678,57 @@ extern "C" __global__ void __launch_bounds__(256) tune_lora_in_f32(const __grid_
   }
 }
 EMU_ENTRY(tune_lora_in_f32, LoraInParams)
+
+// The gradients of the key-indexed vectors k_k, k_a, r_k per element (the
+// caller sums them over rows): sparse dimension tuning (docs/sdt.md) trains
+// these entries. One warp per (row, head) of N.
+//   k, da, d_kout, d_a, d_b, r, kt, v, g, dout, dkk, dka, drk [rows, H*N];
+//   a0, k_k [H*N].
+// With κ = k·k_k, κ̂ = κ / max(|κ|, 1e-12), α = σ(a0 + da), dκ̂ = d_b α − d_a,
+// p = κ̂·dκ̂ (0 when the norm is clamped): dκ = (dκ̂ − κ̂ p) / max(|κ|, 1e-12),
+// dkk = dκ k; k_out = k(1 + (α − 1)k_a) gives dka = d_kout k (α − 1); the
+// bonus β = Σ r kt r_k gives drk = (Σ_j dout_j g_j v_j) r kt.
+extern "C" __global__ void __launch_bounds__(256) tune_sdt_bwd_f32(const __grid_constant__ SdtBwdParams p) {
+  const int lane = threadIdx.x, H = p.H, N = p.N;
+  ROW_LOOP(row, (long)p.rows * H) {
+    const long base = row * N;
+    const int c0 = (int)(row % H) * N;
+    float ss = 0.f, db = 0.f;
+    for (int j = lane; j < N; j += 32) {
+      const float q = p.k[base + j] * p.k_k[c0 + j];
+      ss += q * q;
+      db += p.dout[base + j] * p.g[base + j] * p.v[base + j];
+    }
+    const float nrm = sqrtf(tn_warp_sum(ss));
+    const float dbonus = tn_warp_sum(db);
+    const bool clamped = nrm <= 1e-12f;
+    const float inv = 1.f / fmaxf(nrm, 1e-12f);
+    float pp = 0.f;
+    for (int j = lane; j < N; j += 32) {
+      const long i = base + j;
+      const int q = c0 + j;
+      const float al = tn_sigmoid(p.a0[q] + p.da[i]);
+      const float kh = p.k[i] * p.k_k[q] * inv;
+      pp += kh * (p.d_b[i] * al - p.d_a[i]);
+    }
+    pp = tn_warp_sum(pp);
+    if (clamped) pp = 0.f;
+    for (int j = lane; j < N; j += 32) {
+      const long i = base + j;
+      const int q = c0 + j;
+      const float al = tn_sigmoid(p.a0[q] + p.da[i]);
+      const float kh = p.k[i] * p.k_k[q] * inv;
+      const float dkh = p.d_b[i] * al - p.d_a[i];
+      p.dkk[i] = (dkh - kh * pp) * inv * p.k[i];
+      p.dka[i] = p.d_kout[i] * p.k[i] * (al - 1.f);
+      p.drk[i] = dbonus * p.r[i] * p.kt[i];
+    }
+  }
+}
+EMU_ENTRY(tune_sdt_bwd_f32, SdtBwdParams)
+
+// x *= m, element-wise over n (a sparse delta's gradient masked).
+extern "C" __global__ void __launch_bounds__(256) tune_mask_mul_f32(const __grid_constant__ MaskMulParams p) {
+  ELEM_LOOP(i, p.n) p.x[i] *= p.m[i];
+}
+EMU_ENTRY(tune_mask_mul_f32, MaskMulParams)

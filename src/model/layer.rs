@@ -15,7 +15,7 @@
 use super::lora::LoraTarget;
 use super::weights::{Config, Weights};
 use crate::error::{Error, Result};
-use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use crate::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, SdtBwdBufs, UpBufs};
 use crate::ops::{Act, BonusBufs, LN_EPS};
 
 /// One layer's weights on a device: vectors in `B`, matrices in `M`
@@ -243,6 +243,12 @@ pub struct UpKernel<'a, B> {
     /// RBF widths `[H]` (γ = 1/(2σ²)).
     pub gamma: &'a B,
 }
+
+/// The tensors of a layer that sparse dimension tuning trains (docs/sdt.md),
+/// in this order: `w0`, `a0`, `k_k`, `k_a`, `r_k` (`[C]` each), `w2` and
+/// `a2` (`[C, d]`: one row per output channel, the device layout); on a
+/// device as values, deltas, masks or gradients.
+pub type SdtTensors<B> = [B; 7];
 
 /// One LoRA factor pair on a device: `A [r, in]`, `B [out, r]`.
 pub type LoraPair<B> = (B, B);
@@ -952,6 +958,7 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         w: &mut BwdWs<O::Buf>,
         fw: &mut FwdWs<O::Buf>,
         mut lg: Option<&mut LoraPairs<O::Buf>>,
+        mut sg: Option<&mut SdtTensors<O::Buf>>,
     ) -> Result<()> {
         use LoraTarget as T;
         let (cfg, o, ly, l) = (self.cfg, self.ops, self.ly, self.l);
@@ -1064,6 +1071,40 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             &mut w.dk,
             &mut w.ddapre,
         )?;
+        if let Some(sg) = sg.as_deref_mut() {
+            // sparse dimension tuning: a0, k_k, k_a, r_k and a2's rows
+            o.sdt_bwd(
+                rows,
+                h,
+                n,
+                &SdtBwdBufs {
+                    kk: KkBwdBufs {
+                        k: &tp.k,
+                        da: &tp.dapre,
+                        a0: &ly.a0,
+                        k_k: &ly.k_k,
+                        k_a: &ly.k_a,
+                        d_kout: &w.dkt,
+                        d_a: &*w_a,
+                        d_b: &*w_b,
+                    },
+                    r: &tp.r,
+                    kt: &tp.kt,
+                    v: &tp.v,
+                    g: &tp.g,
+                    dout: &w.dout,
+                },
+                &mut *dm0,
+                &mut *dm2,
+                &mut *dm3,
+            )?;
+            let [_, sa0, skk, ska, srk, _, sa2] = sg;
+            o.sum_batch(rows, c, &w.ddapre, sa0, false)?;
+            o.sum_batch(rows, c, dm0, skk, false)?;
+            o.sum_batch(rows, c, dm2, ska, false)?;
+            o.sum_batch(rows, c, dm3, srk, false)?;
+            o.matmul_tn(&w.ddapre, rows, c, &fw.ha, 0, dad, dad, sa2, false)?;
+        }
         mt(o, &w.ddapre, rows, &ly.a2, c, dad, &mut w.dha)?;
         let p = lb(&w.ddapre, &fw.ha, 0, dad, c, dad);
         self.lin_bwd(T::A2, (rows, t), p, &mut w.dha, &mut fw.lora, &mut lg)?;
@@ -1072,6 +1113,12 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         self.lin_bwd(T::A1, (rows, t), p, dm4, &mut fw.lora, &mut lg)?;
         // ---- decay ----
         o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), w_w)?;
+        if let Some(sg) = sg.as_deref_mut() {
+            // sparse dimension tuning: w0 and w2's rows
+            let [sw0, _, _, _, _, sw2, _] = sg;
+            o.sum_batch(rows, c, w_w, sw0, false)?;
+            o.matmul_tn(w_w, rows, c, &fw.hw, 0, dwd, dwd, sw2, false)?;
+        }
         mt(o, w_w, rows, &ly.w2, c, dwd, &mut w.dhw)?;
         let p = lb(&*w_w, &fw.hw, 0, dwd, c, dwd);
         self.lin_bwd(T::W2, (rows, t), p, &mut w.dhw, &mut fw.lora, &mut lg)?;

@@ -73,6 +73,23 @@ pub struct GnBwdGrads<'a, B> {
     pub dg: &'a mut B,
 }
 
+/// The inputs of [`BackwardOps::sdt_bwd`]: the kk_prep backward's and
+/// the GroupNorm bonus's (each `[rows, C]` unless noted).
+pub struct SdtBwdBufs<'a, B> {
+    /// kk_prep's inputs and output gradients (`k_a` unused).
+    pub kk: KkBwdBufs<'a, B>,
+    /// The receptance.
+    pub r: &'a B,
+    /// k̃ of the bonus term.
+    pub kt: &'a B,
+    /// v of the bonus term.
+    pub v: &'a B,
+    /// The gate g.
+    pub g: &'a B,
+    /// ∂L/∂(z ⊙ g), the GroupNorm backward's input.
+    pub dout: &'a B,
+}
+
 /// One layer's kernel-upscaled read-out (docs/upscale.md) for
 /// [`BackwardOps::up_fwd`] / [`BackwardOps::up_bwd`]: `m` support vectors
 /// per head, `centres [H, M, N]`, `gamma [H]` (`γ = 1/(2σ²)`) and the
@@ -1087,6 +1104,75 @@ pub trait BackwardOps: DeviceOps {
         x: Option<&Self::Buf>,
         out: &mut Self::Buf,
     ) -> Result<()>;
+
+    /// Per element the gradients of the key-indexed vectors `k_k`, `k_a`
+    /// and `r_k` (docs/sdt.md): `dkk`, `dka`, `drk` `[rows, C]`,
+    /// overwritten (the caller sums them over rows, [`Self::sum_batch`]).
+    fn sdt_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &SdtBwdBufs<'_, Self::Buf>,
+        dkk: &mut Self::Buf,
+        dka: &mut Self::Buf,
+        drk: &mut Self::Buf,
+    ) -> Result<()> {
+        check::rows_heads(
+            "sdt_bwd",
+            rows,
+            h,
+            n,
+            &[
+                ("k", self.len(x.kk.k)),
+                ("da", self.len(x.kk.da)),
+                ("d_kout", self.len(x.kk.d_kout)),
+                ("d_a", self.len(x.kk.d_a)),
+                ("d_b", self.len(x.kk.d_b)),
+                ("r", self.len(x.r)),
+                ("kt", self.len(x.kt)),
+                ("v", self.len(x.v)),
+                ("g", self.len(x.g)),
+                ("dout", self.len(x.dout)),
+                ("dkk", self.len(dkk)),
+                ("dka", self.len(dka)),
+                ("drk", self.len(drk)),
+            ],
+            &[("a0", self.len(x.kk.a0)), ("k_k", self.len(x.kk.k_k))],
+        )?;
+        self.counters().launch(counters::Op::SdtBwd);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_sdt_bwd(rows, h, n, x, dkk, dka, drk) }
+    }
+    /// # Safety
+    /// The sizes must pass the checks of [`Self::sdt_bwd`].
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_sdt_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &SdtBwdBufs<'_, Self::Buf>,
+        dkk: &mut Self::Buf,
+        dka: &mut Self::Buf,
+        drk: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `x *= m` over the first `n` elements (a sparse delta's gradient
+    /// masked, docs/sdt.md).
+    fn mask_mul(&self, n: usize, m: &Self::Buf, x: &mut Self::Buf) -> Result<()> {
+        fits_i32("mask_mul", &[n])?;
+        need("m", self.len(m), 0, n)?;
+        need("x", self.len(x), 0, n)?;
+        self.counters().launch(counters::Op::MaskMul);
+        // SAFETY: the sizes the hook relies on were checked just above.
+        unsafe { self.raw_mask_mul(n, m, x) }
+    }
+    /// # Safety
+    /// `m` and `x` hold ≥ n elements, n within int32.
+    #[doc(hidden)]
+    unsafe fn raw_mask_mul(&self, n: usize, m: &Self::Buf, x: &mut Self::Buf) -> Result<()>;
 
     /// The LoRA branch's input (docs/lora.md): `out[i, j] = x[i, j]·scale`
     /// where element `(i, j)` survives dropout, else 0, for `rows` rows of

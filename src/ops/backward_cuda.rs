@@ -2,7 +2,7 @@
 //! cudarc on the [`CudaOps`] stream, [`BackwardOps::matmul_t`] through cuBLAS
 //! `sgemm`, the WKV backward through [`crate::wkv7::cuda::forward_dev`]
 //! (with checkpoints) and [`crate::wkv7::cuda::backward_dev`].
-use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, SdtBwdBufs, UpBufs};
 use super::backward_emu::{block_geom, sumsq_blocks};
 use super::backward_ref::AdamStep;
 use super::cuda::CudaOps;
@@ -15,6 +15,7 @@ use crate::params::{
     TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 use crate::params::{DbpStepParams, EyeAxpyParams, LoraInParams, ReduceParams};
+use crate::params::{MaskMulParams, SdtBwdParams};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 
@@ -54,6 +55,10 @@ unsafe impl DeviceRepr for DbpStepParams {}
 unsafe impl DeviceRepr for EyeAxpyParams {}
 // SAFETY: as above (int32, f32 and u64 device-pointer fields only).
 unsafe impl DeviceRepr for LoraInParams {}
+// SAFETY: as above (int32 and u64 device-pointer fields only).
+unsafe impl DeviceRepr for SdtBwdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for MaskMulParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for UpFwdParams {}
 // SAFETY: as above.
@@ -835,6 +840,80 @@ impl BackwardOps for CudaOps {
         // SAFETY: x (or out itself, element-wise in place) and out hold
         // groups·N·N floats (checked by the caller); guards alive until queued.
         unsafe { self.tune("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
+    }
+
+    unsafe fn raw_sdt_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &SdtBwdBufs<'_, CudaSlice<f32>>,
+        dkk: &mut CudaSlice<f32>,
+        dka: &mut CudaSlice<f32>,
+        drk: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let ins = [
+            x.kk.k,
+            x.kk.da,
+            x.kk.a0,
+            x.kk.k_k,
+            x.kk.d_kout,
+            x.kk.d_a,
+            x.kk.d_b,
+            x.r,
+            x.kt,
+            x.v,
+            x.g,
+            x.dout,
+        ];
+        let g: Vec<_> = ins.iter().map(|b| b.device_ptr(st)).collect();
+        let q = |i: usize| g[i].0;
+        let (o1, _g1) = dkk.device_ptr_mut(st);
+        let (o2, _g2) = dka.device_ptr_mut(st);
+        let (o3, _g3) = drk.device_ptr_mut(st);
+        let p = SdtBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: q(0),
+            da: q(1),
+            a0: q(2),
+            k_k: q(3),
+            d_kout: q(4),
+            d_a: q(5),
+            d_b: q(6),
+            r: q(7),
+            kt: q(8),
+            v: q(9),
+            g: q(10),
+            dout: q(11),
+            dkk: o1,
+            dka: o2,
+            drk: o3,
+        };
+        // SAFETY: sizes checked by the caller; every guard is alive until
+        // the launch is queued.
+        unsafe { self.tune("tune_sdt_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    unsafe fn raw_mask_mul(
+        &self,
+        n: usize,
+        m: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let st = &self.gpu().stream;
+        let (mp, _g1) = m.device_ptr(st);
+        let (xp, _g2) = x.device_ptr_mut(st);
+        let p = MaskMulParams {
+            n: n as i32,
+            m: mp,
+            x: xp,
+        };
+        // SAFETY: m and x hold ≥ n floats (checked by the caller); guards
+        // alive until queued.
+        unsafe { self.tune("tune_mask_mul_f32", self.geom.elems(n), &p) }
     }
 
     unsafe fn raw_lora_in(

@@ -3,7 +3,9 @@
 //! [`BackwardOps::matmul_t`] runs in Rust ([`bref::matmul_t`], as
 //! [`super::DeviceOps::matmul`] does on this backend) and the WKV backward runs the
 //! emulated `kernels/wkv7_v1.cu`.
-use super::backward::{host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use super::backward::{
+    host_wkv_bwd, BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, SdtBwdBufs, UpBufs,
+};
 use super::backward_ref::{self as bref, AdamStep};
 use super::emu::EmuOps;
 use super::{Act, DeviceOps, Geom};
@@ -15,6 +17,7 @@ use crate::params::{
     TokenShiftBwdParams, UpBwdParams, UpFwdParams, ValueResidualBwdParams, XentParams,
 };
 use crate::params::{DbpStepParams, EyeAxpyParams, LoraInParams, ReduceParams};
+use crate::params::{MaskMulParams, SdtBwdParams};
 
 type Dims3 = (u32, u32, u32);
 
@@ -611,6 +614,52 @@ impl BackwardOps for EmuOps {
         // SAFETY: x (or out itself, element-wise in place) and out hold
         // groups·N·N floats (checked by the caller).
         unsafe { run("tune_eye_axpy_f32", self.geom.elems(groups * n * n), &p) }
+    }
+
+    unsafe fn raw_sdt_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &SdtBwdBufs<'_, Vec<f32>>,
+        dkk: &mut Vec<f32>,
+        dka: &mut Vec<f32>,
+        drk: &mut Vec<f32>,
+    ) -> Result<()> {
+        let p = SdtBwdParams {
+            rows: rows as i32,
+            H: h as i32,
+            N: n as i32,
+            k: ptr(x.kk.k),
+            da: ptr(x.kk.da),
+            a0: ptr(x.kk.a0),
+            k_k: ptr(x.kk.k_k),
+            d_kout: ptr(x.kk.d_kout),
+            d_a: ptr(x.kk.d_a),
+            d_b: ptr(x.kk.d_b),
+            r: ptr(x.r),
+            kt: ptr(x.kt),
+            v: ptr(x.v),
+            g: ptr(x.g),
+            dout: ptr(x.dout),
+            dkk: ptr_mut(dkk),
+            dka: ptr_mut(dka),
+            drk: ptr_mut(drk),
+        };
+        // SAFETY: sizes checked by the caller ([rows, C] tensors ≥ rows·H·N
+        // floats, [C] vectors ≥ H·N); the outputs are distinct &mut borrows.
+        unsafe { run("tune_sdt_bwd_f32", self.geom.rows(rows * h), &p) }
+    }
+
+    unsafe fn raw_mask_mul(&self, n: usize, m: &Vec<f32>, x: &mut Vec<f32>) -> Result<()> {
+        let p = MaskMulParams {
+            n: n as i32,
+            m: ptr(m),
+            x: ptr_mut(x),
+        };
+        // SAFETY: m and x hold ≥ n floats (checked by the caller); x is a
+        // distinct &mut borrow.
+        unsafe { run("tune_mask_mul_f32", self.geom.elems(n), &p) }
     }
 
     unsafe fn raw_lora_in(

@@ -741,3 +741,63 @@ pub fn lora_in<R: Real>(
         }
     }
 }
+
+/// The inputs of [`sdt_bwd`]: the kk_prep backward's ([`KkBwd`]; `k_a`
+/// unused) and the GroupNorm bonus's (`r`, `kt`, `v`, `g`, `dout`).
+pub struct SdtBwd<'a, R = f32> {
+    pub kk: KkBwd<'a, R>,
+    pub r: &'a [R],
+    pub kt: &'a [R],
+    pub v: &'a [R],
+    pub g: &'a [R],
+    pub dout: &'a [R],
+}
+
+/// The CPU twin of `tune_sdt_bwd_f32`: per element the gradients of
+/// `k_k`, `k_a` and `r_k` (`dkk`, `dka`, `drk` `[rows, C]`, overwritten;
+/// summed over rows by the caller).
+pub fn sdt_bwd<R: Real>(
+    rows: usize,
+    h: usize,
+    n: usize,
+    x: &SdtBwd<'_, R>,
+    dkk: &mut [R],
+    dka: &mut [R],
+    drk: &mut [R],
+) {
+    let c = h * n;
+    let y = &x.kk;
+    for t in 0..rows {
+        for h0 in (0..c).step_by(n) {
+            let base = t * c + h0;
+            let (mut ss, mut db) = (R::ZERO, R::ZERO);
+            for j in 0..n {
+                let q = y.k[base + j] * y.k_k[h0 + j];
+                ss += q * q;
+                db += x.dout[base + j] * x.g[base + j] * x.v[base + j];
+            }
+            let nrm = ss.sqrt();
+            let clamped = nrm <= R::c(NORM_EPS);
+            let inv = R::ONE / nrm.max(R::c(NORM_EPS));
+            let mut p = R::ZERO;
+            for j in 0..n {
+                let (i, q) = (base + j, h0 + j);
+                let al = Real::sigmoid(y.a0[q] + y.da[i]);
+                let kh = y.k[i] * y.k_k[q] * inv;
+                p += kh * (y.d_b[i] * al - y.d_a[i]);
+            }
+            if clamped {
+                p = R::ZERO;
+            }
+            for j in 0..n {
+                let (i, q) = (base + j, h0 + j);
+                let al = Real::sigmoid(y.a0[q] + y.da[i]);
+                let kh = y.k[i] * y.k_k[q] * inv;
+                let dkh = y.d_b[i] * al - y.d_a[i];
+                dkk[i] = (dkh - kh * p) * inv * y.k[i];
+                dka[i] = y.d_kout[i] * y.k[i] * (al - R::ONE);
+                drk[i] = db * x.r[i] * x.kt[i];
+            }
+        }
+    }
+}

@@ -69,6 +69,8 @@ ops! {
     EyeAxpy => "eye_axpy",
     Fill => "fill",
     LoraIn => "lora_in",
+    SdtBwd => "sdt_bwd",
+    MaskMul => "mask_mul",
 }
 
 const N_OPS: usize = Op::ALL.len();

@@ -16,7 +16,7 @@
 //! method did not check would panic, never read out of bounds).
 use std::marker::PhantomData;
 
-use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use super::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, SdtBwdBufs, UpBufs};
 use super::backward_ref::{self as bref, AdamStep};
 use super::{
     counters, gemm, par_rows, reference, row_pieces, split_rows, Act, BonusBufs, DeviceOps,
@@ -973,6 +973,56 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         m: &mut Vec<R>,
     ) -> Result<()> {
         bref::dbp_step(groups, n, scale, eta, kappa, max_norm, z, m);
+        Ok(())
+    }
+    unsafe fn raw_sdt_bwd(
+        &self,
+        rows: usize,
+        h: usize,
+        n: usize,
+        x: &SdtBwdBufs<'_, Vec<R>>,
+        dkk: &mut Vec<R>,
+        dka: &mut Vec<R>,
+        drk: &mut Vec<R>,
+    ) -> Result<()> {
+        let c = h * n;
+        let pcs = row_pieces(rows, c);
+        let (a, b, d) = (
+            split_rows(dkk, &pcs, c),
+            split_rows(dka, &pcs, c),
+            split_rows(drk, &pcs, c),
+        );
+        pcs.par_iter()
+            .zip(a)
+            .zip(b)
+            .zip(d)
+            .for_each(|(((&(r0, nr), dkk), dka), drk)| {
+                let o = r0 * c;
+                let y = bref::SdtBwd {
+                    kk: bref::KkBwd {
+                        k: &x.kk.k[o..],
+                        da: &x.kk.da[o..],
+                        a0: x.kk.a0,
+                        k_k: x.kk.k_k,
+                        k_a: x.kk.k_a,
+                        d_kout: &x.kk.d_kout[o..],
+                        d_a: &x.kk.d_a[o..],
+                        d_b: &x.kk.d_b[o..],
+                    },
+                    r: &x.r[o..],
+                    kt: &x.kt[o..],
+                    v: &x.v[o..],
+                    g: &x.g[o..],
+                    dout: &x.dout[o..],
+                };
+                bref::sdt_bwd(nr, h, n, &y, dkk, dka, drk);
+            });
+        Ok(())
+    }
+    unsafe fn raw_mask_mul(&self, n: usize, m: &Vec<R>, x: &mut Vec<R>) -> Result<()> {
+        for (x, &m) in x[..n].iter_mut().zip(&m[..n]) {
+            *x = *x * m;
+        }
         Ok(())
     }
     unsafe fn raw_lora_in(

@@ -49,7 +49,7 @@ use crate::model::device::upload_emb_ln;
 pub use crate::model::layer::LStart;
 use crate::model::layer::{
     matmul_buf, matmul_t_buf, upload_layers, BwdWs, DevLayer, FwdWs, Layer, LoraPairs, LoraRef,
-    LoraWs, Tape, UpKernel,
+    LoraWs, SdtTensors, Tape, UpKernel,
 };
 use crate::model::lora::{LoraAdapter, LoraTarget, LoraTensor};
 use crate::model::{Config, Model, Weights};
@@ -162,6 +162,8 @@ pub struct StepWs<B> {
     grads: Vec<LStart<B>>,
     /// per layer, the LoRA factors' gradients summed over the batch
     lgrads: Option<Vec<LoraPairs<B>>>,
+    /// per layer, the gradients of the SDT tensors summed over the batch
+    sgrads: Option<Vec<SdtTensors<B>>>,
     acc: Option<Vec<B>>,
     /// `[2]`: the loss sum, the gradient's sum of squares
     stats: B,
@@ -285,6 +287,33 @@ fn pairs_flat_mut<B>(p: &mut [LoraPairs<B>]) -> Vec<&mut B> {
         .collect()
 }
 
+/// Sparse dimension tuning on the device (docs/sdt.md): per layer the
+/// pretrained values of the trained tensors ([`SdtTensors`]), their deltas
+/// (the parameters) and masks (1 where an entry is trained; `None`: dense,
+/// the warm-up). The layer's weights hold `base + delta`, rewritten by
+/// [`DeviceTuner::apply_sdt`] before every step.
+struct DevSdt<B> {
+    base: Vec<SdtTensors<B>>,
+    delta: Vec<SdtTensors<B>>,
+    mask: Option<Vec<SdtTensors<B>>>,
+}
+
+/// The lengths of a layer's [`SdtTensors`] in a model of `c`.
+pub fn sdt_lens(c: &Config) -> [usize; 7] {
+    let e = c.n_embd;
+    [e, e, e, e, e, e * c.d_w, e * c.d_a]
+}
+
+/// The buffers of per-layer SDT tensors in parameter order.
+fn sdt_flat<B>(p: &[SdtTensors<B>]) -> Vec<&B> {
+    p.iter().flat_map(|t| t.iter()).collect()
+}
+
+/// [`sdt_flat`], mutable.
+fn sdt_flat_mut<B>(p: &mut [SdtTensors<B>]) -> Vec<&mut B> {
+    p.iter_mut().flat_map(|t| t.iter_mut()).collect()
+}
+
 /// The frozen model on a device, for state-gradient computations.
 pub struct DeviceTuner<O: BackwardOps> {
     ops: O,
@@ -303,6 +332,8 @@ pub struct DeviceTuner<O: BackwardOps> {
     teacher: Option<Teacher<O>>,
     /// LoRA adapters (trained by [`DeviceEngine::new_lora`]).
     lora: Option<DevLora<O::Buf>>,
+    /// Sparse dimension tuning's deltas (trained by [`DeviceEngine::new_sdt`]).
+    sdt: Option<DevSdt<O::Buf>>,
 }
 
 /// The observer (teacher) on the tuner's device: a frozen model of the same
@@ -340,6 +371,8 @@ pub struct DevGrad<B> {
     pub dbp: Option<(Vec<B>, f64)>,
     /// Per layer the LoRA factors' gradients (a tuner with LoRA).
     pub lora: Option<Vec<LoraPairs<B>>>,
+    /// Per layer the SDT tensors' gradients (unmasked; a tuner with SDT).
+    pub sdt: Option<Vec<SdtTensors<B>>>,
     /// Bytes of activations the step planned to hold at once
     /// ([`DeviceTuner::plan_bytes`]: computed from the buffer sizes; weights,
     /// the state and the optimiser's moments not included).
@@ -375,6 +408,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             recompute: Recompute::default(),
             teacher: None,
             lora: None,
+            sdt: None,
         })
     }
 
@@ -509,6 +543,166 @@ impl<O: BackwardOps> DeviceTuner<O> {
         }))
     }
 
+    /// Starts sparse dimension tuning (docs/sdt.md): the deltas of every
+    /// layer's [`SdtTensors`] become trainable, from `init` (per layer, in
+    /// [`sdt_lens`] sizes; `None`: zero) and restricted to `masks` (1 =
+    /// trained; `None`: dense, as in the warm-up). Entries outside a mask
+    /// stay exactly at their pretrained value.
+    pub fn set_sdt(
+        &mut self,
+        init: Option<&[[Vec<f32>; 7]]>,
+        masks: Option<&[[Vec<f32>; 7]]>,
+    ) -> Result<()> {
+        let lens = sdt_lens(&self.cfg);
+        let nl = self.cfg.n_layer;
+        let check = |what: &str, v: &[[Vec<f32>; 7]]| -> Result<()> {
+            if v.len() != nl
+                || v.iter()
+                    .any(|t| t.iter().zip(&lens).any(|(x, &n)| x.len() != n))
+            {
+                return Err(Error::Tune(format!(
+                    "sparse dimension tuning: {what} of the wrong shape"
+                )));
+            }
+            Ok(())
+        };
+        if let Some(m) = masks {
+            check("masks", m)?;
+        }
+        if let Some(d) = init {
+            check("initial deltas", d)?;
+        }
+        if self.up.is_some() {
+            return Err(Error::Tune(
+                "sparse dimension tuning on an upscaled tuner is not supported".into(),
+            ));
+        }
+        let o = &self.ops;
+        let mut base = Vec::with_capacity(nl);
+        let mut delta = Vec::with_capacity(nl);
+        for (l, ly) in self.layers.iter().enumerate() {
+            let cp = |b: &O::Buf, n: usize| -> Result<O::Buf> {
+                let mut d = o.zeros(n)?;
+                o.copy(b, 0, &mut d, 0, n)?;
+                Ok(d)
+            };
+            base.push([
+                cp(&ly.w0, lens[0])?,
+                cp(&ly.a0, lens[1])?,
+                cp(&ly.k_k, lens[2])?,
+                cp(&ly.k_a, lens[3])?,
+                cp(&ly.r_k, lens[4])?,
+                cp(&ly.w2, lens[5])?,
+                cp(&ly.a2, lens[6])?,
+            ]);
+            let z = |i: usize| -> Result<O::Buf> {
+                match init {
+                    Some(d) => o.upload(&d[l][i]),
+                    None => o.zeros(lens[i]),
+                }
+            };
+            delta.push([z(0)?, z(1)?, z(2)?, z(3)?, z(4)?, z(5)?, z(6)?]);
+        }
+        let mask = match masks {
+            Some(m) => Some(
+                m.iter()
+                    .map(|t| {
+                        Ok([
+                            o.upload(&t[0])?,
+                            o.upload(&t[1])?,
+                            o.upload(&t[2])?,
+                            o.upload(&t[3])?,
+                            o.upload(&t[4])?,
+                            o.upload(&t[5])?,
+                            o.upload(&t[6])?,
+                        ])
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        self.sdt = Some(DevSdt { base, delta, mask });
+        self.apply_sdt()
+    }
+
+    /// Writes `base + delta` into the layers' weights (sparse dimension
+    /// tuning; nothing without it). Outside a mask the delta is exactly 0.
+    pub fn apply_sdt(&mut self) -> Result<()> {
+        let Some(sd) = &self.sdt else {
+            return Ok(());
+        };
+        let o = &self.ops;
+        let lens = sdt_lens(&self.cfg);
+        for (l, ly) in self.layers.iter_mut().enumerate() {
+            let dst: [&mut O::Buf; 7] = [
+                &mut ly.w0,
+                &mut ly.a0,
+                &mut ly.k_k,
+                &mut ly.k_a,
+                &mut ly.r_k,
+                &mut ly.w2,
+                &mut ly.a2,
+            ];
+            for (i, d) in dst.into_iter().enumerate() {
+                o.copy(&sd.base[l][i], 0, d, 0, lens[i])?;
+                o.add_n(d, &sd.delta[l][i], lens[i])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The deltas of sparse dimension tuning, downloaded (per layer, in
+    /// [`SdtTensors`] order; `None`: not tuning them).
+    pub fn sdt_deltas(&self) -> Result<Option<Vec<[Vec<f32>; 7]>>> {
+        let Some(sd) = &self.sdt else {
+            return Ok(None);
+        };
+        let lens = sdt_lens(&self.cfg);
+        let d = sd
+            .delta
+            .iter()
+            .map(|t| {
+                let g = |i: usize| -> Result<Vec<f32>> {
+                    let mut h = self.ops.download(&t[i])?;
+                    h.truncate(lens[i]);
+                    Ok(h)
+                };
+                Ok([g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?, g(6)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(d))
+    }
+
+    /// Zero gradient buffers for sparse dimension tuning (`None`: off).
+    fn sdt_grads(&self) -> Result<Option<Vec<SdtTensors<O::Buf>>>> {
+        if self.sdt.is_none() {
+            return Ok(None);
+        }
+        let o = &self.ops;
+        let lens = sdt_lens(&self.cfg);
+        let g = (0..self.cfg.n_layer)
+            .map(|_| {
+                Ok([
+                    o.zeros(lens[0])?,
+                    o.zeros(lens[1])?,
+                    o.zeros(lens[2])?,
+                    o.zeros(lens[3])?,
+                    o.zeros(lens[4])?,
+                    o.zeros(lens[5])?,
+                    o.zeros(lens[6])?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(g))
+    }
+
+    /// Whether a step's backward reads each layer's GEMM inputs from the
+    /// forward workspace (LoRA or sparse dimension tuning): then every
+    /// layer's forward is recomputed right before its backward.
+    fn needs_inputs(&self) -> bool {
+        self.lora.is_some() || self.sdt.is_some()
+    }
+
     /// Elements of the LoRA factors (0 without LoRA).
     pub fn lora_params(&self) -> usize {
         self.lora.as_ref().map_or(0, |d| {
@@ -565,6 +759,41 @@ impl<O: BackwardOps> DeviceTuner<O> {
             Some(g) => pairs_flat(g)
                 .into_iter()
                 .map(|b| self.ops.download_f64(b))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok((dg.loss(&self.ops)?, dg.n_tokens, g))
+    }
+
+    /// Replaces the SDT deltas (per layer in [`SdtTensors`] order, f64
+    /// uploaded without rounding on `CpuOps<f64>`) and applies them; for
+    /// the finite-difference checks.
+    pub fn set_sdt_deltas_f64(&mut self, d: &[Vec<Vec<f64>>]) -> Result<()> {
+        let ops = &self.ops;
+        let Some(sd) = self.sdt.as_mut() else {
+            return Err(Error::Tune("the tuner has no SDT deltas".into()));
+        };
+        for (dst, src) in sd.delta.iter_mut().zip(d) {
+            for (b, h) in dst.iter_mut().zip(src) {
+                *b = ops.upload_f64(h)?;
+            }
+        }
+        self.apply_sdt()
+    }
+
+    /// Loss sum, token count and the SDT tensors' gradients (per layer, in
+    /// [`SdtTensors`] order, f64, unmasked) of `batch` from `st`.
+    pub fn loss_and_grad_sdt(
+        &self,
+        st: &[LStart<O::Buf>],
+        batch: &[Example],
+        o: &GradOpts,
+    ) -> Result<(f64, f64, Vec<Vec<Vec<f64>>>)> {
+        let dg = self.grad(st, batch, o, false)?;
+        let g = match &dg.sdt {
+            Some(g) => g
+                .iter()
+                .map(|t| t.iter().map(|b| self.ops.download_f64(b)).collect())
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -752,7 +981,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let states = 4 * (b + 2) * (2 * c.n_embd + hnn + self.u_len()) * nl;
         let head = 4 * HEAD_ROWS.min(rows) * (3 * v + 2 * c.n_embd + 1);
         let tapes = match policy {
-            Recompute::KeepAll if self.lora.is_none() => nl,
+            Recompute::KeepAll if !self.needs_inputs() => nl,
             _ => 1,
         } * self.tape_bytes(b, t);
         let lora = self.lora.as_ref().map_or(0, |d| {
@@ -842,7 +1071,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         // with LoRA the backward reads each layer's GEMM inputs from the
         // forward workspace, so every layer is recomputed (one tape)
         let n_tapes = match policy {
-            Recompute::KeepAll if self.lora.is_none() => nl,
+            Recompute::KeepAll if !self.needs_inputs() => nl,
             _ => 1,
         };
         let lstart = |k: usize| -> Result<LStart<O::Buf>> {
@@ -885,6 +1114,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             fw: self.fwd_ws(b, t)?,
             bw: BwdWs::new(o, cfg, b, t)?,
             lgrads: self.lora_grads()?,
+            sgrads: self.sdt_grads()?,
             head: HeadWs::new(o, hr, c, v, true)?,
             dbp_tmp: if dbp {
                 Some((0..nl).map(|_| z(hnn)).collect::<Result<_>>()?)
@@ -1089,6 +1319,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let StepWs {
             grads,
             lgrads,
+            sgrads,
             acc,
             stats,
             ..
@@ -1098,6 +1329,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             n_tokens: info.n_tokens,
             grads,
             lora: lgrads,
+            sdt: sgrads,
             dbp: acc.map(|a| (a, info.count)),
             peak_bytes: info.peak_bytes,
         })
@@ -1216,6 +1448,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             stats,
             grads,
             lgrads,
+            sgrads,
             acc,
             ..
         } = ws;
@@ -1260,6 +1493,16 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 .map(|p| p.lgrads.as_ref().map(|g| pairs_flat(g)).unwrap_or_default())
                 .collect();
             for (i, d) in pairs_flat_mut(lg).into_iter().enumerate() {
+                let n = ops.len(d);
+                sum(d, &mut parts_g.iter().filter_map(|g| g.get(i).copied()), n)?;
+            }
+        }
+        if let (true, Some(sg)) = (backward, sgrads.as_mut()) {
+            let parts_g: Vec<Vec<&O::Buf>> = used
+                .iter()
+                .map(|p| p.sgrads.as_ref().map(|g| sdt_flat(g)).unwrap_or_default())
+                .collect();
+            for (i, d) in sdt_flat_mut(sg).into_iter().enumerate() {
                 let n = ops.len(d);
                 sum(d, &mut parts_g.iter().filter_map(|g| g.get(i).copied()), n)?;
             }
@@ -1337,6 +1580,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 ops.zero(g)?;
             }
         }
+        if let Some(sg) = ws.sgrads.as_mut() {
+            for g in sdt_flat_mut(sg) {
+                ops.zero(g)?;
+            }
+        }
         if b == 0 {
             for g in ws.grads.iter_mut() {
                 ops.zero(&mut g.sa)?;
@@ -1372,6 +1620,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             stb,
             grads,
             lgrads,
+            sgrads,
             acc,
             stats,
             x,
@@ -1391,7 +1640,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         ops.write(&mask, mask_d)?;
         // with LoRA every layer is recomputed before its backward (the
         // backward reads the GEMM inputs from the forward workspace)
-        let keep = tapes.len() == nl && self.lora.is_none();
+        let keep = tapes.len() == nl && !self.needs_inputs();
         // forward: keep every layer's input (and, under KeepAll, its tape)
         ops.embed_ids(ids, &self.emb_ln, c, x)?;
         for (l, s) in stb.iter().enumerate() {
@@ -1513,6 +1762,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 bw,
                 fw,
                 lgrads.as_mut().map(|g| &mut g[l]),
+                sgrads.as_mut().map(|g| &mut g[l]),
             )?;
         }
         Ok(StepInfo {
@@ -1765,12 +2015,59 @@ impl<O: BackwardOps> DeviceEngine<O> {
         Ok(e)
     }
 
+    /// The sparse-dimension-tuning engine (docs/sdt.md): trains the deltas
+    /// of every layer's [`SdtTensors`] inside `masks` (`None`: dense, the
+    /// warm-up) and, with `lora`, a LoRA adapter with its dropout (SDLoRA);
+    /// every other weight frozen, the initial state zero, no DBP.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_sdt(
+        ops: O,
+        w: &Weights,
+        masks: Option<&[[Vec<f32>; 7]]>,
+        lora: Option<(&LoraAdapter, f32)>,
+        seed: u64,
+        adam: AdamConfig,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        let mut tuner = DeviceTuner::new(ops, w)?;
+        if let Some((ad, dropout)) = lora {
+            tuner.set_lora(ad, dropout, seed)?;
+        }
+        tuner.set_sdt(None, masks)?;
+        let init = TunedState::zeros(tuner.config(), false);
+        let mut e = Self::build(tuner, w, &init, &[], adam, None, opts)?;
+        e.n_state = 0;
+        let mut lens: Vec<usize> = lora.map_or(Vec::new(), |(ad, _)| {
+            ad.params().iter().map(|p| p.len()).collect()
+        });
+        let per = sdt_lens(e.tuner.config());
+        for _ in 0..e.tuner.config().n_layer {
+            lens.extend(per);
+        }
+        let o = &e.tuner.ops;
+        for n in lens {
+            e.sizes.push(n);
+            e.m.push(o.zeros(n)?);
+            e.v.push(o.zeros(n)?);
+        }
+        Ok(e)
+    }
+
+    /// The SDT deltas (per layer, [`SdtTensors`] order; `None`: not an SDT
+    /// engine) and whether they were masked.
+    pub fn sdt_deltas(&self) -> Result<Option<Vec<[Vec<f32>; 7]>>> {
+        self.tuner.sdt_deltas()
+    }
+
     /// Every trained buffer in parameter order: the state's tensors (and
-    /// `U`s), then the LoRA factors.
+    /// `U`s), then the LoRA factors, then the SDT deltas.
     fn all_params(&self) -> Vec<&O::Buf> {
         let mut p: Vec<&O::Buf> = self.params.iter().collect();
         if let Some(d) = &self.tuner.lora {
             p.extend(pairs_flat(&d.layers));
+        }
+        if let Some(d) = &self.tuner.sdt {
+            p.extend(sdt_flat(&d.delta));
         }
         p
     }
@@ -1993,6 +2290,19 @@ impl<O: BackwardOps> DeviceEngine<O> {
         if let Some(lg) = ws.lgrads.as_ref() {
             grads.extend(pairs_flat(lg));
         }
+        // SDT: the gradients masked on the device (outside a mask the delta
+        // sees 0 and, with zero moments, Adam leaves it exactly 0)
+        if let (Some(sg), Some(sd)) = (ws.sgrads.as_mut(), self.tuner.sdt.as_ref()) {
+            if let Some(mask) = &sd.mask {
+                for (g, m) in sdt_flat_mut(sg).into_iter().zip(sdt_flat(mask)) {
+                    let n = o.len(g);
+                    o.mask_mul(n, m, g)?;
+                }
+            }
+        }
+        if let Some(sg) = ws.sgrads.as_ref() {
+            grads.extend(sdt_flat(sg));
+        }
         if grads.len() != self.sizes.len() {
             return Err(Error::Tune(format!(
                 "internal: {} gradients for {} parameters",
@@ -2022,6 +2332,9 @@ impl<O: BackwardOps> DeviceEngine<O> {
         let mut pbufs: Vec<&mut O::Buf> = self.params.iter_mut().collect();
         if let Some(d) = self.tuner.lora.as_mut() {
             pbufs.extend(pairs_flat_mut(&mut d.layers));
+        }
+        if let Some(d) = self.tuner.sdt.as_mut() {
+            pbufs.extend(sdt_flat_mut(&mut d.delta));
         }
         for (i, (g, p)) in grads.iter().zip(pbufs).enumerate() {
             o.adam_clipped(
@@ -2072,6 +2385,8 @@ impl<O: BackwardOps> DeviceEngine<O> {
             }
         }
         o.sync()?;
+        // the layers' weights = base + the updated deltas
+        self.tuner.apply_sdt()?;
         Ok(StepOut {
             loss_sum: loss,
             n_tokens: info.n_tokens,
@@ -2155,9 +2470,14 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             }
         }
         let mut p = p;
-        let lora_p = p.split_off(self.params.len());
+        let mut rest = p.split_off(self.params.len()).into_iter();
         if let Some(d) = self.tuner.lora.as_mut() {
-            for (dst, src) in pairs_flat_mut(&mut d.layers).into_iter().zip(lora_p) {
+            for (dst, src) in pairs_flat_mut(&mut d.layers).into_iter().zip(&mut rest) {
+                *dst = src;
+            }
+        }
+        if let Some(d) = self.tuner.sdt.as_mut() {
+            for (dst, src) in sdt_flat_mut(&mut d.delta).into_iter().zip(&mut rest) {
                 *dst = src;
             }
         }
@@ -2165,7 +2485,7 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         self.m = m;
         self.v = v;
         self.t = s.adam_t;
-        Ok(())
+        self.tuner.apply_sdt()
     }
     fn adapter(&self) -> Result<Option<LoraAdapter>> {
         self.tuner.lora_adapter()

@@ -1,4 +1,5 @@
-//! LoRA on the one tuning engine (docs/lora.md): the factors' gradients
+//! Parameter-efficient tuning on the one engine: LoRA (docs/lora.md) and
+//! sparse dimension tuning (docs/sdt.md). LoRA:
 //! against f64 central finite differences (every target kind, with and
 //! without dropout), the exact merge (merged model's logits equal the
 //! adapted ones, and the CPU model of the merged file agrees), adapter
@@ -556,4 +557,196 @@ fn cli_tune_lora_then_merge_equals_eval_with_the_adapter() {
         .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("blocks.0"), "{err}");
+}
+
+const SDT_NAMES: [&str; 7] = ["w0", "a0", "k_k", "k_a", "r_k", "w2", "a2"];
+
+#[test]
+fn sdt_gradients_match_finite_differences() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 13).unwrap();
+    let mut rng = Rng(31);
+    let s = random_state(&cfg, true, 0.5, &mut rng).map(|v| v as f64);
+    let b = batch(&cfg, &mut rng);
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let mut t = DeviceTuner::new(CpuOps::<f64>::default(), &w).unwrap();
+    // SDLoRA: a LoRA adapter too, so both kinds of gradient flow together
+    t.set_lora(
+        &random_adapter(&cfg, &[LoraTarget::K, LoraTarget::W2], 2, 3),
+        0.0,
+        1,
+    )
+    .unwrap();
+    t.set_sdt(None, None).unwrap();
+    let lens = rwkv_tune::tune::device::sdt_lens(&cfg);
+    let d0: Vec<Vec<Vec<f64>>> = (0..cfg.n_layer)
+        .map(|_| {
+            lens.iter()
+                .map(|&n| (0..n).map(|_| rng.sym(0.1)).collect())
+                .collect()
+        })
+        .collect();
+    t.set_sdt_deltas_f64(&d0).unwrap();
+    let st = t.upload_state(&s).unwrap();
+    let (_, _, g) = t.loss_and_grad_sdt(&st, &b, &o).unwrap();
+    let h = 1e-5;
+    let mut worst = 0.0f64;
+    for l in 0..cfg.n_layer {
+        for (k, name) in SDT_NAMES.iter().enumerate() {
+            let idx: Vec<usize> = (0..4).map(|_| rng.below(lens[k])).collect();
+            let mut fd = Vec::new();
+            for &i in &idx {
+                let mut d = d0.clone();
+                d[l][k][i] += h;
+                t.set_sdt_deltas_f64(&d).unwrap();
+                let lp = t.loss_and_grad_sdt(&st, &b, &o).unwrap().0;
+                d[l][k][i] -= 2.0 * h;
+                t.set_sdt_deltas_f64(&d).unwrap();
+                let lm = t.loss_and_grad_sdt(&st, &b, &o).unwrap().0;
+                fd.push((lp - lm) / (2.0 * h));
+            }
+            t.set_sdt_deltas_f64(&d0).unwrap();
+            let an: Vec<f64> = idx.iter().map(|&i| g[l][k][i]).collect();
+            let e = rel_err(&an, &fd);
+            let fnorm = fd.iter().map(|v| v * v).sum::<f64>().sqrt();
+            println!("layer {l} {name:>4}: |fd| = {fnorm:.3e}  rel.err = {e:.2e}");
+            assert!(fnorm > 1e-9, "layer {l} {name}: vacuous");
+            worst = worst.max(e);
+        }
+    }
+    println!("worst f64 relative error {worst:.2e}");
+    assert!(worst <= 1e-5, "SDT gradient vs FD: {worst:.3e}");
+}
+
+/// Masks selecting head 1 and key dimensions 3 and 7 of it in every layer.
+fn some_masks(cfg: &Config) -> Vec<[Vec<f32>; 7]> {
+    let lens = rwkv_tune::tune::device::sdt_lens(cfg);
+    let chans: Vec<usize> = [3, 7].iter().map(|i| cfg.head_size + i).collect();
+    (0..cfg.n_layer)
+        .map(|_| {
+            let mut m: [Vec<f32>; 7] = std::array::from_fn(|k| vec![0.0; lens[k]]);
+            for &c in &chans {
+                for v in m.iter_mut().take(5) {
+                    v[c] = 1.0;
+                }
+                m[5][c * cfg.d_w..(c + 1) * cfg.d_w].fill(1.0);
+                m[6][c * cfg.d_a..(c + 1) * cfg.d_a].fill(1.0);
+            }
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn sdt_training_stays_inside_the_masks_and_resumes_bit_exactly() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 14).unwrap();
+    let mut rng = Rng(9);
+    let data: Vec<Vec<Example>> = (0..5).map(|_| batch(&cfg, &mut rng)).collect();
+    let masks = some_masks(&cfg);
+    let ad = LoraAdapter::init(&cfg, 2, 2.0, &[LoraTarget::O], 5).unwrap();
+    let mk = || {
+        let o = GradOpts {
+            observer_weight: 0.0,
+            chunk: 4,
+        };
+        let adam = AdamConfig {
+            weight_decay: 0.1,
+            ..AdamConfig::default()
+        };
+        DeviceEngine::new_sdt(
+            CpuOps::new(),
+            &w,
+            Some(&masks),
+            Some((&ad, 0.0)),
+            3,
+            adam,
+            o,
+        )
+        .unwrap()
+    };
+    let mut e = mk();
+    let first = e.step(&data[0], 1e-2, 1.0).unwrap();
+    e.step(&data[1], 1e-2, 1.0).unwrap();
+    let ck = e.save().unwrap();
+    let mut r = mk();
+    r.load(ck).unwrap();
+    for b in &data[2..] {
+        let a = e.step(b, 1e-2, 1.0).unwrap();
+        let c = r.step(b, 1e-2, 1.0).unwrap();
+        assert_eq!(a.loss_sum.to_bits(), c.loss_sum.to_bits(), "resumed loss");
+    }
+    let d = e.sdt_deltas().unwrap().unwrap();
+    assert_eq!(d, r.sdt_deltas().unwrap().unwrap(), "resumed deltas differ");
+    let (mut inside, mut outside) = (0usize, 0usize);
+    for (dl, ml) in d.iter().zip(&masks) {
+        for (dv, mv) in dl.iter().zip(ml) {
+            for (&x, &m) in dv.iter().zip(mv) {
+                if m == 0.0 {
+                    assert_eq!(
+                        x.to_bits(),
+                        0.0f32.to_bits(),
+                        "a delta moved outside its mask"
+                    );
+                    outside += 1;
+                } else if x != 0.0 {
+                    inside += 1;
+                }
+            }
+        }
+    }
+    println!("{inside} trained entries moved, {outside} outside the masks stayed 0");
+    assert!(inside > 0, "nothing inside the masks was trained");
+    let again = e.step(&data[0], 0.0, 1.0).unwrap();
+    assert!(
+        again.loss_sum < first.loss_sum,
+        "SDLoRA did not lower the loss"
+    );
+}
+
+#[test]
+fn emulated_sdt_gradients_match_the_cpu_twins() {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 15).unwrap();
+    let mut rng = Rng(5);
+    let b = vec![
+        random_example(6, cfg.vocab, false, false, &mut rng),
+        random_example(5, cfg.vocab, true, false, &mut rng),
+    ];
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let s = random_state(&cfg, false, 0.5, &mut rng);
+    let lens = rwkv_tune::tune::device::sdt_lens(&cfg);
+    let d0: Vec<Vec<Vec<f64>>> = (0..cfg.n_layer)
+        .map(|_| {
+            lens.iter()
+                .map(|&n| (0..n).map(|_| rng.sym(0.1)).collect())
+                .collect()
+        })
+        .collect();
+    let mut tc = DeviceTuner::new(CpuOps::<f32>::default(), &w).unwrap();
+    tc.set_sdt(None, None).unwrap();
+    tc.set_sdt_deltas_f64(&d0).unwrap();
+    let (lc, _, gc) = tc
+        .loss_and_grad_sdt(&tc.upload_state(&s).unwrap(), &b, &o)
+        .unwrap();
+    let mut te = DeviceTuner::new(EmuOps::default(), &w).unwrap();
+    te.set_sdt(None, None).unwrap();
+    te.set_sdt_deltas_f64(&d0).unwrap();
+    let (le, _, ge) = te
+        .loss_and_grad_sdt(&te.upload_state(&s).unwrap(), &b, &o)
+        .unwrap();
+    assert!((lc - le).abs() <= 1e-4 * lc.abs(), "loss {lc} vs {le}");
+    for l in 0..cfg.n_layer {
+        for k in 0..7 {
+            let e = rel_err(&ge[l][k], &gc[l][k]);
+            println!("layer {l} {}: emu vs cpu {e:.2e}", SDT_NAMES[k]);
+            assert!(e <= 1e-3, "layer {l} {}: {e:.3e}", SDT_NAMES[k]);
+        }
+    }
 }
