@@ -339,6 +339,11 @@ impl LoraAdapter {
     /// `[r, in]`, `….lora_B` `[out, r]` (the names RWKV-PEFT uses for its
     /// LoRA linears) and the scalar `lora_alpha` `[1]`.
     pub fn save(&self, path: &Path, cfg: &Config) -> Result<()> {
+        write_f32(path, &self.tensors_map(cfg)?)
+    }
+
+    /// The tensors [`Self::save`] writes.
+    pub fn tensors_map(&self, cfg: &Config) -> Result<BTreeMap<String, F32Tensor>> {
         self.check(cfg)?;
         let mut m = BTreeMap::new();
         for t in &self.tensors {
@@ -366,15 +371,25 @@ impl LoraAdapter {
                 data: vec![self.alpha],
             },
         );
-        write_f32(path, &m)
+        Ok(m)
     }
 
     /// Reads an adapter file for a model of `cfg`, refusing unknown names,
     /// a missing half of a pair, ranks that differ between tensors, shapes
     /// that do not fit the model and non-finite values.
     pub fn load(path: &Path, cfg: &Config) -> Result<Self> {
+        let m = read_f32(path)
+            .map_err(|e| e.context(format!("reading the adapter {}", path.display())))?;
+        Self::from_tensors(m, cfg, path)
+    }
+
+    /// [`Self::load`] from the tensors of a file (`path` names it in errors).
+    pub fn from_tensors(
+        mut m: BTreeMap<String, F32Tensor>,
+        cfg: &Config,
+        path: &Path,
+    ) -> Result<Self> {
         let ctx = |e: Error| e.context(format!("reading the adapter {}", path.display()));
-        let mut m = read_f32(path).map_err(ctx)?;
         let alpha = match m.remove(ALPHA_NAME) {
             Some(a) if a.data.len() == 1 => a.data[0],
             Some(a) => {
@@ -564,4 +579,346 @@ pub fn weight_mut(w: &mut Weights, l: usize, target: LoraTarget) -> Option<&mut 
         LoraTarget::G1 => &mut a.g1,
         LoraTarget::G2 => &mut a.g2,
     })
+}
+
+/// The tensors sparse dimension tuning trains in a layer (docs/sdt.md), as
+/// official names inside the block, in the device's [`SdtTensors`] order
+/// (`crate::model::layer::SdtTensors`).
+pub const SDT_NAMES: [&str; 7] = [
+    "att.w0", "att.a0", "att.k_k", "att.k_a", "att.r_k", "att.w2", "att.a2",
+];
+
+/// The trained entries of one tensor: official flat indices (row-major in
+/// the official layout: `w2`, `a2` are `[d, C]`) and their deltas.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseDelta {
+    /// Layer index.
+    pub layer: usize,
+    /// Which tensor: an index into [`SDT_NAMES`].
+    pub param: usize,
+    /// Official flat indices, ascending.
+    pub index: Vec<u32>,
+    /// The deltas, one per index.
+    pub value: Vec<f32>,
+}
+
+/// The official length of [`SDT_NAMES`]`[k]` in a model of `cfg`.
+pub fn sdt_official_len(cfg: &Config, k: usize) -> usize {
+    match k {
+        5 => cfg.d_w * cfg.n_embd,
+        6 => cfg.d_a * cfg.n_embd,
+        _ => cfg.n_embd,
+    }
+}
+
+/// The official flat index of entry `e` of device tensor `k` (`w2` and `a2`
+/// are `[C, d]` on the device and `[d, C]` officially).
+pub fn sdt_official_index(cfg: &Config, k: usize, e: usize) -> usize {
+    let c = cfg.n_embd;
+    match k {
+        5 => (e % cfg.d_w) * c + e / cfg.d_w,
+        6 => (e % cfg.d_a) * c + e / cfg.d_a,
+        _ => e,
+    }
+}
+
+fn sdt_weight_mut(w: &mut Weights, l: usize, k: usize) -> Option<&mut Vec<f32>> {
+    let a = &mut w.blocks.get_mut(l)?.att;
+    Some(match k {
+        0 => &mut a.w0,
+        1 => &mut a.a0,
+        2 => &mut a.k_k,
+        3 => &mut a.k_a,
+        4 => &mut a.r_k,
+        5 => &mut a.w2,
+        6 => &mut a.a2,
+        _ => return None,
+    })
+}
+
+/// What `tune --method lora|sdt|sdlora` writes: LoRA factors and/or sparse
+/// deltas of the recurrent module's tensors, in one safetensors file
+/// (LoRA names as [`LoraAdapter::save`]; sparse deltas as
+/// `blocks.{l}.att.w0.sdt_index` (f32 holding exact integers below 2²⁴)
+/// and `….sdt_delta`). Merges exactly: LoRA as [`LoraAdapter::merge_into`],
+/// each sparse entry as `w[index] += delta` in f32, the same addition the
+/// training applied, so the merged tensor equals the trained one bit for
+/// bit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Adapter {
+    /// The LoRA part, if any.
+    pub lora: Option<LoraAdapter>,
+    /// The sparse deltas, layer-major, tensors in [`SDT_NAMES`] order.
+    pub sparse: Vec<SparseDelta>,
+}
+
+impl Adapter {
+    /// Trainable entries (LoRA factors plus sparse entries).
+    pub fn n_params(&self) -> usize {
+        self.lora.as_ref().map_or(0, |l| l.n_params())
+            + self.sparse.iter().map(|d| d.index.len()).sum::<usize>()
+    }
+
+    /// Checks every part against `cfg` (indices in range and ascending,
+    /// finite values).
+    pub fn check(&self, cfg: &Config) -> Result<()> {
+        if let Some(l) = &self.lora {
+            l.check(cfg)?;
+        }
+        for d in &self.sparse {
+            let name = format!(
+                "blocks.{}.{}",
+                d.layer,
+                SDT_NAMES.get(d.param).copied().unwrap_or("?")
+            );
+            if d.layer >= cfg.n_layer || d.param >= SDT_NAMES.len() {
+                return Err(Error::Tune(format!(
+                    "sparse delta {name}: the model has no such tensor"
+                )));
+            }
+            if d.index.len() != d.value.len() {
+                return Err(Error::Tune(format!(
+                    "sparse delta {name}: {} indices for {} values",
+                    d.index.len(),
+                    d.value.len()
+                )));
+            }
+            let n = sdt_official_len(cfg, d.param);
+            if d.index.windows(2).any(|p| p[0] >= p[1])
+                || d.index.last().is_some_and(|&i| i as usize >= n)
+            {
+                return Err(Error::Tune(format!(
+                    "sparse delta {name}: indices must ascend and stay below {n}"
+                )));
+            }
+            crate::guard::check_finite(&format!("{name}.sdt_delta"), &d.value)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the adapter (see [`Adapter`] for the names).
+    pub fn save(&self, path: &Path, cfg: &Config) -> Result<()> {
+        self.check(cfg)?;
+        let mut m = match &self.lora {
+            Some(l) => l.tensors_map(cfg)?,
+            None => BTreeMap::new(),
+        };
+        for d in &self.sparse {
+            let base = format!("blocks.{}.{}", d.layer, SDT_NAMES[d.param]);
+            m.insert(
+                format!("{base}.sdt_index"),
+                F32Tensor {
+                    shape: vec![d.index.len()],
+                    data: d.index.iter().map(|&i| i as f32).collect(),
+                },
+            );
+            m.insert(
+                format!("{base}.sdt_delta"),
+                F32Tensor {
+                    shape: vec![d.value.len()],
+                    data: d.value.clone(),
+                },
+            );
+        }
+        if m.is_empty() {
+            return Err(Error::Tune("an empty adapter".into()));
+        }
+        write_f32(path, &m)
+    }
+
+    /// Reads an adapter file for a model of `cfg` (LoRA part, sparse part or
+    /// both), refusing what [`LoraAdapter::load`] refuses, unpaired or
+    /// out-of-range sparse entries and non-integer indices.
+    pub fn load(path: &Path, cfg: &Config) -> Result<Self> {
+        let ctx = |e: Error| e.context(format!("reading the adapter {}", path.display()));
+        let mut m = read_f32(path).map_err(ctx)?;
+        let names: Vec<String> = m
+            .keys()
+            .filter(|k| k.ends_with(".sdt_index") || k.ends_with(".sdt_delta"))
+            .cloned()
+            .collect();
+        let mut pairs: BTreeMap<(usize, usize), (Option<F32Tensor>, Option<F32Tensor>)> =
+            BTreeMap::new();
+        for name in names {
+            let t = m
+                .remove(&name)
+                .ok_or_else(|| ctx(Error::Tune("internal".into())))?;
+            let parsed = name.strip_prefix("blocks.").and_then(|rest| {
+                let (l, rest) = rest.split_once('.')?;
+                let l: usize = l.parse().ok()?;
+                let (tname, part) = rest.rsplit_once('.')?;
+                let k = SDT_NAMES.iter().position(|n| *n == tname)?;
+                Some((l, k, part == "sdt_index"))
+            });
+            let Some((l, k, is_index)) = parsed else {
+                return Err(ctx(Error::Tune(format!(
+                    "unknown tensor '{name}' in an adapter (sparse deltas are \
+                     blocks.N.att.{{w0,a0,k_k,k_a,r_k,w2,a2}}.sdt_index / sdt_delta)"
+                ))));
+            };
+            let e = pairs.entry((l, k)).or_default();
+            if is_index {
+                e.0 = Some(t);
+            } else {
+                e.1 = Some(t);
+            }
+        }
+        let mut sparse = Vec::new();
+        for ((l, k), (i, v)) in pairs {
+            let base = format!("blocks.{l}.{}", SDT_NAMES[k]);
+            let (Some(i), Some(v)) = (i, v) else {
+                return Err(ctx(Error::MissingTensor(format!(
+                    "{base}.sdt_index and {base}.sdt_delta (one of the pair is missing)"
+                ))));
+            };
+            let mut index = Vec::with_capacity(i.data.len());
+            for &x in &i.data {
+                if !(x >= 0.0 && x < 16_777_216.0 && x.fract() == 0.0) {
+                    return Err(ctx(Error::Tune(format!(
+                        "{base}.sdt_index holds {x}, not an index"
+                    ))));
+                }
+                index.push(x as u32);
+            }
+            sparse.push(SparseDelta {
+                layer: l,
+                param: k,
+                index,
+                value: v.data,
+            });
+        }
+        let lora = if m.is_empty() {
+            None
+        } else {
+            Some(LoraAdapter::from_tensors(m, cfg, path)?)
+        };
+        let ad = Adapter { lora, sparse };
+        ad.check(cfg).map_err(ctx)?;
+        if ad.lora.is_none() && ad.sparse.is_empty() {
+            return Err(ctx(Error::Tune("the adapter holds no tensor".into())));
+        }
+        Ok(ad)
+    }
+
+    /// Merges the adapter into `w` (see [`Adapter`]).
+    pub fn merge_into(&self, w: &mut Weights) -> Result<()> {
+        let cfg = w.config.clone();
+        self.check(&cfg)?;
+        if let Some(l) = &self.lora {
+            l.merge_into(w)?;
+        }
+        for d in &self.sparse {
+            let t = sdt_weight_mut(w, d.layer, d.param)
+                .ok_or_else(|| Error::Tune("sparse delta: no such tensor".into()))?;
+            for (&i, &v) in d.index.iter().zip(&d.value) {
+                t[i as usize] += v;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sparse dimension tuning's selection (docs/sdt.md): from the warm-up's
+/// dense deltas per layer (device order, [`SDT_NAMES`]), the importance of
+/// key channel `c` is the sum of squares of every delta entry tied to it
+/// (the five vectors at `c`, row `c` of `w2` and `a2`). Per layer, the
+/// `heads` fraction of heads with the largest summed importance (at least
+/// one) is kept, and in each kept head the `dims` fraction of key
+/// dimensions (at least one). Returns the masks (1 = trained), in the
+/// device layout of the deltas, and the selected channels per layer.
+pub fn sdt_select(
+    cfg: &Config,
+    deltas: &[[Vec<f32>; 7]],
+    heads: f64,
+    dims: f64,
+) -> Result<(Vec<[Vec<f32>; 7]>, Vec<Vec<usize>>)> {
+    if !(heads > 0.0 && heads <= 1.0 && dims > 0.0 && dims <= 1.0) {
+        return Err(Error::Options(format!(
+            "SDT fractions: heads {heads}, dims {dims} (each must be in (0, 1])"
+        )));
+    }
+    let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
+    let (dw, da) = (cfg.d_w, cfg.d_a);
+    let nh = ((heads * h as f64).ceil() as usize).clamp(1, h);
+    let nd = ((dims * n as f64).ceil() as usize).clamp(1, n);
+    let mut masks = Vec::new();
+    let mut chosen = Vec::new();
+    for d in deltas {
+        let imp: Vec<f64> = (0..c)
+            .map(|ch| {
+                let sq = |x: f32| (x as f64) * (x as f64);
+                (0..5).map(|k| sq(d[k][ch])).sum::<f64>()
+                    + d[5][ch * dw..(ch + 1) * dw]
+                        .iter()
+                        .map(|&x| sq(x))
+                        .sum::<f64>()
+                    + d[6][ch * da..(ch + 1) * da]
+                        .iter()
+                        .map(|&x| sq(x))
+                        .sum::<f64>()
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..h).collect();
+        let score = |hh: usize| imp[hh * n..(hh + 1) * n].iter().sum::<f64>();
+        // largest first; ties by index (deterministic)
+        order.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+        let mut sel = Vec::new();
+        for &hh in &order[..nh] {
+            let mut dims_o: Vec<usize> = (0..n).collect();
+            dims_o.sort_by(|&a, &b| imp[hh * n + b].total_cmp(&imp[hh * n + a]).then(a.cmp(&b)));
+            sel.extend(dims_o[..nd].iter().map(|&i| hh * n + i));
+        }
+        sel.sort_unstable();
+        let mut m: [Vec<f32>; 7] = [
+            vec![0.0; c],
+            vec![0.0; c],
+            vec![0.0; c],
+            vec![0.0; c],
+            vec![0.0; c],
+            vec![0.0; c * dw],
+            vec![0.0; c * da],
+        ];
+        for &ch in &sel {
+            for v in m.iter_mut().take(5) {
+                v[ch] = 1.0;
+            }
+            m[5][ch * dw..(ch + 1) * dw].fill(1.0);
+            m[6][ch * da..(ch + 1) * da].fill(1.0);
+        }
+        masks.push(m);
+        chosen.push(sel);
+    }
+    Ok((masks, chosen))
+}
+
+/// The sparse deltas of trained `deltas` inside `masks` (device layout),
+/// as official indices, for [`Adapter::sparse`].
+pub fn sdt_sparse(
+    cfg: &Config,
+    deltas: &[[Vec<f32>; 7]],
+    masks: &[[Vec<f32>; 7]],
+) -> Vec<SparseDelta> {
+    let mut out = Vec::new();
+    for (l, (d, m)) in deltas.iter().zip(masks).enumerate() {
+        for k in 0..7 {
+            let mut e: Vec<(u32, f32)> = d[k]
+                .iter()
+                .zip(&m[k])
+                .enumerate()
+                .filter(|(_, (_, &mk))| mk != 0.0)
+                .map(|(i, (&v, _))| (sdt_official_index(cfg, k, i) as u32, v))
+                .collect();
+            if e.is_empty() {
+                continue;
+            }
+            e.sort_by_key(|p| p.0);
+            out.push(SparseDelta {
+                layer: l,
+                param: k,
+                index: e.iter().map(|p| p.0).collect(),
+                value: e.iter().map(|p| p.1).collect(),
+            });
+        }
+    }
+    out
 }

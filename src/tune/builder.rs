@@ -25,7 +25,7 @@ use super::train::{train_with, TrainConfig, TrainReport};
 use super::upscale::{self, Kernel, UpscaleConfig, UpscaledState};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::model::lora::{LoraAdapter, LoraTarget};
+use crate::model::lora::{sdt_select, LoraAdapter, LoraTarget};
 use crate::model::{Model, State};
 use crate::ops::backward::BackwardOps;
 use crate::ops::cpu::CpuOps;
@@ -72,6 +72,23 @@ pub struct LoraOptions {
     pub targets: Vec<LoraTarget>,
 }
 
+/// Sparse dimension tuning (docs/sdt.md): train the recurrent module's
+/// key-indexed tensors (w0, a0, k_k, k_a, r_k and the rows of w2, a2) of
+/// selected heads and key dimensions, with LoRA on top when
+/// [`EngineOptions::lora`] is set (SDLoRA).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SdtOptions {
+    /// Fraction of heads per layer kept (at least one).
+    pub heads: f64,
+    /// Fraction of key dimensions per kept head (at least one).
+    pub dims: f64,
+    /// Steps of the dense warm-up that ranks the entries.
+    pub warmup: u64,
+    /// Train every entry densely, no warm-up or selection (full tuning of
+    /// the recurrent module's tensors: the comparison's baseline).
+    pub dense: bool,
+}
+
 /// Everything that decides which engine a run gets.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineOptions {
@@ -97,6 +114,8 @@ pub struct EngineOptions {
     /// Train LoRA adapters instead of the state (then no DBP, no upscale,
     /// no initial state).
     pub lora: Option<LoraOptions>,
+    /// Sparse dimension tuning instead of the state (with `lora`: SDLoRA).
+    pub sdt: Option<SdtOptions>,
 }
 
 /// The engine builder: the options and the opened device.
@@ -160,8 +179,8 @@ impl EngineBuilder {
             _ => 0.0,
         };
         tc.dbp = None;
-        if let Some(lo) = &o.lora {
-            return self.build_lora(lo, model, train, valid, tc, observer, say);
+        if o.lora.is_some() || o.sdt.is_some() {
+            return self.build_peft(model, train, valid, tc, observer, say);
         }
         if o.upscale.is_some() {
             if o.dbp.is_some() {
@@ -300,13 +319,11 @@ impl EngineBuilder {
         })
     }
 
-    /// [`Self::build`] for LoRA: a fresh adapter (seeded by the run's seed)
-    /// on every layer's `lo.targets`, trained by [`DeviceEngine::new_lora`]
-    /// on the chosen device; the state stays zero.
-    #[allow(clippy::too_many_arguments)]
-    fn build_lora<'a>(
+    /// [`Self::build`] for LoRA, SDT, SDLoRA and the dense recurrent
+    /// module: a fresh adapter (seeded by the run's seed) and, for SDT, the
+    /// warm-up and selection ([`sdt_engine`]); the state stays zero.
+    fn build_peft<'a>(
         &self,
-        lo: &LoraOptions,
         model: &'a Model,
         train: &'a Dataset,
         valid: Option<&'a Dataset>,
@@ -317,32 +334,71 @@ impl EngineBuilder {
         let o = &self.opts;
         if o.upscale.is_some() || o.init_state.is_some() {
             return Err(Error::Options(
-                "--upscale and --init-state apply to state tuning, not to --method lora".into(),
+                "--upscale and --init-state apply to state tuning, not to --method \
+                 lora|sdt|sdlora|recurrent"
+                    .into(),
             ));
         }
         if o.dbp.is_some() {
-            say("note: DBP applies to state tuning; --method lora trains without it");
+            say("note: DBP applies to state tuning; this method trains without it");
         }
         let cfg = model.config();
-        let ad = LoraAdapter::init(cfg, lo.rank, lo.alpha, &lo.targets, o.seed)?;
-        let names: Vec<&str> = ad.targets().iter().map(|t| t.short()).collect();
-        tc.tag += &format!(
-            "; lora r={} alpha={} dropout={} targets={}",
-            lo.rank,
-            lo.alpha,
-            lo.dropout,
-            names.join(",")
-        );
-        let n_params = ad.n_params();
+        let ad = match &o.lora {
+            Some(lo) => Some(LoraAdapter::init(
+                cfg,
+                lo.rank,
+                lo.alpha,
+                &lo.targets,
+                o.seed,
+            )?),
+            None => None,
+        };
+        let dropout = o.lora.as_ref().map_or(0.0, |lo| lo.dropout);
+        let mut what = Vec::new();
+        if let (Some(lo), Some(ad)) = (&o.lora, &ad) {
+            let names: Vec<&str> = ad.targets().iter().map(|t| t.short()).collect();
+            tc.tag += &format!(
+                "; lora r={} alpha={} dropout={} targets={}",
+                lo.rank,
+                lo.alpha,
+                lo.dropout,
+                names.join(",")
+            );
+            what.push(format!(
+                "LoRA rank {}, alpha {}, dropout {} on {}",
+                lo.rank,
+                lo.alpha,
+                lo.dropout,
+                names.join(", ")
+            ));
+        }
+        if let Some(so) = &o.sdt {
+            tc.tag += &format!(
+                "; sdt heads={} dims={} warmup={} dense={}",
+                so.heads, so.dims, so.warmup, so.dense
+            );
+            what.push(if so.dense {
+                "every entry of w0, a0, k_k, k_a, r_k, w2, a2 (dense)".to_string()
+            } else {
+                format!(
+                    "w0, a0, k_k, k_a, r_k, w2, a2 of the top {:.0}% heads × {:.0}% key \
+                     dimensions per layer (selected after a {}-step dense warm-up)",
+                    100.0 * so.heads,
+                    100.0 * so.dims,
+                    so.warmup
+                )
+            });
+        }
+        let lens = crate::tune::device::sdt_lens(cfg);
+        let sdt_dense: usize = lens.iter().sum::<usize>() * cfg.n_layer;
         let s = &tc.schedule;
         say(&format!(
-            "LoRA: {n_params} parameters (rank {}, alpha {}, dropout {}) on {} over {} layers \
-             (base weights frozen): {} train examples ({} target tokens), {} steps × batch {}, \
-             lr {} → {} (warm-up {}, {:?})",
-            lo.rank,
-            lo.alpha,
-            lo.dropout,
-            names.join(", "),
+            "tuning {} (base weights frozen; {} LoRA + up to {} recurrent-module parameters) \
+             over {} layers: {} train examples ({} target tokens), {} steps × batch {}, lr {} \
+             → {} (warm-up {}, {:?})",
+            what.join(" + "),
+            ad.as_ref().map_or(0, |a| a.n_params()),
+            if o.sdt.is_some() { sdt_dense } else { 0 },
             cfg.n_layer,
             train.examples.len(),
             train.n_target_tokens,
@@ -353,26 +409,27 @@ impl EngineBuilder {
             s.warmup,
             s.decay
         ));
-        let w = model.weights();
-        let (adam, grad, seed) = (tc.adam, tc.grad.clone(), o.seed);
+        let lora = ad.as_ref().map(|a| (a, dropout));
         let tch = observer.as_ref();
         let rc = o.recompute;
-        let engine: Box<dyn Built + 'a> = match o.device {
+        let (engine, n_params): (Box<dyn Built + 'a>, usize) = match o.device {
             DeviceKind::Cpu => {
-                let e =
-                    DeviceEngine::new_lora(CpuOps::new(), w, &ad, lo.dropout, seed, adam, grad)?;
-                Box::new(on_device(e, None, rc, tch, || Ok(CpuOps::new()))?)
+                let (e, n) =
+                    peft_engine(&|| Ok(CpuOps::new()), model, train, &mut tc, o, lora, say)?;
+                (
+                    Box::new(on_device(e, None, rc, tch, || Ok(CpuOps::new()))?),
+                    n,
+                )
             }
             DeviceKind::Emu => {
-                let ops = EmuOps::default().with_wkv(o.wkv);
-                let e = DeviceEngine::new_lora(ops, w, &ad, lo.dropout, seed, adam, grad)?;
-                Box::new(on_device(e, None, rc, tch, || {
-                    Ok(EmuOps::default().with_wkv(o.wkv))
-                })?)
+                let mk = || Ok(EmuOps::default().with_wkv(o.wkv));
+                let (e, n) = peft_engine(&mk, model, train, &mut tc, o, lora, say)?;
+                (Box::new(on_device(e, None, rc, tch, mk)?), n)
             }
             DeviceKind::Cuda => {
-                let e = DeviceEngine::new_lora(self.cuda()?, w, &ad, lo.dropout, seed, adam, grad)?;
-                Box::new(on_device(e, None, rc, tch, || self.cuda())?)
+                let mk = || self.cuda();
+                let (e, n) = peft_engine(&mk, model, train, &mut tc, o, lora, say)?;
+                (Box::new(on_device(e, None, rc, tch, mk)?), n)
             }
         };
         Ok(Tuning {
@@ -538,6 +595,96 @@ fn on_device<O: BackwardOps>(
         )?;
     }
     Ok(OnDevice { eng, kernel })
+}
+
+/// The engine of a LoRA / SDT / SDLoRA / dense-recurrent run on the ops
+/// `mk` makes, and its trainable parameter count. For SDT (not dense) a
+/// dense warm-up of `sdt.warmup` steps (the run's batch, lr schedule cut to
+/// the warm-up, no validation or checkpoint) ranks the entries, the
+/// selection ([`sdt_select`]) becomes the masks, and the run restarts from
+/// the pretrained weights (a fresh adapter of the same seed); the selection
+/// is added to the run's tag. The warm-up is deterministic, so `--resume`
+/// repeats it and finds the same masks.
+fn peft_engine<O: BackwardOps>(
+    mk: &dyn Fn() -> Result<O>,
+    model: &Model,
+    train: &Dataset,
+    tc: &mut TrainConfig,
+    o: &EngineOptions,
+    lora: Option<(&LoraAdapter, f32)>,
+    say: &mut dyn FnMut(&str),
+) -> Result<(DeviceEngine<O>, usize)> {
+    let w = model.weights();
+    let cfg = model.config();
+    let lora_n = lora.map_or(0, |(a, _)| a.n_params());
+    let Some(so) = &o.sdt else {
+        let (ad, dropout) =
+            lora.ok_or_else(|| Error::Tune("internal: no method to build".into()))?;
+        let e = DeviceEngine::new_lora(mk()?, w, ad, dropout, o.seed, tc.adam, tc.grad.clone())?;
+        return Ok((e, lora_n));
+    };
+    let lens = crate::tune::device::sdt_lens(cfg);
+    if so.dense {
+        let e = DeviceEngine::new_sdt(mk()?, w, None, lora, o.seed, tc.adam, tc.grad.clone())?;
+        return Ok((e, lora_n + lens.iter().sum::<usize>() * cfg.n_layer));
+    }
+    if so.warmup == 0 {
+        return Err(Error::Options(
+            "--sdt-warmup 0: the selection needs at least one warm-up step".into(),
+        ));
+    }
+    let t0 = Instant::now();
+    let mut warm = DeviceEngine::new_sdt(mk()?, w, None, lora, o.seed, tc.adam, tc.grad.clone())?;
+    let mut wc = TrainConfig::new(so.warmup);
+    wc.batch = tc.batch;
+    wc.schedule = tc.schedule.clone();
+    wc.schedule.total = so.warmup;
+    wc.schedule.warmup = wc.schedule.warmup.min(so.warmup / 2);
+    wc.adam = tc.adam;
+    wc.clip = tc.clip;
+    wc.seed = tc.seed;
+    wc.grad = tc.grad.clone();
+    wc.grad.observer_weight = 0.0;
+    wc.verbose = tc.verbose;
+    wc.eval_max = 0;
+    let rep = train_with(model, &mut warm, train, None, &wc, None)?;
+    let d = warm
+        .sdt_deltas()?
+        .ok_or_else(|| Error::Tune("internal: the warm-up has no deltas".into()))?;
+    drop(warm);
+    let (masks, chosen) = sdt_select(cfg, &d, so.heads, so.dims)?;
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (l, ch) in chosen.iter().enumerate() {
+        for &c in ch {
+            h = (h ^ (l as u64 * 1_000_003 + c as u64)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    tc.tag += &format!("; sdt selection {h:016x}");
+    let n_sel: usize = chosen.iter().map(|c| c.len()).sum();
+    let per_ch = 5 + cfg.d_w + cfg.d_a;
+    say(&format!(
+        "SDT warm-up: {} dense steps in {:.1} s (final loss {:.4}); selected {} key channels \
+         ({} per layer: {} heads × {} dims) → {} trainable recurrent-module entries; \
+         restarting from the pretrained weights",
+        so.warmup,
+        t0.elapsed().as_secs_f64(),
+        rep.history.last().copied().unwrap_or(f32::NAN),
+        n_sel,
+        chosen.first().map_or(0, |c| c.len()),
+        ((so.heads * cfg.n_head as f64).ceil() as usize).clamp(1, cfg.n_head),
+        ((so.dims * cfg.head_size as f64).ceil() as usize).clamp(1, cfg.head_size),
+        n_sel * per_ch
+    ));
+    let e = DeviceEngine::new_sdt(
+        mk()?,
+        w,
+        Some(&masks),
+        lora,
+        o.seed,
+        tc.adam,
+        tc.grad.clone(),
+    )?;
+    Ok((e, lora_n + n_sel * per_ch))
 }
 
 /// A device engine and, when upscaled, its kernel.

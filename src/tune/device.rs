@@ -51,7 +51,7 @@ use crate::model::layer::{
     matmul_buf, matmul_t_buf, upload_layers, BwdWs, DevLayer, FwdWs, Layer, LoraPairs, LoraRef,
     LoraWs, SdtTensors, Tape, UpKernel,
 };
-use crate::model::lora::{LoraAdapter, LoraTarget, LoraTensor};
+use crate::model::lora::{sdt_sparse, Adapter, LoraAdapter, LoraTarget, LoraTensor};
 use crate::model::{Config, Model, Weights};
 use crate::ops::backward::BackwardOps;
 use crate::ops::backward_ref::AdamStep;
@@ -671,6 +671,26 @@ impl<O: BackwardOps> DeviceTuner<O> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(d))
+    }
+
+    /// The SDT masks, downloaded (`None`: no SDT, or dense).
+    pub fn sdt_masks(&self) -> Result<Option<Vec<[Vec<f32>; 7]>>> {
+        let Some(m) = self.sdt.as_ref().and_then(|s| s.mask.as_ref()) else {
+            return Ok(None);
+        };
+        let lens = sdt_lens(&self.cfg);
+        let out = m
+            .iter()
+            .map(|t| {
+                let g = |i: usize| -> Result<Vec<f32>> {
+                    let mut h = self.ops.download(&t[i])?;
+                    h.truncate(lens[i]);
+                    Ok(h)
+                };
+                Ok([g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?, g(6)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(out))
     }
 
     /// Zero gradient buffers for sparse dimension tuning (`None`: off).
@@ -2487,8 +2507,25 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
         self.t = s.adam_t;
         self.tuner.apply_sdt()
     }
-    fn adapter(&self) -> Result<Option<LoraAdapter>> {
-        self.tuner.lora_adapter()
+    fn adapter(&self) -> Result<Option<Adapter>> {
+        let lora = self.tuner.lora_adapter()?;
+        let sparse = match self.tuner.sdt_deltas()? {
+            Some(d) => {
+                let masks = match self.tuner.sdt_masks()? {
+                    Some(m) => m,
+                    None => d
+                        .iter()
+                        .map(|t| t.clone().map(|v| vec![1.0; v.len()]))
+                        .collect(),
+                };
+                sdt_sparse(self.tuner.config(), &d, &masks)
+            }
+            None => Vec::new(),
+        };
+        if lora.is_none() && sparse.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Adapter { lora, sparse }))
     }
     fn tuned(&self) -> Result<TunedState> {
         let cfg = self.tuner.config();

@@ -50,8 +50,9 @@ pub trait Engine {
     fn load(&mut self, s: EngineState) -> Result<()>;
     /// The tuned state the model sees (`S′·R` under DBP).
     fn tuned(&self) -> Result<TunedState>;
-    /// The trained LoRA adapter, when the engine trains one (else `None`).
-    fn adapter(&self) -> Result<Option<crate::model::lora::LoraAdapter>> {
+    /// The trained adapter (LoRA factors and / or sparse deltas), when the
+    /// engine trains one (else `None`).
+    fn adapter(&self) -> Result<Option<crate::model::lora::Adapter>> {
         Ok(None)
     }
     /// Whether the engine makes the observer's soft targets itself (a

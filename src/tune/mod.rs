@@ -38,6 +38,7 @@ pub mod engine;
 pub mod eval;
 pub mod observer;
 pub mod optim;
+pub mod peft_compare;
 pub mod plot;
 pub mod state;
 pub mod train;

@@ -65,13 +65,12 @@ impl Runner {
         let mut model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
         if let Some(p) = adapter {
             let mut w = model.weights().clone();
-            let ad = rwkv_tune::model::lora::LoraAdapter::load(p, &w.config)?;
+            let ad = rwkv_tune::model::lora::Adapter::load(p, &w.config)?;
             ad.merge_into(&mut w)?;
             eprintln!(
-                "adapter: {} (LoRA rank {}, {} matrices) applied",
+                "adapter: {} ({}) applied",
                 p.display(),
-                ad.rank,
-                ad.tensors.len()
+                crate::merge::describe(&ad)
             );
             model = Model::new(w)?;
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use rwkv_tune::model::lora::LoraAdapter;
+use rwkv_tune::model::lora::Adapter;
 use rwkv_tune::model::{Naming, StoreDType, Weights};
 
 #[derive(clap::Args)]
@@ -26,6 +26,24 @@ pub struct MergeArgs {
     pub dtype: StoreDType,
 }
 
+/// One line on what an adapter holds.
+pub fn describe(ad: &Adapter) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = &ad.lora {
+        parts.push(format!(
+            "LoRA rank {}, alpha {}, {} matrices",
+            l.rank,
+            l.alpha,
+            l.tensors.len()
+        ));
+    }
+    if !ad.sparse.is_empty() {
+        let n: usize = ad.sparse.iter().map(|d| d.index.len()).sum();
+        parts.push(format!("{n} sparse entries of the recurrent module"));
+    }
+    parts.join(" + ")
+}
+
 pub fn run(a: MergeArgs) -> anyhow::Result<()> {
     rwkv_tune::guard::check_outputs(
         &[
@@ -36,17 +54,15 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
     )?;
     let mut w =
         Weights::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let ad = LoraAdapter::load(&a.adapter, &w.config)?;
+    let ad = Adapter::load(&a.adapter, &w.config)?;
     ad.merge_into(&mut w)
         .with_context(|| format!("merging {}", a.adapter.display()))?;
     w.save(&a.out, Naming::Official, a.dtype)
         .with_context(|| format!("writing {}", a.out.display()))?;
     println!(
-        "merged {} (LoRA rank {}, alpha {}, {} matrices) into {}: wrote {} ({:?})",
+        "merged {} ({}) into {}: wrote {} ({:?})",
         a.adapter.display(),
-        ad.rank,
-        ad.alpha,
-        ad.tensors.len(),
+        describe(&ad),
         a.model.display(),
         a.out.display(),
         a.dtype

@@ -10,7 +10,7 @@ use rwkv_tune::model::lora::LoraTarget;
 use rwkv_tune::model::{Model, Weights};
 use rwkv_tune::tokenizer::Tokenizer;
 use rwkv_tune::tune::builder::{
-    DeviceKind, EngineBuilder, EngineOptions, Exported, LoraOptions, ObserverOptions,
+    DeviceKind, EngineBuilder, EngineOptions, Exported, LoraOptions, ObserverOptions, SdtOptions,
 };
 use rwkv_tune::tune::data::{self, ByteTokenizer, Dataset, Tokenize};
 use rwkv_tune::tune::demo;
@@ -31,6 +31,16 @@ pub enum Method {
     /// weights frozen. Writes an adapter file (use with `merge`, or
     /// `generate` / `eval --adapter`).
     Lora,
+    /// Sparse dimension tuning (docs/sdt.md; --sdt-*): a dense warm-up
+    /// ranks the recurrent module's key channels, then only the selected
+    /// heads × key dimensions of w0, a0, k_k, k_a, r_k, w2, a2 are trained,
+    /// from the pretrained weights. Writes an adapter (sparse deltas).
+    Sdt,
+    /// SDT plus LoRA on the projections (--lora-*): the paper's SDLoRA.
+    Sdlora,
+    /// Every entry of the recurrent module's tensors (w0, a0, k_k, k_a, r_k,
+    /// w2, a2), dense: the baseline SDT is measured against.
+    Recurrent,
 }
 
 impl Method {
@@ -39,7 +49,7 @@ impl Method {
     fn lr_defaults(self) -> (f64, f64) {
         match self {
             Method::State => (1.0, 0.01),
-            Method::Lora => (LORA_LR, LORA_LR / 10.0),
+            _ => (LORA_LR, LORA_LR / 10.0),
         }
     }
 }
@@ -136,9 +146,20 @@ pub struct TuneArgs {
     /// Longest example, in tokens (RWKV-PEFT uses 512 or less).
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// What to train: `state` (default) or `lora`.
+    /// What to train: `state` (default), `lora`, `sdt`, `sdlora` or
+    /// `recurrent` (see the values below; docs/lora.md, docs/sdt.md).
     #[arg(long, value_enum, default_value = "state")]
     pub method: Method,
+    /// SDT: fraction of heads per layer trained (at least one head).
+    #[arg(long, default_value_t = 0.25, value_name = "FRAC")]
+    pub sdt_heads: f64,
+    /// SDT: fraction of key dimensions per trained head (at least one).
+    #[arg(long, default_value_t = 0.25, value_name = "FRAC")]
+    pub sdt_dims: f64,
+    /// SDT: steps of the dense warm-up that ranks the channels (default:
+    /// a fifth of --steps, at least 1). Counted on top of --steps.
+    #[arg(long, value_name = "STEPS")]
+    pub sdt_warmup: Option<u64>,
     /// LoRA rank r (--method lora).
     #[arg(long, default_value_t = 8, value_name = "R")]
     pub lora_rank: usize,
@@ -321,8 +342,16 @@ fn max_threads() -> usize {
 /// see (the data split, the observer's temperature, sizes) before anything
 /// is loaded.
 fn check_flags(a: &TuneArgs) -> Result<()> {
-    if a.method == Method::Lora {
+    if a.method != Method::State {
         LoraTarget::parse_list(&a.lora_targets)?;
+        for (flag, f) in [("--sdt-heads", a.sdt_heads), ("--sdt-dims", a.sdt_dims)] {
+            if !(f > 0.0 && f <= 1.0) {
+                bail!("{flag} {f}: give a fraction in (0, 1]");
+            }
+        }
+        if a.sdt_warmup == Some(0) {
+            bail!("--sdt-warmup 0: the selection needs at least one warm-up step");
+        }
         if a.lora_rank == 0 || a.lora_rank > 4096 {
             bail!("--lora-rank {}: give 1 to 4096", a.lora_rank);
         }
@@ -335,7 +364,7 @@ fn check_flags(a: &TuneArgs) -> Result<()> {
             bail!("--lora-dropout {}: must be in [0, 1)", a.lora_dropout);
         }
         if a.dbp || a.upscale.is_some() || a.init_state.is_some() {
-            bail!("--dbp, --upscale and --init-state apply to --method state, not lora");
+            bail!("--dbp, --upscale and --init-state apply to --method state only");
         }
     }
     let f = a.valid_frac;
@@ -580,7 +609,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
     if let Some(o) = &a.out {
         match tuning.export(o, &rep.state)? {
             Exported::Adapter { params } => println!(
-                "wrote {} (LoRA adapter, {params} parameters; use: rwkv-tune merge --model M \
+                "wrote {} (adapter, {params} parameters; use: rwkv-tune merge --model M \
                  --adapter {} --out M2.safetensors, or generate / eval --adapter {})",
                 o.display(),
                 o.display(),
@@ -738,7 +767,7 @@ fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Re
     let lr = a.lr.unwrap_or(a.method.lr_defaults().0);
     let lr_final = a.lr_final.unwrap_or(match a.method {
         Method::State => a.method.lr_defaults().1,
-        Method::Lora => lr / 10.0,
+        _ => lr / 10.0,
     });
     let mut tc = TrainConfig::new(steps);
     tc.batch = a.batch.unwrap_or(def_batch);
@@ -802,13 +831,23 @@ fn engine_options(a: &TuneArgs) -> EngineOptions {
             Recompute::KeepAll
         },
         lora: lora_options(a),
+        sdt: matches!(a.method, Method::Sdt | Method::Sdlora | Method::Recurrent).then(|| {
+            SdtOptions {
+                heads: a.sdt_heads,
+                dims: a.sdt_dims,
+                warmup: a
+                    .sdt_warmup
+                    .unwrap_or_else(|| (a.steps.unwrap_or(defaults_of(a.demo).0) / 5).max(1)),
+                dense: a.method == Method::Recurrent,
+            }
+        }),
     }
 }
 
 /// The LoRA options of --method lora (`None` for state tuning; targets
 /// checked by [`check_flags`]).
 fn lora_options(a: &TuneArgs) -> Option<LoraOptions> {
-    (a.method == Method::Lora).then(|| LoraOptions {
+    matches!(a.method, Method::Lora | Method::Sdlora).then(|| LoraOptions {
         rank: a.lora_rank,
         alpha: a.lora_alpha.unwrap_or(a.lora_rank as f32),
         dropout: a.lora_dropout,
