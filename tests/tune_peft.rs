@@ -371,7 +371,8 @@ fn lora_engine_trains_and_resumes_bit_exactly() {
     let (x, y) = (e.adapter().unwrap().unwrap(), r.adapter().unwrap().unwrap());
     assert_eq!(x, y, "resumed adapter differs");
     // training moved B away from zero and lowered the loss on the first batch
-    assert!(x.tensors.iter().any(|t| t.b.iter().any(|&v| v != 0.0)));
+    let xl = x.lora.as_ref().unwrap();
+    assert!(xl.tensors.iter().any(|t| t.b.iter().any(|&v| v != 0.0)));
     let again = e.step(&data[0], 0.0, 1.0).unwrap();
     println!(
         "loss on batch 0: {:.4} → {:.4}",
@@ -503,7 +504,7 @@ fn cli_tune_lora_then_merge_equals_eval_with_the_adapter() {
         as_,
         "--quiet",
     ]);
-    assert!(out.contains("LoRA adapter"), "{out}");
+    assert!(out.contains("(adapter, "), "{out}");
     let ad = LoraAdapter::load(&a, &cfg).unwrap();
     assert_eq!(ad.rank, 2);
     assert_eq!(
@@ -531,6 +532,65 @@ fn cli_tune_lora_then_merge_equals_eval_with_the_adapter() {
     println!("eval loss: base {base:.6}, --adapter {with_adapter:.6}, merged {merged_loss:.6}");
     assert_eq!(with_adapter.to_bits(), merged_loss.to_bits());
     assert!(with_adapter < base, "4 LoRA steps did not lower the loss");
+    // SDLoRA: the adapter holds LoRA factors and sparse deltas; merging it
+    // gives the model `eval --adapter` runs
+    let sd = dir.join("sd.safetensors");
+    let out = cli(&[
+        "tune",
+        "--method",
+        "sdlora",
+        "--model",
+        ms,
+        "--data",
+        ds,
+        "--ctx",
+        "32",
+        "--steps",
+        "3",
+        "--sdt-warmup",
+        "2",
+        "--batch",
+        "2",
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "o",
+        "--out",
+        sd.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.contains("SDT warm-up: 2 dense steps"), "{out}");
+    let ad = rwkv_tune::model::lora::Adapter::load(&sd, &cfg).unwrap();
+    assert!(ad.lora.is_some() && !ad.sparse.is_empty());
+    let me2 = dir.join("merged2.safetensors");
+    cli(&[
+        "merge",
+        "--model",
+        ms,
+        "--adapter",
+        sd.to_str().unwrap(),
+        "--out",
+        me2.to_str().unwrap(),
+    ]);
+    let a1 = json_loss(&cli(&[
+        "eval",
+        "--model",
+        ms,
+        "--adapter",
+        sd.to_str().unwrap(),
+        "--data",
+        ds,
+        "--json",
+    ]));
+    let a2 = json_loss(&cli(&[
+        "eval",
+        "--model",
+        me2.to_str().unwrap(),
+        "--data",
+        ds,
+        "--json",
+    ]));
+    assert_eq!(a1.to_bits(), a2.to_bits(), "SDLoRA: merged vs --adapter");
     // merging onto the wrong model is refused with the tensor's name
     let mut other = cfg.clone();
     other.n_embd = 32;
@@ -748,5 +808,170 @@ fn emulated_sdt_gradients_match_the_cpu_twins() {
             println!("layer {l} {}: emu vs cpu {e:.2e}", SDT_NAMES[k]);
             assert!(e <= 1e-3, "layer {l} {}: {e:.3e}", SDT_NAMES[k]);
         }
+    }
+}
+
+#[test]
+fn sdt_selection_picks_the_largest_heads_and_dims() {
+    let mut cfg = small_config();
+    cfg.n_layer = 1; // 2 heads of 32
+    let lens = rwkv_tune::tune::device::sdt_lens(&cfg);
+    let mut d: [Vec<f32>; 7] = std::array::from_fn(|k| vec![0.01; lens[k]]);
+    // head 1 dominates; inside it, dims 5 (via w0) and 9 (via a row of w2)
+    d[0][32 + 5] = 3.0;
+    for j in 0..cfg.d_w {
+        d[5][(32 + 9) * cfg.d_w + j] = 1.0;
+    }
+    d[2][4] = 0.5; // the largest entry of head 0 stays below head 1's total
+    let (m, chosen) =
+        rwkv_tune::model::lora::sdt_select(&cfg, &[d.clone()], 0.5, 2.0 / 32.0).unwrap();
+    assert_eq!(chosen, vec![vec![32 + 5, 32 + 9]]);
+    for ch in 0..cfg.n_embd {
+        let on = chosen[0].contains(&ch);
+        assert_eq!(m[0][0][ch] == 1.0, on);
+        assert_eq!(m[0][5][ch * cfg.d_w] == 1.0, on);
+        assert_eq!(m[0][6][ch * cfg.d_a + cfg.d_a - 1] == 1.0, on);
+    }
+    assert!(rwkv_tune::model::lora::sdt_select(&cfg, &[d], 0.0, 0.5).is_err());
+}
+
+#[test]
+fn sdlora_adapter_merges_bit_exactly_and_bad_sparse_files_are_refused() {
+    use rwkv_tune::model::lora::Adapter;
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 16).unwrap();
+    let mut rng = Rng(2);
+    let data: Vec<Vec<Example>> = (0..3).map(|_| batch(&cfg, &mut rng)).collect();
+    let masks = some_masks(&cfg);
+    let ad = LoraAdapter::init(&cfg, 2, 2.0, &[LoraTarget::V], 5).unwrap();
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let mut e = DeviceEngine::new_sdt(
+        CpuOps::new(),
+        &w,
+        Some(&masks),
+        Some((&ad, 0.0)),
+        3,
+        AdamConfig::default(),
+        o,
+    )
+    .unwrap();
+    for b in &data {
+        e.step(b, 1e-2, 1.0).unwrap();
+    }
+    let full = e.adapter().unwrap().unwrap();
+    let n_sparse: usize = full.sparse.iter().map(|d| d.index.len()).sum();
+    let per_ch = 5 + cfg.d_w + cfg.d_a;
+    assert_eq!(
+        n_sparse,
+        2 * per_ch * cfg.n_layer,
+        "one entry per masked element"
+    );
+    let dir = tempfile_dir("sdt_files");
+    let p = dir.join("sd.safetensors");
+    full.save(&p, &cfg).unwrap();
+    let back = Adapter::load(&p, &cfg).unwrap();
+    assert_eq!(back, full);
+    // the merged recurrent tensors equal the engine's effective ones, bit
+    // for bit, and nothing outside the masks changed
+    let mut sparse_only = back.clone();
+    sparse_only.lora = None;
+    let mut wm = w.clone();
+    sparse_only.merge_into(&mut wm).unwrap();
+    let deltas = e.sdt_deltas().unwrap().unwrap();
+    for l in 0..cfg.n_layer {
+        let (a0, am) = (&w.blocks[l].att, &wm.blocks[l].att);
+        for c in 0..cfg.n_embd {
+            let want = a0.w0[c] + deltas[l][0][c];
+            assert_eq!(am.w0[c].to_bits(), want.to_bits(), "w0[{c}] layer {l}");
+            if masks[l][0][c] == 0.0 {
+                assert_eq!(am.k_k[c].to_bits(), a0.k_k[c].to_bits());
+                assert_eq!(am.r_k[c].to_bits(), a0.r_k[c].to_bits());
+            }
+        }
+        for j in 0..cfg.d_w {
+            for c in 0..cfg.n_embd {
+                let want = a0.w2[j * cfg.n_embd + c] + deltas[l][5][c * cfg.d_w + j];
+                assert_eq!(am.w2[j * cfg.n_embd + c].to_bits(), want.to_bits());
+            }
+        }
+    }
+    // the merged model (LoRA too) computes what the engine computes
+    let mut wf = w.clone();
+    back.merge_into(&mut wf).unwrap();
+    let tokens: Vec<u32> = (0..11).map(|_| rng.below(cfg.vocab) as u32).collect();
+    let zero = TunedStateOf::<f32>::zeros(&cfg, false);
+    let t = e.tuner();
+    let le = t.logits(&t.upload_state(&zero).unwrap(), &tokens).unwrap();
+    let tm = DeviceTuner::new(CpuOps::<f32>::default(), &wf).unwrap();
+    let lm = tm
+        .logits(&tm.upload_state(&zero).unwrap(), &tokens)
+        .unwrap();
+    let (a, b): (Vec<f64>, Vec<f64>) = le
+        .iter()
+        .zip(&lm)
+        .map(|(&x, &y)| (x as f64, y as f64))
+        .unzip();
+    let err = rel_err(&b, &a);
+    println!("merged SDLoRA vs engine logits: {err:.2e}");
+    assert!(err <= 1e-5, "merged SDLoRA logits: {err:.3e}");
+    // bad sparse files
+    use rwkv_tune::tensors::{write_f32, F32Tensor};
+    use std::collections::BTreeMap;
+    let t1 = |v: Vec<f32>| F32Tensor {
+        shape: vec![v.len()],
+        data: v,
+    };
+    let cases: Vec<(&str, Vec<(&str, F32Tensor)>, &str)> = vec![
+        (
+            "index out of range",
+            vec![
+                ("blocks.0.att.w0.sdt_index", t1(vec![1.0, 9999.0])),
+                ("blocks.0.att.w0.sdt_delta", t1(vec![0.1, 0.2])),
+            ],
+            "indices",
+        ),
+        (
+            "fractional index",
+            vec![
+                ("blocks.0.att.w0.sdt_index", t1(vec![1.5])),
+                ("blocks.0.att.w0.sdt_delta", t1(vec![0.1])),
+            ],
+            "not an index",
+        ),
+        (
+            "unpaired",
+            vec![("blocks.0.att.r_k.sdt_delta", t1(vec![0.1]))],
+            "sdt_index",
+        ),
+        (
+            "NaN delta",
+            vec![
+                ("blocks.0.att.a0.sdt_index", t1(vec![3.0])),
+                ("blocks.0.att.a0.sdt_delta", t1(vec![f32::NAN])),
+            ],
+            "sdt_delta",
+        ),
+        (
+            "unknown tensor",
+            vec![
+                ("blocks.0.att.x_r.sdt_index", t1(vec![3.0])),
+                ("blocks.0.att.x_r.sdt_delta", t1(vec![0.1])),
+            ],
+            "unknown tensor",
+        ),
+    ];
+    for (what, tensors, want) in cases {
+        let m: BTreeMap<String, F32Tensor> = tensors
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        let p = dir.join(format!("{}.safetensors", what.replace(' ', "_")));
+        write_f32(&p, &m).unwrap();
+        let e = chain(&Adapter::load(&p, &cfg).expect_err(what));
+        println!("{what}: {e}");
+        assert!(e.contains(want), "{what}: '{e}' does not mention '{want}'");
     }
 }

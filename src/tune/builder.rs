@@ -392,13 +392,18 @@ impl EngineBuilder {
         let lens = crate::tune::device::sdt_lens(cfg);
         let sdt_dense: usize = lens.iter().sum::<usize>() * cfg.n_layer;
         let s = &tc.schedule;
+        let mut counts = Vec::new();
+        if let Some(a) = &ad {
+            counts.push(format!("{} LoRA parameters", a.n_params()));
+        }
+        if o.sdt.is_some() {
+            counts.push(format!("up to {sdt_dense} recurrent-module entries"));
+        }
         say(&format!(
-            "tuning {} (base weights frozen; {} LoRA + up to {} recurrent-module parameters) \
-             over {} layers: {} train examples ({} target tokens), {} steps × batch {}, lr {} \
-             → {} (warm-up {}, {:?})",
+            "tuning {} (base weights frozen; {}) over {} layers: {} train examples ({} target \
+             tokens), {} steps × batch {}, lr {} → {} (warm-up {}, {:?})",
             what.join(" + "),
-            ad.as_ref().map_or(0, |a| a.n_params()),
-            if o.sdt.is_some() { sdt_dense } else { 0 },
+            counts.join(" + "),
             cfg.n_layer,
             train.examples.len(),
             train.n_target_tokens,
