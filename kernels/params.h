@@ -363,8 +363,11 @@ typedef struct UpFwdParams {
   const float* u;
   float* phi;
   float* y;
+  int32_t linear;
 } UpFwdParams;
-/*   r [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M] (value-major);
+/*   linear != 0: state-offset tuning (docs/state-offset.md), M == N and
+ *   phi = r (centres, gamma unread): y[t, h] += u[h] r[t, h].
+ *   r [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M] (value-major);
  *   phi [rows, H, M] overwritten; y [rows, H*N] (+=). Kernel-upscaled read-out
  *   (docs/upscale.md): phi[t, h] = softmax_m(-gamma[h] |r[t, h] - c[h, m]|^2),
  *   y[t, h] += u[h] phi[t, h]. phi is distinct from every other buffer. */
@@ -382,6 +385,7 @@ typedef struct UpBwdParams {
   const float* dy;
   float* du;
   float* dr;
+  int32_t linear;
 } UpBwdParams;
 /*   r, dy [rows, H*N]; centres [H, M, N]; gamma [H]; u [H, N, M];
  *   phi [rows, H, M] (from UpFwdParams' kernel); du [H, N, M] (+=, by

@@ -413,6 +413,19 @@ extern "C" __global__ void __launch_bounds__(256) tune_up_fwd_f32(const __grid_c
     const float* u = p.u + h * N * M;
     const float gam = p.gamma[h];
     float* ph = p.phi + row * M;
+    if (p.linear) {
+      // state offset: φ = r (M == N)
+      for (int q = lane; q < M; q += 32) ph[q] = r[q];
+      __syncwarp();
+      float* y = p.y + row * N;
+      for (int i = lane; i < N; i += 32) {
+        const float* ui = u + (long)i * M;
+        float s = 0.f;
+        for (int q = 0; q < M; ++q) s += ui[q] * ph[q];
+        y[i] += s;
+      }
+      continue;
+    }
     float mx = -INFINITY;
     for (int q = lane; q < M; q += 32) {
       const float* cq = c + (long)q * N;
@@ -469,6 +482,15 @@ extern "C" __global__ void __launch_bounds__(256)
     const float* ph = p.phi + row * M;
     const float tg = 2.f * p.gamma[h];
     float* dr = p.dr + row * N;
+    if (p.linear) {
+      // state offset: dr_j += Σ_i u[i, j] dy_i (M == N)
+      for (int j = lane; j < N; j += 32) {
+        float a = 0.f;
+        for (int i = 0; i < N; ++i) a += u[(long)i * M + j] * dy[i];
+        dr[j] += a;
+      }
+      continue;
+    }
     float s = 0.f;
     for (int q = lane; q < M; q += 32) {
       float g = 0.f;

@@ -398,6 +398,7 @@ fn check_all<D: BackwardOps>(d: &D, be: &str, rows: usize, h: usize, n: usize, w
         let u = z.v(h * n * m, 0.5);
         let k_cpu = UpBufs {
             m,
+            linear: false,
             centres: &cen,
             gamma: &gam,
             u: &u,
@@ -405,6 +406,7 @@ fn check_all<D: BackwardOps>(d: &D, be: &str, rows: usize, h: usize, n: usize, w
         let (cb, gb, ub) = (up(&cen), up(&gam), up(&u));
         let k_dev = UpBufs {
             m,
+            linear: false,
             centres: &cb,
             gamma: &gb,
             u: &ub,
@@ -1267,6 +1269,7 @@ fn shape_errors<D: BackwardOps>(d: &D) {
     let rb = up(&vec![0.0; rows * h * n]);
     let k0 = UpBufs {
         m: 0,
+        linear: false,
         centres: &cen,
         gamma: &gam,
         u: &u,
@@ -1276,6 +1279,7 @@ fn shape_errors<D: BackwardOps>(d: &D) {
     assert!(matches!(r, Err(Error::Invalid(_))), "{be}: {r:?}");
     let k = UpBufs {
         m,
+        linear: false,
         centres: &cen,
         gamma: &gam,
         u: &u,
@@ -1441,6 +1445,7 @@ fn fd_upscale() {
     let fwd = |rr: &[f32], uu: &[f32]| -> f64 {
         let k = bref::Up {
             m,
+            linear: false,
             centres: &cen,
             gamma: &gam,
             u: uu,
@@ -1452,6 +1457,7 @@ fn fd_upscale() {
     };
     let k = bref::Up {
         m,
+        linear: false,
         centres: &cen,
         gamma: &gam,
         u: &u,

@@ -975,3 +975,92 @@ fn sdlora_adapter_merges_bit_exactly_and_bad_sparse_files_are_refused() {
         assert!(e.contains(want), "{what}: '{e}' does not mention '{want}'");
     }
 }
+
+#[test]
+fn state_offset_gradient_matches_finite_differences_and_emu() {
+    use rwkv_tune::tune::state::UpscaledStateOf;
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 17).unwrap();
+    let mut rng = Rng(41);
+    let b = batch(&cfg, &mut rng);
+    let o = GradOpts {
+        observer_weight: 0.0,
+        chunk: 4,
+    };
+    let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+    // a random initial state too, so both read-out terms are exercised
+    let state = random_state(&cfg, false, 0.5, &mut rng).map(|v| v as f64);
+    let off: Vec<Vec<f64>> = (0..cfg.n_layer)
+        .map(|_| (0..hnn).map(|_| rng.sym(0.2)).collect())
+        .collect();
+    let s = UpscaledStateOf {
+        state: state.clone(),
+        u: off.clone(),
+    };
+    let t = DeviceTuner::new_offset(CpuOps::<f64>::default(), &w).unwrap();
+    let (_, _, g, _) = t.loss_and_grad_upscaled(&s, &b, &o).unwrap();
+    let h = 1e-5;
+    let mut worst = 0.0f64;
+    for l in 0..cfg.n_layer {
+        let idx: Vec<usize> = (0..8).map(|_| rng.below(hnn)).collect();
+        let fd: Vec<f64> = idx
+            .iter()
+            .map(|&i| {
+                let mut sp = s.clone();
+                sp.u[l][i] += h;
+                let lp = t.loss_only_upscaled(&sp, &b, &o).unwrap().0;
+                sp.u[l][i] -= 2.0 * h;
+                let lm = t.loss_only_upscaled(&sp, &b, &o).unwrap().0;
+                (lp - lm) / (2.0 * h)
+            })
+            .collect();
+        let an: Vec<f64> = idx.iter().map(|&i| g.u[l][i]).collect();
+        let e = rel_err(&an, &fd);
+        println!("layer {l} S_off: rel.err {e:.2e}");
+        worst = worst.max(e);
+    }
+    assert!(worst <= 1e-5, "state offset gradient vs FD: {worst:.3e}");
+    // the emulated kernels (the linear read-out of tune_up_*) against the twins
+    let s32 = UpscaledStateOf {
+        state: state.map(|v| v as f32),
+        u: off
+            .iter()
+            .map(|x| x.iter().map(|&v| v as f32).collect())
+            .collect(),
+    };
+    let tc = DeviceTuner::new_offset(CpuOps::<f32>::default(), &w).unwrap();
+    let (lc, _, gc, _) = tc.loss_and_grad_upscaled(&s32, &b, &o).unwrap();
+    let te = DeviceTuner::new_offset(EmuOps::default(), &w).unwrap();
+    let (le, _, ge, _) = te.loss_and_grad_upscaled(&s32, &b, &o).unwrap();
+    assert!((lc - le).abs() <= 1e-4 * lc.abs(), "loss {lc} vs {le}");
+    for l in 0..cfg.n_layer {
+        let (c, e): (Vec<f64>, Vec<f64>) = gc.u[l]
+            .iter()
+            .zip(&ge.u[l])
+            .map(|(&a, &b)| (a as f64, b as f64))
+            .unzip();
+        let err = rel_err(&e, &c);
+        println!("layer {l}: emu vs cpu S_off gradient {err:.2e}");
+        assert!(err <= 1e-3);
+    }
+    // the engine trains only the offsets; the adapter holds them, refuses to
+    // merge and round-trips
+    let mut e =
+        DeviceEngine::new_offset(CpuOps::new(), &w, None, AdamConfig::default(), o).unwrap();
+    let before = e.step(&b, 0.1, 1.0).unwrap();
+    for _ in 0..3 {
+        e.step(&b, 0.1, 1.0).unwrap();
+    }
+    let after = e.step(&b, 0.0, 1.0).unwrap();
+    assert!(after.loss_sum < before.loss_sum);
+    let ad = e.adapter().unwrap().unwrap();
+    assert!(ad.offset.is_some() && ad.lora.is_none() && ad.sparse.is_empty());
+    let dir = tempfile_dir("offset");
+    let p = dir.join("off.safetensors");
+    ad.save(&p, &cfg).unwrap();
+    let back = rwkv_tune::model::lora::Adapter::load(&p, &cfg).unwrap();
+    assert_eq!(back, ad);
+    let mut wm = w.clone();
+    let err = back.merge_into(&mut wm).unwrap_err().to_string();
+    assert!(err.contains("cannot be merged"), "{err}");
+}

@@ -238,6 +238,8 @@ pub fn matmul_t_buf<O: BackwardOps>(
 pub struct UpKernel<'a, B> {
     /// Support vectors per head (M).
     pub m: usize,
+    /// State-offset tuning: `φ = r` (M = N).
+    pub linear: bool,
     /// Support vectors `[H, M, N]`.
     pub centres: &'a B,
     /// RBF widths `[H]` (γ = 1/(2σ²)).
@@ -676,6 +678,7 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             (None, _) => Ok(None),
             (Some(k), Some(u)) => Ok(Some(UpBufs {
                 m: k.m,
+                linear: k.linear,
                 centres: k.centres,
                 gamma: k.gamma,
                 u,

@@ -650,6 +650,15 @@ pub struct Adapter {
     pub lora: Option<LoraAdapter>,
     /// The sparse deltas, layer-major, tensors in [`SDT_NAMES`] order.
     pub sparse: Vec<SparseDelta>,
+    /// State-offset tuning's `S_off` per layer (`[H, N, N]`, value-major;
+    /// `blocks.{l}.att.state_offset`, docs/state-offset.md). Not mergeable
+    /// into weights.
+    pub offset: Option<Vec<Vec<f32>>>,
+}
+
+/// The name of layer `l`'s state offset in an adapter file.
+pub fn offset_name(l: usize) -> String {
+    format!("blocks.{l}.att.state_offset")
 }
 
 impl Adapter {
@@ -657,6 +666,10 @@ impl Adapter {
     pub fn n_params(&self) -> usize {
         self.lora.as_ref().map_or(0, |l| l.n_params())
             + self.sparse.iter().map(|d| d.index.len()).sum::<usize>()
+            + self
+                .offset
+                .as_ref()
+                .map_or(0, |o| o.iter().map(|x| x.len()).sum())
     }
 
     /// Checks every part against `cfg` (indices in range and ascending,
@@ -664,6 +677,19 @@ impl Adapter {
     pub fn check(&self, cfg: &Config) -> Result<()> {
         if let Some(l) = &self.lora {
             l.check(cfg)?;
+        }
+        if let Some(off) = &self.offset {
+            let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+            if off.len() != cfg.n_layer || off.iter().any(|x| x.len() != hnn) {
+                return Err(Error::Shape {
+                    name: "blocks.N.att.state_offset".into(),
+                    expected: vec![cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size],
+                    got: vec![off.len(), off.first().map_or(0, |x| x.len())],
+                });
+            }
+            for (l, x) in off.iter().enumerate() {
+                crate::guard::check_finite(&offset_name(l), x)?;
+            }
         }
         for d in &self.sparse {
             let name = format!(
@@ -720,6 +746,17 @@ impl Adapter {
                 },
             );
         }
+        if let Some(off) = &self.offset {
+            for (l, x) in off.iter().enumerate() {
+                m.insert(
+                    offset_name(l),
+                    F32Tensor {
+                        shape: vec![cfg.n_head, cfg.head_size, cfg.head_size],
+                        data: x.clone(),
+                    },
+                );
+            }
+        }
         if m.is_empty() {
             return Err(Error::Tune("an empty adapter".into()));
         }
@@ -763,6 +800,22 @@ impl Adapter {
                 e.1 = Some(t);
             }
         }
+        let has_offset = (0..cfg.n_layer).any(|l| m.contains_key(&offset_name(l)));
+        let offset = if has_offset {
+            let mut v = Vec::new();
+            for l in 0..cfg.n_layer {
+                let t = m.remove(&offset_name(l)).ok_or_else(|| {
+                    ctx(Error::MissingTensor(format!(
+                        "{} (the adapter has state offsets for some layers only)",
+                        offset_name(l)
+                    )))
+                })?;
+                v.push(t.data);
+            }
+            Some(v)
+        } else {
+            None
+        };
         let mut sparse = Vec::new();
         for ((l, k), (i, v)) in pairs {
             let base = format!("blocks.{l}.{}", SDT_NAMES[k]);
@@ -792,9 +845,13 @@ impl Adapter {
         } else {
             Some(LoraAdapter::from_tensors(m, cfg, path)?)
         };
-        let ad = Adapter { lora, sparse };
+        let ad = Adapter {
+            lora,
+            sparse,
+            offset,
+        };
         ad.check(cfg).map_err(ctx)?;
-        if ad.lora.is_none() && ad.sparse.is_empty() {
+        if ad.lora.is_none() && ad.sparse.is_empty() && ad.offset.is_none() {
             return Err(ctx(Error::Tune("the adapter holds no tensor".into())));
         }
         Ok(ad)
@@ -804,6 +861,15 @@ impl Adapter {
     pub fn merge_into(&self, w: &mut Weights) -> Result<()> {
         let cfg = w.config.clone();
         self.check(&cfg)?;
+        if self.offset.is_some() {
+            return Err(Error::Tune(
+                "this adapter holds state offsets (tune --method state-offset): they add \
+                 S_off·r_t at every token and cannot be merged into the weights, nor run by \
+                 generate / eval yet (docs/state-offset.md); tune's held-out evaluation \
+                 measures them"
+                    .into(),
+            ));
+        }
         if let Some(l) = &self.lora {
             l.merge_into(w)?;
         }

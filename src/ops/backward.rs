@@ -97,6 +97,9 @@ pub struct SdtBwdBufs<'a, B> {
 pub struct UpBufs<'a, B> {
     /// Support vectors per head (M).
     pub m: usize,
+    /// State-offset tuning (docs/state-offset.md): `φ = r`, M = N; the
+    /// centres and widths are not read (any buffers of the checked sizes).
+    pub linear: bool,
     /// Support vectors `[H, M, N]`.
     pub centres: &'a B,
     /// RBF widths `[H]`.

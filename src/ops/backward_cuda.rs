@@ -663,6 +663,7 @@ impl BackwardOps for CudaOps {
             u: up,
             phi: pp,
             y: yp,
+            linear: k.linear as i32,
         };
         // SAFETY: r, y ≥ rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥
         // rows·H·M floats (checked by the caller); phi and y are distinct buffers
@@ -707,6 +708,7 @@ impl BackwardOps for CudaOps {
             dy: dyp,
             du: dup,
             dr: drp,
+            linear: k.linear as i32,
         };
         // SAFETY: r, dy, dr ≥ rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N, gamma ≥
         // H, u and du ≥ H·N·M floats (checked by the caller); du and dr are

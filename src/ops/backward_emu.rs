@@ -464,6 +464,7 @@ impl BackwardOps for EmuOps {
             u: ptr(k.u),
             phi: ptr_mut(phi),
             y: ptr_mut(y),
+            linear: k.linear as i32,
         };
         // SAFETY: sizes checked by the caller: r, y ≥ rows·H·N floats, centres ≥
         // H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M; phi and y are distinct &mut
@@ -496,6 +497,7 @@ impl BackwardOps for EmuOps {
             dy: ptr(dy),
             du: ptr_mut(du),
             dr: ptr_mut(dr),
+            linear: k.linear as i32,
         };
         // SAFETY: sizes checked by the caller: r, dy, dr ≥ rows·H·N floats, phi ≥
         // rows·H·M, centres ≥ H·M·N, gamma ≥ H, u and du ≥ H·N·M; du and dr are

@@ -421,6 +421,8 @@ pub fn outer_acc<R: Real>(rows: usize, h: usize, n: usize, r: &[R], acc: &mut [R
 pub struct Up<'a, R = f32> {
     /// Support vectors per head.
     pub m: usize,
+    /// State-offset tuning: `φ = r` (M = N; centres and widths unread).
+    pub linear: bool,
     pub centres: &'a [R],
     pub gamma: &'a [R],
     pub u: &'a [R],
@@ -446,6 +448,10 @@ pub fn up_fwd<R: Real>(
             let ph = &mut phi[(t * h + hh) * m..(t * h + hh + 1) * m];
             let mut mx = R::NEG_INFINITY;
             for (q, p) in ph.iter_mut().enumerate() {
+                if k.linear {
+                    *p = rv[q];
+                    continue;
+                }
                 let cq = &k.centres[(hh * m + q) * n..(hh * m + q + 1) * n];
                 let mut d2 = R::ZERO;
                 for (a, b) in rv.iter().zip(cq) {
@@ -455,13 +461,15 @@ pub fn up_fwd<R: Real>(
                 *p = -(k.gamma[hh] * d2);
                 mx = mx.max(*p);
             }
-            let mut se = R::ZERO;
-            for p in ph.iter_mut() {
-                *p = (*p - mx).exp();
-                se += *p;
+            if !k.linear {
+                let mut se = R::ZERO;
+                for p in ph.iter_mut() {
+                    *p = (*p - mx).exp();
+                    se += *p;
+                }
+                let inv = R::ONE / se;
+                ph.iter_mut().for_each(|p| *p *= inv);
             }
-            let inv = R::ONE / se;
-            ph.iter_mut().for_each(|p| *p *= inv);
             let uh = &k.u[hh * n * m..(hh + 1) * n * m];
             for i in 0..n {
                 let s = R::sum(
@@ -506,6 +514,13 @@ pub fn up_bwd<R: Real>(
                     g[q] += uh[i * m + q] * dyi;
                     duh[i * m + q] += dyi * ph[q];
                 }
+            }
+            if k.linear {
+                // state offset: dr_j += Σ_i u[i, j] dy_i = g_j
+                for j in 0..n {
+                    dr[o + j] += g[j];
+                }
+                continue;
             }
             let pg = R::sum(ph.iter().zip(&g).map(|(&a, &b)| a * b));
             let tg = R::c(2.0) * k.gamma[hh];

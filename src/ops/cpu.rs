@@ -1071,6 +1071,7 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
 fn up_ref<'a, R>(k: &'a UpBufs<'_, Vec<R>>) -> bref::Up<'a, R> {
     bref::Up {
         m: k.m,
+        linear: k.linear,
         centres: k.centres,
         gamma: k.gamma,
         u: k.u,

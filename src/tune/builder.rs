@@ -116,6 +116,8 @@ pub struct EngineOptions {
     pub lora: Option<LoraOptions>,
     /// Sparse dimension tuning instead of the state (with `lora`: SDLoRA).
     pub sdt: Option<SdtOptions>,
+    /// State-offset tuning instead of the state (docs/state-offset.md).
+    pub offset: bool,
 }
 
 /// The engine builder: the options and the opened device.
@@ -179,7 +181,7 @@ impl EngineBuilder {
             _ => 0.0,
         };
         tc.dbp = None;
-        if o.lora.is_some() || o.sdt.is_some() {
+        if o.lora.is_some() || o.sdt.is_some() || o.offset {
             return self.build_peft(model, train, valid, tc, observer, say);
         }
         if o.upscale.is_some() {
@@ -343,6 +345,11 @@ impl EngineBuilder {
             say("note: DBP applies to state tuning; this method trains without it");
         }
         let cfg = model.config();
+        if o.offset && (o.lora.is_some() || o.sdt.is_some()) {
+            return Err(Error::Options(
+                "state-offset tuning does not combine with LoRA or SDT here".into(),
+            ));
+        }
         let ad = match &o.lora {
             Some(lo) => Some(LoraAdapter::init(
                 cfg,
@@ -355,6 +362,10 @@ impl EngineBuilder {
         };
         let dropout = o.lora.as_ref().map_or(0.0, |lo| lo.dropout);
         let mut what = Vec::new();
+        if o.offset {
+            tc.tag += "; state-offset";
+            what.push("the state offset S_off per layer and head (y_t += S_off r_t)".to_string());
+        }
         if let (Some(lo), Some(ad)) = (&o.lora, &ad) {
             let names: Vec<&str> = ad.targets().iter().map(|t| t.short()).collect();
             tc.tag += &format!(
@@ -393,6 +404,12 @@ impl EngineBuilder {
         let sdt_dense: usize = lens.iter().sum::<usize>() * cfg.n_layer;
         let s = &tc.schedule;
         let mut counts = Vec::new();
+        if o.offset {
+            counts.push(format!(
+                "{} offset parameters",
+                cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size
+            ));
+        }
         if let Some(a) = &ad {
             counts.push(format!("{} LoRA parameters", a.n_params()));
         }
@@ -622,6 +639,11 @@ fn peft_engine<O: BackwardOps>(
     let w = model.weights();
     let cfg = model.config();
     let lora_n = lora.map_or(0, |(a, _)| a.n_params());
+    if o.offset {
+        let e = DeviceEngine::new_offset(mk()?, w, None, tc.adam, tc.grad.clone())?;
+        let n = cfg.n_layer * cfg.n_head * cfg.head_size * cfg.head_size;
+        return Ok((e, n));
+    }
     let Some(so) = &o.sdt else {
         let (ad, dropout) =
             lora.ok_or_else(|| Error::Tune("internal: no method to build".into()))?;

@@ -252,6 +252,8 @@ pub fn inverse_newton_schulz<O: BackwardOps>(
 /// the support vectors `[H, M, N]` and widths `[H]` (f32).
 struct DevUp<B> {
     m: usize,
+    /// State-offset tuning (`φ = r`, M = N): centres and widths unread.
+    linear: bool,
     centres: Vec<B>,
     gamma: Vec<B>,
 }
@@ -431,10 +433,40 @@ impl<O: BackwardOps> DeviceTuner<O> {
         t.ops.sync()?;
         t.up = Some(DevUp {
             m: kernel.m,
+            linear: false,
             centres,
             gamma,
         });
         Ok(t)
+    }
+
+    /// [`Self::new`] with the state-offset read-out (docs/state-offset.md):
+    /// every layer adds `y_t += S_off r_t` per head right after the WKV
+    /// forward, `S_off` `[H, N, N]` (value-major) travelling with each
+    /// initial state as its `u` (the upscaled read-out's machinery with
+    /// `φ = r`, M = N).
+    pub fn new_offset(ops: O, w: &Weights) -> Result<Self> {
+        let mut t = Self::new(ops, w)?;
+        let (h, n) = (t.cfg.n_head, t.cfg.head_size);
+        let nl = t.cfg.n_layer;
+        let centres = (0..nl)
+            .map(|_| t.ops.zeros(h * n * n))
+            .collect::<Result<Vec<_>>>()?;
+        let gamma = (0..nl)
+            .map(|_| t.ops.zeros(h))
+            .collect::<Result<Vec<_>>>()?;
+        t.up = Some(DevUp {
+            m: n,
+            linear: true,
+            centres,
+            gamma,
+        });
+        Ok(t)
+    }
+
+    /// Whether the read-out is the state offset ([`Self::new_offset`]).
+    pub fn is_offset(&self) -> bool {
+        self.up.as_ref().is_some_and(|u| u.linear)
     }
 
     /// The same tuner with recompute policy `r`.
@@ -955,6 +987,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
             mt: Some(matmul_t_buf::<O>),
             up: self.up.as_ref().map(|u| UpKernel {
                 m: u.m,
+                linear: u.linear,
                 centres: &u.centres[l],
                 gamma: &u.gamma[l],
             }),
@@ -2035,6 +2068,56 @@ impl<O: BackwardOps> DeviceEngine<O> {
         Ok(e)
     }
 
+    /// The state-offset engine (docs/state-offset.md): trains `S_off`
+    /// `[H, N, N]` per layer (from `init`, or zero), the offset added to
+    /// every token's read-out `y_t += S_off r_t`; the initial state stays
+    /// zero, everything else frozen, no DBP.
+    pub fn new_offset(
+        ops: O,
+        w: &Weights,
+        init: Option<&[Vec<f32>]>,
+        adam: AdamConfig,
+        opts: GradOpts,
+    ) -> Result<Self> {
+        let tuner = DeviceTuner::new_offset(ops, w)?;
+        let cfg = tuner.config().clone();
+        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        let zeros = vec![vec![0.0f32; hnn]; cfg.n_layer];
+        let init = init.unwrap_or(&zeros);
+        if init.len() != cfg.n_layer || init.iter().any(|x| x.len() != hnn) {
+            return Err(Error::Shape {
+                name: "state offset".into(),
+                expected: vec![cfg.n_layer, hnn],
+                got: vec![init.len(), init.first().map_or(0, |x| x.len())],
+            });
+        }
+        let st = TunedState::zeros(&cfg, false);
+        let ps: Vec<&[f32]> = init.iter().map(|v| &v[..]).collect();
+        let mut e = Self::build(tuner, w, &st, &ps, adam, None, opts)?;
+        e.n_state = 0;
+        Ok(e)
+    }
+
+    /// The trained state offsets (per layer `[H, N, N]`, value-major) of a
+    /// state-offset engine.
+    pub fn offsets(&self) -> Result<Option<Vec<Vec<f32>>>> {
+        if !self.tuner.is_offset() {
+            return Ok(None);
+        }
+        let o = self.tuner.ops();
+        let v = self
+            .params
+            .iter()
+            .zip(&self.sizes)
+            .map(|(b, &n)| {
+                let mut h = o.download(b)?;
+                h.truncate(n);
+                Ok(h)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(v))
+    }
+
     /// The sparse-dimension-tuning engine (docs/sdt.md): trains the deltas
     /// of every layer's [`SdtTensors`] inside `masks` (`None`: dense, the
     /// warm-up) and, with `lora`, a LoRA adapter with its dropout (SDLoRA);
@@ -2245,9 +2328,13 @@ impl<O: BackwardOps> DeviceEngine<O> {
         for (l, d) in dst.iter_mut().enumerate().take(nl) {
             if self.n_state == 0 {
                 // the state is not trained: the plain model's zero state
+                // (and the state offset, when that is what is trained)
                 o.zero(&mut d.wkv)?;
                 o.zero(&mut d.sa)?;
                 o.zero(&mut d.sf)?;
+                if let (Some(p), Some(u)) = (self.params.get(l), d.u.as_mut()) {
+                    o.copy(p, 0, u, 0, self.sizes[l])?;
+                }
                 continue;
             }
             match &self.dbp {
@@ -2522,10 +2609,15 @@ impl<O: BackwardOps> Engine for DeviceEngine<O> {
             }
             None => Vec::new(),
         };
-        if lora.is_none() && sparse.is_empty() {
+        let offset = self.offsets()?;
+        if lora.is_none() && sparse.is_empty() && offset.is_none() {
             return Ok(None);
         }
-        Ok(Some(Adapter { lora, sparse }))
+        Ok(Some(Adapter {
+            lora,
+            sparse,
+            offset,
+        }))
     }
     fn tuned(&self) -> Result<TunedState> {
         let cfg = self.tuner.config();

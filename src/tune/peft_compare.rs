@@ -18,6 +18,8 @@ use crate::model::Model;
 pub enum PeftMethod {
     /// Initial-state tuning with DBP (the project's default).
     State,
+    /// State-offset tuning (`y_t += S_off r_t`).
+    StateOffset,
     /// LoRA on the projections.
     Lora,
     /// Sparse dimension tuning.
@@ -30,8 +32,9 @@ pub enum PeftMethod {
 
 impl PeftMethod {
     /// Every method, in table order.
-    pub const ALL: [PeftMethod; 5] = [
+    pub const ALL: [PeftMethod; 6] = [
         PeftMethod::State,
+        PeftMethod::StateOffset,
         PeftMethod::Lora,
         PeftMethod::Sdt,
         PeftMethod::Sdlora,
@@ -42,6 +45,7 @@ impl PeftMethod {
     pub fn name(self) -> &'static str {
         match self {
             PeftMethod::State => "state",
+            PeftMethod::StateOffset => "state-offset",
             PeftMethod::Lora => "lora",
             PeftMethod::Sdt => "sdt",
             PeftMethod::Sdlora => "sdlora",
@@ -138,19 +142,17 @@ pub fn run_peft_comparison(
                 PeftMethod::Sdt | PeftMethod::Sdlora | PeftMethod::Recurrent
             )
             .then_some(sdt),
+            offset: m == PeftMethod::StateOffset,
             ..EngineOptions::default()
         };
-        let lr = if m == PeftMethod::State {
-            pc.lr_state
-        } else {
-            pc.lr_peft
-        };
+        let state_like = matches!(m, PeftMethod::State | PeftMethod::StateOffset);
+        let lr = if state_like { pc.lr_state } else { pc.lr_peft };
         let mut tc = TrainConfig::new(pc.steps);
         tc.batch = pc.batch;
         tc.seed = pc.seed;
         tc.schedule = Schedule {
             lr,
-            lr_final: lr / if m == PeftMethod::State { 100.0 } else { 10.0 },
+            lr_final: lr / if state_like { 100.0 } else { 10.0 },
             warmup: 10.min(pc.steps / 2),
             total: pc.steps,
             decay: Decay::Exp,

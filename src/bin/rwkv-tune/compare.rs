@@ -75,8 +75,8 @@ pub struct CompareArgs {
     /// Machine description for the report (default: detected core count).
     #[arg(long)]
     pub machine: Option<String>,
-    /// Compare the parameter-efficient methods instead (state, lora, sdt,
-    /// sdlora, recurrent; docs/peft-comparison.md) on --peft-task, each
+    /// Compare the parameter-efficient methods instead (state,
+    /// state-offset, lora, sdt, sdlora, recurrent; docs/peft-comparison.md) on --peft-task, each
     /// through the same engine and loop as `rwkv-tune tune`, at --steps
     /// (default 150 here) and --batch (default 8).
     #[arg(long)]
@@ -156,7 +156,8 @@ fn run_peft(a: &CompareArgs) -> Result<()> {
          --seed {} --peft-task {}` on {machine}, {}. Every method: the CPU engine, the \
          same data order and {steps} optimiser steps of batch {batch} (SDT and SDLoRA also \
          run a dense warm-up of {} steps first, not counted in tokens/s); lr 1 → 0.01 for \
-         state tuning (its RWKV-PEFT recipe, with DBP), 0.01 → 0.001 for the others; LoRA \
+         state tuning (its RWKV-PEFT recipe, with DBP) and state-offset tuning, 0.01 → \
+         0.001 for the others; LoRA \
          rank 8, alpha 8 on r, k, v, o, ffn.key, ffn.value; SDT keeps 25% of heads × 25% of \
          key dimensions. Held-out loss on at most 64 held-out examples.\n\n",
         a.seed,

@@ -41,6 +41,12 @@ pub enum Method {
     /// Every entry of the recurrent module's tensors (w0, a0, k_k, k_a, r_k,
     /// w2, a2), dense: the baseline SDT is measured against.
     Recurrent,
+    /// State-offset tuning (docs/state-offset.md): a learned S_off per
+    /// layer and head added to every token's read-out, y_t += S_off r_t,
+    /// instead of an initial state. Writes an adapter file of offsets
+    /// (measured by the held-out evaluation; not mergeable, and generate /
+    /// eval do not run it yet).
+    StateOffset,
 }
 
 impl Method {
@@ -48,7 +54,7 @@ impl Method {
     /// LoRA the values docs/lora.md measured on the demo.
     fn lr_defaults(self) -> (f64, f64) {
         match self {
-            Method::State => (1.0, 0.01),
+            Method::State | Method::StateOffset => (1.0, 0.01),
             _ => (LORA_LR, LORA_LR / 10.0),
         }
     }
@@ -175,10 +181,11 @@ pub struct TuneArgs {
     #[arg(long, default_value = "proj", value_name = "LIST")]
     pub lora_targets: String,
     /// Peak learning rate (after warm-up). Default: 1 for --method state
-    /// (the RWKV-PEFT recipe), 0.01 for lora.
+    /// and state-offset (the RWKV-PEFT recipe), 0.01 for the others.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Learning rate at the last step. Default: 0.01 (state), lr / 10 (lora).
+    /// Learning rate at the last step. Default: 0.01 (state, state-offset),
+    /// lr / 10 (the others).
     #[arg(long)]
     pub lr_final: Option<f64>,
     /// Warm-up steps (lr ramps from 1% to 100%).
@@ -766,7 +773,7 @@ fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Re
     let steps = a.steps.unwrap_or(def_steps);
     let lr = a.lr.unwrap_or(a.method.lr_defaults().0);
     let lr_final = a.lr_final.unwrap_or(match a.method {
-        Method::State => a.method.lr_defaults().1,
+        Method::State | Method::StateOffset => a.method.lr_defaults().1,
         _ => lr / 10.0,
     });
     let mut tc = TrainConfig::new(steps);
@@ -831,6 +838,7 @@ fn engine_options(a: &TuneArgs) -> EngineOptions {
             Recompute::KeepAll
         },
         lora: lora_options(a),
+        offset: a.method == Method::StateOffset,
         sdt: matches!(a.method, Method::Sdt | Method::Sdlora | Method::Recurrent).then(|| {
             SdtOptions {
                 heads: a.sdt_heads,
