@@ -1,9 +1,10 @@
 //! Entry points of the kernels compiled for the CPU under
 //! `kernels/emu/cuda_emu.h` (see build.rs), looked up by kernel name.
 //!
-//! Each entry runs a whole grid (one block at a time, one OS thread per CUDA
-//! thread) and returns 0, or non-zero when the watchdog fired, a barrier
-//! diverged or the launch geometry was invalid.
+//! Each entry runs a whole grid on the calling thread (one block at a time,
+//! one user-space fiber per CUDA thread, see docs/emulation.md) and returns
+//! 0, or non-zero when a barrier diverged (the watchdog), the launch geometry
+//! was invalid or the fiber stacks could not be mapped.
 use crate::error::{Error, Result};
 use crate::params::{EmuTestParams, MmaTestParams, Wkv7Params};
 
@@ -58,8 +59,11 @@ extern "C" {
     fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
 }
 
-/// Sets how long an emulated barrier may wait before the launch is aborted
-/// (default 20 s, or env `RWKV_EMU_WATCHDOG_MS`).
+/// Sets the emulator's watchdog time (default 20 s, or env
+/// `RWKV_EMU_WATCHDOG_MS`). A barrier that can never complete fails the
+/// launch at once; an emulated thread that runs for max(this, 5 s) without
+/// reaching a barrier or its end (a spin-wait) aborts the process with a
+/// message instead of hanging it.
 pub fn set_watchdog_ms(ms: u32) {
     // SAFETY: stores into an atomic inside the emulator; no other effect.
     unsafe { emu_set_watchdog_ms(ms.max(1) as std::os::raw::c_long) }
@@ -142,6 +146,10 @@ unsafe fn launch<P>(
         2 => Err(Error::Emu {
             kernel: kernel.into(),
             reason: "invalid launch configuration".into(),
+        }),
+        4 => Err(Error::Emu {
+            kernel: kernel.into(),
+            reason: "could not map the emulator's fiber stacks".into(),
         }),
         c => Err(Error::Emu {
             kernel: kernel.into(),
