@@ -57,6 +57,50 @@ emu_table!(SELFTEST, EmuTestParams;
 
 extern "C" {
     fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
+    fn emu_last_counters(out: *mut u64, n: i32) -> i32;
+}
+
+/// Execution counters of one emulated launch, counted by the emulator
+/// (`kernels/emu/cuda_emu.h`; docs/emulation.md, "Counters").
+///
+/// Exact for what each field names, for the launch as run (every CTA of its
+/// grid): warp-level instructions are counted once per warp, barriers once
+/// per completion per CTA. Shared-memory wavefronts and global bytes are not
+/// counted yet (docs/emulation.md says what is missing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmuCounters {
+    /// Blocks (CTAs) run.
+    pub ctas: u64,
+    /// Threads per block.
+    pub threads_per_cta: u64,
+    /// Completed `__syncthreads()`, summed over the CTAs.
+    pub block_barriers: u64,
+    /// Completed `__syncwarp()` called by kernel code, per warp.
+    pub warp_syncs: u64,
+    /// `__shfl_*_sync` warp instructions.
+    pub shuffles: u64,
+    /// `mma.sync.m16n8k16` (bf16) warp instructions (kernels/mma.cuh).
+    pub mma_m16n8k16: u64,
+    /// Fiber switches the emulator made (its own cost, not a GPU quantity).
+    pub fiber_switches: u64,
+}
+
+/// The counters of the last emulated launch made by the calling thread
+/// (all zero before its first launch).
+pub fn last_counters() -> EmuCounters {
+    let mut v = [0u64; 7];
+    // SAFETY: the emulator writes at most `v.len()` values into `v`, a live
+    // local array; it reads only a thread-local copy.
+    unsafe { emu_last_counters(v.as_mut_ptr(), v.len() as i32) };
+    EmuCounters {
+        ctas: v[0],
+        threads_per_cta: v[1],
+        block_barriers: v[2],
+        warp_syncs: v[3],
+        shuffles: v[4],
+        mma_m16n8k16: v[5],
+        fiber_switches: v[6],
+    }
 }
 
 /// Sets the emulator's watchdog time (default 20 s, or env
