@@ -8,10 +8,14 @@
 #include "../wkv7_v1.cu"
 #include "../wkv7_v2.cu"
 
+#include <mutex>
 #include <random>
 #include <vector>
 
 namespace {
+
+// The registered global buffers are process-wide: one profile at a time.
+std::mutex g_profile_mutex;
 
 typedef int (*Entry)(unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                      const Wkv7Params*);
@@ -108,11 +112,13 @@ extern "C" int emu_cnt_wkv7_profile(int kernel, int bf16, int chunks, uint64_t* 
        bf16 ? emu_wkv7_bwd_v2_bf16_n64 : emu_wkv7_bwd_v2_f32_n64, 128, 2},
   };
   if (kernel < 0 || kernel > 3 || chunks < 1) return 5;
+  const std::lock_guard<std::mutex> lock(g_profile_mutex);
   return run_one(kernels[kernel], chunks, bf16 != 0, out, n);
 }
 
 // emu_selftest_banks on one warp with stride `stride` words; counters as above.
 extern "C" int emu_cnt_selftest_banks(int stride, uint64_t* out, int n) {
+  const std::lock_guard<std::mutex> lock(g_profile_mutex);
   float sink[3] = {0, 0, 0};
   EmuTestParams p{stride, 0, nullptr, sink};
   emu_count_clear_globals();
