@@ -648,7 +648,8 @@ pub fn counters_report(
     let _ = writeln!(
         s,
         "WKV-7 counters from the CPU emulator's counting build, N = 64, {dt}, h0 and dh_t given.\n\
-         Per CTA per chunk of 16 tokens (one CTA emulated over 2 and 4 chunks; fixed part in docs):"
+         Per CTA per chunk of 16 tokens (one CTA emulated over 2 and 4 chunks; \
+         the fixed part is in rwkv_tune::emu::profile_wkv7):"
     );
     let _ = writeln!(
         s,
