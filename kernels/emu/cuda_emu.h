@@ -30,6 +30,10 @@
 //     process with a message after max(watchdog, 5 s) without any switch
 //     (emu_watchdog_ms: default 20 s, env RWKV_EMU_WATCHDOG_MS or
 //     emu_set_watchdog_ms()) instead of hanging the test run.
+//   * Counters: every launch counts barriers, warp syncs, shuffles and mma
+//     instructions (enum emu::Counter, emu_last_counters()). The counting
+//     build (-DEMU_COUNT_MEM -fsanitize=thread, kernels/emu/count_wkv7.cpp)
+//     also counts shared-memory wavefronts and global bytes (emu::mem).
 //
 // Fidelity limits (see docs/emulation.md): no SIMT lockstep, no co-resident
 // blocks, no spin-waits between threads of a block (a fiber is never
