@@ -53,6 +53,7 @@ emu_table!(MMA_SELFTEST, MmaTestParams;
 emu_table!(SELFTEST, EmuTestParams;
     "emu_selftest_reduce" => emu_emu_selftest_reduce,
     "emu_selftest_divergent" => emu_emu_selftest_divergent,
+    "emu_selftest_divergent_shfl" => emu_emu_selftest_divergent_shfl,
 );
 
 extern "C" {

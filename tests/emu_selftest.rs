@@ -59,6 +59,13 @@ fn a_hanging_kernel_fails_through_the_watchdog() {
         "watchdog took {:?}",
         t0.elapsed()
     );
+    // a lane missing at a shuffle (a warp-level barrier) fails the same way
+    // SAFETY: as above (the kernel writes at most out[0]).
+    let r = unsafe { launch_selftest("emu_selftest_divergent_shfl", (1, 1, 1), (64, 1, 1), &p) };
+    let e = r
+        .expect_err("a shuffle a lane skipped must not succeed")
+        .to_string();
+    assert!(e.contains("watchdog"), "{e}");
     // the emulator is usable again afterwards
     set_watchdog_ms(20_000);
     let x = [2f32; 256];
