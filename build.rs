@@ -37,6 +37,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(kernels_built)");
+    println!("cargo::rustc-check-cfg=cfg(emu_counting)");
     let want_emu = env::var_os("CARGO_FEATURE_EMU").is_some();
     let want_cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
 
@@ -104,6 +105,71 @@ fn build_emu(kdir: &Path, out: &Path, cu_files: &[PathBuf]) {
     }
     build.compile("rwkv_tune_emu");
     println!("cargo:rustc-link-lib=pthread");
+    build_emu_count(kdir, out);
+}
+
+/// Job 2b: the emulator's counting build (docs/emulation.md, "Memory
+/// counters"): `kernels/emu/count_wkv7.cpp` compiled with
+/// `-fsanitize=thread` (the emulation header defines the hooks; no TSan
+/// runtime is linked), merged with `ld -r` (section groups dissolved) and
+/// every symbol but the `emu_cnt_*` entries made local, so that its
+/// instrumented copies of the inline emulator and kernel functions stay
+/// private. x86-64 Linux with GNU ld and objcopy only; when any step fails
+/// it is skipped with a warning and `rwkv_tune::emu` reports counting as
+/// unavailable (cfg `emu_counting` unset).
+fn build_emu_count(kdir: &Path, out: &Path) {
+    let linux_x86 = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64");
+    if !linux_x86 {
+        return;
+    }
+    let objs = cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .opt_level(1)
+        .define("CUDA_EMU", None)
+        .define("EMU_COUNT_MEM", None)
+        .include(kdir)
+        .flag("-fsanitize=thread")
+        .flag("-fno-gnu-unique")
+        .flag_if_supported("-w")
+        .cargo_warnings(false)
+        .file(kdir.join("emu/count_wkv7.cpp"))
+        .try_compile_intermediates();
+    let merged = out.join("emu_count_merged.o");
+    let local = out.join("emu_count.o");
+    let lib = out.join("librwkv_tune_emu_count.a");
+    let _ = fs::remove_file(&lib);
+    let ok = objs.is_ok_and(|objs| {
+        Command::new("ld")
+            .args(["-r", "--force-group-allocation", "-o"])
+            .arg(&merged)
+            .args(&objs)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new("objcopy")
+                .args([
+                    "--keep-global-symbol=emu_cnt_wkv7_profile",
+                    "--keep-global-symbol=emu_cnt_selftest_banks",
+                ])
+                .arg(&merged)
+                .arg(&local)
+                .status()
+                .is_ok_and(|s| s.success())
+            && Command::new("ar")
+                .arg("crs")
+                .arg(&lib)
+                .arg(&local)
+                .status()
+                .is_ok_and(|s| s.success())
+    });
+    if ok {
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static=rwkv_tune_emu_count");
+        println!("cargo:rustc-cfg=emu_counting");
+    } else {
+        println!("cargo:warning=emulator counting build skipped (needs g++ -fsanitize=thread, GNU ld and objcopy)");
+    }
 }
 
 /// Job 3: the fatbins (or, without nvcc, an empty table the crate reports).

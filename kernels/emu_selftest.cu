@@ -46,5 +46,28 @@ extern "C" __global__ void emu_selftest_divergent(const __grid_constant__ EmuTes
   if (threadIdx.x == 0 && p.out) p.out[0] = 1.f;
 }
 
+// Also broken on purpose: lane 5 of every warp skips a shuffle the other
+// lanes of its warp execute (a warp-level barrier that cannot complete).
+extern "C" __global__ void emu_selftest_divergent_shfl(const __grid_constant__ EmuTestParams p) {
+  float v = (float)threadIdx.x;
+  if ((threadIdx.x & 31) != 5) v += __shfl_xor_sync(0xffffffffu, v, 1);
+  if (threadIdx.x == 0 && p.out) p.out[0] = v;
+}
+
+// One warp stores and loads one shared float per lane at word lane * p.n
+// (mode 0). On a GPU: gcd(p.n, 32) wavefronts per access (1 for p.n = 0, a
+// broadcast). Checks the CPU emulator's bank counting
+// (tests/emu_counters.rs); never needed on a GPU.
+extern "C" __global__ void emu_selftest_banks(const __grid_constant__ EmuTestParams p) {
+  __shared__ float buf[1024];
+  const int i = (int)((threadIdx.x * (unsigned)p.n) & 1023u);
+  buf[i] = (float)threadIdx.x;
+  __syncwarp();
+  const float v = buf[i];
+  if (v < 0.f) p.out[0] = v;  // never true; keeps the load on every lane
+}
+
 EMU_ENTRY(emu_selftest_reduce, EmuTestParams)
+EMU_ENTRY(emu_selftest_banks, EmuTestParams)
+EMU_ENTRY(emu_selftest_divergent_shfl, EmuTestParams)
 EMU_ENTRY(emu_selftest_divergent, EmuTestParams)

@@ -84,6 +84,7 @@ inline int warp_index() {
 // D = A * B + C, A 16x16 bf16 (row), B 16x8 bf16 (col), C/D 16x8 f32.
 __device__ __forceinline__ void mma_bf16_16816(FragC& d, const FragA& a, const FragB& b) {
 #ifdef CUDA_EMU
+  const ::emu::MuteScope mute;  // counting build: scratch traffic is not a GPU access
   emu_mma::Scratch& s = emu_mma::g_scratch[emu_mma::warp_index()];
   const int lane = lane_id(), g = lane >> 2, q = lane & 3;
   // scatter this lane's fragments into the full matrices (PTX ISA layout)
@@ -97,14 +98,14 @@ __device__ __forceinline__ void mma_bf16_16816(FragC& d, const FragA& a, const F
     s.b[k][g] = bf16_bits_to_float(b.x[r] & 0xffffu);
     s.b[k + 1][g] = bf16_bits_to_float(b.x[r] >> 16);
   }
-  __syncwarp();
+  ::emu::mma_sync_point(1);  // emulator counters: 1 mma
   for (int e = 0; e < 4; ++e) {
     const int row = g + ((e & 2) ? 8 : 0), col = 2 * q + (e & 1);
     float acc = d.x[e];
     for (int k = 0; k < 16; ++k) acc += s.a[row][k] * s.b[k][col];
     d.x[e] = acc;
   }
-  __syncwarp();
+  ::emu::mma_sync_point(0);
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -162,6 +163,7 @@ __device__ __forceinline__ void mma3(FragC& d, const FragA& ah, const FragA& al,
     float a[2][16][16];  // hi, lo
     float b[2][16][8];
   };
+  const ::emu::MuteScope mute;  // counting build: scratch traffic is not a GPU access
   static Pair g_pair[32];
   Pair& s = g_pair[emu_mma::warp_index()];
   const int lane = lane_id(), g = lane >> 2, q = lane & 3;
@@ -179,7 +181,7 @@ __device__ __forceinline__ void mma3(FragC& d, const FragA& ah, const FragA& al,
       s.b[h][k + 1][g] = bf16_bits_to_float(B[h]->x[r] >> 16);
     }
   }
-  __syncwarp();
+  ::emu::mma_sync_point(3);  // emulator counters: 3 mma
   const int order[3][2] = {{1, 0}, {0, 1}, {0, 0}};  // (A part, B part): lo*hi, hi*lo, hi*hi
   for (int e = 0; e < 4; ++e) {
     const int row = g + ((e & 2) ? 8 : 0), col = 2 * q + (e & 1);
@@ -190,7 +192,7 @@ __device__ __forceinline__ void mma3(FragC& d, const FragA& ah, const FragA& al,
     }
     d.x[e] = acc;
   }
-  __syncwarp();
+  ::emu::mma_sync_point(0);
 #else
   mma_bf16_16816(d, al, bh);
   mma_bf16_16816(d, ah, bl);

@@ -1,9 +1,10 @@
 //! Entry points of the kernels compiled for the CPU under
 //! `kernels/emu/cuda_emu.h` (see build.rs), looked up by kernel name.
 //!
-//! Each entry runs a whole grid (one block at a time, one OS thread per CUDA
-//! thread) and returns 0, or non-zero when the watchdog fired, a barrier
-//! diverged or the launch geometry was invalid.
+//! Each entry runs a whole grid on the calling thread (one block at a time,
+//! one user-space fiber per CUDA thread, see docs/emulation.md) and returns
+//! 0, or non-zero when a barrier diverged (the watchdog), the launch geometry
+//! was invalid or the fiber stacks could not be mapped.
 use crate::error::{Error, Result};
 use crate::params::{EmuTestParams, MmaTestParams, Wkv7Params};
 
@@ -52,14 +53,62 @@ emu_table!(MMA_SELFTEST, MmaTestParams;
 emu_table!(SELFTEST, EmuTestParams;
     "emu_selftest_reduce" => emu_emu_selftest_reduce,
     "emu_selftest_divergent" => emu_emu_selftest_divergent,
+    "emu_selftest_divergent_shfl" => emu_emu_selftest_divergent_shfl,
 );
 
 extern "C" {
     fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
+    fn emu_last_counters(out: *mut u64, n: i32) -> i32;
 }
 
-/// Sets how long an emulated barrier may wait before the launch is aborted
-/// (default 20 s, or env `RWKV_EMU_WATCHDOG_MS`).
+/// Execution counters of one emulated launch, counted by the emulator
+/// (`kernels/emu/cuda_emu.h`; docs/emulation.md, "Counters").
+///
+/// Exact for what each field names, for the launch as run (every CTA of its
+/// grid): warp-level instructions are counted once per warp, barriers once
+/// per completion per CTA. Shared-memory wavefronts and global bytes are not
+/// counted yet (docs/emulation.md says what is missing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmuCounters {
+    /// Blocks (CTAs) run.
+    pub ctas: u64,
+    /// Threads per block.
+    pub threads_per_cta: u64,
+    /// Completed `__syncthreads()`, summed over the CTAs.
+    pub block_barriers: u64,
+    /// Completed `__syncwarp()` called by kernel code, per warp.
+    pub warp_syncs: u64,
+    /// `__shfl_*_sync` warp instructions.
+    pub shuffles: u64,
+    /// `mma.sync.m16n8k16` (bf16) warp instructions (kernels/mma.cuh).
+    pub mma_m16n8k16: u64,
+    /// Fiber switches the emulator made (its own cost, not a GPU quantity).
+    pub fiber_switches: u64,
+}
+
+/// The counters of the last emulated launch made by the calling thread
+/// (all zero before its first launch).
+pub fn last_counters() -> EmuCounters {
+    let mut v = [0u64; 7];
+    // SAFETY: the emulator writes at most `v.len()` values into `v`, a live
+    // local array; it reads only a thread-local copy.
+    unsafe { emu_last_counters(v.as_mut_ptr(), v.len() as i32) };
+    EmuCounters {
+        ctas: v[0],
+        threads_per_cta: v[1],
+        block_barriers: v[2],
+        warp_syncs: v[3],
+        shuffles: v[4],
+        mma_m16n8k16: v[5],
+        fiber_switches: v[6],
+    }
+}
+
+/// Sets the emulator's watchdog time (default 20 s, or env
+/// `RWKV_EMU_WATCHDOG_MS`). A barrier that can never complete fails the
+/// launch at once; an emulated thread that runs for max(this, 5 s) without
+/// reaching a barrier or its end (a spin-wait) aborts the process with a
+/// message instead of hanging it.
 pub fn set_watchdog_ms(ms: u32) {
     // SAFETY: stores into an atomic inside the emulator; no other effect.
     unsafe { emu_set_watchdog_ms(ms.max(1) as std::os::raw::c_long) }
@@ -142,6 +191,10 @@ unsafe fn launch<P>(
         2 => Err(Error::Emu {
             kernel: kernel.into(),
             reason: "invalid launch configuration".into(),
+        }),
+        4 => Err(Error::Emu {
+            kernel: kernel.into(),
+            reason: "could not map the emulator's fiber stacks".into(),
         }),
         c => Err(Error::Emu {
             kernel: kernel.into(),
@@ -248,4 +301,462 @@ pub unsafe fn launch_ops<P: EmuParams>(
 ) -> Result<()> {
     // SAFETY: forwarded from the caller.
     unsafe { launch(P::table(), kernel, grid, block, p) }
+}
+
+// ---- performance counters of the WKV-7 kernels (issue 16 item 1) ----------
+//
+// The counting build (kernels/emu/count_wkv7.cpp, docs/emulation.md "Memory
+// counters") runs one CTA of a WKV-7 kernel with every load and store
+// classified and grouped into warp-level accesses. `profile_wkv7` turns two
+// such runs into per-chunk and fixed counts; `estimate` is the documented
+// time model; `counters_report` is what `rwkv-tune bench --backend emu
+// --counters` prints.
+
+#[cfg(emu_counting)]
+extern "C" {
+    fn emu_cnt_wkv7_profile(kernel: i32, bf16: i32, chunks: i32, out: *mut u64, n: i32) -> i32;
+    fn emu_cnt_selftest_banks(stride: i32, out: *mut u64, n: i32) -> i32;
+}
+
+/// Number of counters the counting build reports (enum `emu::Counter`).
+const N_COUNTERS: usize = 15;
+
+/// Counts of one CTA of a kernel (per chunk, or its fixed part), from the
+/// counting build. Warp-level accesses are grouped as docs/emulation.md
+/// describes; shared wavefronts follow the 32-bank / 4-byte rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CtaCounts {
+    /// Completed `__syncthreads`.
+    pub block_barriers: f64,
+    /// `__shfl_*_sync` warp instructions.
+    pub shuffles: f64,
+    /// bf16 `mma.sync.m16n8k16` warp instructions.
+    pub mma_m16n8k16: f64,
+    /// Warp-level shared-memory accesses.
+    pub smem_requests: f64,
+    /// Their wavefronts (bank conflicts included).
+    pub smem_wavefronts: f64,
+    /// Global bytes read, as the threads asked for them.
+    pub gmem_read_bytes: f64,
+    /// Global bytes written.
+    pub gmem_write_bytes: f64,
+    /// Distinct 32-byte sectors per warp-level global read, summed.
+    pub gmem_read_sectors: f64,
+    /// The same for writes.
+    pub gmem_write_sectors: f64,
+    /// Accesses the counting build could not classify (should be 0).
+    pub other_accesses: f64,
+}
+
+impl CtaCounts {
+    fn from_raw(v: &[u64; N_COUNTERS]) -> Self {
+        let f = |i: usize| v[i] as f64;
+        CtaCounts {
+            block_barriers: f(2),
+            shuffles: f(4),
+            mma_m16n8k16: f(5),
+            smem_requests: f(7),
+            smem_wavefronts: f(8),
+            gmem_read_bytes: f(10),
+            gmem_write_bytes: f(11),
+            gmem_read_sectors: f(12),
+            gmem_write_sectors: f(13),
+            other_accesses: f(14),
+        }
+    }
+    fn zip(a: &Self, b: &Self, f: impl Fn(f64, f64) -> f64) -> Self {
+        CtaCounts {
+            block_barriers: f(a.block_barriers, b.block_barriers),
+            shuffles: f(a.shuffles, b.shuffles),
+            mma_m16n8k16: f(a.mma_m16n8k16, b.mma_m16n8k16),
+            smem_requests: f(a.smem_requests, b.smem_requests),
+            smem_wavefronts: f(a.smem_wavefronts, b.smem_wavefronts),
+            gmem_read_bytes: f(a.gmem_read_bytes, b.gmem_read_bytes),
+            gmem_write_bytes: f(a.gmem_write_bytes, b.gmem_write_bytes),
+            gmem_read_sectors: f(a.gmem_read_sectors, b.gmem_read_sectors),
+            gmem_write_sectors: f(a.gmem_write_sectors, b.gmem_write_sectors),
+            other_accesses: f(a.other_accesses, b.other_accesses),
+        }
+    }
+}
+
+/// The WKV-7 kernels the counting build can profile (N = 64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CountedKernel {
+    /// `wkv7_fwd_v1_*_n64` (64 threads per CTA).
+    FwdV1,
+    /// `wkv7_bwd_v1_*_n64` (64 threads; run after its forward).
+    BwdV1,
+    /// `wkv7_fwd_v2_*_n64` (128 threads).
+    FwdV2,
+    /// `wkv7_bwd_v2_*_n64` (128 threads; run after its forward).
+    BwdV2,
+}
+
+impl CountedKernel {
+    /// All of them, in report order.
+    pub const ALL: [CountedKernel; 4] = [Self::FwdV1, Self::BwdV1, Self::FwdV2, Self::BwdV2];
+    /// Kernel symbol for dtype `bf16` / f32 at N = 64.
+    pub fn symbol(self, bf16: bool) -> String {
+        let (dir, ver) = match self {
+            Self::FwdV1 => ("fwd", 1),
+            Self::BwdV1 => ("bwd", 1),
+            Self::FwdV2 => ("fwd", 2),
+            Self::BwdV2 => ("bwd", 2),
+        };
+        format!(
+            "wkv7_{dir}_v{ver}_{}_n64",
+            if bf16 { "bf16" } else { "f32" }
+        )
+    }
+    /// Threads per CTA at N = 64.
+    pub fn threads(self) -> u32 {
+        match self {
+            Self::FwdV1 | Self::BwdV1 => 64,
+            Self::FwdV2 | Self::BwdV2 => 128,
+        }
+    }
+}
+
+/// Counts of one WKV-7 kernel per CTA: a fixed part plus a part per chunk
+/// of 16 tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Wkv7Profile {
+    /// The kernel.
+    pub kernel: CountedKernel,
+    /// Counts per chunk of 16 tokens.
+    pub per_chunk: CtaCounts,
+    /// Counts independent of the sequence length (prologue, final state).
+    pub fixed: CtaCounts,
+}
+
+#[cfg(emu_counting)]
+fn count_raw(kernel: CountedKernel, bf16: bool, chunks: i32) -> Result<[u64; N_COUNTERS]> {
+    let mut v = [0u64; N_COUNTERS];
+    let k = CountedKernel::ALL
+        .iter()
+        .position(|&x| x == kernel)
+        .unwrap_or(0) as i32;
+    // SAFETY: the counting build allocates and frees every buffer the kernel
+    // touches itself and writes at most `v.len()` counters into `v`.
+    let rc =
+        unsafe { emu_cnt_wkv7_profile(k, i32::from(bf16), chunks, v.as_mut_ptr(), v.len() as i32) };
+    if rc != 0 {
+        return Err(Error::Emu {
+            kernel: kernel.symbol(bf16),
+            reason: format!("counting launch failed (code {rc})"),
+        });
+    }
+    Ok(v)
+}
+
+#[cfg(not(emu_counting))]
+fn count_raw(kernel: CountedKernel, bf16: bool, _chunks: i32) -> Result<[u64; N_COUNTERS]> {
+    Err(Error::Emu {
+        kernel: kernel.symbol(bf16),
+        reason: "the emulator's counting build was not built (x86-64 Linux with g++, GNU ld and objcopy)".into(),
+    })
+}
+
+/// Profiles `kernel` on the counting build: one CTA (h0 and dh_t given,
+/// random inputs, decays in [0.6, 1)) over 2 and over 4 chunks of 16 tokens;
+/// per chunk = the difference / 2, fixed = the rest.
+pub fn profile_wkv7(kernel: CountedKernel, bf16: bool) -> Result<Wkv7Profile> {
+    let c2 = CtaCounts::from_raw(&count_raw(kernel, bf16, 2)?);
+    let c4 = CtaCounts::from_raw(&count_raw(kernel, bf16, 4)?);
+    let per_chunk = CtaCounts::zip(&c4, &c2, |a, b| (a - b) / 2.0);
+    let fixed = CtaCounts::zip(&c2, &per_chunk, |a, p| a - 2.0 * p);
+    Ok(Wkv7Profile {
+        kernel,
+        per_chunk,
+        fixed,
+    })
+}
+
+#[doc(hidden)] // for tests/emu_counters.rs
+/// Shared-memory (requests, wavefronts) of `emu_selftest_banks` (one warp,
+/// one store and one load at word lane × `stride`) on the counting build.
+pub fn selftest_banks(stride: i32) -> Result<(u64, u64)> {
+    #[cfg(emu_counting)]
+    {
+        let mut v = [0u64; N_COUNTERS];
+        // SAFETY: the entry owns its buffers and writes at most v.len() values.
+        let rc = unsafe { emu_cnt_selftest_banks(stride, v.as_mut_ptr(), v.len() as i32) };
+        if rc != 0 {
+            return Err(Error::Emu {
+                kernel: "emu_selftest_banks".into(),
+                reason: format!("counting launch failed (code {rc})"),
+            });
+        }
+        Ok((v[7], v[8]))
+    }
+    #[cfg(not(emu_counting))]
+    {
+        let _ = stride;
+        count_raw(CountedKernel::FwdV1, false, 1).map(|_| (0, 0))
+    }
+}
+
+/// A GPU for the time model, with the model's per-SM rates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuModel {
+    /// Name in reports.
+    pub name: &'static str,
+    /// Streaming multiprocessors.
+    pub sms: u32,
+    /// SM clock in GHz.
+    pub ghz: f64,
+    /// HBM bandwidth in GB/s.
+    pub hbm_gbs: f64,
+    /// bf16 m16n8k16 `mma.sync` per SM per clock (an assumption).
+    pub mma_per_clk: f64,
+    /// Shared-memory wavefronts per SM per clock.
+    pub wavefronts_per_clk: f64,
+    /// Warp instructions issued per SM per clock.
+    pub issue_per_clk: f64,
+    /// Exposed cycles per `__syncthreads` per CTA (an assumption).
+    pub barrier_clk: f64,
+}
+
+/// H100 SXM: 132 SMs at 1.755 GHz, 3.35 TB/s (rates: docs/emulation.md).
+pub const H100_SXM: GpuModel = GpuModel {
+    name: "H100 SXM",
+    sms: 132,
+    ghz: 1.755,
+    hbm_gbs: 3350.0,
+    mma_per_clk: 0.5,
+    wavefronts_per_clk: 1.0,
+    issue_per_clk: 4.0,
+    barrier_clk: 40.0,
+};
+
+/// H200: the H100's SMs with 4.8 TB/s.
+pub const H200: GpuModel = GpuModel {
+    name: "H200",
+    hbm_gbs: 4800.0,
+    ..H100_SXM
+};
+
+/// Registers per thread and static shared memory per CTA of a kernel, from
+/// `.ci/ptxas-report`'s output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Registers per thread.
+    pub regs: u32,
+    /// Shared memory per CTA in bytes.
+    pub smem: u32,
+}
+
+/// Finds `kernel`'s line in `.ci/ptxas-report`'s output
+/// (`  <name>  regs  <r>  smem  <s> B  stack ...`).
+pub fn ptxas_resources(report: &str, kernel: &str) -> Option<KernelResources> {
+    report.lines().find_map(|line| {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            [name, "regs", r, "smem", s, ..] if *name == kernel => Some(KernelResources {
+                regs: r.parse().ok()?,
+                smem: s.parse().ok()?,
+            }),
+            _ => None,
+        }
+    })
+}
+
+/// An ESTIMATED time of one kernel at a shape (each bound in ms; `ms` is the
+/// largest). A model, not a measurement: docs/emulation.md.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// CTAs resident per SM.
+    pub ctas_per_sm: u32,
+    /// Waves of CTAs.
+    pub waves: u32,
+    /// Tensor-core bound.
+    pub mma_ms: f64,
+    /// Shared-memory wavefront bound.
+    pub smem_ms: f64,
+    /// Issue bound of the counted instructions (no ALU: a lower bound).
+    pub issue_ms: f64,
+    /// Barrier latency bound.
+    pub barrier_ms: f64,
+    /// HBM bound (each byte asked for moved once).
+    pub hbm_ms: f64,
+    /// The estimate: the largest bound.
+    pub ms: f64,
+}
+
+/// Estimates `p` at batch `b`, length `t`, heads `h` (N = 64) on `gpu`.
+/// Without `res` occupancy is limited by threads only.
+pub fn estimate(
+    p: &Wkv7Profile,
+    (b, t, h): (usize, usize, usize),
+    gpu: &GpuModel,
+    res: Option<KernelResources>,
+) -> Estimate {
+    let threads = p.kernel.threads();
+    let warps = threads.div_ceil(32);
+    let mut per_sm = 32u32.min(2048 / threads);
+    if let Some(r) = res {
+        let warp_regs = (r.regs * 32).div_ceil(256) * 256;
+        if warp_regs > 0 {
+            per_sm = per_sm.min(65536 / (warp_regs * warps));
+        }
+        per_sm = per_sm.min(228 * 1024 / (r.smem + 1024));
+    }
+    let per_sm = per_sm.max(1);
+    let ctas = (b * h) as f64;
+    let chunks = t.div_ceil(16) as f64;
+    let slots = f64::from(gpu.sms * per_sm);
+    let waves = (ctas / slots).ceil().max(1.0);
+    let resident = f64::from(per_sm).min((ctas / f64::from(gpu.sms)).ceil());
+    // one CTA's totals over the whole sequence
+    let cta = CtaCounts::zip(&p.fixed, &p.per_chunk, |f, c| f + chunks * c);
+    let clk_ms = 1.0 / (gpu.ghz * 1e6);
+    // the CTAs resident on one SM share its pipes, wave after wave
+    let shared = |per_cta: f64, rate: f64| per_cta * resident / rate * clk_ms * waves;
+    let mma_ms = shared(cta.mma_m16n8k16, gpu.mma_per_clk);
+    let smem_ms = shared(cta.smem_wavefronts, gpu.wavefronts_per_clk);
+    let instr = cta.mma_m16n8k16
+        + cta.smem_requests
+        + cta.shuffles
+        + (cta.gmem_read_sectors + cta.gmem_write_sectors) / 4.0;
+    let issue_ms = shared(instr, gpu.issue_per_clk);
+    let barrier_ms = cta.block_barriers * gpu.barrier_clk * clk_ms * waves;
+    let hbm_ms = ctas * (cta.gmem_read_bytes + cta.gmem_write_bytes) / (gpu.hbm_gbs * 1e6);
+    let ms = mma_ms
+        .max(smem_ms)
+        .max(issue_ms)
+        .max(barrier_ms)
+        .max(hbm_ms);
+    Estimate {
+        ctas_per_sm: per_sm,
+        waves: waves as u32,
+        mma_ms,
+        smem_ms,
+        issue_ms,
+        barrier_ms,
+        hbm_ms,
+        ms,
+    }
+}
+
+/// The report of `rwkv-tune bench --backend emu --counters`: per kernel the
+/// counters per CTA per chunk, then the ESTIMATED times at (b, t, h, N = 64)
+/// on an H100 SXM and an H200. `ptxas_report` is `.ci/ptxas-report`'s
+/// output (registers and shared memory; without it occupancy is limited by
+/// threads only). Takes a few seconds.
+pub fn counters_report(
+    (b, t, h): (usize, usize, usize),
+    bf16: bool,
+    ptxas_report: Option<&str>,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let dt = if bf16 { "bf16" } else { "f32" };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "WKV-7 counters from the CPU emulator's counting build, N = 64, {dt}, h0 and dh_t given.\n\
+         Per CTA per chunk of 16 tokens (one CTA emulated over 2 and 4 chunks; \
+         the fixed part is in rwkv_tune::emu::profile_wkv7):"
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:>9} {:>10} {:>6} {:>7} {:>8} {:>6} {:>9} {:>9} {:>10} {:>5}",
+        "kernel",
+        "smem_req",
+        "smem_wave",
+        "w/req",
+        "mma",
+        "barriers",
+        "shfl",
+        "g_read_B",
+        "g_write_B",
+        "sectors_B",
+        "other"
+    );
+    let mut profiles = Vec::new();
+    for k in CountedKernel::ALL {
+        let p = profile_wkv7(k, bf16)?;
+        let c = &p.per_chunk;
+        let _ = writeln!(
+            s,
+            "{:<24} {:>9.0} {:>10.0} {:>6.2} {:>7.0} {:>8.0} {:>6.0} {:>9.0} {:>9.0} {:>10.0} {:>5.0}",
+            k.symbol(bf16),
+            c.smem_requests,
+            c.smem_wavefronts,
+            if c.smem_requests > 0.0 {
+                c.smem_wavefronts / c.smem_requests
+            } else {
+                0.0
+            },
+            c.mma_m16n8k16,
+            c.block_barriers,
+            c.shuffles,
+            c.gmem_read_bytes,
+            c.gmem_write_bytes,
+            32.0 * (c.gmem_read_sectors + c.gmem_write_sectors),
+            c.other_accesses
+        );
+        profiles.push(p);
+    }
+    let _ = writeln!(
+        s,
+        "\nESTIMATED times (a model, not a measurement: docs/emulation.md) at B={b} T={t} H={h} N=64 {dt}:"
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:>5} {:>6} {:>6} {:>5} {:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "kernel",
+        "regs",
+        "smem",
+        "CTA/SM",
+        "waves",
+        "gpu",
+        "mma",
+        "smem",
+        "issue",
+        "barrier",
+        "hbm",
+        "EST ms"
+    );
+    let mut sums = [[0f64; 2]; 2];
+    for p in &profiles {
+        let sym = p.kernel.symbol(bf16);
+        let res = ptxas_report.and_then(|r| ptxas_resources(r, &sym));
+        for (gi, gpu) in [H100_SXM, H200].iter().enumerate() {
+            let e = estimate(p, (b, t, h), gpu, res);
+            let v = usize::from(matches!(
+                p.kernel,
+                CountedKernel::FwdV2 | CountedKernel::BwdV2
+            ));
+            sums[gi][v] += e.ms;
+            let _ = writeln!(
+                s,
+                "{:<24} {:>5} {:>6} {:>6} {:>5} {:<9} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3}",
+                sym,
+                res.map_or("?".into(), |r| r.regs.to_string()),
+                res.map_or("?".into(), |r| r.smem.to_string()),
+                e.ctas_per_sm,
+                e.waves,
+                gpu.name,
+                e.mma_ms,
+                e.smem_ms,
+                e.issue_ms,
+                e.barrier_ms,
+                e.hbm_ms,
+                e.ms
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "ESTIMATED forward + backward: v1 {:.2} ms (H100 SXM), {:.2} ms (H200); v2 {:.2} ms (H100 SXM), {:.2} ms (H200)",
+        sums[0][0], sums[1][0], sums[0][1], sums[1][1]
+    );
+    if ptxas_report.is_none() {
+        let _ = writeln!(
+            s,
+            "(no ptxas report given: occupancy limited by threads only; pass --ptxas-report FILE from .ci/ptxas-report)"
+        );
+    }
+    Ok(s)
 }

@@ -218,7 +218,7 @@ impl Geom {
         max_blocks: 8192,
         rows_per_block: 4,
     };
-    /// For the CPU emulator (one OS thread per CUDA thread, one block at a
+    /// For the CPU emulator (one fiber per CUDA thread, one block at a
     /// time): one block of 64 threads, looping over everything.
     pub const EMU: Geom = Geom {
         elem_block: 64,

@@ -52,6 +52,41 @@ pub struct BenchArgs {
     /// write the rows as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
+    /// with --backend emu: print the emulator's performance counters of the
+    /// v1/v2 kernels (N = 64) per chunk and ESTIMATED H100/H200 times at the
+    /// shape (default 8,4096,64,64,bf16) instead of timing (docs/emulation.md)
+    #[arg(long)]
+    counters: bool,
+    /// with --counters: `.ci/ptxas-report`'s output, for registers and shared
+    /// memory per kernel (occupancy)
+    #[arg(long)]
+    ptxas_report: Option<PathBuf>,
+}
+
+/// `--counters`: the emulator's counters and the estimates, no timing.
+fn run_counters(a: &BenchArgs) -> Result<()> {
+    let (d, dtype) = match &a.shapes {
+        Some(s) => *parse_shapes(s)?
+            .first()
+            .context("--counters needs one shape")?,
+        None => parse_shapes("8,4096,64,64,bf16")?[0],
+    };
+    if d.n != 64 {
+        bail!(
+            "--counters profiles the N = 64 kernels; shape has N = {}",
+            d.n
+        );
+    }
+    let report = match &a.ptxas_report {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let text =
+        rwkv_tune::emu::counters_report((d.b, d.t, d.h), dtype == DType::BF16, report.as_deref())?;
+    print!("{text}");
+    Ok(())
 }
 
 fn parse_shapes(s: &str) -> Result<Vec<(Dims, DType)>> {
@@ -141,6 +176,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         },
         other => Backend::from_name(other)?,
     };
+    if a.counters {
+        if backend.name() != "emu" {
+            bail!("--counters needs --backend emu (the counters come from the CPU emulator)");
+        }
+        return run_counters(&a);
+    }
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
