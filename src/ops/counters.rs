@@ -68,6 +68,9 @@ ops! {
     DbpStep => "dbp_step",
     EyeAxpy => "eye_axpy",
     Fill => "fill",
+    TokScore => "tok_score",
+    TokMatch => "tok_match",
+    TokGather => "tok_gather",
 }
 
 const N_OPS: usize = Op::ALL.len();
