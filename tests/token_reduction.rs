@@ -229,11 +229,20 @@ fn plan_keeps_order_and_protected_tokens_and_merges_by_size() {
     let sizes = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0];
     // A = the 4 least important unprotected rows: 1, 2, 5, then 4 (0.7 < 0.8)
     // matcher: 1 → B[0] (row 0), 2 → B[1] (row 3), 4 → B[1] (row 3), 5 → B[2] (row 6)
-    let plan = plan_layer(&scores, &prot, &sizes, 0.5, Method::Hybrid, 0.5, |a, b| {
-        assert_eq!(a, [1, 2, 4, 5]);
-        assert_eq!(b, [0, 3, 6, 7]);
-        Ok((vec![0, 1, 1, 2], vec![0.9, 0.8, 0.3, 0.7]))
-    })
+    let plan = plan_layer(
+        &scores,
+        &prot,
+        &sizes,
+        0.5,
+        Method::Hybrid,
+        0.5,
+        true,
+        |a, b| {
+            assert_eq!(a, [1, 2, 4, 5]);
+            assert_eq!(b, [0, 3, 6, 7]);
+            Ok((vec![0, 1, 1, 2], vec![0.9, 0.8, 0.3, 0.7]))
+        },
+    )
     .unwrap()
     .unwrap();
     // round(0.5·8) = 4 links wanted, all 4 of A: every one removed
@@ -260,9 +269,16 @@ fn plan_keeps_order_and_protected_tokens_and_merges_by_size() {
     assert_eq!(oe, out);
 
     // prune only: nothing merged, sizes unchanged
-    let p = plan_layer(&scores, &prot, &sizes, 0.25, Method::Prune, 0.5, |a, _| {
-        Ok((vec![0; a.len()], vec![0.5, 0.9, 0.1, 0.2]))
-    })
+    let p = plan_layer(
+        &scores,
+        &prot,
+        &sizes,
+        0.25,
+        Method::Prune,
+        0.5,
+        true,
+        |a, _| Ok((vec![0; a.len()], vec![0.5, 0.9, 0.1, 0.2])),
+    )
     .unwrap()
     .unwrap();
     // 2 links wanted: the best cosines are rows 2 (0.9) and 1 (0.5)
@@ -270,14 +286,40 @@ fn plan_keeps_order_and_protected_tokens_and_merges_by_size() {
     assert_eq!(p.res, p.hid);
     assert_eq!(p.res.src, [0, 3, 4, 5, 6, 7]);
     assert_eq!(p.sizes, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+    // protected rows are no merge targets by default: A = half of the 6
+    // unprotected rows (1, 5, 2 → [1, 2, 5]), B = the other unprotected ones
+    let p = plan_layer(
+        &scores,
+        &prot,
+        &sizes,
+        0.5,
+        Method::Merge,
+        0.5,
+        false,
+        |a, b| {
+            assert_eq!(a, [1, 2, 5]);
+            assert_eq!(b, [0, 3, 4]);
+            Ok((vec![2, 2, 0], vec![0.1, 0.2, 0.3]))
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(p.keep, [0, 3, 4, 6, 7]);
+    assert_eq!(p.res.src, [0, 5, 3, 4, 1, 2, 6, 7]);
+    assert_eq!(p.res, p.hid);
     // ratio 0: no plan at all
-    assert!(
-        plan_layer(&scores, &prot, &sizes, 0.0, Method::Merge, 0.5, |_, _| {
-            unreachable!()
-        })
-        .unwrap()
-        .is_none()
-    );
+    assert!(plan_layer(
+        &scores,
+        &prot,
+        &sizes,
+        0.0,
+        Method::Merge,
+        0.5,
+        true,
+        |_, _| { unreachable!() }
+    )
+    .unwrap()
+    .is_none());
 }
 
 #[test]

@@ -203,6 +203,11 @@ pub struct ReduceConfig {
     pub q: f64,
     /// Tokens at the start never removed (e.g. a system prompt).
     pub protect_first: usize,
+    /// Whether removed tokens may be merged into protected ones (the
+    /// paper has no protected tokens; default `false`: protected tokens
+    /// stay exactly as the dense model computes them up to the anchor, so
+    /// neither removed nor averaged; see docs/token-reduction.md).
+    pub merge_into_protected: bool,
 }
 
 impl ReduceConfig {
@@ -221,6 +226,7 @@ impl ReduceConfig {
             sim: Similarity::Feature,
             q: 0.5,
             protect_first: 0,
+            merge_into_protected: false,
         })
     }
 
@@ -428,8 +434,10 @@ pub struct Plan {
 /// RWKV-7 choices of docs/token-reduction.md):
 ///
 /// 1. the unprotected rows, by ascending `scores` (lower index first on
-///    ties), give set A: the `min(#unprotected, T/2)` least important;
-///    every other row (the protected ones included) is a candidate in B;
+///    ties), give set A: with `into_protected`, the `min(#unprotected,
+///    T/2)` least important, every other row (the protected ones included)
+///    a candidate in B; without, half of the unprotected rows (rounded
+///    down) in A, the other unprotected rows in B;
 /// 2. `matcher(A, B)` links each row of A to its most similar row of B
 ///    (position in B, cosine);
 /// 3. the `round(ratio·T)` links of highest cosine (lower index first)
@@ -449,6 +457,7 @@ pub fn plan_layer(
     ratio: f64,
     method: Method,
     q: f64,
+    into_protected: bool,
     matcher: impl FnOnce(&[u32], &[u32]) -> Result<(Vec<u32>, Vec<f32>)>,
 ) -> Result<Option<Plan>> {
     let t = scores.len();
@@ -462,7 +471,11 @@ pub fn plan_layer(
     check_ratio(ratio)?;
     let want = (ratio * t as f64).round() as usize;
     let mut cand: Vec<u32> = (0..t as u32).filter(|&i| !protected[i as usize]).collect();
-    let na = cand.len().min(t / 2);
+    let na = if into_protected {
+        cand.len().min(t / 2)
+    } else {
+        cand.len() / 2
+    };
     if want == 0 || na == 0 {
         return Ok(None);
     }
@@ -478,7 +491,9 @@ pub fn plan_layer(
     for &i in &set_a {
         in_a[i as usize] = true;
     }
-    let set_b: Vec<u32> = (0..t as u32).filter(|&i| !in_a[i as usize]).collect();
+    let set_b: Vec<u32> = (0..t as u32)
+        .filter(|&i| !in_a[i as usize] && (into_protected || !protected[i as usize]))
+        .collect();
     let (best, sim) = matcher(&set_a, &set_b)?;
     if best.len() != na || sim.len() != na || best.iter().any(|&j| j as usize >= set_b.len()) {
         return Err(ReduceError::Map("the matcher returned a bad link list".into()).into());
@@ -675,6 +690,7 @@ impl Model {
                         ratio,
                         red.method,
                         red.q,
+                        red.merge_into_protected,
                         |a, b| {
                             rep.flops += match_cost(a.len(), b.len(), c);
                             Ok(twin::matching(simv, c, a, b))
@@ -821,6 +837,7 @@ impl<D: BackwardOps + ReduceOps> DeviceModel<D> {
                         ratio,
                         red.method,
                         red.q,
+                        red.merge_into_protected,
                         |a, b| {
                             mc = match_cost(a.len(), b.len(), c);
                             o.tok_match(nr, c, simv, a, b)

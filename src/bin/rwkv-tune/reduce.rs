@@ -43,6 +43,10 @@ pub struct ReduceArgs {
     /// instead of the FLOPs to save.
     #[arg(long)]
     pub reduce_per_layer: bool,
+    /// Let removed tokens be merged into protected ones (by default the
+    /// protected tokens are left exactly as computed).
+    #[arg(long)]
+    pub reduce_into_protected: bool,
 }
 
 impl ReduceArgs {
@@ -70,6 +74,7 @@ impl ReduceArgs {
             .parse::<Score>()
             .context("--reduce-score")?;
         red.q = self.reduce_q;
+        red.merge_into_protected = self.reduce_into_protected;
         red.sim = match self.reduce_sim {
             Sim::Feature => Similarity::Feature,
             Sim::Dx => Similarity::Dx,

@@ -321,6 +321,9 @@ pub fn run(a: ReduceBenchArgs) -> anyhow::Result<()> {
             variants.push((format!("score {s}"), r));
         }
         let mut r = base.clone();
+        r.merge_into_protected = true;
+        variants.push(("merge into protected tokens too".into(), r));
+        let mut r = base.clone();
         r.sim = Similarity::Dx;
         variants.push(("similarity dx".into(), r));
         for q in [0.0, 0.25, 0.75, 1.0] {
