@@ -201,10 +201,14 @@ impl<D: BackwardOps> DeviceModel<D> {
         Ok(out)
     }
 
-    /// The backend, config, `ln0(emb)` table and layers (for the reduced
-    /// forward of `super::reduce`).
-    pub(crate) fn parts(&self) -> (&D, &Config, &D::Buf, &[DevLayer<D::Buf, D::Mat>]) {
-        (&self.ops, &self.cfg, &self.emb_ln, &self.layers)
+    /// The `ln0(emb)` table (for the reduced forward of `super::reduce`).
+    pub(crate) fn emb_ln(&self) -> &D::Buf {
+        &self.emb_ln
+    }
+
+    /// The layers' weights (for the reduced forward of `super::reduce`).
+    pub(crate) fn dev_layers(&self) -> &[DevLayer<D::Buf, D::Mat>] {
+        &self.layers
     }
 
     /// Checks a device state against this model.

@@ -747,8 +747,8 @@ impl<D: BackwardOps + ReduceOps> DeviceModel<D> {
         protect_last: usize,
         which: Logits,
     ) -> Result<Reduced> {
-        let (o, cfg, emb_ln, layers) = self.parts();
-        let cfg = cfg.clone();
+        let (o, emb_ln, layers) = (self.ops(), self.emb_ln(), self.dev_layers());
+        let cfg = self.config().clone();
         red.validate(cfg.n_layer)?;
         let mut ds = self.upload_state(state)?;
         self.check_dev_state(&ds)?;
