@@ -9,7 +9,7 @@
 //!   is the size-weighted mean, on hand-made inputs;
 //! - a reduced forward agrees between the CPU model and the emulated device
 //!   model (same surviving positions, logits within 1e-4 relative);
-//! - bad options are refused with typed errors;
+//! - bad options are refused with typed errors; the param structs match C;
 //! - on the tiny trained model (../shared; SKIPPED when absent), the logit
 //!   drift of the protected tail grows with the ratio.
 use std::path::PathBuf;
@@ -463,4 +463,19 @@ fn tiny_trained_model_drift_grows_with_ratio() {
     }
     eprintln!("tail logit drift at 10 % / 30 %: {drift:?}");
     assert!(drift[0] < drift[1], "{drift:?}");
+}
+
+/// The Rust mirrors of the reduction kernels' param structs match the C
+/// compiler's layout.
+#[test]
+fn reduce_params_layout_matches_c() {
+    use rwkv_tune::params::{TokGatherParams, TokMatchParams, TokScoreParams};
+    macro_rules! check {
+        ($($t:ty),*) => {$(
+            let (size, offs) = <$t>::c_layout();
+            assert_eq!(size, std::mem::size_of::<$t>(), "sizeof {}", stringify!($t));
+            assert_eq!(offs, <$t>::OFFSETS.to_vec(), "offsets of {}", stringify!($t));
+        )*};
+    }
+    check!(TokScoreParams, TokMatchParams, TokGatherParams);
 }
