@@ -129,7 +129,7 @@ pub enum Error {
     },
     /// Token-reduction options that cannot be used (see [`ReduceError`]).
     #[error("token reduction: {0}")]
-    Reduce(#[from] ReduceError),
+    Reduce(ReduceError),
     /// What was being done when `source` happened (e.g. `loading observer
     /// big.safetensors`).
     #[error("{what}")]
@@ -146,7 +146,7 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ReduceError {
     /// A reduction ratio outside `[0, 1)` (or not finite).
-    #[error("ratio {0} is outside [0, 1): give the fraction of tokens to remove, e.g. 0.2")]
+    #[error("ratio {0} is outside [0, 1): give a fraction such as 0.2")]
     Ratio(f64),
     /// An anchor layer the model does not have.
     #[error("layer {layer} does not exist (the model has layers 0..{n_layer})")]
@@ -186,6 +186,14 @@ pub enum ReduceError {
     /// A gather map that is not a valid order-preserving CSR map.
     #[error("invalid gather map: {0}")]
     Map(String),
+}
+
+// By hand, not `#[from]`: the message already includes the inner one, and a
+// `source` would print it twice in an error chain.
+impl From<ReduceError> for Error {
+    fn from(e: ReduceError) -> Self {
+        Error::Reduce(e)
+    }
 }
 
 /// `Result` with the library's [`Error`].
