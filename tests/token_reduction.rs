@@ -11,7 +11,9 @@
 //!   model (same surviving positions, logits within 1e-4 relative);
 //! - bad options are refused with typed errors; the param structs match C;
 //! - on the tiny trained model (../shared; SKIPPED when absent), the logit
-//!   drift of the protected tail grows with the ratio.
+//!   drift of the protected tail grows with the ratio;
+//! - on a GPU (SKIPPED without one): the CUDA kernels and reduced forward
+//!   against the CPU.
 use std::path::PathBuf;
 
 use rwkv_tune::error::{Error, ReduceError};
@@ -478,4 +480,66 @@ fn reduce_params_layout_matches_c() {
         )*};
     }
     check!(TokScoreParams, TokMatchParams, TokGatherParams);
+}
+
+/// On a GPU (SKIPPED without one): the CUDA kernels against the twins and
+/// the reduced forward of `DeviceModel<CudaOps>` against the CPU model.
+#[test]
+fn cuda_kernels_and_reduced_forward_match_cpu() {
+    let gpu = match rwkv_tune::cuda::Gpu::new(0) {
+        Ok(g) => std::sync::Arc::new(g),
+        Err(e) => {
+            rwkv_tune::cuda::skip_gpu("token reduction on cuda", &e);
+            return;
+        }
+    };
+    let cuda = rwkv_tune::ops::cuda::CudaOps::new(gpu).unwrap();
+    let (rows, c) = (300, 96);
+    let mut g = Rng::new(5);
+    let x = g.normal_vec(rows * c, 1.0);
+    let xd = cuda.upload(&x).unwrap();
+    for m in [
+        Metric::Clip,
+        Metric::L1,
+        Metric::L2,
+        Metric::Mean,
+        Metric::Erase,
+    ] {
+        let got = cuda.tok_score(rows, c, m, &xd).unwrap();
+        assert!(
+            rel(&got, &twin::score(&x, rows, c, m)) < 1e-6,
+            "score {m:?}"
+        );
+    }
+    let a: Vec<u32> = (0..rows as u32).step_by(2).collect();
+    let b: Vec<u32> = (1..rows as u32).step_by(2).collect();
+    let (f, s) = cuda.tok_match(rows, c, &xd, &a, &b).unwrap();
+    let (ft, st) = twin::matching(&x, c, &a, &b);
+    assert_eq!(f, ft, "match");
+    assert!(rel(&s, &st) < 1e-6);
+    let map = GatherMap {
+        rows_in: rows,
+        ptr: (0..=(rows / 2) as u32).map(|k| 2 * k).collect(),
+        src: (0..rows as u32).collect(),
+        w: (0..rows).map(|i| 1.0 + (i % 3) as f32).collect(),
+    };
+    let mut o = cuda.zeros(rows / 2 * c).unwrap();
+    cuda.tok_gather(c, &xd, &map, &mut o).unwrap();
+    let o = cuda.download(&o).unwrap();
+    assert!(rel(&o, &twin::gather(&x, c, &map)) < 1e-6, "gather");
+
+    let (w, cpu) = tiny_model();
+    let dm = DeviceModel::new(cuda, &w).unwrap();
+    let toks = tokens(40, 61);
+    let red = ReduceConfig::uniform(&[1, 2], 0.25).unwrap();
+    let mut sc = cpu.new_state();
+    let rc = cpu
+        .forward_reduced(&toks, &mut sc, &red, 4, Logits::All)
+        .unwrap();
+    let mut sd = cpu.new_state();
+    let rd = dm
+        .forward_reduced(&toks, &mut sd, &red, 4, Logits::All)
+        .unwrap();
+    assert_eq!(rd.positions, rc.positions);
+    assert!(rel(&rd.logits, &rc.logits) < 1e-4);
 }
