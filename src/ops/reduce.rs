@@ -186,11 +186,28 @@ pub mod twin {
             .collect()
     }
 
+    /// [`lane_sum`] of `p_j · q_j`, written lane-block by lane-block (32
+    /// lanes at a time, the same order per lane) so that it vectorizes.
+    fn lane_dot(p: &[f32], q: &[f32]) -> f32 {
+        let mut v = [0f32; 32];
+        let mut pc = p.chunks_exact(32);
+        let mut qc = q.chunks_exact(32);
+        for (pb, qb) in (&mut pc).zip(&mut qc) {
+            for l in 0..32 {
+                v[l] += pb[l] * qb[l];
+            }
+        }
+        for (l, (x, y)) in pc.remainder().iter().zip(qc.remainder()).enumerate() {
+            v[l] += x * y;
+        }
+        warp_sum(v)
+    }
+
     /// `red_match_f32`: for each row `a[i]` of `x [·, C]`, the position in
     /// `b` of its most cosine-similar row (first on ties) and that cosine.
     pub fn matching(x: &[f32], c: usize, a: &[u32], b: &[u32]) -> (Vec<u32>, Vec<f32>) {
         let row = |i: u32| &x[i as usize * c..(i as usize + 1) * c];
-        let norm = |r: &[f32]| lane_sum(c, |j| r[j] * r[j]).sqrt();
+        let norm = |r: &[f32]| lane_dot(r, r).sqrt();
         // the kernel computes |b| per pair; the value is the same, so once here
         let nbs: Vec<f32> = b.iter().map(|&bi| norm(row(bi))).collect();
         let out: Vec<(u32, f32)> = a
@@ -202,7 +219,7 @@ pub mod twin {
                 let mut arg = 0u32;
                 for (bj, &bi) in b.iter().enumerate() {
                     let xb = row(bi);
-                    let d = lane_sum(c, |j| xa[j] * xb[j]);
+                    let d = lane_dot(xa, xb);
                     let nb = nbs[bj];
                     let cs = d / (na * nb).max(1e-12);
                     if cs > best {
