@@ -412,6 +412,10 @@ fn bad_options_are_refused_with_typed_errors() {
         ReduceConfig::for_target(&cfg, &[1], 0.9),
         Err(Error::Reduce(ReduceError::Unreachable { .. }))
     ));
+    assert!(matches!(
+        ReduceConfig::for_target(&cfg, &[], 0.1),
+        Err(Error::Reduce(ReduceError::Unreachable { .. }))
+    ));
     // a target that is reachable gives a per-layer ratio in (0, 0.5]
     let t = ReduceConfig::for_target(&cfg, &[0, 1], 0.2).unwrap();
     assert!(t.anchors.iter().all(|a| a.ratio > 0.0 && a.ratio <= 0.5));

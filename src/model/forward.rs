@@ -323,13 +323,8 @@ impl Model {
         state: &mut State,
         mut traces: Option<&mut Vec<LayerTrace>>,
     ) -> Vec<f32> {
-        let c = self.weights.config.n_embd;
         let t = tokens.len();
-        let mut x = vec![0.0; t * c];
-        for (row, &tok) in x.chunks_mut(c).zip(tokens) {
-            let e = tok as usize * c;
-            row.copy_from_slice(&self.emb_ln[e..e + c]);
-        }
+        let mut x = self.embed_rows(tokens);
         if t == 0 {
             return x;
         }

@@ -236,7 +236,7 @@ impl ReduceConfig {
     pub fn for_target(cfg: &Config, layers: &[usize], target: f64) -> Result<Self> {
         check_ratio(target)?;
         check_layers(layers, cfg.n_layer)?;
-        if target == 0.0 || layers.is_empty() {
+        if target == 0.0 {
             return Self::uniform(layers, 0.0);
         }
         let max = expected_saving(cfg, layers, 0.5);
