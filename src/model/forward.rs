@@ -373,9 +373,9 @@ impl Model {
         state: &mut State,
         v_first: &mut Vec<f32>,
         mut trace: Option<LayerTrace>,
-        feat: Option<super::reduce::Source>,
+        feat: Option<crate::ops::reduce::Source>,
     ) -> (Vec<f32>, Option<Vec<f32>>, Option<LayerTrace>) {
-        use super::reduce::Source;
+        use crate::ops::reduce::Source;
         let mut feature = None;
         let cfg = &self.weights.config;
         let (c, n) = (cfg.n_embd, cfg.head_size);

@@ -29,7 +29,7 @@ use super::weights::Config;
 use crate::error::{Error, ReduceError, Result};
 use crate::ops::backward::BackwardOps;
 use crate::ops::reduce::{twin, ReduceOps};
-pub use crate::ops::reduce::{GatherMap, Metric};
+pub use crate::ops::reduce::{GatherMap, Metric, Source};
 
 /// Which tokens a reduction removes in the hidden (time-mix output) branch
 /// and the residual branch (`x`, `v_first`).
@@ -71,22 +71,6 @@ impl std::fmt::Display for Method {
             Method::Merge => "merge",
         })
     }
-}
-
-/// The per-token vector of an anchor layer that scores (and, with
-/// [`Similarity::Feature`], matches) the tokens.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Source {
-    /// The raw WKV output `y = S r` (all heads, before `ln_x`): the
-    /// analogue of the paper's SSM output.
-    #[default]
-    Wkv,
-    /// `(ln_x(y) + bonus) ⊙ g`, the input of the output projection.
-    Gated,
-    /// The time mix's output `dx` (after `W_o`, what the released code scores).
-    Out,
-    /// The decay `w` (with [`Metric::Erase`]: "erase strength" `mean(1 − w)`).
-    Decay,
 }
 
 /// An importance score: a feature [`Source`] and a [`Metric`].

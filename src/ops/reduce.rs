@@ -53,6 +53,22 @@ impl Metric {
     }
 }
 
+/// The per-token vector of an anchor layer that scores (and, with
+/// [`Similarity::Feature`], matches) the tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The raw WKV output `y = S r` (all heads, before `ln_x`): the
+    /// analogue of the paper's SSM output.
+    #[default]
+    Wkv,
+    /// `(ln_x(y) + bonus) ⊙ g`, the input of the output projection.
+    Gated,
+    /// The time mix's output `dx` (after `W_o`, what the released code scores).
+    Out,
+    /// The decay `w` (with [`Metric::Erase`]: "erase strength" `mean(1 − w)`).
+    Decay,
+}
+
 /// An order-preserving gather / weighted scatter-mean in CSR form: output
 /// row `k` is the `w`-weighted mean of input rows `src[ptr[k]..ptr[k+1]]`,
 /// summed in that order.
