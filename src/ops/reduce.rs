@@ -54,7 +54,7 @@ impl Metric {
 }
 
 /// The per-token vector of an anchor layer that scores (and, with
-/// [`Similarity::Feature`], matches) the tokens.
+/// the `Similarity::Feature` of `model::reduce`, matches) the tokens.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Source {
     /// The raw WKV output `y = S r` (all heads, before `ln_x`): the
