@@ -526,3 +526,44 @@ typedef struct SumsqParams {
 } SumsqParams;
 /*   x [n]; partial [gridDim.x]: block b writes the sum of x[i]^2 over the
  *   elements its grid-stride loop visits (the host adds the partials in f64). */
+
+/* Training-free token reduction (kernels/reduce_ops.cu; issue 15).
+ * Token indices travel as exact f32 values (every index < 2^24, checked on
+ * the host by src/ops/reduce.rs before upload). */
+typedef struct TokScoreParams {
+  int32_t rows;
+  int32_t C;
+  int32_t metric;
+  const float* x;
+  float* score;
+} TokScoreParams;
+/*   x [rows, C]; score [rows]. metric 0: mean_j max(0, x) (the paper's "clip"),
+ *   1: mean_j |x|, 2: sqrt(mean_j x^2), 3: mean_j x, 4: mean_j (1 - x)
+ *   (erase strength when x is the decay). One warp per row. */
+
+typedef struct TokMatchParams {
+  int32_t na;
+  int32_t nb;
+  int32_t C;
+  const float* x;
+  const float* a_idx;
+  const float* b_idx;
+  float* best;
+  float* sim;
+} TokMatchParams;
+/*   x [rows, C]; a_idx [na], b_idx [nb] row indices of x; best [na] (the
+ *   position in b_idx, as f32) and sim [na]: argmax_j cos(x[a_i], x[b_j]),
+ *   first j on ties. One warp per a row. */
+
+typedef struct TokGatherParams {
+  int32_t K;
+  int32_t C;
+  const float* x;
+  const float* ptr;
+  const float* src;
+  const float* w;
+  float* out;
+} TokGatherParams;
+/*   x [rows, C]; ptr [K + 1], src / w [ptr[K]] (CSR: output row k is the
+ *   w-weighted mean of rows src[ptr[k] .. ptr[k+1]] of x, summed in that
+ *   order); out [K, C], distinct from x. */

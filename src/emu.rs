@@ -286,6 +286,14 @@ emu_ops_table!(TUNE_REDUCE, crate::params::ReduceParams;
 emu_ops_table!(TUNE_SUM_BATCH, crate::params::SumBatchParams;
     "tune_sum_batch_f32" => emu_tune_sum_batch_f32);
 
+// token reduction (kernels/reduce_ops.cu)
+emu_ops_table!(RED_SCORE, crate::params::TokScoreParams;
+    "red_score_f32" => emu_red_score_f32);
+emu_ops_table!(RED_MATCH, crate::params::TokMatchParams;
+    "red_match_f32" => emu_red_match_f32);
+emu_ops_table!(RED_GATHER, crate::params::TokGatherParams;
+    "red_gather_f32" => emu_red_gather_f32);
+
 /// Runs the emulated model-op kernel `kernel` (kernels/model_ops.cu) over
 /// `grid` × `block`.
 ///

@@ -127,6 +127,9 @@ pub enum Error {
         /// Its value.
         value: f32,
     },
+    /// Token-reduction options that cannot be used (see [`ReduceError`]).
+    #[error("token reduction: {0}")]
+    Reduce(ReduceError),
     /// What was being done when `source` happened (e.g. `loading observer
     /// big.safetensors`).
     #[error("{what}")]
@@ -137,6 +140,60 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+}
+
+/// Why a token-reduction setting (`model::reduce`) was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReduceError {
+    /// A reduction ratio outside `[0, 1)` (or not finite).
+    #[error("ratio {0} is outside [0, 1): give a fraction such as 0.2")]
+    Ratio(f64),
+    /// An anchor layer the model does not have.
+    #[error("layer {layer} does not exist (the model has layers 0..{n_layer})")]
+    UnknownLayer {
+        /// The layer asked for.
+        layer: usize,
+        /// Layers of the model.
+        n_layer: usize,
+    },
+    /// The same anchor layer given twice.
+    #[error("layer {0} is given twice")]
+    DuplicateLayer(usize),
+    /// The prune fraction `q` of the hybrid outside `[0, 1]`.
+    #[error("prune fraction q = {0} is outside [0, 1]")]
+    PruneFraction(f64),
+    /// A target saving that the anchor layers cannot reach (each anchor
+    /// removes at most half of its tokens).
+    #[error("a saving of {target} is out of reach with anchors {layers:?} (at most {max:.3})")]
+    Unreachable {
+        /// The saving asked for.
+        target: f64,
+        /// The anchor layers.
+        layers: Vec<usize>,
+        /// The most these anchors can save.
+        max: f64,
+    },
+    /// An unknown name for a method, score or similarity option.
+    #[error("unknown {what} {got:?} (expected one of {expected})")]
+    UnknownName {
+        /// Which option.
+        what: &'static str,
+        /// The name given.
+        got: String,
+        /// The names accepted.
+        expected: &'static str,
+    },
+    /// A gather map that is not a valid order-preserving CSR map.
+    #[error("invalid gather map: {0}")]
+    Map(String),
+}
+
+// By hand, not `#[from]`: the message already includes the inner one, and a
+// `source` would print it twice in an error chain.
+impl From<ReduceError> for Error {
+    fn from(e: ReduceError) -> Self {
+        Error::Reduce(e)
+    }
 }
 
 /// `Result` with the library's [`Error`].

@@ -201,8 +201,23 @@ impl<D: BackwardOps> DeviceModel<D> {
         Ok(out)
     }
 
+    /// The `ln0(emb)` table (for the reduced forward of `super::reduce`).
+    pub(crate) fn emb_ln(&self) -> &D::Buf {
+        &self.emb_ln
+    }
+
+    /// The layers' weights (for the reduced forward of `super::reduce`).
+    pub(crate) fn dev_layers(&self) -> &[DevLayer<D::Buf, D::Mat>] {
+        &self.layers
+    }
+
+    /// Checks a device state against this model.
+    pub(crate) fn check_dev_state(&self, s: &DeviceState<D::Buf>) -> Result<()> {
+        self.check_state(s)
+    }
+
     /// `ln_out` + head on `rows` rows of x from element `off`; to the host.
-    fn logits(&self, x: &D::Buf, off: usize, rows: usize) -> Result<Vec<f32>> {
+    pub(crate) fn logits(&self, x: &D::Buf, off: usize, rows: usize) -> Result<Vec<f32>> {
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab);
         let o = &self.ops;
         let mut xn = o.zeros(rows * c)?;

@@ -293,8 +293,24 @@ impl Model {
         Ok(())
     }
 
+    /// `ln0(emb)` rows of `tokens`, `[T, C]` (the residual stream entering layer 0).
+    pub(crate) fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
+        let c = self.weights.config.n_embd;
+        let mut x = vec![0.0; tokens.len() * c];
+        for (row, &tok) in x.chunks_mut(c).zip(tokens) {
+            let e = tok as usize * c;
+            row.copy_from_slice(&self.emb_ln[e..e + c]);
+        }
+        x
+    }
+
+    /// Checks `tokens` (in the vocabulary) and `state` (this model's shape).
+    pub(crate) fn check_run(&self, tokens: &[u32], state: &State) -> Result<()> {
+        self.check_inputs(tokens, state)
+    }
+
     /// Final LayerNorm and head on `m` rows of the residual stream.
-    fn logits(&self, x: &[f32], m: usize) -> Vec<f32> {
+    pub(crate) fn logits(&self, x: &[f32], m: usize) -> Vec<f32> {
         let c = self.weights.config.n_embd;
         let xn = layer_norm_rows(&x[..m * c], c, &self.weights.ln_out);
         mm(&xn, c, m, &self.head)
@@ -307,13 +323,8 @@ impl Model {
         state: &mut State,
         mut traces: Option<&mut Vec<LayerTrace>>,
     ) -> Vec<f32> {
-        let c = self.weights.config.n_embd;
         let t = tokens.len();
-        let mut x = vec![0.0; t * c];
-        for (row, &tok) in x.chunks_mut(c).zip(tokens) {
-            let e = tok as usize * c;
-            row.copy_from_slice(&self.emb_ln[e..e + c]);
-        }
+        let mut x = self.embed_rows(tokens);
         if t == 0 {
             return x;
         }
@@ -335,8 +346,37 @@ impl Model {
         t: usize,
         state: &mut State,
         v_first: &mut Vec<f32>,
-        mut trace: Option<LayerTrace>,
+        trace: Option<LayerTrace>,
     ) -> Option<LayerTrace> {
+        let c = self.weights.config.n_embd;
+        let (out, _, mut trace) = self.layer_att(l, x, t, state, v_first, trace, None);
+        par_rows(x, c, |tt, xr| {
+            for (a, b) in xr.iter_mut().zip(&out[tt * c..(tt + 1) * c]) {
+                *a += b;
+            }
+        });
+        if let Some(tr) = trace.as_mut() {
+            tr.x_mid = x.to_vec();
+        }
+        self.layer_ffn(l, x, t, state, trace)
+    }
+
+    /// The time mix of layer `l` over `x [T, C]` (not modified): returns its
+    /// output `dx [T, C]` (what the layer adds to x) and, when `feat` asks,
+    /// the token-reduction feature rows `[T, C]` it names.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_att(
+        &self,
+        l: usize,
+        x: &[f32],
+        t: usize,
+        state: &mut State,
+        v_first: &mut Vec<f32>,
+        mut trace: Option<LayerTrace>,
+        feat: Option<crate::ops::reduce::Source>,
+    ) -> (Vec<f32>, Option<Vec<f32>>, Option<LayerTrace>) {
+        use crate::ops::reduce::Source;
+        let mut feature = None;
         let cfg = &self.weights.config;
         let (c, n) = (cfg.n_embd, cfg.head_size);
         let blk = &self.weights.blocks[l];
@@ -459,6 +499,18 @@ impl Model {
         if let Some(tr) = trace.as_mut() {
             tr.y_wkv = y.clone();
         }
+        match feat {
+            Some(Source::Wkv) => feature = Some(y.clone()),
+            Some(Source::Decay) => {
+                feature = Some(
+                    rwkvab
+                        .chunks(6 * c)
+                        .flat_map(|r| r[c..2 * c].iter().copied())
+                        .collect(),
+                )
+            }
+            _ => {}
+        }
 
         // GroupNorm per head, r_k bonus, gate.
         {
@@ -487,19 +539,34 @@ impl Model {
             });
         }
         let out = mm(&y, c, t, &pk.o);
-        par_rows(x, c, |tt, xr| {
-            for (a, b) in xr.iter_mut().zip(&out[tt * c..(tt + 1) * c]) {
-                *a += b;
-            }
-        });
+        match feat {
+            Some(Source::Gated) => feature = Some(y),
+            Some(Source::Out) => feature = Some(out.clone()),
+            _ => {}
+        }
         if let Some(tr) = trace.as_mut() {
             tr.x_att = xa;
             tr.rwkvab = rwkvab;
             tr.g = g;
             tr.alpha = alpha;
-            tr.x_mid = x.to_vec();
         }
+        (out, feature, trace)
+    }
 
+    /// The channel mix of layer `l` on `x [T, C]` (in place).
+    pub(crate) fn layer_ffn(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        t: usize,
+        state: &mut State,
+        mut trace: Option<LayerTrace>,
+    ) -> Option<LayerTrace> {
+        let cfg = &self.weights.config;
+        let c = cfg.n_embd;
+        let blk = &self.weights.blocks[l];
+        let pk = &self.layers[l];
+        let st = &mut state.layers[l];
         // ---- channel mix ----
         let xf = layer_norm_rows(x, c, &blk.ln2);
         let mut kx = vec![0.0; t * c];

@@ -712,12 +712,36 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         dbp: Option<(&mut O::Buf, &[usize])>,
         h_t: Option<&mut O::Buf>,
     ) -> Result<()> {
+        self.forward_att(x, b, t, st, vf, tp, fw, dbp, h_t)?;
+        let tc = b * t * self.cfg.n_embd;
+        self.ops.add_n(x, &fw.att, tc)?;
+        self.ops.copy(x, 0, &mut tp.x_mid, 0, tc)?;
+        self.forward_ffn(x, b, t, st, tp, fw)
+    }
+
+    /// The time mix of [`Self::forward`]: leaves its output (what the layer
+    /// adds to `x`, which is not modified) in `fw.att`, the WKV output
+    /// before the GroupNorm in `tp.y`, the gated GroupNorm output in
+    /// `fw.out` and the decay in `tp.wdec`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_att(
+        &self,
+        x: &O::Buf,
+        b: usize,
+        t: usize,
+        st: StartRef<'_, O::Buf>,
+        vf: &mut O::Buf,
+        tp: &mut Tape<O::Buf>,
+        fw: &mut FwdWs<O::Buf>,
+        dbp: Option<(&mut O::Buf, &[usize])>,
+        h_t: Option<&mut O::Buf>,
+    ) -> Result<()> {
         use LoraTarget as T;
         let (cfg, o, ly, l) = (self.cfg, self.ops, self.ly, self.l);
         let (c, h, n) = (cfg.n_embd, cfg.n_head, cfg.head_size);
         let rows = b * t;
         let tc = rows * c;
-        let (dw, da, dv, dg, df) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g, cfg.d_ffn);
+        let (dw, da, dv, dg) = (cfg.d_w, cfg.d_a, cfg.d_v, cfg.d_g);
         // ---- time mix ----
         o.layer_norm(x, 0, rows, c, &ly.ln1.0, &ly.ln1.1, LN_EPS, &mut fw.xa)?;
         o.copy(st.sa, 0, &mut fw.sa, 0, b * c)?;
@@ -906,9 +930,25 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             c,
             &mut fw.att,
             &mut fw.lora,
-        )?;
-        o.add_n(x, &fw.att, tc)?;
-        o.copy(x, 0, &mut tp.x_mid, 0, tc)?;
+        )
+    }
+
+    /// The channel mix of [`Self::forward`] on `x` (in place), from the
+    /// token-shift state `st.sf` (the final one is left in `fw.sf`).
+    pub(crate) fn forward_ffn(
+        &self,
+        x: &mut O::Buf,
+        b: usize,
+        t: usize,
+        st: StartRef<'_, O::Buf>,
+        tp: &mut Tape<O::Buf>,
+        fw: &mut FwdWs<O::Buf>,
+    ) -> Result<()> {
+        use LoraTarget as T;
+        let (cfg, o, ly) = (self.cfg, self.ops, self.ly);
+        let (c, df) = (cfg.n_embd, cfg.d_ffn);
+        let rows = b * t;
+        let tc = rows * c;
         // ---- channel mix ----
         o.layer_norm(x, 0, rows, c, &ly.ln2.0, &ly.ln2.1, LN_EPS, &mut fw.xf)?;
         o.copy(st.sf, 0, &mut fw.sf, 0, b * c)?;

@@ -14,6 +14,8 @@
 //! - [`lora`]: LoRA adapters: targets, files, the exact merge.
 //! - [`state`]: [`State`], the per-layer recurrent state, and state files in
 //!   the ai00 / web-rwkv / RWKV-PEFT layout (`blocks.N.att.time_state`).
+//! - [`reduce`]: training-free token reduction of the prefill (prune /
+//!   merge / hybrid at anchor layers), for both forwards.
 //! - [`sample`]: temperature / top-p sampling and greedy argmax.
 //! - `linalg` (private): the packed f32 GEMM/GEMV and small vector helpers.
 pub mod config;
@@ -23,6 +25,7 @@ pub mod init;
 pub mod layer;
 pub mod load;
 pub mod lora;
+pub mod reduce;
 pub mod sample;
 pub mod state;
 pub mod weights;

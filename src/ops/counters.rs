@@ -71,6 +71,9 @@ ops! {
     LoraIn => "lora_in",
     SdtBwd => "sdt_bwd",
     MaskMul => "mask_mul",
+    TokScore => "tok_score",
+    TokMatch => "tok_match",
+    TokGather => "tok_gather",
 }
 
 const N_OPS: usize = Op::ALL.len();

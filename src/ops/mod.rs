@@ -38,6 +38,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod gemm;
+pub mod reduce;
 // Per-field docs left out of issue 12: this module is being refactored in
 // parallel; its structs document their fields in groups.
 #[allow(missing_docs)]

@@ -66,6 +66,57 @@ pub struct EvalArgs {
     /// How many documents --logits writes.
     #[arg(long, default_value_t = 1)]
     pub logits_docs: usize,
+    /// Token reduction: each JSONL document's context is prefilled with
+    /// reduction and only its last word is scored (at its real positions);
+    /// a plain-text file is cut into windows of --chunk tokens whose last
+    /// --reduce-tail tokens are scored. The loss then covers those tokens.
+    #[command(flatten)]
+    pub reduce: crate::reduce::ReduceArgs,
+    /// With --reduce on plain text: scored (never removed) tokens at the
+    /// end of each window.
+    #[arg(long, default_value_t = 64)]
+    pub reduce_tail: usize,
+}
+
+/// With --reduce: scores the last `tail` tokens of `prefix + toks` after a
+/// reduced prefill of the rest (the scored rows are protected), like
+/// [`score`] otherwise.
+#[allow(clippy::too_many_arguments)]
+fn score_reduced(
+    model: &Runner,
+    tok: &Tokenizer,
+    prefix: &[u32],
+    toks: &[u32],
+    tail: usize,
+    red: &rwkv_tune::model::reduce::ReduceConfig,
+    tot: &mut Totals,
+    state: &mut State,
+    rep: &mut rwkv_tune::model::reduce::ReduceReport,
+) -> anyhow::Result<Vec<(f64, bool)>> {
+    let v = tot.vocab;
+    let mut input = prefix.to_vec();
+    input.extend_from_slice(toks);
+    if input.len() < 2 || tail == 0 {
+        return Ok(Vec::new());
+    }
+    let fed = input.len() - 1;
+    let tail = tail.min(toks.len()).min(fed);
+    let r = model.forward_reduced(&input[..fed], state, red, tail, Logits::All)?;
+    rep.add(&r.report);
+    let mut out = Vec::new();
+    for (row, &p) in r.positions.iter().enumerate() {
+        if p + tail < fed {
+            continue;
+        }
+        let target = input[p + 1];
+        let lr = &r.logits[row * v..(row + 1) * v];
+        let lp = log_softmax(lr)[target as usize];
+        out.push((-lp, argmax(lr) == target));
+        tot.nll -= lp;
+        tot.tokens += 1;
+        tot.bytes += tok.decode(&[target])?.len();
+    }
+    Ok(out)
 }
 
 /// The logits kept for --logits.
@@ -212,6 +263,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         want: if a.logits.is_some() { a.logits_docs } else { 0 },
         docs: Vec::new(),
     };
+    let red = a.reduce.config(&cfg)?;
+    if red.is_some() && a.logits.is_some() {
+        bail!("--logits and --reduce cannot be used together (a reduced forward has fewer rows)");
+    }
+    if red.is_some() && a.reduce_tail == 0 {
+        bail!("--reduce-tail 0 would score nothing");
+    }
+    let mut rep = rwkv_tune::model::reduce::ReduceReport::default();
     let start = std::time::Instant::now();
     if jsonl {
         let mut texts = Vec::new();
@@ -248,17 +307,30 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let mut all = ctx_ids.clone();
             all.extend_from_slice(&tgt_ids);
             let mut state = start_state.clone();
-            let scored = score(
-                &model,
-                &tok,
-                &prefix,
-                &all,
-                tgt_ids.len(),
-                a.chunk,
-                &mut tot,
-                &mut state,
-                &mut sink,
-            )?;
+            let scored = match &red {
+                Some(red) => score_reduced(
+                    &model,
+                    &tok,
+                    &prefix,
+                    &all,
+                    tgt_ids.len(),
+                    red,
+                    &mut tot,
+                    &mut state,
+                    &mut rep,
+                )?,
+                None => score(
+                    &model,
+                    &tok,
+                    &prefix,
+                    &all,
+                    tgt_ids.len(),
+                    a.chunk,
+                    &mut tot,
+                    &mut state,
+                    &mut sink,
+                )?,
+            };
             tot.docs += 1;
             if !tgt_ids.is_empty() && scored.len() >= tgt_ids.len() {
                 let tail = &scored[scored.len() - tgt_ids.len()..];
@@ -296,17 +368,34 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         while startpos + 1 < ids.len() {
             let end = (startpos + chunk).min(ids.len());
             let pre: &[u32] = if first { &prefix } else { &[] };
-            score(
-                &model,
-                &tok,
-                pre,
-                &ids[startpos..end],
-                0,
-                chunk,
-                &mut tot,
-                &mut state,
-                &mut sink,
-            )?;
+            match &red {
+                Some(red) => {
+                    score_reduced(
+                        &model,
+                        &tok,
+                        pre,
+                        &ids[startpos..end],
+                        a.reduce_tail,
+                        red,
+                        &mut tot,
+                        &mut state,
+                        &mut rep,
+                    )?;
+                }
+                None => {
+                    score(
+                        &model,
+                        &tok,
+                        pre,
+                        &ids[startpos..end],
+                        0,
+                        chunk,
+                        &mut tot,
+                        &mut state,
+                        &mut sink,
+                    )?;
+                }
+            }
             // `score` fed all but the last token; continue from it.
             startpos = end - 1;
             first = false;
@@ -363,8 +452,19 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         if let Some(p) = &a.logits {
             j["logits_file"] = p.display().to_string().into();
         }
+        if let Some(r) = &red {
+            j["reduce"] = crate::reduce::describe(r).into();
+            j["reduce_flops_saved"] = rep.saved().into();
+        }
         println!("{j}");
         return Ok(());
+    }
+    if let Some(r) = &red {
+        println!("token reduction:  {}", crate::reduce::describe(r));
+        println!(
+            "                  counted layer FLOPs saved {:.1} % (scored: the protected tail / last word only)",
+            100.0 * rep.saved()
+        );
     }
     println!("data:             {}", a.data.display());
     println!("documents:        {}", tot.docs);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use rwkv_tune::model::device::DeviceModel;
+use rwkv_tune::model::reduce::{ReduceConfig, Reduced};
 use rwkv_tune::model::{Logits, Model, Sampler, State};
 use rwkv_tune::ops::{cuda::CudaOps, emu::EmuOps, GemmPrecision};
 use rwkv_tune::tokenizer::{StreamDecoder, Tokenizer};
@@ -108,6 +109,23 @@ impl Runner {
         })
     }
 
+    /// A prefill with token reduction (`model::reduce`): logits of the
+    /// surviving rows (or the last), their positions and the FLOP report.
+    pub fn forward_reduced(
+        &self,
+        tokens: &[u32],
+        state: &mut State,
+        red: &ReduceConfig,
+        protect_last: usize,
+        which: Logits,
+    ) -> anyhow::Result<Reduced> {
+        Ok(match self {
+            Runner::Cpu(m) => m.forward_reduced(tokens, state, red, protect_last, which)?,
+            Runner::Emu(m) => m.forward_reduced(tokens, state, red, protect_last, which)?,
+            Runner::Cuda(m) => m.forward_reduced(tokens, state, red, protect_last, which)?,
+        })
+    }
+
     /// One token (the RNN step), returning its logits.
     pub fn step(&self, token: u32, state: &mut State) -> anyhow::Result<Vec<f32>> {
         Ok(match self {
@@ -166,6 +184,9 @@ pub struct GenerateArgs {
     /// `bytes`. Default: `bytes` when the model's vocab is 256, otherwise required.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// Token reduction of the prompt's prefill (decoding is unchanged).
+    #[command(flatten)]
+    pub reduce: crate::reduce::ReduceArgs,
 }
 
 /// Picks the tokenizer from `--tokenizer` or the model's vocabulary size.
@@ -192,6 +213,12 @@ fn check_logits(logits: &[f32]) -> anyhow::Result<()> {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.state {
         let side = upscale::sidecar_path(p);
+        if side.is_file() && a.reduce.reduce.is_some() {
+            bail!(
+                "--reduce does not apply to the upscaled read-out of {} (its sidecar lies next to it)",
+                side.display()
+            );
+        }
         if side.is_file() && a.device != Device::Cpu {
             bail!(
                 "{} (an upscale sidecar) lies next to the state file: the upscaled read-out \
@@ -226,7 +253,20 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             cfg.vocab
         );
     }
-    let mut logits = if prompt.is_empty() {
+    let red = a.reduce.config(&cfg)?;
+    let mut logits = if let (Some(red), false) = (&red, prompt.is_empty()) {
+        // the prompt with token reduction (its chunks are reduced one by one)
+        let t0 = std::time::Instant::now();
+        let out = model.forward_reduced(&prompt, &mut state, red, 1, Logits::Last)?;
+        eprintln!(
+            "[prefill: {} tokens reduced ({}) in {:.3} s; counted layer FLOPs saved {:.1} %]",
+            prompt.len(),
+            crate::reduce::describe(red),
+            t0.elapsed().as_secs_f64(),
+            100.0 * out.report.saved()
+        );
+        out.logits
+    } else if prompt.is_empty() {
         // No prompt: start from the end-of-text token 0.
         model.forward(&[0], &mut state, Logits::Last)?
     } else {

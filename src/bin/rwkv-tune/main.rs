@@ -7,6 +7,8 @@ mod eval;
 mod generate;
 mod interrupt;
 mod merge;
+mod reduce;
+mod reduce_bench;
 mod tune;
 mod wkv7;
 
@@ -51,6 +53,10 @@ enum Cmd {
     /// (tensors bit-identical when the dtype is kept), or a state to the
     /// RWKV-PEFT layout.
     Convert(convert::ConvertArgs),
+    /// Token reduction of the prefill: quality, prefill time and counted
+    /// FLOPs saved for several ratios and methods on LAMBADA, tiny-shakespeare
+    /// and GSM8K; writes a markdown table.
+    ReduceBench(reduce_bench::ReduceBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,5 +71,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Merge(a) => merge::run(a),
+        Cmd::ReduceBench(a) => reduce_bench::run(a),
     }
 }
