@@ -1063,4 +1063,30 @@ fn state_offset_gradient_matches_finite_differences_and_emu() {
     let mut wm = w.clone();
     let err = back.merge_into(&mut wm).unwrap_err().to_string();
     assert!(err.contains("cannot be merged"), "{err}");
+    // the CPU model with the offsets (what generate / eval --adapter run)
+    // computes what the engine computes
+    let off = back.offset.clone().unwrap();
+    let mut model = Model::new(w.clone()).unwrap();
+    model.set_state_offsets(Some(off.clone())).unwrap();
+    let tokens: Vec<u32> = (0..13).map(|_| rng.below(cfg.vocab) as u32).collect();
+    let mut st = model.new_state();
+    let lm = model
+        .forward(&tokens, &mut st, rwkv_tune::model::Logits::All)
+        .unwrap();
+    let tz = DeviceTuner::new_offset(CpuOps::<f32>::default(), &w).unwrap();
+    let up = UpscaledStateOf {
+        state: TunedState::zeros(&cfg, false),
+        u: off,
+    };
+    let lt = tz
+        .logits(&tz.upload_upscaled(&up).unwrap(), &tokens)
+        .unwrap();
+    let (x, y): (Vec<f64>, Vec<f64>) = lm
+        .iter()
+        .zip(&lt)
+        .map(|(&a, &b)| (a as f64, b as f64))
+        .unzip();
+    let e = rel_err(&x, &y);
+    println!("CPU model with offsets vs the engine: {e:.2e}");
+    assert!(e <= 1e-5, "CPU model with state offsets: {e:.3e}");
 }

@@ -86,6 +86,9 @@ pub struct Model {
     emb_ln: Vec<f32>,
     layers: Vec<PackedLayer>,
     head: Packed,
+    /// State-offset tuning's `S_off` per layer (`[H, N, N]`, value-major):
+    /// `y_t += S_off r_t` after the WKV (docs/state-offset.md).
+    offsets: Option<Vec<Vec<f32>>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -203,7 +206,27 @@ impl Model {
             emb_ln,
             layers,
             head,
+            offsets: None,
         })
+    }
+
+    /// Adds state-offset tuning's read-out offsets (per layer `[H, N, N]`,
+    /// value-major; `None` removes them): every layer's WKV output gets
+    /// `S_off r_t` per head and token (docs/state-offset.md).
+    pub fn set_state_offsets(&mut self, off: Option<Vec<Vec<f32>>>) -> Result<()> {
+        let cfg = &self.weights.config;
+        let hnn = cfg.n_head * cfg.head_size * cfg.head_size;
+        if let Some(o) = &off {
+            if o.len() != cfg.n_layer || o.iter().any(|x| x.len() != hnn) {
+                return Err(Error::Shape {
+                    name: "state offsets".into(),
+                    expected: vec![cfg.n_layer, hnn],
+                    got: vec![o.len(), o.first().map_or(0, |x| x.len())],
+                });
+            }
+        }
+        self.offsets = off;
+        Ok(())
     }
 
     /// Loads a safetensors checkpoint (see [`Weights::load`]) and packs it.
@@ -496,6 +519,23 @@ impl Model {
 
         let mut y = vec![0.0; t * c];
         wkv(&WkvIn { buf: &rwkvab }, t, c, n, &mut st.wkv, &mut y);
+        if let Some(off) = self.offsets.as_ref().map(|o| &o[l]) {
+            // state offset: y_t += S_off r_t per head
+            for (yr, row) in y.chunks_mut(c).zip(rwkvab.chunks(6 * c)) {
+                let rr = &row[..c];
+                for h0 in (0..c).step_by(n) {
+                    let sh = &off[h0 * n..(h0 + n) * n];
+                    for j in 0..n {
+                        let srow = &sh[j * n..(j + 1) * n];
+                        let mut a = 0.0f32;
+                        for i in 0..n {
+                            a += srow[i] * rr[h0 + i];
+                        }
+                        yr[h0 + j] += a;
+                    }
+                }
+            }
+        }
         if let Some(tr) = trace.as_mut() {
             tr.y_wkv = y.clone();
         }

@@ -864,9 +864,8 @@ impl Adapter {
         if self.offset.is_some() {
             return Err(Error::Tune(
                 "this adapter holds state offsets (tune --method state-offset): they add \
-                 S_off·r_t at every token and cannot be merged into the weights, nor run by \
-                 generate / eval yet (docs/state-offset.md); tune's held-out evaluation \
-                 measures them"
+                 S_off·r_t at every token and cannot be merged into the weights; generate / \
+                 eval --adapter run them on --device cpu (docs/state-offset.md)"
                     .into(),
             ));
         }

@@ -66,14 +66,27 @@ impl Runner {
         let mut model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
         if let Some(p) = adapter {
             let mut w = model.weights().clone();
-            let ad = rwkv_tune::model::lora::Adapter::load(p, &w.config)?;
+            let mut ad = rwkv_tune::model::lora::Adapter::load(p, &w.config)?;
+            let offsets = ad.offset.take();
+            if offsets.is_some() && device != Device::Cpu {
+                bail!(
+                    "{}: state offsets (tune --method state-offset) run on --device cpu only",
+                    p.display()
+                );
+            }
             ad.merge_into(&mut w)?;
             eprintln!(
-                "adapter: {} ({}) applied",
+                "adapter: {} ({}{}) applied",
                 p.display(),
-                crate::merge::describe(&ad)
+                crate::merge::describe(&ad),
+                if offsets.is_some() {
+                    "state offsets"
+                } else {
+                    ""
+                }
             );
             model = Model::new(w)?;
+            model.set_state_offsets(offsets)?;
         }
         let cfg = model.config().clone();
         let prec = GemmPrecision::from(gemm);

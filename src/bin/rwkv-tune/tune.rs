@@ -43,9 +43,8 @@ pub enum Method {
     Recurrent,
     /// State-offset tuning (docs/state-offset.md): a learned S_off per
     /// layer and head added to every token's read-out, y_t += S_off r_t,
-    /// instead of an initial state. Writes an adapter file of offsets
-    /// (measured by the held-out evaluation; not mergeable, and generate /
-    /// eval do not run it yet).
+    /// instead of an initial state. Writes an adapter file of offsets (not
+    /// mergeable; generate / eval --adapter run it on --device cpu).
     StateOffset,
 }
 
