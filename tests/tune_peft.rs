@@ -924,7 +924,8 @@ fn sdlora_adapter_merges_bit_exactly_and_bad_sparse_files_are_refused() {
         shape: vec![v.len()],
         data: v,
     };
-    let cases: Vec<(&str, Vec<(&str, F32Tensor)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, F32Tensor)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "index out of range",
             vec![

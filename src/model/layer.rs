@@ -1156,7 +1156,7 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
         self.lin_bwd(T::A1, (rows, t), p, dm4, &mut fw.lora, &mut lg)?;
         // ---- decay ----
         o.act_bwd(Act::Decay, tc, c, &tp.wpre, Some(&ly.w0), w_w)?;
-        if let Some(sg) = sg.as_deref_mut() {
+        if let Some(sg) = sg {
             // sparse dimension tuning: w0 and w2's rows
             let [sw0, _, _, _, _, sw2, _] = sg;
             o.sum_batch(rows, c, w_w, sw0, false)?;

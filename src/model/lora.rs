@@ -826,7 +826,7 @@ impl Adapter {
             };
             let mut index = Vec::with_capacity(i.data.len());
             for &x in &i.data {
-                if !(x >= 0.0 && x < 16_777_216.0 && x.fract() == 0.0) {
+                if !((0.0..16_777_216.0).contains(&x) && x.fract() == 0.0) {
                     return Err(ctx(Error::Tune(format!(
                         "{base}.sdt_index holds {x}, not an index"
                     ))));
@@ -883,6 +883,10 @@ impl Adapter {
     }
 }
 
+/// What [`sdt_select`] returns: the masks per layer (device layout) and
+/// the selected key channels per layer.
+pub type SdtSelection = (Vec<[Vec<f32>; 7]>, Vec<Vec<usize>>);
+
 /// Sparse dimension tuning's selection (docs/sdt.md): from the warm-up's
 /// dense deltas per layer (device order, [`SDT_NAMES`]), the importance of
 /// key channel `c` is the sum of squares of every delta entry tied to it
@@ -896,7 +900,7 @@ pub fn sdt_select(
     deltas: &[[Vec<f32>; 7]],
     heads: f64,
     dims: f64,
-) -> Result<(Vec<[Vec<f32>; 7]>, Vec<Vec<usize>>)> {
+) -> Result<SdtSelection> {
     if !(heads > 0.0 && heads <= 1.0 && dims > 0.0 && dims <= 1.0) {
         return Err(Error::Options(format!(
             "SDT fractions: heads {heads}, dims {dims} (each must be in (0, 1])"

@@ -1021,7 +1021,7 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
     }
     unsafe fn raw_mask_mul(&self, n: usize, m: &Vec<R>, x: &mut Vec<R>) -> Result<()> {
         for (x, &m) in x[..n].iter_mut().zip(&m[..n]) {
-            *x = *x * m;
+            *x *= m;
         }
         Ok(())
     }

@@ -664,7 +664,7 @@ fn peft_engine<O: BackwardOps>(
     let mut warm = DeviceEngine::new_sdt(mk()?, w, None, lora, o.seed, tc.adam, tc.grad.clone())?;
     let mut wc = TrainConfig::new(so.warmup);
     wc.batch = tc.batch;
-    wc.schedule = tc.schedule.clone();
+    wc.schedule = tc.schedule;
     wc.schedule.total = so.warmup;
     wc.schedule.warmup = wc.schedule.warmup.min(so.warmup / 2);
     wc.adam = tc.adam;

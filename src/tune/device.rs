@@ -300,6 +300,10 @@ struct DevSdt<B> {
     mask: Option<Vec<SdtTensors<B>>>,
 }
 
+/// Per layer, the seven [`SdtTensors`] gradients as f64 (the finite-difference
+/// checks' view).
+pub type SdtGrads64 = Vec<Vec<Vec<f64>>>;
+
 /// The lengths of a layer's [`SdtTensors`] in a model of `c`.
 pub fn sdt_lens(c: &Config) -> [usize; 7] {
     let e = c.n_embd;
@@ -840,7 +844,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         st: &[LStart<O::Buf>],
         batch: &[Example],
         o: &GradOpts,
-    ) -> Result<(f64, f64, Vec<Vec<Vec<f64>>>)> {
+    ) -> Result<(f64, f64, SdtGrads64)> {
         let dg = self.grad(st, batch, o, false)?;
         let g = match &dg.sdt {
             Some(g) => g
