@@ -1,7 +1,8 @@
 //! Kill `rwkv-tune tune` with SIGKILL after it has written a checkpoint, run
 //! it again with `--resume`, and check that it continues from the checkpoint's
 //! step and ends with exactly the state of an uninterrupted run, leaving no
-//! partial files behind.
+//! partial files behind: state tuning, and SDLoRA (LoRA factors and sparse
+//! deltas, after a warm-up the resumed run repeats).
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use rwkv_tune::tune::checkpoint::Checkpoint;
 
 const STEPS: &str = "24";
 
-fn args(dir: &Path, model: &Path, data: &Path) -> Vec<String> {
+fn args(dir: &Path, model: &Path, data: &Path, method: &[&str]) -> Vec<String> {
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     vec![
         "tune".into(),
@@ -39,11 +40,14 @@ fn args(dir: &Path, model: &Path, data: &Path) -> Vec<String> {
         "2".into(),
         "--quiet".into(),
     ]
+    .into_iter()
+    .chain(method.iter().map(|m| m.to_string()))
+    .collect()
 }
 
-fn run_to_end(dir: &Path, model: &Path, data: &Path, extra: &[&str]) -> String {
+fn run_to_end(dir: &Path, model: &Path, data: &Path, method: &[&str], extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_rwkv-tune"))
-        .args(args(dir, model, data))
+        .args(args(dir, model, data, method))
         .args(extra)
         .output()
         .unwrap();
@@ -68,7 +72,55 @@ fn no_partial_files(dir: &Path) {
 
 #[test]
 fn killed_run_resumes_exactly() {
-    let root = std::env::temp_dir().join(format!("rwkv-tune-resume-{}", std::process::id()));
+    let cfg = Config::with_defaults(2, 64, 32, 256);
+    let (a, b, root) = kill_and_resume("state", &[]);
+    // Bitwise-equal tensors (the files' JSON headers may order metadata keys
+    // differently).
+    let bits = |d: &Path| -> Vec<Vec<u32>> {
+        let st = State::load(d.join("state.safetensors"), &cfg).unwrap();
+        st.layers
+            .iter()
+            .map(|l| l.wkv.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let (sa, sb) = (bits(&a), bits(&b));
+    assert!(
+        sa.iter().flatten().any(|&x| x != 0),
+        "the state was not tuned"
+    );
+    assert!(sa == sb, "resumed and uninterrupted final states differ");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn killed_sdlora_run_resumes_exactly() {
+    let cfg = Config::with_defaults(2, 64, 32, 256);
+    let method = [
+        "--method",
+        "sdlora",
+        "--sdt-warmup",
+        "3",
+        "--lora-rank",
+        "2",
+        "--lr",
+        "0.01",
+    ];
+    let (a, b, root) = kill_and_resume("sdlora", &method);
+    let load = |d: &Path| {
+        rwkv_tune::model::lora::Adapter::load(&d.join("state.safetensors"), &cfg).unwrap()
+    };
+    let (x, y) = (load(&a), load(&b));
+    assert!(x.lora.is_some() && !x.sparse.is_empty());
+    assert!(x == y, "resumed and uninterrupted adapters differ");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// Runs `tune` (with `method`'s flags) until it has written a checkpoint,
+/// kills it, resumes it to the end, runs the same job uninterrupted, and
+/// checks the checkpoints, the metrics log and that no partial file is
+/// left. Returns the two run directories and their root.
+fn kill_and_resume(tag: &str, method: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!("rwkv-tune-resume-{tag}-{}", std::process::id()));
     let (a, b) = (root.join("a"), root.join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
@@ -94,7 +146,7 @@ fn killed_run_resumes_exactly() {
     // Interrupted run: SIGKILL once a checkpoint exists.
     let ckpt = a.join("state.safetensors.ckpt");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rwkv-tune"))
-        .args(args(&a, &model, &data))
+        .args(args(&a, &model, &data, method))
         .args(["--throttle-ms", "150"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -128,7 +180,7 @@ fn killed_run_resumes_exactly() {
     assert_eq!(ck.history.len() as u64, ck.step);
 
     // Resume and finish.
-    let text = run_to_end(&a, &model, &data, &["--resume"]);
+    let text = run_to_end(&a, &model, &data, method, &["--resume"]);
     let resumed: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("resumed from step "))
@@ -143,23 +195,8 @@ fn killed_run_resumes_exactly() {
     );
 
     // Uninterrupted reference run.
-    run_to_end(&b, &model, &data, &[]);
+    run_to_end(&b, &model, &data, method, &[]);
 
-    // Bitwise-equal tensors (the files' JSON headers may order metadata keys
-    // differently).
-    let bits = |d: &Path| -> Vec<Vec<u32>> {
-        let st = State::load(d.join("state.safetensors"), &cfg).unwrap();
-        st.layers
-            .iter()
-            .map(|l| l.wkv.iter().map(|x| x.to_bits()).collect())
-            .collect()
-    };
-    let (sa, sb) = (bits(&a), bits(&b));
-    assert!(
-        sa.iter().flatten().any(|&x| x != 0),
-        "the state was not tuned"
-    );
-    assert!(sa == sb, "resumed and uninterrupted final states differ");
     let ca = Checkpoint::load(&a.join("state.safetensors.ckpt")).unwrap();
     let cb = Checkpoint::load(&b.join("state.safetensors.ckpt")).unwrap();
     assert_eq!(ca.step, 24);
@@ -183,5 +220,5 @@ fn killed_run_resumes_exactly() {
 
     no_partial_files(&a);
     no_partial_files(&b);
-    std::fs::remove_dir_all(&root).ok();
+    (a, b, root)
 }

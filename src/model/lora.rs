@@ -582,8 +582,8 @@ pub fn weight_mut(w: &mut Weights, l: usize, target: LoraTarget) -> Option<&mut 
 }
 
 /// The tensors sparse dimension tuning trains in a layer (docs/sdt.md), as
-/// official names inside the block, in the device's [`SdtTensors`] order
-/// (`crate::model::layer::SdtTensors`).
+/// official names inside the block, in the device's order
+/// ([`SdtTensors`](crate::model::layer::SdtTensors)).
 pub const SDT_NAMES: [&str; 7] = [
     "att.w0", "att.a0", "att.k_k", "att.k_a", "att.r_k", "att.w2", "att.a2",
 ];
