@@ -177,6 +177,34 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 EMU_ENTRY(tune_act_bwd_f32, ActBwdParams)
 
+// The removal key's normalisation in one (row, head), by a whole warp:
+// *inv = 1 / max(|κ|, 1e-12) with κ = k·k_k, *pp = κ̂·dκ̂ with
+// dκ̂ = d_b·α − d_a, α = σ(a0 + da) (0 when the norm is clamped). Shared by
+// the kk_prep backward and the SDT gradients; every lane gets both.
+__device__ __forceinline__ void tn_kk_norm(const float* k, const float* k_k, const float* a0,
+                                           const float* da, const float* d_a, const float* d_b,
+                                           long base, int c0, int N, int lane, float* inv,
+                                           float* pp) {
+  float ss = 0.f;
+  for (int j = lane; j < N; j += 32) {
+    const float q = k[base + j] * k_k[c0 + j];
+    ss += q * q;
+  }
+  const float nrm = sqrtf(tn_warp_sum(ss));
+  const float iv = 1.f / fmaxf(nrm, 1e-12f);
+  float s = 0.f;
+  for (int j = lane; j < N; j += 32) {
+    const long i = base + j;
+    const int q = c0 + j;
+    const float al = tn_sigmoid(a0[q] + da[i]);
+    const float kh = k[i] * k_k[q] * iv;
+    s += kh * (d_b[i] * al - d_a[i]);
+  }
+  s = tn_warp_sum(s);
+  *inv = iv;
+  *pp = nrm <= 1e-12f ? 0.f : s;
+}
+
 // kk_prep backward, one warp per (row, head) of N (any N; lanes loop).
 //   k, da, d_kout, d_a, d_b, dk, dda [rows, H*N]; a0, k_k, k_a [H*N].
 // α = σ(a0 + da), κ = k·k_k, κ̂ = κ / max(|κ|, 1e-12); forward a = −κ̂,
@@ -190,24 +218,8 @@ extern "C" __global__ void __launch_bounds__(256)
   ROW_LOOP(row, (long)p.rows * H) {
     const long base = row * N;
     const int c0 = (int)(row % H) * N;
-    float ss = 0.f;
-    for (int j = lane; j < N; j += 32) {
-      const float q = p.k[base + j] * p.k_k[c0 + j];
-      ss += q * q;
-    }
-    const float nrm = sqrtf(tn_warp_sum(ss));
-    const bool clamped = nrm <= 1e-12f;
-    const float inv = 1.f / fmaxf(nrm, 1e-12f);
-    float pp = 0.f;
-    for (int j = lane; j < N; j += 32) {
-      const long i = base + j;
-      const int q = c0 + j;
-      const float al = tn_sigmoid(p.a0[q] + p.da[i]);
-      const float kh = p.k[i] * p.k_k[q] * inv;
-      pp += kh * (p.d_b[i] * al - p.d_a[i]);
-    }
-    pp = tn_warp_sum(pp);
-    if (clamped) pp = 0.f;
+    float inv, pp;
+    tn_kk_norm(p.k, p.k_k, p.a0, p.da, p.d_a, p.d_b, base, c0, N, lane, &inv, &pp);
     for (int j = lane; j < N; j += 32) {
       const long i = base + j;
       const int q = c0 + j;
@@ -715,26 +727,11 @@ extern "C" __global__ void __launch_bounds__(256) tune_sdt_bwd_f32(const __grid_
   ROW_LOOP(row, (long)p.rows * H) {
     const long base = row * N;
     const int c0 = (int)(row % H) * N;
-    float ss = 0.f, db = 0.f;
-    for (int j = lane; j < N; j += 32) {
-      const float q = p.k[base + j] * p.k_k[c0 + j];
-      ss += q * q;
-      db += p.dout[base + j] * p.g[base + j] * p.v[base + j];
-    }
-    const float nrm = sqrtf(tn_warp_sum(ss));
+    float inv, pp;
+    tn_kk_norm(p.k, p.k_k, p.a0, p.da, p.d_a, p.d_b, base, c0, N, lane, &inv, &pp);
+    float db = 0.f;
+    for (int j = lane; j < N; j += 32) db += p.dout[base + j] * p.g[base + j] * p.v[base + j];
     const float dbonus = tn_warp_sum(db);
-    const bool clamped = nrm <= 1e-12f;
-    const float inv = 1.f / fmaxf(nrm, 1e-12f);
-    float pp = 0.f;
-    for (int j = lane; j < N; j += 32) {
-      const long i = base + j;
-      const int q = c0 + j;
-      const float al = tn_sigmoid(p.a0[q] + p.da[i]);
-      const float kh = p.k[i] * p.k_k[q] * inv;
-      pp += kh * (p.d_b[i] * al - p.d_a[i]);
-    }
-    pp = tn_warp_sum(pp);
-    if (clamped) pp = 0.f;
     for (int j = lane; j < N; j += 32) {
       const long i = base + j;
       const int q = c0 + j;

@@ -408,10 +408,7 @@ impl LoraAdapter {
         let mut pairs: BTreeMap<(usize, LoraTarget), (Option<F32Tensor>, Option<F32Tensor>)> =
             BTreeMap::new();
         for (name, t) in m {
-            let parsed = name.strip_prefix("blocks.").and_then(|rest| {
-                let (l, rest) = rest.split_once('.')?;
-                let l: usize = l.parse().ok()?;
-                let (tname, part) = rest.rsplit_once('.')?;
+            let parsed = split_block_name(&name).and_then(|(l, tname, part)| {
                 let tg = LoraTarget::ALL.iter().find(|t| t.name() == tname)?;
                 Some((
                     l,
@@ -543,6 +540,15 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
+
+/// `blocks.{l}.{tensor}.{part}` → `(l, tensor, part)` (`tensor` may hold
+/// dots, `part` may not).
+fn split_block_name(name: &str) -> Option<(usize, &str, &str)> {
+    let rest = name.strip_prefix("blocks.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let (tensor, part) = rest.rsplit_once('.')?;
+    Some((l.parse().ok()?, tensor, part))
 }
 
 fn check_rank_alpha(rank: usize, alpha: f32) -> Result<()> {
@@ -780,10 +786,7 @@ impl Adapter {
             let t = m
                 .remove(&name)
                 .ok_or_else(|| ctx(Error::Tune("internal".into())))?;
-            let parsed = name.strip_prefix("blocks.").and_then(|rest| {
-                let (l, rest) = rest.split_once('.')?;
-                let l: usize = l.parse().ok()?;
-                let (tname, part) = rest.rsplit_once('.')?;
+            let parsed = split_block_name(&name).and_then(|(l, tname, part)| {
                 let k = SDT_NAMES.iter().position(|n| *n == tname)?;
                 Some((l, k, part == "sdt_index"))
             });

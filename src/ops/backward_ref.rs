@@ -180,6 +180,31 @@ pub struct KkBwd<'a, R = f32> {
     pub d_b: &'a [R],
 }
 
+/// The removal key's normalisation in one head of one row (`base` its
+/// first element, `h0` its first channel): `inv = 1 / max(|κ|, ε)` with
+/// `κ = k·k_k`, and `p = κ̂·dκ̂` with `dκ̂ = d_b·α − d_a` (0 when the norm is
+/// clamped). Shared by [`kk_prep_bwd`] and [`sdt_bwd`].
+fn kk_norm<R: Real>(x: &KkBwd<'_, R>, base: usize, h0: usize, n: usize) -> (R, R) {
+    let mut ss = R::ZERO;
+    for j in 0..n {
+        let q = x.k[base + j] * x.k_k[h0 + j];
+        ss += q * q;
+    }
+    let nrm = ss.sqrt();
+    let inv = R::ONE / nrm.max(R::c(NORM_EPS));
+    if nrm <= R::c(NORM_EPS) {
+        return (inv, R::ZERO);
+    }
+    let mut p = R::ZERO;
+    for j in 0..n {
+        let (i, q) = (base + j, h0 + j);
+        let al = Real::sigmoid(x.a0[q] + x.da[i]);
+        let kh = x.k[i] * x.k_k[q] * inv;
+        p += kh * (x.d_b[i] * al - x.d_a[i]);
+    }
+    (inv, p)
+}
+
 /// Backward of [`super::reference::kk_prep`]: writes `dk` (∂L/∂k) and `dda`
 /// (∂L/∂da, the pre-sigmoid α input), both `[rows, C]`.
 pub fn kk_prep_bwd<R: Real>(
@@ -194,25 +219,7 @@ pub fn kk_prep_bwd<R: Real>(
     for t in 0..rows {
         for h0 in (0..c).step_by(n) {
             let base = t * c + h0;
-            let mut ss = R::ZERO;
-            for j in 0..n {
-                let q = x.k[base + j] * x.k_k[h0 + j];
-                ss += q * q;
-            }
-            let nrm = ss.sqrt();
-            let clamped = nrm <= R::c(NORM_EPS);
-            let inv = R::ONE / nrm.max(R::c(NORM_EPS));
-            // dκ̂ = db·α − da ; p = κ̂·dκ̂
-            let mut p = R::ZERO;
-            for j in 0..n {
-                let (i, q) = (base + j, h0 + j);
-                let al = Real::sigmoid(x.a0[q] + x.da[i]);
-                let kh = x.k[i] * x.k_k[q] * inv;
-                p += kh * (x.d_b[i] * al - x.d_a[i]);
-            }
-            if clamped {
-                p = R::ZERO;
-            }
+            let (inv, p) = kk_norm(x, base, h0, n);
             for j in 0..n {
                 let (i, q) = (base + j, h0 + j);
                 let al = Real::sigmoid(x.a0[q] + x.da[i]);
@@ -785,24 +792,10 @@ pub fn sdt_bwd<R: Real>(
     for t in 0..rows {
         for h0 in (0..c).step_by(n) {
             let base = t * c + h0;
-            let (mut ss, mut db) = (R::ZERO, R::ZERO);
+            let (inv, p) = kk_norm(y, base, h0, n);
+            let mut db = R::ZERO;
             for j in 0..n {
-                let q = y.k[base + j] * y.k_k[h0 + j];
-                ss += q * q;
                 db += x.dout[base + j] * x.g[base + j] * x.v[base + j];
-            }
-            let nrm = ss.sqrt();
-            let clamped = nrm <= R::c(NORM_EPS);
-            let inv = R::ONE / nrm.max(R::c(NORM_EPS));
-            let mut p = R::ZERO;
-            for j in 0..n {
-                let (i, q) = (base + j, h0 + j);
-                let al = Real::sigmoid(y.a0[q] + y.da[i]);
-                let kh = y.k[i] * y.k_k[q] * inv;
-                p += kh * (y.d_b[i] * al - y.d_a[i]);
-            }
-            if clamped {
-                p = R::ZERO;
             }
             for j in 0..n {
                 let (i, q) = (base + j, h0 + j);

@@ -693,10 +693,13 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let Some(sd) = &self.sdt else {
             return Ok(None);
         };
+        Ok(Some(self.download_sdt(&sd.delta)?))
+    }
+
+    /// Per layer [`SdtTensors`] on the device, downloaded.
+    fn download_sdt(&self, t: &[SdtTensors<O::Buf>]) -> Result<Vec<[Vec<f32>; 7]>> {
         let lens = sdt_lens(&self.cfg);
-        let d = sd
-            .delta
-            .iter()
+        t.iter()
             .map(|t| {
                 let g = |i: usize| -> Result<Vec<f32>> {
                     let mut h = self.ops.download(&t[i])?;
@@ -705,8 +708,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 };
                 Ok([g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?, g(6)?])
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(d))
+            .collect()
     }
 
     /// The SDT masks, downloaded (`None`: no SDT, or dense).
@@ -714,19 +716,7 @@ impl<O: BackwardOps> DeviceTuner<O> {
         let Some(m) = self.sdt.as_ref().and_then(|s| s.mask.as_ref()) else {
             return Ok(None);
         };
-        let lens = sdt_lens(&self.cfg);
-        let out = m
-            .iter()
-            .map(|t| {
-                let g = |i: usize| -> Result<Vec<f32>> {
-                    let mut h = self.ops.download(&t[i])?;
-                    h.truncate(lens[i]);
-                    Ok(h)
-                };
-                Ok([g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?, g(6)?])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(out))
+        Ok(Some(self.download_sdt(m)?))
     }
 
     /// Zero gradient buffers for sparse dimension tuning (`None`: off).
