@@ -540,7 +540,13 @@ pub fn run(a: TuneArgs) -> Result<()> {
     check_space(&a, &tc, model.config())?;
 
     // The engine for --device × --upscale × DBP × --observer, then the loop.
-    let (batch, recompute) = (tc.batch, a.recompute.clone());
+    let batch = tc.batch;
+    // adapters read each layer's GEMM inputs in the backward, so those
+    // methods always recompute one layer at a time
+    let recompute = match (a.method, a.recompute.as_str()) {
+        (Method::State | Method::StateOffset, r) => r.to_string(),
+        (_, _) => "layer, always with adapters".to_string(),
+    };
     let mut tuning = builder.build(&model, &train_ds, valid_ds.as_ref(), tc, &mut say)?;
     let ctx = train_ds
         .examples
