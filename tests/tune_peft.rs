@@ -160,12 +160,7 @@ fn merged_model_equals_the_adapted_one() {
     let lm = tm
         .logits(&tm.upload_state(&zero).unwrap(), &tokens)
         .unwrap();
-    let (a, m): (Vec<f64>, Vec<f64>) = la
-        .iter()
-        .zip(&lm)
-        .map(|(&a, &m)| (a as f64, m as f64))
-        .unzip();
-    let e = rel_err(&m, &a);
+    let e = rel_err32(&lm, &la);
     println!("merged vs adapted logits: rel. err {e:.2e}");
     assert!(e <= 1e-5, "merge is not exact to f32 rounding: {e:.3e}");
     // the merge changed the logits at all (else the check is vacuous)
@@ -173,9 +168,8 @@ fn merged_model_equals_the_adapted_one() {
     let l0 = t0
         .logits(&t0.upload_state(&zero).unwrap(), &tokens)
         .unwrap();
-    let base: Vec<f64> = l0.iter().map(|&v| v as f64).collect();
     assert!(
-        rel_err(&base, &a) > 1e-3,
+        rel_err32(&l0, &la) > 1e-3,
         "the adapter does not change the model"
     );
     // the CPU model (its own forward code) on the merged weights agrees
@@ -184,8 +178,7 @@ fn merged_model_equals_the_adapted_one() {
     let lc = model
         .forward(&tokens, &mut state, rwkv_tune::model::Logits::All)
         .unwrap();
-    let c: Vec<f64> = lc.iter().map(|&v| v as f64).collect();
-    let e = rel_err(&c, &a);
+    let e = rel_err32(&lc, &la);
     println!("CPU model of the merged weights vs adapted: rel. err {e:.2e}");
     assert!(e <= 1e-4, "CPU model of merged weights: {e:.3e}");
 }
@@ -204,15 +197,13 @@ fn adapter_files_round_trip_and_bad_files_are_refused() {
     let e = chain(&LoraAdapter::load(&p, &other).unwrap_err());
     assert!(e.contains("att.receptance") || e.contains("shape"), "{e}");
     // hand-made bad files
-    use rwkv_tune::tensors::{write_f32, F32Tensor};
-    use std::collections::BTreeMap;
+    use rwkv_tune::tensors::F32Tensor;
     let t = |shape: Vec<usize>, v: f32| F32Tensor {
         data: vec![v; shape.iter().product()],
         shape,
     };
     let c = cfg.n_embd;
-    type Case<'a> = (&'a str, Vec<(&'a str, F32Tensor)>, &'a str);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<BadFile> = vec![
         (
             "rank mismatch",
             vec![
@@ -283,20 +274,7 @@ fn adapter_files_round_trip_and_bad_files_are_refused() {
             "no such matrix",
         ),
     ];
-    for (what, tensors, want) in cases {
-        let m: BTreeMap<String, F32Tensor> = tensors
-            .into_iter()
-            .map(|(n, t)| (n.to_string(), t))
-            .collect();
-        let p = dir.join(format!("{}.safetensors", what.replace(' ', "_")));
-        write_f32(&p, &m).unwrap();
-        let e = chain(&LoraAdapter::load(&p, &cfg).expect_err(what));
-        println!("{what}: {e}");
-        assert!(
-            e.contains(want),
-            "{what}: error '{e}' does not mention '{want}'"
-        );
-    }
+    refuse_bad_files(&dir, cases, |p| LoraAdapter::load(p, &cfg));
     // bad options
     assert!(matches!(
         LoraAdapter::init(&cfg, 0, 1.0, &LoraTarget::DEFAULT, 1),
@@ -318,6 +296,47 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The relative error of `got` against `want` (f32 vectors, compared in f64).
+fn rel_err32(got: &[f32], want: &[f32]) -> f64 {
+    let (g, w): (Vec<f64>, Vec<f64>) = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64, b as f64))
+        .unzip();
+    rel_err(&g, &w)
+}
+
+/// One hand-made bad file: what it is, its tensors, a word the error must
+/// contain.
+type BadFile<'a> = (
+    &'a str,
+    Vec<(&'a str, rwkv_tune::tensors::F32Tensor)>,
+    &'a str,
+);
+
+/// Writes every bad file of `cases` into `dir` and checks that `load`
+/// refuses it with an error (sources included) that names what is wrong.
+fn refuse_bad_files<T: std::fmt::Debug, E: std::error::Error>(
+    dir: &std::path::Path,
+    cases: Vec<BadFile>,
+    load: impl Fn(&std::path::Path) -> Result<T, E>,
+) {
+    for (what, tensors, want) in cases {
+        let m: std::collections::BTreeMap<String, rwkv_tune::tensors::F32Tensor> = tensors
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        let p = dir.join(format!("{}.safetensors", what.replace(' ', "_")));
+        rwkv_tune::tensors::write_f32(&p, &m).unwrap();
+        let e = chain(&load(&p).expect_err(what));
+        println!("{what}: {e}");
+        assert!(
+            e.contains(want),
+            "{what}: error '{e}' does not mention '{want}'"
+        );
+    }
 }
 
 fn tempfile_dir(tag: &str) -> std::path::PathBuf {
@@ -909,23 +928,16 @@ fn sdlora_adapter_merges_bit_exactly_and_bad_sparse_files_are_refused() {
     let lm = tm
         .logits(&tm.upload_state(&zero).unwrap(), &tokens)
         .unwrap();
-    let (a, b): (Vec<f64>, Vec<f64>) = le
-        .iter()
-        .zip(&lm)
-        .map(|(&x, &y)| (x as f64, y as f64))
-        .unzip();
-    let err = rel_err(&b, &a);
+    let err = rel_err32(&lm, &le);
     println!("merged SDLoRA vs engine logits: {err:.2e}");
     assert!(err <= 1e-5, "merged SDLoRA logits: {err:.3e}");
     // bad sparse files
-    use rwkv_tune::tensors::{write_f32, F32Tensor};
-    use std::collections::BTreeMap;
+    use rwkv_tune::tensors::F32Tensor;
     let t1 = |v: Vec<f32>| F32Tensor {
         shape: vec![v.len()],
         data: v,
     };
-    type Case<'a> = (&'a str, Vec<(&'a str, F32Tensor)>, &'a str);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<BadFile> = vec![
         (
             "index out of range",
             vec![
@@ -964,17 +976,7 @@ fn sdlora_adapter_merges_bit_exactly_and_bad_sparse_files_are_refused() {
             "unknown tensor",
         ),
     ];
-    for (what, tensors, want) in cases {
-        let m: BTreeMap<String, F32Tensor> = tensors
-            .into_iter()
-            .map(|(n, t)| (n.to_string(), t))
-            .collect();
-        let p = dir.join(format!("{}.safetensors", what.replace(' ', "_")));
-        write_f32(&p, &m).unwrap();
-        let e = chain(&Adapter::load(&p, &cfg).expect_err(what));
-        println!("{what}: {e}");
-        assert!(e.contains(want), "{what}: '{e}' does not mention '{want}'");
-    }
+    refuse_bad_files(&dir, cases, |p| Adapter::load(p, &cfg));
 }
 
 #[test]
@@ -1035,12 +1037,7 @@ fn state_offset_gradient_matches_finite_differences_and_emu() {
     let (le, _, ge, _) = te.loss_and_grad_upscaled(&s32, &b, &o).unwrap();
     assert!((lc - le).abs() <= 1e-4 * lc.abs(), "loss {lc} vs {le}");
     for l in 0..cfg.n_layer {
-        let (c, e): (Vec<f64>, Vec<f64>) = gc.u[l]
-            .iter()
-            .zip(&ge.u[l])
-            .map(|(&a, &b)| (a as f64, b as f64))
-            .unzip();
-        let err = rel_err(&e, &c);
+        let err = rel_err32(&ge.u[l], &gc.u[l]);
         println!("layer {l}: emu vs cpu S_off gradient {err:.2e}");
         assert!(err <= 1e-3);
     }
@@ -1082,12 +1079,7 @@ fn state_offset_gradient_matches_finite_differences_and_emu() {
     let lt = tz
         .logits(&tz.upload_upscaled(&up).unwrap(), &tokens)
         .unwrap();
-    let (x, y): (Vec<f64>, Vec<f64>) = lm
-        .iter()
-        .zip(&lt)
-        .map(|(&a, &b)| (a as f64, b as f64))
-        .unzip();
-    let e = rel_err(&x, &y);
+    let e = rel_err32(&lm, &lt);
     println!("CPU model with offsets vs the engine: {e:.2e}");
     assert!(e <= 1e-5, "CPU model with state offsets: {e:.3e}");
 }
