@@ -1082,4 +1082,14 @@ fn state_offset_gradient_matches_finite_differences_and_emu() {
     let e = rel_err32(&lm, &lt);
     println!("CPU model with offsets vs the engine: {e:.2e}");
     assert!(e <= 1e-5, "CPU model with state offsets: {e:.3e}");
+    // and the device model on the emulator (generate / eval --adapter --device emu)
+    let mut dm = rwkv_tune::model::device::DeviceModel::new(EmuOps::default(), &w).unwrap();
+    dm.set_state_offsets(Some(&up.u)).unwrap();
+    let mut hs = model.new_state();
+    let ld = dm
+        .forward(&tokens, &mut hs, rwkv_tune::model::Logits::All)
+        .unwrap();
+    let e = rel_err32(&ld, &lm);
+    println!("emulated device model with offsets vs the CPU model: {e:.2e}");
+    assert!(e <= 1e-5, "device model with state offsets: {e:.3e}");
 }

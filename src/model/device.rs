@@ -17,7 +17,7 @@
 //! stored as bf16 and multiplied with bf16-rounded activations, accumulating
 //! in f32 (logits then differ from the f32 model by a few 1e-3 relative).
 use super::forward::Logits;
-use super::layer::{matmul_mat, upload_layers, DevLayer, FwdWs, Layer, StartRef, Tape};
+use super::layer::{matmul_mat, upload_layers, DevLayer, FwdWs, Layer, StartRef, Tape, UpKernel};
 use super::state::{LayerState, State};
 use super::weights::{Config, Weights};
 use crate::error::{Error, Result};
@@ -44,6 +44,16 @@ pub struct DeviceModel<D: BackwardOps> {
     layers: Vec<DevLayer<D::Buf, D::Mat>>,
     ln_out: (D::Buf, D::Buf),
     head: D::Mat,
+    /// State-offset tuning's read-out offsets (docs/state-offset.md).
+    offsets: Option<DevOffsets<D::Buf>>,
+}
+
+/// Per layer `S_off` `[H, N, N]` on the device, with the (unread) centres
+/// and widths the upscaled read-out's ops check in their linear mode.
+struct DevOffsets<B> {
+    u: Vec<B>,
+    centres: Vec<B>,
+    gamma: Vec<B>,
 }
 
 impl<D: BackwardOps> DeviceModel<D> {
@@ -64,7 +74,44 @@ impl<D: BackwardOps> DeviceModel<D> {
             layers,
             ln_out,
             head,
+            offsets: None,
         })
+    }
+
+    /// Adds state-offset tuning's read-out offsets (per layer `[H, N, N]`,
+    /// value-major; `None` removes them): after every layer's WKV,
+    /// `y_t += S_off r_t` per head (the `up_fwd` op in its linear mode),
+    /// as the CPU model's [`super::Model::set_state_offsets`].
+    pub fn set_state_offsets(&mut self, off: Option<&[Vec<f32>]>) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, n) = (cfg.n_head, cfg.head_size);
+        self.offsets = match off {
+            None => None,
+            Some(o) => {
+                if o.len() != cfg.n_layer || o.iter().any(|x| x.len() != h * n * n) {
+                    return Err(Error::Shape {
+                        name: "state offsets".into(),
+                        expected: vec![cfg.n_layer, h * n * n],
+                        got: vec![o.len(), o.first().map_or(0, |x| x.len())],
+                    });
+                }
+                let ops = &self.ops;
+                Some(DevOffsets {
+                    u: o.iter().map(|x| ops.upload(x)).collect::<Result<_>>()?,
+                    centres: o
+                        .iter()
+                        .map(|_| ops.zeros(h * n * n))
+                        .collect::<Result<_>>()?,
+                    gamma: o.iter().map(|_| ops.zeros(h)).collect::<Result<_>>()?,
+                })
+            }
+        };
+        Ok(())
+    }
+
+    /// Whether state offsets are set ([`Self::set_state_offsets`]).
+    pub fn has_state_offsets(&self) -> bool {
+        self.offsets.is_some()
     }
 
     /// The backend.
@@ -250,7 +297,8 @@ impl<D: BackwardOps> DeviceModel<D> {
         o.embed(tokens, &self.emb_ln, c, &mut x)?;
         let mut v_first = o.zeros(tc)?;
         let vres = self.layers.iter().any(|l| l.vres.is_some());
-        let mut tape = Tape::new(o, cfg, 1, t, vres, None)?;
+        let off = self.offsets.as_ref();
+        let mut tape = Tape::new(o, cfg, 1, t, vres, off.map(|_| n))?;
         let mut fw = FwdWs::new(o, cfg, 1, t)?;
         let mut h_t = o.zeros(h * n * n)?;
         for (l, ly) in self.layers.iter().enumerate() {
@@ -261,7 +309,12 @@ impl<D: BackwardOps> DeviceModel<D> {
                 ly,
                 mm: matmul_mat::<D>,
                 mt: None,
-                up: None,
+                up: off.map(|f| UpKernel {
+                    m: n,
+                    linear: true,
+                    centres: &f.centres[l],
+                    gamma: &f.gamma[l],
+                }),
                 lora: None,
             };
             let (att_x, ffn_x, wkv) = &mut state.layers[l];
@@ -269,7 +322,7 @@ impl<D: BackwardOps> DeviceModel<D> {
                 sa: &*att_x,
                 sf: &*ffn_x,
                 wkv: &*wkv,
-                u: None,
+                u: off.map(|f| &f.u[l]),
             };
             layer.forward(
                 &mut x,

@@ -868,7 +868,7 @@ impl Adapter {
             return Err(Error::Tune(
                 "this adapter holds state offsets (tune --method state-offset): they add \
                  S_off·r_t at every token and cannot be merged into the weights; generate / \
-                 eval --adapter run them on --device cpu (docs/state-offset.md)"
+                 eval --adapter run them (docs/state-offset.md)"
                     .into(),
             ));
         }

@@ -736,6 +736,13 @@ impl<D: BackwardOps + ReduceOps> DeviceModel<D> {
         red.validate(cfg.n_layer)?;
         let mut ds = self.upload_state(state)?;
         self.check_dev_state(&ds)?;
+        if self.has_state_offsets() {
+            return Err(Error::Tune(
+                "token reduction with state offsets (tune --method state-offset) is not \
+                 supported"
+                    .into(),
+            ));
+        }
         let (c, h, n, v) = (cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab);
         if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= v) {
             return Err(Error::Invalid(format!(

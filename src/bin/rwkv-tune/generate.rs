@@ -64,16 +64,11 @@ impl Runner {
             bail!("--gemm bf16 needs --device cuda or emu (the cpu model is f32 only)");
         }
         let mut model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+        let mut offsets = None;
         if let Some(p) = adapter {
             let mut w = model.weights().clone();
             let mut ad = rwkv_tune::model::lora::Adapter::load(p, &w.config)?;
-            let offsets = ad.offset.take();
-            if offsets.is_some() && device != Device::Cpu {
-                bail!(
-                    "{}: state offsets (tune --method state-offset) run on --device cpu only",
-                    p.display()
-                );
-            }
+            offsets = ad.offset.take();
             ad.merge_into(&mut w)?;
             eprintln!(
                 "adapter: {} ({}{}) applied",
@@ -86,23 +81,23 @@ impl Runner {
                 }
             );
             model = Model::new(w)?;
-            model.set_state_offsets(offsets)?;
+            model.set_state_offsets(offsets.clone())?;
         }
         let cfg = model.config().clone();
         let prec = GemmPrecision::from(gemm);
         let r = match device {
             Device::Cpu => Runner::Cpu(model),
-            Device::Emu => Runner::Emu(DeviceModel::new(
-                EmuOps::default().with_gemm(prec),
-                model.weights(),
-            )?),
+            Device::Emu => {
+                let mut m = DeviceModel::new(EmuOps::default().with_gemm(prec), model.weights())?;
+                m.set_state_offsets(offsets.as_deref())?;
+                Runner::Emu(m)
+            }
             Device::Cuda => {
                 let gpu = std::sync::Arc::new(rwkv_tune::cuda::Gpu::new(0)?);
                 eprintln!("device: {}, GEMMs {prec}", gpu.describe());
-                Runner::Cuda(DeviceModel::new(
-                    CudaOps::new(gpu)?.with_gemm(prec),
-                    model.weights(),
-                )?)
+                let mut m = DeviceModel::new(CudaOps::new(gpu)?.with_gemm(prec), model.weights())?;
+                m.set_state_offsets(offsets.as_deref())?;
+                Runner::Cuda(m)
             }
         };
         Ok((r, cfg))

@@ -44,7 +44,7 @@ pub enum Method {
     /// State-offset tuning (docs/state-offset.md): a learned S_off per
     /// layer and head added to every token's read-out, y_t += S_off r_t,
     /// instead of an initial state. Writes an adapter file of offsets (not
-    /// mergeable; generate / eval --adapter run it on --device cpu).
+    /// mergeable; generate / eval --adapter run it).
     StateOffset,
 }
 
