@@ -670,16 +670,6 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
         dk: &mut Vec<R>,
         dda: &mut Vec<R>,
     ) -> Result<()> {
-        let r = bref::KkBwd {
-            k: x.k,
-            da: x.da,
-            a0: x.a0,
-            k_k: x.k_k,
-            k_a: x.k_a,
-            d_kout: x.d_kout,
-            d_a: x.d_a,
-            d_b: x.d_b,
-        };
         let c = h * n;
         let pcs = row_pieces(rows, c);
         let (ks, ds) = (split_rows(dk, &pcs, c), split_rows(dda, &pcs, c));
@@ -687,18 +677,7 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
             .zip(ks)
             .zip(ds)
             .for_each(|((&(r0, nr), dk), dda)| {
-                let o = r0 * c;
-                let r = bref::KkBwd {
-                    k: &r.k[o..],
-                    da: &r.da[o..],
-                    a0: r.a0,
-                    k_k: r.k_k,
-                    k_a: r.k_a,
-                    d_kout: &r.d_kout[o..],
-                    d_a: &r.d_a[o..],
-                    d_b: &r.d_b[o..],
-                };
-                bref::kk_prep_bwd(nr, h, n, &r, dk, dda);
+                bref::kk_prep_bwd(nr, h, n, &kk_rows(x, r0 * c), dk, dda);
             });
         Ok(())
     }
@@ -999,16 +978,7 @@ impl<R: CpuReal> BackwardOps for CpuOps<R> {
             .for_each(|(((&(r0, nr), dkk), dka), drk)| {
                 let o = r0 * c;
                 let y = bref::SdtBwd {
-                    kk: bref::KkBwd {
-                        k: &x.kk.k[o..],
-                        da: &x.kk.da[o..],
-                        a0: x.kk.a0,
-                        k_k: x.kk.k_k,
-                        k_a: x.kk.k_a,
-                        d_kout: &x.kk.d_kout[o..],
-                        d_a: &x.kk.d_a[o..],
-                        d_b: &x.kk.d_b[o..],
-                    },
+                    kk: kk_rows(&x.kk, o),
                     r: &x.r[o..],
                     kt: &x.kt[o..],
                     v: &x.v[o..],
@@ -1075,5 +1045,21 @@ fn up_ref<'a, R>(k: &'a UpBufs<'_, Vec<R>>) -> bref::Up<'a, R> {
         centres: k.centres,
         gamma: k.gamma,
         u: k.u,
+    }
+}
+
+/// The CPU twins' view of [`KkBwdBufs`] from element `o` of its `[rows, C]`
+/// tensors on (the `[C]` vectors whole): one row piece of the kk_prep
+/// backward or of the SDT gradients.
+fn kk_rows<'a, R>(x: &KkBwdBufs<'a, Vec<R>>, o: usize) -> bref::KkBwd<'a, R> {
+    bref::KkBwd {
+        k: &x.k[o..],
+        da: &x.da[o..],
+        a0: x.a0,
+        k_k: x.k_k,
+        k_a: x.k_a,
+        d_kout: &x.d_kout[o..],
+        d_a: &x.d_a[o..],
+        d_b: &x.d_b[o..],
     }
 }
