@@ -1534,25 +1534,27 @@ impl<O: BackwardOps> DeviceTuner<O> {
                 }
             }
         }
+        // the LoRA and SDT gradients: tensor i of every part into tensor i
+        let sum_flat = |dst: Vec<&mut O::Buf>, parts: &[Vec<&O::Buf>]| {
+            for (i, d) in dst.into_iter().enumerate() {
+                let n = ops.len(d);
+                sum(d, &mut parts.iter().filter_map(|g| g.get(i).copied()), n)?;
+            }
+            Ok::<(), Error>(())
+        };
         if let (true, Some(lg)) = (backward, lgrads.as_mut()) {
             let parts_g: Vec<Vec<&O::Buf>> = used
                 .iter()
                 .map(|p| p.lgrads.as_ref().map(|g| pairs_flat(g)).unwrap_or_default())
                 .collect();
-            for (i, d) in pairs_flat_mut(lg).into_iter().enumerate() {
-                let n = ops.len(d);
-                sum(d, &mut parts_g.iter().filter_map(|g| g.get(i).copied()), n)?;
-            }
+            sum_flat(pairs_flat_mut(lg), &parts_g)?;
         }
         if let (true, Some(sg)) = (backward, sgrads.as_mut()) {
             let parts_g: Vec<Vec<&O::Buf>> = used
                 .iter()
                 .map(|p| p.sgrads.as_ref().map(|g| sdt_flat(g)).unwrap_or_default())
                 .collect();
-            for (i, d) in sdt_flat_mut(sg).into_iter().enumerate() {
-                let n = ops.len(d);
-                sum(d, &mut parts_g.iter().filter_map(|g| g.get(i).copied()), n)?;
-            }
+            sum_flat(sdt_flat_mut(sg), &parts_g)?;
         }
         if let Some(acc) = acc.as_mut() {
             for (l, a) in acc.iter_mut().enumerate() {
