@@ -1277,6 +1277,19 @@ fn shape_errors<D: BackwardOps>(d: &D) {
     let (mut phi, mut y) = (up(&vec![0.0; rows * h * m]), up(&vec![0.0; rows * h * n]));
     let r = d.up_fwd(rows, h, n, &k0, &rb, &mut phi, &mut y);
     assert!(matches!(r, Err(Error::Invalid(_))), "{be}: {r:?}");
+    // the linear read-out (state offset) reads r as φ: M must equal N
+    let kl = UpBufs {
+        m,
+        linear: true,
+        centres: &cen,
+        gamma: &gam,
+        u: &u,
+    };
+    let r = d.up_fwd(rows, h, n, &kl, &rb, &mut phi, &mut y);
+    assert!(
+        matches!(r, Err(Error::Invalid(_))),
+        "{be}: linear with M ≠ N: {r:?}"
+    );
     let k = UpBufs {
         m,
         linear: false,

@@ -48,12 +48,9 @@ pub struct DeviceModel<D: BackwardOps> {
     offsets: Option<DevOffsets<D::Buf>>,
 }
 
-/// Per layer `S_off` `[H, N, N]` on the device, with the (unread) centres
-/// and widths the upscaled read-out's ops check in their linear mode.
+/// Per layer `S_off` `[H, N, N]` on the device.
 struct DevOffsets<B> {
     u: Vec<B>,
-    centres: Vec<B>,
-    gamma: Vec<B>,
 }
 
 impl<D: BackwardOps> DeviceModel<D> {
@@ -98,11 +95,6 @@ impl<D: BackwardOps> DeviceModel<D> {
                 let ops = &self.ops;
                 Some(DevOffsets {
                     u: o.iter().map(|x| ops.upload(x)).collect::<Result<_>>()?,
-                    centres: o
-                        .iter()
-                        .map(|_| ops.zeros(h * n * n))
-                        .collect::<Result<_>>()?,
-                    gamma: o.iter().map(|_| ops.zeros(h)).collect::<Result<_>>()?,
                 })
             }
         };
@@ -309,11 +301,11 @@ impl<D: BackwardOps> DeviceModel<D> {
                 ly,
                 mm: matmul_mat::<D>,
                 mt: None,
-                up: off.map(|f| UpKernel {
+                up: off.map(|_| UpKernel {
                     m: n,
                     linear: true,
-                    centres: &f.centres[l],
-                    gamma: &f.gamma[l],
+                    centres: None,
+                    gamma: None,
                 }),
                 lora: None,
             };

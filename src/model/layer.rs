@@ -238,12 +238,13 @@ pub fn matmul_t_buf<O: BackwardOps>(
 pub struct UpKernel<'a, B> {
     /// Support vectors per head (M).
     pub m: usize,
-    /// State-offset tuning: `φ = r` (M = N).
+    /// State-offset tuning: `φ = r` (M = N; `centres` and `gamma` are
+    /// `None`, the ops read neither).
     pub linear: bool,
-    /// Support vectors `[H, M, N]`.
-    pub centres: &'a B,
-    /// RBF widths `[H]` (γ = 1/(2σ²)).
-    pub gamma: &'a B,
+    /// Support vectors `[H, M, N]` (`None` for the linear read-out).
+    pub centres: Option<&'a B>,
+    /// RBF widths `[H]` (γ = 1/(2σ²); `None` for the linear read-out).
+    pub gamma: Option<&'a B>,
 }
 
 /// The tensors of a layer that sparse dimension tuning trains (docs/sdt.md),
@@ -679,8 +680,9 @@ impl<'a, O: BackwardOps, M> Layer<'a, O, M> {
             (Some(k), Some(u)) => Ok(Some(UpBufs {
                 m: k.m,
                 linear: k.linear,
-                centres: k.centres,
-                gamma: k.gamma,
+                // the linear read-out reads neither: any buffer will do
+                centres: k.centres.unwrap_or(u),
+                gamma: k.gamma.unwrap_or(u),
                 u,
             })),
             (Some(_), None) => Err(Error::Tune(format!(

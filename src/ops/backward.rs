@@ -98,7 +98,7 @@ pub struct UpBufs<'a, B> {
     /// Support vectors per head (M).
     pub m: usize,
     /// State-offset tuning (docs/state-offset.md): `φ = r`, M = N; the
-    /// centres and widths are not read (any buffers of the checked sizes).
+    /// centres and widths are neither read nor size-checked (any buffers).
     pub linear: bool,
     /// Support vectors `[H, M, N]`.
     pub centres: &'a B,
@@ -857,6 +857,7 @@ pub trait BackwardOps: DeviceOps {
             h,
             n,
             k.m,
+            k.linear,
             [self.len(k.centres), self.len(k.gamma), self.len(k.u)],
             &[("r", self.len(r)), ("y", self.len(y))],
             &[("phi", self.len(phi))],
@@ -868,7 +869,8 @@ pub trait BackwardOps: DeviceOps {
     }
     /// # Safety
     /// The sizes must pass the `check::up` of [`Self::up_fwd`]: r, y ≥
-    /// rows·H·N, centres ≥ H·M·N, gamma ≥ H, u ≥ H·N·M, phi ≥ rows·H·M.
+    /// rows·H·N, centres ≥ H·M·N and gamma ≥ H (unless `linear`, where
+    /// M = N and neither is read), u ≥ H·N·M, phi ≥ rows·H·M.
     #[doc(hidden)]
     unsafe fn raw_up_fwd(
         &self,
@@ -903,6 +905,7 @@ pub trait BackwardOps: DeviceOps {
             h,
             n,
             k.m,
+            k.linear,
             [self.len(k.centres), self.len(k.gamma), self.len(k.u)],
             &[
                 ("r", self.len(r)),
@@ -918,7 +921,8 @@ pub trait BackwardOps: DeviceOps {
     }
     /// # Safety
     /// The sizes must pass the `check::up` of [`Self::up_bwd`]: r, dy, dr ≥
-    /// rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N, gamma ≥ H, u, du ≥ H·N·M.
+    /// rows·H·N, phi ≥ rows·H·M, centres ≥ H·M·N and gamma ≥ H (unless
+    /// `linear`: M = N, neither read), u, du ≥ H·N·M.
     #[doc(hidden)]
     unsafe fn raw_up_bwd(
         &self,
@@ -1463,6 +1467,7 @@ pub(crate) mod check {
         h: usize,
         n: usize,
         m: usize,
+        linear: bool,
         kernel: [usize; 3],
         rows_c: &[(&str, usize)],
         rows_m: &[(&str, usize)],
@@ -1474,12 +1479,19 @@ pub(crate) mod check {
                 "{what}: M (support vectors) must be at least 1"
             )));
         }
+        if linear && m != n {
+            return Err(Error::Invalid(format!(
+                "{what}: the linear read-out (state offset) needs M = N, got M = {m}, N = {n}"
+            )));
+        }
         fits_i32(what, &[rows, h, n])?;
         fits_i32(what, &[rows, h, m])?;
         fits_i32(what, &[h, n, m])?;
         let [centres, gamma, u] = kernel;
-        need("centres", centres, 0, h * m * n)?;
-        need("gamma", gamma, 0, h)?;
+        if !linear {
+            need("centres", centres, 0, h * m * n)?;
+            need("gamma", gamma, 0, h)?;
+        }
         need("u", u, 0, h * n * m)?;
         for (name, len) in rows_c {
             need(name, *len, 0, rows * h * n)?;

@@ -252,7 +252,7 @@ pub fn inverse_newton_schulz<O: BackwardOps>(
 /// the support vectors `[H, M, N]` and widths `[H]` (f32).
 struct DevUp<B> {
     m: usize,
-    /// State-offset tuning (`φ = r`, M = N): centres and widths unread.
+    /// State-offset tuning (`φ = r`, M = N): no centres or widths (empty).
     linear: bool,
     centres: Vec<B>,
     gamma: Vec<B>,
@@ -451,19 +451,11 @@ impl<O: BackwardOps> DeviceTuner<O> {
     /// `φ = r`, M = N).
     pub fn new_offset(ops: O, w: &Weights) -> Result<Self> {
         let mut t = Self::new(ops, w)?;
-        let (h, n) = (t.cfg.n_head, t.cfg.head_size);
-        let nl = t.cfg.n_layer;
-        let centres = (0..nl)
-            .map(|_| t.ops.zeros(h * n * n))
-            .collect::<Result<Vec<_>>>()?;
-        let gamma = (0..nl)
-            .map(|_| t.ops.zeros(h))
-            .collect::<Result<Vec<_>>>()?;
         t.up = Some(DevUp {
-            m: n,
+            m: t.cfg.head_size,
             linear: true,
-            centres,
-            gamma,
+            centres: Vec::new(),
+            gamma: Vec::new(),
         });
         Ok(t)
     }
@@ -982,8 +974,8 @@ impl<O: BackwardOps> DeviceTuner<O> {
             up: self.up.as_ref().map(|u| UpKernel {
                 m: u.m,
                 linear: u.linear,
-                centres: &u.centres[l],
-                gamma: &u.gamma[l],
+                centres: u.centres.get(l),
+                gamma: u.gamma.get(l),
             }),
             lora: self.lora.as_ref().map(|d| LoraRef {
                 rank: d.rank,
