@@ -199,3 +199,103 @@ __device__ __forceinline__ void mma3(FragC& d, const FragA& ah, const FragA& al,
   mma_bf16_16816(d, ah, bh);
 #endif
 }
+
+// ---- v3 additions: single-pass products, ldmatrix, cp.async ----------------
+// Each wrapper has an emulated twin (CUDA_EMU) producing the same per-lane
+// registers from the PTX ISA layouts; tests/mma_emu.rs and the v3 tests run
+// them.
+
+// d += A * B, one bf16 MMA (operands already bf16: "single" precision).
+__device__ __forceinline__ void mma1(FragC& d, const FragA& a, const FragB& b) {
+  mma_bf16_16816(d, a, b);
+}
+// d += (ah + al) * b: the B operand is exactly bf16 (or kept single).
+__device__ __forceinline__ void mma2a(FragC& d, const FragA& ah, const FragA& al, const FragB& b) {
+  mma_bf16_16816(d, al, b);
+  mma_bf16_16816(d, ah, b);
+}
+// d += a * (bh + bl): the A operand is exactly bf16 (or kept single).
+__device__ __forceinline__ void mma2b(FragC& d, const FragA& a, const FragB& bh, const FragB& bl) {
+  mma_bf16_16816(d, a, bl);
+  mma_bf16_16816(d, a, bh);
+}
+// Packs the hi part of two adjacent C tiles as an A fragment (single bf16).
+__device__ __forceinline__ void c_to_a_hi(const FragC& c0, const FragC& c1, FragA& hi) {
+  hi.x[0] = bf16_bits(c0.x[0]) | (bf16_bits(c0.x[1]) << 16);
+  hi.x[1] = bf16_bits(c0.x[2]) | (bf16_bits(c0.x[3]) << 16);
+  hi.x[2] = bf16_bits(c1.x[0]) | (bf16_bits(c1.x[1]) << 16);
+  hi.x[3] = bf16_bits(c1.x[2]) | (bf16_bits(c1.x[3]) << 16);
+}
+
+#ifdef CUDA_EMU
+namespace emu_mma {
+// Per-warp rows of an emulated ldmatrix: row i (16 bytes) from lane i.
+struct Rows {
+  uint16_t h[32][8];
+};
+inline Rows g_rows[32];
+}  // namespace emu_mma
+#endif
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address
+// of row (l & 7) of 8x8 matrix (l >> 3); register m of every lane receives
+// matrix m's elements (row lane/4, columns 2(lane%4), +1) — or, with .trans,
+// (rows 2(lane%4), +1; column lane/4). Rows are 16 bytes, 16-byte aligned.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* row) {
+#ifdef CUDA_EMU
+  // one 16-byte shared load per lane (the counting build sees the real
+  // access pattern: 4 phases of 8 rows), then a muted exchange
+  const unsigned __int128 bits = *(const unsigned __int128*)row;
+  const ::emu::MuteScope mute;
+  emu_mma::Rows& s = emu_mma::g_rows[emu_mma::warp_index()];
+  const int lane = lane_id(), g = lane >> 2, q = lane & 3;
+  std::memcpy(s.h[lane], &bits, 16);
+  ::emu::mma_sync_point(0);
+  for (int m = 0; m < 4; ++m) {
+    uint32_t lo, hi;
+    if (TRANS) {
+      lo = s.h[8 * m + 2 * q][g];
+      hi = s.h[8 * m + 2 * q + 1][g];
+    } else {
+      lo = s.h[8 * m + g][2 * q];
+      hi = s.h[8 * m + g][2 * q + 1];
+    }
+    r[m] = lo | (hi << 16);
+  }
+  ::emu::mma_sync_point(0);
+#else
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// cp.async.cg.shared.global (16 bytes) and its group commit / wait. The
+// emulated twin copies at once (the wait is then a no-op).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifdef CUDA_EMU
+  // host buffers need not be 16-byte aligned: an unaligned 16-byte access
+  typedef unsigned __int128 u128 __attribute__((aligned(1)));
+  *(u128*)smem = *(const u128*)gmem;
+#else
+  const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef CUDA_EMU
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef CUDA_EMU
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
