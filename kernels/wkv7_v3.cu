@@ -13,10 +13,15 @@
 //     as hi/lo;
 //   * the forward stages chunk c+1's inputs with cp.async (16-byte copies)
 //     while chunk c's matrices and value side run: 3 barriers per chunk;
-//   * the fp32 state is saved every WKV7_V3_G chunks (p.chunk = 16 G tokens);
-//     the backward recomputes the state of the other chunks of a group from
-//     that checkpoint, in registers, and keeps it as a bf16 tile in shared
-//     memory (no global scratch);
+//   * the forward saves each chunk's start state as bf16 (8 KB per chunk at
+//     N = 64, half of v2's fp32 bytes) in `ckpt` ([B, H, ceil(T/16), N, N]
+//     bf16); the backward needs S0 only in products that feed bf16 outputs
+//     (dS, hence dh0, does not depend on S0), so it loads it into a tile with
+//     cp.async and never recomputes states. The final state h_t is the fp32
+//     register state;
+//   * the backward's key-side gradients run in three passes (dr/da, dk, db);
+//     the time contractions there use hi + lo of the matrix gradients and of
+//     the decay-scaled keys (dw is sensitive to them: docs/kernels-v3.md);
 //   * fast reciprocal (__fdividef) in the column pass, __restrict__, paired
 //     (4- / 8-byte) stores of the gradients and states.
 // bf16 I/O only (the fast path); f32 I/O runs v2 (src/wkv7/v3.rs).
@@ -35,9 +40,6 @@
 
 #ifndef WKV7_V3_BWD_CTAS
 #define WKV7_V3_BWD_CTAS 3  // backward CTAs per SM the registers are bounded for
-#endif
-#ifndef WKV7_V3_G
-#define WKV7_V3_G 2  // chunks of 16 tokens per saved state (docs/kernels-v3.md)
 #endif
 
 namespace wkv7v3 {
@@ -465,6 +467,19 @@ __device__ __forceinline__ void state_to_tile(bf16* dst, const FragC (&S)[NN / 8
   }
 }
 
+// Writes C tiles (rows vb..) as a bf16 [NN][NN] row-major state in global memory.
+template <int NN>
+__device__ __forceinline__ void state_to_global(bf16* __restrict__ dst, const FragC (&S)[NN / 8],
+                                                int vb) {
+  const int lane = lane_id(), g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int kt = 0; kt < NN / 8; ++kt) {
+    const int c = kt * 8 + 2 * q;
+    *(uint32_t*)&dst[(vb + g) * NN + c] = bf16_bits(S[kt].x[0]) | (bf16_bits(S[kt].x[1]) << 16);
+    *(uint32_t*)&dst[(vb + g + 8) * NN + c] = bf16_bits(S[kt].x[2]) | (bf16_bits(S[kt].x[3]) << 16);
+  }
+}
+
 // Stores the C tile pair of a [value][time] product as X[t][value] (rows vb..).
 __device__ __forceinline__ void store_vt(const Wkv7Params& p, bf16* __restrict__ out,
                                          FragC (&C)[2], int t0, int vb, int NN) {
@@ -492,7 +507,7 @@ struct alignas(16) Wkv7V3Fwd {
 template <int NN, bool SPLIT>
 __device__ void wkv7_fwd_v3(const Wkv7Params p) {
   using namespace wkv7v3;
-  constexpr int NW = NN / 16, NT = NW * 32, G = WKV7_V3_G;
+  constexpr int NW = NN / 16, NT = NW * 32;
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, vb = 16 * warp;
   const long bh = (long)b * p.H + h;
@@ -511,7 +526,7 @@ __device__ void wkv7_fwd_v3(const Wkv7Params p) {
   stage_chunk<NN, 6, NT>(p, s.st, 0, tid);
   cp_async_commit();
   for (int ch = 0; ch < n_chunks; ++ch) {
-    if (p.ckpt && ch % G == 0) store_state<NN>(p.ckpt + (bh * p.n_chunks + ch / G) * NN * NN, S, vb);
+    if (p.ckpt) state_to_global<NN>((bf16*)p.ckpt + (bh * n_chunks + ch) * NN * NN, S, vb);
     cp_async_wait_all();
     __syncthreads();  // chunk ch staged; chunk ch-1 done with the tiles
     column_pass<NN, 6>(p, K, &s.st, ch * L, tid);
@@ -528,122 +543,72 @@ __device__ void wkv7_fwd_v3(const Wkv7Params p) {
 }
 
 // ---- backward ---------------------------------------------------------------
-// Shared memory (NN = 64: 46.4 KB): the tiles that are dead in a phase hold
-// that phase's new operands (o1: b~/k~ lo -> U, dR after the matrices; o2:
-// k^, b^ -> dS_L after the value side; the matrices -> their gradients).
+// Shared memory (NN = 64: 50.5 KB, dynamic on the GPU): k^, b^ hold dS_L
+// after the value side; the matrices' slots hold their gradients (hi, lo).
 template <int NN>
 struct alignas(16) Wkv7V3Bwd {
-  wkv7v3::Tile<NN> ah, al, bh, kh, v, dy;
-  union {
-    struct {
-      wkv7v3::Tile<NN> bl, kl;
-    } k;
-    struct {
-      wkv7v3::Tile<NN> u, dr;
-    } g;
-  } o1;
+  wkv7v3::Tile<NN> ah, al, bh, bl, kh, kl, qh, ql, v, dy, u, dr;
   union {
     struct {
       wkv7v3::Tile<NN> khh, khl, bhh, bhl;
     } k;
     bf16 dsl[NN * NN];  // dS of the chunk end, [value][key] swizzled
   } o2;
-  union {
-    struct {
-      bf16 s0[NN * NN];  // S of the chunk start, [value][key] swizzled
-      float P[wkv7v3::L][NN];
-      wkv7v3::Tile<NN> qh, ql;
-    } a;
-    float park[NN * NN];  // dS while a group's states are recomputed
-  } o4;
-  wkv7v3::Mat m[8];  // mak_h mak_l mqk_h mqk_l mqb_h mqb_l inv_h inv_l / dM_ab dM_ak dM_qk dM_qb
+  bf16 s0[NN * NN];  // S of the chunk start (bf16, from the forward), [value][key] swizzled
+  wkv7v3::Mat m[8];  // mak_h mak_l mqk_h mqk_l mqb_h mqb_l inv_h inv_l / dM_{ab,ak,qk,qb} hi, lo
   union {
     float mab[wkv7v3::L * (wkv7v3::L + 1)];
     float tot[NN / 16][NN];  // per warp: sum over its rows of S0 * dS_L per key
   } o3;
+  float P[wkv7v3::L][NN];
   float PL[NN];
 };
 
 template <int NN, bool SPLIT>
 __device__ void wkv7_bwd_v3(const Wkv7Params p) {
   using namespace wkv7v3;
-  constexpr int NW = NN / 16, NT = NW * 32, G = WKV7_V3_G;
+  constexpr int NW = NN / 16, NT = NW * 32;
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, vb = 16 * warp, kb = 16 * warp;
   const int T = p.T, H = p.H;
   const long bh = (long)b * H + h;
 
-  __shared__ Wkv7V3Bwd<NN> s;
-  // keys of a backward chunk (k~, b~ lo live until the matrices are built)
-  const Keys<NN> K{s.ah.e, s.al.e, s.bh.e, s.o1.k.bl.e, s.kh.e, s.o1.k.kl.e, s.o4.a.qh.e, s.o4.a.ql.e,
+#ifdef CUDA_EMU
+  __shared__ Wkv7V3Bwd<NN> s;  // the emulator: a static of any size
+#else
+  extern __shared__ __align__(16) unsigned char wkv7_v3_dyn[];
+  Wkv7V3Bwd<NN>& s = *reinterpret_cast<Wkv7V3Bwd<NN>*>(wkv7_v3_dyn);
+#endif
+  const Keys<NN> K{s.ah.e, s.al.e, s.bh.e, s.bl.e, s.kh.e, s.kl.e, s.qh.e, s.ql.e,
                    s.o2.k.khh.e, SPLIT ? s.o2.k.khl.e : nullptr, s.o2.k.bhh.e, s.o2.k.bhl.e,
                    s.v.e, s.dy.e, s.m[0].e, s.m[1].e, s.m[2].e, SPLIT ? s.m[3].e : nullptr,
-                   s.m[4].e, s.m[5].e, s.m[6].e, s.m[7].e, s.o3.mab, &s.o4.a.P[0][0], s.PL};
-  // keys of a recompute step (state path only: k^ needs its lo part)
-  Keys<NN> KR = K;
-  KR.khl = s.o2.k.khl.e;
-  KR.qh = KR.ql = nullptr;
-  KR.dy = nullptr;
-  KR.P = nullptr;
+                   s.m[4].e, s.m[5].e, s.m[6].e, s.m[7].e, s.o3.mab, &s.P[0][0], s.PL};
   const Stage<NN, 7>* nost = nullptr;
-  const Stage<NN, 6>* nost6 = nullptr;
 
   FragC dS[NN / 8];
   load_state<NN>(p.dh_t ? p.dh_t + bh * NN * NN : nullptr, dS, vb);
 
   const int n_chunks = (T + L - 1) / L;
-  const int n_groups = (n_chunks + G - 1) / G;
-  for (int gi = n_groups - 1; gi >= 0; --gi) {
-    const float* ck = p.ckpt + (bh * p.n_chunks + gi) * NN * NN;
-    const int in_group = G < n_chunks - gi * G ? G : n_chunks - gi * G;
-    for (int cc = in_group - 1; cc >= 0; --cc) {
-      const int ch = gi * G + cc, t0 = ch * L;
+  for (int ch = n_chunks - 1; ch >= 0; --ch) {
+    {
+      const int t0 = ch * L;
       const int lanec = fresh_lane(), g8 = lanec >> 2, q4 = lanec & 3;
-      // ---- S0 of chunk ch into s.o4.a.s0: the checkpoint, or recomputed from it ----
-      {
-        // dS waits in shared memory (s0, P, q~: unused by a recompute) so that
-        // the recompute has the registers; XOR-swizzled float2 rows
-        auto park_at = [&](int r, int c) { return r * NN + (c ^ (((r & 7) << 3) & (NN - 1))); };
-        if (ch > gi * G) {
-          __syncthreads();  // the previous chunk is done with s0, P and q~
-#pragma unroll
-          for (int kt = 0; kt < NN / 8; ++kt) {
-            *(float2*)&s.o4.park[park_at(vb + g8, kt * 8 + 2 * q4)] = make_float2(dS[kt].x[0], dS[kt].x[1]);
-            *(float2*)&s.o4.park[park_at(vb + g8 + 8, kt * 8 + 2 * q4)] = make_float2(dS[kt].x[2], dS[kt].x[3]);
-          }
+      __syncthreads();  // the previous chunk is done with every tile
+      {  // S0 (bf16, saved by the forward) into its swizzled tile, while the column pass runs
+        const bf16* src = (const bf16*)p.ckpt + (bh * n_chunks + ch) * NN * NN;
+        for (int i = fresh_tid(); i < NN * NN / 8; i += NT) {
+          const int r = i / (NN / 8), c = (i % (NN / 8)) * 8;
+          cp_async16(&s.s0[swz<NN>(r, c)], src + r * NN + c);
         }
-        FragC S[NN / 8];
-        load_state<NN>(ck, S, vb);
-        for (int c2 = gi * G; c2 < ch; ++c2) {
-          __syncthreads();
-          column_pass<NN, 6>(p, KR, nost6, c2 * L, tid);
-          __syncthreads();
-          matrices<NN, NW, false, false, true>(KR, warp, lane, 2);
-          __syncthreads();
-          FragC U[2], Yn[2];
-          state_chunk<NN, false, false, true>(KR, S, vb, U, Yn);
-        }
-        if (ch > gi * G) {
-#pragma unroll
-          for (int kt = 0; kt < NN / 8; ++kt) {
-            const float2 u0 = *(const float2*)&s.o4.park[park_at(vb + g8, kt * 8 + 2 * q4)];
-            const float2 u1 = *(const float2*)&s.o4.park[park_at(vb + g8 + 8, kt * 8 + 2 * q4)];
-            dS[kt].x[0] = u0.x;
-            dS[kt].x[1] = u0.y;
-            dS[kt].x[2] = u1.x;
-            dS[kt].x[3] = u1.y;
-          }
-        }
-        __syncthreads();  // everyone is done with the previous s0 / tiles / park
-        state_to_tile<NN>(s.o4.a.s0, S, vb);
+        cp_async_commit();
       }
       column_pass<NN, 7>(p, K, nost, t0, tid);
+      cp_async_wait_all();
       __syncthreads();
       matrices<NN, NW, SPLIT, true, true>(K, warp, lane, 4);
       __syncthreads();
 
       // ---- value side (rows vb..vb+15) ----
-      const FragA vt = lda_t<NN, true>(s.v.e, 0, vb), yt = lda_t<NN, true>(s.dy.e, 0, vb);
       {  // R^T = S0 A~^T + V^T M_ak^T, U^T = R^T Inv^T (output path) -> U tile;
          // per-key sums of S0 * dS_L over this warp's rows -> tot
         FragC R[2];
@@ -651,7 +616,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         c_zero(R[1]);
 #pragma unroll
         for (int ks = 0; ks < NN / 16; ++ks) {
-          const FragA s0 = lda<NN, true>(s.o4.a.s0, vb, 16 * ks);  // S0 rows vb.. (bf16)
+          const FragA s0 = lda<NN, true>(s.s0, vb, 16 * ks);  // S0 rows vb.. (bf16)
           // the A fragment holds the elements of dS's C tiles 2ks, 2ks+1
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -675,7 +640,10 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         ldb<L, true>(K.mak_h, 0, 0, bh[0], bh[1]);
         if (SPLIT) ldb<L, true>(K.mak_l, 0, 0, bl[0], bl[1]);
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mm<false, SPLIT>(R[nt], vt, vt, bh[nt], bl[nt]);
+        for (int nt = 0; nt < 2; ++nt) {
+          const FragA vt = lda_t<NN, true>(s.v.e, 0, vb);  // V^T rows vb.. (exact bf16)
+          mm<false, SPLIT>(R[nt], vt, vt, bh[nt], bl[nt]);
+        }
         FragA rh, rl;
         c_to_a_split(R[0], R[1], rh, rl);
         FragC U[2];
@@ -689,7 +657,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         // b~/k~ lo (o1) are dead since the matrices: U^T as a [t][value] tile
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
-          c_foreach_f(U[nt], [&](int r, int c, float& x) { put<NN>(s.o1.g.u.e, nt * 8 + c, vb + r, x); });
+          c_foreach_f(U[nt], [&](int r, int c, float& x) { put<NN>(s.u.e, nt * 8 + c, vb + r, x); });
       }
       FragA drh, drl;
       {  // dU^T = dS B^ + dY^T M_qb, dR^T = dU^T Inv (state path) -> dR tile;
@@ -718,6 +686,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         FragB bh[2], bl[2];
         ldb_t<L, true>(K.mqb_h, 0, 0, bh[0], bh[1]);
         ldb_t<L, true>(K.mqb_l, 0, 0, bl[0], bl[1]);
+        const FragA yt = lda_t<NN, true>(s.dy.e, 0, vb);  // dY^T rows vb.. (exact bf16)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) mma2b(dU[nt], yt, bh[nt], bl[nt]);
         ldb_t<L, true>(K.mqk_h, 0, 0, bh[0], bh[1]);
@@ -742,7 +711,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         store_vt(p, (bf16*)p.dv, dV, t0, vb, NN);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
-          c_foreach_f(dR[nt], [&](int r, int c, float& x) { put<NN>(s.o1.g.dr.e, nt * 8 + c, vb + r, x); });
+          c_foreach_f(dR[nt], [&](int r, int c, float& x) { put<NN>(s.dr.e, nt * 8 + c, vb + r, x); });
       }
       __syncthreads();  // all warps done with k^, b^ (o2)
       state_to_tile<NN>(s.o2.dsl, dS, vb);  // dS_L as a [value][key] tile
@@ -759,24 +728,24 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
           dS[kt].x[3] *= pl.y;
         }
         FragB bh[2], bl[2];
-        ldb_t<NN, true>(s.o4.a.qh.e, 0, 16 * kp, bh[0], bh[1]);
-        ldb_t<NN, true>(s.o4.a.ql.e, 0, 16 * kp, bl[0], bl[1]);
+        ldb_t<NN, true>(s.qh.e, 0, 16 * kp, bh[0], bh[1]);
+        ldb_t<NN, true>(s.ql.e, 0, 16 * kp, bl[0], bl[1]);
 #pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) mma2b(dS[2 * kp + h2], yt, bh[h2], bl[h2]);
+        for (int h2 = 0; h2 < 2; ++h2) mma2b(dS[2 * kp + h2], lda_t<NN, true>(s.dy.e, 0, vb), bh[h2], bl[h2]);
         ldb_t<NN, true>(s.ah.e, 0, 16 * kp, bh[0], bh[1]);
         ldb_t<NN, true>(s.al.e, 0, 16 * kp, bl[0], bl[1]);
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) mma3(dS[2 * kp + h2], drh, drl, bh[h2], bl[h2]);
       }
       __syncthreads();
-      // ---- gradients of the L x L matrices (output path, single bf16) ----
+      // ---- gradients of the L x L matrices (single products, kept as hi + lo) ----
       // dM_ab = dR U^T, dM_ak = dR V^T (strict), dM_qk = dY V^T, dM_qb = dY U^T
       for (int m = warp; m < 4; m += NW) {
-        const bf16* A = m < 2 ? s.o1.g.dr.e : s.dy.e;
-        const bf16* B = (m == 0 || m == 3) ? s.o1.g.u.e : s.v.e;
+        const bf16* A = m < 2 ? s.dr.e : s.dy.e;
+        const bf16* B = (m == 0 || m == 3) ? s.u.e : s.v.e;
         FragC acc[2];
         xyt<NN, false, false, true>(A, A, B, B, acc);
-        put_mat(acc, s.m[m].e, nullptr, m < 2);
+        put_mat(acc, s.m[m].e, s.m[4 + m].e, m < 2);  // M_qb, Inv are dead
       }
       __syncthreads();
 
@@ -815,32 +784,38 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
 #pragma unroll 1
             for (int ks = 0; ks < NN / 16; ++ks) {
               FragB bb[2];
-              ldb_t<NN, true>(s.o4.a.s0, 16 * ks, kb, bb[0], bb[1]);
-              const FragA ya = lda<NN, true>(s.dy.e, 0, 16 * ks), ra = lda<NN, true>(s.o1.g.dr.e, 0, 16 * ks);
+              ldb_t<NN, true>(s.s0, 16 * ks, kb, bb[0], bb[1]);
+              const FragA ya = lda<NN, true>(s.dy.e, 0, 16 * ks), ra = lda<NN, true>(s.dr.e, 0, 16 * ks);
 #pragma unroll
               for (int nt = 0; nt < 2; ++nt) {
                 mma1(c0[nt], ya, bb[nt]);
                 mma1(c1[nt], ra, bb[nt]);
               }
             }
-            FragB bb[2];
-            ldb_t<NN, true>(s.kh.e, 0, kb, bb[0], bb[1]);
-            FragA m0 = lda<L, true>(s.m[2].e, 0, 0), m1 = lda<L, true>(s.m[1].e, 0, 0);
+            // time contractions: dM (hi, lo) times K~, B~ (hi, lo): 3 terms, as the
+            // decay-scaled keys make these products the ones dw is sensitive to
+            FragB bh[2], bl[2];
+            ldb_t<NN, true>(s.kh.e, 0, kb, bh[0], bh[1]);
+            ldb_t<NN, true>(s.kl.e, 0, kb, bl[0], bl[1]);
+            FragA m0 = lda<L, true>(s.m[2].e, 0, 0), m0l = lda<L, true>(s.m[6].e, 0, 0);
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-              mma1(c0[nt], m0, bb[nt]);
-              mma1(c1[nt], m1, bb[nt]);
-            }
-            ldb_t<NN, true>(s.bh.e, 0, kb, bb[0], bb[1]);
+            for (int nt = 0; nt < 2; ++nt) mma3(c0[nt], m0, m0l, bh[nt], bl[nt]);  // dM_qk K~
+            m0 = lda<L, true>(s.m[1].e, 0, 0);
+            m0l = lda<L, true>(s.m[5].e, 0, 0);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) mma3(c1[nt], m0, m0l, bh[nt], bl[nt]);  // dM_ak K~
+            ldb_t<NN, true>(s.bh.e, 0, kb, bh[0], bh[1]);
+            ldb_t<NN, true>(s.bl.e, 0, kb, bl[0], bl[1]);
             m0 = lda<L, true>(s.m[3].e, 0, 0);
-            m1 = lda<L, true>(s.m[0].e, 0, 0);
+            m0l = lda<L, true>(s.m[7].e, 0, 0);
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-              mma1(c0[nt], m0, bb[nt]);
-              mma1(c1[nt], m1, bb[nt]);
-            }
+            for (int nt = 0; nt < 2; ++nt) mma3(c0[nt], m0, m0l, bh[nt], bl[nt]);  // dM_qb B~
+            m0 = lda<L, true>(s.m[0].e, 0, 0);
+            m0l = lda<L, true>(s.m[4].e, 0, 0);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) mma3(c1[nt], m0, m0l, bh[nt], bl[nt]);  // dM_ab B~
           } else {  // dk~ = dM_qk^T Q~ + dM_ak^T A~, dk^ = V dS_L (pass 1); b likewise (pass 2)
-            const bf16* A = pass == 1 ? s.v.e : s.o1.g.u.e;
+            const bf16* A = pass == 1 ? s.v.e : s.u.e;
 #pragma unroll 1
             for (int ks = 0; ks < NN / 16; ++ks) {
               FragB bb[2];
@@ -849,15 +824,19 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
 #pragma unroll
               for (int nt = 0; nt < 2; ++nt) mma1(c1[nt], va, bb[nt]);
             }
-            FragB bb[2];
-            ldb_t<NN, true>(s.o4.a.qh.e, 0, kb, bb[0], bb[1]);
-            FragA m = lda_t<L, true>(s.m[pass == 1 ? 2 : 3].e, 0, 0);
+            FragB bh[2], bl[2];
+            ldb_t<NN, true>(s.qh.e, 0, kb, bh[0], bh[1]);
+            ldb_t<NN, true>(s.ql.e, 0, kb, bl[0], bl[1]);
+            const int mq = pass == 1 ? 2 : 3, ma = pass == 1 ? 1 : 0;
+            FragA m = lda_t<L, true>(s.m[mq].e, 0, 0), ml = lda_t<L, true>(s.m[4 + mq].e, 0, 0);
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) mma1(c0[nt], m, bb[nt]);
-            ldb_t<NN, true>(s.ah.e, 0, kb, bb[0], bb[1]);
-            m = lda_t<L, true>(s.m[pass == 1 ? 1 : 0].e, 0, 0);
+            for (int nt = 0; nt < 2; ++nt) mma3(c0[nt], m, ml, bh[nt], bl[nt]);  // dM_q.^T Q~
+            ldb_t<NN, true>(s.ah.e, 0, kb, bh[0], bh[1]);
+            ldb_t<NN, true>(s.al.e, 0, kb, bl[0], bl[1]);
+            m = lda_t<L, true>(s.m[ma].e, 0, 0);
+            ml = lda_t<L, true>(s.m[4 + ma].e, 0, 0);
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) mma1(c0[nt], m, bb[nt]);
+            for (int nt = 0; nt < 2; ++nt) mma3(c0[nt], m, ml, bh[nt], bl[nt]);  // dM_a.^T A~
           }
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
@@ -867,9 +846,9 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {  // rows t = g8 (hf 0) and g8 + 8
               const int t = g8 + 8 * hf, e0 = 2 * hf;
-              const float2 P = *(const float2*)&s.o4.a.P[t][key0];
+              const float2 P = *(const float2*)&s.P[t][key0];
               if (pass == 0) {
-                const float2 Pm = t ? *(const float2*)&s.o4.a.P[t - 1][key0] : make_float2(1.f, 1.f);
+                const float2 Pm = t ? *(const float2*)&s.P[t - 1][key0] : make_float2(1.f, 1.f);
                 const float2 r = raw2(rr, t, key0), a = raw2(aa_, t, key0);
                 const float dr0 = c0[nt].x[e0] * P.x, dr1 = c0[nt].x[e0 + 1] * P.y;
                 const float da0 = c1[nt].x[e0] * Pm.x, da1 = c1[nt].x[e0 + 1] * Pm.y;
@@ -950,6 +929,14 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
   }
   store_state<NN>(p.dh0 + bh * NN * NN, dS, vb);
 }
+
+#ifdef CUDA_EMU
+// Dynamic shared memory of the backward on the GPU (the host launch passes
+// it; src/wkv7/v3.rs mirrors it, tests compare the two).
+extern "C" int emu_wkv7_v3_bwd_smem(int n) {
+  return n == 64 ? (int)sizeof(Wkv7V3Bwd<64>) : n == 32 ? (int)sizeof(Wkv7V3Bwd<32>) : 0;
+}
+#endif
 
 // extern "C" entry points: wkv7_{fwd,bwd}_v3{,x}_bf16_n{32,64}
 #define WKV7_V3_INSTANCE(NAME, SPLIT, NN)                                          \
