@@ -289,6 +289,23 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
 #endif
 }
+// A 16-byte copy (one vector load and one vector store) and a 16-byte zero.
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+#ifdef CUDA_EMU
+  typedef unsigned __int128 u128 __attribute__((aligned(1)));
+  *(u128*)dst = *(const u128*)src;
+#else
+  *(uint4*)dst = *(const uint4*)src;
+#endif
+}
+__device__ __forceinline__ void zero16(void* dst) {
+#ifdef CUDA_EMU
+  typedef unsigned __int128 u128 __attribute__((aligned(1)));
+  *(u128*)dst = 0;
+#else
+  *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #ifndef CUDA_EMU
   asm volatile("cp.async.commit_group;\n" ::);

@@ -209,51 +209,75 @@ __device__ __forceinline__ void stage_chunk(const Wkv7Params& p, Stage<NN, NX>& 
   }
 }
 
-// Column pass: threads j < NN turn column j of the raw chunk into the scaled
-// tiles (and P, PL); threads NN..2NN-1 copy v (and dy) into their tiles.
+// Column pass: threads j < NN/2 turn columns 2j, 2j+1 of the raw chunk into
+// the scaled tiles (and P, PL) with paired (4-byte) accesses; the other
+// threads copy v (and dy) into their tiles in 16-byte pieces.
 // `st` = staged inputs, or null to read global memory (identity past T).
-template <int NN, int NX>
+template <int NN>
+__device__ __forceinline__ void put2x(bf16* hi, bf16* lo, int r, int c, float x0, float x1) {
+  const uint32_t h0 = bf16_bits(x0), h1 = bf16_bits(x1);
+  *(uint32_t*)&hi[swz<NN>(r, c)] = h0 | (h1 << 16);
+  if (lo)
+    *(uint32_t*)&lo[swz<NN>(r, c)] =
+        bf16_bits(x0 - bf16_bits_to_float(h0)) | (bf16_bits(x1 - bf16_bits_to_float(h1)) << 16);
+}
+template <int NN, int NX, int NT>
 __device__ __forceinline__ void column_pass(const Wkv7Params& p, const Keys<NN>& K,
                                             const Stage<NN, NX>* st, int t0, int tid_) {
   const int tid = st ? tid_ : fresh_tid();  // backward: recompute the offsets here
   const int b = blockIdx.y, h = blockIdx.x;
-  auto in = [&](int x, int t) -> float {
-    if (st) return bf_f(st->x[x][t][tid % NN]);
-    const int tt = t0 + t;
-    if (tt >= p.T) return x == 1 ? 1.f : 0.f;
-    return bf_f(input(p, x)[(((long)b * p.T + tt) * p.H + h) * NN + tid % NN]);
-  };
-  if (tid < NN) {
-    const int j = tid;
-    float P = 1.f, kt[L], bt[L];
-#pragma unroll
-    for (int t = 0; t < L; ++t) {
-      const float Pm = P;
-      P *= in(1, t);
-      const float ip = __fdividef(1.f, P);
-      const float q = K.qh ? in(0, t) * P : 0.f, a = in(4, t) * Pm, k = in(2, t) * ip,
-                  bb = in(5, t) * ip;
-      put2<NN>(K.ah, K.al, t, j, a);
-      if (K.bl) put2<NN>(K.bh, K.bl, t, j, bb); else put<NN>(K.bh, t, j, bb);
-      if (K.kl) put2<NN>(K.kh, K.kl, t, j, k); else put<NN>(K.kh, t, j, k);
-      if (K.qh) {
-        if (K.ql) put2<NN>(K.qh, K.ql, t, j, q); else put<NN>(K.qh, t, j, q);
+  const long row0 = ((long)b * p.T + t0) * p.H + h;  // global row of token t0
+  if (tid < NN / 2) {
+    const int j = 2 * tid;
+    auto in2 = [&](int x, int t) -> float2 {
+      uint32_t u;
+      if (st) {
+        u = *(const uint32_t*)&st->x[x][t][j];
+      } else {
+        if (t0 + t >= p.T) return x == 1 ? make_float2(1.f, 1.f) : make_float2(0.f, 0.f);
+        u = *(const uint32_t*)&input(p, x)[(row0 + (long)t * p.H) * NN + j];
       }
-      if (K.P) K.P[t * NN + j] = P;
-      kt[t] = k;
-      bt[t] = bb;
-    }
-    K.PL[j] = P;
+      return make_float2(bf16_bits_to_float(u & 0xffffu), bf16_bits_to_float(u >> 16));
+    };
+    float P0 = 1.f, P1 = 1.f, kt[2][L], bt[2][L];
 #pragma unroll
     for (int t = 0; t < L; ++t) {
-      if (K.khl) put2<NN>(K.khh, K.khl, t, j, kt[t] * P); else put<NN>(K.khh, t, j, kt[t] * P);
-      put2<NN>(K.bhh, K.bhl, t, j, bt[t] * P);
+      const float Pm0 = P0, Pm1 = P1;
+      const float2 w = in2(1, t), k = in2(2, t), a = in2(4, t), bb = in2(5, t);
+      P0 *= w.x;
+      P1 *= w.y;
+      const float i0 = __fdividef(1.f, P0), i1 = __fdividef(1.f, P1);
+      put2x<NN>(K.ah, K.al, t, j, a.x * Pm0, a.y * Pm1);
+      put2x<NN>(K.bh, K.bl, t, j, bb.x * i0, bb.y * i1);
+      put2x<NN>(K.kh, K.kl, t, j, k.x * i0, k.y * i1);
+      if (K.qh) {
+        const float2 r = in2(0, t);
+        put2x<NN>(K.qh, K.ql, t, j, r.x * P0, r.y * P1);
+      }
+      if (K.P) *(float2*)&K.P[t * NN + j] = make_float2(P0, P1);
+      kt[0][t] = k.x * i0;
+      kt[1][t] = k.y * i1;
+      bt[0][t] = bb.x * i0;
+      bt[1][t] = bb.y * i1;
+    }
+    *(float2*)&K.PL[j] = make_float2(P0, P1);
+#pragma unroll
+    for (int t = 0; t < L; ++t) {
+      put2x<NN>(K.khh, K.khl, t, j, kt[0][t] * P0, kt[1][t] * P1);
+      put2x<NN>(K.bhh, K.bhl, t, j, bt[0][t] * P0, bt[1][t] * P1);
     }
   } else {
-#pragma unroll
-    for (int t = 0; t < L; ++t) {
-      K.v[swz<NN>(t, tid - NN)] = to_bf(in(3, t));
-      if (K.dy) K.dy[swz<NN>(t, tid - NN)] = to_bf(in(6, t));
+    constexpr int CHN = NN / 8;  // 16-byte pieces per row
+    const int nx = K.dy ? 2 : 1;
+    for (int i = tid - NN / 2; i < nx * L * CHN; i += NT - NN / 2) {
+      const int x = i / (L * CHN), t = (i / CHN) % L, c = (i % CHN) * 8;
+      bf16* dst = (x ? K.dy : K.v) + swz<NN>(t, c);
+      if (st)
+        copy16(dst, &st->x[x ? 6 : 3][t][c]);
+      else if (t0 + t < p.T)
+        copy16(dst, &input(p, x ? 6 : 3)[(row0 + (long)t * p.H) * NN + c]);
+      else
+        zero16(dst);
     }
   }
 }
@@ -529,7 +553,7 @@ __device__ void wkv7_fwd_v3(const Wkv7Params p) {
     if (p.ckpt) state_to_global<NN>((bf16*)p.ckpt + (bh * n_chunks + ch) * NN * NN, S, vb);
     cp_async_wait_all();
     __syncthreads();  // chunk ch staged; chunk ch-1 done with the tiles
-    column_pass<NN, 6>(p, K, &s.st, ch * L, tid);
+    column_pass<NN, 6, NT>(p, K, &s.st, ch * L, tid);
     __syncthreads();  // tiles built; the stage is free
     if (ch + 1 < n_chunks) stage_chunk<NN, 6, NT>(p, s.st, (ch + 1) * L, tid);
     cp_async_commit();
@@ -602,7 +626,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         }
         cp_async_commit();
       }
-      column_pass<NN, 7>(p, K, nost, t0, tid);
+      column_pass<NN, 7, NT>(p, K, nost, t0, tid);
       cp_async_wait_all();
       __syncthreads();
       matrices<NN, NW, SPLIT, true, true>(K, warp, lane, 4);
