@@ -150,6 +150,7 @@ fn build_emu_count(kdir: &Path, out: &Path) {
             && Command::new("objcopy")
                 .args([
                     "--keep-global-symbol=emu_cnt_wkv7_profile",
+                    "--keep-global-symbol=emu_cnt_wkv7_ckpt_tokens",
                     "--keep-global-symbol=emu_cnt_selftest_banks",
                 ])
                 .arg(&merged)

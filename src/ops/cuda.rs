@@ -92,11 +92,12 @@ impl CudaOps {
         self
     }
 
-    /// The version that runs for head size `n` (v2 only for N = 32, 64).
+    /// The version that runs for head size `n` (v2 and v3 only for N = 32, 64).
     pub(crate) fn wkv_version(&self, n: usize) -> crate::wkv7::Version {
+        use crate::wkv7::Version;
         match (self.wkv, n) {
-            (crate::wkv7::Version::V2, 32 | 64) => crate::wkv7::Version::V2,
-            _ => crate::wkv7::Version::V1,
+            (Version::V2 | Version::V3 | Version::V3Exact, 32 | 64) => self.wkv,
+            _ => Version::V1,
         }
     }
 

@@ -197,6 +197,8 @@ fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
     let v = match ver {
         Version::V1 => 0,
         Version::V2 => 1,
+        Version::V3 => 2,
+        Version::V3Exact => 3,
     };
     let dr = match dir {
         Dir::Fwd => 0,
@@ -219,9 +221,11 @@ fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
 /// the checkpoints the forward writes (`ckpt`, [`Version::ckpt_len`]
 /// elements) and the backward's scratch ([`Version::scratch_len`]), both f32.
 pub struct Workspace {
-    /// Saved states, `[B, H, ceil(T / 16), N, N]` f32.
+    /// Saved states, `[B, H, ceil(T / chunk), N, N]` f32 ([`Version::chunk`]:
+    /// 16 for v1 and v2, [`super::v3::CKPT_TOKENS`] for v3).
     pub ckpt: CudaSlice<f32>,
-    /// The backward's workspace (`[B, H, 18, N, N]` for v1, `[B, H, N, N]` for v2).
+    /// The backward's workspace (`[B, H, 18, N, N]` for v1, `[B, H, N, N]` for v2,
+    /// [`super::v3::scratch_len`] for v3).
     pub scratch: CudaSlice<f32>,
 }
 
@@ -235,8 +239,8 @@ impl Wkv7Kernels {
             return Err(Error::KernelsNotBuilt);
         }
         let ctx = stream.context().clone();
-        let mut funcs = vec![None; 2 * 2 * 2 * 3];
-        for ver in [Version::V1, Version::V2] {
+        let mut funcs = vec![None; Version::ALL.len() * 2 * 2 * 3];
+        for ver in Version::ALL {
             let module = load_module(&ctx, ver.stem())?;
             for dir in [Dir::Fwd, Dir::Bwd] {
                 for dtype in [DType::F32, DType::BF16] {
@@ -474,8 +478,9 @@ pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> R
     unsafe { launch_raw_v(gpu, Version::V1, dir, dtype, p) }
 }
 
-/// [`launch_raw`] for a kernel version. For [`Version::V2`] every w must
-/// also be ≥ [`super::v2::W_MIN`] (not checked here).
+/// [`launch_raw`] for a kernel version. For [`Version::V2`], [`Version::V3`]
+/// and [`Version::V3Exact`] every w must also be ≥ [`super::v2::W_MIN`]
+/// (not checked here).
 ///
 /// # Safety
 /// As for [`launch_raw`], with the buffer sizes of `ver`.
@@ -783,7 +788,7 @@ mod tests {
     #[test]
     fn every_kernel_has_its_own_slot() {
         let mut seen = std::collections::HashSet::new();
-        for ver in [Version::V1, Version::V2] {
+        for ver in Version::ALL {
             for dir in [Dir::Fwd, Dir::Bwd] {
                 for dtype in [DType::F32, DType::BF16] {
                     for n in [16, 32, 48, 64, 128, 256] {
@@ -791,7 +796,7 @@ mod tests {
                         match slot(ver, dir, dtype, n) {
                             Some(i) => {
                                 assert!(named, "{ver:?} n={n} has a slot but no kernel");
-                                assert!(i < 2 * 2 * 2 * 3, "slot {i} out of the table");
+                                assert!(i < Version::ALL.len() * 2 * 2 * 3, "slot {i} out of the table");
                                 assert!(seen.insert(i), "slot {i} used twice");
                             }
                             None => assert!(!named, "{ver:?} {dir:?} {dtype} n={n}: no slot"),
@@ -800,6 +805,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen.len(), 2 * 2 * (3 + 2));
+        assert_eq!(seen.len(), 2 * 2 * (3 + 2 + 2 + 2));
     }
 }
