@@ -469,10 +469,7 @@ impl CountedKernel {
     }
     /// Whether this is a backward kernel.
     pub fn is_backward(self) -> bool {
-        matches!(
-            self,
-            Self::BwdV1 | Self::BwdV2 | Self::BwdV3 | Self::BwdV3x
-        )
+        matches!(self, Self::BwdV1 | Self::BwdV2 | Self::BwdV3 | Self::BwdV3x)
     }
     /// Kernel symbol for dtype `bf16` / f32 at N = 64.
     pub fn symbol(self, bf16: bool) -> String {
@@ -752,7 +749,7 @@ pub fn counters_report(
     let _ = writeln!(
         s,
         "WKV-7 counters from the CPU emulator's counting build, N = 64, {dt}, h0 and dh_t given.\n\
-         Per CTA per chunk of 16 tokens (one CTA emulated over 2 and 4 chunks; \
+         Per CTA per chunk of 16 tokens (one CTA emulated over c and 2c chunks, c = 2 or one checkpoint interval; \
          the fixed part is in rwkv_tune::emu::profile_wkv7):"
     );
     let _ = writeln!(

@@ -1296,8 +1296,16 @@ pub trait BackwardOps: DeviceOps {
 pub(super) fn kernel_wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
     use crate::wkv7::Version;
     let d = crate::wkv7::Dims { b, t, h, n };
-    let ck = Version::ALL.iter().map(|v| v.ckpt_len(&d)).max().unwrap_or(0);
-    let sc = Version::ALL.iter().map(|v| v.scratch_len(&d)).max().unwrap_or(0);
+    let ck = Version::ALL
+        .iter()
+        .map(|v| v.ckpt_len(&d))
+        .max()
+        .unwrap_or(0);
+    let sc = Version::ALL
+        .iter()
+        .map(|v| v.scratch_len(&d))
+        .max()
+        .unwrap_or(0);
     (ck.max(1), sc.max(1))
 }
 

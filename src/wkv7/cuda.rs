@@ -796,7 +796,10 @@ mod tests {
                         match slot(ver, dir, dtype, n) {
                             Some(i) => {
                                 assert!(named, "{ver:?} n={n} has a slot but no kernel");
-                                assert!(i < Version::ALL.len() * 2 * 2 * 3, "slot {i} out of the table");
+                                assert!(
+                                    i < Version::ALL.len() * 2 * 2 * 3,
+                                    "slot {i} out of the table"
+                                );
                                 assert!(seen.insert(i), "slot {i} used twice");
                             }
                             None => assert!(!named, "{ver:?} {dir:?} {dtype} n={n}: no slot"),
