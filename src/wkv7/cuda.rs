@@ -280,8 +280,9 @@ impl Wkv7Kernels {
     /// pointers are raw device addresses (from `DevicePtr::device_ptr` on a
     /// `CudaSlice` or `CudaView`, or another runtime's allocations). The
     /// sizes, `chunk` and `n_chunks` are checked against `ver`
-    /// ([`Version::base_params`] fills them); for [`Version::V2`] every w
-    /// must also be ≥ [`super::v2::W_MIN`] (not checked here).
+    /// ([`Version::base_params`] fills them); for [`Version::V2`],
+    /// [`Version::V3`] and [`Version::V3Exact`] every w must also be
+    /// ≥ [`super::v2::W_MIN`] (not checked here).
     ///
     /// # Safety
     /// Every non-zero address in `p` must be device memory of this stream's
@@ -319,7 +320,7 @@ impl Wkv7Kernels {
     /// [`Wkv7Kernels::backward`] when `ckpt` ([`Version::ckpt_len`]
     /// elements, e.g. [`Workspace::ckpt`]) is given. Every buffer is a
     /// `CudaSlice` or a `CudaView(Mut)` of this stream's context; lengths
-    /// are checked (an error names the buffer). For v2 every w must be
+    /// are checked (an error names the buffer). For v2 and v3 every w must be
     /// ≥ [`super::v2::W_MIN`] (use [`Version::effective`] on host data).
     pub fn forward<X: IoType + DeviceRepr>(
         &self,
