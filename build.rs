@@ -91,6 +91,8 @@ fn build_emu(kdir: &Path, out: &Path, cu_files: &[PathBuf]) {
         .opt_level(2)
         .define("CUDA_EMU", None)
         .include(kdir)
+        // kernel code reinterprets bf16 pairs and 16-byte pieces as words, as CUDA code does
+        .flag_if_supported("-fno-strict-aliasing")
         .flag_if_supported("-pthread")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas")
@@ -130,6 +132,7 @@ fn build_emu_count(kdir: &Path, out: &Path) {
         .define("CUDA_EMU", None)
         .define("EMU_COUNT_MEM", None)
         .include(kdir)
+        .flag_if_supported("-fno-strict-aliasing")
         .flag("-fsanitize=thread")
         .flag("-fno-gnu-unique")
         .flag_if_supported("-w")
@@ -150,6 +153,7 @@ fn build_emu_count(kdir: &Path, out: &Path) {
             && Command::new("objcopy")
                 .args([
                     "--keep-global-symbol=emu_cnt_wkv7_profile",
+                    "--keep-global-symbol=emu_cnt_wkv7_ckpt_tokens",
                     "--keep-global-symbol=emu_cnt_selftest_banks",
                 ])
                 .arg(&merged)

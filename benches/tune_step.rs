@@ -189,6 +189,15 @@ fn cuda_rows(c: &mut Criterion) {
                 },
                 "cuda_wkv_v2",
             );
+            device_rows(
+                c,
+                || {
+                    rwkv_tune::ops::cuda::CudaOps::new(gpu.clone())
+                        .unwrap()
+                        .with_wkv(rwkv_tune::wkv7::Version::V3)
+                },
+                "cuda_wkv_v3",
+            );
         }
         Err(e) => eprintln!("tune_step: no GPU ({e}); only the CPU engine is timed"),
     }

@@ -12,7 +12,7 @@ reference. Two subcommands:
 
   anchor  --bin RWKV_TUNE --backend cuda|emu --inputs FILE --check-shape B,T,H,N --out JSON
       1. accuracy at the small check shape: rwkv-tune (`rwkv-tune wkv7`,
-         kernels v1 and v2, f32 and bf16 I/O) and fla (bf16, f32) against a
+         kernels v1, v2, v3 and v3x, f32 and bf16 I/O) and fla (bf16, f32) against a
          sequential f64 forward + backward written here in pure Python, on
          inputs that are exactly representable in bf16 (so every
          implementation sees the same values); y, hT and every gradient
@@ -424,7 +424,7 @@ def cmd_anchor(a):
         shp = {n: [B, T, H, N] for n in SEQ} | {n: [B, H, N, N] for n in STATE}
         inp = os.path.join(td, "in.safetensors")
         write_st(inp, {n: ("F32", shp[n], f32_bytes(x[n])) for n in SEQ + STATE})
-        for ker in ["v1", "v2"]:
+        for ker in ["v1", "v2", "v3", "v3x"]:
             for dt in ["f32", "bf16"]:
                 name = f"rwkv-tune {a.backend} {ker} {dt}"
                 o = os.path.join(td, f"out-{ker}-{dt}.safetensors")

@@ -50,7 +50,7 @@ pub fn flops(d: &Dims, pass: Pass) -> f64 {
 pub struct Row {
     /// Backend name (`cpu`, `emu`, `cuda`).
     pub backend: String,
-    /// Kernel version that ran (`V1` or `V2`).
+    /// Kernel version that ran (`V1`, `V2`, `V3` or `V3Exact`).
     pub kernel: String,
     /// What ran it (GPU name or CPU thread count).
     pub device: String,

@@ -46,6 +46,20 @@ emu_table!(WKV7_V2, Wkv7Params;
     "wkv7_bwd_v2_bf16_n64" => emu_wkv7_bwd_v2_bf16_n64,
 );
 
+emu_table!(WKV7_V3, Wkv7Params;
+    "wkv7_fwd_v3_bf16_n32" => emu_wkv7_fwd_v3_bf16_n32,
+    "wkv7_fwd_v3_bf16_n64" => emu_wkv7_fwd_v3_bf16_n64,
+    "wkv7_bwd_v3_bf16_n32" => emu_wkv7_bwd_v3_bf16_n32,
+    "wkv7_bwd_v3_bf16_n64" => emu_wkv7_bwd_v3_bf16_n64,
+);
+
+emu_table!(WKV7_V3X, Wkv7Params;
+    "wkv7_fwd_v3x_bf16_n32" => emu_wkv7_fwd_v3x_bf16_n32,
+    "wkv7_fwd_v3x_bf16_n64" => emu_wkv7_fwd_v3x_bf16_n64,
+    "wkv7_bwd_v3x_bf16_n32" => emu_wkv7_bwd_v3x_bf16_n32,
+    "wkv7_bwd_v3x_bf16_n64" => emu_wkv7_bwd_v3x_bf16_n64,
+);
+
 emu_table!(MMA_SELFTEST, MmaTestParams;
     "mma_selftest" => emu_mma_selftest,
 );
@@ -59,6 +73,15 @@ emu_table!(SELFTEST, EmuTestParams;
 extern "C" {
     fn emu_set_watchdog_ms(ms: std::os::raw::c_long);
     fn emu_last_counters(out: *mut u64, n: i32) -> i32;
+    fn emu_wkv7_v3_bwd_smem(n: i32) -> i32;
+}
+
+#[doc(hidden)] // for tests/wkv7_v2.rs
+/// `sizeof` the v3 backward's shared memory at head size `n` (32, 64; else
+/// 0), as the kernel file compiles it.
+pub fn wkv7_v3_bwd_smem(n: usize) -> u32 {
+    // SAFETY: a pure function of its argument, no memory touched.
+    unsafe { emu_wkv7_v3_bwd_smem(n as i32) as u32 }
 }
 
 /// Execution counters of one emulated launch, counted by the emulator
@@ -128,6 +151,10 @@ pub unsafe fn launch_wkv7(
 ) -> Result<()> {
     let table = if kernel.contains("_v2_") {
         WKV7_V2
+    } else if kernel.contains("_v3_") {
+        WKV7_V3
+    } else if kernel.contains("_v3x_") {
+        WKV7_V3X
     } else {
         WKV7_V1
     };
@@ -323,11 +350,12 @@ pub unsafe fn launch_ops<P: EmuParams>(
 #[cfg(emu_counting)]
 extern "C" {
     fn emu_cnt_wkv7_profile(kernel: i32, bf16: i32, chunks: i32, out: *mut u64, n: i32) -> i32;
+    fn emu_cnt_wkv7_ckpt_tokens(kernel: i32) -> i32;
     fn emu_cnt_selftest_banks(stride: i32, out: *mut u64, n: i32) -> i32;
 }
 
 /// Number of counters the counting build reports (enum `emu::Counter`).
-const N_COUNTERS: usize = 15;
+const N_COUNTERS: usize = 17;
 
 /// Counts of one CTA of a kernel (per chunk, or its fixed part), from the
 /// counting build. Warp-level accesses are grouped as docs/emulation.md
@@ -354,6 +382,11 @@ pub struct CtaCounts {
     pub gmem_write_sectors: f64,
     /// Accesses the counting build could not classify (should be 0).
     pub other_accesses: f64,
+    /// Of `gmem_read_bytes`: bytes read from the checkpoint and scratch
+    /// buffers (the kernels' workspace; the rest is the I/O tensors).
+    pub gmem_aux_read_bytes: f64,
+    /// Of `gmem_write_bytes`: bytes written to the checkpoint and scratch buffers.
+    pub gmem_aux_write_bytes: f64,
 }
 
 impl CtaCounts {
@@ -370,6 +403,8 @@ impl CtaCounts {
             gmem_read_sectors: f(12),
             gmem_write_sectors: f(13),
             other_accesses: f(14),
+            gmem_aux_read_bytes: f(15),
+            gmem_aux_write_bytes: f(16),
         }
     }
     fn zip(a: &Self, b: &Self, f: impl Fn(f64, f64) -> f64) -> Self {
@@ -384,6 +419,8 @@ impl CtaCounts {
             gmem_read_sectors: f(a.gmem_read_sectors, b.gmem_read_sectors),
             gmem_write_sectors: f(a.gmem_write_sectors, b.gmem_write_sectors),
             other_accesses: f(a.other_accesses, b.other_accesses),
+            gmem_aux_read_bytes: f(a.gmem_aux_read_bytes, b.gmem_aux_read_bytes),
+            gmem_aux_write_bytes: f(a.gmem_aux_write_bytes, b.gmem_aux_write_bytes),
         }
     }
 }
@@ -399,21 +436,48 @@ pub enum CountedKernel {
     FwdV2,
     /// `wkv7_bwd_v2_*_n64` (128 threads; run after its forward).
     BwdV2,
+    /// `wkv7_fwd_v3_*_n64` (v3, mixed precision; 128 threads).
+    FwdV3,
+    /// `wkv7_bwd_v3_*_n64` (128 threads; run after its forward).
+    BwdV3,
+    /// `wkv7_fwd_v3x_*_n64` (v3, exact precision; 128 threads).
+    FwdV3x,
+    /// `wkv7_bwd_v3x_*_n64` (128 threads; run after its forward).
+    BwdV3x,
 }
 
 impl CountedKernel {
-    /// All of them, in report order.
-    pub const ALL: [CountedKernel; 4] = [Self::FwdV1, Self::BwdV1, Self::FwdV2, Self::BwdV2];
+    /// All of them, in report order (the counting build's numbering).
+    pub const ALL: [CountedKernel; 8] = [
+        Self::FwdV1,
+        Self::BwdV1,
+        Self::FwdV2,
+        Self::BwdV2,
+        Self::FwdV3,
+        Self::BwdV3,
+        Self::FwdV3x,
+        Self::BwdV3x,
+    ];
+    /// The kernel version.
+    pub fn version(self) -> crate::wkv7::Version {
+        use crate::wkv7::Version;
+        match self {
+            Self::FwdV1 | Self::BwdV1 => Version::V1,
+            Self::FwdV2 | Self::BwdV2 => Version::V2,
+            Self::FwdV3 | Self::BwdV3 => Version::V3,
+            Self::FwdV3x | Self::BwdV3x => Version::V3Exact,
+        }
+    }
+    /// Whether this is a backward kernel.
+    pub fn is_backward(self) -> bool {
+        matches!(self, Self::BwdV1 | Self::BwdV2 | Self::BwdV3 | Self::BwdV3x)
+    }
     /// Kernel symbol for dtype `bf16` / f32 at N = 64.
     pub fn symbol(self, bf16: bool) -> String {
-        let (dir, ver) = match self {
-            Self::FwdV1 => ("fwd", 1),
-            Self::BwdV1 => ("bwd", 1),
-            Self::FwdV2 => ("fwd", 2),
-            Self::BwdV2 => ("bwd", 2),
-        };
+        let dir = if self.is_backward() { "bwd" } else { "fwd" };
         format!(
-            "wkv7_{dir}_v{ver}_{}_n64",
+            "wkv7_{dir}_{}_{}_n64",
+            self.version().name(),
             if bf16 { "bf16" } else { "f32" }
         )
     }
@@ -421,8 +485,30 @@ impl CountedKernel {
     pub fn threads(self) -> u32 {
         match self {
             Self::FwdV1 | Self::BwdV1 => 64,
-            Self::FwdV2 | Self::BwdV2 => 128,
+            _ => 128,
         }
+    }
+    fn index(self) -> i32 {
+        Self::ALL.iter().position(|&x| x == self).unwrap_or(0) as i32
+    }
+}
+
+/// Tokens per saved state (`p.chunk`) the counting build uses for `kernel`
+/// (`WKV7_V3_CKPT` in kernels/emu/count_wkv7.cpp for v3; it must equal
+/// [`crate::wkv7::Version::chunk`]).
+pub fn counted_ckpt_tokens(kernel: CountedKernel) -> Result<usize> {
+    #[cfg(emu_counting)]
+    {
+        // SAFETY: a pure function of its argument in the counting build.
+        let n = unsafe { emu_cnt_wkv7_ckpt_tokens(kernel.index()) };
+        usize::try_from(n).map_err(|_| Error::Emu {
+            kernel: kernel.symbol(false),
+            reason: "the counting build does not know this kernel".into(),
+        })
+    }
+    #[cfg(not(emu_counting))]
+    {
+        count_raw(kernel, false, 1).map(|_| 0)
     }
 }
 
@@ -441,10 +527,7 @@ pub struct Wkv7Profile {
 #[cfg(emu_counting)]
 fn count_raw(kernel: CountedKernel, bf16: bool, chunks: i32) -> Result<[u64; N_COUNTERS]> {
     let mut v = [0u64; N_COUNTERS];
-    let k = CountedKernel::ALL
-        .iter()
-        .position(|&x| x == kernel)
-        .unwrap_or(0) as i32;
+    let k = kernel.index();
     // SAFETY: the counting build allocates and frees every buffer the kernel
     // touches itself and writes at most `v.len()` counters into `v`.
     let rc =
@@ -467,13 +550,17 @@ fn count_raw(kernel: CountedKernel, bf16: bool, _chunks: i32) -> Result<[u64; N_
 }
 
 /// Profiles `kernel` on the counting build: one CTA (h0 and dh_t given,
-/// random inputs, decays in [0.6, 1)) over 2 and over 4 chunks of 16 tokens;
-/// per chunk = the difference / 2, fixed = the rest.
+/// random inputs, decays in [0.6, 1)) over `c` and over `2c` chunks of 16
+/// tokens, `c` = 2 or one checkpoint interval if longer (4 for v3's 64
+/// tokens), so both lengths are whole checkpoint intervals; per chunk of
+/// 16 tokens = the difference / `c`, fixed = the rest.
 pub fn profile_wkv7(kernel: CountedKernel, bf16: bool) -> Result<Wkv7Profile> {
-    let c2 = CtaCounts::from_raw(&count_raw(kernel, bf16, 2)?);
-    let c4 = CtaCounts::from_raw(&count_raw(kernel, bf16, 4)?);
-    let per_chunk = CtaCounts::zip(&c4, &c2, |a, b| (a - b) / 2.0);
-    let fixed = CtaCounts::zip(&c2, &per_chunk, |a, p| a - 2.0 * p);
+    let c = (counted_ckpt_tokens(kernel)? / 16).max(2);
+    let ca = CtaCounts::from_raw(&count_raw(kernel, bf16, c as i32)?);
+    let cb = CtaCounts::from_raw(&count_raw(kernel, bf16, 2 * c as i32)?);
+    let c = c as f64;
+    let per_chunk = CtaCounts::zip(&cb, &ca, |a, b| (a - b) / c);
+    let fixed = CtaCounts::zip(&ca, &per_chunk, |a, p| a - c * p);
     Ok(Wkv7Profile {
         kernel,
         per_chunk,
@@ -663,7 +750,7 @@ pub fn counters_report(
     let _ = writeln!(
         s,
         "WKV-7 counters from the CPU emulator's counting build, N = 64, {dt}, h0 and dh_t given.\n\
-         Per CTA per chunk of 16 tokens (one CTA emulated over 2 and 4 chunks; \
+         Per CTA per chunk of 16 tokens (one CTA emulated over c and 2c chunks, c = 2 or one checkpoint interval; \
          the fixed part is in rwkv_tune::emu::profile_wkv7):"
     );
     let _ = writeln!(
@@ -726,17 +813,18 @@ pub fn counters_report(
         "hbm",
         "EST ms"
     );
-    let mut sums = [[0f64; 2]; 2];
+    use crate::wkv7::Version;
+    let vi = |v: Version| Version::ALL.iter().position(|&x| x == v).unwrap_or(0);
+    let mut sums = [[0f64; Version::ALL.len()]; 2];
+    // waves at the shape (H100 SXM), when the ptxas report gives the resources
+    let mut waves: Vec<Option<u32>> = Vec::new();
     for p in &profiles {
         let sym = p.kernel.symbol(bf16);
         let res = ptxas_report.and_then(|r| ptxas_resources(r, &sym));
+        waves.push(res.map(|r| estimate(p, (b, t, h), &H100_SXM, Some(r)).waves));
         for (gi, gpu) in [H100_SXM, H200].iter().enumerate() {
             let e = estimate(p, (b, t, h), gpu, res);
-            let v = usize::from(matches!(
-                p.kernel,
-                CountedKernel::FwdV2 | CountedKernel::BwdV2
-            ));
-            sums[gi][v] += e.ms;
+            sums[gi][vi(p.kernel.version())] += e.ms;
             let _ = writeln!(
                 s,
                 "{:<24} {:>5} {:>6} {:>6} {:>5} {:<9} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3}",
@@ -755,16 +843,83 @@ pub fn counters_report(
             );
         }
     }
+    // v3 / v3x against v2, forward + backward, per chunk of 16 tokens
+    let pair = |v: Version| {
+        let mut f = CtaCounts::default();
+        let mut w = [None, None];
+        for (p, wv) in profiles.iter().zip(&waves) {
+            if p.kernel.version() == v {
+                f = CtaCounts::zip(&f, &p.per_chunk, |a, b| a + b);
+                w[usize::from(p.kernel.is_backward())] = *wv;
+            }
+        }
+        (f, w)
+    };
+    let (c2, w2) = pair(Version::V2);
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.3}", a / b)
+        } else {
+            "n/a".to_string()
+        }
+    };
     let _ = writeln!(
         s,
-        "ESTIMATED forward + backward: v1 {:.2} ms (H100 SXM), {:.2} ms (H200); v2 {:.2} ms (H100 SXM), {:.2} ms (H200)",
-        sums[0][0], sums[1][0], sums[0][1], sums[1][1]
+        "\nv3 / v3x vs v2 (forward + backward, per CTA per chunk of 16 tokens; ckpt bytes = \
+         bytes read + written to the checkpoint and scratch buffers; waves at B={b} T={t} H={h} on the H100 SXM):"
     );
+    let _ = writeln!(
+        s,
+        "{:<8} {:>11} {:>7} {:>9} {:>7} {:>10} {:>7} {:>13} {:>13}",
+        "version",
+        "smem_wave",
+        "ratio",
+        "mma",
+        "ratio",
+        "ckpt_B",
+        "ratio",
+        "waves f/b",
+        "v2 waves f/b"
+    );
+    let wv = |w: [Option<u32>; 2]| match w {
+        [Some(f), Some(b)] => format!("{f}/{b}"),
+        _ => "?".to_string(),
+    };
+    let aux = |c: &CtaCounts| c.gmem_aux_read_bytes + c.gmem_aux_write_bytes;
+    for v in [Version::V2, Version::V3, Version::V3Exact] {
+        let (c, w) = pair(v);
+        let _ = writeln!(
+            s,
+            "{:<8} {:>11.0} {:>7} {:>9.0} {:>7} {:>10.0} {:>7} {:>13} {:>13}",
+            v.name(),
+            c.smem_wavefronts,
+            ratio(c.smem_wavefronts, c2.smem_wavefronts),
+            c.mma_m16n8k16,
+            ratio(c.mma_m16n8k16, c2.mma_m16n8k16),
+            aux(&c),
+            ratio(aux(&c), aux(&c2)),
+            wv(w),
+            wv(w2)
+        );
+    }
     if ptxas_report.is_none() {
         let _ = writeln!(
             s,
-            "(no ptxas report given: occupancy limited by threads only; pass --ptxas-report FILE from .ci/ptxas-report)"
+            "(no ptxas report given: occupancy limited by threads only, waves unknown; pass --ptxas-report FILE from .ci/ptxas-report)"
         );
     }
+    let est = Version::ALL
+        .iter()
+        .map(|&v| {
+            format!(
+                "{} {:.2} ms (H100 SXM), {:.2} ms (H200)",
+                v.name(),
+                sums[0][vi(v)],
+                sums[1][vi(v)]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let _ = writeln!(s, "ESTIMATED forward + backward: {est}");
     Ok(s)
 }

@@ -13,7 +13,12 @@ fn exe() -> Command {
 }
 
 fn write_problem(path: &Path, d: Dims, skip: &str, bad_shape: Option<&str>) {
-    let p = random_problem(d, 42, 0.05, 1.0);
+    write_problem_w(path, d, skip, bad_shape, 0.05);
+}
+
+/// [`write_problem`] with decays in [`w_lo`, 1).
+fn write_problem_w(path: &Path, d: Dims, skip: &str, bad_shape: Option<&str>, w_lo: f64) {
+    let p = random_problem(d, 42, w_lo, 1.0);
     let mut m = BTreeMap::new();
     let s = d.seq_shape();
     let st = d.state_shape();
@@ -178,4 +183,76 @@ fn library_rejects_bad_lengths_and_head_sizes() {
         n: 64,
     };
     assert!(Backend::Cpu.forward(&d0, &x).is_err());
+}
+
+/// `--kernel v2|v3|v3x` on the emulator against the CPU reference (decays in
+/// [0.55, 1), so no version falls back to v1; f32 I/O: within 1e-4 relative
+/// max-abs, v2's f32 tolerance), and `--help` lists every version.
+#[test]
+fn cli_emu_kernel_versions_match_cpu() {
+    let dir = std::env::temp_dir().join(format!("rwkv-tune-cli-wkv7-v-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = Dims {
+        b: 1,
+        t: 70,
+        h: 2,
+        n: 32,
+    };
+    let inp = dir.join("in.safetensors");
+    write_problem_w(&inp, d, "", None, 0.55);
+    let run = |backend: &str, kernel: &str| {
+        let out = dir.join(format!("out-{backend}-{kernel}.safetensors"));
+        let o = exe()
+            .args([
+                "wkv7",
+                "--input",
+                inp.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--kernel",
+                kernel,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "wkv7 --backend {backend} --kernel {kernel} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        read_f32(&out).unwrap()
+    };
+    let cpu = run("cpu", "v1");
+    for kernel in ["v2", "v3", "v3x"] {
+        let emu = run("emu", kernel);
+        for n in ["y", "hT", "dr", "dw", "dk", "dv", "da", "db", "dh0"] {
+            let (a, b) = (&cpu[n], &emu[n]);
+            assert_eq!(a.shape, b.shape, "{n} shape");
+            let m = a.data.iter().fold(0f32, |x, y| x.max(y.abs()));
+            assert!(m > 0.0, "{n} is all zeros");
+            let e = a
+                .data
+                .iter()
+                .zip(&b.data)
+                .fold(0f32, |x, (p, q)| x.max((p - q).abs()))
+                / m;
+            eprintln!("--kernel {kernel} {n:<3}: cpu vs emu relative max-abs error {e:.2e}");
+            assert!(
+                e < 1e-4,
+                "--kernel {kernel} {n}: cpu vs emu relative error {e:e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    for sub in ["wkv7", "bench"] {
+        let o = exe().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        for v in ["v1", "v2", "v3", "v3x"] {
+            assert!(
+                help.contains(v),
+                "`rwkv-tune {sub} --help` does not list {v}:\n{help}"
+            );
+        }
+    }
 }

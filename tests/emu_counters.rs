@@ -3,8 +3,8 @@
 //! forwards' global bytes against their I/O contract (kernels/params.h),
 //! and the time model against hand-computed bounds.
 use rwkv_tune::emu::{
-    estimate, profile_wkv7, ptxas_resources, selftest_banks, CountedKernel, CtaCounts,
-    KernelResources, Wkv7Profile, H100_SXM,
+    counted_ckpt_tokens, counters_report, estimate, profile_wkv7, ptxas_resources, selftest_banks,
+    CountedKernel, CtaCounts, KernelResources, Wkv7Profile, H100_SXM,
 };
 
 fn gcd(a: i32, b: i32) -> i32 {
@@ -57,6 +57,9 @@ fn forwards_read_each_input_once_and_write_y_and_the_checkpoint() {
             let c = &p.per_chunk;
             assert_eq!(c.gmem_read_bytes, reads, "{k:?} bf16={bf16}");
             assert_eq!(c.gmem_write_bytes, writes, "{k:?} bf16={bf16}");
+            // the checkpoint is the only workspace traffic of a forward
+            assert_eq!(c.gmem_aux_write_bytes, 64.0 * 64.0 * 4.0, "{k:?}");
+            assert_eq!(c.gmem_aux_read_bytes, 0.0, "{k:?}");
             assert_eq!(c.other_accesses, 0.0, "{k:?}");
             assert!(c.smem_wavefronts >= c.smem_requests && c.smem_requests > 0.0);
             // v1 is FMA only; v2's products are tensor-core MMAs
@@ -115,4 +118,72 @@ fn the_time_model_matches_hand_computed_bounds() {
     let line = "  wkv7_fwd_v2_bf16_n64         regs  205  smem  30000 B  stack     0 B  spills st 0 / ld 0";
     assert_eq!(ptxas_resources(line, "wkv7_fwd_v2_bf16_n64"), Some(res));
     assert_eq!(ptxas_resources(line, "wkv7_fwd_v2_f32_n64"), None);
+}
+
+/// The v3 kernels (mixed and exact) are counted: the counting build's
+/// checkpoint interval is `Version::chunk`, the forwards read each input
+/// once and write y plus one bf16 state per 16-token chunk (the only
+/// workspace bytes), nothing is unclassified, and the report compares v3 /
+/// v3x with v2 and ends with the four estimated sums.
+#[test]
+fn v3_counters_run() {
+    if !available() {
+        return;
+    }
+    use CountedKernel::*;
+    for k in [FwdV3, BwdV3, FwdV3x, BwdV3x] {
+        let ck = counted_ckpt_tokens(k).unwrap();
+        assert_eq!(ck, k.version().chunk(), "{k:?}");
+        let p = profile_wkv7(k, true).unwrap();
+        let c = &p.per_chunk;
+        assert_eq!(c.other_accesses + p.fixed.other_accesses, 0.0, "{k:?}");
+        assert!(
+            c.smem_wavefronts >= c.smem_requests && c.smem_requests > 0.0,
+            "{k:?}"
+        );
+        assert!(c.mma_m16n8k16 > 0.0 && c.block_barriers > 0.0, "{k:?}");
+        // v3 saves one bf16 state per chunk
+        let ckpt_per_chunk = 64.0 * 64.0 * 2.0 * 16.0 / ck as f64;
+        if k.is_backward() {
+            assert!(c.gmem_read_bytes > 0.0, "{k:?}");
+            // the backward reads every checkpoint at least once
+            assert!(c.gmem_aux_read_bytes >= ckpt_per_chunk, "{k:?}: {c:?}");
+        } else {
+            assert_eq!(c.gmem_read_bytes, 16.0 * 64.0 * 6.0 * 2.0, "{k:?}");
+            assert_eq!(
+                c.gmem_write_bytes,
+                16.0 * 64.0 * 2.0 + ckpt_per_chunk,
+                "{k:?}"
+            );
+            assert_eq!(c.gmem_aux_write_bytes, ckpt_per_chunk, "{k:?}");
+            assert_eq!(c.gmem_aux_read_bytes, 0.0, "{k:?}");
+        }
+    }
+    // a ptxas report for every kernel, so that the waves are known
+    let ptxas: String = CountedKernel::ALL
+        .iter()
+        .map(|k| {
+            format!(
+                "  {:<28} regs  128  smem  20000 B  stack     0 B  spills st 0 / ld 0\n",
+                k.symbol(true)
+            )
+        })
+        .collect();
+    let r = counters_report((8, 4096, 64), true, Some(&ptxas)).unwrap();
+    eprintln!("{r}");
+    for k in CountedKernel::ALL {
+        assert!(r.contains(&k.symbol(true)), "{k:?} missing from the report");
+    }
+    assert!(r.contains("v3 / v3x vs v2"), "{r}");
+    for v in ["v3 ", "v3x "] {
+        assert!(
+            r.lines().any(|l| l.starts_with(v)),
+            "no ratio row for {v}: {r}"
+        );
+    }
+    let last = r.lines().last().unwrap();
+    assert!(last.starts_with("ESTIMATED forward + backward:"), "{last}");
+    for v in ["v1 ", "v2 ", "v3 ", "v3x "] {
+        assert!(last.contains(v), "{v} missing from the last line: {last}");
+    }
 }

@@ -7,6 +7,13 @@
 #include "../emu_selftest.cu"
 #include "../wkv7_v1.cu"
 #include "../wkv7_v2.cu"
+#include "../wkv7_v3.cu"
+
+// Tokens between the v3 kernels' saved states (p.chunk): one bf16 state per
+// 16-token chunk (src/wkv7/v3.rs CKPT_TOKENS).
+#ifndef WKV7_V3_CKPT
+#define WKV7_V3_CKPT 16
+#endif
 
 #include <mutex>
 #include <random>
@@ -25,13 +32,19 @@ struct Kernel {
   Entry fwd;  // run first when `bwd` is set (the backward needs the forward's checkpoints)
   Entry bwd;
   int threads;  // per CTA at N = 64
-  int version;
+  int version;  // 1, 2, 3 (v3 and v3x)
 };
 
+// Tokens per saved state (p.chunk) of a kernel version.
+int ckpt_tokens(int version) { return version == 3 ? WKV7_V3_CKPT : 16; }
+
 // One CTA (grid 1 x 1) over `chunks` chunks of 16 tokens; counters of the
-// kernel (the backward's only, for a backward) into out[0..n).
+// kernel (the backward's only, for a backward) into out[0..n). The
+// checkpoints (p.chunk = the version's interval, >= 16 tokens, so `chunks`
+// slots always suffice) and the scratch are registered as "aux" buffers.
 int run_one(const Kernel& k, int chunks, bool bf16, uint64_t* out, int nout) {
   const int T = 16 * chunks, N = 64, L = 16, nc = chunks;
+  const int ck = ckpt_tokens(k.version);
   const size_t n = (size_t)T * N;
   std::mt19937 g(7);
   std::uniform_real_distribution<float> u(-1, 1), wd(0.6f, 0.999f);
@@ -62,8 +75,8 @@ int run_one(const Kernel& k, int chunks, bool bf16, uint64_t* out, int nout) {
   p.T = T;
   p.H = 1;
   p.N = N;
-  p.chunk = L;
-  p.n_chunks = nc;
+  p.chunk = ck;
+  p.n_chunks = (T + ck - 1) / ck;
   p.r = r.data();
   p.w = w.data();
   p.k = kk.data();
@@ -87,8 +100,9 @@ int run_one(const Kernel& k, int chunks, bool bf16, uint64_t* out, int nout) {
   emu_count_clear_globals();
   for (auto* x : {&r, &w, &kk, &v, &a, &b, &dy, &y, &dr, &dw, &dk, &dv, &da, &db})
     emu_count_register_global(x->data(), x->size());
-  for (auto* x : {&h0, &ht, &dht, &dh0, &ckpt, &scratch})
+  for (auto* x : {&h0, &ht, &dht, &dh0})
     emu_count_register_global(x->data(), x->size() * 4);
+  for (auto* x : {&ckpt, &scratch}) emu_count_register_global_aux(x->data(), x->size() * 4);
   int rc = k.fwd(1, 1, 1, k.threads, 1, 1, 0, &p);
   if (!rc && k.bwd) rc = k.bwd(1, 1, 1, k.threads, 1, 1, 0, &p);
   emu_last_counters(out, nout);
@@ -98,10 +112,10 @@ int run_one(const Kernel& k, int chunks, bool bf16, uint64_t* out, int nout) {
 }  // namespace
 
 // One CTA (grid 1 x 1, N = 64) of WKV-7 kernel `kernel` (0 fwd_v1, 1 bwd_v1,
-// 2 fwd_v2, 3 bwd_v2; a backward runs after its forward and only the
-// backward is counted) over `chunks` chunks of 16 tokens; copies up to `n`
-// counters (order: enum emu::Counter) into `out`. Returns the launch's code
-// (0 = ok, 5 = no such kernel).
+// 2 fwd_v2, 3 bwd_v2, 4 fwd_v3, 5 bwd_v3, 6 fwd_v3x, 7 bwd_v3x; a backward
+// runs after its forward and only the backward is counted) over `chunks`
+// chunks of 16 tokens; copies up to `n` counters (order: enum emu::Counter)
+// into `out`. Returns the launch's code (0 = ok, 5 = no such kernel).
 extern "C" int emu_cnt_wkv7_profile(int kernel, int bf16, int chunks, uint64_t* out, int n) {
   const Kernel kernels[] = {
       {"fwd_v1", bf16 ? emu_wkv7_fwd_v1_bf16_n64 : emu_wkv7_fwd_v1_f32_n64, nullptr, 64, 1},
@@ -110,10 +124,24 @@ extern "C" int emu_cnt_wkv7_profile(int kernel, int bf16, int chunks, uint64_t* 
       {"fwd_v2", bf16 ? emu_wkv7_fwd_v2_bf16_n64 : emu_wkv7_fwd_v2_f32_n64, nullptr, 128, 2},
       {"bwd_v2", bf16 ? emu_wkv7_fwd_v2_bf16_n64 : emu_wkv7_fwd_v2_f32_n64,
        bf16 ? emu_wkv7_bwd_v2_bf16_n64 : emu_wkv7_bwd_v2_f32_n64, 128, 2},
+      {"fwd_v3", bf16 ? emu_wkv7_fwd_v3_bf16_n64 : nullptr, nullptr, 128, 3},
+      {"bwd_v3", bf16 ? emu_wkv7_fwd_v3_bf16_n64 : nullptr,
+       bf16 ? emu_wkv7_bwd_v3_bf16_n64 : nullptr, 128, 3},
+      {"fwd_v3x", bf16 ? emu_wkv7_fwd_v3x_bf16_n64 : nullptr, nullptr, 128, 3},
+      {"bwd_v3x", bf16 ? emu_wkv7_fwd_v3x_bf16_n64 : nullptr,
+       bf16 ? emu_wkv7_bwd_v3x_bf16_n64 : nullptr, 128, 3},
   };
-  if (kernel < 0 || kernel > 3 || chunks < 1) return 5;
+  if (kernel < 0 || kernel >= (int)(sizeof kernels / sizeof kernels[0]) || chunks < 1) return 5;
+  if (!kernels[kernel].fwd) return 5;  // v3 has no f32 kernels
   const std::lock_guard<std::mutex> lock(g_profile_mutex);
   return run_one(kernels[kernel], chunks, bf16 != 0, out, n);
+}
+
+// Tokens per saved state (p.chunk) the counting build uses for `kernel`
+// (numbered as in emu_cnt_wkv7_profile); -1 for no such kernel.
+extern "C" int emu_cnt_wkv7_ckpt_tokens(int kernel) {
+  if (kernel < 0 || kernel > 7) return -1;
+  return ckpt_tokens(kernel < 2 ? 1 : kernel < 4 ? 2 : 3);
 }
 
 // emu_selftest_banks on one warp with stride `stride` words; counters as above.

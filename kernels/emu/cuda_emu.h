@@ -159,6 +159,9 @@ enum Counter : int {
   kGmemReadSectors,   // distinct 32-byte sectors per warp-level global read
   kGmemWriteSectors,  // ... write
   kOtherAccesses,     // accesses the counting build could not classify
+  kGmemAuxReadBytes,  // of kGmemReadBytes: bytes read from "aux" buffers
+                      // (emu_count_register_global_aux: e.g. checkpoints, scratch)
+  kGmemAuxWriteBytes, // ... written to them
   kNumCounters
 };
 inline uint64_t g_count[kNumCounters];                   // the running launch (under the mutex)
@@ -474,6 +477,7 @@ inline Buf g_buf[3];  // shared, global read, global write
 inline uintptr_t g_ign_lo[8], g_ign_hi[8];
 inline int g_nign = 0;
 inline uintptr_t g_glob_lo[64], g_glob_hi[64];
+inline bool g_glob_aux[64];  // counted again in kGmemAux*Bytes
 inline int g_nglob = 0;
 
 EMU_NOSAN inline void ignore(const void* p, size_t bytes) {
@@ -527,8 +531,12 @@ EMU_NOSAN inline void access(const void* a, unsigned size, bool write, uintptr_t
   for (int i = 0; i < g_nign; ++i)
     if (x >= g_ign_lo[i] && x < g_ign_hi[i]) return;
   int kind = -1;
+  bool aux = false;
   for (int i = 0; i < g_nglob; ++i)
-    if (x >= g_glob_lo[i] && x < g_glob_hi[i]) kind = write ? 2 : 1;
+    if (x >= g_glob_lo[i] && x < g_glob_hi[i]) {
+      kind = write ? 2 : 1;
+      aux = g_glob_aux[i];
+    }
   if (kind < 0 && x >= (uintptr_t)__bss_start && x < (uintptr_t)_end) kind = 0;
   if (kind < 0) {
     ++g_count[kOtherAccesses];
@@ -547,6 +555,7 @@ EMU_NOSAN inline void access(const void* a, unsigned size, bool write, uintptr_t
       }
       push(g_buf[kind], Rec{site, x, (uint32_t)(c->index / 32), sl.count++, (uint16_t)c->lane,
                             (uint16_t)size});
+      if (aux) g_count[write ? kGmemAuxWriteBytes : kGmemAuxReadBytes] += size;
       return;
     }
   }
@@ -776,6 +785,16 @@ extern "C" {
 // Registers [p, p + bytes) as a global-memory buffer for the counting build.
 __attribute__((used)) inline void emu_count_register_global(const void* p, size_t bytes) {
   if (emu::mem::g_nglob < 64) {
+    emu::mem::g_glob_aux[emu::mem::g_nglob] = false;
+    emu::mem::g_glob_lo[emu::mem::g_nglob] = (uintptr_t)p;
+    emu::mem::g_glob_hi[emu::mem::g_nglob++] = (uintptr_t)p + bytes;
+  }
+}
+// The same for an "aux" buffer (a kernel's workspace: checkpoints, scratch):
+// its bytes count in kGmem*Bytes and again in kGmemAux*Bytes.
+__attribute__((used)) inline void emu_count_register_global_aux(const void* p, size_t bytes) {
+  if (emu::mem::g_nglob < 64) {
+    emu::mem::g_glob_aux[emu::mem::g_nglob] = true;
     emu::mem::g_glob_lo[emu::mem::g_nglob] = (uintptr_t)p;
     emu::mem::g_glob_hi[emu::mem::g_nglob++] = (uintptr_t)p + bytes;
   }

@@ -1291,13 +1291,21 @@ pub trait BackwardOps: DeviceOps {
 }
 
 /// (checkpoints, scratch) of the checkpointing WKV ops on the emulator and
-/// CUDA: enough for either kernel version (the version that runs can depend
+/// CUDA: enough for any kernel version (the version that runs can depend
 /// on the decays), at least 1 each.
 pub(super) fn kernel_wkv_ws_len(b: usize, t: usize, h: usize, n: usize) -> (usize, usize) {
     use crate::wkv7::Version;
     let d = crate::wkv7::Dims { b, t, h, n };
-    let ck = Version::V1.ckpt_len(&d).max(Version::V2.ckpt_len(&d));
-    let sc = Version::V1.scratch_len(&d).max(Version::V2.scratch_len(&d));
+    let ck = Version::ALL
+        .iter()
+        .map(|v| v.ckpt_len(&d))
+        .max()
+        .unwrap_or(0);
+    let sc = Version::ALL
+        .iter()
+        .map(|v| v.scratch_len(&d))
+        .max()
+        .unwrap_or(0);
     (ck.max(1), sc.max(1))
 }
 

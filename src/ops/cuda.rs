@@ -92,11 +92,14 @@ impl CudaOps {
         self
     }
 
-    /// The version that runs for head size `n` (v2 only for N = 32, 64).
+    /// The version that runs for head size `n` (v2 only for N = 32, 64). The
+    /// model ops run the WKV with f32 I/O, so v3 (bf16 I/O only) runs as v2
+    /// here, as [`crate::wkv7::Version::effective`] does for f32 host data.
     pub(crate) fn wkv_version(&self, n: usize) -> crate::wkv7::Version {
+        use crate::wkv7::Version;
         match (self.wkv, n) {
-            (crate::wkv7::Version::V2, 32 | 64) => crate::wkv7::Version::V2,
-            _ => crate::wkv7::Version::V1,
+            (Version::V2 | Version::V3 | Version::V3Exact, 32 | 64) => Version::V2,
+            _ => Version::V1,
         }
     }
 

@@ -238,7 +238,7 @@ impl EngineBuilder {
             s.warmup,
             s.decay
         ));
-        if o.device == DeviceKind::Cpu && o.wkv == Version::V2 {
+        if o.device == DeviceKind::Cpu && o.wkv != Version::V1 {
             say("note: --wkv applies to --device cuda|emu; the cpu engine has its own recurrence");
         }
 

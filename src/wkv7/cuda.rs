@@ -193,10 +193,20 @@ pub fn scratch_len(d: &Dims) -> usize {
 
 /// Position of a kernel in [`Wkv7Kernels`]'s table, or `None` when that
 /// version has no kernel for head size `n`.
+/// Dynamic shared memory of a kernel launch (only v3's backward has any).
+fn dyn_smem(ver: Version, dir: Dir, n: usize) -> u32 {
+    match (ver, dir) {
+        (Version::V3 | Version::V3Exact, Dir::Bwd) => super::v3::bwd_smem_bytes(n),
+        _ => 0,
+    }
+}
+
 fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
     let v = match ver {
         Version::V1 => 0,
         Version::V2 => 1,
+        Version::V3 => 2,
+        Version::V3Exact => 3,
     };
     let dr = match dir {
         Dir::Fwd => 0,
@@ -206,6 +216,9 @@ fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
         DType::F32 => 0,
         DType::BF16 => 1,
     };
+    if matches!(ver, Version::V3 | Version::V3Exact) && dtype != DType::BF16 {
+        return None; // v3 is bf16-only
+    }
     let ni = match (ver, n) {
         (_, 32) => 0,
         (_, 64) => 1,
@@ -219,9 +232,11 @@ fn slot(ver: Version, dir: Dir, dtype: DType, n: usize) -> Option<usize> {
 /// the checkpoints the forward writes (`ckpt`, [`Version::ckpt_len`]
 /// elements) and the backward's scratch ([`Version::scratch_len`]), both f32.
 pub struct Workspace {
-    /// Saved states, `[B, H, ceil(T / 16), N, N]` f32.
+    /// Saved states, `[B, H, ceil(T / chunk), N, N]` f32 ([`Version::chunk`]:
+    /// 16 for v1 and v2, [`super::v3::CKPT_TOKENS`] for v3).
     pub ckpt: CudaSlice<f32>,
-    /// The backward's workspace (`[B, H, 18, N, N]` for v1, `[B, H, N, N]` for v2).
+    /// The backward's workspace (`[B, H, 18, N, N]` for v1, `[B, H, N, N]` for v2,
+    /// [`super::v3::scratch_len`] for v3).
     pub scratch: CudaSlice<f32>,
 }
 
@@ -235,8 +250,8 @@ impl Wkv7Kernels {
             return Err(Error::KernelsNotBuilt);
         }
         let ctx = stream.context().clone();
-        let mut funcs = vec![None; 2 * 2 * 2 * 3];
-        for ver in [Version::V1, Version::V2] {
+        let mut funcs = vec![None; Version::ALL.len() * 2 * 2 * 3];
+        for ver in Version::ALL {
             let module = load_module(&ctx, ver.stem())?;
             for dir in [Dir::Fwd, Dir::Bwd] {
                 for dtype in [DType::F32, DType::BF16] {
@@ -248,6 +263,15 @@ impl Wkv7Kernels {
                         let f = module
                             .load_function(&name)
                             .map_err(cuda_ctx(format!("looking up kernel {name}")))?;
+                        let smem = dyn_smem(ver, dir, n);
+                        if smem > 48 * 1024 {
+                            // above 48 KiB a kernel must opt in to its dynamic shared memory
+                            f.set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                smem as i32,
+                            )
+                            .map_err(cuda_ctx(format!("allowing {smem} B of shared memory to {name}")))?;
+                        }
                         funcs[i] = Some(f);
                     }
                 }
@@ -276,8 +300,9 @@ impl Wkv7Kernels {
     /// pointers are raw device addresses (from `DevicePtr::device_ptr` on a
     /// `CudaSlice` or `CudaView`, or another runtime's allocations). The
     /// sizes, `chunk` and `n_chunks` are checked against `ver`
-    /// ([`Version::base_params`] fills them); for [`Version::V2`] every w
-    /// must also be ≥ [`super::v2::W_MIN`] (not checked here).
+    /// ([`Version::base_params`] fills them); for [`Version::V2`],
+    /// [`Version::V3`] and [`Version::V3Exact`] every w must also be
+    /// ≥ [`super::v2::W_MIN`] (not checked here).
     ///
     /// # Safety
     /// Every non-zero address in `p` must be device memory of this stream's
@@ -299,7 +324,7 @@ impl Wkv7Kernels {
         let cfg = LaunchConfig {
             grid_dim,
             block_dim,
-            shared_mem_bytes: 0,
+            shared_mem_bytes: dyn_smem(ver, dir, d.n),
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(p);
@@ -315,7 +340,7 @@ impl Wkv7Kernels {
     /// [`Wkv7Kernels::backward`] when `ckpt` ([`Version::ckpt_len`]
     /// elements, e.g. [`Workspace::ckpt`]) is given. Every buffer is a
     /// `CudaSlice` or a `CudaView(Mut)` of this stream's context; lengths
-    /// are checked (an error names the buffer). For v2 every w must be
+    /// are checked (an error names the buffer). For v2 and v3 every w must be
     /// ≥ [`super::v2::W_MIN`] (use [`Version::effective`] on host data).
     pub fn forward<X: IoType + DeviceRepr>(
         &self,
@@ -474,8 +499,9 @@ pub unsafe fn launch_raw(gpu: &Gpu, dir: Dir, dtype: DType, p: &Wkv7Params) -> R
     unsafe { launch_raw_v(gpu, Version::V1, dir, dtype, p) }
 }
 
-/// [`launch_raw`] for a kernel version. For [`Version::V2`] every w must
-/// also be ≥ [`super::v2::W_MIN`] (not checked here).
+/// [`launch_raw`] for a kernel version. For [`Version::V2`], [`Version::V3`]
+/// and [`Version::V3Exact`] every w must also be ≥ [`super::v2::W_MIN`]
+/// (not checked here).
 ///
 /// # Safety
 /// As for [`launch_raw`], with the buffer sizes of `ver`.
@@ -783,7 +809,7 @@ mod tests {
     #[test]
     fn every_kernel_has_its_own_slot() {
         let mut seen = std::collections::HashSet::new();
-        for ver in [Version::V1, Version::V2] {
+        for ver in Version::ALL {
             for dir in [Dir::Fwd, Dir::Bwd] {
                 for dtype in [DType::F32, DType::BF16] {
                     for n in [16, 32, 48, 64, 128, 256] {
@@ -791,7 +817,10 @@ mod tests {
                         match slot(ver, dir, dtype, n) {
                             Some(i) => {
                                 assert!(named, "{ver:?} n={n} has a slot but no kernel");
-                                assert!(i < 2 * 2 * 2 * 3, "slot {i} out of the table");
+                                assert!(
+                                    i < Version::ALL.len() * 2 * 2 * 3,
+                                    "slot {i} out of the table"
+                                );
                                 assert!(seen.insert(i), "slot {i} used twice");
                             }
                             None => assert!(!named, "{ver:?} {dir:?} {dtype} n={n}: no slot"),
@@ -800,6 +829,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen.len(), 2 * 2 * (3 + 2));
+        assert_eq!(seen.len(), 2 * 2 * (3 + 2 + 2 + 2));
     }
 }

@@ -28,6 +28,7 @@ pub mod reference;
 #[doc(hidden)]
 pub mod testdata;
 pub mod v2;
+pub mod v3;
 
 use crate::dtype::IoType;
 use crate::error::{Error, Result};
@@ -320,6 +321,8 @@ fn widen<'a, X: IoType>(x: &Inputs<'a, X>) -> Widened<'a> {
 /// `V1`: FMA kernels, any w in (0, 1]. `V2`: chunked tensor-core kernels
 /// ([`v2`]), used when the head size is 32/64 and every w ≥ [`v2::W_MIN`]
 /// (checked on the host data); otherwise V1 runs (see [`Version::effective`]).
+/// `V3` / `V3Exact`: the kernels of `kernels/wkv7_v3.cu` ([`v3`]) in their
+/// two precisions, with v2's bound and fallback.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Version {
     #[default]
@@ -327,20 +330,52 @@ pub enum Version {
     V1,
     /// Chunked tensor-core kernels (N = 32, 64, w ≥ `v2::W_MIN`).
     V2,
+    /// The v3 kernels, default ("mixed") precision (N = 32, 64, w ≥ `v2::W_MIN`).
+    V3,
+    /// The v3 kernels, "exact" precision (3-term hi/lo split everywhere).
+    V3Exact,
 }
 
 impl Version {
-    /// `RWKV_WKV7_VERSION` = `1` / `v1` / `2` / `v2`; unset = V1.
+    /// Every version, in order.
+    pub const ALL: [Version; 4] = [Version::V1, Version::V2, Version::V3, Version::V3Exact];
+
+    /// `RWKV_WKV7_VERSION` = `1` / `v1` / `2` / `v2` / `3` / `v3` / `v3x`;
+    /// unset = V1.
     pub fn from_env() -> Result<Self> {
         match std::env::var("RWKV_WKV7_VERSION") {
             Err(_) => Ok(Version::V1),
-            Ok(s) => match s.trim() {
-                "" | "1" | "v1" => Ok(Version::V1),
-                "2" | "v2" => Ok(Version::V2),
-                other => Err(Error::Invalid(format!(
-                    "RWKV_WKV7_VERSION={other} (expected 1 or 2)"
-                ))),
-            },
+            Ok(s) if s.trim().is_empty() => Ok(Version::V1),
+            Ok(s) => Self::parse(s.trim()).map_err(|_| {
+                Error::Invalid(format!(
+                    "RWKV_WKV7_VERSION={} (expected 1, 2, 3 or v3x)",
+                    s.trim()
+                ))
+            }),
+        }
+    }
+
+    /// Parses `1` / `v1`, `2` / `v2`, `3` / `v3`, `v3x` (the CLI's and the
+    /// environment's spelling).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "1" | "v1" => Ok(Version::V1),
+            "2" | "v2" => Ok(Version::V2),
+            "3" | "v3" => Ok(Version::V3),
+            "v3x" => Ok(Version::V3Exact),
+            other => Err(Error::Invalid(format!(
+                "unknown WKV-7 kernel version `{other}` (expected v1, v2, v3 or v3x)"
+            ))),
+        }
+    }
+
+    /// The short name: `v1`, `v2`, `v3`, `v3x` (what [`Version::parse`] reads).
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+            Version::V3 => "v3",
+            Version::V3Exact => "v3x",
         }
     }
 
@@ -349,6 +384,7 @@ impl Version {
         match self {
             Version::V1 => "wkv7_v1",
             Version::V2 => "wkv7_v2",
+            Version::V3 | Version::V3Exact => "wkv7_v3",
         }
     }
 
@@ -357,31 +393,38 @@ impl Version {
         match self {
             Version::V1 => kernel_name(dir, dtype, n),
             Version::V2 => v2::kernel_name(dir, dtype, n),
+            Version::V3 => v3::kernel_name(dir, dtype, n, false),
+            Version::V3Exact => v3::kernel_name(dir, dtype, n, true),
         }
     }
 
-    /// Launch geometry: grid (H, B); block N (v1) or 2N (v2).
+    /// Launch geometry: grid (H, B); block N (v1) or 2N (v2, v3).
     pub fn launch_dims(self, d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
         match self {
             Version::V1 => launch_dims(d),
             Version::V2 => v2::launch_dims(d),
+            Version::V3 | Version::V3Exact => v3::launch_dims(d),
         }
     }
 
     /// Elements of the backward workspace: `[B, H, 18, N, N]` (v1: 17 states
-    /// of a chunk + one slot of dS rows) or `[B, H, N, N]` (v2) f32.
+    /// of a chunk + one slot of dS rows), `[B, H, N, N]` (v2) f32, or
+    /// [`v3::scratch_len`] (v3).
     pub fn scratch_len(self, d: &Dims) -> usize {
         match self {
             Version::V1 => d.b * d.h * (crate::params::WKV7_V1_CHUNK + 2) * d.n * d.n,
             Version::V2 => v2::scratch_len(d),
+            Version::V3 | Version::V3Exact => v3::scratch_len(d),
         }
     }
 
-    /// Tokens per saved state (both versions save fp32 states every 16 tokens).
+    /// Tokens per saved state (`p.chunk`): 16 for v1 and v2,
+    /// [`v3::CKPT_TOKENS`] for v3.
     pub fn chunk(self) -> usize {
         match self {
             Version::V1 => crate::params::WKV7_V1_CHUNK,
             Version::V2 => v2::CHUNK,
+            Version::V3 | Version::V3Exact => v3::CKPT_TOKENS,
         }
     }
 
@@ -398,16 +441,23 @@ impl Version {
         }
     }
 
-    /// Elements of the checkpoint buffer `[B, H, ceil(T / chunk), N, N]` f32.
+    /// Elements (f32) of the checkpoint buffer: `[B, H, ceil(T / chunk), N, N]`
+    /// f32, or for v3 the same shape in bf16 ([`v3::ckpt_len`]).
     pub fn ckpt_len(self, d: &Dims) -> usize {
-        d.b * d.h * d.t.div_ceil(self.chunk()) * d.n * d.n
+        match self {
+            Version::V3 | Version::V3Exact => v3::ckpt_len(d),
+            _ => d.b * d.h * d.t.div_ceil(self.chunk()) * d.n * d.n,
+        }
     }
 
-    /// The version that actually runs for these inputs: V2 falls back to V1
-    /// when v2 cannot run them (head size, or a decay below the bound).
+    /// The version that actually runs for these inputs: V3 and V3Exact
+    /// need bf16 I/O ([`v3::supports`]) and fall back to V2 otherwise; V2
+    /// falls back to V1 when it cannot run them (head size, or a decay below
+    /// the bound, [`v2::supports`]).
     pub fn effective<X: IoType>(self, d: &Dims, w: &[X]) -> Version {
         match self {
-            Version::V2 if v2::supports(d, w) => Version::V2,
+            Version::V3 | Version::V3Exact if v3::supports(d, w) => self,
+            Version::V2 | Version::V3 | Version::V3Exact if v2::supports(d, w) => Version::V2,
             _ => Version::V1,
         }
     }
@@ -423,10 +473,11 @@ impl Backend {
     ) -> Result<Outputs<X>> {
         x.check(d)?;
         match (self, version.effective(d, x.w)) {
+            (_, Version::V1) => self.forward(d, x),
             #[cfg(feature = "emu")]
-            (Backend::Emu, Version::V2) => emu::forward(Version::V2, d, x),
+            (Backend::Emu, v) => emu::forward(v, d, x),
             #[cfg(feature = "cuda")]
-            (Backend::Cuda(gpu), Version::V2) => cuda::forward_host(gpu, Version::V2, d, x),
+            (Backend::Cuda(gpu), v) => cuda::forward_host(gpu, v, d, x),
             _ => self.forward(d, x),
         }
     }
@@ -442,12 +493,11 @@ impl Backend {
         x.check(d)?;
         g.check(d)?;
         match (self, version.effective(d, x.w)) {
+            (_, Version::V1) => self.forward_backward(d, x, g),
             #[cfg(feature = "emu")]
-            (Backend::Emu, Version::V2) => emu::forward_backward(Version::V2, d, x, g),
+            (Backend::Emu, v) => emu::forward_backward(v, d, x, g),
             #[cfg(feature = "cuda")]
-            (Backend::Cuda(gpu), Version::V2) => {
-                cuda::forward_backward_host(gpu, Version::V2, d, x, g)
-            }
+            (Backend::Cuda(gpu), v) => cuda::forward_backward_host(gpu, v, d, x, g),
             _ => self.forward_backward(d, x, g),
         }
     }

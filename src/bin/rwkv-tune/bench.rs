@@ -28,9 +28,10 @@ pub struct BenchArgs {
     #[arg(long)]
     shapes: Option<String>,
     /// kernel version: v1 (FMA, any decay), v2 (tensor cores, N = 32/64,
-    /// decays ≥ 0.5 — the benchmark's random decays are in [0.55, 1)), or
-    /// all (every version on the same inputs)
-    #[arg(long, default_value = "v1", value_parser = ["v1", "v2", "all"])]
+    /// decays ≥ 0.5 — the benchmark's random decays are in [0.55, 1)), v3
+    /// (mixed precision) or v3x (exact precision; both with v2's bounds), or
+    /// all (every version on the same inputs: v1, v2, v3, v3x)
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2", "v3", "v3x", "all"])]
     kernel: String,
     /// time these inputs instead of random ones: a safetensors file with
     /// r, w, k, v, a, b, h0, dy, dhT (as `rwkv-tune wkv7` reads; the shape
@@ -53,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// with --backend emu: print the emulator's performance counters of the
-    /// v1/v2 kernels (N = 64) per chunk and ESTIMATED H100/H200 times at the
+    /// v1/v2/v3/v3x kernels (N = 64) per chunk and ESTIMATED H100/H200 times at the
     /// shape (default 8,4096,64,64,bf16) instead of timing (docs/emulation.md)
     #[arg(long)]
     counters: bool,
@@ -210,9 +211,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let peak = a.peak_gbs.or(if gpu { Some(3000.0) } else { None });
     let versions = match a.kernel.as_str() {
-        "v1" => vec![Version::V1],
-        "v2" => vec![Version::V2],
-        _ => vec![Version::V1, Version::V2],
+        "all" => Version::ALL.to_vec(),
+        k => vec![Version::parse(k)?],
     };
     if let (Some(j), Some(i)) = (&a.json, &a.inputs) {
         rwkv_tune::guard::check_outputs(&[("--inputs", i.as_path())], &[("--json", j.as_path())])?;

@@ -283,10 +283,12 @@ pub struct TuneArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
     /// WKV kernels of the device engines (cuda, emu): v1 (FMA; any head
-    /// size) or v2 (tensor cores; head size 32 or 64, other sizes run v1).
-    /// Both give the same gradients up to float rounding (v2's f32 states
-    /// carry ~1e-5 relative error). Ignored on --device cpu.
-    #[arg(long, value_parser = ["v1", "v2"], default_value = "v1")]
+    /// size), v2 (tensor cores; head size 32 or 64, other sizes run v1), v3
+    /// (the v3 kernels, mixed precision) or v3x (v3, exact precision; v3 and
+    /// v3x: head sizes as v2). All give the same gradients up to float
+    /// rounding (v2's f32 states carry ~1e-5 relative error). Ignored on
+    /// --device cpu.
+    #[arg(long, value_parser = ["v1", "v2", "v3", "v3x"], default_value = "v1")]
     pub wkv: String,
     /// What a step keeps between its forward and backward: `keep` every
     /// layer's activations (one WKV forward per layer; the most memory) or
@@ -824,10 +826,7 @@ fn train_config(a: &TuneArgs, defaults: (u64, usize, usize), decay: Decay) -> Re
 fn engine_options(a: &TuneArgs) -> EngineOptions {
     EngineOptions {
         device: a.device.into(),
-        wkv: match a.wkv.as_str() {
-            "v2" => Version::V2,
-            _ => Version::V1,
-        },
+        wkv: Version::parse(&a.wkv).unwrap_or(Version::V1),
         dbp: (!a.no_dbp).then_some((a.dbp_eta, a.dbp_kappa)),
         upscale: a.upscale,
         observer: a.observer.clone().map(|model| ObserverOptions {

@@ -33,9 +33,11 @@ pub struct Wkv7Args {
     /// I/O precision inside the kernels (state and accumulation are always f32)
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
-    /// kernel version on the emu / cuda backends: v1 (FMA, any decay) or v2
-    /// (tensor cores; falls back to v1 for other head sizes or decays < 0.5)
-    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    /// kernel version on the emu / cuda backends: v1 (FMA, any decay), v2
+    /// (tensor cores), v3 (the v3 kernels, mixed precision) or v3x (v3,
+    /// exact precision); v2, v3 and v3x fall back to v1 for other head sizes
+    /// than 32/64 or decays < 0.5
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2", "v3", "v3x"])]
     kernel: String,
 }
 
@@ -135,11 +137,7 @@ pub fn run(a: Wkv7Args) -> Result<()> {
             },
         );
     };
-    let ver = if a.kernel == "v2" {
-        Version::V2
-    } else {
-        Version::V1
-    };
+    let ver = Version::parse(&a.kernel)?;
     let x = [r, w, k, v, aa, bb];
     match a.dtype.as_str() {
         "f32" => run_typed::<f32>(&backend, ver, &d, x, h0, dy, dht, &mut put)?,
