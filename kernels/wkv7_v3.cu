@@ -172,7 +172,7 @@ struct Keys {
   bf16 *ah, *al, *bh, *bl, *kh, *kl, *qh, *ql, *khh, *khl, *bhh, *bhl, *v, *dy;
   bf16 *mak_h, *mak_l, *mqk_h, *mqk_l, *mqb_h, *mqb_l, *inv_h, *inv_l;
   float* mab;  // [L][L + 1] fp32 (M_ab for the inverse)
-  float* P;    // [L][NN] fp32 or null
+  float* P;    // [L][NN + 8] fp32 (rows padded) or null
   float* PL;   // [NN]
 };
 
@@ -209,10 +209,10 @@ __device__ __forceinline__ void stage_chunk(const Wkv7Params& p, Stage<NN, NX>& 
   }
 }
 
-// Column pass: threads j < NN/2 turn columns 2j, 2j+1 of the raw chunk into
-// the scaled tiles (and P, PL) with paired (4-byte) accesses; the other
-// threads copy v (and dy) into their tiles in 16-byte pieces.
-// `st` = staged inputs, or null to read global memory (identity past T).
+// Column pass, on column pairs (4-byte accesses): warp 0 (threads j <
+// NN/2, columns 2j, 2j+1) builds the scaled tiles and P; the threads of the
+// other warps copy v (and dy) into their tiles in 16-byte pieces. `st` =
+// staged inputs, or null to read global memory (identity past T).
 template <int NN>
 __device__ __forceinline__ void put2x(bf16* hi, bf16* lo, int r, int c, float x0, float x1) {
   const uint32_t h0 = bf16_bits(x0), h1 = bf16_bits(x1);
@@ -224,26 +224,27 @@ __device__ __forceinline__ void put2x(bf16* hi, bf16* lo, int r, int c, float x0
 template <int NN, int NX, int NT>
 __device__ __forceinline__ void column_pass(const Wkv7Params& p, const Keys<NN>& K,
                                             const Stage<NN, NX>* st, int t0, int tid_) {
-  const int tid = st ? tid_ : fresh_tid();  // backward: recompute the offsets here
+  static_assert(NT >= 64 && NN <= 64, "column pass: warp 0 plus copy threads");
+  const int tid = tid_;  // callers pass fresh_tid(): offsets recomputed here, not hoisted
   const int b = blockIdx.y, h = blockIdx.x;
   const long row0 = ((long)b * p.T + t0) * p.H + h;  // global row of token t0
+  auto in2 = [&](int x, int t, int j) -> float2 {
+    uint32_t u;
+    if (st) {
+      u = *(const uint32_t*)&st->x[x][t][j];
+    } else {
+      if (t0 + t >= p.T) return x == 1 ? make_float2(1.f, 1.f) : make_float2(0.f, 0.f);
+      u = *(const uint32_t*)&input(p, x)[(row0 + (long)t * p.H) * NN + j];
+    }
+    return make_float2(bf16_bits_to_float(u & 0xffffu), bf16_bits_to_float(u >> 16));
+  };
   if (tid < NN / 2) {
     const int j = 2 * tid;
-    auto in2 = [&](int x, int t) -> float2 {
-      uint32_t u;
-      if (st) {
-        u = *(const uint32_t*)&st->x[x][t][j];
-      } else {
-        if (t0 + t >= p.T) return x == 1 ? make_float2(1.f, 1.f) : make_float2(0.f, 0.f);
-        u = *(const uint32_t*)&input(p, x)[(row0 + (long)t * p.H) * NN + j];
-      }
-      return make_float2(bf16_bits_to_float(u & 0xffffu), bf16_bits_to_float(u >> 16));
-    };
-    float P0 = 1.f, P1 = 1.f, kt[2][L], bt[2][L];
+    float P0 = 1.f, P1 = 1.f;
 #pragma unroll
     for (int t = 0; t < L; ++t) {
       const float Pm0 = P0, Pm1 = P1;
-      const float2 w = in2(1, t), k = in2(2, t), a = in2(4, t), bb = in2(5, t);
+      const float2 w = in2(1, t, j), k = in2(2, t, j), a = in2(4, t, j), bb = in2(5, t, j);
       P0 *= w.x;
       P1 *= w.y;
       const float i0 = __fdividef(1.f, P0), i1 = __fdividef(1.f, P1);
@@ -251,25 +252,32 @@ __device__ __forceinline__ void column_pass(const Wkv7Params& p, const Keys<NN>&
       put2x<NN>(K.bh, K.bl, t, j, bb.x * i0, bb.y * i1);
       put2x<NN>(K.kh, K.kl, t, j, k.x * i0, k.y * i1);
       if (K.qh) {
-        const float2 r = in2(0, t);
+        const float2 r = in2(0, t, j);
         put2x<NN>(K.qh, K.ql, t, j, r.x * P0, r.y * P1);
       }
-      if (K.P) *(float2*)&K.P[t * NN + j] = make_float2(P0, P1);
-      kt[0][t] = k.x * i0;
-      kt[1][t] = k.y * i1;
-      bt[0][t] = bb.x * i0;
-      bt[1][t] = bb.y * i1;
+      if (K.P) *(float2*)&K.P[t * (NN + 8) + j] = make_float2(P0, P1);
     }
     *(float2*)&K.PL[j] = make_float2(P0, P1);
+    // k^ = k~ P_L, b^ = b~ P_L from the k~, b~ (hi + lo) this thread wrote
+    // (about 16 bits, as much as the split keeps): no per-column arrays
+    const float L0 = P0, L1 = P1;
 #pragma unroll
     for (int t = 0; t < L; ++t) {
-      put2x<NN>(K.khh, K.khl, t, j, kt[0][t] * P0, kt[1][t] * P1);
-      put2x<NN>(K.bhh, K.bhl, t, j, bt[0][t] * P0, bt[1][t] * P1);
+      auto back = [&](const bf16* hi, const bf16* lo) -> float2 {
+        const uint32_t h = *(const uint32_t*)&hi[swz<NN>(t, j)];
+        const uint32_t l = lo ? *(const uint32_t*)&lo[swz<NN>(t, j)] : 0u;
+        return make_float2(bf16_bits_to_float(h & 0xffffu) + bf16_bits_to_float(l & 0xffffu),
+                           bf16_bits_to_float(h >> 16) + bf16_bits_to_float(l >> 16));
+      };
+      const float2 k = back(K.kh, K.kl), bb = back(K.bh, K.bl);
+      put2x<NN>(K.khh, K.khl, t, j, k.x * L0, k.y * L1);
+      put2x<NN>(K.bhh, K.bhl, t, j, bb.x * L0, bb.y * L1);
     }
-  } else {
+  } else if (tid >= 32) {  // the copy threads (warp 0 does the columns)
     constexpr int CHN = NN / 8;  // 16-byte pieces per row
+    constexpr int C0 = 32, NC = NT - C0;
     const int nx = K.dy ? 2 : 1;
-    for (int i = tid - NN / 2; i < nx * L * CHN; i += NT - NN / 2) {
+    for (int i = tid - C0; i < nx * L * CHN; i += NC) {
       const int x = i / (L * CHN), t = (i / CHN) % L, c = (i % CHN) * 8;
       bf16* dst = (x ? K.dy : K.v) + swz<NN>(t, c);
       if (st)
@@ -553,11 +561,11 @@ __device__ void wkv7_fwd_v3(const Wkv7Params p) {
     if (p.ckpt) state_to_global<NN>((bf16*)p.ckpt + (bh * n_chunks + ch) * NN * NN, S, vb);
     cp_async_wait_all();
     __syncthreads();  // chunk ch staged; chunk ch-1 done with the tiles
-    column_pass<NN, 6, NT>(p, K, &s.st, ch * L, tid);
+    column_pass<NN, 6, NT>(p, K, &s.st, ch * L, fresh_tid());
     __syncthreads();  // tiles built; the stage is free
     if (ch + 1 < n_chunks) stage_chunk<NN, 6, NT>(p, s.st, (ch + 1) * L, tid);
     cp_async_commit();
-    matrices<NN, NW, SPLIT, false, false>(K, warp, lane, 4);
+    matrices<NN, NW, SPLIT, false, true>(K, warp, lane, 4);
     __syncthreads();
     FragC U[2], Yc[2];
     state_chunk<NN, SPLIT, true, false>(K, S, vb, U, Yc);
@@ -584,7 +592,7 @@ struct alignas(16) Wkv7V3Bwd {
     float mab[wkv7v3::L * (wkv7v3::L + 1)];
     float tot[NN / 16][NN];  // per warp: sum over its rows of S0 * dS_L per key
   } o3;
-  float P[wkv7v3::L][NN];
+  float P[wkv7v3::L][NN + 8];  // rows padded: the key side's float2 reads are conflict-free
   float PL[NN];
 };
 
@@ -626,7 +634,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         }
         cp_async_commit();
       }
-      column_pass<NN, 7, NT>(p, K, nost, t0, tid);
+      column_pass<NN, 7, NT>(p, K, nost, t0, fresh_tid());
       cp_async_wait_all();
       __syncthreads();
       matrices<NN, NW, SPLIT, true, true>(K, warp, lane, 4);
@@ -740,6 +748,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
       __syncthreads();  // all warps done with k^, b^ (o2)
       state_to_tile<NN>(s.o2.dsl, dS, vb);  // dS_L as a [value][key] tile
       // dS_0 = dS_L diag(P_L) + dY^T Q~ + dR^T A~ (state path)
+      const FragA yt = lda_t<NN, true>(s.dy.e, 0, vb);  // dY^T rows vb.. (exact bf16)
 #pragma unroll
       for (int kp = 0; kp < NN / 16; ++kp) {
 #pragma unroll
@@ -755,7 +764,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         ldb_t<NN, true>(s.qh.e, 0, 16 * kp, bh[0], bh[1]);
         ldb_t<NN, true>(s.ql.e, 0, 16 * kp, bl[0], bl[1]);
 #pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) mma2b(dS[2 * kp + h2], lda_t<NN, true>(s.dy.e, 0, vb), bh[h2], bl[h2]);
+        for (int h2 = 0; h2 < 2; ++h2) mma2b(dS[2 * kp + h2], yt, bh[h2], bl[h2]);
         ldb_t<NN, true>(s.ah.e, 0, 16 * kp, bh[0], bh[1]);
         ldb_t<NN, true>(s.al.e, 0, 16 * kp, bl[0], bl[1]);
 #pragma unroll

@@ -820,7 +820,20 @@ pub fn counters_report(
     let mut waves: Vec<Option<u32>> = Vec::new();
     for p in &profiles {
         let sym = p.kernel.symbol(bf16);
-        let res = ptxas_report.and_then(|r| ptxas_resources(r, &sym));
+        // ptxas reports static shared memory; v3's backward also takes dynamic
+        let dynamic = if p.kernel.is_backward()
+            && matches!(p.kernel.version(), Version::V3 | Version::V3Exact)
+        {
+            crate::wkv7::v3::bwd_smem_bytes(64)
+        } else {
+            0
+        };
+        let res = ptxas_report
+            .and_then(|r| ptxas_resources(r, &sym))
+            .map(|r| KernelResources {
+                smem: r.smem + dynamic,
+                ..r
+            });
         waves.push(res.map(|r| estimate(p, (b, t, h), &H100_SXM, Some(r)).waves));
         for (gi, gpu) in [H100_SXM, H200].iter().enumerate() {
             let e = estimate(p, (b, t, h), gpu, res);
