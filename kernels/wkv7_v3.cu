@@ -39,7 +39,7 @@
 #include "mma.cuh"
 
 #ifndef WKV7_V3_BWD_CTAS
-#define WKV7_V3_BWD_CTAS 3  // backward CTAs per SM the registers are bounded for
+#define WKV7_V3_BWD_CTAS 4  // backward CTAs per SM the registers are bounded for (<= 128)
 #endif
 
 namespace wkv7v3 {
@@ -155,14 +155,6 @@ __device__ __forceinline__ void mm(FragC& d, const FragA& ah, const FragA& al, c
     mma2b(d, ah, bh, bl);
   else
     mma1(d, ah, bh);
-}
-
-// c_foreach with the lane index re-read (see fresh_lane).
-template <class Fn>
-__device__ __forceinline__ void c_foreach_f(FragC& c, Fn f) {
-  const int lane = fresh_lane(), g = lane >> 2, q = lane & 3;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) f(g + ((e & 2) ? 8 : 0), 2 * q + (e & 1), c.x[e]);
 }
 
 // ---- the key side of one chunk ---------------------------------------------
@@ -310,11 +302,19 @@ __device__ __forceinline__ void xyt(const bf16* xh, const bf16* xl, const bf16* 
     for (int nt = 0; nt < 2; ++nt) mm<XS, YS>(acc[nt], ah, al, bh[nt], bl[nt]);
   }
 }
+// c_foreach with the lane index re-read (see fresh_lane).
+template <class Fn>
+__device__ __forceinline__ void c_foreach_f(FragC& c, Fn f) {
+  const int lane = fresh_lane(), g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) f(g + ((e & 2) ? 8 : 0), 2 * q + (e & 1), c.x[e]);
+}
+
 // Writes a masked 16 x 16 C pair into a Mat (hi, and lo when given).
 __device__ __forceinline__ void put_mat(FragC (&acc)[2], bf16* hi, bf16* lo, bool strict) {
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
-    c_foreach(acc[nt], [&](int t, int col, float& x) {
+    c_foreach_f(acc[nt], [&](int t, int col, float& x) {
       const int u = nt * 8 + col;
       const float v = (strict ? u < t : u <= t) ? x : 0.f;
       if (lo) put2<L>(hi, lo, t, u, v); else put<L>(hi, t, u, v);
@@ -518,7 +518,7 @@ __device__ __forceinline__ void store_vt(const Wkv7Params& p, bf16* __restrict__
   const int b = blockIdx.y, h = blockIdx.x;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
-    c_foreach(C[nt], [&](int r, int c, float& x) {
+    c_foreach_f(C[nt], [&](int r, int c, float& x) {
       const int t = t0 + nt * 8 + c;
       if (t < p.T) out[(((long)b * p.T + t) * p.H + h) * NN + vb + r] = to_bf(x);
     });
@@ -660,7 +660,8 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
             x += __shfl_xor_sync(0xffffffffu, x, 4);
             x += __shfl_xor_sync(0xffffffffu, x, 8);
             x += __shfl_xor_sync(0xffffffffu, x, 16);
-            if (g8 == 0) s.o3.tot[warp][16 * ks + 8 * half + 2 * q4 + odd] = x;  // M_ab is dead
+            const int ln = fresh_lane();
+            if ((ln >> 2) == 0) s.o3.tot[warp][16 * ks + 8 * half + 2 * (ln & 3) + odd] = x;  // M_ab is dead
           }
           FragB bh[2], bl[2];
           ldb<NN, true>(K.ah, 0, 16 * ks, bh[0], bh[1]);
@@ -754,7 +755,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) {
           const int kt = 2 * kp + h2;
-          const float2 pl = *(const float2*)&s.PL[kt * 8 + 2 * q4];
+          const float2 pl = *(const float2*)&s.PL[kt * 8 + 2 * (fresh_lane() & 3)];
           dS[kt].x[0] *= pl.x;
           dS[kt].x[1] *= pl.y;
           dS[kt].x[2] *= pl.x;
@@ -790,22 +791,22 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
       // per-lane part of sum_u g3_u, per key.
       float x[2][4], t3[2][2];
       {
-        const bf16* __restrict__ rr = (const bf16*)p.r;
-        const bf16* __restrict__ aa_ = (const bf16*)p.a;
-        const bf16* __restrict__ kk_ = (const bf16*)p.k;
-        const bf16* __restrict__ bb_ = (const bf16*)p.b;
-        // raw input pair (keys key0, key0 + 1) at row t of the chunk (0 past T)
-        auto raw2 = [&](const bf16* __restrict__ src, int t, int key0) -> float2 {
-          if (t0 + t >= T) return make_float2(0.f, 0.f);
-          const uint32_t u = *(const uint32_t*)&src[(((long)b * T + t0 + t) * H + h) * NN + key0];
+        // raw input pair (keys key0, key0 + 1) at row t of the chunk (0 past
+        // T); addresses from the kernel parameters at each use (no hoisted
+        // 64-bit pointers across the passes)
+        auto at = [&](int t, int key0) -> long {
+          return (((long)blockIdx.y * p.T + t0 + t) * p.H + blockIdx.x) * NN + key0;
+        };
+        auto raw2 = [&](const void* src, int t, int key0) -> float2 {
+          if (t0 + t >= p.T) return make_float2(0.f, 0.f);
+          const uint32_t u = *(const uint32_t*)&((const bf16*)src)[at(t, key0)];
           return make_float2(bf16_bits_to_float(u & 0xffffu), bf16_bits_to_float(u >> 16));
         };
         auto out2 = [&](void* dst, int t, int key0, float v0, float v1) {
-          if (t0 + t < T)
-            *(uint32_t*)&((bf16*)dst)[(((long)b * T + t0 + t) * H + h) * NN + key0] =
-                bf16_bits(v0) | (bf16_bits(v1) << 16);
+          if (t0 + t < p.T)
+            *(uint32_t*)&((bf16*)dst)[at(t, key0)] = bf16_bits(v0) | (bf16_bits(v1) << 16);
         };
-#pragma unroll 1
+#pragma unroll
         for (int pass = 0; pass < 3; ++pass) {
           FragC c0[2], c1[2];
 #pragma unroll
@@ -873,6 +874,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
           }
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
+            const int ln = fresh_lane(), g8 = ln >> 2, q4 = ln & 3;  // not hoisted
             const int key0 = kb + nt * 8 + 2 * q4;
             const float2 pl = *(const float2*)&s.PL[key0];
             float g2lo[2] = {0.f, 0.f};  // pass 0: g2 at t = g8 (t3 then holds g2 at g8 + 8)
@@ -882,7 +884,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
               const float2 P = *(const float2*)&s.P[t][key0];
               if (pass == 0) {
                 const float2 Pm = t ? *(const float2*)&s.P[t - 1][key0] : make_float2(1.f, 1.f);
-                const float2 r = raw2(rr, t, key0), a = raw2(aa_, t, key0);
+                const float2 r = raw2(p.r, t, key0), a = raw2(p.a, t, key0);
                 const float dr0 = c0[nt].x[e0] * P.x, dr1 = c0[nt].x[e0 + 1] * P.y;
                 const float da0 = c1[nt].x[e0] * Pm.x, da1 = c1[nt].x[e0 + 1] * Pm.y;
                 out2(p.dr, t, key0, dr0, dr1);
@@ -896,7 +898,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
                   g2lo[1] = a.y * da1;
                 }
               } else {
-                const float2 kv = raw2(pass == 1 ? kk_ : bb_, t, key0);
+                const float2 kv = raw2(pass == 1 ? p.k : p.b, t, key0);
                 const float i0 = __fdividef(1.f, P.x), i1 = __fdividef(1.f, P.y);
                 const float d0 = (c0[nt].x[e0] + c1[nt].x[e0] * pl.x) * i0;
                 const float d1 = (c0[nt].x[e0 + 1] + c1[nt].x[e0 + 1] * pl.y) * i1;
@@ -930,6 +932,7 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int od = 0; od < 2; ++od) {
+            const int ln = fresh_lane(), g8 = ln >> 2, q4 = ln & 3;  // not hoisted
             float hi = x[nt][2 + od], lo = x[nt][od], g3s = t3[nt][od];
 #pragma unroll
             for (int d = 4; d < 32; d <<= 1) {
