@@ -1,6 +1,7 @@
 // kernels/mma_selftest.cu — one-warp kernel that checks the tensor-core
 // helpers of kernels/mma.cuh (fragment layouts of mma.m16n8k16 bf16, the
-// hi/lo split, C -> A reuse) against a plain matmul. Test: tests/mma_emu.rs.
+// hi/lo split, C -> A reuse, ldmatrix with and without .trans) against a
+// plain matmul. Test: tests/mma_emu.rs.
 #include "mma.cuh"
 
 extern "C" __global__ void __launch_bounds__(32) mma_selftest(const __grid_constant__ MmaTestParams p) {
@@ -20,6 +21,38 @@ extern "C" __global__ void __launch_bounds__(32) mma_selftest(const __grid_const
     load_a_split([&](int i, int j) { return A[i * 16 + j]; }, ah, al);
     load_b_split([&](int k, int n) { return B[k * 8 + n]; }, bh, bl);
     mma3(d, ah, al, bh, bl);
+  } else if (p.mode == 3 || p.mode == 4) {
+    // fragments by ldmatrix from shared tiles (rows of 16 bf16 + 8 padding,
+    // 48 bytes: 16-byte aligned rows). mode 3: A row-major (ldmatrix), B
+    // stored as B[k][n] (ldmatrix.trans); mode 4: A stored transposed
+    // (ldmatrix.trans), B stored as B^T[n][k] (ldmatrix). B is 16 x 16 here
+    // (b: 256 floats); the product uses its columns 0..7.
+    struct alignas(16) Tile24 {
+      bf16 e[16 * 24];
+    };
+    __shared__ Tile24 sa, sb;
+    bf16* ta = sa.e;
+    bf16* tb = sb.e;
+    const int l = lane_id();
+    for (int e = l; e < 256; e += 32) {
+      const int i = e / 16, j = e % 16;
+      ta[(p.mode == 3 ? i * 24 + j : j * 24 + i)] = __float2bfloat16_rn(A[e]);
+      tb[(p.mode == 3 ? i * 24 + j : j * 24 + i)] = __float2bfloat16_rn(B[e]);  // B[k = i][n = j]
+    }
+    __syncwarp();
+    FragA a;
+    uint32_t r[4];
+    if (p.mode == 3) {
+      ldsm_x4<false>(a.x, &ta[(l & 15) * 24 + ((l >> 4) << 3)]);
+      ldsm_x4<true>(r, &tb[((l & 7) + (((l >> 3) & 1) << 3)) * 24 + ((l >> 4) << 3)]);
+    } else {
+      ldsm_x4<true>(a.x, &ta[((l & 7) + ((l >> 4) << 3)) * 24 + (((l >> 3) & 1) << 3)]);
+      ldsm_x4<false>(r, &tb[((l & 7) + ((l >> 4) << 3)) * 24 + (((l >> 3) & 1) << 3)]);
+    }
+    FragB b;  // n-tile 0 (registers 2, 3: n-tile 1)
+    b.x[0] = r[0];
+    b.x[1] = r[1];
+    mma1(d, a, b);
   } else {
     FragA ah, al;
     load_a_split([&](int i, int j) { return A[i * 16 + j]; }, ah, al);

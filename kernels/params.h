@@ -200,7 +200,10 @@ typedef struct MmaTestParams {
  *   bf16 MMA (a, b must be bf16-exact).  mode 1: the same with fp32 a, b via
  *   the hi/lo split (mma3).  mode 2: out[16x8] = (a[16x16] b[16x16]) b2[16x8]
  *   + c, where b2 = b + 256, the inner product kept in C fragments and fed
- *   back as an A operand (C -> A reuse), both products split.  Row-major. */
+ *   back as an A operand (C -> A reuse), both products split.  modes 3, 4:
+ *   out = a b[:, 0..8] + c with b 16x16 and bf16-exact a, b, fragments by
+ *   ldmatrix (3: A row-major, B [k][n] with .trans; 4: A transposed with
+ *   .trans, B^T [n][k]).  Row-major. */
 
 /* Backward and optimizer kernels of on-device state tuning
  * (kernels/tune_ops.cu), f32. CPU twins: src/ops/backward_ref.rs.

@@ -1,8 +1,9 @@
 //! The tensor-core helpers of `kernels/mma.cuh` under the CPU emulator,
 //! against a plain matmul: one bf16 `mma.m16n8k16` (exact on bf16 inputs),
 //! the hi/lo split product `mma3` on fp32 inputs, and a chained product that
-//! feeds C fragments back as an A operand. A fragment-layout bug in the
-//! emulated twin or in the fragment builders fails here directly.
+//! feeds C fragments back as an A operand, and fragments loaded by
+//! `ldmatrix` (with and without `.trans`, for A and B). A fragment-layout bug
+//! in the emulated twins or in the fragment builders fails here directly.
 use half::bf16;
 use rwkv_tune::emu::launch_mma_selftest;
 use rwkv_tune::params::MmaTestParams;
@@ -27,7 +28,7 @@ fn run(mode: i32, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
         c: c.as_ptr() as u64,
         out: out.as_mut_ptr() as u64,
     };
-    // SAFETY: a has 256 floats, b 128 or 384 (mode 2), c and out 128, all
+    // SAFETY: a has 256 floats, b 128, 256 (modes 3, 4) or 384 (mode 2), c and out 128, all
     // alive for the synchronous call.
     unsafe { launch_mma_selftest(&p) }.expect("mma self-test launch");
     out
@@ -108,6 +109,38 @@ fn c_fragments_feed_back_as_a_operand() {
             "element {i}: {} vs {want}",
             out[i]
         );
+    }
+}
+
+/// `ldmatrix.x4` (plain and `.trans`) feeding A and B fragments, on
+/// bf16-exact random data: out = A B[:, 0..8] + C exactly as a matmul, for
+/// both storage orders (mode 3: A row-major, B as [k][n]; mode 4: A
+/// transposed, B as [n][k]).
+#[test]
+fn ldmatrix_fragments_match_matmul() {
+    let mut g = Rng::new(13);
+    let round =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
+    let a = round(g.normal_vec(256, 1.0));
+    let b = round(g.normal_vec(256, 1.0));
+    let c = g.normal_vec(128, 1.0);
+    // the first 8 columns of the 16 x 16 B
+    let b8: Vec<f32> = (0..16)
+        .flat_map(|k| b[k * 16..k * 16 + 8].to_vec())
+        .collect();
+    let r = matmul(&f64s(&a), &f64s(&b8), 16, 16, 8);
+    for mode in [3, 4] {
+        let out = run(mode, &a, &b, &c);
+        for i in 0..128 {
+            let want = r[i] + c[i] as f64;
+            assert!(
+                (out[i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "mode {mode}, element ({}, {}): {} vs {want}",
+                i / 8,
+                i % 8,
+                out[i]
+            );
+        }
     }
 }
 
