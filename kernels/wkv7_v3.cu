@@ -24,7 +24,9 @@
 //     the decay-scaled keys (dw is sensitive to them: docs/kernels-v3.md);
 //   * fast reciprocal (__fdividef) in the column pass, __restrict__, paired
 //     (4- / 8-byte) stores of the gradients and states.
-// bf16 I/O only (the fast path); f32 I/O runs v2 (src/wkv7/v3.rs).
+// bf16 I/O only (the fast path); f32 I/O runs v2 (src/wkv7/v3.rs). The
+// input, dy and ckpt buffers must be 16-byte aligned (16-byte copies; the
+// host launch checks).
 //
 // Notation as in kernels/wkv7_v2.cu: per chunk of L = 16 tokens,
 //   P_t = prod_{u<=t} w_u,  q~ = r P_t,  a~ = a P_{t-1},  k~ = k / P_t,

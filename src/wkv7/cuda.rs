@@ -320,6 +320,24 @@ impl Wkv7Kernels {
         let f = slot(ver, dir, dtype, d.n)
             .and_then(|i| self.funcs[i].as_ref())
             .ok_or(Error::UnsupportedHeadSize(d.n))?;
+        if matches!(ver, Version::V3 | Version::V3Exact) {
+            // v3 moves inputs (and the bf16 states) in 16-byte pieces
+            let ptrs = [
+                ("r", p.r),
+                ("w", p.w),
+                ("k", p.k),
+                ("v", p.v),
+                ("a", p.a),
+                ("b", p.b),
+                ("dy", p.dy),
+                ("ckpt", p.ckpt),
+            ];
+            if let Some((name, _)) = ptrs.iter().find(|(_, a)| a % 16 != 0) {
+                return Err(Error::Invalid(format!(
+                    "the v3 WKV-7 kernels need 16-byte aligned buffers; {name} is not"
+                )));
+            }
+        }
         let (grid_dim, block_dim) = ver.launch_dims(&d);
         let cfg = LaunchConfig {
             grid_dim,
@@ -829,6 +847,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen.len(), 2 * 2 * (3 + 2 + 2 + 2));
+        // v1: f32 and bf16 at N = 32, 64, 128; v2: both dtypes at 32, 64;
+        // v3 and v3x: bf16 at 32, 64; each forward and backward
+        assert_eq!(seen.len(), 2 * (2 * 3 + 2 * 2 + 2 + 2));
     }
 }
