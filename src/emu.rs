@@ -446,6 +446,9 @@ pub enum CountedKernel {
     BwdV3x,
 }
 
+/// The versions the counting build profiles, in report order.
+const VERSION_NAMES: [&str; 4] = ["v1", "v2", "v3", "v3x"];
+
 impl CountedKernel {
     /// All of them, in report order (the counting build's numbering).
     pub const ALL: [CountedKernel; 8] = [
@@ -458,14 +461,18 @@ impl CountedKernel {
         Self::FwdV3x,
         Self::BwdV3x,
     ];
-    /// The kernel version.
-    pub fn version(self) -> crate::wkv7::Version {
-        use crate::wkv7::Version;
+    /// The kernel version's name (`Version::name` of `rwkv_tune::wkv7`:
+    /// `v1`, `v2`, `v3`, `v3x`; this module sits below `wkv7`).
+    pub fn version_name(self) -> &'static str {
+        VERSION_NAMES[self.version_index()]
+    }
+    /// 0 (v1), 1 (v2), 2 (v3), 3 (v3x).
+    fn version_index(self) -> usize {
         match self {
-            Self::FwdV1 | Self::BwdV1 => Version::V1,
-            Self::FwdV2 | Self::BwdV2 => Version::V2,
-            Self::FwdV3 | Self::BwdV3 => Version::V3,
-            Self::FwdV3x | Self::BwdV3x => Version::V3Exact,
+            Self::FwdV1 | Self::BwdV1 => 0,
+            Self::FwdV2 | Self::BwdV2 => 1,
+            Self::FwdV3 | Self::BwdV3 => 2,
+            Self::FwdV3x | Self::BwdV3x => 3,
         }
     }
     /// Whether this is a backward kernel.
@@ -477,7 +484,7 @@ impl CountedKernel {
         let dir = if self.is_backward() { "bwd" } else { "fwd" };
         format!(
             "wkv7_{dir}_{}_{}_n64",
-            self.version().name(),
+            self.version_name(),
             if bf16 { "bf16" } else { "f32" }
         )
     }
@@ -495,7 +502,7 @@ impl CountedKernel {
 
 /// Tokens per saved state (`p.chunk`) the counting build uses for `kernel`
 /// (`WKV7_V3_CKPT` in kernels/emu/count_wkv7.cpp for v3; it must equal
-/// [`crate::wkv7::Version::chunk`]).
+/// `Version::chunk` of `rwkv_tune::wkv7`).
 pub fn counted_ckpt_tokens(kernel: CountedKernel) -> Result<usize> {
     #[cfg(emu_counting)]
     {
@@ -813,18 +820,14 @@ pub fn counters_report(
         "hbm",
         "EST ms"
     );
-    use crate::wkv7::Version;
-    let vi = |v: Version| Version::ALL.iter().position(|&x| x == v).unwrap_or(0);
-    let mut sums = [[0f64; Version::ALL.len()]; 2];
+    let mut sums = [[0f64; VERSION_NAMES.len()]; 2];
     // waves at the shape (H100 SXM), when the ptxas report gives the resources
     let mut waves: Vec<Option<u32>> = Vec::new();
     for p in &profiles {
         let sym = p.kernel.symbol(bf16);
         // ptxas reports static shared memory; v3's backward also takes dynamic
-        let dynamic = if p.kernel.is_backward()
-            && matches!(p.kernel.version(), Version::V3 | Version::V3Exact)
-        {
-            crate::wkv7::v3::bwd_smem_bytes(64)
+        let dynamic = if p.kernel.is_backward() && p.kernel.version_index() >= 2 {
+            wkv7_v3_bwd_smem(64)
         } else {
             0
         };
@@ -837,7 +840,7 @@ pub fn counters_report(
         waves.push(res.map(|r| estimate(p, (b, t, h), &H100_SXM, Some(r)).waves));
         for (gi, gpu) in [H100_SXM, H200].iter().enumerate() {
             let e = estimate(p, (b, t, h), gpu, res);
-            sums[gi][vi(p.kernel.version())] += e.ms;
+            sums[gi][p.kernel.version_index()] += e.ms;
             let _ = writeln!(
                 s,
                 "{:<24} {:>5} {:>6} {:>6} {:>5} {:<9} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3}",
@@ -857,18 +860,18 @@ pub fn counters_report(
         }
     }
     // v3 / v3x against v2, forward + backward, per chunk of 16 tokens
-    let pair = |v: Version| {
+    let pair = |v: usize| {
         let mut f = CtaCounts::default();
         let mut w = [None, None];
         for (p, wv) in profiles.iter().zip(&waves) {
-            if p.kernel.version() == v {
+            if p.kernel.version_index() == v {
                 f = CtaCounts::zip(&f, &p.per_chunk, |a, b| a + b);
                 w[usize::from(p.kernel.is_backward())] = *wv;
             }
         }
         (f, w)
     };
-    let (c2, w2) = pair(Version::V2);
+    let (c2, w2) = pair(1);
     let ratio = |a: f64, b: f64| {
         if b > 0.0 {
             format!("{:.3}", a / b)
@@ -899,12 +902,12 @@ pub fn counters_report(
         _ => "?".to_string(),
     };
     let aux = |c: &CtaCounts| c.gmem_aux_read_bytes + c.gmem_aux_write_bytes;
-    for v in [Version::V2, Version::V3, Version::V3Exact] {
+    for v in [1, 2, 3] {
         let (c, w) = pair(v);
         let _ = writeln!(
             s,
             "{:<8} {:>11.0} {:>7} {:>9.0} {:>7} {:>10.0} {:>7} {:>13} {:>13}",
-            v.name(),
+            VERSION_NAMES[v],
             c.smem_wavefronts,
             ratio(c.smem_wavefronts, c2.smem_wavefronts),
             c.mma_m16n8k16,
@@ -921,14 +924,13 @@ pub fn counters_report(
             "(no ptxas report given: occupancy limited by threads only, waves unknown; pass --ptxas-report FILE from .ci/ptxas-report)"
         );
     }
-    let est = Version::ALL
+    let est = VERSION_NAMES
         .iter()
-        .map(|&v| {
+        .enumerate()
+        .map(|(i, name)| {
             format!(
-                "{} {:.2} ms (H100 SXM), {:.2} ms (H200)",
-                v.name(),
-                sums[0][vi(v)],
-                sums[1][vi(v)]
+                "{name} {:.2} ms (H100 SXM), {:.2} ms (H200)",
+                sums[0][i], sums[1][i]
             )
         })
         .collect::<Vec<_>>()

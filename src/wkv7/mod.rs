@@ -393,8 +393,8 @@ impl Version {
         match self {
             Version::V1 => kernel_name(dir, dtype, n),
             Version::V2 => v2::kernel_name(dir, dtype, n),
-            Version::V3 => v3::kernel_name(dir, dtype, n, false),
-            Version::V3Exact => v3::kernel_name(dir, dtype, n, true),
+            Version::V3 => v3::kernel_name(dir == Dir::Bwd, dtype, n, false),
+            Version::V3Exact => v3::kernel_name(dir == Dir::Bwd, dtype, n, true),
         }
     }
 
@@ -403,7 +403,7 @@ impl Version {
         match self {
             Version::V1 => launch_dims(d),
             Version::V2 => v2::launch_dims(d),
-            Version::V3 | Version::V3Exact => v3::launch_dims(d),
+            Version::V3 | Version::V3Exact => v3::launch_dims(d.b, d.h, d.n),
         }
     }
 
@@ -414,7 +414,7 @@ impl Version {
         match self {
             Version::V1 => d.b * d.h * (crate::params::WKV7_V1_CHUNK + 2) * d.n * d.n,
             Version::V2 => v2::scratch_len(d),
-            Version::V3 | Version::V3Exact => v3::scratch_len(d),
+            Version::V3 | Version::V3Exact => v3::scratch_len(),
         }
     }
 
@@ -445,7 +445,7 @@ impl Version {
     /// f32, or for v3 the same shape in bf16 ([`v3::ckpt_len`]).
     pub fn ckpt_len(self, d: &Dims) -> usize {
         match self {
-            Version::V3 | Version::V3Exact => v3::ckpt_len(d),
+            Version::V3 | Version::V3Exact => v3::ckpt_len(d.b, d.h, d.t, d.n),
             _ => d.b * d.h * d.t.div_ceil(self.chunk()) * d.n * d.n,
         }
     }
@@ -456,7 +456,7 @@ impl Version {
     /// the bound, [`v2::supports`]).
     pub fn effective<X: IoType>(self, d: &Dims, w: &[X]) -> Version {
         match self {
-            Version::V3 | Version::V3Exact if v3::supports(d, w) => self,
+            Version::V3 | Version::V3Exact if v3::supports(d.n, w) => self,
             Version::V2 | Version::V3 | Version::V3Exact if v2::supports(d, w) => Version::V2,
             _ => Version::V1,
         }

@@ -12,28 +12,36 @@
 //! checkpoint buffer holds `[B, H, ceil(T / 16), N, N]` bf16, i.e.
 //! [`ckpt_len`] f32 elements, half of v2's), the backward's dynamic shared
 //! memory ([`bwd_smem_bytes`]) and the (unused) backward workspace
-//! ([`scratch_len`]). Same tensors and [`crate::params::Wkv7Params`] as v1
+//! ([`scratch_len`]). Same tensors and `Wkv7Params` as v1
 //! and v2. Design and measurements: docs/kernels-v3.md.
 //!
 //! **What runs v3**: bf16 I/O, N ∈ {32, 64} and every w ≥
-//! [`super::v2::W_MIN`] ([`supports`]). Otherwise [`super::Version::effective`]
+//! `v2::W_MIN` ([`supports`]). Otherwise `Version::effective`
 //! picks v2 (f32 I/O with v2's bound) or v1.
-use super::{Dims, Dir};
 use crate::dtype::{DType, IoType};
 use crate::error::{Error, Result};
+
+// This module takes plain sizes, not `wkv7`'s `Dims` / `Dir`: `wkv7` calls
+// it, so it must not depend back on `wkv7` (tests/common/module_graph.rs).
 
 /// Tokens per saved state (`p.chunk`): one bf16 state per 16-token chunk.
 pub const CKPT_TOKENS: usize = 16;
 
-/// Whether v3 can run this problem: bf16 I/O and the bound of v2
-/// ([`super::v2::supports`]).
-pub fn supports<X: IoType>(d: &Dims, w: &[X]) -> bool {
-    X::DTYPE == DType::BF16 && super::v2::supports(d, w)
+/// Smallest decay v3 accepts: v2's bound (a test checks they are equal).
+pub const W_MIN: f32 = 0.5;
+
+/// Whether v3 can run head size `n` on decays `w`: bf16 I/O, N ∈ {32, 64},
+/// every w in [`W_MIN`, 1] (NaN fails).
+pub fn supports<X: IoType>(n: usize, w: &[X]) -> bool {
+    X::DTYPE == DType::BF16
+        && matches!(n, 32 | 64)
+        && w.iter().all(|e| (W_MIN..=1.0).contains(&e.to_f32()))
 }
 
-/// Elements (f32) of the checkpoint buffer: `[B, H, ceil(T / 16), N, N]` bf16.
-pub fn ckpt_len(d: &Dims) -> usize {
-    (d.b * d.h * d.t.div_ceil(CKPT_TOKENS) * d.n * d.n).div_ceil(2)
+/// Elements (f32) of the checkpoint buffer of `[b, h, ceil(t / 16), n, n]`
+/// bf16 states.
+pub fn ckpt_len(b: usize, h: usize, t: usize, n: usize) -> usize {
+    (b * h * t.div_ceil(CKPT_TOKENS) * n * n).div_ceil(2)
 }
 
 /// Dynamic shared memory of the backward kernels (`sizeof(Wkv7V3Bwd<N>)` in
@@ -46,8 +54,9 @@ pub fn bwd_smem_bytes(n: usize) -> u32 {
     }
 }
 
-/// Kernel symbol: `wkv7_fwd_v3_bf16_n64` (`exact`: `wkv7_fwd_v3x_bf16_n64`).
-pub fn kernel_name(dir: Dir, dtype: DType, n: usize, exact: bool) -> Result<String> {
+/// Kernel symbol: `wkv7_fwd_v3_bf16_n64` (`exact`: `wkv7_fwd_v3x_bf16_n64`);
+/// `backward` selects `wkv7_bwd_*`.
+pub fn kernel_name(backward: bool, dtype: DType, n: usize, exact: bool) -> Result<String> {
     if !matches!(n, 32 | 64) {
         return Err(Error::UnsupportedHeadSize(n));
     }
@@ -56,21 +65,18 @@ pub fn kernel_name(dir: Dir, dtype: DType, n: usize, exact: bool) -> Result<Stri
             "the v3 WKV-7 kernels take bf16 inputs only (got {dtype:?}; f32 runs v2)"
         )));
     }
-    let d = match dir {
-        Dir::Fwd => "fwd",
-        Dir::Bwd => "bwd",
-    };
+    let d = if backward { "bwd" } else { "fwd" };
     let v = if exact { "v3x" } else { "v3" };
     Ok(format!("wkv7_{d}_{v}_{}_n{n}", dtype.kernel_name()))
 }
 
 /// Launch geometry: grid (H, B), block 2N threads (N/16 warps), as v2.
-pub fn launch_dims(d: &Dims) -> ((u32, u32, u32), (u32, u32, u32)) {
-    super::v2::launch_dims(d)
+pub fn launch_dims(b: usize, h: usize, n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((h as u32, b as u32, 1), (2 * n as u32, 1, 1))
 }
 
 /// Elements of the backward workspace (`scratch`, f32): v3 does not use it;
 /// 1 because a zero-byte device allocation fails.
-pub fn scratch_len(_d: &Dims) -> usize {
+pub fn scratch_len() -> usize {
     1
 }
