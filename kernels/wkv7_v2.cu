@@ -88,15 +88,8 @@ __device__ __forceinline__ void chunk_matrices(KeySide<NN, L>& s, int warp, int 
   if (warp == 0) {
     __syncwarp();
     if (lane < L) {
-      // column `lane` of (I - M_ab)^-1: x_t = [t == lane] + sum_{u<t} M[t][u] x_u
-      float x[L];
-#pragma unroll
-      for (int t = 0; t < L; ++t) {
-        float acc = (t == lane) ? 1.f : 0.f;
-#pragma unroll
-        for (int u = 0; u < t; ++u) acc += s.mab[t][u] * x[u];
-        x[t] = acc;
-      }
+      float x[L];  // column `lane` of (I - M_ab)^-1
+      tri_inverse_column<L>([&](int t, int u) { return s.mab[t][u]; }, lane, x);
 #pragma unroll
       for (int t = 0; t < L; ++t) s.inv[t][lane] = x[t];
     }

@@ -358,15 +358,8 @@ __device__ __forceinline__ void matrices(const Keys<NN>& K, int warp, int lane, 
   if (warp == 0) {
     __syncwarp();
     if (lane < L) {
-      // column `lane` of (I - M_ab)^-1: x_t = [t == lane] + sum_{u<t} M[t][u] x_u
-      float x[L];
-#pragma unroll
-      for (int t = 0; t < L; ++t) {
-        float acc = (t == lane) ? 1.f : 0.f;
-#pragma unroll
-        for (int u = 0; u < t; ++u) acc += K.mab[t * (L + 1) + u] * x[u];
-        x[t] = acc;
-      }
+      float x[L];  // column `lane` of (I - M_ab)^-1
+      tri_inverse_column<L>([&](int t, int u) { return K.mab[t * (L + 1) + u]; }, lane, x);
 #pragma unroll
       for (int t = 0; t < L; ++t) put2<L>(K.inv_h, K.inv_l, t, lane, x[t]);
     }

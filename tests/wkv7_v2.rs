@@ -251,18 +251,7 @@ fn long_sequence(backend: &Backend) {
         n: 64,
     };
     let p = random_problem(d, 9100, 0.545, 1.0);
-    let names = [
-        "y",
-        "y (fwd only)",
-        "h_t",
-        "dr",
-        "dw",
-        "dk",
-        "dv",
-        "da",
-        "db",
-        "dh0",
-    ];
+    let names: Vec<&str> = NAMES.iter().copied().chain(["dh0"]).collect();
     let e1 = errors::<bf16>(&Backend::Emu, Version::V1, &p, (true, true)).0;
     for ver in [Version::V3, Version::V3Exact] {
         let e = errors::<bf16>(backend, ver, &p, (true, true)).0;
