@@ -291,19 +291,7 @@ fn v3_with_f32_io_runs_v2() {
         n: 64,
     };
     let p = random_problem(d, 9200, 0.545, 1.0);
-    let x = Inputs {
-        r: &p.r,
-        w: &p.w,
-        k: &p.k,
-        v: &p.v,
-        a: &p.a,
-        b: &p.b,
-        h0: Some(&p.h0),
-    };
-    let gi = GradInputs {
-        dy: &p.dy,
-        dh_t: Some(&p.dh_t),
-    };
+    let (x, gi) = (p.inputs(), p.grad_inputs());
     let (o2, g2) = Backend::Emu
         .forward_backward_v(Version::V2, &d, &x, &gi)
         .unwrap();

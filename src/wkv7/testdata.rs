@@ -1,6 +1,6 @@
 //! Seeded random WKV-7 problems shaped like the model's (never zeros), shared
 //! by the tests, the benches and `rwkv-tune bench`.
-use super::Dims;
+use super::{Dims, GradInputs, Inputs};
 use crate::rng::Rng;
 
 /// A random problem: r … b `[B, T, H, N]`, h0 `[B, H, N, N]`, dy `[B, T, H, N]`,
@@ -17,6 +17,29 @@ pub struct Problem {
     pub h0: Vec<f32>,
     pub dy: Vec<f32>,
     pub dh_t: Vec<f32>,
+}
+
+impl Problem {
+    /// The problem's f32 inputs, with h0.
+    pub fn inputs(&self) -> Inputs<'_, f32> {
+        Inputs {
+            r: &self.r,
+            w: &self.w,
+            k: &self.k,
+            v: &self.v,
+            a: &self.a,
+            b: &self.b,
+            h0: Some(&self.h0),
+        }
+    }
+
+    /// The problem's output gradients, with dh_t.
+    pub fn grad_inputs(&self) -> GradInputs<'_, f32> {
+        GradInputs {
+            dy: &self.dy,
+            dh_t: Some(&self.dh_t),
+        }
+    }
 }
 
 /// Builds a problem like the model produces: w uniform in `[w_lo, w_hi)`,
