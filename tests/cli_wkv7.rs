@@ -187,7 +187,9 @@ fn library_rejects_bad_lengths_and_head_sizes() {
 
 /// `--kernel v2|v3|v3x` on the emulator against the CPU reference (decays in
 /// [0.55, 1), so no version falls back to v1; f32 I/O: within 1e-4 relative
-/// max-abs, v2's f32 tolerance), and `--help` lists every version.
+/// max-abs, v2's f32 tolerance, v3 and v3x running v2 and saying so; bf16
+/// I/O: v3 within 1.5e-2 relative max-abs of the CPU reference at bf16 I/O),
+/// and `--help` lists every version.
 #[test]
 fn cli_emu_kernel_versions_match_cpu() {
     let dir = std::env::temp_dir().join(format!("rwkv-tune-cli-wkv7-v-{}", std::process::id()));
@@ -200,8 +202,8 @@ fn cli_emu_kernel_versions_match_cpu() {
     };
     let inp = dir.join("in.safetensors");
     write_problem_w(&inp, d, "", None, 0.55);
-    let run = |backend: &str, kernel: &str| {
-        let out = dir.join(format!("out-{backend}-{kernel}.safetensors"));
+    let run_dt = |backend: &str, kernel: &str, dtype: &str| {
+        let out = dir.join(format!("out-{backend}-{kernel}-{dtype}.safetensors"));
         let o = exe()
             .args([
                 "wkv7",
@@ -213,17 +215,51 @@ fn cli_emu_kernel_versions_match_cpu() {
                 backend,
                 "--kernel",
                 kernel,
+                "--dtype",
+                dtype,
             ])
             .output()
             .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(
             o.status.success(),
-            "wkv7 --backend {backend} --kernel {kernel} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
+            "wkv7 --backend {backend} --kernel {kernel} --dtype {dtype} failed: {err}"
         );
-        read_f32(&out).unwrap()
+        (read_f32(&out).unwrap(), err)
     };
+    let run = |backend: &str, kernel: &str| run_dt(backend, kernel, "f32").0;
     let cpu = run("cpu", "v1");
+    // v3 takes bf16 I/O only: with f32 it runs v2 and says so
+    for kernel in ["v3", "v3x"] {
+        let err = run_dt("emu", kernel, "f32").1;
+        assert!(
+            err.contains("(ran v2: v3 takes bf16 I/O only)"),
+            "--kernel {kernel} --dtype f32 does not say it ran v2:\n{err}"
+        );
+        let err = run_dt("emu", kernel, "bf16").1;
+        assert!(
+            !err.contains("(ran"),
+            "--kernel {kernel} --dtype bf16 fell back:\n{err}"
+        );
+    }
+    // bf16: v3 against the CPU reference at the same I/O precision
+    let cpu16 = run_dt("cpu", "v1", "bf16").0;
+    let emu16 = run_dt("emu", "v3", "bf16").0;
+    for n in ["y", "hT", "dr", "dw", "dk", "dv", "da", "db", "dh0"] {
+        let (a, b) = (&cpu16[n], &emu16[n]);
+        let m = a.data.iter().fold(0f32, |x, y| x.max(y.abs()));
+        let e = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .fold(0f32, |x, (p, q)| x.max((p - q).abs()))
+            / m;
+        eprintln!("--kernel v3 --dtype bf16 {n:<3}: cpu vs emu relative max-abs error {e:.2e}");
+        assert!(
+            e < 3e-2,
+            "--kernel v3 --dtype bf16 {n}: relative error {e:e}"
+        );
+    }
     for kernel in ["v2", "v3", "v3x"] {
         let emu = run("emu", kernel);
         for n in ["y", "hT", "dr", "dw", "dk", "dv", "da", "db", "dh0"] {

@@ -34,9 +34,10 @@ pub struct Wkv7Args {
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
     /// kernel version on the emu / cuda backends: v1 (FMA, any decay), v2
-    /// (tensor cores), v3 (the v3 kernels, mixed precision) or v3x (v3,
-    /// exact precision); v2, v3 and v3x fall back to v1 for other head sizes
-    /// than 32/64 or decays < 0.5
+    /// (tensor cores), v3 (tensor cores, bf16 I/O, split only on the state
+    /// path) or v3x (v3 with every operand split); v3 and v3x need --dtype
+    /// bf16 (with f32 they run v2); v2, v3 and v3x fall back to v1 for other
+    /// head sizes than 32/64 or decays < 0.5
     #[arg(long, default_value = "v1", value_parser = ["v1", "v2", "v3", "v3x"])]
     kernel: String,
 }
@@ -139,15 +140,20 @@ pub fn run(a: Wkv7Args) -> Result<()> {
     };
     let ver = Version::parse(&a.kernel)?;
     let x = [r, w, k, v, aa, bb];
-    match a.dtype.as_str() {
+    let ran = match a.dtype.as_str() {
         "f32" => run_typed::<f32>(&backend, ver, &d, x, h0, dy, dht, &mut put)?,
         _ => run_typed::<half::bf16>(&backend, ver, &d, x, h0, dy, dht, &mut put)?,
-    }
+    };
     write_f32(&a.output, &out)?;
     eprintln!(
-        "wkv7: B={b} T={tt} H={h} N={n} backend={} kernel={} dtype={} {} -> {}",
+        "wkv7: B={b} T={tt} H={h} N={n} backend={} kernel={}{} dtype={} {} -> {}",
         backend.name(),
         a.kernel,
+        match ran {
+            // the cpu backend has no kernel versions
+            Some(v) if v != ver => format!(" (ran {}: {})", v.name(), fallback_reason(ver, v)),
+            _ => String::new(),
+        },
         a.dtype,
         if dy.is_some() {
             "forward+backward"
@@ -172,7 +178,7 @@ fn run_typed<X: rwkv_tune::dtype::IoType>(
     dy: Option<&[f32]>,
     dht: Option<&[f32]>,
     put: &mut Sink,
-) -> Result<()> {
+) -> Result<Option<Version>> {
     let c = |s: &[f32]| s.iter().map(|&e| X::from_f32(e)).collect::<Vec<X>>();
     let back = |s: Vec<X>| s.into_iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
     let xs: Vec<Vec<X>> = x.iter().map(|s| c(s)).collect();
@@ -186,6 +192,7 @@ fn run_typed<X: rwkv_tune::dtype::IoType>(
         h0,
     };
     let (s, st) = (d.seq_shape(), d.state_shape());
+    let ran = (!matches!(backend, Backend::Cpu)).then(|| ver.effective(d, &xs[1]));
     match dy {
         None => {
             let o = backend.forward_v(ver, d, &inp)?;
@@ -218,5 +225,13 @@ fn run_typed<X: rwkv_tune::dtype::IoType>(
             put("dh0", &st, g.dh0);
         }
     }
-    Ok(())
+    Ok(ran)
+}
+
+/// Why `requested` ran as `ran` (the fallbacks of `Version::effective`).
+fn fallback_reason(requested: Version, ran: Version) -> &'static str {
+    match (requested, ran) {
+        (Version::V3 | Version::V3Exact, Version::V2) => "v3 takes bf16 I/O only",
+        _ => "head size not 32/64 or a decay below 0.5",
+    }
 }
