@@ -21,7 +21,7 @@
 //!   ≈ 1e-5 (only the outputs of the perturbed row change, the rest cancel
 //!   exactly); the worst measured is 6.5e-5 (GroupNorm dy), so 5e-4 leaves a
 //!   margin of ~8 while any wrong or missing term gives an O(1e-2 … 1) error.
-use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, UpBufs};
+use rwkv_tune::ops::backward::{BackwardOps, GnBwdBufs, GnBwdGrads, KkBwdBufs, SdtBwdBufs, UpBufs};
 use rwkv_tune::ops::backward_ref::{self as bref, AdamStep};
 use rwkv_tune::ops::emu::EmuOps;
 use rwkv_tune::ops::{cpu::CpuOps, reference, Act, DeviceOps, Geom};
@@ -88,6 +88,28 @@ impl Worst {
         for (n, e) in &self.0 {
             eprintln!("   {n:<22} {e:.2e}");
         }
+    }
+}
+
+/// `sdt_bwd`'s inputs from 13 buffers in the order k, da, a0, k_k, k_a,
+/// d_kout, d_a, d_b, r, k~, v, g, dout.
+fn sdt_bufs<B>(b: &[B]) -> SdtBwdBufs<'_, B> {
+    SdtBwdBufs {
+        kk: KkBwdBufs {
+            k: &b[0],
+            da: &b[1],
+            a0: &b[2],
+            k_k: &b[3],
+            k_a: &b[4],
+            d_kout: &b[5],
+            d_a: &b[6],
+            d_b: &b[7],
+        },
+        r: &b[8],
+        kt: &b[9],
+        v: &b[10],
+        g: &b[11],
+        dout: &b[12],
     }
 }
 
@@ -261,6 +283,79 @@ fn check_all<D: BackwardOps>(d: &D, be: &str, rows: usize, h: usize, n: usize, w
             TOL,
         );
         w.add("kk_prep_bwd", e1.max(e2));
+    }
+
+    // sdt_bwd: per-element gradients of k_k, k_a, r_k (docs/sdt.md)
+    {
+        let vals: Vec<Vec<f32>> = vec![
+            z.v(rc, 1.0),       // k
+            z.v(rc, 1.0),       // da
+            z.v(c, 0.5),        // a0
+            z.pos(c, 0.5, 1.5), // k_k
+            z.pos(c, 0.0, 1.0), // k_a
+            z.v(rc, 1.0),       // d_kout
+            z.v(rc, 1.0),       // d_a
+            z.v(rc, 1.0),       // d_b
+            z.v(rc, 1.0),       // r
+            z.v(rc, 1.0),       // k~
+            z.v(rc, 1.0),       // v
+            z.v(rc, 1.0),       // g
+            z.v(rc, 1.0),       // dout
+        ];
+        let mut want: Vec<Vec<f32>> = (0..3).map(|_| z.v(rc, 1.0)).collect();
+        let mut got: Vec<D::Buf> = want.iter().map(|v| up(v)).collect();
+        let [wk, wa, wr] = &mut want[..] else {
+            unreachable!()
+        };
+        cpu.sdt_bwd(rows, h, n, &sdt_bufs(&vals), wk, wa, wr)
+            .unwrap();
+        let bufs: Vec<D::Buf> = vals.iter().map(|v| up(v)).collect();
+        let [gk, ga, gr] = &mut got[..] else {
+            unreachable!()
+        };
+        d.sdt_bwd(rows, h, n, &sdt_bufs(&bufs), gk, ga, gr).unwrap();
+        let mut e = 0f64;
+        for (name, g, wv) in [
+            ("dk_k", &*gk, &*wk),
+            ("dk_a", &*ga, &*wa),
+            ("dr_k", &*gr, &*wr),
+        ] {
+            e = e.max(ok(be, &format!("sdt_bwd {name}"), &down(g), wv, TOL));
+        }
+        w.add("sdt_bwd", e);
+    }
+
+    // mask_mul on the first n of longer buffers: a 0/1 mask
+    {
+        let len = rc + 7;
+        let m: Vec<f32> = z
+            .pos(len, 0.0, 1.0)
+            .iter()
+            .map(|&u| f32::from(u8::from(u < 0.6)))
+            .collect();
+        let mut want = z.v(len, 1.0);
+        let mut got = up(&want);
+        cpu.mask_mul(rc + 3, &m, &mut want).unwrap();
+        d.mask_mul(rc + 3, &up(&m), &mut got).unwrap();
+        w.add("mask_mul", ok(be, "mask_mul", &down(&got), &want, TOL));
+    }
+
+    // lora_in from a row offset with a wider row stride, with and without
+    // dropout (the same hash on every backend)
+    for keep in [1.0f32, 0.7] {
+        let (k, ldx, off) = (c, c + 3, 2 * (c + 3));
+        let x = z.v(off + rows * ldx, 1.0);
+        let seqs = (rows.div_ceil(2), 3);
+        let mut want = z.v(rows * k, 1.0);
+        let mut got = up(&want);
+        cpu.lora_in(rows, k, &x, off, ldx, seqs, 11, keep, 0.5, &mut want)
+            .unwrap();
+        d.lora_in(rows, k, &up(&x), off, ldx, seqs, 11, keep, 0.5, &mut got)
+            .unwrap();
+        w.add(
+            "lora_in",
+            ok(be, &format!("lora_in keep {keep}"), &down(&got), &want, TOL),
+        );
     }
 
     // value_residual_bwd over the first rc elements of longer buffers
