@@ -219,14 +219,6 @@ __device__ __forceinline__ void mma2b(FragC& d, const FragA& a, const FragB& bh,
   mma_bf16_16816(d, a, bl);
   mma_bf16_16816(d, a, bh);
 }
-// Packs the hi part of two adjacent C tiles as an A fragment (single bf16).
-__device__ __forceinline__ void c_to_a_hi(const FragC& c0, const FragC& c1, FragA& hi) {
-  hi.x[0] = bf16_bits(c0.x[0]) | (bf16_bits(c0.x[1]) << 16);
-  hi.x[1] = bf16_bits(c0.x[2]) | (bf16_bits(c0.x[3]) << 16);
-  hi.x[2] = bf16_bits(c1.x[0]) | (bf16_bits(c1.x[1]) << 16);
-  hi.x[3] = bf16_bits(c1.x[2]) | (bf16_bits(c1.x[3]) << 16);
-}
-
 #ifdef CUDA_EMU
 namespace emu_mma {
 // Per-warp rows of an emulated ldmatrix: row i (16 bytes) from lane i.

@@ -217,9 +217,9 @@ __device__ __forceinline__ void put2x(bf16* hi, bf16* lo, int r, int c, float x0
 }
 template <int NN, int NX, int NT>
 __device__ __forceinline__ void column_pass(const Wkv7Params& p, const Keys<NN>& K,
-                                            const Stage<NN, NX>* st, int t0, int tid_) {
+                                            const Stage<NN, NX>* st, int t0, int tid) {
   static_assert(NT >= 64 && NN <= 64, "column pass: warp 0 plus copy threads");
-  const int tid = tid_;  // callers pass fresh_tid(): offsets recomputed here, not hoisted
+  // callers pass fresh_tid(): the offsets are recomputed here, not hoisted
   const int b = blockIdx.y, h = blockIdx.x;
   const long row0 = ((long)b * p.T + t0) * p.H + h;  // global row of token t0
   auto in2 = [&](int x, int t, int j) -> float2 {
@@ -619,7 +619,6 @@ __device__ void wkv7_bwd_v3(const Wkv7Params p) {
   for (int ch = n_chunks - 1; ch >= 0; --ch) {
     {
       const int t0 = ch * L;
-      const int lanec = fresh_lane(), g8 = lanec >> 2, q4 = lanec & 3;
       __syncthreads();  // the previous chunk is done with every tile
       {  // S0 (bf16, saved by the forward) into its swizzled tile, while the column pass runs
         const bf16* src = (const bf16*)p.ckpt + (bh * n_chunks + ch) * NN * NN;

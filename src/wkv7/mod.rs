@@ -451,12 +451,17 @@ impl Version {
     }
 
     /// The version that actually runs for these inputs: V3 and V3Exact
-    /// need bf16 I/O ([`v3::supports`]) and fall back to V2 otherwise; V2
+    /// need bf16 I/O and v2's bound ([`v2::supports`]) and fall back to V2
+    /// for f32 I/O; V2
     /// falls back to V1 when it cannot run them (head size, or a decay below
     /// the bound, [`v2::supports`]).
     pub fn effective<X: IoType>(self, d: &Dims, w: &[X]) -> Version {
         match self {
-            Version::V3 | Version::V3Exact if v3::supports(d.n, w) => self,
+            Version::V3 | Version::V3Exact
+                if X::DTYPE == crate::dtype::DType::BF16 && v2::supports(d, w) =>
+            {
+                self
+            }
             Version::V2 | Version::V3 | Version::V3Exact if v2::supports(d, w) => Version::V2,
             _ => Version::V1,
         }

@@ -15,10 +15,10 @@
 //! ([`scratch_len`]). Same tensors and `Wkv7Params` as v1
 //! and v2. Design and measurements: docs/kernels-v3.md.
 //!
-//! **What runs v3**: bf16 I/O, N ∈ {32, 64} and every w ≥
-//! `v2::W_MIN` ([`supports`]). Otherwise `Version::effective`
-//! picks v2 (f32 I/O with v2's bound) or v1.
-use crate::dtype::{DType, IoType};
+//! **What runs v3**: bf16 I/O and v2's bound (`v2::supports`: N ∈ {32, 64},
+//! every w ≥ `v2::W_MIN`), checked by `Version::effective`, which otherwise
+//! picks v2 (f32 I/O within v2's bound) or v1.
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 // This module takes plain sizes, not `wkv7`'s `Dims` / `Dir`: `wkv7` calls
@@ -26,17 +26,6 @@ use crate::error::{Error, Result};
 
 /// Tokens per saved state (`p.chunk`): one bf16 state per 16-token chunk.
 pub const CKPT_TOKENS: usize = 16;
-
-/// Smallest decay v3 accepts: v2's bound (a test checks they are equal).
-pub const W_MIN: f32 = 0.5;
-
-/// Whether v3 can run head size `n` on decays `w`: bf16 I/O, N ∈ {32, 64},
-/// every w in [`W_MIN`, 1] (NaN fails).
-pub fn supports<X: IoType>(n: usize, w: &[X]) -> bool {
-    X::DTYPE == DType::BF16
-        && matches!(n, 32 | 64)
-        && w.iter().all(|e| (W_MIN..=1.0).contains(&e.to_f32()))
-}
 
 /// Elements (f32) of the checkpoint buffer of `[b, h, ceil(t / 16), n, n]`
 /// bf16 states.
